@@ -1,0 +1,170 @@
+//! Writes a bundle: payload entries streamed into the tar with their digests recorded, then the
+//! manifest, signature and `SHA256SUMS`, then the end of the archive.
+
+use super::parts::PartSink;
+use super::tarfmt::{self, BLOCK};
+use crate::digest::Hasher;
+use crate::error::{Error, Result};
+use crate::manifest::{is_safe_bundle_path, FileEntry};
+use std::collections::BTreeSet;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+pub struct BundleWriter {
+    out: BufWriter<PartSink>,
+    path: PathBuf,
+    files: Vec<FileEntry>,
+    names: BTreeSet<String>,
+    mtime: u64,
+}
+
+/// One payload being streamed into the bundle. Dropping it without [`EntryWriter::finish`] or
+/// [`EntryWriter::discard`] leaves the writer unusable for the rest of the pack (the caller aborts).
+pub struct EntryWriter<'a> {
+    w: &'a mut BundleWriter,
+    header_at: u64,
+    ustar_at: u64,
+    data_at: u64,
+    path: String,
+    mode: u32,
+    hasher: Hasher,
+}
+
+impl BundleWriter {
+    pub fn create(path: &Path, split: Option<u64>, mtime: u64) -> Result<Self> {
+        let sink = PartSink::create(path, split)?;
+        Ok(BundleWriter {
+            out: BufWriter::with_capacity(1 << 20, sink),
+            path: path.to_path_buf(),
+            files: Vec::new(),
+            names: BTreeSet::new(),
+            mtime,
+        })
+    }
+
+    fn io_err(&self, e: io::Error) -> Error {
+        Error::io("cannot write bundle", &self.out.get_ref().current_path(), e)
+    }
+
+    /// Bytes written so far.
+    pub fn position(&mut self) -> Result<u64> {
+        self.out.stream_position().map_err(|e| self.io_err(e))
+    }
+
+    /// Payload files written so far, in archive order.
+    pub fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+
+    pub fn contains(&self, path: &str) -> bool {
+        self.names.contains(path)
+    }
+
+    /// Start a payload at `path`. The final path may be changed at [`EntryWriter::finish`] (layers
+    /// are named by a digest known only at the end), as long as it fits a plain ustar header.
+    pub fn begin(&mut self, path: &str, mode: u32) -> Result<EntryWriter<'_>> {
+        if !is_safe_bundle_path(path) {
+            return Err(Error::internal(format!("bundle path {path:?} is not a plain relative path")));
+        }
+        let header_at = self.position()?;
+        let header = tarfmt::file_header(path, mode, 0, self.mtime);
+        self.out.write_all(&header).map_err(|e| self.io_err(e))?;
+        let data_at = header_at + header.len() as u64;
+        Ok(EntryWriter { w: self, header_at, ustar_at: data_at - BLOCK, data_at, path: path.to_string(), mode, hasher: Hasher::new() })
+    }
+
+    /// Add a payload from a reader; returns its entry.
+    pub fn add_reader(&mut self, path: &str, mode: u32, r: &mut dyn Read) -> Result<FileEntry> {
+        let mut e = self.begin(path, mode)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(Error::io("cannot read", Path::new(path), err)),
+            };
+            e.write_all(&buf[..n]).map_err(|err| Error::io("cannot write bundle", Path::new(path), err))?;
+        }
+        e.finish(None)
+    }
+
+    pub fn add_bytes(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<FileEntry> {
+        self.add_reader(path, mode, &mut &data[..])
+    }
+
+    /// Write a descriptive (non-payload) file such as `bundle.toml`: not recorded in `files`.
+    pub fn add_meta(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        self.add_bytes(path, 0o644, data)?;
+        self.files.pop();
+        Ok(())
+    }
+
+    /// End the archive and move it to its final name(s).
+    pub fn commit(mut self) -> Result<Vec<PathBuf>> {
+        self.out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(|e| self.io_err(e))?;
+        self.out.flush().map_err(|e| self.io_err(e))?;
+        let path = self.path.clone();
+        let sink = self.out.into_inner().map_err(|e| Error::io("cannot write bundle", &path, e.into_error()))?;
+        sink.commit()
+    }
+}
+
+impl EntryWriter<'_> {
+    /// Finish the entry: pad, patch its header with the size (and `final_path` if given).
+    pub fn finish(mut self, final_path: Option<&str>) -> Result<FileEntry> {
+        let path = final_path.map(str::to_string).unwrap_or_else(|| self.path.clone());
+        if path != self.path && (!tarfmt::fits_ustar(&path) || self.ustar_at != self.header_at || !is_safe_bundle_path(&path)) {
+            return Err(Error::internal(format!("cannot rename bundle entry {} to {path}", self.path)));
+        }
+        if !self.w.names.insert(path.clone()) {
+            return Err(Error::internal(format!("bundle entry {path} written twice")));
+        }
+        let (sha256, size) = std::mem::take(&mut self.hasher).finish();
+        let w = &mut *self.w;
+        let pad = tarfmt::padding(size) as usize;
+        let res: io::Result<()> = (|| {
+            w.out.write_all(&[0u8; BLOCK as usize][..pad])?;
+            let end = w.out.stream_position()?;
+            let header = tarfmt::file_header(&path, self.mode, size, w.mtime);
+            w.out.seek(SeekFrom::Start(self.ustar_at))?;
+            w.out.write_all(&header[header.len() - BLOCK as usize..])?;
+            w.out.seek(SeekFrom::Start(end))?;
+            Ok(())
+        })();
+        res.map_err(|e| w.io_err(e))?;
+        let entry = FileEntry { path, size, sha256 };
+        w.files.push(entry.clone());
+        Ok(entry)
+    }
+
+    /// Drop the entry just written (e.g. a layer that turned out to be stored already).
+    pub fn discard(self) -> Result<()> {
+        let w = self.w;
+        let at = self.header_at;
+        w.out.flush().map_err(|e| w.io_err(e))?;
+        w.out.get_mut().truncate(at).map_err(|e| w.io_err(e))?;
+        Ok(())
+    }
+
+    /// Bytes of payload written so far.
+    pub fn written(&self) -> u64 {
+        self.hasher.len()
+    }
+
+    #[allow(dead_code)]
+    fn data_offset(&self) -> u64 {
+        self.data_at
+    }
+}
+
+impl Write for EntryWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.out.flush()
+    }
+}

@@ -1,0 +1,162 @@
+//! Command-line surface (clap). Turns arguments into the library's plain option structs; the help
+//! text here is the operator's manual for each flag.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  internal error (a bug: please report it with the output of -v)
+  2  usage error (unknown flag, missing argument)
+  3  bad input: recipe, package, key or other file given on the command line
+  4  the bundle failed verification (damaged, truncated, missing part, bad signature)
+  5  the bundle's format is newer than this bkbundle supports
+  6  an external system is unreachable or refused (Docker engine, registry)
+  7  local I/O failed (disk full, permissions)";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bkbundle",
+    version,
+    about = "Pack BK-Lite into one verified offline bundle, and install it on an air-gapped host",
+    long_about = "Pack BK-Lite (images, agent packages, compose stack) into one verified, self-contained \
+bundle on a connected machine; verify, inspect and install it on a host that reaches nothing outside.\n\n\
+Typical use:\n  bkbundle pack manifests/bklite.toml -o bklite-3.1.0.bkb\n  bkbundle verify bklite-3.1.0.bkb\n  bkbundle inspect bklite-3.1.0.bkb",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Print machine-readable JSON on stdout (errors too) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More diagnostics on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Hide progress bars (they are hidden anyway when stderr is not a terminal).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Gather images, agent packages and stack files into one bundle (on a connected machine).
+    #[command(after_help = "Split sizes: K, M, G, T (and KB, MB, GB) are powers of 1000, KiB, MiB, GiB are powers of 1024; \
+`--split-size 4G` makes parts of 4,000,000,000 bytes, which FAT32 media accept.")]
+    Pack(PackArgs),
+    /// Check every file of a bundle (and its signature) without changing anything.
+    Verify(VerifyArgs),
+    /// Show what a bundle holds: images, packages, stack files, regions, sizes.
+    Inspect(InspectArgs),
+    /// Print shell completions (bash, zsh, fish, ...) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// The recipe (TOML, see docs/FORMAT.md), e.g. manifests/bklite.toml.
+    pub recipe: PathBuf,
+    /// Where to write the bundle (with --split-size: OUT.001, OUT.002, ...).
+    #[arg(short, long, value_name = "BUNDLE")]
+    pub output: PathBuf,
+    /// Compression of image layers.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Zstd)]
+    pub compression: CompressionArg,
+    /// Compression level (zstd 1-19, default 3; gzip 1-9, default 6).
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// Cut the bundle into numbered parts of at most this size, e.g. 4G for FAT32 media.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub split_size: Option<u64>,
+    /// Sign the manifest with this minisign secret key (password from BKBUNDLE_SIGN_PASSWORD or a prompt).
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
+    /// Compression threads (default: number of CPUs).
+    #[arg(long)]
+    pub threads: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The bundle file, or the first part (NAME.001) of a split bundle.
+    pub bundle: PathBuf,
+    /// Refuse a bundle that is not signed by --key.
+    #[arg(long, requires = "key")]
+    pub require_signature: bool,
+    /// The trusted minisign public key (.pub) to check the signature with.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Option<PathBuf>,
+    /// Hashing threads (default: number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The bundle file, or the first part (NAME.001) of a split bundle.
+    pub bundle: PathBuf,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum CompressionArg {
+    Zstd,
+    Gzip,
+}
+
+/// Parse `4G`, `700M`, `4GiB`, `123456`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 4G, 700M or 4GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use K, M, G, T or KiB, MiB, GiB)")),
+    };
+    let v = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    if v < 1 << 20 {
+        return Err(format!("{s:?} is below the 1 MiB minimum part size"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G").unwrap(), 4_000_000_000);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("700M").unwrap(), 700_000_000);
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("10").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

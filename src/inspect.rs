@@ -1,0 +1,197 @@
+//! `bkbundle inspect`: what a bundle holds, from its manifest and tar index (no hashing; run
+//! `verify` for that). The report is data; `render` makes the human text.
+
+use crate::bundle::BundleReader;
+use crate::error::Result;
+use crate::manifest::{Manifest, Regions};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub bundle: String,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub created: String,
+    pub created_by: String,
+    pub compression: String,
+    pub signed: bool,
+    pub parts: usize,
+    pub images: Vec<ImageRow>,
+    pub packages: Vec<PackageRow>,
+    pub stack: Vec<String>,
+    pub project: Option<String>,
+    pub regions: Regions,
+    pub sizes: Sizes,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageRow {
+    pub refs: Vec<String>,
+    pub id: String,
+    pub platform: String,
+    pub size: u64,
+    pub stored: u64,
+    pub layers: usize,
+    pub shared_layers: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PackageRow {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub os: String,
+    pub arch: String,
+    pub object: String,
+    pub version: String,
+    pub size: Option<u64>,
+    pub inside: Option<String>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Sizes {
+    pub images: u64,
+    pub images_uncompressed: u64,
+    pub packages: u64,
+    pub stack: u64,
+    pub binary: u64,
+    pub total: u64,
+}
+
+pub fn run(path: &Path) -> Result<InspectReport> {
+    let reader = BundleReader::open(path)?;
+    let (m, _) = reader.manifest()?;
+    Ok(report(&reader, &m))
+}
+
+fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
+    let size_of = |p: &str| m.file(p).map(|f| f.size).unwrap_or(0);
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for i in &m.images {
+        for l in &i.layers {
+            *uses.entry(l.as_str()).or_default() += 1;
+        }
+    }
+    let images = m
+        .images
+        .iter()
+        .map(|i| ImageRow {
+            refs: i.refs.clone(),
+            id: i.id.clone(),
+            platform: format!("{}/{}", i.os, i.arch),
+            size: i.size,
+            stored: i.layers.iter().filter_map(|l| m.layer(l)).map(|l| size_of(&l.file)).sum::<u64>() + size_of(&i.config),
+            layers: i.layers.len(),
+            shared_layers: i.layers.iter().filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1).count(),
+        })
+        .collect();
+    let packages = m
+        .packages
+        .iter()
+        .map(|p| PackageRow {
+            name: p.name.clone(),
+            kind: p.kind.as_str().into(),
+            os: p.os.as_str().into(),
+            arch: p.arch.clone(),
+            object: p.object.clone(),
+            version: p.version.clone(),
+            size: p.file.as_deref().map(size_of),
+            inside: p.from.as_ref().map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
+        })
+        .collect();
+    let mut sizes = Sizes { total: reader.src.len, ..Default::default() };
+    for f in &m.files {
+        if f.path.starts_with("images/") {
+            sizes.images += f.size;
+        } else if f.path.starts_with("packages/") {
+            sizes.packages += f.size;
+        } else if f.path.starts_with("stack/") {
+            sizes.stack += f.size;
+        } else if f.path == crate::manifest::BINARY_PATH {
+            sizes.binary += f.size;
+        }
+    }
+    sizes.images_uncompressed = m.layers.iter().map(|l| l.size).sum();
+    InspectReport {
+        bundle: reader.src.display_name(),
+        name: m.bundle.name.clone(),
+        version: m.bundle.version.clone(),
+        description: m.bundle.description.clone(),
+        created: m.bundle.created.clone(),
+        created_by: m.bundle.created_by.clone(),
+        compression: m.bundle.compression.as_str().into(),
+        signed: reader.entry(crate::manifest::SIGNATURE_PATH).is_some(),
+        parts: reader.src.parts.len(),
+        images,
+        packages,
+        stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
+        project: m.stack.as_ref().map(|s| s.project.clone()),
+        regions: m.regions.clone(),
+        sizes,
+    }
+}
+
+/// Byte counts as operators read them (binary units, one decimal).
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+impl InspectReport {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
+        if !self.description.is_empty() {
+            let _ = writeln!(s, "         {}", self.description);
+        }
+        let _ = writeln!(s, "created  {} by {}; layers {}; {}; {} part(s)", self.created, self.created_by, self.compression, if self.signed { "signed" } else { "unsigned" }, self.parts);
+        let _ = writeln!(s, "\nimages ({})", self.images.len());
+        let _ = writeln!(s, "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}", "REFERENCE", "ID", "PLATFORM", "SIZE", "STORED", "LAYERS", "SHARED");
+        for i in &self.images {
+            let id = i.id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+            let _ = writeln!(s, "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}", i.refs.join(", "), id, i.platform, human(i.size), human(i.stored), i.layers, i.shared_layers);
+        }
+        let _ = writeln!(s, "\npackages ({})", self.packages.len());
+        for p in &self.packages {
+            let where_ = match (&p.size, &p.inside) {
+                (Some(n), _) => human(*n),
+                (None, Some(i)) => format!("in {i}"),
+                _ => String::new(),
+            };
+            let _ = writeln!(s, "  {:<10} {:<8} {:<7} {:<14} {:<10} {:<40} {}", p.kind, p.os, p.arch, p.object, p.version, p.name, where_);
+        }
+        let _ = writeln!(s, "\nstack ({} files{})", self.stack.len(), self.project.as_ref().map(|p| format!(", compose project {p}")).unwrap_or_default());
+        for f in &self.stack {
+            let _ = writeln!(s, "  {f}");
+        }
+        let _ = writeln!(s, "\nregions: required keys {}", if self.regions.required.is_empty() { "(none)".into() } else { self.regions.required.join(", ") });
+        for (k, v) in &self.regions.env {
+            let _ = writeln!(s, "  {k} = {v}");
+        }
+        for r in &self.regions.region {
+            let _ = writeln!(s, "  region {:?}{}", r.name, if r.proxy_address.is_empty() { String::new() } else { format!(" via {}", r.proxy_address) });
+        }
+        let z = &self.sizes;
+        let _ = writeln!(
+            s,
+            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
+            human(z.images),
+            human(z.images_uncompressed),
+            human(z.packages),
+            human(z.stack),
+            human(z.binary),
+            human(z.total)
+        );
+        s
+    }
+}

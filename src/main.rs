@@ -1,0 +1,160 @@
+//! The thin binary: parse arguments, run one command, print its report, map errors to exit codes.
+
+mod cli;
+
+use bkbundle::error::{Error, Kind};
+use bkbundle::manifest::Compression;
+use bkbundle::progress::{Reporter, Terminal};
+use bkbundle::{inspect, pack, verify};
+use clap::{CommandFactory, Parser};
+use cli::{Cli, Command, CompressionArg};
+use serde::Serialize;
+use std::io::Write;
+use std::sync::Arc;
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let g = cli.global.clone();
+    let reporter: Arc<dyn Reporter> = Arc::new(Terminal::new(!g.no_progress && !g.json, g.quiet));
+    let code = match run(cli, reporter.clone()) {
+        Ok(out) => {
+            emit(&out, &g);
+            0
+        }
+        Err(e) => {
+            report_error(&e, &g);
+            e.kind.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
+/// A command's result: JSON value plus its human rendering.
+struct Output {
+    json: serde_json::Value,
+    text: String,
+}
+
+fn output<T: Serialize>(v: &T, text: String) -> Output {
+    Output { json: serde_json::to_value(v).unwrap_or(serde_json::Value::Null), text }
+}
+
+fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
+    match cli.command {
+        Command::Pack(a) => {
+            let opts = pack::PackOptions {
+                recipe: a.recipe,
+                output: a.output,
+                compression: match a.compression {
+                    CompressionArg::Zstd => Compression::Zstd,
+                    CompressionArg::Gzip => Compression::Gzip,
+                },
+                level: a.level,
+                split_size: a.split_size,
+                sign_key: a.sign,
+                threads: a.threads,
+            };
+            let rt = runtime()?;
+            let r = rt.block_on(pack::run(opts, reporter))?;
+            let text = format!(
+                "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
+                r.bundle,
+                r.version,
+                r.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                r.images,
+                r.layers,
+                inspect::human(r.image_bytes_uncompressed),
+                inspect::human(r.image_bytes_stored),
+                r.packages,
+                r.stack_files,
+                r.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
+                inspect::human(r.bytes),
+                r.seconds
+            );
+            Ok(output(&r, text))
+        }
+        Command::Verify(a) => {
+            let opts = verify::VerifyOptions { bundle: a.bundle, require_signature: a.require_signature, key: a.key, threads: a.threads };
+            let r = verify::run(&opts, &*reporter)?;
+            let sig = match &r.signature {
+                verify::SignatureStatus::Unsigned => "unsigned".to_string(),
+                verify::SignatureStatus::Verified { key_id, .. } => format!("signature verified with trusted key {key_id}"),
+                verify::SignatureStatus::SelfSigned { key_id } => {
+                    format!("signed by key {key_id} (checked against the key inside the bundle only; pass --key to trust it)")
+                }
+            };
+            let rate = r.bytes as f64 / r.seconds.max(1e-9);
+            let text = format!(
+                "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
+                r.name,
+                r.version,
+                r.bundle,
+                r.files,
+                inspect::human(r.bytes),
+                r.seconds,
+                inspect::human(rate as u64)
+            );
+            Ok(output(&r, text))
+        }
+        Command::Inspect(a) => {
+            let r = inspect::run(&a.bundle)?;
+            let text = r.render();
+            Ok(output(&r, text.trim_end().to_string()))
+        }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bkbundle", &mut out);
+            Ok(Output { json: serde_json::Value::Null, text: String::from_utf8_lossy(&out).trim_end().to_string() })
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))
+}
+
+/// Write to stdout; a closed pipe (`bkbundle inspect B | head`) is not an error.
+fn write_stdout(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{s}");
+}
+
+fn emit(out: &Output, g: &cli::Global) {
+    if g.json && !out.json.is_null() {
+        write_stdout(&serde_json::to_string_pretty(&out.json).unwrap_or_default());
+    } else if !g.quiet || out.json.is_null() {
+        write_stdout(&out.text);
+    }
+}
+
+fn report_error(e: &Error, g: &cli::Global) {
+    if g.json {
+        let v = serde_json::json!({
+            "error": { "kind": e.kind.name(), "message": e.message, "hints": e.hints, "exit_code": e.kind.exit_code() }
+        });
+        write_stdout(&serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "error: {}", e.message);
+    for h in &e.hints {
+        let _ = writeln!(err, "hint: {h}");
+    }
+    if e.kind == Kind::Internal {
+        let _ = writeln!(err, "hint: this is a bug in bkbundle; re-run with -v and report the output");
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BKBUNDLE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,695 @@
+//! The recipe (what to pack) and the manifest (`bundle.toml`, what a bundle holds): their types,
+//! parsing, validation and writing. Nothing else in the crate calls serde on either.
+//!
+//! Parsing reads the `format` field first, so a newer file gets "format N is newer than this
+//! bkbundle supports" rather than a confusing serde error about a field it does not know. Unknown
+//! fields are rejected (serde `deny_unknown_fields`); the toml parser's message carries the line.
+
+use crate::digest::is_sha256_hex;
+use crate::error::{Error, Kind};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+/// The recipe and bundle format this bkbundle reads and writes.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: missing `format = {FORMAT}` at the top")]
+    MissingFormat { origin: String },
+    #[error("{origin}: {what} format {found} is newer than this bkbundle supports (format {FORMAT}, bkbundle {})", env!("CARGO_PKG_VERSION"))]
+    Unsupported { origin: String, what: &'static str, found: i64 },
+    #[error("{origin}: {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid { origin: String, problems: Vec<String> },
+}
+
+impl ManifestError {
+    /// Convert for the edge; `kind` is the class of a syntax/validation problem (Input for a
+    /// recipe, Bundle for a bundle's manifest).
+    pub fn into_error(self, kind: Kind) -> Error {
+        match self {
+            ManifestError::Unsupported { what, .. } => {
+                let hint = if what == "bundle" {
+                    "use the bkbundle that came inside the bundle: `tar -xf BUNDLE bin/bkbundle && ./bin/bkbundle ...`"
+                } else {
+                    "upgrade bkbundle, or write the recipe in the format this version documents (docs/FORMAT.md)"
+                };
+                Error::new(Kind::Unsupported, self.to_string()).hint(hint)
+            }
+            other => {
+                let hint = if kind == Kind::Bundle {
+                    "the manifest is damaged: copy the bundle again from the original media"
+                } else {
+                    "see docs/FORMAT.md for the recipe format"
+                };
+                Error::new(kind, other.to_string()).hint(hint)
+            }
+        }
+    }
+}
+
+fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), ManifestError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        format: Option<toml::Value>,
+    }
+    let probe: Probe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
+    match probe.format {
+        None => Err(ManifestError::MissingFormat { origin: origin.into() }),
+        Some(toml::Value::Integer(n)) if n == FORMAT as i64 => Ok(()),
+        Some(toml::Value::Integer(n)) if n > FORMAT as i64 => {
+            Err(ManifestError::Unsupported { origin: origin.into(), what, found: n })
+        }
+        Some(v) => Err(ManifestError::Invalid {
+            origin: origin.into(),
+            problems: vec![format!("`format` must be {FORMAT}, found {v}")],
+        }),
+    }
+}
+
+fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
+    ManifestError::Syntax { origin: origin.into(), message: e.to_string().trim_end().to_string() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared vocabulary
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageType {
+    Controller,
+    Collector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    Linux,
+    Windows,
+}
+
+impl PackageType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageType::Controller => "controller",
+            PackageType::Collector => "collector",
+        }
+    }
+}
+
+impl Os {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Os::Linux => "linux",
+            Os::Windows => "windows",
+        }
+    }
+}
+
+/// The platform's CPU architecture names (BKLITE.md): `x86_64` and `arm64`, aliases accepted.
+pub fn normalize_arch(arch: &str) -> Option<&'static str> {
+    match arch.to_ascii_lowercase().as_str() {
+        "x86_64" | "amd64" | "x64" => Some("x86_64"),
+        "arm64" | "aarch64" => Some("arm64"),
+        _ => None,
+    }
+}
+
+/// Cloud regions' default sidecar env, carried from the recipe into the manifest unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Regions {
+    /// Keys every region must have for agents to work.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Default values (may hold `${NAME}` placeholders filled by the install config).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Regions the bundle declares.
+    #[serde(default)]
+    pub region: Vec<RegionDef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionDef {
+    pub name: String,
+    #[serde(default)]
+    pub introduction: String,
+    #[serde(default)]
+    pub proxy_address: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn is_env_key(k: &str) -> bool {
+    let mut b = k.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_uppercase()) && b.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
+}
+
+impl Regions {
+    fn validate(&self, problems: &mut Vec<String>) {
+        for k in self.required.iter().chain(self.env.keys()) {
+            if !is_env_key(k) {
+                problems.push(format!("regions: key `{k}` is not an env key (upper-case letters, digits, `_`)"));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, r) in self.region.iter().enumerate() {
+            if r.name.trim().is_empty() || r.name.len() > 100 {
+                problems.push(format!("regions.region[{i}]: name must be 1 to 100 characters, found {:?}", r.name));
+            }
+            if !names.insert(&r.name) {
+                problems.push(format!("regions.region[{i}]: region {:?} is declared twice", r.name));
+            }
+            for k in r.env.keys().filter(|k| !is_env_key(k)) {
+                problems.push(format!("regions.region[{i}] ({}): key `{k}` is not an env key", r.name));
+            }
+        }
+    }
+}
+
+/// A bundle path must be relative with plain components only: no `..`, no `.`, no absolute path,
+/// no backslash, no empty component. Both the writer and every reader check it.
+pub fn is_safe_bundle_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recipe
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub format: u32,
+    pub bundle: RecipeBundle,
+    #[serde(default)]
+    pub images: Vec<RecipeImage>,
+    #[serde(default)]
+    pub packages: Vec<RecipePackage>,
+    pub stack: Option<RecipeStack>,
+    #[serde(default)]
+    pub regions: Regions,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeBundle {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeImage {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub archive: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub pull: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipePackage {
+    pub file: Option<PathBuf>,
+    #[serde(rename = "type")]
+    pub kind: PackageType,
+    pub os: Os,
+    pub arch: String,
+    pub object: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub from: Option<String>,
+    pub entry: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeStack {
+    pub dir: PathBuf,
+    pub compose: String,
+    pub env_template: Option<String>,
+    pub project: Option<String>,
+}
+
+fn is_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+impl Recipe {
+    /// Parse and validate a recipe; `origin` (the file name) prefixes every message.
+    pub fn parse(text: &str, origin: &str) -> Result<Recipe, ManifestError> {
+        check_format(text, origin, "recipe")?;
+        let mut r: Recipe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
+        let mut problems = Vec::new();
+        if !is_name(&r.bundle.name) {
+            problems.push(format!("bundle.name {:?} must match [a-z0-9][a-z0-9._-]*", r.bundle.name));
+        }
+        if r.bundle.version.is_empty() || r.bundle.version.contains(|c: char| c.is_whitespace() || c == '/') {
+            problems.push(format!("bundle.version {:?} must be non-empty without spaces or `/`", r.bundle.version));
+        }
+        let mut refs = BTreeSet::new();
+        for (i, img) in r.images.iter().enumerate() {
+            if img.reference.trim().is_empty() || img.reference.contains(char::is_whitespace) {
+                problems.push(format!("images[{i}]: ref {:?} is not an image reference", img.reference));
+            } else if !refs.insert(img.reference.clone()) {
+                problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
+            }
+        }
+        let mut keys = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        let controllers: Vec<(String, Os, Option<&'static str>)> = r
+            .packages
+            .iter()
+            .filter(|p| p.kind == PackageType::Controller)
+            .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
+            .collect();
+        for (i, p) in r.packages.iter_mut().enumerate() {
+            let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
+            match normalize_arch(&p.arch) {
+                Some(a) => p.arch = a.to_string(),
+                None => problems.push(format!("{what}: arch {:?} is not x86_64 or arm64 (amd64, aarch64 accepted)", p.arch)),
+            }
+            for (field, v, max) in [("object", &p.object, 100), ("version", &p.version, 100)] {
+                if v.trim().is_empty() || v.len() > max || v.contains('/') {
+                    problems.push(format!("{what}: {field} {v:?} must be 1 to {max} characters without `/`"));
+                }
+            }
+            match (&p.file, &p.from, &p.entry) {
+                (Some(f), None, None) => match file_name(f) {
+                    Some(n) if n.len() <= 100 => {
+                        if !names.insert(n.clone()) {
+                            problems.push(format!("{what}: another package already has the file name {n:?}"));
+                        }
+                    }
+                    _ => problems.push(format!("{what}: file {} needs a file name of at most 100 characters", f.display())),
+                },
+                (None, Some(from), Some(entry)) => {
+                    if p.kind != PackageType::Collector {
+                        problems.push(format!("{what}: only collector records may point into another package with `from`"));
+                    }
+                    if !is_safe_bundle_path(entry) {
+                        problems.push(format!("{what}: entry {entry:?} must be a relative path inside the package"));
+                    }
+                    let arch = normalize_arch(&p.arch);
+                    if !controllers.iter().any(|(n, os, a)| n == from && *os == p.os && *a == arch) {
+                        problems.push(format!(
+                            "{what}: `from = {from:?}` names no controller package of the recipe with os {} and arch {}",
+                            p.os.as_str(),
+                            p.arch
+                        ));
+                    }
+                }
+                _ => problems.push(format!("{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)")),
+            }
+            if p.kind == PackageType::Controller && p.file.is_none() {
+                problems.push(format!("{what}: a controller package needs `file`"));
+            }
+            if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
+                problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
+            }
+        }
+        if let Some(s) = &r.stack {
+            if !is_safe_bundle_path(&s.compose) {
+                problems.push(format!("stack.compose {:?} must be a relative path inside stack.dir", s.compose));
+            }
+            if let Some(t) = &s.env_template {
+                if !is_safe_bundle_path(t) {
+                    problems.push(format!("stack.env_template {t:?} must be a relative path inside stack.dir"));
+                }
+            }
+            if let Some(p) = &s.project {
+                if !is_name(p) {
+                    problems.push(format!("stack.project {p:?} must match [a-z0-9][a-z0-9._-]* (a compose project name)"));
+                }
+            }
+        }
+        r.regions.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(r)
+        } else {
+            Err(ManifestError::Invalid { origin: origin.into(), problems })
+        }
+    }
+}
+
+fn file_name(p: &std::path::Path) -> Option<String> {
+    p.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifest
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub bundle: BundleInfo,
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+    #[serde(default)]
+    pub layers: Vec<Layer>,
+    #[serde(default)]
+    pub images: Vec<Image>,
+    #[serde(default)]
+    pub packages: Vec<Package>,
+    pub stack: Option<Stack>,
+    #[serde(default)]
+    pub regions: Regions,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleInfo {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub created: String,
+    pub created_by: String,
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    Gzip,
+}
+
+impl Compression {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zst",
+            Compression::Gzip => "gz",
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub diff_id: String,
+    pub file: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub refs: Vec<String>,
+    pub id: String,
+    pub config: String,
+    pub os: String,
+    pub arch: String,
+    pub layers: Vec<String>,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Package {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: PackageType,
+    pub os: Os,
+    pub arch: String,
+    pub object: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stack {
+    pub project: String,
+    pub compose: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_template: Option<String>,
+    pub files: Vec<String>,
+}
+
+/// Files that describe the bundle rather than being payload: not listed in `files`.
+pub const MANIFEST_PATH: &str = "bundle.toml";
+pub const SIGNATURE_PATH: &str = "bundle.toml.minisig";
+pub const PUBKEY_PATH: &str = "bundle.pub";
+pub const SUMS_PATH: &str = "SHA256SUMS";
+pub const BINARY_PATH: &str = "bin/bkbundle";
+
+impl Manifest {
+    pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
+        check_format(text, origin, "bundle")?;
+        let m: Manifest = toml::from_str(text).map_err(|e| syntax(origin, e))?;
+        let problems = m.problems();
+        if problems.is_empty() {
+            Ok(m)
+        } else {
+            Err(ManifestError::Invalid { origin: origin.into(), problems })
+        }
+    }
+
+    /// The one writer of `bundle.toml`.
+    pub fn to_toml(&self) -> String {
+        // Serialising plain data types into TOML cannot fail: no maps with non-string keys, no
+        // values after tables within a table (field order above keeps scalars first).
+        toml::to_string(self).expect("manifest serialises")
+    }
+
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    pub fn layer(&self, diff_id: &str) -> Option<&Layer> {
+        self.layers.iter().find(|l| l.diff_id == diff_id)
+    }
+
+    /// Cross-checks that make the manifest safe to act on: every reference resolves, every path
+    /// is a plain relative path, every digest is well-formed.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut paths = BTreeSet::new();
+        for f in &self.files {
+            if !is_safe_bundle_path(&f.path) {
+                p.push(format!("files: path {:?} is not a plain relative path", f.path));
+            }
+            if [MANIFEST_PATH, SIGNATURE_PATH, PUBKEY_PATH, SUMS_PATH].contains(&f.path.as_str()) {
+                p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
+            }
+            if !is_sha256_hex(&f.sha256) {
+                p.push(format!("files: {:?} has a malformed sha256 {:?}", f.path, f.sha256));
+            }
+            if !paths.insert(f.path.as_str()) {
+                p.push(format!("files: {:?} is listed twice", f.path));
+            }
+        }
+        let has = |path: &str| paths.contains(path);
+        let mut diff_ids = BTreeSet::new();
+        for l in &self.layers {
+            if !has(&l.file) {
+                p.push(format!("layers: {} points at {:?}, which is not in files", l.diff_id, l.file));
+            }
+            if !l.diff_id.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
+                p.push(format!("layers: malformed diff id {:?}", l.diff_id));
+            }
+            diff_ids.insert(l.diff_id.as_str());
+        }
+        for i in &self.images {
+            let name = i.refs.first().cloned().unwrap_or_else(|| i.id.clone());
+            if !has(&i.config) {
+                p.push(format!("images: {name} config {:?} is not in files", i.config));
+            }
+            match i.id.strip_prefix("sha256:") {
+                Some(hex) if is_sha256_hex(hex) => {
+                    if let Some(f) = self.file(&i.config) {
+                        if f.sha256 != hex {
+                            p.push(format!("images: {name} id {} does not match its config's sha256 {}", i.id, f.sha256));
+                        }
+                    }
+                }
+                _ => p.push(format!("images: {name} has a malformed id {:?}", i.id)),
+            }
+            for l in i.layers.iter().filter(|l| !diff_ids.contains(l.as_str())) {
+                p.push(format!("images: {name} needs layer {l}, which is not in layers"));
+            }
+        }
+        for pk in &self.packages {
+            if let Some(f) = &pk.file {
+                if !has(f) {
+                    p.push(format!("packages: {} {} file {f:?} is not in files", pk.object, pk.version));
+                }
+            }
+        }
+        if let Some(s) = &self.stack {
+            for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
+                if !has(f) {
+                    p.push(format!("stack: {f:?} is not in files"));
+                }
+            }
+        }
+        p
+    }
+
+    /// The `SHA256SUMS` text: one `<hex>  <path>` line per payload file, then the manifest's.
+    pub fn sha256sums(&self, manifest_sha256: &str, extra: &[(&str, String)]) -> String {
+        let mut out = String::new();
+        for f in &self.files {
+            out.push_str(&format!("{}  {}\n", f.sha256, f.path));
+        }
+        out.push_str(&format!("{manifest_sha256}  {MANIFEST_PATH}\n"));
+        for (path, sha) in extra {
+            out.push_str(&format!("{sha}  {path}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECIPE: &str = r#"
+format = 1
+[bundle]
+name = "demo"
+version = "1.0.0"
+
+[[images]]
+ref = "bkbundle-demo/app:1"
+
+[[packages]]
+file = "packages/fusion-collectors-linux-amd64.zip"
+type = "controller"
+os = "linux"
+arch = "amd64"
+object = "Controller"
+version = "1.0.0"
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "Telegraf"
+version = "1.0.0"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/telegraf"
+
+[regions]
+required = ["NODE_SERVER_URL"]
+[regions.env]
+NODE_SERVER_URL = "${SERVER_URL}"
+"#;
+
+    #[test]
+    fn recipe_parses_and_normalises_arch() {
+        let r = Recipe::parse(RECIPE, "recipe.toml").unwrap();
+        assert_eq!(r.packages[0].arch, "x86_64");
+        assert_eq!(r.images[0].reference, "bkbundle-demo/app:1");
+        assert!(r.images[0].pull);
+    }
+
+    #[test]
+    fn unknown_field_names_the_line() {
+        let text = RECIPE.replace("ref = \"bkbundle-demo/app:1\"", "ref = \"x\"\ncolour = \"red\"");
+        let e = Recipe::parse(&text, "recipe.toml").unwrap_err().to_string();
+        assert!(e.contains("recipe.toml") && e.contains("colour") && e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn newer_format_is_refused_before_anything_else() {
+        let text = "format = 99\n[whatever]\nx = 1\n";
+        let e = Manifest::parse(text, "bundle.toml").unwrap_err();
+        assert!(matches!(e, ManifestError::Unsupported { found: 99, .. }));
+        let err = e.into_error(Kind::Bundle);
+        assert_eq!(err.kind, Kind::Unsupported);
+        assert!(err.message.contains("format 99 is newer than this bkbundle supports"), "{}", err.message);
+    }
+
+    #[test]
+    fn collector_must_point_at_a_controller_of_the_recipe() {
+        let text = RECIPE.replace("from = \"fusion-collectors-linux-amd64.zip\"", "from = \"other.zip\"");
+        let e = Recipe::parse(&text, "r.toml").unwrap_err().to_string();
+        assert!(e.contains("other.zip") && e.contains("Telegraf"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        for bad in ["../x", "/etc/passwd", "a/../b", "a//b", "./a", "a\\b", ""] {
+            assert!(!is_safe_bundle_path(bad), "{bad}");
+        }
+        assert!(is_safe_bundle_path("images/layers/x.tar.zst"));
+    }
+
+    #[test]
+    fn manifest_round_trips_and_cross_checks() {
+        let sha = "a".repeat(64);
+        let m = Manifest {
+            format: FORMAT,
+            bundle: BundleInfo {
+                name: "demo".into(),
+                version: "1".into(),
+                description: String::new(),
+                created: "2026-01-01T00:00:00Z".into(),
+                created_by: "bkbundle".into(),
+                compression: Compression::Zstd,
+            },
+            files: vec![FileEntry { path: format!("images/configs/{sha}.json"), size: 3, sha256: sha.clone() }],
+            layers: vec![],
+            images: vec![Image {
+                refs: vec!["a:1".into()],
+                id: format!("sha256:{sha}"),
+                config: format!("images/configs/{sha}.json"),
+                os: "linux".into(),
+                arch: "amd64".into(),
+                layers: vec![format!("sha256:{}", "b".repeat(64))],
+                size: 0,
+            }],
+            packages: vec![],
+            stack: None,
+            regions: Regions::default(),
+        };
+        let text = m.to_toml();
+        let e = Manifest::parse(&text, "bundle.toml").unwrap_err().to_string();
+        assert!(e.contains("needs layer sha256:bbbb"), "{e}");
+        let mut ok = m.clone();
+        ok.images[0].layers.clear();
+        assert_eq!(Manifest::parse(&ok.to_toml(), "bundle.toml").unwrap(), ok);
+    }
+}
