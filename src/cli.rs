@@ -51,8 +51,10 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Gather images, agent packages and stack files into one bundle (on a connected machine).
-    #[command(after_help = "Split sizes: K, M, G, T (and KB, MB, GB) are powers of 1000, KiB, MiB, GiB are powers of 1024; \
-`--split-size 4G` makes parts of 4,000,000,000 bytes, which FAT32 media accept.")]
+    #[command(
+        after_help = "Split sizes: K, M, G, T (and KB, MB, GB) are powers of 1000, KiB, MiB, GiB are powers of 1024; \
+`--split-size 4G` makes parts of 4,000,000,000 bytes, which FAT32 media accept."
+    )]
     Pack(PackArgs),
     /// Check every file of a bundle (and its signature) without changing anything.
     Verify(VerifyArgs),
@@ -121,7 +123,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 4G, 700M or 4GiB"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4G, 700M or 4GiB"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -132,11 +136,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?} (use K, M, G, T or KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?} (use K, M, G, T or KiB, MiB, GiB)"
+            ))
+        }
     };
-    let v = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
-    if v < 1 << 20 {
-        return Err(format!("{s:?} is below the 1 MiB minimum part size"));
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if v < 1_000_000 {
+        return Err(format!("{s:?} is below the 1M minimum part size"));
     }
     Ok(v)
 }

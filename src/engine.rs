@@ -35,7 +35,10 @@ impl Engine {
     pub async fn connect() -> Result<Engine> {
         let address = address();
         let docker = Docker::connect_with_defaults().map_err(|e| unreachable(&address, e))?;
-        let docker = docker.negotiate_version().await.map_err(|e| unreachable(&address, e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| unreachable(&address, e))?;
         docker.ping().await.map_err(|e| unreachable(&address, e))?;
         Ok(Engine { docker, address })
     }
@@ -46,8 +49,15 @@ impl Engine {
 
     /// The engine's version and API version, for reports.
     pub async fn version(&self) -> Result<(String, String)> {
-        let v = self.docker.version().await.map_err(|e| unreachable(&self.address, e))?;
-        Ok((v.version.unwrap_or_default(), v.api_version.unwrap_or_default()))
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| unreachable(&self.address, e))?;
+        Ok((
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default(),
+        ))
     }
 
     /// The image the engine has under `reference`, or None.
@@ -57,7 +67,9 @@ impl Engine {
                 id: i.id.unwrap_or_default(),
                 size: i.size.unwrap_or(0).max(0) as u64,
             })),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
             Err(e) => Err(unreachable(&self.address, e)),
         }
     }
@@ -79,7 +91,10 @@ impl Engine {
     }
 
     /// `docker save` of several images in one stream (the engine stores shared layers once).
-    pub fn export(&self, references: &[String]) -> impl Stream<Item = io::Result<bytes::Bytes>> + Send + 'static {
+    pub fn export(
+        &self,
+        references: &[String],
+    ) -> impl Stream<Item = io::Result<bytes::Bytes>> + Send + 'static {
         let refs: Vec<&str> = references.iter().map(String::as_str).collect();
         let address = self.address.clone();
         self.docker

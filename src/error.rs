@@ -58,7 +58,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), hints: Vec::new() }
+        Self {
+            kind,
+            message: message.into(),
+            hints: Vec::new(),
+        }
     }
     pub fn input(message: impl Into<String>) -> Self {
         Self::new(Kind::Input, message)
@@ -88,12 +92,16 @@ impl Error {
                 ))
             }
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
-                e = e.hint(format!("check the permissions of {} and its directory", path.display()))
+                e = e.hint(format!(
+                    "check the permissions of {} and its directory",
+                    path.display()
+                ))
             }
             _ => {}
         }
         if err.kind() == std::io::ErrorKind::NotFound {
-            e = e.hint("check the path; relative paths in a recipe are relative to the recipe file");
+            e = e
+                .hint("check the path; relative paths in a recipe are relative to the recipe file");
         }
         e
     }

@@ -84,9 +84,19 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
             id: i.id.clone(),
             platform: format!("{}/{}", i.os, i.arch),
             size: i.size,
-            stored: i.layers.iter().filter_map(|l| m.layer(l)).map(|l| size_of(&l.file)).sum::<u64>() + size_of(&i.config),
+            stored: i
+                .layers
+                .iter()
+                .filter_map(|l| m.layer(l))
+                .map(|l| size_of(&l.file))
+                .sum::<u64>()
+                + size_of(&i.config),
             layers: i.layers.len(),
-            shared_layers: i.layers.iter().filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1).count(),
+            shared_layers: i
+                .layers
+                .iter()
+                .filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1)
+                .count(),
         })
         .collect();
     let packages = m
@@ -100,10 +110,16 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
             object: p.object.clone(),
             version: p.version.clone(),
             size: p.file.as_deref().map(size_of),
-            inside: p.from.as_ref().map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
+            inside: p
+                .from
+                .as_ref()
+                .map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
         })
         .collect();
-    let mut sizes = Sizes { total: reader.src.len, ..Default::default() };
+    let mut sizes = Sizes {
+        total: reader.src.len,
+        ..Default::default()
+    };
     for f in &m.files {
         if f.path.starts_with("images/") {
             sizes.images += f.size;
@@ -128,7 +144,11 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
         parts: reader.src.parts.len(),
         images,
         packages,
-        stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
+        stack: m
+            .stack
+            .as_ref()
+            .map(|s| s.files.clone())
+            .unwrap_or_default(),
         project: m.stack.as_ref().map(|s| s.project.clone()),
         regions: m.regions.clone(),
         sizes,
@@ -144,22 +164,56 @@ pub fn human(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 impl InspectReport {
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
+        let _ = writeln!(
+            s,
+            "bundle   {} {} ({})",
+            self.name, self.version, self.bundle
+        );
         if !self.description.is_empty() {
             let _ = writeln!(s, "         {}", self.description);
         }
-        let _ = writeln!(s, "created  {} by {}; layers {}; {}; {} part(s)", self.created, self.created_by, self.compression, if self.signed { "signed" } else { "unsigned" }, self.parts);
+        let _ = writeln!(
+            s,
+            "created  {} by {}; layers {}; {}; {} part(s)",
+            self.created,
+            self.created_by,
+            self.compression,
+            if self.signed { "signed" } else { "unsigned" },
+            self.parts
+        );
         let _ = writeln!(s, "\nimages ({})", self.images.len());
-        let _ = writeln!(s, "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}", "REFERENCE", "ID", "PLATFORM", "SIZE", "STORED", "LAYERS", "SHARED");
+        let _ = writeln!(
+            s,
+            "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}",
+            "REFERENCE", "ID", "PLATFORM", "SIZE", "STORED", "LAYERS", "SHARED"
+        );
         for i in &self.images {
-            let id = i.id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
-            let _ = writeln!(s, "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}", i.refs.join(", "), id, i.platform, human(i.size), human(i.stored), i.layers, i.shared_layers);
+            let id =
+                i.id.trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect::<String>();
+            let _ = writeln!(
+                s,
+                "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}",
+                i.refs.join(", "),
+                id,
+                i.platform,
+                human(i.size),
+                human(i.stored),
+                i.layers,
+                i.shared_layers
+            );
         }
         let _ = writeln!(s, "\npackages ({})", self.packages.len());
         for p in &self.packages {
@@ -168,18 +222,47 @@ impl InspectReport {
                 (None, Some(i)) => format!("in {i}"),
                 _ => String::new(),
             };
-            let _ = writeln!(s, "  {:<10} {:<8} {:<7} {:<14} {:<10} {:<40} {}", p.kind, p.os, p.arch, p.object, p.version, p.name, where_);
+            let _ = writeln!(
+                s,
+                "  {:<10} {:<8} {:<7} {:<14} {:<10} {:<40} {}",
+                p.kind, p.os, p.arch, p.object, p.version, p.name, where_
+            );
         }
-        let _ = writeln!(s, "\nstack ({} files{})", self.stack.len(), self.project.as_ref().map(|p| format!(", compose project {p}")).unwrap_or_default());
+        let _ = writeln!(
+            s,
+            "\nstack ({} files{})",
+            self.stack.len(),
+            self.project
+                .as_ref()
+                .map(|p| format!(", compose project {p}"))
+                .unwrap_or_default()
+        );
         for f in &self.stack {
             let _ = writeln!(s, "  {f}");
         }
-        let _ = writeln!(s, "\nregions: required keys {}", if self.regions.required.is_empty() { "(none)".into() } else { self.regions.required.join(", ") });
+        let _ = writeln!(
+            s,
+            "\nregions: required keys {}",
+            if self.regions.required.is_empty() {
+                "(none)".into()
+            } else {
+                self.regions.required.join(", ")
+            }
+        );
         for (k, v) in &self.regions.env {
             let _ = writeln!(s, "  {k} = {v}");
         }
         for r in &self.regions.region {
-            let _ = writeln!(s, "  region {:?}{}", r.name, if r.proxy_address.is_empty() { String::new() } else { format!(" via {}", r.proxy_address) });
+            let _ = writeln!(
+                s,
+                "  region {:?}{}",
+                r.name,
+                if r.proxy_address.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via {}", r.proxy_address)
+                }
+            );
         }
         let z = &self.sizes;
         let _ = writeln!(

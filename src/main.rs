@@ -37,7 +37,10 @@ struct Output {
 }
 
 fn output<T: Serialize>(v: &T, text: String) -> Output {
-    Output { json: serde_json::to_value(v).unwrap_or(serde_json::Value::Null), text }
+    Output {
+        json: serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+        text,
+    }
 }
 
 fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
@@ -75,11 +78,18 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             Ok(output(&r, text))
         }
         Command::Verify(a) => {
-            let opts = verify::VerifyOptions { bundle: a.bundle, require_signature: a.require_signature, key: a.key, threads: a.threads };
+            let opts = verify::VerifyOptions {
+                bundle: a.bundle,
+                require_signature: a.require_signature,
+                key: a.key,
+                threads: a.threads,
+            };
             let r = verify::run(&opts, &*reporter)?;
             let sig = match &r.signature {
                 verify::SignatureStatus::Unsigned => "unsigned".to_string(),
-                verify::SignatureStatus::Verified { key_id, .. } => format!("signature verified with trusted key {key_id}"),
+                verify::SignatureStatus::Verified { key_id, .. } => {
+                    format!("signature verified with trusted key {key_id}")
+                }
                 verify::SignatureStatus::SelfSigned { key_id } => {
                     format!("signed by key {key_id} (checked against the key inside the bundle only; pass --key to trust it)")
                 }
@@ -105,7 +115,10 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "bkbundle", &mut out);
-            Ok(Output { json: serde_json::Value::Null, text: String::from_utf8_lossy(&out).trim_end().to_string() })
+            Ok(Output {
+                json: serde_json::Value::Null,
+                text: String::from_utf8_lossy(&out).trim_end().to_string(),
+            })
         }
     }
 }
@@ -145,7 +158,10 @@ fn report_error(e: &Error, g: &cli::Global) {
         let _ = writeln!(err, "hint: {h}");
     }
     if e.kind == Kind::Internal {
-        let _ = writeln!(err, "hint: this is a bug in bkbundle; re-run with -v and report the output");
+        let _ = writeln!(
+            err,
+            "hint: this is a bug in bkbundle; re-run with -v and report the output"
+        );
     }
 }
 
@@ -155,6 +171,10 @@ fn init_tracing(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BKBUNDLE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BKBUNDLE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

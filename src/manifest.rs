@@ -21,9 +21,16 @@ pub enum ManifestError {
     #[error("{origin}: missing `format = {FORMAT}` at the top")]
     MissingFormat { origin: String },
     #[error("{origin}: {what} format {found} is newer than this bkbundle supports (format {FORMAT}, bkbundle {})", env!("CARGO_PKG_VERSION"))]
-    Unsupported { origin: String, what: &'static str, found: i64 },
+    Unsupported {
+        origin: String,
+        what: &'static str,
+        found: i64,
+    },
     #[error("{origin}: {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid { origin: String, problems: Vec<String> },
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
 }
 
 impl ManifestError {
@@ -58,11 +65,15 @@ fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), Mani
     }
     let probe: Probe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
     match probe.format {
-        None => Err(ManifestError::MissingFormat { origin: origin.into() }),
+        None => Err(ManifestError::MissingFormat {
+            origin: origin.into(),
+        }),
         Some(toml::Value::Integer(n)) if n == FORMAT as i64 => Ok(()),
-        Some(toml::Value::Integer(n)) if n > FORMAT as i64 => {
-            Err(ManifestError::Unsupported { origin: origin.into(), what, found: n })
-        }
+        Some(toml::Value::Integer(n)) if n > FORMAT as i64 => Err(ManifestError::Unsupported {
+            origin: origin.into(),
+            what,
+            found: n,
+        }),
         Some(v) => Err(ManifestError::Invalid {
             origin: origin.into(),
             problems: vec![format!("`format` must be {FORMAT}, found {v}")],
@@ -71,7 +82,10 @@ fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), Mani
 }
 
 fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
-    ManifestError::Syntax { origin: origin.into(), message: e.to_string().trim_end().to_string() }
+    ManifestError::Syntax {
+        origin: origin.into(),
+        message: e.to_string().trim_end().to_string(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -147,26 +161,38 @@ pub struct RegionDef {
 
 fn is_env_key(k: &str) -> bool {
     let mut b = k.bytes();
-    matches!(b.next(), Some(c) if c.is_ascii_uppercase()) && b.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
+    matches!(b.next(), Some(c) if c.is_ascii_uppercase())
+        && b.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
 }
 
 impl Regions {
     fn validate(&self, problems: &mut Vec<String>) {
         for k in self.required.iter().chain(self.env.keys()) {
             if !is_env_key(k) {
-                problems.push(format!("regions: key `{k}` is not an env key (upper-case letters, digits, `_`)"));
+                problems.push(format!(
+                    "regions: key `{k}` is not an env key (upper-case letters, digits, `_`)"
+                ));
             }
         }
         let mut names = BTreeSet::new();
         for (i, r) in self.region.iter().enumerate() {
             if r.name.trim().is_empty() || r.name.len() > 100 {
-                problems.push(format!("regions.region[{i}]: name must be 1 to 100 characters, found {:?}", r.name));
+                problems.push(format!(
+                    "regions.region[{i}]: name must be 1 to 100 characters, found {:?}",
+                    r.name
+                ));
             }
             if !names.insert(&r.name) {
-                problems.push(format!("regions.region[{i}]: region {:?} is declared twice", r.name));
+                problems.push(format!(
+                    "regions.region[{i}]: region {:?} is declared twice",
+                    r.name
+                ));
             }
             for k in r.env.keys().filter(|k| !is_env_key(k)) {
-                problems.push(format!("regions.region[{i}] ({}): key `{k}` is not an env key", r.name));
+                problems.push(format!(
+                    "regions.region[{i}] ({}): key `{k}` is not an env key",
+                    r.name
+                ));
             }
         }
     }
@@ -250,7 +276,9 @@ pub struct RecipeStack {
 fn is_name(s: &str) -> bool {
     let mut b = s.bytes();
     matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+        && b.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
 }
 
 impl Recipe {
@@ -260,17 +288,33 @@ impl Recipe {
         let mut r: Recipe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
         let mut problems = Vec::new();
         if !is_name(&r.bundle.name) {
-            problems.push(format!("bundle.name {:?} must match [a-z0-9][a-z0-9._-]*", r.bundle.name));
+            problems.push(format!(
+                "bundle.name {:?} must match [a-z0-9][a-z0-9._-]*",
+                r.bundle.name
+            ));
         }
-        if r.bundle.version.is_empty() || r.bundle.version.contains(|c: char| c.is_whitespace() || c == '/') {
-            problems.push(format!("bundle.version {:?} must be non-empty without spaces or `/`", r.bundle.version));
+        if r.bundle.version.is_empty()
+            || r.bundle
+                .version
+                .contains(|c: char| c.is_whitespace() || c == '/')
+        {
+            problems.push(format!(
+                "bundle.version {:?} must be non-empty without spaces or `/`",
+                r.bundle.version
+            ));
         }
         let mut refs = BTreeSet::new();
         for (i, img) in r.images.iter().enumerate() {
             if img.reference.trim().is_empty() || img.reference.contains(char::is_whitespace) {
-                problems.push(format!("images[{i}]: ref {:?} is not an image reference", img.reference));
+                problems.push(format!(
+                    "images[{i}]: ref {:?} is not an image reference",
+                    img.reference
+                ));
             } else if !refs.insert(img.reference.clone()) {
-                problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
+                problems.push(format!(
+                    "images[{i}]: image {:?} is listed twice",
+                    img.reference
+                ));
             }
         }
         let mut keys = BTreeSet::new();
@@ -282,14 +326,24 @@ impl Recipe {
             .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
             .collect();
         for (i, p) in r.packages.iter_mut().enumerate() {
-            let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
+            let what = format!(
+                "packages[{i}] ({} {} {})",
+                p.object,
+                p.version,
+                p.os.as_str()
+            );
             match normalize_arch(&p.arch) {
                 Some(a) => p.arch = a.to_string(),
-                None => problems.push(format!("{what}: arch {:?} is not x86_64 or arm64 (amd64, aarch64 accepted)", p.arch)),
+                None => problems.push(format!(
+                    "{what}: arch {:?} is not x86_64 or arm64 (amd64, aarch64 accepted)",
+                    p.arch
+                )),
             }
             for (field, v, max) in [("object", &p.object, 100), ("version", &p.version, 100)] {
                 if v.trim().is_empty() || v.len() > max || v.contains('/') {
-                    problems.push(format!("{what}: {field} {v:?} must be 1 to {max} characters without `/`"));
+                    problems.push(format!(
+                        "{what}: {field} {v:?} must be 1 to {max} characters without `/`"
+                    ));
                 }
             }
             match (&p.file, &p.from, &p.entry) {
@@ -323,16 +377,23 @@ impl Recipe {
                 problems.push(format!("{what}: a controller package needs `file`"));
             }
             if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
-                problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
+                problems.push(format!(
+                    "{what}: the same os, arch, object and version is listed twice"
+                ));
             }
         }
         if let Some(s) = &r.stack {
             if !is_safe_bundle_path(&s.compose) {
-                problems.push(format!("stack.compose {:?} must be a relative path inside stack.dir", s.compose));
+                problems.push(format!(
+                    "stack.compose {:?} must be a relative path inside stack.dir",
+                    s.compose
+                ));
             }
             if let Some(t) = &s.env_template {
                 if !is_safe_bundle_path(t) {
-                    problems.push(format!("stack.env_template {t:?} must be a relative path inside stack.dir"));
+                    problems.push(format!(
+                        "stack.env_template {t:?} must be a relative path inside stack.dir"
+                    ));
                 }
             }
             if let Some(p) = &s.project {
@@ -345,7 +406,10 @@ impl Recipe {
         if problems.is_empty() {
             Ok(r)
         } else {
-            Err(ManifestError::Invalid { origin: origin.into(), problems })
+            Err(ManifestError::Invalid {
+                origin: origin.into(),
+                problems,
+            })
         }
     }
 }
@@ -482,7 +546,10 @@ impl Manifest {
         if problems.is_empty() {
             Ok(m)
         } else {
-            Err(ManifestError::Invalid { origin: origin.into(), problems })
+            Err(ManifestError::Invalid {
+                origin: origin.into(),
+                problems,
+            })
         }
     }
 
@@ -508,13 +575,22 @@ impl Manifest {
         let mut paths = BTreeSet::new();
         for f in &self.files {
             if !is_safe_bundle_path(&f.path) {
-                p.push(format!("files: path {:?} is not a plain relative path", f.path));
+                p.push(format!(
+                    "files: path {:?} is not a plain relative path",
+                    f.path
+                ));
             }
             if [MANIFEST_PATH, SIGNATURE_PATH, PUBKEY_PATH, SUMS_PATH].contains(&f.path.as_str()) {
-                p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
+                p.push(format!(
+                    "files: {:?} is reserved and cannot be a payload",
+                    f.path
+                ));
             }
             if !is_sha256_hex(&f.sha256) {
-                p.push(format!("files: {:?} has a malformed sha256 {:?}", f.path, f.sha256));
+                p.push(format!(
+                    "files: {:?} has a malformed sha256 {:?}",
+                    f.path, f.sha256
+                ));
             }
             if !paths.insert(f.path.as_str()) {
                 p.push(format!("files: {:?} is listed twice", f.path));
@@ -524,7 +600,10 @@ impl Manifest {
         let mut diff_ids = BTreeSet::new();
         for l in &self.layers {
             if !has(&l.file) {
-                p.push(format!("layers: {} points at {:?}, which is not in files", l.diff_id, l.file));
+                p.push(format!(
+                    "layers: {} points at {:?}, which is not in files",
+                    l.diff_id, l.file
+                ));
             }
             if !l.diff_id.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
                 p.push(format!("layers: malformed diff id {:?}", l.diff_id));
@@ -534,31 +613,47 @@ impl Manifest {
         for i in &self.images {
             let name = i.refs.first().cloned().unwrap_or_else(|| i.id.clone());
             if !has(&i.config) {
-                p.push(format!("images: {name} config {:?} is not in files", i.config));
+                p.push(format!(
+                    "images: {name} config {:?} is not in files",
+                    i.config
+                ));
             }
             match i.id.strip_prefix("sha256:") {
                 Some(hex) if is_sha256_hex(hex) => {
                     if let Some(f) = self.file(&i.config) {
                         if f.sha256 != hex {
-                            p.push(format!("images: {name} id {} does not match its config's sha256 {}", i.id, f.sha256));
+                            p.push(format!(
+                                "images: {name} id {} does not match its config's sha256 {}",
+                                i.id, f.sha256
+                            ));
                         }
                     }
                 }
                 _ => p.push(format!("images: {name} has a malformed id {:?}", i.id)),
             }
             for l in i.layers.iter().filter(|l| !diff_ids.contains(l.as_str())) {
-                p.push(format!("images: {name} needs layer {l}, which is not in layers"));
+                p.push(format!(
+                    "images: {name} needs layer {l}, which is not in layers"
+                ));
             }
         }
         for pk in &self.packages {
             if let Some(f) = &pk.file {
                 if !has(f) {
-                    p.push(format!("packages: {} {} file {f:?} is not in files", pk.object, pk.version));
+                    p.push(format!(
+                        "packages: {} {} file {f:?} is not in files",
+                        pk.object, pk.version
+                    ));
                 }
             }
         }
         if let Some(s) = &self.stack {
-            for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
+            for f in s
+                .files
+                .iter()
+                .chain([&s.compose])
+                .chain(s.env_template.iter())
+            {
                 if !has(f) {
                     p.push(format!("stack: {f:?} is not in files"));
                 }
@@ -627,9 +722,15 @@ NODE_SERVER_URL = "${SERVER_URL}"
 
     #[test]
     fn unknown_field_names_the_line() {
-        let text = RECIPE.replace("ref = \"bkbundle-demo/app:1\"", "ref = \"x\"\ncolour = \"red\"");
+        let text = RECIPE.replace(
+            "ref = \"bkbundle-demo/app:1\"",
+            "ref = \"x\"\ncolour = \"red\"",
+        );
         let e = Recipe::parse(&text, "recipe.toml").unwrap_err().to_string();
-        assert!(e.contains("recipe.toml") && e.contains("colour") && e.contains("line 9"), "{e}");
+        assert!(
+            e.contains("recipe.toml") && e.contains("colour") && e.contains("line 9"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -639,12 +740,20 @@ NODE_SERVER_URL = "${SERVER_URL}"
         assert!(matches!(e, ManifestError::Unsupported { found: 99, .. }));
         let err = e.into_error(Kind::Bundle);
         assert_eq!(err.kind, Kind::Unsupported);
-        assert!(err.message.contains("format 99 is newer than this bkbundle supports"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("format 99 is newer than this bkbundle supports"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn collector_must_point_at_a_controller_of_the_recipe() {
-        let text = RECIPE.replace("from = \"fusion-collectors-linux-amd64.zip\"", "from = \"other.zip\"");
+        let text = RECIPE.replace(
+            "from = \"fusion-collectors-linux-amd64.zip\"",
+            "from = \"other.zip\"",
+        );
         let e = Recipe::parse(&text, "r.toml").unwrap_err().to_string();
         assert!(e.contains("other.zip") && e.contains("Telegraf"), "{e}");
     }
@@ -670,7 +779,11 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 created_by: "bkbundle".into(),
                 compression: Compression::Zstd,
             },
-            files: vec![FileEntry { path: format!("images/configs/{sha}.json"), size: 3, sha256: sha.clone() }],
+            files: vec![FileEntry {
+                path: format!("images/configs/{sha}.json"),
+                size: 3,
+                sha256: sha.clone(),
+            }],
             layers: vec![],
             images: vec![Image {
                 refs: vec!["a:1".into()],
@@ -686,7 +799,9 @@ NODE_SERVER_URL = "${SERVER_URL}"
             regions: Regions::default(),
         };
         let text = m.to_toml();
-        let e = Manifest::parse(&text, "bundle.toml").unwrap_err().to_string();
+        let e = Manifest::parse(&text, "bundle.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs layer sha256:bbbb"), "{e}");
         let mut ok = m.clone();
         ok.images[0].layers.clear();

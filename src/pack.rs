@@ -11,7 +11,10 @@ use crate::bundle::{self, BundleWriter};
 use crate::digest::sha256_hex;
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
-use crate::manifest::{self, BundleInfo, Compression, Image, Layer, Manifest, Package, PackageType, Recipe, Stack, FORMAT};
+use crate::manifest::{
+    self, BundleInfo, Compression, Image, Layer, Manifest, Package, PackageType, Recipe, Stack,
+    FORMAT,
+};
 use crate::package_check::{self, Listing};
 use crate::progress::Reporter;
 use crate::savefile::{self, SavedImage, Settings, StoredLayer};
@@ -63,16 +66,33 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     let t0 = Instant::now();
     let mut steps = Vec::new();
     let text = fs::read_to_string(&opts.recipe).io_ctx("cannot read recipe", &opts.recipe)?;
-    let recipe = Recipe::parse(&text, &opts.recipe.display().to_string()).map_err(|e| e.into_error(Kind::Input))?;
-    let base = opts.recipe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let recipe = Recipe::parse(&text, &opts.recipe.display().to_string())
+        .map_err(|e| e.into_error(Kind::Input))?;
+    let base = opts
+        .recipe
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
     let level = opts.level.unwrap_or(match opts.compression {
         Compression::Zstd => 3,
         Compression::Gzip => 6,
     });
     match opts.compression {
-        Compression::Zstd if !(1..=19).contains(&level) => return Err(Error::input(format!("--level {level}: zstd levels are 1 to 19"))),
-        Compression::Gzip if !(1..=9).contains(&level) => return Err(Error::input(format!("--level {level}: gzip levels are 1 to 9"))),
+        Compression::Zstd if !(1..=19).contains(&level) => {
+            return Err(Error::input(format!(
+                "--level {level}: zstd levels are 1 to 19"
+            )))
+        }
+        Compression::Gzip if !(1..=9).contains(&level) => {
+            return Err(Error::input(format!(
+                "--level {level}: gzip levels are 1 to 9"
+            )))
+        }
         _ => {}
     }
     let signer = opts.sign_key.as_deref().map(Signer::load).transpose()?;
@@ -80,14 +100,25 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     // 1. Check every input before writing anything.
     let t = Instant::now();
     let checked = check_inputs(&recipe, &base)?;
-    let engine_refs: Vec<&manifest::RecipeImage> = recipe.images.iter().filter(|i| i.archive.is_none()).collect();
+    let engine_refs: Vec<&manifest::RecipeImage> = recipe
+        .images
+        .iter()
+        .filter(|i| i.archive.is_none())
+        .collect();
     let mut engine_ids: HashMap<String, (String, u64)> = HashMap::new();
-    let engine = if engine_refs.is_empty() { None } else { Some(Engine::connect().await?) };
+    let engine = if engine_refs.is_empty() {
+        None
+    } else {
+        Some(Engine::connect().await?)
+    };
     if let Some(engine) = &engine {
         for img in &engine_refs {
             let mut found = engine.image(&img.reference).await?;
             if found.is_none() && img.pull {
-                reporter.note(&format!("pulling image {} through the Docker engine", img.reference));
+                reporter.note(&format!(
+                    "pulling image {} through the Docker engine",
+                    img.reference
+                ));
                 engine.pull(&img.reference).await?;
                 found = engine.image(&img.reference).await?;
             }
@@ -101,7 +132,11 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             engine_ids.insert(img.reference.clone(), (found.id, found.size));
         }
     }
-    for img in recipe.images.iter().filter_map(|i| i.archive.as_ref().map(|a| (i, a))) {
+    for img in recipe
+        .images
+        .iter()
+        .filter_map(|i| i.archive.as_ref().map(|a| (i, a)))
+    {
         let p = base.join(img.1);
         if !p.is_file() {
             return Err(Error::input(format!("image {}: archive {} not found", img.0.reference, p.display()))
@@ -111,27 +146,44 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     steps.push(("check inputs".to_string(), t.elapsed().as_secs_f64()));
 
     // 2. Write.
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            return Err(Error::input(format!("output directory {} does not exist", dir.display())));
+            return Err(Error::input(format!(
+                "output directory {} does not exist",
+                dir.display()
+            )));
         }
     }
     let mut writer = BundleWriter::create(&opts.output, opts.split_size, now)?;
     let mut stored: HashMap<String, StoredLayer> = HashMap::new();
-    let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+    let threads = opts.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
     let mut saved: Vec<(String, SavedImage)> = Vec::new(); // (recipe ref, image)
 
     let t = Instant::now();
     if let Some(engine) = &engine {
         let refs: Vec<String> = engine_refs.iter().map(|i| i.reference.clone()).collect();
         let total: u64 = engine_ids.values().map(|(_, s)| *s).sum();
-        let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task("exporting images", Some(total)));
+        let task: Arc<dyn crate::progress::Task> =
+            Arc::from(reporter.task("exporting images", Some(total)));
         let reader = SyncIoBridge::new(StreamReader::new(Box::pin(engine.export(&refs))));
         let t2 = task.clone();
         let (w, st, images) = tokio::task::spawn_blocking(move || {
             let progress = move |n: u64| t2.advance(n);
-            let s = Settings { compression: opts.compression, level, threads, progress: &progress, source: "the Docker engine" };
+            let s = Settings {
+                compression: opts.compression,
+                level,
+                threads,
+                progress: &progress,
+                source: "the Docker engine",
+            };
             let r = savefile::ingest(reader, &mut writer, &mut stored, &s);
             (writer, stored, r)
         })
@@ -144,22 +196,42 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         for img in &engine_refs {
             let (id, _) = &engine_ids[&img.reference];
             let found = images.iter().find(|i| &i.id == id).ok_or_else(|| {
-                Error::external(format!("the Docker engine's export did not contain image {} ({id})", img.reference))
-                    .hint("was the image removed or re-tagged while packing? run pack again")
+                Error::external(format!(
+                    "the Docker engine's export did not contain image {} ({id})",
+                    img.reference
+                ))
+                .hint("was the image removed or re-tagged while packing? run pack again")
             })?;
             saved.push((img.reference.clone(), found.clone()));
         }
     }
     for img in recipe.images.iter().filter(|i| i.archive.is_some()) {
-        let path = base.join(img.archive.as_ref().map(PathBuf::as_path).unwrap_or(Path::new("")));
+        let path = base.join(
+            img.archive
+                .as_ref()
+                .map(PathBuf::as_path)
+                .unwrap_or(Path::new("")),
+        );
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task(&format!("reading {}", img.reference), Some(size)));
+        let task: Arc<dyn crate::progress::Task> =
+            Arc::from(reporter.task(&format!("reading {}", img.reference), Some(size)));
         let file = fs::File::open(&path).io_ctx("cannot open image archive", &path)?;
         let (t2, source) = (task.clone(), path.display().to_string());
         let (w, st, images) = tokio::task::spawn_blocking(move || {
             let progress = move |n: u64| t2.advance(n);
-            let s = Settings { compression: opts.compression, level, threads, progress: &progress, source: &source };
-            let r = savefile::ingest(std::io::BufReader::with_capacity(1 << 20, file), &mut writer, &mut stored, &s);
+            let s = Settings {
+                compression: opts.compression,
+                level,
+                threads,
+                progress: &progress,
+                source: &source,
+            };
+            let r = savefile::ingest(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                &mut writer,
+                &mut stored,
+                &s,
+            );
             (writer, stored, r)
         })
         .await
@@ -170,8 +242,17 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         let images = images?;
         let found = pick_from_archive(&img.reference, &images).ok_or_else(|| {
             let tags: Vec<String> = images.iter().flat_map(|i| i.tags.clone()).collect();
-            Error::input(format!("image {}: archive {} does not hold it (it holds {})", img.reference, path.display(), if tags.is_empty() { "untagged images".into() } else { tags.join(", ") }))
-                .hint("fix `ref` to one of those tags, or export the right image into the archive")
+            Error::input(format!(
+                "image {}: archive {} does not hold it (it holds {})",
+                img.reference,
+                path.display(),
+                if tags.is_empty() {
+                    "untagged images".into()
+                } else {
+                    tags.join(", ")
+                }
+            ))
+            .hint("fix `ref` to one of those tags, or export the right image into the archive")
         })?;
         saved.push((img.reference.clone(), found));
     }
@@ -191,7 +272,11 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         if !writer.contains(&config) {
             writer.add_bytes(&config, 0o644, &img.config)?;
         }
-        let size = img.layers.iter().map(|l| stored.get(l).map(|s| s.size).unwrap_or(0)).sum();
+        let size = img
+            .layers
+            .iter()
+            .map(|l| stored.get(l).map(|s| s.size).unwrap_or(0))
+            .sum();
         images.push(Image {
             refs: vec![reference.clone()],
             id: img.id.clone(),
@@ -202,7 +287,14 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             size,
         });
     }
-    let mut layers: Vec<Layer> = stored.values().map(|s| Layer { diff_id: s.diff_id.clone(), file: s.file.clone(), size: s.size }).collect();
+    let mut layers: Vec<Layer> = stored
+        .values()
+        .map(|s| Layer {
+            diff_id: s.diff_id.clone(),
+            file: s.file.clone(),
+            size: s.size,
+        })
+        .collect();
     layers.sort_by(|a, b| a.file.cmp(&b.file));
 
     // 3. Packages and stack files.
@@ -210,16 +302,28 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     let mut packages = Vec::new();
     for (p, path) in &checked.packages {
         let name = match (&p.file, &p.from) {
-            (Some(f), _) => f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            (Some(f), _) => f
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             // A collector inside a controller package is recorded under its binary's name.
-            _ => p.entry.as_deref().and_then(|e| e.rsplit('/').next()).unwrap_or_default().to_string(),
+            _ => p
+                .entry
+                .as_deref()
+                .and_then(|e| e.rsplit('/').next())
+                .unwrap_or_default()
+                .to_string(),
         };
         let file = match path {
             Some(path) => {
                 let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let task = reporter.task(&format!("package {name}"), Some(size));
                 let mut f = fs::File::open(path).io_ctx("cannot open package", path)?;
-                let entry = writer.add_reader(&format!("packages/{name}"), 0o644, &mut ProgressRead(&mut f, &*task))?;
+                let entry = writer.add_reader(
+                    &format!("packages/{name}"),
+                    0o644,
+                    &mut ProgressRead(&mut f, &*task),
+                )?;
                 task.finish();
                 Some(entry.path)
             }
@@ -249,14 +353,18 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             paths.push(e.path);
         }
         stack = Some(Stack {
-            project: s.project.clone().unwrap_or_else(|| recipe.bundle.name.clone()),
+            project: s
+                .project
+                .clone()
+                .unwrap_or_else(|| recipe.bundle.name.clone()),
             compose: format!("stack/{}", s.compose),
             env_template: s.env_template.as_ref().map(|t| format!("stack/{t}")),
             files: paths,
         });
     }
     // The tool itself, so the offline host needs nothing else.
-    let exe = std::env::current_exe().map_err(|e| Error::internal(format!("cannot locate the running bkbundle binary: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("cannot locate the running bkbundle binary: {e}")))?;
     let mut f = fs::File::open(&exe).io_ctx("cannot read the bkbundle binary", &exe)?;
     writer.add_reader(manifest::BINARY_PATH, 0o755, &mut f)?;
     steps.push(("packages and stack".to_string(), t.elapsed().as_secs_f64()));
@@ -281,28 +389,48 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     };
     let problems = m.problems();
     if !problems.is_empty() {
-        return Err(Error::internal(format!("the manifest being written is inconsistent: {}", problems.join("; "))));
+        return Err(Error::internal(format!(
+            "the manifest being written is inconsistent: {}",
+            problems.join("; ")
+        )));
     }
     let text = m.to_toml();
     writer.add_meta(manifest::MANIFEST_PATH, text.as_bytes())?;
     let mut extra = Vec::new();
     let mut signed_by = None;
     if let Some(signer) = &signer {
-        let comment = format!("timestamp:{now}\tfile:{}\tbundle:{} {}", manifest::MANIFEST_PATH, m.bundle.name, m.bundle.version);
+        let comment = format!(
+            "timestamp:{now}\tfile:{}\tbundle:{} {}",
+            manifest::MANIFEST_PATH,
+            m.bundle.name,
+            m.bundle.version
+        );
         let (sig, pubkey) = signer.sign(text.as_bytes(), &comment)?;
         writer.add_meta(manifest::SIGNATURE_PATH, sig.as_bytes())?;
         writer.add_meta(manifest::PUBKEY_PATH, pubkey.as_bytes())?;
         extra.push((manifest::SIGNATURE_PATH, sha256_hex(sig.as_bytes())));
         extra.push((manifest::PUBKEY_PATH, sha256_hex(pubkey.as_bytes())));
-        signed_by = sign::parse_public_key(&pubkey).ok().map(|pk| sign::key_id(pk.keynum()));
+        signed_by = sign::parse_public_key(&pubkey)
+            .ok()
+            .map(|pk| sign::key_id(pk.keynum()));
     }
     let sums = m.sha256sums(&sha256_hex(text.as_bytes()), &extra);
     writer.add_meta(manifest::SUMS_PATH, sums.as_bytes())?;
     let bytes = writer.position()? + 1024;
     let output = writer.commit()?;
 
-    let image_bytes_stored = m.layers.iter().chain(std::iter::empty()).filter_map(|l| m.file(&l.file)).map(|f| f.size).sum::<u64>()
-        + m.images.iter().filter_map(|i| m.file(&i.config)).map(|f| f.size).sum::<u64>();
+    let image_bytes_stored = m
+        .layers
+        .iter()
+        .chain(std::iter::empty())
+        .filter_map(|l| m.file(&l.file))
+        .map(|f| f.size)
+        .sum::<u64>()
+        + m.images
+            .iter()
+            .filter_map(|i| m.file(&i.config))
+            .map(|f| f.size)
+            .sum::<u64>();
     Ok(PackReport {
         bundle: m.bundle.name.clone(),
         version: m.bundle.version.clone(),
@@ -331,7 +459,13 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
             match package_check::check(path, p.kind, p.os) {
                 Ok(l) => {
                     if p.kind == PackageType::Controller {
-                        listings.insert(path.file_name().unwrap_or_default().to_string_lossy().to_string(), l);
+                        listings.insert(
+                            path.file_name()
+                                .unwrap_or_default()
+                                .to_string_lossy()
+                                .to_string(),
+                            l,
+                        );
                     }
                 }
                 Err(e) => problems.push(e),
@@ -340,7 +474,10 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         packages.push((p.clone(), path));
     }
     for p in recipe.packages.iter().filter(|p| p.from.is_some()) {
-        let (from, entry) = (p.from.as_deref().unwrap_or(""), p.entry.as_deref().unwrap_or(""));
+        let (from, entry) = (
+            p.from.as_deref().unwrap_or(""),
+            p.entry.as_deref().unwrap_or(""),
+        );
         if let Some(l) = listings.get(from) {
             if l.find(entry).is_none() {
                 problems.push(Error::input(format!(
@@ -360,10 +497,16 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         match walk(&dir, &dir, &mut files) {
             Err(e) => problems.push(e),
             Ok(()) => {
-                for (what, want) in [("compose", Some(&s.compose)), ("env_template", s.env_template.as_ref())] {
+                for (what, want) in [
+                    ("compose", Some(&s.compose)),
+                    ("env_template", s.env_template.as_ref()),
+                ] {
                     if let Some(want) = want {
                         if !files.contains(want) {
-                            problems.push(Error::input(format!("stack.{what}: {} not found", dir.join(want).display())));
+                            problems.push(Error::input(format!(
+                                "stack.{what}: {} not found",
+                                dir.join(want).display()
+                            )));
                         }
                     }
                 }
@@ -378,7 +521,11 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         n => {
             let mut e = Error::input(format!(
                 "{n} problems with the recipe's inputs:\n  - {}",
-                problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("\n  - ")
+                problems
+                    .iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n  - ")
             ));
             for p in problems {
                 for h in p.hints {
@@ -402,14 +549,24 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
         if ft.is_dir() {
             walk(root, &p, out)?;
         } else if ft.is_file() {
-            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().to_string();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .to_string();
             if !manifest::is_safe_bundle_path(&rel) {
-                return Err(Error::input(format!("stack file {} has a name a bundle cannot hold", p.display())));
+                return Err(Error::input(format!(
+                    "stack file {} has a name a bundle cannot hold",
+                    p.display()
+                )));
             }
             out.push(rel);
         } else {
-            return Err(Error::input(format!("stack file {} is a symlink or special file; a bundle carries regular files only", p.display()))
-                .hint("replace it with a copy of the file it points to"));
+            return Err(Error::input(format!(
+                "stack file {} is a symlink or special file; a bundle carries regular files only",
+                p.display()
+            ))
+            .hint("replace it with a copy of the file it points to"));
         }
     }
     Ok(())
@@ -429,13 +586,23 @@ fn pick_from_archive(reference: &str, images: &[SavedImage]) -> Option<SavedImag
         let r = r.strip_prefix("docker.io/").unwrap_or(r);
         let r = r.strip_prefix("library/").unwrap_or(r);
         let last = r.rsplit('/').next().unwrap_or(r);
-        if last.contains(':') || last.contains('@') { r.to_string() } else { format!("{r}:latest") }
+        if last.contains(':') || last.contains('@') {
+            r.to_string()
+        } else {
+            format!("{r}:latest")
+        }
     };
     let want = norm(reference);
     images
         .iter()
         .find(|i| i.tags.iter().any(|t| norm(t) == want))
-        .or_else(|| if images.len() == 1 { images.first() } else { None })
+        .or_else(|| {
+            if images.len() == 1 {
+                images.first()
+            } else {
+                None
+            }
+        })
         .cloned()
 }
 
@@ -462,7 +629,12 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -478,10 +650,26 @@ mod tests {
 
     #[test]
     fn archive_refs_match_normalised_tags() {
-        let img = |t: &str| SavedImage { tags: vec![t.into()], id: t.into(), config: vec![], os: String::new(), arch: String::new(), layers: vec![] };
-        let imgs = vec![img("docker.io/library/postgres:15"), img("bklite/server:3.1")];
-        assert_eq!(pick_from_archive("postgres:15", &imgs).unwrap().id, "docker.io/library/postgres:15");
+        let img = |t: &str| SavedImage {
+            tags: vec![t.into()],
+            id: t.into(),
+            config: vec![],
+            os: String::new(),
+            arch: String::new(),
+            layers: vec![],
+        };
+        let imgs = vec![
+            img("docker.io/library/postgres:15"),
+            img("bklite/server:3.1"),
+        ];
+        assert_eq!(
+            pick_from_archive("postgres:15", &imgs).unwrap().id,
+            "docker.io/library/postgres:15"
+        );
         assert!(pick_from_archive("redis", &imgs).is_none());
-        assert_eq!(pick_from_archive("anything", &imgs[..1]).unwrap().id, "docker.io/library/postgres:15");
+        assert_eq!(
+            pick_from_archive("anything", &imgs[..1]).unwrap().id,
+            "docker.io/library/postgres:15"
+        );
     }
 }

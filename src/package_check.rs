@@ -25,8 +25,13 @@ impl Listing {
     }
 
     fn single_top(&self) -> Option<String> {
-        let tops: BTreeSet<&str> = self.files.iter().map(|f| f.split('/').next().unwrap_or("")).collect();
-        (tops.len() == 1 && self.files.iter().all(|f| f.contains('/'))).then(|| tops.into_iter().next().unwrap_or("").to_string())
+        let tops: BTreeSet<&str> = self
+            .files
+            .iter()
+            .map(|f| f.split('/').next().unwrap_or(""))
+            .collect();
+        (tops.len() == 1 && self.files.iter().all(|f| f.contains('/')))
+            .then(|| tops.into_iter().next().unwrap_or("").to_string())
     }
 }
 
@@ -77,7 +82,11 @@ fn link_stays_inside(entry: &[&str], target: &str, symlink: bool) -> bool {
     if target.starts_with('/') || target.starts_with('\\') {
         return false;
     }
-    let mut depth: Vec<&str> = if symlink { entry[..entry.len().saturating_sub(1)].to_vec() } else { Vec::new() };
+    let mut depth: Vec<&str> = if symlink {
+        entry[..entry.len().saturating_sub(1)].to_vec()
+    } else {
+        Vec::new()
+    };
     for c in target.split(['/', '\\']) {
         match c {
             "" | "." => {}
@@ -94,14 +103,20 @@ fn link_stays_inside(entry: &[&str], target: &str, symlink: bool) -> bool {
 
 /// Check the package file; returns its listing (empty for a non-archive collector file).
 pub fn check(path: &Path, kind: PackageType, os: Os) -> Result<Listing> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let format = format_of(&name);
     let listing = match format {
         Format::Zip => check_zip(path)?,
         Format::TarGz | Format::Tar => check_tar(path, format == Format::TarGz)?,
         Format::Other => {
             if kind == PackageType::Controller {
-                return Err(refuse(path, "a controller package must be a .zip, .tar.gz, .tgz or .tar archive"));
+                return Err(refuse(
+                    path,
+                    "a controller package must be a .zip, .tar.gz, .tgz or .tar archive",
+                ));
             }
             File::open(path).map_err(|e| Error::io("cannot open package", path, e))?;
             return Ok(Listing::default());
@@ -135,19 +150,29 @@ pub fn check(path: &Path, kind: PackageType, os: Os) -> Result<Listing> {
 
 fn check_zip(path: &Path) -> Result<Listing> {
     let f = File::open(path).map_err(|e| Error::io("cannot open package", path, e))?;
-    let mut z = zip::ZipArchive::new(io::BufReader::new(f)).map_err(|e| refuse(path, format!("not a readable zip archive: {e}")))?;
+    let mut z = zip::ZipArchive::new(io::BufReader::new(f))
+        .map_err(|e| refuse(path, format!("not a readable zip archive: {e}")))?;
     let mut listing = Listing::default();
     let mut sink = vec![0u8; 1 << 16];
     for i in 0..z.len() {
-        let mut e = z.by_index(i).map_err(|e| refuse(path, format!("entry {i}: {e}")))?;
-        let name = e.name().map(|n| n.to_string()).map_err(|err| refuse(path, format!("entry {i}: {err}")))?;
+        let mut e = z
+            .by_index(i)
+            .map_err(|e| refuse(path, format!("entry {i}: {e}")))?;
+        let name = e
+            .name()
+            .map(|n| n.to_string())
+            .map_err(|err| refuse(path, format!("entry {i}: {err}")))?;
         let comps = safe_components(&name).map_err(|m| refuse(path, m))?;
         let is_link = e.unix_mode().is_some_and(|m| m & 0o170000 == 0o120000);
         if is_link {
             let mut target = String::new();
-            e.read_to_string(&mut target).map_err(|err| refuse(path, format!("entry {name:?}: {err}")))?;
+            e.read_to_string(&mut target)
+                .map_err(|err| refuse(path, format!("entry {name:?}: {err}")))?;
             if !link_stays_inside(&comps, &target, true) {
-                return Err(refuse(path, format!("symlink {name:?} points outside the package ({target:?})")));
+                return Err(refuse(
+                    path,
+                    format!("symlink {name:?} points outside the package ({target:?})"),
+                ));
             }
         } else {
             // Read to the end: the zip reader checks the CRC there.
@@ -155,7 +180,9 @@ fn check_zip(path: &Path) -> Result<Listing> {
                 match e.read(&mut sink) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(err) => return Err(refuse(path, format!("entry {name:?} is damaged: {err}"))),
+                    Err(err) => {
+                        return Err(refuse(path, format!("entry {name:?} is damaged: {err}")))
+                    }
                 }
             }
         }
@@ -168,23 +195,40 @@ fn check_zip(path: &Path) -> Result<Listing> {
 
 fn check_tar(path: &Path, gz: bool) -> Result<Listing> {
     let f = File::open(path).map_err(|e| Error::io("cannot open package", path, e))?;
-    let r: Box<dyn Read> = if gz { Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f))) } else { Box::new(io::BufReader::new(f)) };
+    let r: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f)))
+    } else {
+        Box::new(io::BufReader::new(f))
+    };
     let mut a = tar::Archive::new(r);
     let mut listing = Listing::default();
-    let entries = a.entries().map_err(|e| refuse(path, format!("not a readable tar archive: {e}")))?;
+    let entries = a
+        .entries()
+        .map_err(|e| refuse(path, format!("not a readable tar archive: {e}")))?;
     for entry in entries {
         let mut e = entry.map_err(|e| refuse(path, format!("not a readable tar archive: {e}")))?;
         let name = String::from_utf8_lossy(&e.path_bytes()).to_string();
         let comps = safe_components(&name).map_err(|m| refuse(path, m))?;
         let t = e.header().entry_type();
         if t.is_symlink() || t.is_hard_link() {
-            let target = e.link_name_bytes().map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
+            let target = e
+                .link_name_bytes()
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+                .unwrap_or_default();
             if !link_stays_inside(&comps, &target, t.is_symlink()) {
-                let what = if t.is_symlink() { "symlink" } else { "hard link" };
-                return Err(refuse(path, format!("{what} {name:?} points outside the package ({target:?})")));
+                let what = if t.is_symlink() {
+                    "symlink"
+                } else {
+                    "hard link"
+                };
+                return Err(refuse(
+                    path,
+                    format!("{what} {name:?} points outside the package ({target:?})"),
+                ));
             }
         }
-        io::copy(&mut e, &mut io::sink()).map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
+        io::copy(&mut e, &mut io::sink())
+            .map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
         if (t.is_file() || t.is_symlink() || t.is_hard_link()) && !comps.is_empty() {
             listing.files.insert(comps.join("/"));
         }
@@ -206,7 +250,10 @@ mod tests {
         assert!(safe_components("/etc/passwd").is_err());
         assert!(safe_components("C:\\evil").is_err());
         assert!(safe_components("..\\evil").is_err());
-        assert_eq!(safe_components("./bin/telegraf").unwrap(), vec!["bin", "telegraf"]);
+        assert_eq!(
+            safe_components("./bin/telegraf").unwrap(),
+            vec!["bin", "telegraf"]
+        );
         assert!(link_stays_inside(&["bin", "x"], "../lib/y", true));
         assert!(!link_stays_inside(&["bin", "x"], "../../y", true));
         assert!(!link_stays_inside(&["x"], "/etc/passwd", true));

@@ -46,7 +46,11 @@ impl Terminal {
     /// `bars` is the caller's wish; bars still stay hidden when stderr is not a terminal.
     pub fn new(bars: bool, quiet: bool) -> Self {
         let bars = bars && !quiet && std::io::stderr().is_terminal();
-        let multi = MultiProgress::with_draw_target(if bars { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+        let multi = MultiProgress::with_draw_target(if bars {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
         Terminal { multi, bars, quiet }
     }
 }
@@ -71,15 +75,20 @@ impl Reporter for Terminal {
             Some(t) => {
                 let b = ProgressBar::new(t);
                 b.set_style(
-                    ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                        .map(|s| s.progress_chars("=> "))
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    ProgressStyle::with_template(
+                        "{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                    )
+                    .map(|s| s.progress_chars("=> "))
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 b
             }
             None => {
                 let b = ProgressBar::new_spinner();
-                b.set_style(ProgressStyle::with_template("{spinner} {msg} {bytes} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                b.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {bytes} {elapsed}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
                 b.enable_steady_tick(Duration::from_millis(200));
                 b
             }

@@ -73,8 +73,13 @@ pub fn ingest<R: Read>(
         let path = normalize(&String::from_utf8_lossy(&e.path_bytes()));
         let kind = e.header().entry_type();
         if kind.is_symlink() || kind.is_hard_link() {
-            let target = String::from_utf8_lossy(&e.link_name_bytes().unwrap_or_default()).to_string();
-            let base = if kind.is_symlink() { parent(&path).to_string() } else { String::new() };
+            let target =
+                String::from_utf8_lossy(&e.link_name_bytes().unwrap_or_default()).to_string();
+            let base = if kind.is_symlink() {
+                parent(&path).to_string()
+            } else {
+                String::new()
+            };
             links.insert(path, normalize(&format!("{base}/{target}")));
             continue;
         }
@@ -83,7 +88,10 @@ pub fn ingest<R: Read>(
         }
         let size = e.size();
         let mut peek = Vec::with_capacity(512);
-        (&mut e).take(512).read_to_end(&mut peek).map_err(read_err)?;
+        (&mut e)
+            .take(512)
+            .read_to_end(&mut peek)
+            .map_err(read_err)?;
         if is_meta(&path, &peek, size) {
             meta_bytes += size as usize;
             if meta_bytes > META_BUDGET {
@@ -95,9 +103,14 @@ pub fn ingest<R: Read>(
             meta.insert(path, data);
             continue;
         }
-        let layer = store_layer(Cursor::new(peek).chain(&mut e), out, stored, s).map_err(|err| {
-            if err.kind == crate::error::Kind::Io { err } else { Error::new(err.kind, format!("{} (layer {path})", err.message)) }
-        })?;
+        let layer =
+            store_layer(Cursor::new(peek).chain(&mut e), out, stored, s).map_err(|err| {
+                if err.kind == crate::error::Kind::Io {
+                    err
+                } else {
+                    Error::new(err.kind, format!("{} (layer {path})", err.message))
+                }
+            })?;
         layer_of.insert(path, layer);
     }
     let resolve = |p: &str| -> String {
@@ -111,8 +124,12 @@ pub fn ingest<R: Read>(
         p
     };
     let items = if let Some(m) = meta.get("manifest.json") {
-        let items: Vec<DockerItem> = serde_json::from_slice(m).map_err(|e| bad(s.source, format!("manifest.json: {e}")))?;
-        items.into_iter().map(|i| (i.repo_tags.unwrap_or_default(), i.config, i.layers)).collect::<Vec<_>>()
+        let items: Vec<DockerItem> =
+            serde_json::from_slice(m).map_err(|e| bad(s.source, format!("manifest.json: {e}")))?;
+        items
+            .into_iter()
+            .map(|i| (i.repo_tags.unwrap_or_default(), i.config, i.layers))
+            .collect::<Vec<_>>()
     } else if let Some(idx) = meta.get("index.json") {
         oci_items(idx, &meta, s.source)?
     } else {
@@ -126,12 +143,15 @@ pub fn ingest<R: Read>(
             .clone();
         let mut layers = Vec::new();
         for p in &layer_paths {
-            let diff = layer_of.get(&resolve(p)).ok_or_else(|| bad(s.source, format!("layer {p} is missing")))?;
+            let diff = layer_of
+                .get(&resolve(p))
+                .ok_or_else(|| bad(s.source, format!("layer {p} is missing")))?;
             layers.push(diff.clone());
         }
         let id = format!("sha256:{}", sha256_hex(&config));
         let name = tags.first().cloned().unwrap_or_else(|| id.clone());
-        let cfg: ImageConfig = serde_json::from_slice(&config).map_err(|e| bad(s.source, format!("config of {name}: {e}")))?;
+        let cfg: ImageConfig = serde_json::from_slice(&config)
+            .map_err(|e| bad(s.source, format!("config of {name}: {e}")))?;
         if let Some(rootfs) = &cfg.rootfs {
             if rootfs.diff_ids != layers {
                 let detail = rootfs
@@ -140,30 +160,58 @@ pub fn ingest<R: Read>(
                     .zip(&layers)
                     .enumerate()
                     .find(|(_, (a, b))| a != b)
-                    .map(|(i, (a, b))| format!("layer {} should be {a} but its content hashes to {b}", i + 1))
-                    .unwrap_or_else(|| format!("config lists {} layers, the archive has {}", rootfs.diff_ids.len(), layers.len()));
+                    .map(|(i, (a, b))| {
+                        format!(
+                            "layer {} should be {a} but its content hashes to {b}",
+                            i + 1
+                        )
+                    })
+                    .unwrap_or_else(|| {
+                        format!(
+                            "config lists {} layers, the archive has {}",
+                            rootfs.diff_ids.len(),
+                            layers.len()
+                        )
+                    });
                 return Err(Error::input(format!("{}: image {name}: {detail}", s.source))
                     .hint("the image in the engine or archive is damaged: remove and pull/load it again"));
             }
         }
-        images.push(SavedImage { tags, id, config, os: cfg.os.unwrap_or_default(), arch: cfg.architecture.unwrap_or_default(), layers });
+        images.push(SavedImage {
+            tags,
+            id,
+            config,
+            os: cfg.os.unwrap_or_default(),
+            arch: cfg.architecture.unwrap_or_default(),
+            layers,
+        });
     }
     Ok(images)
 }
 
 /// Stream one layer into the bundle; returns its diff id.
-fn store_layer<R: Read>(src: R, out: &mut BundleWriter, stored: &mut HashMap<String, StoredLayer>, s: &Settings) -> Result<String> {
+fn store_layer<R: Read>(
+    src: R,
+    out: &mut BundleWriter,
+    stored: &mut HashMap<String, StoredLayer>,
+    s: &Settings,
+) -> Result<String> {
     let mut src = io::BufReader::with_capacity(1 << 16, src);
     let magic = {
         use io::BufRead;
-        src.fill_buf().map_err(|e| Error::external(format!("reading images from {}: {e}", s.source)))?.to_vec()
+        src.fill_buf()
+            .map_err(|e| Error::external(format!("reading images from {}: {e}", s.source)))?
+            .to_vec()
     };
     // A compressed layer (containerd image store, OCI archives) is stored uncompressed-then-
     // recompressed so that its name is its diff id and install can hand the engine a plain tar.
     let mut plain: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(src))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::new(src).map_err(|e| Error::internal(format!("zstd: {e}")))?)
+        Box::new(
+            zstd::stream::read::Decoder::new(src)
+                .map_err(|e| Error::internal(format!("zstd: {e}")))?,
+        )
     } else {
         Box::new(src)
     };
@@ -171,27 +219,35 @@ fn store_layer<R: Read>(src: R, out: &mut BundleWriter, stored: &mut HashMap<Str
     let mut entry = out.begin(&bundle::layer_path("incoming", ext), 0o644)?;
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let write_err = |e: io::Error| Error::io("cannot write bundle", std::path::Path::new("(layer)"), e);
+    let write_err =
+        |e: io::Error| Error::io("cannot write bundle", std::path::Path::new("(layer)"), e);
     {
         let mut enc: Box<dyn Encoder + '_> = match s.compression {
             Compression::Zstd => {
-                let mut z = zstd::stream::write::Encoder::new(&mut entry, s.level).map_err(write_err)?;
+                let mut z =
+                    zstd::stream::write::Encoder::new(&mut entry, s.level).map_err(write_err)?;
                 z.include_checksum(true).map_err(write_err)?;
                 if s.threads > 1 {
                     z.multithread(s.threads).map_err(write_err)?;
                 }
                 Box::new(z)
             }
-            Compression::Gzip => {
-                Box::new(flate2::write::GzEncoder::new(&mut entry, flate2::Compression::new(s.level.clamp(1, 9) as u32)))
-            }
+            Compression::Gzip => Box::new(flate2::write::GzEncoder::new(
+                &mut entry,
+                flate2::Compression::new(s.level.clamp(1, 9) as u32),
+            )),
         };
         loop {
             let n = match plain.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::external(format!("reading images from {}: {e}", s.source))),
+                Err(e) => {
+                    return Err(Error::external(format!(
+                        "reading images from {}: {e}",
+                        s.source
+                    )))
+                }
             };
             hasher.update(&buf[..n]);
             enc.write_all(&buf[..n]).map_err(write_err)?;
@@ -205,7 +261,14 @@ fn store_layer<R: Read>(src: R, out: &mut BundleWriter, stored: &mut HashMap<Str
         entry.discard()?;
     } else {
         let f = entry.finish(Some(&bundle::layer_path(&hex, ext)))?;
-        stored.insert(diff_id.clone(), StoredLayer { diff_id: diff_id.clone(), file: f.path, size });
+        stored.insert(
+            diff_id.clone(),
+            StoredLayer {
+                diff_id: diff_id.clone(),
+                file: f.path,
+                size,
+            },
+        );
     }
     Ok(diff_id)
 }
@@ -229,13 +292,19 @@ impl<W: Write> Encoder for flate2::write::GzEncoder<W> {
 
 fn is_meta(path: &str, peek: &[u8], size: u64) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
-    if matches!(base, "manifest.json" | "index.json" | "repositories" | "oci-layout" | "json" | "VERSION") {
+    if matches!(
+        base,
+        "manifest.json" | "index.json" | "repositories" | "oci-layout" | "json" | "VERSION"
+    ) {
         return true;
     }
     if size > 8 << 20 {
         return false;
     }
-    matches!(peek.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{') | Some(b'['))
+    matches!(
+        peek.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{') | Some(b'[')
+    )
 }
 
 fn parent(p: &str) -> &str {
@@ -301,22 +370,32 @@ struct OciManifest {
 }
 
 fn blob_path(digest: &str) -> String {
-    digest.replacen(':', "/", 1).replace("sha256/", "blobs/sha256/")
+    digest
+        .replacen(':', "/", 1)
+        .replace("sha256/", "blobs/sha256/")
 }
 
 type Item = (Vec<String>, String, Vec<String>);
 
 fn oci_items(index: &[u8], meta: &HashMap<String, Vec<u8>>, source: &str) -> Result<Vec<Item>> {
-    let idx: OciIndex = serde_json::from_slice(index).map_err(|e| bad(source, format!("index.json: {e}")))?;
+    let idx: OciIndex =
+        serde_json::from_slice(index).map_err(|e| bad(source, format!("index.json: {e}")))?;
     let mut out = Vec::new();
-    let mut queue: Vec<(OciDescriptor, Vec<String>)> = idx.manifests.into_iter().map(|d| {
-        let tags = tags_of(&d);
-        (d, tags)
-    }).collect();
+    let mut queue: Vec<(OciDescriptor, Vec<String>)> = idx
+        .manifests
+        .into_iter()
+        .map(|d| {
+            let tags = tags_of(&d);
+            (d, tags)
+        })
+        .collect();
     while let Some((d, tags)) = queue.pop() {
         let path = blob_path(&d.digest);
-        let m = meta.get(&path).ok_or_else(|| bad(source, format!("manifest {path} is missing")))?;
-        let m: OciManifest = serde_json::from_slice(m).map_err(|e| bad(source, format!("{path}: {e}")))?;
+        let m = meta
+            .get(&path)
+            .ok_or_else(|| bad(source, format!("manifest {path} is missing")))?;
+        let m: OciManifest =
+            serde_json::from_slice(m).map_err(|e| bad(source, format!("{path}: {e}")))?;
         if !m.manifests.is_empty() {
             // A nested index (multi-platform): keep only manifests present in the archive.
             for sub in m.manifests {
@@ -326,8 +405,14 @@ fn oci_items(index: &[u8], meta: &HashMap<String, Vec<u8>>, source: &str) -> Res
             }
             continue;
         }
-        let config = m.config.ok_or_else(|| bad(source, format!("{path} has no config")))?;
-        out.push((tags, blob_path(&config.digest), m.layers.iter().map(|l| blob_path(&l.digest)).collect()));
+        let config = m
+            .config
+            .ok_or_else(|| bad(source, format!("{path} has no config")))?;
+        out.push((
+            tags,
+            blob_path(&config.digest),
+            m.layers.iter().map(|l| blob_path(&l.digest)).collect(),
+        ));
     }
     Ok(out)
 }

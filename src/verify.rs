@@ -33,9 +33,14 @@ pub struct VerifyOptions {
 pub enum SignatureStatus {
     Unsigned,
     /// Checked against the trusted key given with `--key`.
-    Verified { key_id: String, trusted_comment: String },
+    Verified {
+        key_id: String,
+        trusted_comment: String,
+    },
     /// Checked only against the public key inside the bundle: proves integrity, not origin.
-    SelfSigned { key_id: String },
+    SelfSigned {
+        key_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,15 +55,27 @@ pub struct VerifyReport {
 }
 
 /// Verify and return the opened bundle and its manifest (what install builds on).
-pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(BundleReader, Manifest, VerifyReport)> {
+pub fn open_verified(
+    opts: &VerifyOptions,
+    reporter: &dyn Reporter,
+) -> Result<(BundleReader, Manifest, VerifyReport)> {
     let t0 = Instant::now();
     if opts.require_signature && opts.key.is_none() {
-        return Err(Error::input("--require-signature needs --key PUBKEY: the public key you trust").hint("pass the minisign .pub file the bundle's publisher gave you"));
+        return Err(Error::input(
+            "--require-signature needs --key PUBKEY: the public key you trust",
+        )
+        .hint("pass the minisign .pub file the bundle's publisher gave you"));
     }
     let trusted = match &opts.key {
         Some(k) => {
-            let text = std::fs::read_to_string(k).map_err(|e| Error::io("cannot read public key", k, e))?;
-            Some(sign::parse_public_key(&text).map_err(|e| Error::input(format!("public key {}: not a minisign public key ({e})", k.display())))?)
+            let text = std::fs::read_to_string(k)
+                .map_err(|e| Error::io("cannot read public key", k, e))?;
+            Some(sign::parse_public_key(&text).map_err(|e| {
+                Error::input(format!(
+                    "public key {}: not a minisign public key ({e})",
+                    k.display()
+                ))
+            })?)
         }
         None => None,
     };
@@ -73,13 +90,19 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
     for f in &manifest.files {
         match reader.entry(&f.path) {
             None => problems.push(format!("{}: missing from the bundle", f.path)),
-            Some(e) if e.size != f.size => problems.push(format!("{}: size expected {} bytes, found {}", f.path, f.size, e.size)),
+            Some(e) if e.size != f.size => problems.push(format!(
+                "{}: size expected {} bytes, found {}",
+                f.path, f.size, e.size
+            )),
             Some(e) => work.push((e.clone(), f.sha256.clone())),
         }
     }
     for e in &reader.entries {
         if manifest.file(&e.path).is_none() && !described.contains(&e.path.as_str()) {
-            problems.push(format!("{}: in the bundle but not listed in its manifest", e.path));
+            problems.push(format!(
+                "{}: in the bundle but not listed in its manifest",
+                e.path
+            ));
         }
     }
 
@@ -95,18 +118,32 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
     let expected_sums = manifest.sha256sums(&sha256_hex(&manifest_bytes), &extra);
     match reader.read_small(SUMS_PATH)? {
         None => problems.push(format!("{SUMS_PATH}: missing from the bundle")),
-        Some(s) if s != expected_sums.as_bytes() => {
-            problems.push(format!("{SUMS_PATH}: does not match the manifest ({MANIFEST_PATH} or {SUMS_PATH} was altered)"))
-        }
+        Some(s) if s != expected_sums.as_bytes() => problems.push(format!(
+            "{SUMS_PATH}: does not match the manifest ({MANIFEST_PATH} or {SUMS_PATH} was altered)"
+        )),
         Some(_) => {}
     }
-    let signature = check_signature(&sig, &pubkey, trusted.as_ref(), &manifest_bytes, opts, &mut problems);
+    let signature = check_signature(
+        &sig,
+        &pubkey,
+        trusted.as_ref(),
+        &manifest_bytes,
+        opts,
+        &mut problems,
+    );
 
     // Content digests, largest first, over several threads.
     work.sort_by(|a, b| b.0.size.cmp(&a.0.size));
     let total: u64 = work.iter().map(|(e, _)| e.size).sum();
     let task = reporter.task("verifying", Some(total));
-    let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     let next = AtomicUsize::new(0);
     let found = Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -148,7 +185,11 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
     if !problems.is_empty() {
         const SHOWN: usize = 20;
         let more = problems.len().saturating_sub(SHOWN);
-        let mut msg = format!("bundle {name} failed verification ({} problem(s)):\n  - {}", problems.len(), problems[..problems.len().min(SHOWN)].join("\n  - "));
+        let mut msg = format!(
+            "bundle {name} failed verification ({} problem(s)):\n  - {}",
+            problems.len(),
+            problems[..problems.len().min(SHOWN)].join("\n  - ")
+        );
         if more > 0 {
             msg.push_str(&format!("\n  ... and {more} more"));
         }
@@ -180,7 +221,9 @@ fn check_signature(
 ) -> SignatureStatus {
     let Some(sig) = sig else {
         if opts.require_signature {
-            problems.push(format!("{SIGNATURE_PATH}: the bundle is not signed, and --require-signature was given"));
+            problems.push(format!(
+                "{SIGNATURE_PATH}: the bundle is not signed, and --require-signature was given"
+            ));
         }
         return SignatureStatus::Unsigned;
     };
@@ -188,20 +231,37 @@ fn check_signature(
     if let Some(pk) = trusted {
         let id = sign::key_id(pk.keynum());
         return match sign::verify(pk, &sig_text, manifest) {
-            Ok(trusted_comment) => SignatureStatus::Verified { key_id: id, trusted_comment },
+            Ok(trusted_comment) => SignatureStatus::Verified {
+                key_id: id,
+                trusted_comment,
+            },
             Err(e) => {
-                let path = opts.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default();
-                problems.push(format!("{SIGNATURE_PATH}: does not verify with the trusted key {id} ({path}): {e}"));
+                let path = opts
+                    .key
+                    .as_ref()
+                    .map(|k| k.display().to_string())
+                    .unwrap_or_default();
+                problems.push(format!(
+                    "{SIGNATURE_PATH}: does not verify with the trusted key {id} ({path}): {e}"
+                ));
                 SignatureStatus::Unsigned
             }
         };
     }
     // No trusted key: check against the key the bundle carries, which catches damage, not forgery.
-    match pubkey.as_ref().map(|p| sign::parse_public_key(&String::from_utf8_lossy(p))) {
+    match pubkey
+        .as_ref()
+        .map(|p| sign::parse_public_key(&String::from_utf8_lossy(p)))
+    {
         Some(Ok(pk)) => match sign::verify(&pk, &sig_text, manifest) {
-            Ok(_) => SignatureStatus::SelfSigned { key_id: sign::key_id(pk.keynum()) },
+            Ok(_) => SignatureStatus::SelfSigned {
+                key_id: sign::key_id(pk.keynum()),
+            },
             Err(e) => {
-                problems.push(format!("{SIGNATURE_PATH}: does not verify with the bundle's own key {}: {e}", sign::key_id(pk.keynum())));
+                problems.push(format!(
+                    "{SIGNATURE_PATH}: does not verify with the bundle's own key {}: {e}",
+                    sign::key_id(pk.keynum())
+                ));
                 SignatureStatus::Unsigned
             }
         },
@@ -210,7 +270,9 @@ fn check_signature(
             SignatureStatus::Unsigned
         }
         None => {
-            problems.push(format!("{SIGNATURE_PATH}: present but {PUBKEY_PATH} is missing"));
+            problems.push(format!(
+                "{SIGNATURE_PATH}: present but {PUBKEY_PATH} is missing"
+            ));
             SignatureStatus::Unsigned
         }
     }

@@ -39,8 +39,16 @@ impl PartSink {
         if let Some(0) = split {
             return Err(Error::input("--split-size must be more than 0 bytes"));
         }
-        let mut sink = PartSink { base: base.to_path_buf(), split, files: Vec::new(), pos: 0, len: 0, committed: false };
-        sink.open_part(0).io_ctx("cannot create", &sink.temp_name(0))?;
+        let mut sink = PartSink {
+            base: base.to_path_buf(),
+            split,
+            files: Vec::new(),
+            pos: 0,
+            len: 0,
+            committed: false,
+        };
+        sink.open_part(0)
+            .io_ctx("cannot create", &sink.temp_name(0))?;
         Ok(sink)
     }
 
@@ -58,7 +66,12 @@ impl PartSink {
     fn open_part(&mut self, idx: usize) -> io::Result<()> {
         while self.files.len() <= idx {
             let path = self.temp_name(self.files.len());
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?;
             self.files.push(f);
         }
         Ok(())
@@ -129,13 +142,21 @@ impl PartSink {
         } else {
             let _ = fs::remove_file(part_path(&self.base, 1));
         }
-        let mut n = if self.split.is_some() { self.files.len() + 1 } else { 2 };
+        let mut n = if self.split.is_some() {
+            self.files.len() + 1
+        } else {
+            2
+        };
         while part_path(&self.base, n).exists() {
             let _ = fs::remove_file(part_path(&self.base, n));
             n += 1;
         }
         if let Some(dir) = self.base.parent() {
-            if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+            if let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            }) {
                 let _ = d.sync_all();
             }
         }
@@ -176,8 +197,14 @@ impl Seek for PartSink {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.pos = match to {
             SeekFrom::Start(p) => p,
-            SeekFrom::End(d) => self.len.checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
+            SeekFrom::End(d) => self
+                .len
+                .checked_add_signed(d)
+                .ok_or(io::ErrorKind::InvalidInput)?,
+            SeekFrom::Current(d) => self
+                .pos
+                .checked_add_signed(d)
+                .ok_or(io::ErrorKind::InvalidInput)?,
         };
         Ok(self.pos)
     }
@@ -199,7 +226,12 @@ impl PartSource {
         if !split {
             let f = File::open(&base).io_ctx("cannot open bundle", &base)?;
             let len = f.metadata().io_ctx("cannot read", &base)?.len();
-            return Ok(PartSource { parts: vec![(base, len)], files: vec![f], starts: vec![0], len });
+            return Ok(PartSource {
+                parts: vec![(base, len)],
+                files: vec![f],
+                starts: vec![0],
+                len,
+            });
         }
         let mut parts = Vec::new();
         let mut n = 1;
@@ -215,7 +247,9 @@ impl PartSource {
                 n - 1,
                 later
             ))
-            .hint("copy the missing part from the original media; all parts must sit side by side"));
+            .hint(
+                "copy the missing part from the original media; all parts must sit side by side",
+            ));
         }
         let first = parts[0].1;
         for (i, (p, size)) in parts.iter().enumerate() {
@@ -235,7 +269,12 @@ impl PartSource {
             starts.push(len);
             len += size;
         }
-        Ok(PartSource { parts, files, starts, len })
+        Ok(PartSource {
+            parts,
+            files,
+            starts,
+            len,
+        })
     }
 
     /// Human name of the bundle for messages: the single file or `NAME.001..NNN`.
@@ -243,13 +282,20 @@ impl PartSource {
         if self.parts.len() == 1 {
             self.parts[0].0.display().to_string()
         } else {
-            format!("{} (+{} more parts)", self.parts[0].0.display(), self.parts.len() - 1)
+            format!(
+                "{} (+{} more parts)",
+                self.parts[0].0.display(),
+                self.parts.len() - 1
+            )
         }
     }
 
     /// The part file holding byte `offset`, for messages.
     pub fn part_at(&self, offset: u64) -> &Path {
-        let i = self.starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        let i = self
+            .starts
+            .partition_point(|&s| s <= offset)
+            .saturating_sub(1);
         &self.parts[i].0
     }
 
@@ -284,7 +330,11 @@ impl PartSource {
 
     /// A `Read` over `len` bytes starting at `offset`.
     pub fn range(&self, offset: u64, len: u64) -> RangeReader<'_> {
-        RangeReader { src: self, pos: offset, end: offset + len }
+        RangeReader {
+            src: self,
+            pos: offset,
+            end: offset + len,
+        }
     }
 }
 
@@ -339,13 +389,20 @@ fn resolve(path: &Path) -> Result<(PathBuf, bool)> {
         ))
         .hint("copy the missing part from the original media; all parts must sit side by side"));
     }
-    Err(Error::input(format!("bundle {} not found (nor its first part {})", path.display(), part_path(path, 1).display()))
-        .hint("give the path of the .bkb file, or of its first part when it was split"))
+    Err(Error::input(format!(
+        "bundle {} not found (nor its first part {})",
+        path.display(),
+        part_path(path, 1).display()
+    ))
+    .hint("give the path of the .bkb file, or of its first part when it was split"))
 }
 
 /// Some part numbered `from` or later that exists, for gap messages.
 fn later_parts(base: &Path, from: usize) -> Option<String> {
-    let dir = base.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = base
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let stem = base.file_name()?.to_string_lossy().to_string();
     let mut found: Vec<usize> = fs::read_dir(dir)
         .ok()?
@@ -353,12 +410,16 @@ fn later_parts(base: &Path, from: usize) -> Option<String> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let num = name.strip_prefix(&stem)?.strip_prefix('.')?;
-            (num.len() == 3).then(|| num.parse::<usize>().ok()).flatten()
+            (num.len() == 3)
+                .then(|| num.parse::<usize>().ok())
+                .flatten()
         })
         .filter(|&n| n > from)
         .collect();
     found.sort();
-    found.first().map(|n| part_path(base, *n).display().to_string())
+    found
+        .first()
+        .map(|n| part_path(base, *n).display().to_string())
 }
 
 #[cfg(test)]
@@ -411,7 +472,11 @@ mod tests {
         sink.commit().unwrap();
         fs::remove_file(part_path(&base, 2)).unwrap();
         let err = PartSource::open(&base).unwrap_err();
-        assert!(err.message.contains("b.bkb.002 is missing"), "{}", err.message);
+        assert!(
+            err.message.contains("b.bkb.002 is missing"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -54,7 +54,14 @@ pub fn fits_ustar(path: &str) -> bool {
     split_ustar(path).is_some()
 }
 
-fn raw_header(name: &str, prefix: &str, mode: u32, size: u64, mtime: u64, typeflag: u8) -> [u8; 512] {
+fn raw_header(
+    name: &str,
+    prefix: &str,
+    mode: u32,
+    size: u64,
+    mtime: u64,
+    typeflag: u8,
+) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
     put_octal(&mut h[100..108], mode as u64);
@@ -88,11 +95,26 @@ pub fn file_header(path: &str, mode: u32, size: u64, mtime: u64) -> Vec<u8> {
         Some((prefix, name)) => raw_header(name, prefix, mode, size, mtime, b'0').to_vec(),
         None => {
             let record = pax_record("path", path);
-            let mut out = raw_header("././@PaxHeader", "", 0o644, record.len() as u64, mtime, b'x').to_vec();
+            let mut out = raw_header(
+                "././@PaxHeader",
+                "",
+                0o644,
+                record.len() as u64,
+                mtime,
+                b'x',
+            )
+            .to_vec();
             out.extend_from_slice(&record);
             out.resize(out.len() + padding(record.len() as u64) as usize, 0);
             // The ustar name is a truncated stand-in; readers take the PAX path.
-            let short: String = path.chars().rev().take(99).collect::<Vec<_>>().into_iter().rev().collect();
+            let short: String = path
+                .chars()
+                .rev()
+                .take(99)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             let short = short.trim_start_matches('/');
             out.extend_from_slice(&raw_header(short, "", mode, size, mtime, b'0'));
             out
@@ -141,7 +163,10 @@ fn parse_octal(field: &[u8], name: &'static str) -> Result<u64, HeaderError> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         let mut v: u64 = (field[0] & 0x7f) as u64;
         for &b in &field[1..] {
-            v = v.checked_shl(8).ok_or(HeaderError::Number { field: name })? | b as u64;
+            v = v
+                .checked_shl(8)
+                .ok_or(HeaderError::Number { field: name })?
+                | b as u64;
         }
         return Ok(v);
     }
@@ -165,14 +190,31 @@ pub fn parse_header(h: &[u8; 512]) -> Result<Header, HeaderError> {
     let computed: u64 = h
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                b' ' as u64
+            } else {
+                b as u64
+            }
+        })
         .sum();
-    if recorded != computed {
+    // Strict: the field must read exactly as written ("NNNNNN\0 "), so that a flipped byte after
+    // the digits (which a lenient parser ignores) is caught too. Bundles are only ever written by
+    // bkbundle, so no other tar's spelling needs accepting.
+    if recorded != computed || h[148..156] != *format!("{computed:06o}\0 ").as_bytes() {
         return Err(HeaderError::Checksum { recorded, computed });
     }
     let name = cstr(&h[..100])?;
-    let prefix = if &h[257..262] == b"ustar" { cstr(&h[345..500])? } else { String::new() };
-    let name = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+    let prefix = if &h[257..262] == b"ustar" {
+        cstr(&h[345..500])?
+    } else {
+        String::new()
+    };
+    let name = if prefix.is_empty() {
+        name
+    } else {
+        format!("{prefix}/{name}")
+    };
     Ok(Header {
         name,
         mode: parse_octal(&h[100..108], "mode")? as u32,
@@ -209,14 +251,25 @@ mod tests {
         let h = file_header("images/layers/abc.tar.zst", 0o644, 12345, 1_700_000_000);
         assert_eq!(h.len(), 512);
         let p = parse_header(h[..512].try_into().unwrap()).unwrap();
-        assert_eq!(p, Header { name: "images/layers/abc.tar.zst".into(), mode: 0o644, size: 12345, typeflag: b'0' });
+        assert_eq!(
+            p,
+            Header {
+                name: "images/layers/abc.tar.zst".into(),
+                mode: 0o644,
+                size: 12345,
+                typeflag: b'0'
+            }
+        );
     }
 
     #[test]
     fn big_sizes_use_base256() {
         let size = 20u64 << 30;
         let h = file_header("x", 0o644, size, 0);
-        assert_eq!(parse_header(h[..512].try_into().unwrap()).unwrap().size, size);
+        assert_eq!(
+            parse_header(h[..512].try_into().unwrap()).unwrap().size,
+            size
+        );
     }
 
     #[test]
@@ -224,7 +277,10 @@ mod tests {
         let mid = format!("stack/{}/{}", "d".repeat(120), "f".repeat(50));
         let h = file_header(&mid, 0o644, 1, 0);
         assert_eq!(h.len(), 512);
-        assert_eq!(parse_header(h[..512].try_into().unwrap()).unwrap().name, mid);
+        assert_eq!(
+            parse_header(h[..512].try_into().unwrap()).unwrap().name,
+            mid
+        );
 
         let long = format!("stack/{}", "x".repeat(300));
         let h = file_header(&long, 0o644, 1, 0);
@@ -236,9 +292,26 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_fails_the_checksum() {
-        let mut h: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512].try_into().unwrap();
+        let mut h: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512]
+            .try_into()
+            .unwrap();
         h[3] ^= 0x01;
-        assert!(matches!(parse_header(&h), Err(HeaderError::Checksum { .. })));
+        assert!(matches!(
+            parse_header(&h),
+            Err(HeaderError::Checksum { .. })
+        ));
+        // Every single byte of a header matters, the checksum field's own padding included.
+        let good: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512]
+            .try_into()
+            .unwrap();
+        for i in 0..512 {
+            let mut h = good;
+            h[i] ^= 0x20;
+            assert!(
+                parse_header(&h).is_err() || parse_header(&h) != parse_header(&good),
+                "byte {i}"
+            );
+        }
     }
 
     #[test]
@@ -246,6 +319,15 @@ mod tests {
         let r = pax_record("path", "a");
         assert_eq!(r, b"9 path=a\n");
         let r = pax_record("path", &"y".repeat(95));
-        assert_eq!(String::from_utf8(r.clone()).unwrap().split(' ').next().unwrap().parse::<usize>().unwrap(), r.len());
+        assert_eq!(
+            String::from_utf8(r.clone())
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap(),
+            r.len()
+        );
     }
 }

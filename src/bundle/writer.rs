@@ -64,13 +64,23 @@ impl BundleWriter {
     /// are named by a digest known only at the end), as long as it fits a plain ustar header.
     pub fn begin(&mut self, path: &str, mode: u32) -> Result<EntryWriter<'_>> {
         if !is_safe_bundle_path(path) {
-            return Err(Error::internal(format!("bundle path {path:?} is not a plain relative path")));
+            return Err(Error::internal(format!(
+                "bundle path {path:?} is not a plain relative path"
+            )));
         }
         let header_at = self.position()?;
         let header = tarfmt::file_header(path, mode, 0, self.mtime);
         self.out.write_all(&header).map_err(|e| self.io_err(e))?;
         let data_at = header_at + header.len() as u64;
-        Ok(EntryWriter { w: self, header_at, ustar_at: data_at - BLOCK, data_at, path: path.to_string(), mode, hasher: Hasher::new() })
+        Ok(EntryWriter {
+            w: self,
+            header_at,
+            ustar_at: data_at - BLOCK,
+            data_at,
+            path: path.to_string(),
+            mode,
+            hasher: Hasher::new(),
+        })
     }
 
     /// Add a payload from a reader; returns its entry.
@@ -84,7 +94,8 @@ impl BundleWriter {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(Error::io("cannot read", Path::new(path), err)),
             };
-            e.write_all(&buf[..n]).map_err(|err| Error::io("cannot write bundle", Path::new(path), err))?;
+            e.write_all(&buf[..n])
+                .map_err(|err| Error::io("cannot write bundle", Path::new(path), err))?;
         }
         e.finish(None)
     }
@@ -102,10 +113,15 @@ impl BundleWriter {
 
     /// End the archive and move it to its final name(s).
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
-        self.out.write_all(&[0u8; 2 * BLOCK as usize]).map_err(|e| self.io_err(e))?;
+        self.out
+            .write_all(&[0u8; 2 * BLOCK as usize])
+            .map_err(|e| self.io_err(e))?;
         self.out.flush().map_err(|e| self.io_err(e))?;
         let path = self.path.clone();
-        let sink = self.out.into_inner().map_err(|e| Error::io("cannot write bundle", &path, e.into_error()))?;
+        let sink = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io("cannot write bundle", &path, e.into_error()))?;
         sink.commit()
     }
 }
@@ -113,12 +129,23 @@ impl BundleWriter {
 impl EntryWriter<'_> {
     /// Finish the entry: pad, patch its header with the size (and `final_path` if given).
     pub fn finish(mut self, final_path: Option<&str>) -> Result<FileEntry> {
-        let path = final_path.map(str::to_string).unwrap_or_else(|| self.path.clone());
-        if path != self.path && (!tarfmt::fits_ustar(&path) || self.ustar_at != self.header_at || !is_safe_bundle_path(&path)) {
-            return Err(Error::internal(format!("cannot rename bundle entry {} to {path}", self.path)));
+        let path = final_path
+            .map(str::to_string)
+            .unwrap_or_else(|| self.path.clone());
+        if path != self.path
+            && (!tarfmt::fits_ustar(&path)
+                || self.ustar_at != self.header_at
+                || !is_safe_bundle_path(&path))
+        {
+            return Err(Error::internal(format!(
+                "cannot rename bundle entry {} to {path}",
+                self.path
+            )));
         }
         if !self.w.names.insert(path.clone()) {
-            return Err(Error::internal(format!("bundle entry {path} written twice")));
+            return Err(Error::internal(format!(
+                "bundle entry {path} written twice"
+            )));
         }
         let (sha256, size) = std::mem::take(&mut self.hasher).finish();
         let w = &mut *self.w;
