@@ -142,9 +142,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    let v = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+    let v = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
     if v < 1_000_000 {
         return Err(format!("{s:?} is below the 1M minimum part size"));
     }

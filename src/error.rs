@@ -22,6 +22,11 @@ pub enum Kind {
     External,
     /// 7: reading or writing local files failed (disk full, permissions).
     Io,
+    /// 8: install's preflight found problems; nothing was changed.
+    Preflight,
+    /// 9: the stack did not become healthy (a service exited, restart-looped, turned unhealthy
+    /// or missed the deadline).
+    Unhealthy,
 }
 
 impl Kind {
@@ -33,6 +38,8 @@ impl Kind {
             Kind::Unsupported => 5,
             Kind::External => 6,
             Kind::Io => 7,
+            Kind::Preflight => 8,
+            Kind::Unhealthy => 9,
         }
     }
     pub fn name(self) -> &'static str {
@@ -43,6 +50,8 @@ impl Kind {
             Kind::Unsupported => "unsupported",
             Kind::External => "external",
             Kind::Io => "io",
+            Kind::Preflight => "preflight",
+            Kind::Unhealthy => "unhealthy",
         }
     }
 }
@@ -92,16 +101,12 @@ impl Error {
                 ))
             }
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
-                e = e.hint(format!(
-                    "check the permissions of {} and its directory",
-                    path.display()
-                ))
+                e = e.hint(format!("check the permissions of {} and its directory", path.display()))
             }
             _ => {}
         }
         if err.kind() == std::io::ErrorKind::NotFound {
-            e = e
-                .hint("check the path; relative paths in a recipe are relative to the recipe file");
+            e = e.hint("check the path; relative paths in a recipe are relative to the recipe file");
         }
         e
     }

@@ -144,11 +144,7 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
         parts: reader.src.parts.len(),
         images,
         packages,
-        stack: m
-            .stack
-            .as_ref()
-            .map(|s| s.files.clone())
-            .unwrap_or_default(),
+        stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
         project: m.stack.as_ref().map(|s| s.project.clone()),
         regions: m.regions.clone(),
         sizes,
@@ -174,11 +170,7 @@ pub fn human(n: u64) -> String {
 impl InspectReport {
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "bundle   {} {} ({})",
-            self.name, self.version, self.bundle
-        );
+        let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
         if !self.description.is_empty() {
             let _ = writeln!(s, "         {}", self.description);
         }
@@ -198,11 +190,7 @@ impl InspectReport {
             "REFERENCE", "ID", "PLATFORM", "SIZE", "STORED", "LAYERS", "SHARED"
         );
         for i in &self.images {
-            let id =
-                i.id.trim_start_matches("sha256:")
-                    .chars()
-                    .take(12)
-                    .collect::<String>();
+            let id = i.id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
             let _ = writeln!(
                 s,
                 "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}",

@@ -27,10 +27,7 @@ pub enum ManifestError {
         found: i64,
     },
     #[error("{origin}: {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        origin: String,
-        problems: Vec<String>,
-    },
+    Invalid { origin: String, problems: Vec<String> },
 }
 
 impl ManifestError {
@@ -65,9 +62,7 @@ fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), Mani
     }
     let probe: Probe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
     match probe.format {
-        None => Err(ManifestError::MissingFormat {
-            origin: origin.into(),
-        }),
+        None => Err(ManifestError::MissingFormat { origin: origin.into() }),
         Some(toml::Value::Integer(n)) if n == FORMAT as i64 => Ok(()),
         Some(toml::Value::Integer(n)) if n > FORMAT as i64 => Err(ManifestError::Unsupported {
             origin: origin.into(),
@@ -183,16 +178,10 @@ impl Regions {
                 ));
             }
             if !names.insert(&r.name) {
-                problems.push(format!(
-                    "regions.region[{i}]: region {:?} is declared twice",
-                    r.name
-                ));
+                problems.push(format!("regions.region[{i}]: region {:?} is declared twice", r.name));
             }
             for k in r.env.keys().filter(|k| !is_env_key(k)) {
-                problems.push(format!(
-                    "regions.region[{i}] ({}): key `{k}` is not an env key",
-                    r.name
-                ));
+                problems.push(format!("regions.region[{i}] ({}): key `{k}` is not an env key", r.name));
             }
         }
     }
@@ -276,9 +265,7 @@ pub struct RecipeStack {
 fn is_name(s: &str) -> bool {
     let mut b = s.bytes();
     matches!(b.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && b.all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
-        })
+        && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 impl Recipe {
@@ -293,11 +280,7 @@ impl Recipe {
                 r.bundle.name
             ));
         }
-        if r.bundle.version.is_empty()
-            || r.bundle
-                .version
-                .contains(|c: char| c.is_whitespace() || c == '/')
-        {
+        if r.bundle.version.is_empty() || r.bundle.version.contains(|c: char| c.is_whitespace() || c == '/') {
             problems.push(format!(
                 "bundle.version {:?} must be non-empty without spaces or `/`",
                 r.bundle.version
@@ -311,10 +294,7 @@ impl Recipe {
                     img.reference
                 ));
             } else if !refs.insert(img.reference.clone()) {
-                problems.push(format!(
-                    "images[{i}]: image {:?} is listed twice",
-                    img.reference
-                ));
+                problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
             }
         }
         let mut keys = BTreeSet::new();
@@ -326,12 +306,7 @@ impl Recipe {
             .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
             .collect();
         for (i, p) in r.packages.iter_mut().enumerate() {
-            let what = format!(
-                "packages[{i}] ({} {} {})",
-                p.object,
-                p.version,
-                p.os.as_str()
-            );
+            let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
             match normalize_arch(&p.arch) {
                 Some(a) => p.arch = a.to_string(),
                 None => problems.push(format!(
@@ -353,17 +328,27 @@ impl Recipe {
                             problems.push(format!("{what}: another package already has the file name {n:?}"));
                         }
                     }
-                    _ => problems.push(format!("{what}: file {} needs a file name of at most 100 characters", f.display())),
+                    _ => problems.push(format!(
+                        "{what}: file {} needs a file name of at most 100 characters",
+                        f.display()
+                    )),
                 },
                 (None, Some(from), Some(entry)) => {
                     if p.kind != PackageType::Collector {
-                        problems.push(format!("{what}: only collector records may point into another package with `from`"));
+                        problems.push(format!(
+                            "{what}: only collector records may point into another package with `from`"
+                        ));
                     }
                     if !is_safe_bundle_path(entry) {
-                        problems.push(format!("{what}: entry {entry:?} must be a relative path inside the package"));
+                        problems.push(format!(
+                            "{what}: entry {entry:?} must be a relative path inside the package"
+                        ));
                     }
                     let arch = normalize_arch(&p.arch);
-                    if !controllers.iter().any(|(n, os, a)| n == from && *os == p.os && *a == arch) {
+                    if !controllers
+                        .iter()
+                        .any(|(n, os, a)| n == from && *os == p.os && *a == arch)
+                    {
                         problems.push(format!(
                             "{what}: `from = {from:?}` names no controller package of the recipe with os {} and arch {}",
                             p.os.as_str(),
@@ -371,15 +356,15 @@ impl Recipe {
                         ));
                     }
                 }
-                _ => problems.push(format!("{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)")),
+                _ => problems.push(format!(
+                    "{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)"
+                )),
             }
             if p.kind == PackageType::Controller && p.file.is_none() {
                 problems.push(format!("{what}: a controller package needs `file`"));
             }
             if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
-                problems.push(format!(
-                    "{what}: the same os, arch, object and version is listed twice"
-                ));
+                problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
             }
         }
         if let Some(s) = &r.stack {
@@ -398,7 +383,9 @@ impl Recipe {
             }
             if let Some(p) = &s.project {
                 if !is_name(p) {
-                    problems.push(format!("stack.project {p:?} must match [a-z0-9][a-z0-9._-]* (a compose project name)"));
+                    problems.push(format!(
+                        "stack.project {p:?} must match [a-z0-9][a-z0-9._-]* (a compose project name)"
+                    ));
                 }
             }
         }
@@ -575,22 +562,13 @@ impl Manifest {
         let mut paths = BTreeSet::new();
         for f in &self.files {
             if !is_safe_bundle_path(&f.path) {
-                p.push(format!(
-                    "files: path {:?} is not a plain relative path",
-                    f.path
-                ));
+                p.push(format!("files: path {:?} is not a plain relative path", f.path));
             }
             if [MANIFEST_PATH, SIGNATURE_PATH, PUBKEY_PATH, SUMS_PATH].contains(&f.path.as_str()) {
-                p.push(format!(
-                    "files: {:?} is reserved and cannot be a payload",
-                    f.path
-                ));
+                p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
             }
             if !is_sha256_hex(&f.sha256) {
-                p.push(format!(
-                    "files: {:?} has a malformed sha256 {:?}",
-                    f.path, f.sha256
-                ));
+                p.push(format!("files: {:?} has a malformed sha256 {:?}", f.path, f.sha256));
             }
             if !paths.insert(f.path.as_str()) {
                 p.push(format!("files: {:?} is listed twice", f.path));
@@ -613,10 +591,7 @@ impl Manifest {
         for i in &self.images {
             let name = i.refs.first().cloned().unwrap_or_else(|| i.id.clone());
             if !has(&i.config) {
-                p.push(format!(
-                    "images: {name} config {:?} is not in files",
-                    i.config
-                ));
+                p.push(format!("images: {name} config {:?} is not in files", i.config));
             }
             match i.id.strip_prefix("sha256:") {
                 Some(hex) if is_sha256_hex(hex) => {
@@ -632,9 +607,7 @@ impl Manifest {
                 _ => p.push(format!("images: {name} has a malformed id {:?}", i.id)),
             }
             for l in i.layers.iter().filter(|l| !diff_ids.contains(l.as_str())) {
-                p.push(format!(
-                    "images: {name} needs layer {l}, which is not in layers"
-                ));
+                p.push(format!("images: {name} needs layer {l}, which is not in layers"));
             }
         }
         for pk in &self.packages {
@@ -648,12 +621,7 @@ impl Manifest {
             }
         }
         if let Some(s) = &self.stack {
-            for f in s
-                .files
-                .iter()
-                .chain([&s.compose])
-                .chain(s.env_template.iter())
-            {
+            for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
                 if !has(f) {
                     p.push(format!("stack: {f:?} is not in files"));
                 }
@@ -722,10 +690,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
 
     #[test]
     fn unknown_field_names_the_line() {
-        let text = RECIPE.replace(
-            "ref = \"bkbundle-demo/app:1\"",
-            "ref = \"x\"\ncolour = \"red\"",
-        );
+        let text = RECIPE.replace("ref = \"bkbundle-demo/app:1\"", "ref = \"x\"\ncolour = \"red\"");
         let e = Recipe::parse(&text, "recipe.toml").unwrap_err().to_string();
         assert!(
             e.contains("recipe.toml") && e.contains("colour") && e.contains("line 9"),
@@ -741,8 +706,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
         let err = e.into_error(Kind::Bundle);
         assert_eq!(err.kind, Kind::Unsupported);
         assert!(
-            err.message
-                .contains("format 99 is newer than this bkbundle supports"),
+            err.message.contains("format 99 is newer than this bkbundle supports"),
             "{}",
             err.message
         );
@@ -750,10 +714,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
 
     #[test]
     fn collector_must_point_at_a_controller_of_the_recipe() {
-        let text = RECIPE.replace(
-            "from = \"fusion-collectors-linux-amd64.zip\"",
-            "from = \"other.zip\"",
-        );
+        let text = RECIPE.replace("from = \"fusion-collectors-linux-amd64.zip\"", "from = \"other.zip\"");
         let e = Recipe::parse(&text, "r.toml").unwrap_err().to_string();
         assert!(e.contains("other.zip") && e.contains("Telegraf"), "{e}");
     }
@@ -799,9 +760,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
             regions: Regions::default(),
         };
         let text = m.to_toml();
-        let e = Manifest::parse(&text, "bundle.toml")
-            .unwrap_err()
-            .to_string();
+        let e = Manifest::parse(&text, "bundle.toml").unwrap_err().to_string();
         assert!(e.contains("needs layer sha256:bbbb"), "{e}");
         let mut ok = m.clone();
         ok.images[0].layers.clear();

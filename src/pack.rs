@@ -12,8 +12,7 @@ use crate::digest::sha256_hex;
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::manifest::{
-    self, BundleInfo, Compression, Image, Layer, Manifest, Package, PackageType, Recipe, Stack,
-    FORMAT,
+    self, BundleInfo, Compression, Image, Layer, Manifest, Package, PackageType, Recipe, Stack, FORMAT,
 };
 use crate::package_check::{self, Listing};
 use crate::progress::Reporter;
@@ -66,13 +65,8 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     let t0 = Instant::now();
     let mut steps = Vec::new();
     let text = fs::read_to_string(&opts.recipe).io_ctx("cannot read recipe", &opts.recipe)?;
-    let recipe = Recipe::parse(&text, &opts.recipe.display().to_string())
-        .map_err(|e| e.into_error(Kind::Input))?;
-    let base = opts
-        .recipe
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let recipe = Recipe::parse(&text, &opts.recipe.display().to_string()).map_err(|e| e.into_error(Kind::Input))?;
+    let base = opts.recipe.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() {
         PathBuf::from(".")
     } else {
@@ -84,14 +78,10 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     });
     match opts.compression {
         Compression::Zstd if !(1..=19).contains(&level) => {
-            return Err(Error::input(format!(
-                "--level {level}: zstd levels are 1 to 19"
-            )))
+            return Err(Error::input(format!("--level {level}: zstd levels are 1 to 19")))
         }
         Compression::Gzip if !(1..=9).contains(&level) => {
-            return Err(Error::input(format!(
-                "--level {level}: gzip levels are 1 to 9"
-            )))
+            return Err(Error::input(format!("--level {level}: gzip levels are 1 to 9")))
         }
         _ => {}
     }
@@ -99,12 +89,8 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
 
     // 1. Check every input before writing anything.
     let t = Instant::now();
-    let checked = check_inputs(&recipe, &base)?;
-    let engine_refs: Vec<&manifest::RecipeImage> = recipe
-        .images
-        .iter()
-        .filter(|i| i.archive.is_none())
-        .collect();
+    let (checked, mut problems) = check_inputs(&recipe, &base);
+    let engine_refs: Vec<&manifest::RecipeImage> = recipe.images.iter().filter(|i| i.archive.is_none()).collect();
     let mut engine_ids: HashMap<String, (String, u64)> = HashMap::new();
     let engine = if engine_refs.is_empty() {
         None
@@ -112,37 +98,33 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         Some(Engine::connect().await?)
     };
     if let Some(engine) = &engine {
+        // After one failed pull, the others would fail the same way (registry unreachable):
+        // don't wait for each, say which pull failed.
+        let mut failed_pull: Option<String> = None;
         for img in &engine_refs {
-            let mut found = engine.image(&img.reference).await?;
-            if found.is_none() && img.pull {
-                reporter.note(&format!(
-                    "pulling image {} through the Docker engine",
-                    img.reference
-                ));
-                engine.pull(&img.reference).await?;
-                found = engine.image(&img.reference).await?;
+            match find_or_pull(engine, img, failed_pull.as_deref(), &*reporter).await {
+                Ok(found) => {
+                    engine_ids.insert(img.reference.clone(), (found.id, found.size));
+                }
+                Err(e) => {
+                    if img.pull && failed_pull.is_none() {
+                        failed_pull = Some(img.reference.clone());
+                    }
+                    problems.push(e)
+                }
             }
-            let found = found.ok_or_else(|| {
-                Error::input(format!("image {} is not in the local Docker engine ({})", img.reference, engine.address())).hint(if img.pull {
-                    "the pull reported success but the image is still absent: check the reference"
-                } else {
-                    "load or build it first (`docker load -i FILE`), allow `pull = true`, or give `archive = \"file.tar\"` in the recipe"
-                })
-            })?;
-            engine_ids.insert(img.reference.clone(), (found.id, found.size));
         }
     }
-    for img in recipe
-        .images
-        .iter()
-        .filter_map(|i| i.archive.as_ref().map(|a| (i, a)))
-    {
+    for img in recipe.images.iter().filter_map(|i| i.archive.as_ref().map(|a| (i, a))) {
         let p = base.join(img.1);
         if !p.is_file() {
-            return Err(Error::input(format!("image {}: archive {} not found", img.0.reference, p.display()))
-                .hint("make it with `docker save -o FILE REF` or `skopeo copy ... docker-archive:FILE`; paths are relative to the recipe"));
+            problems.push(
+                Error::input(format!("image {}: archive {} not found", img.0.reference, p.display()))
+                    .hint("make it with `docker save -o FILE REF` or `skopeo copy ... docker-archive:FILE`; paths are relative to the recipe"),
+            );
         }
     }
+    combine(problems)?;
     steps.push(("check inputs".to_string(), t.elapsed().as_secs_f64()));
 
     // 2. Write.
@@ -171,8 +153,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     if let Some(engine) = &engine {
         let refs: Vec<String> = engine_refs.iter().map(|i| i.reference.clone()).collect();
         let total: u64 = engine_ids.values().map(|(_, s)| *s).sum();
-        let task: Arc<dyn crate::progress::Task> =
-            Arc::from(reporter.task("exporting images", Some(total)));
+        let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task("exporting images", Some(total)));
         let reader = SyncIoBridge::new(StreamReader::new(Box::pin(engine.export(&refs))));
         let t2 = task.clone();
         let (w, st, images) = tokio::task::spawn_blocking(move || {
@@ -206,12 +187,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         }
     }
     for img in recipe.images.iter().filter(|i| i.archive.is_some()) {
-        let path = base.join(
-            img.archive
-                .as_ref()
-                .map(PathBuf::as_path)
-                .unwrap_or(Path::new("")),
-        );
+        let path = base.join(img.archive.as_ref().map(PathBuf::as_path).unwrap_or(Path::new("")));
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let task: Arc<dyn crate::progress::Task> =
             Arc::from(reporter.task(&format!("reading {}", img.reference), Some(size)));
@@ -319,11 +295,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
                 let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let task = reporter.task(&format!("package {name}"), Some(size));
                 let mut f = fs::File::open(path).io_ctx("cannot open package", path)?;
-                let entry = writer.add_reader(
-                    &format!("packages/{name}"),
-                    0o644,
-                    &mut ProgressRead(&mut f, &*task),
-                )?;
+                let entry = writer.add_reader(&format!("packages/{name}"), 0o644, &mut ProgressRead(&mut f, &*task))?;
                 task.finish();
                 Some(entry.path)
             }
@@ -353,10 +325,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             paths.push(e.path);
         }
         stack = Some(Stack {
-            project: s
-                .project
-                .clone()
-                .unwrap_or_else(|| recipe.bundle.name.clone()),
+            project: s.project.clone().unwrap_or_else(|| recipe.bundle.name.clone()),
             compose: format!("stack/{}", s.compose),
             env_template: s.env_template.as_ref().map(|t| format!("stack/{t}")),
             files: paths,
@@ -410,9 +379,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         writer.add_meta(manifest::PUBKEY_PATH, pubkey.as_bytes())?;
         extra.push((manifest::SIGNATURE_PATH, sha256_hex(sig.as_bytes())));
         extra.push((manifest::PUBKEY_PATH, sha256_hex(pubkey.as_bytes())));
-        signed_by = sign::parse_public_key(&pubkey)
-            .ok()
-            .map(|pk| sign::key_id(pk.keynum()));
+        signed_by = sign::parse_public_key(&pubkey).ok().map(|pk| sign::key_id(pk.keynum()));
     }
     let sums = m.sha256sums(&sha256_hex(text.as_bytes()), &extra);
     writer.add_meta(manifest::SUMS_PATH, sums.as_bytes())?;
@@ -448,8 +415,69 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     })
 }
 
-/// Check packages and stack files; every problem found is reported together.
-fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
+/// The engine's image for a recipe entry, pulled through the engine when absent and allowed
+/// (unless an earlier pull, `failed_pull`, already failed).
+async fn find_or_pull(
+    engine: &Engine,
+    img: &manifest::RecipeImage,
+    failed_pull: Option<&str>,
+    reporter: &dyn Reporter,
+) -> Result<crate::engine::LocalImage> {
+    let mut found = engine.image(&img.reference).await?;
+    if found.is_none() && img.pull {
+        if let Some(first) = failed_pull {
+            return Err(Error::external(format!(
+                "image {} is not in the local Docker engine (not pulled: pulling {first} already failed)",
+                img.reference
+            )));
+        }
+        reporter.note(&format!("pulling image {} through the Docker engine", img.reference));
+        engine.pull(&img.reference).await?;
+        found = engine.image(&img.reference).await?;
+    }
+    found.ok_or_else(|| {
+        Error::input(format!("image {} is not in the local Docker engine ({})", img.reference, engine.address())).hint(
+            if img.pull {
+                "the pull reported success but the image is still absent: check the reference"
+            } else {
+                "load or build it first (`docker load -i FILE`), allow `pull = true`, or give `archive = \"file.tar\"` in the recipe"
+            },
+        )
+    })
+}
+
+/// One error for all problems found, so the operator fixes them in one round.
+fn combine(mut problems: Vec<Error>) -> Result<()> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(problems.remove(0)),
+        n => {
+            let mut e = Error::input(format!(
+                "{n} problems with the recipe's inputs:\n  - {}",
+                problems
+                    .iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n  - ")
+            ));
+            // The most severe class decides the exit code (an unreachable engine over bad input).
+            if let Some(k) = problems.iter().map(|p| p.kind).find(|k| *k != Kind::Input) {
+                e.kind = k;
+            }
+            for p in problems {
+                for h in p.hints {
+                    if !e.hints.contains(&h) {
+                        e.hints.push(h);
+                    }
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Check packages and stack files, collecting every problem.
+fn check_inputs(recipe: &Recipe, base: &Path) -> (Checked, Vec<Error>) {
     let mut problems: Vec<Error> = Vec::new();
     let mut listings: BTreeMap<String, Listing> = BTreeMap::new();
     let mut packages = Vec::new();
@@ -459,13 +487,7 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
             match package_check::check(path, p.kind, p.os) {
                 Ok(l) => {
                     if p.kind == PackageType::Controller {
-                        listings.insert(
-                            path.file_name()
-                                .unwrap_or_default()
-                                .to_string_lossy()
-                                .to_string(),
-                            l,
-                        );
+                        listings.insert(path.file_name().unwrap_or_default().to_string_lossy().to_string(), l);
                     }
                 }
                 Err(e) => problems.push(e),
@@ -474,10 +496,7 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         packages.push((p.clone(), path));
     }
     for p in recipe.packages.iter().filter(|p| p.from.is_some()) {
-        let (from, entry) = (
-            p.from.as_deref().unwrap_or(""),
-            p.entry.as_deref().unwrap_or(""),
-        );
+        let (from, entry) = (p.from.as_deref().unwrap_or(""), p.entry.as_deref().unwrap_or(""));
         if let Some(l) = listings.get(from) {
             if l.find(entry).is_none() {
                 problems.push(Error::input(format!(
@@ -497,10 +516,7 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         match walk(&dir, &dir, &mut files) {
             Err(e) => problems.push(e),
             Ok(()) => {
-                for (what, want) in [
-                    ("compose", Some(&s.compose)),
-                    ("env_template", s.env_template.as_ref()),
-                ] {
+                for (what, want) in [("compose", Some(&s.compose)), ("env_template", s.env_template.as_ref())] {
                     if let Some(want) = want {
                         if !files.contains(want) {
                             problems.push(Error::input(format!(
@@ -515,28 +531,7 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> Result<Checked> {
         files.sort();
         stack = Some((dir, files));
     }
-    match problems.len() {
-        0 => Ok(Checked { packages, stack }),
-        1 => Err(problems.remove(0)),
-        n => {
-            let mut e = Error::input(format!(
-                "{n} problems with the recipe's inputs:\n  - {}",
-                problems
-                    .iter()
-                    .map(|p| p.message.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n  - ")
-            ));
-            for p in problems {
-                for h in p.hints {
-                    if !e.hints.contains(&h) {
-                        e.hints.push(h);
-                    }
-                }
-            }
-            Err(e)
-        }
-    }
+    (Checked { packages, stack }, problems)
 }
 
 /// Regular files under `dir`, relative, refusing links and special files.
@@ -549,11 +544,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
         if ft.is_dir() {
             walk(root, &p, out)?;
         } else if ft.is_file() {
-            let rel = p
-                .strip_prefix(root)
-                .unwrap_or(&p)
-                .to_string_lossy()
-                .to_string();
+            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().to_string();
             if !manifest::is_safe_bundle_path(&rel) {
                 return Err(Error::input(format!(
                     "stack file {} has a name a bundle cannot hold",
@@ -596,13 +587,7 @@ fn pick_from_archive(reference: &str, images: &[SavedImage]) -> Option<SavedImag
     images
         .iter()
         .find(|i| i.tags.iter().any(|t| norm(t) == want))
-        .or_else(|| {
-            if images.len() == 1 {
-                images.first()
-            } else {
-                None
-            }
-        })
+        .or_else(|| if images.len() == 1 { images.first() } else { None })
         .cloned()
 }
 
@@ -658,10 +643,7 @@ mod tests {
             arch: String::new(),
             layers: vec![],
         };
-        let imgs = vec![
-            img("docker.io/library/postgres:15"),
-            img("bklite/server:3.1"),
-        ];
+        let imgs = vec![img("docker.io/library/postgres:15"), img("bklite/server:3.1")];
         assert_eq!(
             pick_from_archive("postgres:15", &imgs).unwrap().id,
             "docker.io/library/postgres:15"

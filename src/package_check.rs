@@ -25,11 +25,7 @@ impl Listing {
     }
 
     fn single_top(&self) -> Option<String> {
-        let tops: BTreeSet<&str> = self
-            .files
-            .iter()
-            .map(|f| f.split('/').next().unwrap_or(""))
-            .collect();
+        let tops: BTreeSet<&str> = self.files.iter().map(|f| f.split('/').next().unwrap_or("")).collect();
         (tops.len() == 1 && self.files.iter().all(|f| f.contains('/')))
             .then(|| tops.into_iter().next().unwrap_or("").to_string())
     }
@@ -103,6 +99,10 @@ fn link_stays_inside(entry: &[&str], target: &str, symlink: bool) -> bool {
 
 /// Check the package file; returns its listing (empty for a non-archive collector file).
 pub fn check(path: &Path, kind: PackageType, os: Os) -> Result<Listing> {
+    if !path.is_file() {
+        return Err(Error::input(format!("package {}: file not found", path.display()))
+            .hint("put the package file there (see the recipe's comments), or fix `file` in the recipe; paths are relative to the recipe"));
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -155,9 +155,7 @@ fn check_zip(path: &Path) -> Result<Listing> {
     let mut listing = Listing::default();
     let mut sink = vec![0u8; 1 << 16];
     for i in 0..z.len() {
-        let mut e = z
-            .by_index(i)
-            .map_err(|e| refuse(path, format!("entry {i}: {e}")))?;
+        let mut e = z.by_index(i).map_err(|e| refuse(path, format!("entry {i}: {e}")))?;
         let name = e
             .name()
             .map(|n| n.to_string())
@@ -180,9 +178,7 @@ fn check_zip(path: &Path) -> Result<Listing> {
                 match e.read(&mut sink) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(err) => {
-                        return Err(refuse(path, format!("entry {name:?} is damaged: {err}")))
-                    }
+                    Err(err) => return Err(refuse(path, format!("entry {name:?} is damaged: {err}"))),
                 }
             }
         }
@@ -216,19 +212,14 @@ fn check_tar(path: &Path, gz: bool) -> Result<Listing> {
                 .map(|b| String::from_utf8_lossy(&b).to_string())
                 .unwrap_or_default();
             if !link_stays_inside(&comps, &target, t.is_symlink()) {
-                let what = if t.is_symlink() {
-                    "symlink"
-                } else {
-                    "hard link"
-                };
+                let what = if t.is_symlink() { "symlink" } else { "hard link" };
                 return Err(refuse(
                     path,
                     format!("{what} {name:?} points outside the package ({target:?})"),
                 ));
             }
         }
-        io::copy(&mut e, &mut io::sink())
-            .map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
+        io::copy(&mut e, &mut io::sink()).map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
         if (t.is_file() || t.is_symlink() || t.is_hard_link()) && !comps.is_empty() {
             listing.files.insert(comps.join("/"));
         }
@@ -250,10 +241,7 @@ mod tests {
         assert!(safe_components("/etc/passwd").is_err());
         assert!(safe_components("C:\\evil").is_err());
         assert!(safe_components("..\\evil").is_err());
-        assert_eq!(
-            safe_components("./bin/telegraf").unwrap(),
-            vec!["bin", "telegraf"]
-        );
+        assert_eq!(safe_components("./bin/telegraf").unwrap(), vec!["bin", "telegraf"]);
         assert!(link_stays_inside(&["bin", "x"], "../lib/y", true));
         assert!(!link_stays_inside(&["bin", "x"], "../../y", true));
         assert!(!link_stays_inside(&["x"], "/etc/passwd", true));

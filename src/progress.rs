@@ -75,11 +75,9 @@ impl Reporter for Terminal {
             Some(t) => {
                 let b = ProgressBar::new(t);
                 b.set_style(
-                    ProgressStyle::with_template(
-                        "{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                    )
-                    .map(|s| s.progress_chars("=> "))
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                        .map(|s| s.progress_chars("=> "))
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 b
             }

@@ -27,8 +27,7 @@ impl Signer {
     /// Load a minisign secret key; an encrypted one takes its password from
     /// `BKBUNDLE_SIGN_PASSWORD` or, on a terminal, a prompt.
     pub fn load(path: &Path) -> Result<Signer> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io("cannot read signing key", path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read signing key", path, e))?;
         let not_a_key = |why: String| {
             key_error(path, format!("not a minisign secret key ({why})"))
                 .hint("create one with `minisign -G -s KEY.key -p KEY.pub` and pass the .key file")
@@ -36,11 +35,7 @@ impl Signer {
         let raw = text
             .lines()
             .nth(1)
-            .and_then(|l| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(l.trim())
-                    .ok()
-            })
+            .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l.trim()).ok())
             .filter(|b| b.len() == SECRET_KEY_LEN && b.starts_with(b"Ed"))
             .ok_or_else(|| not_a_key("expected a comment line, then the base64 key".into()))?;
         let sk = if raw[2..4] == [0, 0] {
@@ -56,11 +51,8 @@ impl Signer {
                         .map_err(|e| key_error(path, format!("cannot read the password: {e}")))?
                 }
                 Err(_) => {
-                    return Err(
-                        key_error(path, "the key is encrypted and no password was given").hint(
-                            format!("set {PASSWORD_ENV}, or run on a terminal to be asked"),
-                        ),
-                    )
+                    return Err(key_error(path, "the key is encrypted and no password was given")
+                        .hint(format!("set {PASSWORD_ENV}, or run on a terminal to be asked")))
                 }
             };
             let b = SecretKeyBox::from_string(&text).map_err(|e| not_a_key(e.to_string()))?;
@@ -108,8 +100,7 @@ pub fn parse_public_key(text: &str) -> std::result::Result<PublicKey, String> {
 
 /// Check `sig_text` over `data` with `pk`; returns the trusted comment.
 pub fn verify(pk: &PublicKey, sig_text: &str, data: &[u8]) -> std::result::Result<String, String> {
-    let sig =
-        SignatureBox::from_string(sig_text).map_err(|e| format!("unreadable signature: {e}"))?;
+    let sig = SignatureBox::from_string(sig_text).map_err(|e| format!("unreadable signature: {e}"))?;
     minisign::verify(pk, &sig, Cursor::new(data), true, false, false).map_err(|e| e.to_string())?;
     sig.trusted_comment().map_err(|e| e.to_string())
 }

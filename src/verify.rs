@@ -55,30 +55,24 @@ pub struct VerifyReport {
 }
 
 /// Verify and return the opened bundle and its manifest (what install builds on).
-pub fn open_verified(
-    opts: &VerifyOptions,
-    reporter: &dyn Reporter,
-) -> Result<(BundleReader, Manifest, VerifyReport)> {
+pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(BundleReader, Manifest, VerifyReport)> {
     let t0 = Instant::now();
     if opts.require_signature && opts.key.is_none() {
-        return Err(Error::input(
-            "--require-signature needs --key PUBKEY: the public key you trust",
-        )
-        .hint("pass the minisign .pub file the bundle's publisher gave you"));
+        return Err(
+            Error::input("--require-signature needs --key PUBKEY: the public key you trust")
+                .hint("pass the minisign .pub file the bundle's publisher gave you"),
+        );
     }
-    let trusted = match &opts.key {
-        Some(k) => {
-            let text = std::fs::read_to_string(k)
-                .map_err(|e| Error::io("cannot read public key", k, e))?;
-            Some(sign::parse_public_key(&text).map_err(|e| {
-                Error::input(format!(
-                    "public key {}: not a minisign public key ({e})",
-                    k.display()
-                ))
-            })?)
-        }
-        None => None,
-    };
+    let trusted =
+        match &opts.key {
+            Some(k) => {
+                let text = std::fs::read_to_string(k).map_err(|e| Error::io("cannot read public key", k, e))?;
+                Some(sign::parse_public_key(&text).map_err(|e| {
+                    Error::input(format!("public key {}: not a minisign public key ({e})", k.display()))
+                })?)
+            }
+            None => None,
+        };
     let reader = BundleReader::open(&opts.bundle)?;
     let name = reader.src.display_name();
     let (manifest, manifest_bytes) = reader.manifest()?;
@@ -90,19 +84,15 @@ pub fn open_verified(
     for f in &manifest.files {
         match reader.entry(&f.path) {
             None => problems.push(format!("{}: missing from the bundle", f.path)),
-            Some(e) if e.size != f.size => problems.push(format!(
-                "{}: size expected {} bytes, found {}",
-                f.path, f.size, e.size
-            )),
+            Some(e) if e.size != f.size => {
+                problems.push(format!("{}: size expected {} bytes, found {}", f.path, f.size, e.size))
+            }
             Some(e) => work.push((e.clone(), f.sha256.clone())),
         }
     }
     for e in &reader.entries {
         if manifest.file(&e.path).is_none() && !described.contains(&e.path.as_str()) {
-            problems.push(format!(
-                "{}: in the bundle but not listed in its manifest",
-                e.path
-            ));
+            problems.push(format!("{}: in the bundle but not listed in its manifest", e.path));
         }
     }
 
@@ -123,14 +113,7 @@ pub fn open_verified(
         )),
         Some(_) => {}
     }
-    let signature = check_signature(
-        &sig,
-        &pubkey,
-        trusted.as_ref(),
-        &manifest_bytes,
-        opts,
-        &mut problems,
-    );
+    let signature = check_signature(&sig, &pubkey, trusted.as_ref(), &manifest_bytes, opts, &mut problems);
 
     // Content digests, largest first, over several threads.
     work.sort_by(|a, b| b.0.size.cmp(&a.0.size));
@@ -138,11 +121,7 @@ pub fn open_verified(
     let task = reporter.task("verifying", Some(total));
     let threads = opts
         .threads
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
         .max(1);
     let next = AtomicUsize::new(0);
     let found = Mutex::new(Vec::new());
@@ -193,7 +172,9 @@ pub fn open_verified(
         if more > 0 {
             msg.push_str(&format!("\n  ... and {more} more"));
         }
-        return Err(Error::bundle(msg).hint("nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again"));
+        return Err(Error::bundle(msg).hint(
+            "nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again",
+        ));
     }
     let report = VerifyReport {
         bundle: name,
@@ -236,11 +217,7 @@ fn check_signature(
                 trusted_comment,
             },
             Err(e) => {
-                let path = opts
-                    .key
-                    .as_ref()
-                    .map(|k| k.display().to_string())
-                    .unwrap_or_default();
+                let path = opts.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default();
                 problems.push(format!(
                     "{SIGNATURE_PATH}: does not verify with the trusted key {id} ({path}): {e}"
                 ));
@@ -270,9 +247,7 @@ fn check_signature(
             SignatureStatus::Unsigned
         }
         None => {
-            problems.push(format!(
-                "{SIGNATURE_PATH}: present but {PUBKEY_PATH} is missing"
-            ));
+            problems.push(format!("{SIGNATURE_PATH}: present but {PUBKEY_PATH} is missing"));
             SignatureStatus::Unsigned
         }
     }

@@ -47,8 +47,7 @@ impl PartSink {
             len: 0,
             committed: false,
         };
-        sink.open_part(0)
-            .io_ctx("cannot create", &sink.temp_name(0))?;
+        sink.open_part(0).io_ctx("cannot create", &sink.temp_name(0))?;
         Ok(sink)
     }
 
@@ -142,11 +141,7 @@ impl PartSink {
         } else {
             let _ = fs::remove_file(part_path(&self.base, 1));
         }
-        let mut n = if self.split.is_some() {
-            self.files.len() + 1
-        } else {
-            2
-        };
+        let mut n = if self.split.is_some() { self.files.len() + 1 } else { 2 };
         while part_path(&self.base, n).exists() {
             let _ = fs::remove_file(part_path(&self.base, n));
             n += 1;
@@ -197,14 +192,8 @@ impl Seek for PartSink {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.pos = match to {
             SeekFrom::Start(p) => p,
-            SeekFrom::End(d) => self
-                .len
-                .checked_add_signed(d)
-                .ok_or(io::ErrorKind::InvalidInput)?,
-            SeekFrom::Current(d) => self
-                .pos
-                .checked_add_signed(d)
-                .ok_or(io::ErrorKind::InvalidInput)?,
+            SeekFrom::End(d) => self.len.checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or(io::ErrorKind::InvalidInput)?,
         };
         Ok(self.pos)
     }
@@ -247,9 +236,7 @@ impl PartSource {
                 n - 1,
                 later
             ))
-            .hint(
-                "copy the missing part from the original media; all parts must sit side by side",
-            ));
+            .hint("copy the missing part from the original media; all parts must sit side by side"));
         }
         let first = parts[0].1;
         for (i, (p, size)) in parts.iter().enumerate() {
@@ -282,20 +269,13 @@ impl PartSource {
         if self.parts.len() == 1 {
             self.parts[0].0.display().to_string()
         } else {
-            format!(
-                "{} (+{} more parts)",
-                self.parts[0].0.display(),
-                self.parts.len() - 1
-            )
+            format!("{} (+{} more parts)", self.parts[0].0.display(), self.parts.len() - 1)
         }
     }
 
     /// The part file holding byte `offset`, for messages.
     pub fn part_at(&self, offset: u64) -> &Path {
-        let i = self
-            .starts
-            .partition_point(|&s| s <= offset)
-            .saturating_sub(1);
+        let i = self.starts.partition_point(|&s| s <= offset).saturating_sub(1);
         &self.parts[i].0
     }
 
@@ -410,16 +390,12 @@ fn later_parts(base: &Path, from: usize) -> Option<String> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let num = name.strip_prefix(&stem)?.strip_prefix('.')?;
-            (num.len() == 3)
-                .then(|| num.parse::<usize>().ok())
-                .flatten()
+            (num.len() == 3).then(|| num.parse::<usize>().ok()).flatten()
         })
         .filter(|&n| n > from)
         .collect();
     found.sort();
-    found
-        .first()
-        .map(|n| part_path(base, *n).display().to_string())
+    found.first().map(|n| part_path(base, *n).display().to_string())
 }
 
 #[cfg(test)]
@@ -472,11 +448,7 @@ mod tests {
         sink.commit().unwrap();
         fs::remove_file(part_path(&base, 2)).unwrap();
         let err = PartSource::open(&base).unwrap_err();
-        assert!(
-            err.message.contains("b.bkb.002 is missing"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("b.bkb.002 is missing"), "{}", err.message);
     }
 
     #[test]

@@ -35,11 +35,7 @@ impl BundleReader {
     pub fn open(path: &Path) -> Result<BundleReader> {
         let src = PartSource::open(path)?;
         let (entries, index) = scan(&src)?;
-        Ok(BundleReader {
-            src,
-            entries,
-            index,
-        })
+        Ok(BundleReader { src, entries, index })
     }
 
     pub fn entry(&self, path: &str) -> Option<&Entry> {
@@ -73,16 +69,17 @@ impl BundleReader {
     pub fn manifest(&self) -> Result<(Manifest, Vec<u8>)> {
         let name = self.src.display_name();
         let bytes = self.read_small(MANIFEST_PATH)?.ok_or_else(|| {
-            Error::bundle(format!("{name} has no {MANIFEST_PATH}: it is not a bkbundle bundle, or it was cut short"))
-                .hint("check the file is the .bkb bundle (or its first part) and copy it again if it was truncated")
+            Error::bundle(format!(
+                "{name} has no {MANIFEST_PATH}: it is not a bkbundle bundle, or it was cut short"
+            ))
+            .hint("check the file is the .bkb bundle (or its first part) and copy it again if it was truncated")
         })?;
         let text = std::str::from_utf8(&bytes).map_err(|_| {
             Error::bundle(format!(
                 "{name}: {MANIFEST_PATH} is not UTF-8 text: the bundle is damaged"
             ))
         })?;
-        let m = Manifest::parse(text, &format!("{name}: {MANIFEST_PATH}"))
-            .map_err(|e| e.into_error(Kind::Bundle))?;
+        let m = Manifest::parse(text, &format!("{name}: {MANIFEST_PATH}")).map_err(|e| e.into_error(Kind::Bundle))?;
         Ok((m, bytes))
     }
 }
@@ -93,31 +90,18 @@ fn damaged(src: &PartSource, at: u64, what: String) -> Error {
         src.display_name(),
         src.part_at(at.min(src.len.saturating_sub(1))).display()
     ))
-    .hint(
-        "the bundle is damaged: copy it again from the original media and re-run `bkbundle verify`",
-    )
+    .hint("the bundle is damaged: copy it again from the original media and re-run `bkbundle verify`")
 }
 
 fn truncated(src: &PartSource, what: String) -> Error {
     let next = if src.parts.len() > 1 || src.parts[0].0.to_string_lossy().ends_with(".001") {
-        let base = src.parts[0]
-            .0
-            .to_string_lossy()
-            .trim_end_matches(".001")
-            .to_string();
-        format!(
-            ", or its next part {}.{:03} is missing",
-            base,
-            src.parts.len() + 1
-        )
+        let base = src.parts[0].0.to_string_lossy().trim_end_matches(".001").to_string();
+        format!(", or its next part {}.{:03} is missing", base, src.parts.len() + 1)
     } else {
         String::new()
     };
-    Error::bundle(format!(
-        "{}: {what}: the bundle is truncated{next}",
-        src.display_name()
-    ))
-    .hint("copy the bundle (every part) again from the original media and re-run `bkbundle verify`")
+    Error::bundle(format!("{}: {what}: the bundle is truncated{next}", src.display_name()))
+        .hint("copy the bundle (every part) again from the original media and re-run `bkbundle verify`")
 }
 
 fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
@@ -134,20 +118,14 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
         if pos + BLOCK > src.len {
             return Err(truncated(
                 src,
-                format!(
-                    "the archive ends at byte {} without its end marker",
-                    src.len
-                ),
+                format!("the archive ends at byte {} without its end marker", src.len),
             ));
         }
         rd(pos, &mut block)?;
         if tarfmt::is_zero_block(&block) {
             // End of archive: a second zero block, then nothing but zeros.
             if pos + 2 * BLOCK > src.len {
-                return Err(truncated(
-                    src,
-                    "the end-of-archive marker is cut short".into(),
-                ));
+                return Err(truncated(src, "the end-of-archive marker is cut short".into()));
             }
             let mut rest = vec![0u8; (src.len - pos).min(1 << 20) as usize];
             let mut at = pos;
@@ -165,8 +143,7 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
             }
             break;
         }
-        let h = tarfmt::parse_header(&block)
-            .map_err(|e| damaged(src, pos, format!("bad tar header: {e}")))?;
+        let h = tarfmt::parse_header(&block).map_err(|e| damaged(src, pos, format!("bad tar header: {e}")))?;
         let data = pos + BLOCK;
         let end = data + h.size + tarfmt::padding(h.size);
         let name = pax_path.take().unwrap_or(h.name.clone());
@@ -195,11 +172,7 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
         match h.typeflag {
             b'x' => {
                 if h.size > 64 << 10 {
-                    return Err(damaged(
-                        src,
-                        pos,
-                        format!("oversized PAX header ({} bytes)", h.size),
-                    ));
+                    return Err(damaged(src, pos, format!("oversized PAX header ({} bytes)", h.size)));
                 }
                 let mut d = vec![0u8; h.size as usize];
                 rd(data, &mut d)?;

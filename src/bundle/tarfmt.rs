@@ -54,14 +54,7 @@ pub fn fits_ustar(path: &str) -> bool {
     split_ustar(path).is_some()
 }
 
-fn raw_header(
-    name: &str,
-    prefix: &str,
-    mode: u32,
-    size: u64,
-    mtime: u64,
-    typeflag: u8,
-) -> [u8; 512] {
+fn raw_header(name: &str, prefix: &str, mode: u32, size: u64, mtime: u64, typeflag: u8) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
     put_octal(&mut h[100..108], mode as u64);
@@ -95,15 +88,7 @@ pub fn file_header(path: &str, mode: u32, size: u64, mtime: u64) -> Vec<u8> {
         Some((prefix, name)) => raw_header(name, prefix, mode, size, mtime, b'0').to_vec(),
         None => {
             let record = pax_record("path", path);
-            let mut out = raw_header(
-                "././@PaxHeader",
-                "",
-                0o644,
-                record.len() as u64,
-                mtime,
-                b'x',
-            )
-            .to_vec();
+            let mut out = raw_header("././@PaxHeader", "", 0o644, record.len() as u64, mtime, b'x').to_vec();
             out.extend_from_slice(&record);
             out.resize(out.len() + padding(record.len() as u64) as usize, 0);
             // The ustar name is a truncated stand-in; readers take the PAX path.
@@ -163,10 +148,7 @@ fn parse_octal(field: &[u8], name: &'static str) -> Result<u64, HeaderError> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         let mut v: u64 = (field[0] & 0x7f) as u64;
         for &b in &field[1..] {
-            v = v
-                .checked_shl(8)
-                .ok_or(HeaderError::Number { field: name })?
-                | b as u64;
+            v = v.checked_shl(8).ok_or(HeaderError::Number { field: name })? | b as u64;
         }
         return Ok(v);
     }
@@ -190,13 +172,7 @@ pub fn parse_header(h: &[u8; 512]) -> Result<Header, HeaderError> {
     let computed: u64 = h
         .iter()
         .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                b' ' as u64
-            } else {
-                b as u64
-            }
-        })
+        .map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 })
         .sum();
     // Strict: the field must read exactly as written ("NNNNNN\0 "), so that a flipped byte after
     // the digits (which a lenient parser ignores) is caught too. Bundles are only ever written by
@@ -266,10 +242,7 @@ mod tests {
     fn big_sizes_use_base256() {
         let size = 20u64 << 30;
         let h = file_header("x", 0o644, size, 0);
-        assert_eq!(
-            parse_header(h[..512].try_into().unwrap()).unwrap().size,
-            size
-        );
+        assert_eq!(parse_header(h[..512].try_into().unwrap()).unwrap().size, size);
     }
 
     #[test]
@@ -277,10 +250,7 @@ mod tests {
         let mid = format!("stack/{}/{}", "d".repeat(120), "f".repeat(50));
         let h = file_header(&mid, 0o644, 1, 0);
         assert_eq!(h.len(), 512);
-        assert_eq!(
-            parse_header(h[..512].try_into().unwrap()).unwrap().name,
-            mid
-        );
+        assert_eq!(parse_header(h[..512].try_into().unwrap()).unwrap().name, mid);
 
         let long = format!("stack/{}", "x".repeat(300));
         let h = file_header(&long, 0o644, 1, 0);
@@ -292,18 +262,11 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_fails_the_checksum() {
-        let mut h: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512]
-            .try_into()
-            .unwrap();
+        let mut h: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512].try_into().unwrap();
         h[3] ^= 0x01;
-        assert!(matches!(
-            parse_header(&h),
-            Err(HeaderError::Checksum { .. })
-        ));
+        assert!(matches!(parse_header(&h), Err(HeaderError::Checksum { .. })));
         // Every single byte of a header matters, the checksum field's own padding included.
-        let good: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512]
-            .try_into()
-            .unwrap();
+        let good: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512].try_into().unwrap();
         for i in 0..512 {
             let mut h = good;
             h[i] ^= 0x20;

@@ -129,13 +129,9 @@ impl BundleWriter {
 impl EntryWriter<'_> {
     /// Finish the entry: pad, patch its header with the size (and `final_path` if given).
     pub fn finish(mut self, final_path: Option<&str>) -> Result<FileEntry> {
-        let path = final_path
-            .map(str::to_string)
-            .unwrap_or_else(|| self.path.clone());
+        let path = final_path.map(str::to_string).unwrap_or_else(|| self.path.clone());
         if path != self.path
-            && (!tarfmt::fits_ustar(&path)
-                || self.ustar_at != self.header_at
-                || !is_safe_bundle_path(&path))
+            && (!tarfmt::fits_ustar(&path) || self.ustar_at != self.header_at || !is_safe_bundle_path(&path))
         {
             return Err(Error::internal(format!(
                 "cannot rename bundle entry {} to {path}",
@@ -143,9 +139,7 @@ impl EntryWriter<'_> {
             )));
         }
         if !self.w.names.insert(path.clone()) {
-            return Err(Error::internal(format!(
-                "bundle entry {path} written twice"
-            )));
+            return Err(Error::internal(format!("bundle entry {path} written twice")));
         }
         let (sha256, size) = std::mem::take(&mut self.hasher).finish();
         let w = &mut *self.w;
