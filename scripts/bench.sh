@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Benchmarks: the baseline and bkbundle side by side in one run, printing ratios.
+#
+#   scripts/bench.sh            all sections
+#   scripts/bench.sh pack       issue 2: pack / verify against docker save (+gzip, sha256sum)
+#
+# Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
+# own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
+# memory-does-not-grow check. Building them takes a few minutes the first time; they are kept.
+# Needs: docker, GNU time (/usr/bin/time), gzip, sha256sum; run scripts/setup.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
+mkdir -p "$WORK"
+SECTIONS=${*:-pack}
+
+say() { printf '%s\n' "$*"; }
+need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
+need docker; need gzip; need sha256sum; [ -x /usr/bin/time ] || { say "missing /usr/bin/time: apt-get install time"; exit 1; }
+
+cargo build --release --quiet
+BK=$ROOT/target/release/bkbundle
+
+# time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR.
+time_rss() {
+  local var=$1; shift
+  /usr/bin/time -f '%e %M' -o "$WORK/time.out" "$@" >/dev/null
+  printf -v "$var" '%s' "$(tail -n1 "$WORK/time.out")"
+}
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+mb() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1e6:.0f} MB')" "$1"; }
+gbps() { python3 -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]) / 1e9:.2f} GB/s')" "$1" "$2"; }
+
+build_image() { # name base-or-empty layer-mb seed roots...
+  local name=$1 base=$2 size=$3 seed=$4; shift 4
+  if docker image inspect "$name" >/dev/null 2>&1; then return; fi
+  local ctx; ctx=$(mktemp -d "$WORK/ctx.XXXX")
+  python3 scripts/bench-images.py "$ctx/layer.tar" "$size" "$seed" "$@"
+  if [ -z "$base" ]; then
+    docker import "$ctx/layer.tar" "$name" >/dev/null
+  else
+    printf 'FROM %s\nADD layer.tar /\n' "$base" > "$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 docker build -q -t "$name" "$ctx" >/dev/null
+  fi
+  rm -rf "$ctx"
+}
+
+make_images() {
+  say "== building benchmark images (skipped when present)"
+  build_image bkbundle-bench/base:1 "" 480 0 /usr/bin /usr/libexec /usr/share
+  for i in 1 2 3; do build_image "bkbundle-bench/app$i:1" bkbundle-bench/base:1 175 "$i" /usr/lib /usr/local /usr/share; done
+  for i in 4 5 6 7 8 9 10 11 12; do build_image "bkbundle-bench/app$i:1" bkbundle-bench/base:1 280 "$i" /usr/lib /root/.rustup /root/.pyenv; done
+}
+
+recipe() { # file images...
+  local f=$1; shift
+  { printf 'format = 1\n[bundle]\nname = "bench"\nversion = "1"\n'
+    for i in "$@"; do printf '[[images]]\nref = "%s"\npull = false\n' "$i"; done; } > "$f"
+}
+
+bench_pack() {
+  make_images
+  local small=(bkbundle-bench/app1:1 bkbundle-bench/app2:1 bkbundle-bench/app3:1)
+  local big=("${small[@]}"); for i in 4 5 6 7 8 9 10 11 12; do big+=("bkbundle-bench/app$i:1"); done
+  recipe "$WORK/small.toml" "${small[@]}"
+  recipe "$WORK/big.toml" "${big[@]}"
+  rm -f "$WORK"/*.bkb "$WORK"/x.tar "$WORK"/x.tar.gz
+
+  say "== pack: ~1 GB of images (3 images sharing a base layer)"
+  local t_save t_gz t_pack
+  time_rss t_save docker save -o "$WORK/x.tar" "${small[@]}"
+  local raw; raw=$(stat -c %s "$WORK/x.tar"); rm -f "$WORK/x.tar"
+  time_rss t_gz bash -c "docker save ${small[*]} | gzip -6 > '$WORK/x.tar.gz' && sha256sum '$WORK/x.tar.gz'"
+  local gz; gz=$(stat -c %s "$WORK/x.tar.gz"); rm -f "$WORK/x.tar.gz"
+  time_rss t_pack "$BK" --no-progress pack "$WORK/small.toml" -o "$WORK/small.bkb"
+  local bkb; bkb=$(stat -c %s "$WORK/small.bkb")
+  local bin; bin=$(stat -c %s "$BK")
+  say "docker save -o               ${t_save% *} s   ($(mb "$raw") tar)"
+  say "docker save | gzip -6 + sha  ${t_gz% *} s   ($(mb "$gz"))"
+  say "bkbundle pack                ${t_pack% *} s   ($(mb "$bkb") bundle, of which $(mb "$bin") is the bkbundle binary)  peak RSS $(( ${t_pack#* } / 1024 )) MiB"
+  say "ratio pack / docker save -o        $(ratio "${t_pack% *}" "${t_save% *}")   (target <= 1.3)"
+  say "ratio pack / save|gzip|sha256sum   $(ratio "${t_pack% *}" "${t_gz% *}")   (target <= 0.25)"
+  say "ratio bundle size / gzip size      $(ratio "$bkb" "$gz")   (target <= 1.00; bundle includes the binary)"
+
+  say "== verify (from page cache)"
+  cat "$WORK/small.bkb" > /dev/null
+  local t_ver t_sha
+  time_rss t_sha sha256sum "$WORK/small.bkb"
+  time_rss t_ver "$BK" --no-progress verify "$WORK/small.bkb"
+  say "sha256sum of the bundle      ${t_sha% *} s   ($(gbps "$bkb" "${t_sha% *}"))"
+  say "bkbundle verify              ${t_ver% *} s   ($(gbps "$bkb" "${t_ver% *}"), target >= 1 GB/s)  peak RSS $(( ${t_ver#* } / 1024 )) MiB"
+
+  say "== memory does not grow with bundle size: ~3 GB of images"
+  local t_pack3 t_ver3
+  time_rss t_pack3 "$BK" --no-progress pack "$WORK/big.toml" -o "$WORK/big.bkb"
+  cat "$WORK/big.bkb" > /dev/null
+  time_rss t_ver3 "$BK" --no-progress verify "$WORK/big.bkb"
+  local big_size; big_size=$(stat -c %s "$WORK/big.bkb")
+  say "pack   1 GB: $(( ${t_pack#* } / 1024 )) MiB   3 GB: $(( ${t_pack3#* } / 1024 )) MiB   ratio $(ratio "${t_pack3#* }" "${t_pack#* }") (target <= 1.10, both <= 64 MiB)"
+  say "verify 1 GB: $(( ${t_ver#* } / 1024 )) MiB   3 GB: $(( ${t_ver3#* } / 1024 )) MiB   ratio $(ratio "${t_ver3#* }" "${t_ver#* }") (target <= 1.10, both <= 64 MiB)"
+  say "3 GB bundle: $(mb "$big_size"), pack ${t_pack3% *} s, verify ${t_ver3% *} s ($(gbps "$big_size" "${t_ver3% *}"))"
+  rm -f "$WORK"/*.bkb
+}
+
+for s in $SECTIONS; do
+  case $s in
+    pack) bench_pack ;;
+    *) say "unknown section $s (known: pack)"; exit 2 ;;
+  esac
+done

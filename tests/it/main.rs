@@ -1,0 +1,10 @@
+//! bkbundle's integration tests: one test binary (`cargo test --test it`), so the helpers in
+//! [`harness`] are compiled once and shared. The tests run against the real things: the host's
+//! Docker engine, a throwaway PostgreSQL cluster and a throwaway `nats-server -js`, each started on
+//! free loopback ports. A missing prerequisite fails the test with the command that installs it
+//! (`scripts/setup.sh`); nothing is skipped silently.
+
+mod demo_images;
+mod harness;
+mod harness_smoke;
+mod pack;
