@@ -13,7 +13,9 @@ Exit codes:
   4  the bundle failed verification (damaged, truncated, missing part, bad signature)
   5  the bundle's format is newer than this bkbundle supports
   6  an external system is unreachable or refused (Docker engine, registry)
-  7  local I/O failed (disk full, permissions)";
+  7  local I/O failed (disk full, permissions)
+  8  install's preflight found problems (nothing was changed)
+  9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,6 +62,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show what a bundle holds: images, packages, stack files, regions, sizes.
     Inspect(InspectArgs),
+    /// Install a bundle on this (offline) host: verify, preflight, load images, lay out and start the stack, wait on health.
+    #[command(after_help = INSTALL_HELP)]
+    Install(InstallArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -104,6 +109,48 @@ pub struct VerifyArgs {
     /// Hashing threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+pub const INSTALL_HELP: &str = "\
+The install config (--config install.toml) holds what only the site knows:
+  format = 1
+  target = \"/opt/bklite\"          # where the stack is laid out (--target wins)
+  project = \"bklite\"              # compose project name (default: the bundle's)
+  [env]                           # values for the stack's env template
+  HOST_IP = \"10.0.0.5\"
+  SERVER_URL = \"https://10.0.0.5:443\"
+  [health]
+  timeout_secs = 600              # deadline for the stack to become healthy
+  steady_secs = 5                 # a service without a health check is ready after this long
+
+Re-running install is safe: it resumes a killed install, reports \"already installed\" when nothing
+changed, and upgrades to a newer bundle restarting only changed services. It never runs
+`down -v` and never removes volumes. Files you edited are kept; the bundle's version is written
+beside them as NAME.bkbundle-new. Generated secrets live in TARGET/.env (mode 0600) and are never
+printed. The journal of steps is TARGET/.bkbundle/journal.json.";
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// The bundle file, or the first part (NAME.001) of a split bundle.
+    pub bundle: PathBuf,
+    /// Where to lay out the stack (default: the config's `target`, else /opt/<bundle name>).
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// The install config (TOML): site values, ports, health deadline.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the plan (images, files, services, preflight) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Refuse a bundle that is not signed by --key.
+    #[arg(long, requires = "key")]
+    pub require_signature: bool,
+    /// The trusted minisign public key (.pub).
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Option<PathBuf>,
+    /// Health deadline in seconds (overrides the config's).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Args, Debug)]

@@ -1,7 +1,7 @@
 //! bkbundle: pack BK-Lite into one verified offline bundle and install it on an air-gapped host.
 //!
 //! Each command is one module with one entry point taking plain options and returning a report:
-//! [`pack::run`], [`verify::run`], [`inspect::run`]. The bundle format lives in [`bundle`] and
+//! [`pack::run`], [`verify::run`], [`inspect::run`], [`install::run`]. The bundle format lives in [`bundle`] and
 //! [`manifest`] only. External systems sit behind [`engine`]. The library never prints: progress
 //! goes through [`progress::Reporter`], results are returned.
 
@@ -10,6 +10,7 @@ pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod inspect;
+pub mod install;
 pub mod manifest;
 pub mod pack;
 pub mod package_check;

@@ -5,7 +5,7 @@ mod cli;
 use bkbundle::error::{Error, Kind};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
-use bkbundle::{inspect, pack, verify};
+use bkbundle::{inspect, install, pack, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, CompressionArg};
 use serde::Serialize;
@@ -111,6 +111,21 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             let r = inspect::run(&a.bundle)?;
             let text = r.render();
             Ok(output(&r, text.trim_end().to_string()))
+        }
+        Command::Install(a) => {
+            let opts = install::InstallOptions {
+                bundle: a.bundle,
+                target: a.target,
+                config: a.config,
+                dry_run: a.dry_run,
+                require_signature: a.require_signature,
+                key: a.key,
+                timeout_secs: a.timeout,
+            };
+            let rt = runtime()?;
+            let r = rt.block_on(install::run(opts, reporter))?;
+            let text = install::render(&r);
+            Ok(output(&r, text))
         }
         Command::Completions { shell } => {
             let mut out = Vec::new();

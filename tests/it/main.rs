@@ -7,4 +7,5 @@
 mod demo_images;
 mod harness;
 mod harness_smoke;
+mod install;
 mod pack;

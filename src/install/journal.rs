@@ -1,0 +1,97 @@
+//! The install journal, `<target>/.bkbundle/journal.json`: which bundle was installed here, which
+//! steps of its install completed, the digest of every file as bkbundle last wrote it (to tell an
+//! operator's edit from our own file), and a history of runs. Written atomically after each step,
+//! so a killed install resumes from the last completed step.
+
+use crate::error::{Error, IoContext, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DIR: &str = ".bkbundle";
+const FILE: &str = "journal.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleId {
+    pub name: String,
+    pub version: String,
+    pub manifest_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub bundle: BundleId,
+    pub started: String,
+    pub finished: Option<String>,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Journal {
+    pub bundle: Option<BundleId>,
+    /// Steps completed for `bundle`.
+    pub completed: Vec<String>,
+    /// Path relative to the target → sha256 of the content bkbundle last wrote there.
+    pub files: BTreeMap<String, String>,
+    pub history: Vec<Run>,
+}
+
+pub fn path(target: &Path) -> PathBuf {
+    target.join(DIR).join(FILE)
+}
+
+impl Journal {
+    pub fn load(target: &Path) -> Result<Journal> {
+        let p = path(target);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                Error::input(format!("install journal {} is unreadable: {e}", p.display()))
+                    .hint("it is bkbundle's record of this install; restore it from a backup, or move it aside to start the journal afresh (files you edited will then be kept, not overwritten)")
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Journal::default()),
+            Err(e) => Err(Error::io("cannot read install journal", &p, e)),
+        }
+    }
+
+    pub fn save(&self, target: &Path) -> Result<()> {
+        let p = path(target);
+        let dir = p.parent().unwrap_or(target);
+        std::fs::create_dir_all(dir).io_ctx("cannot create", dir)?;
+        let text = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(format!("journal: {e}")))?;
+        write_atomic(&p, &text, 0o600)
+    }
+
+    pub fn is_done(&self, step: &str) -> bool {
+        self.completed.iter().any(|s| s == step)
+    }
+
+    pub fn mark(&mut self, step: &str) {
+        if !self.is_done(step) {
+            self.completed.push(step.to_string());
+        }
+    }
+}
+
+/// Write through a temporary file in the same directory and rename: a reader (or a killed run)
+/// never sees half a file.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_file_name(format!(
+        ".{}.bkbundle-tmp",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .io_ctx("cannot write", &tmp)?;
+    f.write_all(data).io_ctx("cannot write", &tmp)?;
+    f.sync_all().io_ctx("cannot write", &tmp)?;
+    // `mode` on open applies only to new files (and is masked by the umask): set it explicitly.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .io_ctx("cannot set permissions of", &tmp)?;
+    std::fs::rename(&tmp, path).io_ctx("cannot write", path)
+}

@@ -1,0 +1,179 @@
+//! Loading images into the engine straight from the bundle, with no extraction to disk.
+//!
+//! The bundle stores each layer once, compressed; the engine's `POST /images/load` takes a
+//! `docker save` tar. A blocking thread writes that tar on the fly (the legacy layout: a
+//! `manifest.json`, each config, each layer decompressed to `layers/<diff hex>.tar`, with sizes
+//! known from the manifest so headers are written before the data) into a bounded channel whose
+//! other end is the request body. All images that need loading go in one stream, so a layer
+//! shared by several images is sent once. Memory: a few 1 MiB chunks in flight.
+
+use crate::bundle::{tarfmt, BundleReader};
+use crate::error::{Error, Result};
+use crate::manifest::{Compression, Image, Manifest};
+use crate::progress::Task;
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+use tokio::sync::mpsc;
+
+const CHUNK: usize = 1 << 20;
+
+/// A `Write` that cuts its input into chunks sent down a channel (blocking the writer when the
+/// engine reads slower: backpressure bounds memory).
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the Docker engine stopped reading the image stream",
+            )
+        })
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+fn hex(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:")
+}
+
+/// Write the `docker load` tar of `images` to `w`.
+pub fn write_load_tar(
+    reader: &BundleReader,
+    m: &Manifest,
+    images: &[&Image],
+    w: &mut dyn Write,
+    task: &dyn Task,
+) -> Result<()> {
+    let name = reader.src.display_name();
+    let werr = |e: io::Error| Error::external(format!("streaming images to the Docker engine: {e}"));
+    let put = |w: &mut dyn Write, path: &str, size: u64, data: &mut dyn Read, what: &str| -> Result<()> {
+        w.write_all(&tarfmt::file_header(path, 0o644, size, 0)).map_err(werr)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = size;
+        loop {
+            let n = data
+                .read(&mut buf)
+                .map_err(|e| Error::bundle(format!("{name}: cannot read {what}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            if n as u64 > left {
+                return Err(Error::bundle(format!(
+                    "{name}: {what} is longer than the manifest says ({size} bytes)"
+                )));
+            }
+            w.write_all(&buf[..n]).map_err(werr)?;
+            task.advance(n as u64);
+            left -= n as u64;
+        }
+        if left != 0 {
+            return Err(Error::bundle(format!(
+                "{name}: {what} is {} bytes shorter than the manifest says ({size})",
+                left
+            )));
+        }
+        w.write_all(&[0u8; 512][..tarfmt::padding(size) as usize])
+            .map_err(werr)?;
+        Ok(())
+    };
+    let mut sent = BTreeSet::new();
+    let mut items = Vec::new();
+    for img in images {
+        let cfg = reader
+            .entry(&img.config)
+            .ok_or_else(|| Error::bundle(format!("{name}: config of {} is missing", img.refs.join(", "))))?;
+        let cfg_path = format!("{}.json", hex(&img.id));
+        if sent.insert(cfg_path.clone()) {
+            put(
+                w,
+                &cfg_path,
+                cfg.size,
+                &mut reader.reader(cfg),
+                &format!("config of {}", img.refs.join(", ")),
+            )?;
+        }
+        let mut layer_paths = Vec::new();
+        for diff in &img.layers {
+            let layer = m
+                .layer(diff)
+                .ok_or_else(|| Error::bundle(format!("{name}: layer {diff} is not in the manifest")))?;
+            let path = format!("layers/{}.tar", hex(diff));
+            if sent.insert(path.clone()) {
+                let entry = reader
+                    .entry(&layer.file)
+                    .ok_or_else(|| Error::bundle(format!("{name}: {} is missing", layer.file)))?;
+                let raw = reader.reader(entry);
+                let mut plain: Box<dyn Read> = match m.bundle.compression {
+                    Compression::Zstd => Box::new(
+                        zstd::stream::read::Decoder::new(raw).map_err(|e| Error::internal(format!("zstd: {e}")))?,
+                    ),
+                    Compression::Gzip => Box::new(flate2::read::GzDecoder::new(raw)),
+                };
+                put(w, &path, layer.size, &mut plain, &layer.file)?;
+            }
+            layer_paths.push(path);
+        }
+        items.push(serde_json::json!({ "Config": cfg_path, "RepoTags": img.refs, "Layers": layer_paths }));
+    }
+    let manifest = serde_json::to_vec(&items).map_err(|e| Error::internal(format!("manifest.json: {e}")))?;
+    put(
+        w,
+        "manifest.json",
+        manifest.len() as u64,
+        &mut &manifest[..],
+        "manifest.json",
+    )?;
+    w.write_all(&[0u8; 1024]).map_err(werr)?;
+    w.flush().map_err(werr)?;
+    Ok(())
+}
+
+/// Spawn the writer thread; returns the body stream for the engine and the thread's handle.
+pub fn spawn_load_stream(
+    reader: std::sync::Arc<BundleReader>,
+    manifest: std::sync::Arc<Manifest>,
+    images: Vec<Image>,
+    task: std::sync::Arc<dyn Task>,
+) -> (
+    impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
+    tokio::task::JoinHandle<Result<()>>,
+) {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let refs: Vec<&Image> = images.iter().collect();
+        let r = write_load_tar(&reader, &manifest, &refs, &mut w, &*task);
+        if let Err(e) = &r {
+            // Abort the upload so the engine discards the partial stream.
+            let _ = tx.blocking_send(Err(io::Error::other(e.message.clone())));
+        }
+        r
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (stream, handle)
+}

@@ -1,0 +1,888 @@
+//! `bkbundle install`: verify, preflight, load images, lay out and start the stack, wait on health.
+//!
+//! Plan, then execute. The plan (images to load or tag, files to write or keep, the rendered
+//! `.env`, services to wait on) is computed as data before anything changes; preflight findings are
+//! all collected and shown together; `--dry-run` stops there. Execution is a sequence of steps,
+//! each idempotent and recorded in the journal, so a re-run after success is a fast no-op and a
+//! re-run after a kill completes the install without duplicates.
+
+pub mod compose;
+pub mod config;
+pub mod envfile;
+pub mod health;
+pub mod journal;
+pub mod load;
+
+use crate::bundle::BundleReader;
+use crate::digest::sha256_hex;
+use crate::engine::Engine;
+use crate::error::{Error, Kind, Result};
+use crate::manifest::{Image, Manifest};
+use crate::progress::Reporter;
+use crate::verify::{self, VerifyOptions};
+use compose::Compose;
+use config::InstallConfig;
+use journal::{BundleId, Journal};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const STEPS: [&str; 4] = ["images", "layout", "start", "health"];
+
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    pub bundle: PathBuf,
+    pub target: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub dry_run: bool,
+    pub require_signature: bool,
+    pub key: Option<PathBuf>,
+    /// Overrides the config's health deadline.
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageAction {
+    Load,
+    Tag,
+    Present,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedImage {
+    pub refs: Vec<String>,
+    pub id: String,
+    pub size: u64,
+    pub action: ImageAction,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileAction {
+    Create,
+    Update,
+    Unchanged,
+    /// The operator edited the file since bkbundle wrote it: the bundle's version is written beside.
+    KeepEdited,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedFile {
+    pub path: String,
+    pub action: FileAction,
+    #[serde(skip)]
+    content: Vec<u8>,
+    #[serde(skip)]
+    mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub bundle: BundleId,
+    pub target: PathBuf,
+    pub project: String,
+    pub images: Vec<PlannedImage>,
+    pub files: Vec<PlannedFile>,
+    /// `.env` keys generated, added or updated in this run (values never shown).
+    pub env_generated: Vec<String>,
+    pub env_added: Vec<String>,
+    pub env_updated: Vec<String>,
+    pub steps_to_run: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub seconds: f64,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallReport {
+    pub bundle: String,
+    pub version: String,
+    pub target: PathBuf,
+    pub project: String,
+    pub already_installed: bool,
+    pub dry_run: bool,
+    pub plan: Plan,
+    pub steps: Vec<Step>,
+    pub services: Vec<health::ServiceHealth>,
+    pub notes: Vec<String>,
+    pub seconds: f64,
+}
+
+struct Ctx {
+    reader: Arc<BundleReader>,
+    manifest: Arc<Manifest>,
+    config: InstallConfig,
+    target: PathBuf,
+    project: String,
+    compose_file: PathBuf,
+    env_file: PathBuf,
+}
+
+pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<InstallReport> {
+    let t0 = Instant::now();
+    let mut steps = Vec::new();
+
+    // 1. Verify: a bundle that fails changes nothing.
+    let t = Instant::now();
+    let vopts = VerifyOptions {
+        bundle: opts.bundle.clone(),
+        require_signature: opts.require_signature,
+        key: opts.key.clone(),
+        threads: None,
+    };
+    let (reader, manifest, vreport) = {
+        let r = reporter.clone();
+        tokio::task::spawn_blocking(move || verify::open_verified(&vopts, &*r))
+            .await
+            .map_err(|e| Error::internal(format!("verify task: {e}")))??
+    };
+    steps.push(Step {
+        name: "verify".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} files, {} bytes", vreport.files, vreport.bytes),
+    });
+    let stack = manifest
+        .stack
+        .clone()
+        .ok_or_else(|| Error::input(format!("bundle {} has no compose stack to install", vreport.bundle)))?;
+
+    let mut config = match &opts.config {
+        Some(p) => InstallConfig::load(p)?,
+        None => InstallConfig::default(),
+    };
+    if let Some(t) = opts.timeout_secs {
+        config.health.timeout_secs = t;
+    }
+    let target = opts
+        .target
+        .clone()
+        .or(config.target.clone())
+        .unwrap_or_else(|| PathBuf::from(format!("/opt/{}", manifest.bundle.name)));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        std::env::current_dir().map(|d| d.join(&target)).unwrap_or(target)
+    };
+    let project = config.project.clone().unwrap_or(stack.project.clone());
+    let strip = |p: &str| p.strip_prefix("stack/").unwrap_or(p).to_string();
+    let ctx = Ctx {
+        compose_file: target.join(strip(&stack.compose)),
+        env_file: target.join(".env"),
+        reader: Arc::new(reader),
+        manifest: Arc::new(manifest),
+        config,
+        target,
+        project,
+    };
+    let id = BundleId {
+        name: ctx.manifest.bundle.name.clone(),
+        version: ctx.manifest.bundle.version.clone(),
+        manifest_sha256: sha256_hex(
+            ctx.reader
+                .read_small(crate::manifest::MANIFEST_PATH)?
+                .unwrap_or_default()
+                .as_slice(),
+        ),
+    };
+    let mut journal = Journal::load(&ctx.target)?;
+    if journal.bundle.as_ref() != Some(&id) {
+        journal.completed.clear();
+    }
+
+    // 2. Plan and preflight (all findings together; nothing changes before this passes).
+    let t = Instant::now();
+    let mut findings: Vec<String> = Vec::new();
+    let mut hints: Vec<String> = Vec::new();
+    let engine = match Engine::connect().await {
+        Ok(e) => Some(e),
+        Err(e) => {
+            findings.push(e.message.clone());
+            hints.extend(e.hints);
+            None
+        }
+    };
+    let compose = match Compose::detect() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            findings.push(e.message.clone());
+            hints.extend(e.hints);
+            None
+        }
+    };
+    let images = match &engine {
+        Some(engine) => plan_images(engine, &ctx.manifest).await?,
+        None => vec![],
+    };
+    let (files, env) = plan_files(&ctx, &stack, &journal, &mut findings, &mut hints)?;
+    let mut plan = Plan {
+        bundle: id.clone(),
+        target: ctx.target.clone(),
+        project: ctx.project.clone(),
+        images,
+        files,
+        env_generated: env.as_ref().map(|e| e.generated.clone()).unwrap_or_default(),
+        env_added: env.as_ref().map(|e| e.added.clone()).unwrap_or_default(),
+        env_updated: env.as_ref().map(|e| e.updated.clone()).unwrap_or_default(),
+        steps_to_run: vec![],
+    };
+    let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
+        && plan
+            .files
+            .iter()
+            .all(|f| matches!(f.action, FileAction::Unchanged | FileAction::KeepEdited));
+    plan.steps_to_run = STEPS
+        .iter()
+        .filter(|s| !journal.is_done(s) || !nothing_to_change)
+        .map(|s| s.to_string())
+        .collect();
+
+    // Already installed: the journal says so and the engine agrees (images there, stack healthy).
+    if plan.steps_to_run.is_empty() && !opts.dry_run {
+        if let Some(engine) = &engine {
+            let containers = engine.project_containers(&ctx.project).await?;
+            let healthy = !containers.is_empty()
+                && containers.iter().all(|c| {
+                    matches!(
+                        health::judge(c, c.restart_count, None, Duration::ZERO),
+                        health::Verdict::Ready(_)
+                    ) || (c.status == "running" && c.health.is_none())
+                });
+            if healthy {
+                steps.push(Step {
+                    name: "check".into(),
+                    seconds: t.elapsed().as_secs_f64(),
+                    detail: "already installed".into(),
+                });
+                return Ok(report(&ctx, plan, steps, vec![], true, false, vec![], t0));
+            }
+            plan.steps_to_run = vec!["start".into(), "health".into()];
+        }
+    }
+
+    if let (Some(engine), Some(compose)) = (&engine, &compose) {
+        preflight(engine, compose, &ctx, &plan, env.as_ref(), &mut findings, &mut hints).await?;
+    }
+    steps.push(Step {
+        name: "preflight".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} finding(s)", findings.len()),
+    });
+    if !findings.is_empty() {
+        let mut e = Error::new(
+            Kind::Preflight,
+            format!(
+                "preflight found {} problem(s); nothing was changed:\n  - {}",
+                findings.len(),
+                findings.join("\n  - ")
+            ),
+        );
+        hints.dedup();
+        e.hints = hints;
+        return Err(e);
+    }
+    if opts.dry_run {
+        return Ok(report(&ctx, plan, steps, vec![], false, true, vec![], t0));
+    }
+    let (engine, compose) = match (engine, compose) {
+        (Some(e), Some(c)) => (e, c),
+        _ => return Err(Error::internal("preflight passed without an engine and compose")),
+    };
+
+    // 3. Execute, journaling each step.
+    let mut notes = Vec::new();
+    journal.bundle = Some(id.clone());
+    journal.history.push(journal::Run {
+        bundle: id.clone(),
+        started: now(),
+        finished: None,
+        outcome: "running".into(),
+    });
+    std::fs::create_dir_all(&ctx.target).map_err(|e| Error::io("cannot create target directory", &ctx.target, e))?;
+    journal.save(&ctx.target)?;
+
+    let t = Instant::now();
+    let detail = load_images(&engine, &ctx, &plan, &*reporter).await?;
+    journal.mark("images");
+    journal.save(&ctx.target)?;
+    steps.push(Step {
+        name: "images".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail,
+    });
+
+    let t = Instant::now();
+    let detail = lay_out(&ctx, &plan, &mut journal, &mut notes)?;
+    journal.mark("layout");
+    journal.save(&ctx.target)?;
+    steps.push(Step {
+        name: "layout".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail,
+    });
+
+    let t = Instant::now();
+    reporter.note(&format!(
+        "starting compose project {} in {}",
+        ctx.project,
+        ctx.target.display()
+    ));
+    compose.up(&ctx.project, &ctx.compose_file, &ctx.env_file)?;
+    journal.mark("start");
+    journal.save(&ctx.target)?;
+    steps.push(Step {
+        name: "start".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} -p {} up -d", compose.argv.join(" "), ctx.project),
+    });
+
+    let t = Instant::now();
+    let wait = health::WaitOptions {
+        project: ctx.project.clone(),
+        timeout: Duration::from_secs(ctx.config.health.timeout_secs),
+        steady: Duration::from_secs(ctx.config.health.steady_secs),
+        poll: Duration::from_secs(1),
+    };
+    let r = reporter.clone();
+    let services = match health::wait(&engine, &wait, &move |m| r.note(m)).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(run) = journal.history.last_mut() {
+                run.finished = Some(now());
+                run.outcome = format!("failed: {}", e.message.lines().next().unwrap_or(""));
+            }
+            let _ = journal.save(&ctx.target);
+            return Err(e);
+        }
+    };
+    journal.mark("health");
+    if let Some(run) = journal.history.last_mut() {
+        run.finished = Some(now());
+        run.outcome = "installed".into();
+    }
+    journal.save(&ctx.target)?;
+    steps.push(Step {
+        name: "health".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} service(s) ready", services.len()),
+    });
+    Ok(report(&ctx, plan, steps, services, false, false, notes, t0))
+}
+
+fn report(
+    ctx: &Ctx,
+    plan: Plan,
+    steps: Vec<Step>,
+    services: Vec<health::ServiceHealth>,
+    already_installed: bool,
+    dry_run: bool,
+    notes: Vec<String>,
+    t0: Instant,
+) -> InstallReport {
+    InstallReport {
+        bundle: ctx.manifest.bundle.name.clone(),
+        version: ctx.manifest.bundle.version.clone(),
+        target: ctx.target.clone(),
+        project: ctx.project.clone(),
+        already_installed,
+        dry_run,
+        plan,
+        steps,
+        services,
+        notes,
+        seconds: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn now() -> String {
+    crate::pack::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+async fn plan_images(engine: &Engine, m: &Manifest) -> Result<Vec<PlannedImage>> {
+    let mut out = Vec::new();
+    for img in &m.images {
+        let action = if engine.image(&img.id).await?.is_none() {
+            ImageAction::Load
+        } else {
+            let mut all_tagged = true;
+            for r in &img.refs {
+                if engine.image(r).await?.map(|i| i.id) != Some(img.id.clone()) {
+                    all_tagged = false;
+                }
+            }
+            if all_tagged {
+                ImageAction::Present
+            } else {
+                ImageAction::Tag
+            }
+        };
+        out.push(PlannedImage {
+            refs: img.refs.clone(),
+            id: img.id.clone(),
+            size: img.size,
+            action,
+        });
+    }
+    Ok(out)
+}
+
+fn plan_files(
+    ctx: &Ctx,
+    stack: &crate::manifest::Stack,
+    journal: &Journal,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<(Vec<PlannedFile>, Option<envfile::Rendered>)> {
+    let mut files = Vec::new();
+    for path in &stack.files {
+        let entry = ctx
+            .reader
+            .entry(path)
+            .ok_or_else(|| Error::bundle(format!("stack file {path} is missing from the bundle")))?;
+        let content = ctx.reader.read_small(path)?.unwrap_or_default();
+        let rel = path.strip_prefix("stack/").unwrap_or(path).to_string();
+        let mode = if entry.mode & 0o111 != 0 { 0o755 } else { 0o644 };
+        files.push(decide(&ctx.target, rel, content, mode, journal));
+    }
+    // .env: rendered from the template, merged with what is there.
+    let mut env = None;
+    if let Some(t) = &stack.env_template {
+        let template = String::from_utf8_lossy(&ctx.reader.read_small(t)?.unwrap_or_default()).into_owned();
+        let existing = std::fs::read_to_string(&ctx.env_file).ok();
+        let mut secret_err = None;
+        let rendered = envfile::render(&template, existing.as_deref(), &ctx.config.env, || {
+            envfile::random_secret(32).unwrap_or_else(|e| {
+                secret_err = Some(e);
+                String::new()
+            })
+        });
+        if let Some(e) = secret_err {
+            return Err(Error::internal(format!("cannot read random bytes for secrets: {e}")));
+        }
+        match rendered {
+            Ok(r) => {
+                let action = match &existing {
+                    None => FileAction::Create,
+                    Some(old) if *old == r.text => FileAction::Unchanged,
+                    Some(_) => FileAction::Update,
+                };
+                files.push(PlannedFile {
+                    path: ".env".into(),
+                    action,
+                    content: r.text.clone().into_bytes(),
+                    mode: 0o600,
+                });
+                env = Some(r);
+            }
+            Err(missing) => {
+                for m in missing {
+                    findings.push(format!(
+                        "install config: {} is required by {t} line {} ({}=...${{{}}}...) and is not set",
+                        m.name, m.line, m.key, m.name
+                    ));
+                }
+                hints.push(
+                    "set each under [env] in the install config (--config install.toml), e.g. HOST_IP = \"10.0.0.5\""
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok((files, env))
+}
+
+fn decide(target: &Path, rel: String, content: Vec<u8>, mode: u32, journal: &Journal) -> PlannedFile {
+    let dest = target.join(&rel);
+    let new_sha = sha256_hex(&content);
+    let action = match std::fs::read(&dest) {
+        Err(_) => FileAction::Create,
+        Ok(old) => {
+            let old_sha = sha256_hex(&old);
+            if old_sha == new_sha {
+                FileAction::Unchanged
+            } else if journal.files.get(&rel) == Some(&old_sha) {
+                FileAction::Update
+            } else {
+                FileAction::KeepEdited
+            }
+        }
+    };
+    PlannedFile {
+        path: rel,
+        action,
+        content,
+        mode,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn preflight(
+    engine: &Engine,
+    compose: &Compose,
+    ctx: &Ctx,
+    plan: &Plan,
+    env: Option<&envfile::Rendered>,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<()> {
+    // Free space: docker load unpacks through a temporary copy, so twice the images' size.
+    let to_load: u64 = plan
+        .images
+        .iter()
+        .filter(|i| i.action == ImageAction::Load)
+        .map(|i| i.size)
+        .sum();
+    if to_load > 0 {
+        let root = engine.data_root().await?;
+        if let Some(free) = free_space(Path::new(&root)) {
+            let need = to_load * 2 + to_load / 10;
+            if free < need {
+                findings.push(format!(
+                    "Docker data root {root}: {} free, the images need about {} (twice their {} uncompressed, plus 10 %)",
+                    crate::inspect::human(free),
+                    crate::inspect::human(need),
+                    crate::inspect::human(to_load)
+                ));
+                hints.push(format!(
+                    "free space under {root} (`docker system df`, remove unused images), or move Docker's data root"
+                ));
+            }
+        }
+    }
+    let files_size: u64 = plan.files.iter().map(|f| f.content.len() as u64).sum::<u64>() + (1 << 20);
+    if let Some(free) = free_space(&ctx.target) {
+        if free < files_size {
+            findings.push(format!(
+                "target {}: {} free, the stack files need {}",
+                ctx.target.display(),
+                crate::inspect::human(free),
+                crate::inspect::human(files_size)
+            ));
+        }
+    }
+    // The rendered compose file, checked by compose itself in a staging copy; then its ports.
+    let Some(env) = env else { return Ok(()) };
+    let staging = tempdir_for(&ctx.target)?;
+    for f in &plan.files {
+        let p = staging.join(&f.path);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io("cannot create", d, e))?;
+        }
+        std::fs::write(&p, &f.content).map_err(|e| Error::io("cannot write", &p, e))?;
+    }
+    let _ = env;
+    // Operator-edited files are used as they are: check those, not the bundle's.
+    for f in plan.files.iter().filter(|f| f.action == FileAction::KeepEdited) {
+        let _ = std::fs::copy(ctx.target.join(&f.path), staging.join(&f.path));
+    }
+    let cf = staging.join(ctx.compose_file.strip_prefix(&ctx.target).unwrap_or(&ctx.compose_file));
+    let ef = staging.join(".env");
+    let yaml = match compose.config(&ctx.project, &cf, &ef) {
+        Ok(y) => Some(y),
+        Err(e) if e.kind == Kind::Input => {
+            findings.push(e.message);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    if let Some(yaml) = yaml {
+        let ours: Vec<(String, u16, String)> = engine
+            .project_containers(&ctx.project)
+            .await?
+            .into_iter()
+            .flat_map(|c| c.ports)
+            .collect();
+        for (service, ip, port, proto) in published_ports(&yaml) {
+            if ours.iter().any(|(_, p, pr)| *p == port && *pr == proto) {
+                continue; // held by this stack's own container (a re-run)
+            }
+            if let Err(e) = try_bind(&ip, port, &proto) {
+                findings.push(format!(
+                    "port {port}/{proto} (service {service}) on {} is already in use: {e}",
+                    if ip.is_empty() { "0.0.0.0" } else { &ip }
+                ));
+                hints.push(format!(
+                    "find what holds it (`ss -lntup | grep :{port}`) and stop it, or publish the service on another port via the install config's [env]"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tempdir_for(target: &Path) -> Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!(
+        "bkbundle-preflight-{}-{}",
+        std::process::id(),
+        sha256_hex(target.to_string_lossy().as_bytes()).get(..8).unwrap_or("")
+    ));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).map_err(|e| Error::io("cannot create", &base, e))?;
+    Ok(base)
+}
+
+/// (service, host ip, port, protocol) of every published port in `compose config` output, in
+/// either the short (`"127.0.0.1:8080:80/tcp"`) or the long form.
+pub fn published_ports(yaml: &str) -> Vec<(String, String, u16, String)> {
+    let mut out = Vec::new();
+    let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(yaml) else {
+        return out;
+    };
+    let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else {
+        return out;
+    };
+    for (name, svc) in services {
+        let name = name.as_str().unwrap_or("").to_string();
+        for p in svc.get("ports").and_then(|p| p.as_sequence()).into_iter().flatten() {
+            if let Some(s) = p.as_str() {
+                let (spec, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+                let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+                // container[, host[, ip]] reversed
+                if parts.len() >= 2 {
+                    let ip = parts
+                        .get(2)
+                        .map(|s| s.trim_matches(['[', ']']).to_string())
+                        .unwrap_or_default();
+                    if let Ok(port) = parts[1].parse() {
+                        out.push((name.clone(), ip, port, proto.to_string()));
+                    }
+                }
+            } else if let Some(published) = p.get("published") {
+                let port = published
+                    .as_u64()
+                    .map(|v| v as u16)
+                    .or_else(|| published.as_str().and_then(|s| s.parse().ok()));
+                if let Some(port) = port {
+                    let ip = p.get("host_ip").and_then(|v| v.as_str()).unwrap_or("").to_string();
+                    let proto = p.get("protocol").and_then(|v| v.as_str()).unwrap_or("tcp").to_string();
+                    out.push((name.clone(), ip, port, proto));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn try_bind(ip: &str, port: u16, proto: &str) -> std::io::Result<()> {
+    let ip = if ip.is_empty() { "0.0.0.0" } else { ip };
+    let addr = format!("{ip}:{port}");
+    if proto == "udp" {
+        std::net::UdpSocket::bind(&addr).map(|_| ())
+    } else {
+        std::net::TcpListener::bind(&addr).map(|_| ())
+    }
+}
+
+fn free_space(path: &Path) -> Option<u64> {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        p = p.parent()?.to_path_buf();
+    }
+    let c = std::ffi::CString::new(p.to_string_lossy().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Reporter) -> Result<String> {
+    let to_load: Vec<Image> = plan
+        .images
+        .iter()
+        .filter(|p| p.action == ImageAction::Load)
+        .filter_map(|p| ctx.manifest.images.iter().find(|i| i.id == p.id).cloned())
+        .collect();
+    let mut loaded = 0;
+    if !to_load.is_empty() {
+        let mut sizes = std::collections::BTreeSet::new();
+        let total: u64 = to_load
+            .iter()
+            .flat_map(|i| i.layers.iter())
+            .filter(|l| sizes.insert((*l).clone()))
+            .filter_map(|l| ctx.manifest.layer(l))
+            .map(|l| l.size)
+            .sum();
+        let names: Vec<String> = to_load.iter().map(|i| i.refs.join(", ")).collect();
+        reporter.note(&format!("loading {} image(s): {}", to_load.len(), names.join("; ")));
+        let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task("loading images", Some(total)));
+        let (body, writer) =
+            load::spawn_load_stream(ctx.reader.clone(), ctx.manifest.clone(), to_load.clone(), task.clone());
+        let res = engine.load(body).await;
+        let wres = writer
+            .await
+            .map_err(|e| Error::internal(format!("image stream task: {e}")))?;
+        task.finish();
+        wres?;
+        res?;
+        loaded = to_load.len();
+    }
+    // Tags the engine lacks (the image is there under another name, or a re-tag was lost).
+    let mut tagged = 0;
+    for p in plan.images.iter().filter(|p| p.action != ImageAction::Present) {
+        for r in &p.refs {
+            if engine.image(r).await?.map(|i| i.id) != Some(p.id.clone()) {
+                engine.tag(&p.id, r).await?;
+                tagged += 1;
+            }
+        }
+        if engine.image(&p.id).await?.is_none() {
+            return Err(Error::external(format!(
+                "image {} ({}) is still missing after loading",
+                p.refs.join(", "),
+                p.id
+            )));
+        }
+    }
+    let present = plan.images.iter().filter(|p| p.action == ImageAction::Present).count();
+    Ok(format!(
+        "{loaded} loaded, {tagged} tag(s) set, {present} already present"
+    ))
+}
+
+fn lay_out(ctx: &Ctx, plan: &Plan, journal: &mut Journal, notes: &mut Vec<String>) -> Result<String> {
+    let (mut written, mut kept) = (0, 0);
+    for f in &plan.files {
+        let dest = ctx.target.join(&f.path);
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io("cannot create", d, e))?;
+        }
+        match f.action {
+            FileAction::Unchanged => {}
+            FileAction::Create | FileAction::Update => {
+                journal::write_atomic(&dest, &f.content, f.mode)?;
+                written += 1;
+            }
+            FileAction::KeepEdited => {
+                let beside = dest.with_file_name(format!(
+                    "{}.bkbundle-new",
+                    dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                ));
+                journal::write_atomic(&beside, &f.content, f.mode)?;
+                notes.push(format!(
+                    "kept your edited {}; the bundle's version is beside it as {} (compare and merge by hand)",
+                    dest.display(),
+                    beside.display()
+                ));
+                kept += 1;
+                continue;
+            }
+        }
+        journal.files.insert(f.path.clone(), sha256_hex(&f.content));
+    }
+    let secrets = plan.env_generated.len();
+    if secrets > 0 {
+        notes.push(format!(
+            "generated {secrets} secret(s) in {} (mode 0600): {}",
+            ctx.env_file.display(),
+            plan.env_generated.join(", ")
+        ));
+    }
+    Ok(format!(
+        "{written} written, {kept} kept (edited by you), {} unchanged",
+        plan.files.len() - written - kept
+    ))
+}
+
+/// Human report.
+pub fn render(r: &InstallReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let head = if r.dry_run {
+        "dry run (nothing changed): would install"
+    } else if r.already_installed {
+        "already installed:"
+    } else {
+        "installed"
+    };
+    let _ = writeln!(
+        s,
+        "{head} {} {} in {} (compose project {})",
+        r.bundle,
+        r.version,
+        r.target.display(),
+        r.project
+    );
+    if r.dry_run || !r.already_installed {
+        let _ = writeln!(s, "images:");
+        for i in &r.plan.images {
+            let a = match i.action {
+                ImageAction::Load => "load",
+                ImageAction::Tag => "tag",
+                ImageAction::Present => "present",
+            };
+            let _ = writeln!(
+                s,
+                "  {a:<8} {:<48} {}",
+                i.refs.join(", "),
+                crate::inspect::human(i.size)
+            );
+        }
+        let _ = writeln!(s, "files:");
+        for f in &r.plan.files {
+            let a = match f.action {
+                FileAction::Create => "create",
+                FileAction::Update => "update",
+                FileAction::Unchanged => "same",
+                FileAction::KeepEdited => "keep",
+            };
+            let _ = writeln!(s, "  {a:<8} {}", f.path);
+        }
+        if !r.plan.env_generated.is_empty() {
+            let _ = writeln!(
+                s,
+                "secrets generated (values in .env only): {}",
+                r.plan.env_generated.join(", ")
+            );
+        }
+    }
+    for st in &r.steps {
+        let _ = writeln!(s, "  {:<10} {:>7.2}s  {}", st.name, st.seconds, st.detail);
+    }
+    for sv in &r.services {
+        let _ = writeln!(
+            s,
+            "  service {:<20} {:<10} after {:.1}s",
+            sv.service, sv.state, sv.ready_after_secs
+        );
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    let _ = write!(s, "total {:.1}s", r.seconds);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_from_both_compose_forms() {
+        let v1 = "services:\n  web:\n    ports:\n    - 127.0.0.1:18080:8080/tcp\n    - 9000:9000\n";
+        assert_eq!(
+            published_ports(v1),
+            vec![
+                ("web".into(), "127.0.0.1".into(), 18080, "tcp".into()),
+                ("web".into(), "".into(), 9000, "tcp".into())
+            ]
+        );
+        let v2 = "services:\n  nats:\n    ports:\n      - mode: ingress\n        host_ip: 0.0.0.0\n        target: 4222\n        published: \"14222\"\n        protocol: tcp\n";
+        assert_eq!(
+            published_ports(v2),
+            vec![("nats".into(), "0.0.0.0".into(), 14222, "tcp".into())]
+        );
+    }
+}

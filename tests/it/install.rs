@@ -1,0 +1,546 @@
+//! Issue 3: install against the real Docker engine and Docker Compose: the demo end to end, the
+//! failure variants (never healthy, exits at once, restart loop, port taken, corrupted bundle), a
+//! kill at a random point followed by a re-run, a second run, edited files, dry run, upgrade.
+
+use crate::harness::{ensure_demo_images, free_port, random_alnum, repo_root};
+use crate::pack::{bk, demo_bundle, run, Run};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A throwaway compose project: removed (containers and volumes) when the test ends. Only tests
+/// may do that; bkbundle itself never removes volumes.
+struct Project {
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Project {
+        Project {
+            name: format!("bkt{}", random_alnum(8).to_lowercase()),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn target(&self) -> PathBuf {
+        self.path("target")
+    }
+    /// An install config with this project's name, a free web port and a short deadline.
+    fn config(&self, timeout: u64, extra_env: &str) -> PathBuf {
+        let p = self.path("install.toml");
+        let text = format!(
+            "format = 1\nproject = \"{}\"\n[env]\nWEB_PORT = \"{}\"\nPOSTGRES_PORT = \"{}\"\nNATS_PORT = \"{}\"\n{extra_env}\n[health]\ntimeout_secs = {timeout}\nsteady_secs = 2\n",
+            self.name,
+            free_port(),
+            free_port(),
+            free_port()
+        );
+        fs::write(&p, text).unwrap();
+        p
+    }
+    fn install(&self, bundle: &Path, config: &Path, extra: &[&str]) -> Run {
+        let target = self.target();
+        let mut args = vec![
+            "install",
+            bundle.to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        bk(&args)
+    }
+    fn containers(&self) -> Vec<String> {
+        let r = run(Command::new("docker").args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.name),
+            "--format",
+            "{{.Names}} {{.Status}}",
+        ]));
+        r.stdout.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let ids = run(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.name),
+        ]));
+        for id in ids.stdout.split_whitespace() {
+            let _ = run(Command::new("docker").args(["rm", "-f", "-v", id]));
+        }
+        let vols = run(Command::new("docker").args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.name),
+        ]));
+        for v in vols.stdout.split_whitespace() {
+            let _ = run(Command::new("docker").args(["volume", "rm", v]));
+        }
+        let _ = run(Command::new("docker").args(["network", "rm", &format!("{}_default", self.name)]));
+    }
+}
+
+/// Pack a bundle of `images` and a compose file `compose` (a string) into `dir`.
+fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str], compose: &str) -> PathBuf {
+    let stack = dir.join(format!("stack-{version}"));
+    fs::create_dir_all(&stack).unwrap();
+    fs::write(stack.join("docker-compose.yml"), compose).unwrap();
+    fs::write(
+        stack.join("env.template"),
+        "WEB_PORT=18080\nPOSTGRES_PORT=15432\nNATS_PORT=14222\nSECRET=__GENERATE__\n",
+    )
+    .unwrap();
+    let mut recipe = format!("format = 1\n[bundle]\nname = \"{name}\"\nversion = \"{version}\"\n");
+    for i in images {
+        recipe.push_str(&format!("[[images]]\nref = \"{i}\"\npull = false\n"));
+    }
+    recipe.push_str(&format!(
+        "[stack]\ndir = \"{}\"\ncompose = \"docker-compose.yml\"\nenv_template = \"env.template\"\n",
+        stack.display()
+    ));
+    let rp = dir.join(format!("recipe-{version}.toml"));
+    fs::write(&rp, recipe).unwrap();
+    let out = dir.join(format!("{name}-{version}.bkb"));
+    let r = bk(&["pack", rp.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "pack: {}", r.stderr);
+    out
+}
+
+/// A compose file: a healthy web service plus `extra` services.
+fn compose_with(extra: &str) -> String {
+    format!(
+        r#"version: "2.4"
+services:
+  web:
+    image: bkbundle-demo/web:1
+    ports: ["127.0.0.1:${{WEB_PORT}}:8080"]
+    healthcheck:
+      test: ["CMD", "/bin/sh", "-c", "wget -q -O- http://127.0.0.1:8080/ >/dev/null"]
+      interval: 1s
+      retries: 30
+{extra}"#
+    )
+}
+
+/// A unique image only this test uses (so removing it disturbs no other test).
+fn unique_image(dir: &Path) -> String {
+    let name = format!("bkbundle-test/u{}:1", random_alnum(8).to_lowercase());
+    let ctx = dir.join("imgctx");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(ctx.join("stamp"), random_alnum(32)).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM bkbundle-demo/base:1\nCOPY stamp /stamp\nCMD [\"/bin/sh\", \"-c\", \"while true; do sleep 1; done\"]\n",
+    )
+    .unwrap();
+    let r = run(Command::new("docker")
+        .args(["build", "-q", "-t", &name, ctx.to_str().unwrap()])
+        .env("DOCKER_BUILDKIT", "0"));
+    assert_eq!(r.code, 0, "docker build: {}", r.stderr);
+    name
+}
+
+fn image_id(reference: &str) -> Option<String> {
+    let r = run(Command::new("docker").args(["image", "inspect", "-f", "{{.Id}}", reference]));
+    (r.code == 0).then(|| r.stdout.trim().to_string())
+}
+
+#[test]
+fn demo_installs_healthy_then_reruns_as_a_no_op() {
+    ensure_demo_images();
+    let p = Project::new();
+    let cfg = p.config(120, "");
+    let dry = p.install(demo_bundle(), &cfg, &["--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry.stdout.starts_with("dry run (nothing changed)"), "{}", dry.stdout);
+    assert!(!p.target().exists(), "a dry run creates nothing");
+    assert!(p.containers().is_empty());
+
+    let first = p.install(demo_bundle(), &cfg, &[]);
+    assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
+    assert!(first.stdout.contains("installed demo 1.0.0"), "{}", first.stdout);
+    let ps = p.containers();
+    assert_eq!(ps.len(), 4, "{ps:?}");
+    assert!(ps.iter().all(|c| c.contains("(healthy)")), "{ps:?}");
+
+    // Secrets: generated, in .env with mode 0600, never printed.
+    let env = fs::read_to_string(p.target().join(".env")).unwrap();
+    let secret = env
+        .lines()
+        .find_map(|l| l.strip_prefix("POSTGRES_PASSWORD="))
+        .unwrap()
+        .to_string();
+    assert!(
+        secret.len() >= 24 && secret.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{secret}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(p.target().join(".env")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        !first.stdout.contains(&secret) && !first.stderr.contains(&secret),
+        "a secret was printed"
+    );
+
+    // Second run: a fast no-op that says so, and the secret is kept.
+    let t = Instant::now();
+    let second = p.install(demo_bundle(), &cfg, &["--json"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let j: serde_json::Value = serde_json::from_str(&second.stdout).unwrap();
+    assert_eq!(j["already_installed"], true, "{}", second.stdout);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(fs::read_to_string(p.target().join(".env"))
+        .unwrap()
+        .contains(&format!("POSTGRES_PASSWORD={secret}")));
+    assert_eq!(p.containers().len(), 4);
+}
+
+#[test]
+fn an_edited_file_is_kept_and_the_new_version_written_beside_it() {
+    ensure_demo_images();
+    let p = Project::new();
+    let v1 = pack_stack(p.dir.path(), "edit", "1", &["bkbundle-demo/web:1"], &compose_with(""));
+    let cfg = p.config(60, "");
+    assert_eq!(p.install(&v1, &cfg, &[]).code, 0);
+    let compose = p.target().join("docker-compose.yml");
+    let mine = format!("{}\n# my local change\n", fs::read_to_string(&compose).unwrap());
+    fs::write(&compose, &mine).unwrap();
+    // A new version of the bundle with a changed compose file.
+    let v2 = pack_stack(
+        p.dir.path(),
+        "edit",
+        "2",
+        &["bkbundle-demo/web:1"],
+        &compose_with("").replace("retries: 30", "retries: 31"),
+    );
+    let r = p.install(&v2, &cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        fs::read_to_string(&compose).unwrap(),
+        mine,
+        "the operator's file is untouched"
+    );
+    let beside = fs::read_to_string(p.target().join("docker-compose.yml.bkbundle-new")).unwrap();
+    assert!(beside.contains("retries: 31"));
+    assert!(r.stdout.contains("kept your edited"), "{}", r.stdout);
+}
+
+#[test]
+fn an_upgrade_restarts_only_changed_services() {
+    ensure_demo_images();
+    let p = Project::new();
+    let extra = "  app:\n    image: bkbundle-demo/app:1\n";
+    let v1 = pack_stack(
+        p.dir.path(),
+        "up",
+        "1",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
+        &compose_with(extra),
+    );
+    let cfg = p.config(60, "");
+    assert_eq!(p.install(&v1, &cfg, &[]).code, 0);
+    let started = |svc: &str| {
+        let id = run(Command::new("docker").args([
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", p.name),
+            "--filter",
+            &format!("label=com.docker.compose.service={svc}"),
+        ]));
+        let id = id.stdout.trim().to_string();
+        assert!(!id.is_empty(), "service {svc} has a container");
+        run(Command::new("docker").args(["inspect", "-f", "{{.Id}} {{.State.StartedAt}}", &id]))
+            .stdout
+            .trim()
+            .to_string()
+    };
+    let (web1, app1) = (started("web"), started("app"));
+    let changed = compose_with(&extra.replace("app:1\n", "app:1\n    environment:\n      CHANGED: \"yes\"\n"));
+    let v2 = pack_stack(
+        p.dir.path(),
+        "up",
+        "2",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
+        &changed,
+    );
+    let r = p.install(&v2, &cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("installed up 2"), "{}", r.stdout);
+    assert_eq!(started("web"), web1, "the unchanged service was not restarted");
+    assert_ne!(started("app"), app1, "the changed service was recreated");
+}
+
+#[test]
+fn a_service_that_exits_at_once_fails_within_a_poll_with_its_logs() {
+    ensure_demo_images();
+    let p = Project::new();
+    let extra = "  bad:\n    image: bkbundle-demo/app:1\n    command: [\"/bin/sh\", \"-c\", \"echo 'curl: (6) Could not resolve host: pypi.org'; exit 3\"]\n";
+    let b = pack_stack(
+        p.dir.path(),
+        "exit",
+        "1",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
+        &compose_with(extra),
+    );
+    let t = Instant::now();
+    let r = p.install(&b, &p.config(300, ""), &[]);
+    let took = t.elapsed();
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(
+        took < Duration::from_secs(120),
+        "failed fast, not at the 300 s deadline ({took:?})"
+    );
+    assert!(
+        r.stderr.contains("service bad") && r.stderr.contains("exited with exit code 3"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("| curl: (6) Could not resolve host: pypi.org"),
+        "the log lines are shown: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("hint: bad: the container tries to reach the Python package index"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_restart_loop_is_caught() {
+    ensure_demo_images();
+    let p = Project::new();
+    let extra = "  loop:\n    image: bkbundle-demo/app:1\n    restart: always\n    command: [\"/bin/sh\", \"-c\", \"echo starting; sleep 1; exit 1\"]\n";
+    let b = pack_stack(
+        p.dir.path(),
+        "loop",
+        "1",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
+        &compose_with(extra),
+    );
+    let t = Instant::now();
+    let r = p.install(&b, &p.config(300, ""), &[]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(t.elapsed() < Duration::from_secs(120));
+    assert!(
+        r.stderr.contains("service loop") && r.stderr.contains("restart"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("| starting"), "{}", r.stderr);
+}
+
+#[test]
+fn a_service_that_never_becomes_healthy_fails_at_the_deadline() {
+    ensure_demo_images();
+    let p = Project::new();
+    let extra = "  slow:\n    image: bkbundle-demo/app:1\n    command: [\"/bin/sh\", \"-c\", \"echo still warming up; while true; do sleep 1; done\"]\n    healthcheck:\n      test: [\"CMD\", \"/bin/false\"]\n      interval: 1s\n      start_period: 1h\n";
+    let b = pack_stack(
+        p.dir.path(),
+        "slow",
+        "1",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
+        &compose_with(extra),
+    );
+    let t = Instant::now();
+    let r = p.install(&b, &p.config(8, ""), &[]);
+    let took = t.elapsed();
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(took >= Duration::from_secs(8), "waited for the deadline ({took:?})");
+    assert!(
+        r.stderr.contains("service slow") && r.stderr.contains("not ready after 8s"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("| still warming up"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("service web"),
+        "only the failing service is reported: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_taken_port_fails_preflight_and_changes_nothing() {
+    ensure_demo_images();
+    let p = Project::new();
+    let b = pack_stack(p.dir.path(), "port", "1", &["bkbundle-demo/web:1"], &compose_with(""));
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let cfg = p.config(60, "");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("WEB_PORT") {
+                format!("WEB_PORT = \"{port}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&cfg, text).unwrap();
+    let r = p.install(&b, &cfg, &[]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("port {port}/tcp (service web) on 127.0.0.1 is already in use")),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("nothing was changed"), "{}", r.stderr);
+    assert!(!p.target().exists());
+    assert!(p.containers().is_empty());
+}
+
+#[test]
+fn missing_site_values_are_all_named_before_anything_changes() {
+    ensure_demo_images();
+    let p = Project::new();
+    let b = pack_stack(p.dir.path(), "site", "1", &["bkbundle-demo/web:1"], &compose_with(""));
+    // Repack with a template that needs site values.
+    let stack = p.dir.path().join("stack-1");
+    fs::write(
+        stack.join("env.template"),
+        "WEB_PORT=18080\nHOST_IP=${HOST_IP}\nURL=https://${HOST_IP}:${TLS_PORT}\n",
+    )
+    .unwrap();
+    let rp = p.dir.path().join("recipe-1.toml");
+    assert_eq!(bk(&["pack", rp.to_str().unwrap(), "-o", b.to_str().unwrap()]).code, 0);
+    let r = p.install(&b, &p.config(60, ""), &[]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("HOST_IP is required by stack/env.template line 2"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("TLS_PORT is required by stack/env.template line 3"),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.target().exists());
+}
+
+#[test]
+fn a_corrupted_bundle_loads_nothing() {
+    ensure_demo_images();
+    let p = Project::new();
+    let img = unique_image(p.dir.path());
+    let extra = format!("  u:\n    image: {img}\n");
+    let b = pack_stack(
+        p.dir.path(),
+        "corrupt",
+        "1",
+        &["bkbundle-demo/web:1", &img],
+        &compose_with(&extra),
+    );
+    let id = image_id(&img).unwrap();
+    assert_eq!(run(Command::new("docker").args(["rmi", &img])).code, 0);
+    // Flip one byte in the middle of the bundle.
+    let len = fs::metadata(&b).unwrap().len();
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().read(true).write(true).open(&b).unwrap();
+        let mut x = [0u8];
+        f.seek(SeekFrom::Start(len / 3)).unwrap();
+        f.read_exact(&mut x).unwrap();
+        f.seek(SeekFrom::Start(len / 3)).unwrap();
+        f.write_all(&[x[0] ^ 0xff]).unwrap();
+    }
+    let r = p.install(&b, &p.config(60, ""), &[]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("failed verification") && r.stderr.contains("nothing was changed"),
+        "{}",
+        r.stderr
+    );
+    assert!(image_id(&id).is_none(), "no image was loaded");
+    assert!(!p.target().exists());
+    assert!(p.containers().is_empty());
+}
+
+#[test]
+fn a_killed_install_converges_on_rerun() {
+    ensure_demo_images();
+    let p = Project::new();
+    let img = unique_image(p.dir.path());
+    let extra = format!("  u:\n    image: {img}\n");
+    let b = pack_stack(
+        p.dir.path(),
+        "kill",
+        "1",
+        &["bkbundle-demo/web:1", "bkbundle-demo/app:1", &img],
+        &compose_with(&extra),
+    );
+    let id = image_id(&img).unwrap();
+    let cfg = p.config(120, "");
+    // Kill at pseudo-random points across the steps (verify, load, layout, up, health).
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for round in 0..3 {
+        let _ = run(Command::new("docker").args(["rmi", "-f", &img]));
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(300 + (seed >> 33) % 6000);
+        let mut child = crate::harness::bkbundle()
+            .args([
+                "install",
+                b.to_str().unwrap(),
+                "--target",
+                p.target().to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        let r = p.install(&b, &cfg, &[]);
+        assert_eq!(
+            r.code, 0,
+            "round {round}, killed after {delay:?}: {}\n{}",
+            r.stdout, r.stderr
+        );
+        assert_eq!(
+            image_id(&img).as_deref(),
+            Some(id.as_str()),
+            "the image is loaded with its id"
+        );
+        let ps = p.containers();
+        assert_eq!(ps.len(), 2, "no duplicates: {ps:?}");
+        let j = fs::read_to_string(p.target().join(".bkbundle/journal.json")).unwrap();
+        assert!(j.contains("\"health\""), "{j}");
+    }
+}
+
+#[test]
+fn the_demo_stack_files_are_what_compose_accepts() {
+    // The stack in examples/demo must render with its template alone (no site values needed),
+    // so that scripts/demo.sh installs with nothing but Docker.
+    let t = fs::read_to_string(repo_root().join("examples/demo/stack/env.template")).unwrap();
+    assert!(!t.contains("${"), "the demo needs no site values");
+}
