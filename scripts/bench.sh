@@ -3,6 +3,7 @@
 #
 #   scripts/bench.sh            all sections
 #   scripts/bench.sh pack       issue 2: pack / verify against docker save (+gzip, sha256sum)
+#   scripts/bench.sh install    issue 3: image loading against docker load -i; a re-run; memory
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack}
+SECTIONS=${*:-pack install}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -22,11 +23,16 @@ need docker; need gzip; need sha256sum; [ -x /usr/bin/time ] || { say "missing /
 cargo build --release --quiet
 BK=$ROOT/target/release/bkbundle
 
-# time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR.
+# time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR. For bkbundle (run with
+# -v) the peak is its own VmHWM as it reports it: GNU time's %M would include the largest waited-for
+# child (docker-compose, a Python program of ~40 MiB).
 time_rss() {
   local var=$1; shift
-  /usr/bin/time -f '%e %M' -o "$WORK/time.out" "$@" >/dev/null
-  printf -v "$var" '%s' "$(tail -n1 "$WORK/time.out")"
+  /usr/bin/time -f '%e %M' -o "$WORK/time.out" "$@" >/dev/null 2>"$WORK/stderr.out" || { cat "$WORK/stderr.out" >&2; return 1; }
+  local t m own
+  read -r t m < <(tail -n1 "$WORK/time.out")
+  own=$(sed -n 's/^bkbundle: peak memory \([0-9]*\) kB$/\1/p' "$WORK/stderr.out" | tail -n1)
+  printf -v "$var" '%s %s' "$t" "${own:-$m}"
 }
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
 mb() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1e6:.0f} MB')" "$1"; }
@@ -73,7 +79,7 @@ bench_pack() {
   local raw; raw=$(stat -c %s "$WORK/x.tar"); rm -f "$WORK/x.tar"
   time_rss t_gz bash -c "docker save ${small[*]} | gzip -6 > '$WORK/x.tar.gz' && sha256sum '$WORK/x.tar.gz'"
   local gz; gz=$(stat -c %s "$WORK/x.tar.gz"); rm -f "$WORK/x.tar.gz"
-  time_rss t_pack "$BK" --no-progress pack "$WORK/small.toml" -o "$WORK/small.bkb"
+  time_rss t_pack "$BK" -v --no-progress pack "$WORK/small.toml" -o "$WORK/small.bkb"
   local bkb; bkb=$(stat -c %s "$WORK/small.bkb")
   local bin; bin=$(stat -c %s "$BK")
   say "docker save -o               ${t_save% *} s   ($(mb "$raw") tar)"
@@ -87,15 +93,15 @@ bench_pack() {
   cat "$WORK/small.bkb" > /dev/null
   local t_ver t_sha
   time_rss t_sha sha256sum "$WORK/small.bkb"
-  time_rss t_ver "$BK" --no-progress verify "$WORK/small.bkb"
+  time_rss t_ver "$BK" -v --no-progress verify "$WORK/small.bkb"
   say "sha256sum of the bundle      ${t_sha% *} s   ($(gbps "$bkb" "${t_sha% *}"))"
   say "bkbundle verify              ${t_ver% *} s   ($(gbps "$bkb" "${t_ver% *}"), target >= 1 GB/s)  peak RSS $(( ${t_ver#* } / 1024 )) MiB"
 
   say "== memory does not grow with bundle size: ~3 GB of images"
   local t_pack3 t_ver3
-  time_rss t_pack3 "$BK" --no-progress pack "$WORK/big.toml" -o "$WORK/big.bkb"
+  time_rss t_pack3 "$BK" -v --no-progress pack "$WORK/big.toml" -o "$WORK/big.bkb"
   cat "$WORK/big.bkb" > /dev/null
-  time_rss t_ver3 "$BK" --no-progress verify "$WORK/big.bkb"
+  time_rss t_ver3 "$BK" -v --no-progress verify "$WORK/big.bkb"
   local big_size; big_size=$(stat -c %s "$WORK/big.bkb")
   say "pack   1 GB: $(( ${t_pack#* } / 1024 )) MiB   3 GB: $(( ${t_pack3#* } / 1024 )) MiB   ratio $(ratio "${t_pack3#* }" "${t_pack#* }") (target <= 1.10, both <= 64 MiB)"
   say "verify 1 GB: $(( ${t_ver#* } / 1024 )) MiB   3 GB: $(( ${t_ver3#* } / 1024 )) MiB   ratio $(ratio "${t_ver3#* }" "${t_ver#* }") (target <= 1.10, both <= 64 MiB)"
@@ -103,9 +109,60 @@ bench_pack() {
   rm -f "$WORK"/*.bkb
 }
 
+# Remove every benchmark image, so that a load really loads all layers, the shared base included
+# (a fresh offline host). The next run of this script builds them again (a few minutes).
+drop_images() {
+  local ids; ids=$(docker images -q 'bkbundle-bench/*' | sort -u)
+  [ -z "$ids" ] || docker rmi -f $ids >/dev/null 2>&1 || true
+}
+
+bench_install() {
+  make_images
+  local small=(bkbundle-bench/app1:1 bkbundle-bench/app2:1 bkbundle-bench/app3:1)
+  recipe "$WORK/small.toml" "${small[@]}"
+  # A stack so install has something to start (the benchmark images hold files, no programs: the
+  # service runs the demo image, built by scripts/demo-images.sh).
+  bash scripts/demo-images.sh >/dev/null
+  mkdir -p "$WORK/stack"
+  printf 'version: "2.4"\nservices:\n  app:\n    image: bkbundle-demo/app:1\n' > "$WORK/stack/docker-compose.yml"
+  printf 'X=1\n' > "$WORK/stack/env.template"
+  printf '[stack]\ndir = "stack"\ncompose = "docker-compose.yml"\nenv_template = "env.template"\nproject = "bkbench"\n' >> "$WORK/small.toml"
+  "$BK" -v --no-progress pack "$WORK/small.toml" -o "$WORK/small.bkb" >/dev/null
+  docker save -o "$WORK/x.tar" "${small[@]}"
+  local raw; raw=$(stat -c %s "$WORK/x.tar")
+
+  say "== install: image loading (~1 GB, 3 images sharing a base layer)"
+  local t_load t_inst
+  docker-compose -p bkbench -f "$WORK/stack/docker-compose.yml" down >/dev/null 2>&1 || true
+  drop_images
+  cat "$WORK/x.tar" > /dev/null
+  time_rss t_load docker load -i "$WORK/x.tar"
+  drop_images
+  rm -rf "$WORK/target"
+  cat "$WORK/small.bkb" > /dev/null
+  time_rss t_inst "$BK" -v --no-progress install "$WORK/small.bkb" --target "$WORK/target" --timeout 120
+  say "docker load -i (uncompressed save tar, $(mb "$raw"))   ${t_load% *} s"
+  say "bkbundle install (verify + load + start + health)    ${t_inst% *} s   peak RSS $(( ${t_inst#* } / 1024 )) MiB (target <= 64)"
+  # The image step alone, from the install report of a fresh load.
+  docker-compose -p bkbench -f "$WORK/target/docker-compose.yml" down >/dev/null 2>&1 || true
+  drop_images
+  rm -rf "$WORK/target"
+  local images_s; images_s=$("$BK" --json --no-progress install "$WORK/small.bkb" --target "$WORK/target" --timeout 120 | python3 -c 'import json,sys; r=json.load(sys.stdin); print([s["seconds"] for s in r["steps"] if s["name"]=="images"][0])')
+  say "bkbundle image step alone                           $images_s s"
+  say "ratio image loading / docker load -i     $(ratio "$images_s" "${t_load% *}")   (target <= 1.2)"
+
+  say "== install: re-run when everything is installed"
+  local t_rerun
+  time_rss t_rerun "$BK" -v --no-progress install "$WORK/small.bkb" --target "$WORK/target"
+  say "bkbundle install (already installed)     ${t_rerun% *} s   (target <= 10 s)  peak RSS $(( ${t_rerun#* } / 1024 )) MiB"
+  docker-compose -p bkbench -f "$WORK/target/docker-compose.yml" down >/dev/null 2>&1 || true
+  rm -rf "$WORK/target" "$WORK/x.tar" "$WORK"/*.bkb
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
-    *) say "unknown section $s (known: pack)"; exit 2 ;;
+    install) bench_install ;;
+    *) say "unknown section $s (known: pack install)"; exit 2 ;;
   esac
 done

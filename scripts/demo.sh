@@ -2,8 +2,12 @@
 # The main job on the built-in demo, with nothing but Docker on the host:
 #   1. install prerequisites (scripts/setup.sh) and build bkbundle (release);
 #   2. make the demo images and agent package offline (scripts/demo-images.sh);
-#   3. pack examples/demo/recipe.toml into target/demo/demo.bkb, verify it, show what is inside.
-# Re-running is safe: images are kept, the bundle is rewritten.
+#   3. pack examples/demo/recipe.toml into target/demo/demo.bkb, verify it, show what is inside;
+#   4. install it on the local Docker engine into target/demo/bkdemo: load the images from the
+#      bundle, lay out the stack (web on 127.0.0.1:18080, PostgreSQL, NATS), start it and wait
+#      until every service is healthy.
+# Re-running is safe: images are kept, the bundle is rewritten, install converges ("already
+# installed"). Stop the demo with: docker-compose -p bkdemo -f target/demo/bkdemo/docker-compose.yml stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +23,5 @@ echo "== bkbundle verify target/demo/demo.bkb"
 "$BK" verify target/demo/demo.bkb
 echo "== bkbundle inspect target/demo/demo.bkb"
 "$BK" inspect target/demo/demo.bkb
+echo "== bkbundle install target/demo/demo.bkb --target target/demo/bkdemo"
+"$BK" install target/demo/demo.bkb --target "$PWD/target/demo/bkdemo"

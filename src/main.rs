@@ -17,6 +17,7 @@ fn main() {
     init_tracing(cli.global.verbose);
     let g = cli.global.clone();
     let reporter: Arc<dyn Reporter> = Arc::new(Terminal::new(!g.no_progress && !g.json, g.quiet));
+    let verbose = g.verbose;
     let code = match run(cli, reporter.clone()) {
         Ok(out) => {
             emit(&out, &g);
@@ -27,7 +28,18 @@ fn main() {
             e.kind.exit_code()
         }
     };
+    if verbose > 0 {
+        // Our own peak memory (not docker-compose's, which rusage of children would include).
+        if let Some(hwm) = peak_memory() {
+            let _ = writeln!(std::io::stderr(), "bkbundle: peak memory {hwm}");
+        }
+    }
     std::process::exit(code);
+}
+
+fn peak_memory() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().to_string())
 }
 
 /// A command's result: JSON value plus its human rendering.

@@ -15,6 +15,8 @@ pub trait Reporter: Send + Sync {
 
 pub trait Task: Send + Sync {
     fn advance(&self, bytes: u64);
+    /// Say what the step is working on now (e.g. which image).
+    fn message(&self, _msg: &str) {}
     fn finish(&self);
 }
 
@@ -60,6 +62,9 @@ struct BarTask(ProgressBar);
 impl Task for BarTask {
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);
+    }
+    fn message(&self, msg: &str) {
+        self.0.set_message(msg.to_string());
     }
     fn finish(&self) {
         self.0.finish_and_clear();

@@ -207,14 +207,6 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             None
         }
     };
-    let compose = match Compose::detect() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            findings.push(e.message.clone());
-            hints.extend(e.hints);
-            None
-        }
-    };
     let images = match &engine {
         Some(engine) => plan_images(engine, &ctx.manifest).await?,
         None => vec![],
@@ -265,6 +257,14 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         }
     }
 
+    let compose = match Compose::detect() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            findings.push(e.message.clone());
+            hints.extend(e.hints);
+            None
+        }
+    };
     if let (Some(engine), Some(compose)) = (&engine, &compose) {
         preflight(engine, compose, &ctx, &plan, env.as_ref(), &mut findings, &mut hints).await?;
     }
