@@ -24,7 +24,6 @@ pub struct EntryWriter<'a> {
     w: &'a mut BundleWriter,
     header_at: u64,
     ustar_at: u64,
-    data_at: u64,
     path: String,
     mode: u32,
     hasher: Hasher,
@@ -76,7 +75,6 @@ impl BundleWriter {
             w: self,
             header_at,
             ustar_at: data_at - BLOCK,
-            data_at,
             path: path.to_string(),
             mode,
             hasher: Hasher::new(),
@@ -171,11 +169,6 @@ impl EntryWriter<'_> {
     /// Bytes of payload written so far.
     pub fn written(&self) -> u64 {
         self.hasher.len()
-    }
-
-    #[allow(dead_code)]
-    fn data_offset(&self) -> u64 {
-        self.data_at
     }
 }
 

@@ -571,7 +571,9 @@ async fn preflight(
         }
     }
     // The rendered compose file, checked by compose itself in a staging copy; then its ports.
-    let Some(env) = env else { return Ok(()) };
+    if env.is_none() {
+        return Ok(()); // the env template did not render: already a finding
+    }
     let staging = tempdir_for(&ctx.target)?;
     for f in &plan.files {
         let p = staging.join(&f.path);
@@ -580,7 +582,6 @@ async fn preflight(
         }
         std::fs::write(&p, &f.content).map_err(|e| Error::io("cannot write", &p, e))?;
     }
-    let _ = env;
     // Operator-edited files are used as they are: check those, not the bundle's.
     for f in plan.files.iter().filter(|f| f.action == FileAction::KeepEdited) {
         let _ = std::fs::copy(ctx.target.join(&f.path), staging.join(&f.path));

@@ -286,22 +286,25 @@ fn an_upgrade_restarts_only_changed_services() {
     assert_ne!(started("app"), app1, "the changed service was recreated");
 }
 
+/// Install a stack of web plus the `extra` services, expecting the health wait to fail (exit 9);
+/// returns the run and how long it took.
+fn install_unhealthy(p: &Project, name: &str, extra: &str, timeout: u64) -> (Run, Duration) {
+    ensure_demo_images();
+    let images = ["bkbundle-demo/web:1", "bkbundle-demo/app:1"];
+    let b = pack_stack(p.dir.path(), name, "1", &images, &compose_with(extra));
+    let t = Instant::now();
+    let r = p.install(&b, &p.config(timeout, ""), &[]);
+    let took = t.elapsed();
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    (r, took)
+}
+
 #[test]
 fn a_service_that_exits_at_once_fails_within_a_poll_with_its_logs() {
     ensure_demo_images();
     let p = Project::new();
     let extra = "  bad:\n    image: bkbundle-demo/app:1\n    command: [\"/bin/sh\", \"-c\", \"echo 'curl: (6) Could not resolve host: pypi.org'; exit 3\"]\n";
-    let b = pack_stack(
-        p.dir.path(),
-        "exit",
-        "1",
-        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
-        &compose_with(extra),
-    );
-    let t = Instant::now();
-    let r = p.install(&b, &p.config(300, ""), &[]);
-    let took = t.elapsed();
-    assert_eq!(r.code, 9, "{}", r.stderr);
+    let (r, took) = install_unhealthy(&p, "exit", extra, 300);
     assert!(
         took < Duration::from_secs(120),
         "failed fast, not at the 300 s deadline ({took:?})"
@@ -329,17 +332,8 @@ fn a_restart_loop_is_caught() {
     ensure_demo_images();
     let p = Project::new();
     let extra = "  loop:\n    image: bkbundle-demo/app:1\n    restart: always\n    command: [\"/bin/sh\", \"-c\", \"echo starting; sleep 1; exit 1\"]\n";
-    let b = pack_stack(
-        p.dir.path(),
-        "loop",
-        "1",
-        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
-        &compose_with(extra),
-    );
-    let t = Instant::now();
-    let r = p.install(&b, &p.config(300, ""), &[]);
-    assert_eq!(r.code, 9, "{}", r.stderr);
-    assert!(t.elapsed() < Duration::from_secs(120));
+    let (r, took) = install_unhealthy(&p, "loop", extra, 300);
+    assert!(took < Duration::from_secs(120));
     assert!(
         r.stderr.contains("service loop") && r.stderr.contains("restart"),
         "{}",
@@ -353,17 +347,7 @@ fn a_service_that_never_becomes_healthy_fails_at_the_deadline() {
     ensure_demo_images();
     let p = Project::new();
     let extra = "  slow:\n    image: bkbundle-demo/app:1\n    command: [\"/bin/sh\", \"-c\", \"echo still warming up; while true; do sleep 1; done\"]\n    healthcheck:\n      test: [\"CMD\", \"/bin/false\"]\n      interval: 1s\n      start_period: 1h\n";
-    let b = pack_stack(
-        p.dir.path(),
-        "slow",
-        "1",
-        &["bkbundle-demo/web:1", "bkbundle-demo/app:1"],
-        &compose_with(extra),
-    );
-    let t = Instant::now();
-    let r = p.install(&b, &p.config(8, ""), &[]);
-    let took = t.elapsed();
-    assert_eq!(r.code, 9, "{}", r.stderr);
+    let (r, took) = install_unhealthy(&p, "slow", extra, 8);
     assert!(took >= Duration::from_secs(8), "waited for the deadline ({took:?})");
     assert!(
         r.stderr.contains("service slow") && r.stderr.contains("not ready after 8s"),
