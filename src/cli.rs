@@ -9,10 +9,12 @@ Exit codes:
   0  success
   1  internal error (a bug: please report it with the output of -v)
   2  usage error (unknown flag, missing argument)
-  3  bad input: recipe, package, key or other file given on the command line
+  3  bad input: recipe, package, key or other file given on the command line; an install config
+     whose cloud regions would break agents (every problem is listed; nothing was written)
   4  the bundle failed verification (damaged, truncated, missing part, bad signature)
-  5  the bundle's format is newer than this bkbundle supports
-  6  an external system is unreachable or refused (Docker engine, registry)
+  5  the bundle's format (or the platform database's schema) is newer than this bkbundle supports
+  6  an external system is unreachable, refused or not ready (Docker engine, registry, PostgreSQL;
+     the server has not created its tables yet)
   7  local I/O failed (disk full, permissions)
   8  install's preflight found problems (nothing was changed)
   9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)";
@@ -65,6 +67,9 @@ pub enum Command {
     /// Install a bundle on this (offline) host: verify, preflight, load images, lay out and start the stack, wait on health.
     #[command(after_help = INSTALL_HELP)]
     Install(InstallArgs),
+    /// Check or seed every cloud region's sidecar env (NODE_SERVER_URL, NATS_*, ...) in the platform's database.
+    #[command(after_help = REGIONS_HELP)]
+    Regions(RegionsArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -122,6 +127,8 @@ The install config (--config install.toml) holds what only the site knows:
   [health]
   timeout_secs = 600              # deadline for the stack to become healthy
   steady_secs = 5                 # a service without a health check is ready after this long
+  [database]                      # optional: see `bkbundle regions --help`
+  [[regions]]                     # optional: the site's cloud regions, see `bkbundle regions --help`
 
 Re-running install is safe: it resumes a killed install, reports \"already installed\" when nothing
 changed, and upgrades to a newer bundle restarting only changed services. It never runs
@@ -151,6 +158,72 @@ pub struct InstallArgs {
     /// Health deadline in seconds (overrides the config's).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+}
+
+pub const REGIONS_HELP: &str = "\
+Every region's env is the bundle's defaults ([regions] of its manifest), overridden by the
+install config; `${NAME}` placeholders are filled from the config's [env] over the stack's .env
+(--env-file). A region other than `default` inherits the keys it does not set from `default`,
+with the host of NODE_SERVER_URL and NATS_SERVERS replaced by its proxy_address. Regions in the
+database but not in the config are checked and left alone. In the install config:
+  [database]
+  url = \"postgres://${POSTGRES_USER}:${POSTGRES_PASSWORD}@127.0.0.1:${POSTGRES_PORT}/${POSTGRES_DB}\"
+  secret_key_env = \"SECRET_KEY\"        # the server's SECRET_KEY encrypts *PASSWORD* keys
+  redis_url = \"redis://:${REDIS_PASSWORD}@127.0.0.1:${REDIS_PORT}/1\"   # the server's cache
+  [[regions]]
+  name = \"east\"
+  proxy_address = \"10.1.0.9\"          # a host: agents of this region reach the platform there
+  local = false                       # true allows loopback URLs (agents on this very host)
+  [regions.env]
+  STARGAZER_URL = \"http://10.1.0.9:8083\"
+
+The database: --database-url, else DATABASE_URL, else [database] url, else the PG* variables
+(PGHOST PGPORT PGUSER PGPASSWORD PGDATABASE), else the stack's .env (POSTGRES_* on its
+INTERNAL_BIND_IP, 127.0.0.1 by default). The server's Redis cache: [database] redis_url, else the
+stack's (REDIS_PASSWORD and REDIS_PORT of its .env, db 1).
+`apply` writes in one transaction, leaves rows that are already right alone (secrets are compared
+decrypted), and removes the server's cached env of the regions it changed. Secret values are
+never printed.";
+
+#[derive(Args, Debug)]
+pub struct RegionsArgs {
+    #[command(subcommand)]
+    pub command: RegionsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegionsCommand {
+    /// Validate every region's env (every problem at once); needs no database.
+    Check(RegionsCommon),
+    /// Seed every region's env in the platform's PostgreSQL (one transaction).
+    Apply(RegionsApplyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RegionsCommon {
+    /// The bundle whose region defaults apply (its required keys and default values).
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// The install config (TOML): [[regions]], [env], [database].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The stack's rendered .env (e.g. /opt/bklite/.env): site values such as HOST_IP, the
+    /// generated NATS passwords and SECRET_KEY.
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RegionsApplyArgs {
+    #[command(flatten)]
+    pub common: RegionsCommon,
+    /// The platform's database, postgres://USER:PASSWORD@HOST:PORT/DB (default: DATABASE_URL,
+    /// [database] url, the PG* variables, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Show what would be created, updated or left unchanged, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,9 +1,10 @@
 //! bkbundle: pack BK-Lite into one verified offline bundle and install it on an air-gapped host.
 //!
 //! Each command is one module with one entry point taking plain options and returning a report:
-//! [`pack::run`], [`verify::run`], [`inspect::run`], [`install::run`]. The bundle format lives in [`bundle`] and
-//! [`manifest`] only. External systems sit behind [`engine`]. The library never prints: progress
-//! goes through [`progress::Reporter`], results are returned.
+//! [`pack::run`], [`verify::run`], [`inspect::run`], [`install::run`], [`regions::run`]. The
+//! bundle format lives in [`bundle`] and [`manifest`] only. External systems sit behind
+//! [`engine`]. The library never prints: progress goes through [`progress::Reporter`], results
+//! are returned.
 
 pub mod bundle;
 pub mod digest;
@@ -15,6 +16,7 @@ pub mod manifest;
 pub mod pack;
 pub mod package_check;
 pub mod progress;
+pub mod regions;
 pub mod savefile;
 pub mod sign;
 pub mod verify;

@@ -3,11 +3,12 @@
 mod cli;
 
 use bkbundle::error::{Error, Kind};
+use bkbundle::install::{config::InstallConfig, envfile};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
-use bkbundle::{inspect, install, pack, verify};
+use bkbundle::{inspect, install, pack, regions, verify};
 use clap::{CommandFactory, Parser};
-use cli::{Cli, Command, CompressionArg};
+use cli::{Cli, Command, CompressionArg, RegionsCommand};
 use serde::Serialize;
 use std::io::Write;
 use std::sync::Arc;
@@ -140,6 +141,37 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             let rt = runtime()?;
             let r = rt.block_on(install::run(opts, reporter))?;
             let text = install::render(&r);
+            Ok(output(&r, text))
+        }
+        Command::Regions(a) => {
+            let (mode, common, database_url) = match a.command {
+                RegionsCommand::Check(c) => (regions::Mode::Check, c, None),
+                RegionsCommand::Apply(a) => {
+                    let mode = if a.dry_run {
+                        regions::Mode::DryRun
+                    } else {
+                        regions::Mode::Apply
+                    };
+                    (mode, a.common, a.database_url)
+                }
+            };
+            let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
+            let config = match &common.config {
+                Some(p) => InstallConfig::load(p)?,
+                None => InstallConfig::default(),
+            };
+            let env_file = match &common.env_file {
+                Some(p) => envfile::parse(
+                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
+                ),
+                None => Default::default(),
+            };
+            let site = regions::site_values(&env_file, &config.env);
+            let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
+            opts.database_url = database_url;
+            let rt = runtime()?;
+            let r = rt.block_on(regions::run(&opts))?;
+            let text = regions::render(&r);
             Ok(output(&r, text))
         }
         Command::Completions { shell } => {

@@ -154,7 +154,8 @@ pub struct RegionDef {
     pub env: BTreeMap<String, String>,
 }
 
-fn is_env_key(k: &str) -> bool {
+/// A sidecar env key: upper-case letters, digits and `_`, starting with a letter.
+pub fn is_env_key(k: &str) -> bool {
     let mut b = k.bytes();
     matches!(b.next(), Some(c) if c.is_ascii_uppercase())
         && b.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')

@@ -13,6 +13,22 @@
 //! [health]
 //! timeout_secs = 600            # deadline for the whole stack to become healthy
 //! steady_secs = 5               # a service without a health check is ready after running this long
+//!
+//! [database]                    # the platform's PostgreSQL, for seeding the regions' sidecar env
+//! # All optional. `${NAME}` placeholders are filled from the site values ([env] over the stack's .env).
+//! url = "postgres://${POSTGRES_USER}:${POSTGRES_PASSWORD}@127.0.0.1:${POSTGRES_PORT}/${POSTGRES_DB}"
+//! secret_key_env = "SECRET_KEY" # site value (else process env var) holding the server's SECRET_KEY
+//! # secret_key = "..."          # or the key itself (not both)
+//! redis_url = "redis://:${REDIS_PASSWORD}@127.0.0.1:${REDIS_PORT}/1"  # the server's Redis cache
+//! migrations_timeout_secs = 300 # install waits this long for the server's tables
+//!
+//! [[regions]]                   # a cloud region (`default` is region 1, the server's own)
+//! name = "east"
+//! introduction = "east data centre"
+//! proxy_address = "10.1.0.9"    # host of NODE_SERVER_URL and NATS_SERVERS for this region
+//! local = false                 # true: agents run on this host, so loopback URLs are allowed
+//! [regions.env]                 # this region's own values (others are inherited from `default`)
+//! STARGAZER_URL = "http://10.1.0.9:8083"
 //! ```
 
 use crate::error::{Error, Kind, Result};
@@ -31,6 +47,81 @@ pub struct InstallConfig {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub health: Health,
+    /// `[database]`: how to reach the platform's PostgreSQL (and cache) and decrypt its secrets.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// `[[regions]]`: the site's cloud regions, merged by name over the bundle's (the site wins).
+    #[serde(default)]
+    pub regions: Vec<RegionConfig>,
+}
+
+/// `[database]`. Every field is optional; `${NAME}` placeholders in `url` and `redis_url` are
+/// filled from the site values (the install config's `[env]` over the stack's rendered `.env`), so
+/// the generated passwords never have to be copied into the config.
+///
+/// Where the database URL comes from, first match wins: `--database-url`, the `DATABASE_URL`
+/// variable, `url` here, the usual `PG*` variables (when any is set), the stack's own `.env`
+/// (`POSTGRES_USER`, `POSTGRES_PASSWORD`, `POSTGRES_PORT`, `POSTGRES_DB` on its
+/// `INTERNAL_BIND_IP`, 127.0.0.1 by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/database` (or libpq `key=value` form).
+    pub url: Option<String>,
+    /// The server's Django `SECRET_KEY` itself, which encrypts `secret` env values. Prefer
+    /// `secret_key_env`: a key written here is one more copy of the secret to protect.
+    pub secret_key: Option<String>,
+    /// The name of the site value holding `SECRET_KEY` (looked up in the site values, then in
+    /// bkbundle's own environment). Default `SECRET_KEY`, the stack's `.env` variable.
+    pub secret_key_env: Option<String>,
+    /// `redis://[user][:password]@host:port/db` of the server's Django cache, when it is Redis
+    /// (the stack's is: db 1). Default: the stack's Redis when its `.env` is known (it has
+    /// `REDIS_PASSWORD`). Without either only the database cache table is invalidated and the
+    /// server may serve a region's old env for up to 300 s.
+    pub redis_url: Option<String>,
+    /// How long install waits for the server to create its tables (it migrates at start-up).
+    #[serde(default = "default_migrations_timeout")]
+    pub migrations_timeout_secs: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            secret_key: None,
+            secret_key_env: None,
+            redis_url: None,
+            migrations_timeout_secs: default_migrations_timeout(),
+        }
+    }
+}
+
+fn default_migrations_timeout() -> u64 {
+    300
+}
+
+/// `[[regions]]`: one cloud region as the site wants it.
+///
+/// `introduction` and `proxy_address` left out keep what the bundle (or an existing region)
+/// has; `proxy_address = ""` explicitly clears it. Keys not under `env` are inherited from the
+/// `default` region, with the host of `NODE_SERVER_URL` and `NATS_SERVERS` replaced by
+/// `proxy_address` when it is set, as the server does for a new region.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    pub introduction: Option<String>,
+    /// The host (IP address or name, no scheme, no port) that this region's agents reach the
+    /// platform through.
+    pub proxy_address: Option<String>,
+    /// The region's agents run on this very host, so loopback addresses (127.0.0.1, ::1,
+    /// localhost) in `NODE_SERVER_URL` and `NATS_SERVERS` are allowed. Default false: for agents
+    /// elsewhere a loopback address points at their own machine.
+    #[serde(default)]
+    pub local: bool,
+    /// This region's own sidecar env values (may hold `${NAME}` placeholders).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 fn one() -> u32 {
@@ -93,6 +184,29 @@ impl InstallConfig {
                 problems.push(format!("[env] {k}: values cannot span lines"));
             }
         }
+        if c.database.secret_key.is_some() && c.database.secret_key_env.is_some() {
+            problems.push("[database]: give either secret_key or secret_key_env, not both".into());
+        }
+        if c.database.migrations_timeout_secs == 0 {
+            problems.push("[database] migrations_timeout_secs must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, r) in c.regions.iter().enumerate() {
+            let what = format!("[[regions]] #{} ({:?})", i + 1, r.name);
+            if r.name.trim().is_empty() || r.name.chars().count() > 100 {
+                problems.push(format!("{what}: name must be 1 to 100 characters"));
+            }
+            if !names.insert(r.name.as_str()) {
+                problems.push(format!("{what}: region {:?} is declared twice", r.name));
+            }
+            for k in r.env.keys() {
+                if !crate::manifest::is_env_key(k) || k.len() > 100 {
+                    problems.push(format!(
+                        "{what}: env key {k:?} is not a sidecar env key (upper-case letters, digits, `_`, at most 100)"
+                    ));
+                }
+            }
+        }
         if c.health.timeout_secs == 0 {
             problems.push("[health] timeout_secs must be at least 1".into());
         }
@@ -131,5 +245,34 @@ mod tests {
         );
         let e = InstallConfig::parse("format = 3\n", "i.toml").unwrap_err();
         assert_eq!(e.kind, Kind::Unsupported);
+    }
+
+    #[test]
+    fn regions_and_database() {
+        let c = InstallConfig::parse(
+            "[database]\nurl = \"postgres://u@h/db\"\n[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n\
+             [regions.env]\nSTARGAZER_URL = \"http://x\"\n[[regions]]\nname = \"default\"\nlocal = true\n",
+            "i.toml",
+        )
+        .unwrap();
+        assert_eq!(c.regions.len(), 2);
+        assert_eq!(c.regions[0].proxy_address.as_deref(), Some("10.1.0.9"));
+        assert!(c.regions[1].local && c.regions[1].introduction.is_none());
+        assert_eq!(c.database.migrations_timeout_secs, 300);
+        let e = InstallConfig::parse(
+            "[database]\nsecret_key = \"a\"\nsecret_key_env = \"B\"\n[[regions]]\nname = \"x\"\n\
+             [[regions]]\nname = \"x\"\n[regions.env]\nlower = \"1\"\n",
+            "i.toml",
+        )
+        .unwrap_err();
+        for needle in ["not both", "declared twice", "\"lower\""] {
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+        let e = InstallConfig::parse("[[regions]]\nname = \"x\"\nproxy = \"y\"\n", "i.toml").unwrap_err();
+        assert!(
+            e.message.contains("proxy") && e.message.contains("line 3"),
+            "{}",
+            e.message
+        );
     }
 }

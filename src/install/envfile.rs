@@ -55,8 +55,9 @@ pub fn parse(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Substitute `${NAME}` from `site`; names not found are reported.
-fn substitute(value: &str, site: &BTreeMap<String, String>, missing: &mut Vec<String>) -> String {
+/// Substitute `${NAME}` from `site` (one pass: substituted text is not scanned again); names not
+/// found are pushed to `missing` and left in the text as written.
+pub fn substitute(value: &str, site: &BTreeMap<String, String>, missing: &mut Vec<String>) -> String {
     let mut out = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {

@@ -9,3 +9,4 @@ mod harness;
 mod harness_smoke;
 mod install;
 mod pack;
+mod regions;
