@@ -23,5 +23,5 @@ echo "== bkbundle verify target/demo/demo.bkb"
 "$BK" verify target/demo/demo.bkb
 echo "== bkbundle inspect target/demo/demo.bkb"
 "$BK" inspect target/demo/demo.bkb
-echo "== bkbundle install target/demo/demo.bkb --target target/demo/bkdemo"
-"$BK" install target/demo/demo.bkb --target "$PWD/target/demo/bkdemo"
+echo "== bkbundle install target/demo/demo.bkb --target target/demo/bkdemo --config examples/demo/install.toml"
+"$BK" install target/demo/demo.bkb --target "$PWD/target/demo/bkdemo" --config examples/demo/install.toml

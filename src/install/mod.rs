@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const STEPS: [&str; 4] = ["images", "layout", "start", "health"];
+pub const STEPS: [&str; 5] = ["images", "layout", "start", "health", "regions"];
 
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
@@ -212,6 +212,23 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         None => vec![],
     };
     let (files, env) = plan_files(&ctx, &stack, &journal, &mut findings, &mut hints)?;
+    // Regions: validated now, against the site values, so a configuration that would break agents
+    // stops the install before anything changes; seeded after the stack is healthy.
+    let has_regions = has_regions(&ctx.manifest.regions);
+    let site = env
+        .as_ref()
+        .map(|e| crate::regions::site_values(&e.values, &ctx.config.env));
+    if let (true, Some(site)) = (has_regions, &site) {
+        if let Err(problems) = crate::regions::validate::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
+            for p in problems {
+                findings.push(format!("cloud regions: {p}"));
+            }
+            hints.push(
+                "set the site values under [env] and the regions under [[regions]] in the install config (`bkbundle regions check` shows the same)"
+                    .into(),
+            );
+        }
+    }
     let mut plan = Plan {
         bundle: id.clone(),
         target: ctx.target.clone(),
@@ -223,6 +240,9 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         env_updated: env.as_ref().map(|e| e.updated.clone()).unwrap_or_default(),
         steps_to_run: vec![],
     };
+    if !has_regions {
+        journal.mark("regions");
+    }
     let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
         && plan
             .files
@@ -253,7 +273,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
                 });
                 return Ok(report(&ctx, plan, steps, vec![], true, false, vec![], t0));
             }
-            plan.steps_to_run = vec!["start".into(), "health".into()];
+            plan.steps_to_run = vec!["start".into(), "health".into(), "regions".into()];
         }
     }
 
@@ -361,17 +381,57 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         }
     };
     journal.mark("health");
-    if let Some(run) = journal.history.last_mut() {
-        run.finished = Some(now());
-        run.outcome = "installed".into();
-    }
     journal.save(&ctx.target)?;
     steps.push(Step {
         name: "health".into(),
         seconds: t.elapsed().as_secs_f64(),
         detail: format!("{} service(s) ready", services.len()),
     });
+
+    if has_regions {
+        let t = Instant::now();
+        let site = site.unwrap_or_default();
+        let mut ropts =
+            crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &ctx.manifest.regions, &ctx.config, site);
+        ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
+        reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
+        let r = match crate::regions::run(&ropts).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(run) = journal.history.last_mut() {
+                    run.finished = Some(now());
+                    run.outcome = "failed: regions".into();
+                }
+                let _ = journal.save(&ctx.target);
+                return Err(e.into());
+            }
+        };
+        notes.extend(r.notes.iter().cloned());
+        journal.mark("regions");
+        steps.push(Step {
+            name: "regions".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            detail: format!(
+                "{} region(s) in {}: {} key(s) created, {} updated, {} unchanged",
+                r.regions.len(),
+                r.database.as_deref().unwrap_or("?"),
+                r.created,
+                r.updated,
+                r.unchanged
+            ),
+        });
+    }
+    if let Some(run) = journal.history.last_mut() {
+        run.finished = Some(now());
+        run.outcome = "installed".into();
+    }
+    journal.save(&ctx.target)?;
     Ok(report(&ctx, plan, steps, services, false, false, notes, t0))
+}
+
+/// Whether the bundle declares cloud-region env to seed.
+fn has_regions(r: &crate::manifest::Regions) -> bool {
+    !r.required.is_empty() || !r.env.is_empty() || !r.region.is_empty()
 }
 
 fn report(

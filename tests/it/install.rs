@@ -159,10 +159,24 @@ fn image_id(reference: &str) -> Option<String> {
 }
 
 #[test]
-fn demo_installs_healthy_then_reruns_as_a_no_op() {
+fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
     ensure_demo_images();
     let p = Project::new();
-    let cfg = p.config(120, "");
+    // Without the site values the region env needs, preflight refuses (naming region and key).
+    let bare = p.config(120, "");
+    let refused = p.install(demo_bundle(), &bare, &["--dry-run"]);
+    assert_eq!(refused.code, 8, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("region \"default\", NODE_SERVER_URL: the placeholder ${SERVER_URL} is not set"),
+        "{}",
+        refused.stderr
+    );
+    let cfg = p.config(
+        120,
+        "HOST_IP = \"192.0.2.10\"\nSERVER_URL = \"http://192.0.2.10:18080\"",
+    );
     let dry = p.install(demo_bundle(), &cfg, &["--dry-run"]);
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     assert!(dry.stdout.starts_with("dry run (nothing changed)"), "{}", dry.stdout);
@@ -173,16 +187,22 @@ fn demo_installs_healthy_then_reruns_as_a_no_op() {
     assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
     assert!(first.stdout.contains("installed demo 1.0.0"), "{}", first.stdout);
     let ps = p.containers();
-    assert_eq!(ps.len(), 4, "{ps:?}");
-    assert!(ps.iter().all(|c| c.contains("(healthy)")), "{ps:?}");
+    assert_eq!(ps.len(), 5, "{ps:?}");
+    assert_eq!(ps.iter().filter(|c| c.contains("(healthy)")).count(), 4, "{ps:?}");
+    assert!(
+        ps.iter().any(|c| c.contains("_migrate_") && c.contains("Exited (0)")),
+        "{ps:?}"
+    );
 
     // Secrets: generated, in .env with mode 0600, never printed.
     let env = fs::read_to_string(p.target().join(".env")).unwrap();
-    let secret = env
-        .lines()
-        .find_map(|l| l.strip_prefix("POSTGRES_PASSWORD="))
-        .unwrap()
-        .to_string();
+    let value = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let secret = value("POSTGRES_PASSWORD");
     assert!(
         secret.len() >= 24 && secret.chars().all(|c| c.is_ascii_alphanumeric()),
         "{secret}"
@@ -197,6 +217,25 @@ fn demo_installs_healthy_then_reruns_as_a_no_op() {
         "a secret was printed"
     );
 
+    // The region was seeded in the stack's own PostgreSQL, with the site's values.
+    let rows = run(Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &value("POSTGRES_PORT"), "-U", "postgres", "-d", "bklite", "-Atc"])
+        .arg("select r.name, e.key, e.value, e.is_pre from node_mgmt_sidecarenv e join node_mgmt_cloudregion r on r.id = e.cloud_region_id order by e.key")
+        .env("PGPASSWORD", &secret));
+    assert_eq!(rows.code, 0, "{}", rows.stderr);
+    assert!(
+        rows.stdout
+            .contains("default|NODE_SERVER_URL|http://192.0.2.10:18080|t"),
+        "{}",
+        rows.stdout
+    );
+    assert!(
+        rows.stdout
+            .contains(&format!("default|NATS_SERVERS|192.0.2.10:{}|t", value("NATS_PORT"))),
+        "{}",
+        rows.stdout
+    );
+
     // Second run: a fast no-op that says so, and the secret is kept.
     let t = Instant::now();
     let second = p.install(demo_bundle(), &cfg, &["--json"]);
@@ -207,7 +246,7 @@ fn demo_installs_healthy_then_reruns_as_a_no_op() {
     assert!(fs::read_to_string(p.target().join(".env"))
         .unwrap()
         .contains(&format!("POSTGRES_PASSWORD={secret}")));
-    assert_eq!(p.containers().len(), 4);
+    assert_eq!(p.containers().len(), 5);
 }
 
 #[test]

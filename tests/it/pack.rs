@@ -103,7 +103,7 @@ fn demo_packs_verifies_inspects_and_extracts_with_plain_tools() {
         );
     }
     assert_eq!(j["packages"].as_array().unwrap().len(), 4);
-    assert_eq!(j["stack"].as_array().unwrap().len(), 2);
+    assert_eq!(j["stack"].as_array().unwrap().len(), 3);
     assert_eq!(j["regions"]["required"].as_array().unwrap().len(), 3);
     let human = bk(&["inspect", b.to_str().unwrap()]);
     assert!(
