@@ -193,8 +193,9 @@ pub struct RegionsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum RegionsCommand {
-    /// Validate every region's env (every problem at once); needs no database.
-    Check(RegionsCommon),
+    /// Validate every region's env (every problem at once); with --database-url also the regions
+    /// already in the live database (read only).
+    Check(RegionsCheckArgs),
     /// Seed every region's env in the platform's PostgreSQL (one transaction).
     Apply(RegionsApplyArgs),
 }
@@ -211,6 +212,16 @@ pub struct RegionsCommon {
     /// generated NATS passwords and SECRET_KEY.
     #[arg(long, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RegionsCheckArgs {
+    #[command(flatten)]
+    pub common: RegionsCommon,
+    /// Also check the regions already in this live database (postgres://USER:PASSWORD@HOST:PORT/DB):
+    /// e.g. a region created in the UI without NODE_SERVER_URL. Nothing is written.
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -145,7 +145,16 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
         }
         Command::Regions(a) => {
             let (mode, common, database_url) = match a.command {
-                RegionsCommand::Check(c) => (regions::Mode::Check, c, None),
+                // With a database, check reads it (a dry run's read-only transaction) so that the
+                // regions already there are checked too; without, it needs no database at all.
+                RegionsCommand::Check(c) => {
+                    let mode = if c.database_url.is_some() {
+                        regions::Mode::DryRun
+                    } else {
+                        regions::Mode::Check
+                    };
+                    (mode, c.common, c.database_url)
+                }
                 RegionsCommand::Apply(a) => {
                     let mode = if a.dry_run {
                         regions::Mode::DryRun

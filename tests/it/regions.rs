@@ -787,3 +787,51 @@ fn the_cli_checks_and_applies_with_documented_exit_codes() {
         r.stderr
     );
 }
+
+#[test]
+fn check_with_a_database_finds_the_seed_000_region_without_writing() {
+    let pg = PgCluster::start();
+    let url = database(&pg, "check000", "2026", true);
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = regions_bundle(dir.path());
+    let env_file = dir.path().join(".env");
+    std::fs::write(
+        &env_file,
+        format!("HOST_IP=10.0.0.5\nNATS_ADMIN_PASSWORD=nats-admin-pw\nSECRET_KEY={SECRET_KEY}\n"),
+    )
+    .unwrap();
+    let config = dir.path().join("install.toml");
+    std::fs::write(&config, "format = 1\n[env]\nSERVER_URL = \"https://10.0.0.5:443\"\n").unwrap();
+    let args = |db: Option<&str>| {
+        let mut a = vec![
+            "regions".to_string(),
+            "check".into(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--env-file".into(),
+            env_file.display().to_string(),
+        ];
+        if let Some(db) = db {
+            a.extend(["--database-url".to_string(), db.to_string()]);
+        }
+        a
+    };
+    // Without the database, the configuration alone is fine ...
+    let a = args(None);
+    let r = bk(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // ... but the live database holds region 2 ("east") without NODE_SERVER_URL: refused, named.
+    let before = snapshot(&pg, "check000");
+    let a = args(Some(&url));
+    let r = bk(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("region \"east\", NODE_SERVER_URL: required by the bundle and missing"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(snapshot(&pg, "check000"), before, "check writes nothing");
+}
