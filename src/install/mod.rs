@@ -328,23 +328,11 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
 
     let t = Instant::now();
     let detail = load_images(&engine, &ctx, &plan, &*reporter).await?;
-    journal.mark("images");
-    journal.save(&ctx.target)?;
-    steps.push(Step {
-        name: "images".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        detail,
-    });
+    step_done(&mut journal, &ctx.target, &mut steps, "images", t, detail)?;
 
     let t = Instant::now();
     let detail = lay_out(&ctx, &plan, &mut journal, &mut notes)?;
-    journal.mark("layout");
-    journal.save(&ctx.target)?;
-    steps.push(Step {
-        name: "layout".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        detail,
-    });
+    step_done(&mut journal, &ctx.target, &mut steps, "layout", t, detail)?;
 
     let t = Instant::now();
     reporter.note(&format!(
@@ -353,13 +341,14 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         ctx.target.display()
     ));
     compose.up(&ctx.project, &ctx.compose_file, &ctx.env_file)?;
-    journal.mark("start");
-    journal.save(&ctx.target)?;
-    steps.push(Step {
-        name: "start".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        detail: format!("{} -p {} up -d", compose.argv.join(" "), ctx.project),
-    });
+    step_done(
+        &mut journal,
+        &ctx.target,
+        &mut steps,
+        "start",
+        t,
+        format!("{} -p {} up -d", compose.argv.join(" "), ctx.project),
+    )?;
 
     let t = Instant::now();
     let wait = health::WaitOptions {
@@ -380,13 +369,14 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             return Err(e);
         }
     };
-    journal.mark("health");
-    journal.save(&ctx.target)?;
-    steps.push(Step {
-        name: "health".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        detail: format!("{} service(s) ready", services.len()),
-    });
+    step_done(
+        &mut journal,
+        &ctx.target,
+        &mut steps,
+        "health",
+        t,
+        format!("{} service(s) ready", services.len()),
+    )?;
 
     if has_regions {
         let t = Instant::now();
@@ -407,19 +397,15 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             }
         };
         notes.extend(r.notes.iter().cloned());
-        journal.mark("regions");
-        steps.push(Step {
-            name: "regions".into(),
-            seconds: t.elapsed().as_secs_f64(),
-            detail: format!(
-                "{} region(s) in {}: {} key(s) created, {} updated, {} unchanged",
-                r.regions.len(),
-                r.database.as_deref().unwrap_or("?"),
-                r.created,
-                r.updated,
-                r.unchanged
-            ),
-        });
+        let detail = format!(
+            "{} region(s) in {}: {} key(s) created, {} updated, {} unchanged",
+            r.regions.len(),
+            r.database.as_deref().unwrap_or("?"),
+            r.created,
+            r.updated,
+            r.unchanged
+        );
+        step_done(&mut journal, &ctx.target, &mut steps, "regions", t, detail)?;
     }
     if let Some(run) = journal.history.last_mut() {
         run.finished = Some(now());
@@ -427,6 +413,26 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     }
     journal.save(&ctx.target)?;
     Ok(report(&ctx, plan, steps, services, false, false, notes, t0))
+}
+
+/// Record a completed step in the journal (saved at once, so a kill after it resumes past it)
+/// and in the report.
+fn step_done(
+    journal: &mut Journal,
+    target: &Path,
+    steps: &mut Vec<Step>,
+    name: &str,
+    t: Instant,
+    detail: String,
+) -> Result<()> {
+    journal.mark(name);
+    journal.save(target)?;
+    steps.push(Step {
+        name: name.into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail,
+    });
+    Ok(())
 }
 
 /// Whether the bundle declares cloud-region env to seed.
