@@ -26,7 +26,7 @@ Exit codes:
     about = "Pack BK-Lite into one verified offline bundle, and install it on an air-gapped host",
     long_about = "Pack BK-Lite (images, agent packages, compose stack) into one verified, self-contained \
 bundle on a connected machine; verify, inspect and install it on a host that reaches nothing outside.\n\n\
-Typical use:\n  bkbundle pack manifests/bklite.toml -o bklite-3.1.0.bkb\n  bkbundle verify bklite-3.1.0.bkb\n  bkbundle inspect bklite-3.1.0.bkb",
+Typical use:\n  bkbundle pack manifests/bklite.toml -o bklite-3.1.0.bkb\n  bkbundle verify bklite-3.1.0.bkb\n  bkbundle inspect bklite-3.1.0.bkb\n  bkbundle install bklite-3.1.0.bkb --config install.toml --dry-run\n  bkbundle install bklite-3.1.0.bkb --config install.toml",
     after_help = EXIT_CODES
 )]
 pub struct Cli {
