@@ -70,6 +70,10 @@ pub enum Command {
     /// Check or seed every cloud region's sidecar env (NODE_SERVER_URL, NATS_*, ...) in the platform's database.
     #[command(after_help = REGIONS_HELP)]
     Regions(RegionsArgs),
+    /// Upload the bundle's agent packages to the platform's NATS object store and register them
+    /// (node_mgmt_packageversion), idempotently.
+    #[command(after_help = INIT_PACKAGES_HELP)]
+    InitPackages(InitPackagesArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -298,4 +302,49 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
+}
+
+const INIT_PACKAGES_HELP: &str = "\
+Every package of the bundle (controller, and each collector, whose bytes are taken from the
+controller package when the record points into it) is uploaded to the JetStream object store
+(bucket `bklite` by default, created when absent) under the key layout of the server's schema
+generation, and gets its node_mgmt_packageversion row (object first, then the row). An object whose
+digest equals the file's SHA-256 is skipped (nothing is sent); a different object under a fixed
+version is a conflict that needs --force (version `latest` is always replaced). Rows whose object is
+missing are repaired from the bundle; objects without rows are reported.
+
+The install config's [nats] (url, user, password, token, credentials, ca_file, cert_file, key_file,
+bucket) says how to reach NATS; default: the stack's .env (NATS_PORT, NATS_USER, NATS_PASSWORD).";
+
+#[derive(Args, Debug)]
+pub struct InitPackagesArgs {
+    /// Take every package from the bundle (the only mode so far).
+    #[arg(long)]
+    pub auto: bool,
+    /// The bundle holding the packages.
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// Replace different objects under fixed versions and overwrite their rows.
+    #[arg(long)]
+    pub force: bool,
+    /// Read the database and the bucket, report what would happen, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The install config (TOML): [nats], [database], [env].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The stack's rendered .env (NATS_*, POSTGRES_*, INTERNAL_BIND_IP).
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// The platform's database, postgres://USER:PASSWORD@HOST:PORT/DB (default: DATABASE_URL,
+    /// [database] url, the PG* variables, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// NATS server(s), comma-separated: nats://[USER:PASSWORD@]HOST:PORT or tls://... (default:
+    /// NATS_URL, [nats] url, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// The object store bucket (default: [nats] bucket, else `bklite`).
+    #[arg(long, value_name = "NAME")]
+    pub bucket: Option<String>,
 }

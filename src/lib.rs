@@ -15,6 +15,7 @@ pub mod install;
 pub mod manifest;
 pub mod pack;
 pub mod package_check;
+pub mod packages;
 pub mod progress;
 pub mod regions;
 pub mod savefile;

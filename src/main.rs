@@ -6,7 +6,7 @@ use bkbundle::error::{Error, Kind};
 use bkbundle::install::{config::InstallConfig, envfile};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
-use bkbundle::{inspect, install, pack, regions, verify};
+use bkbundle::{inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, CompressionArg, RegionsCommand};
 use serde::Serialize;
@@ -181,6 +181,35 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             let rt = runtime()?;
             let r = rt.block_on(regions::run(&opts))?;
             let text = regions::render(&r);
+            Ok(output(&r, text))
+        }
+        Command::InitPackages(a) => {
+            if !a.auto {
+                return Err(
+                    Error::input("init-packages needs --auto (upload every package of the bundle)")
+                        .hint("bkbundle init-packages --auto --bundle BUNDLE"),
+                );
+            }
+            let config = match &a.config {
+                Some(p) => InstallConfig::load(p)?,
+                None => InstallConfig::default(),
+            };
+            let env_file = match &a.env_file {
+                Some(p) => envfile::parse(
+                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
+                ),
+                None => Default::default(),
+            };
+            let site = regions::site_values(&env_file, &config.env);
+            let mut opts = packages::PackagesOptions::new(a.bundle, &config, site);
+            opts.force = a.force;
+            opts.dry_run = a.dry_run;
+            opts.database_url = a.database_url;
+            opts.nats_url = a.nats_url;
+            opts.bucket = a.bucket;
+            let rt = runtime()?;
+            let r = rt.block_on(packages::run(&opts))?;
+            let text = packages::render(&r);
             Ok(output(&r, text))
         }
         Command::Completions { shell } => {

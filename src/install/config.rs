@@ -53,6 +53,30 @@ pub struct InstallConfig {
     /// `[[regions]]`: the site's cloud regions, merged by name over the bundle's (the site wins).
     #[serde(default)]
     pub regions: Vec<RegionConfig>,
+    /// `[nats]`: how to reach the platform's NATS for the agent packages (`init-packages`).
+    #[serde(default)]
+    pub nats: NatsConfig,
+}
+
+/// `[nats]`. Every field is optional; `${NAME}` placeholders in `url`, `user`, `password` and
+/// `token` are filled from the site values. Default: the stack's NATS (`NATS_PORT` on its
+/// `INTERNAL_BIND_IP`, `NATS_USER`/`NATS_PASSWORD` of its .env).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://[user:pass@]host:port` or `tls://...`; several separated by commas.
+    pub url: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// A `.creds` file (JWT + NKey seed).
+    pub credentials: Option<PathBuf>,
+    /// The CA that signed the server's certificate (enables TLS).
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The object store bucket (the server's `NATS_NAMESPACE`), default `bklite`.
+    pub bucket: Option<String>,
 }
 
 /// `[database]`. Every field is optional; `${NAME}` placeholders in `url` and `redis_url` are

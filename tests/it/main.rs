@@ -9,4 +9,5 @@ mod harness;
 mod harness_smoke;
 mod install;
 mod pack;
+mod packages;
 mod regions;

@@ -1,0 +1,417 @@
+//! Issue 5: uploading the agent packages to a real `nats-server -js` and registering them in a
+//! real PostgreSQL with the schema fixture of each generation; idempotency, conflicts, repair,
+//! orphans, interop with the upstream Python client (nats-py), and NATS auth/TLS failures.
+
+use crate::harness::{bkbundle, repo_root, NatsOpts, NatsServer, PgCluster};
+use bkbundle::error::{Error, Kind};
+use bkbundle::install::config::InstallConfig;
+use bkbundle::packages::{self, ObjectAction, PackagesError, PackagesOptions, PackagesReport};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const GENERATIONS: [&str; 2] = ["2025", "2026"];
+
+fn fixture(name: &str) -> String {
+    let p = repo_root().join("tests/fixtures").join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+fn demo_zip() -> PathBuf {
+    repo_root().join("examples/demo/packages/fusion-collectors-linux-amd64.zip")
+}
+
+/// A bundle with the demo's packages (controller + three collectors inside it), no images.
+fn bundle() -> &'static Path {
+    static B: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, p) = B.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let demo = std::fs::read_to_string(repo_root().join("examples/demo/recipe.toml")).unwrap();
+        let start = demo.find("[[packages]]").unwrap();
+        let end = demo.find("[stack]").unwrap();
+        let pkgs = demo[start..end].replace(
+            "file = \"packages/fusion-collectors-linux-amd64.zip\"",
+            &format!("file = \"{}\"", demo_zip().display()),
+        );
+        let text = format!(
+            "format = 1\n[bundle]\nname = \"p\"\nversion = \"1\"\n{pkgs}\n[stack]\ndir = \"{}\"\ncompose = \"docker-compose.yml\"\n",
+            repo_root().join("examples/demo/stack").display()
+        );
+        let recipe = dir.path().join("recipe.toml");
+        std::fs::write(&recipe, text).unwrap();
+        let out = dir.path().join("p.bkb");
+        let o = bkbundle()
+            .args(["pack", recipe.to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "pack: {}", String::from_utf8_lossy(&o.stderr));
+        (dir, out)
+    });
+    p
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn options(db: &str, nats: &str, config: &str) -> PackagesOptions {
+    let config = InstallConfig::parse(config, "install.toml").expect("install config");
+    let mut o = PackagesOptions::new(bundle().to_path_buf(), &config, BTreeMap::new());
+    o.database_url = Some(db.to_string());
+    o.nats_url = Some(nats.to_string());
+    o
+}
+
+fn run(o: &PackagesOptions) -> Result<PackagesReport, PackagesError> {
+    rt().block_on(packages::run_with_env(o, &no_env))
+}
+
+fn database(pg: &PgCluster, name: &str, generation: &str) -> String {
+    let url = pg.create_database(name);
+    pg.psql(name, &fixture(&format!("schema-{generation}.sql")));
+    url
+}
+
+fn key(g: &str, object: &str, name: &str) -> String {
+    match g {
+        "2025" => format!("linux/{object}/1.0.0/{name}"),
+        _ => format!("linux/x86_64/{object}/1.0.0/{name}"),
+    }
+}
+
+fn python(script: &str, args: &[&str]) -> String {
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        o.status.success(),
+        "python failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+const PY_GET: &str = r#"
+import asyncio, hashlib, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    os_ = await js.object_store(sys.argv[2])
+    r = await os_.get(sys.argv[3])
+    print(hashlib.sha256(r.data).hexdigest(), r.info.description, r.info.digest, r.info.size)
+    await nc.close()
+asyncio.run(main())
+"#;
+
+const PY_PUT: &str = r#"
+import asyncio, sys, nats
+from nats.js.api import ObjectMeta, ObjectMetaOptions
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    os_ = await js.object_store(sys.argv[2])
+    data = open(sys.argv[4], 'rb').read()
+    meta = ObjectMeta(name=sys.argv[3], description=sys.argv[5], options=ObjectMetaOptions(max_chunk_size=128*1024))
+    info = await os_.put(sys.argv[3], data, meta=meta)
+    print(info.digest)
+    await nc.close()
+asyncio.run(main())
+"#;
+
+const PY_DEL: &str = r#"
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    os_ = await nc.jetstream().object_store(sys.argv[2])
+    if sys.argv[4] == '-':
+        await os_.delete(sys.argv[3])
+    else:
+        await os_.put(sys.argv[3], sys.argv[4].encode())
+    await nc.close()
+asyncio.run(main())
+"#;
+
+fn sha_hex(b: &[u8]) -> String {
+    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn telegraf_bytes() -> Vec<u8> {
+    let mut z = zip::ZipArchive::new(std::fs::File::open(demo_zip()).unwrap()).unwrap();
+    let i = (0..z.len())
+        .find(|&i| z.by_index(i).unwrap().name().unwrap().ends_with("bin/telegraf"))
+        .unwrap();
+    let mut f = z.by_index(i).unwrap();
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn upload_rows_and_rerun_sends_nothing_both_generations() {
+    let pg = PgCluster::start();
+    for g in GENERATIONS {
+        let nats = NatsServer::start(NatsOpts::default());
+        let db = database(&pg, &format!("p{g}"), g);
+        let o = options(&db, &nats.url(), "");
+        let r = run(&o).unwrap_or_else(|e| panic!("{g}: {e}"));
+        assert_eq!(
+            (r.uploaded, r.skipped, r.rows_created),
+            (4, 0, 4),
+            "{g}: {}",
+            packages::render(&r)
+        );
+        let rows = pg.psql(
+            &format!("p{g}"),
+            "SELECT type || '|' || object || '|' || version || '|' || name || '|' || created_by || '|' || domain FROM node_mgmt_packageversion ORDER BY id",
+        );
+        assert!(
+            rows.contains("controller|Controller|1.0.0|fusion-collectors-linux-amd64.zip|system|domain.com"),
+            "{rows}"
+        );
+        assert!(
+            rows.contains("collector|Telegraf|1.0.0|telegraf|system|domain.com"),
+            "{rows}"
+        );
+        if g == "2026" {
+            let arch = pg.psql(
+                "p2026",
+                "SELECT DISTINCT cpu_architecture FROM node_mgmt_packageversion",
+            );
+            assert_eq!(arch, "x86_64");
+        }
+        // nats-py reads what bkbundle wrote: same bytes, description, digest.
+        let zip = std::fs::read(demo_zip()).unwrap();
+        let out = python(
+            PY_GET,
+            &[
+                &nats.url(),
+                "bklite",
+                &key(g, "Controller", "fusion-collectors-linux-amd64.zip"),
+            ],
+        );
+        let parts: Vec<&str> = out.split(' ').collect();
+        assert_eq!(parts[0], sha_hex(&zip), "{out}");
+        assert_eq!(parts[1], "fusion-collectors-linux-amd64.zip");
+        let ctl = r.packages.iter().find(|p| p.object == "Controller").unwrap();
+        assert_eq!(parts[2], ctl.digest);
+        let tel = python(PY_GET, &[&nats.url(), "bklite", &key(g, "Telegraf", "telegraf")]);
+        assert!(tel.starts_with(&sha_hex(&telegraf_bytes())), "{tel}");
+        assert!(
+            r.orphan_objects.is_empty() && r.missing_objects.is_empty(),
+            "{}",
+            packages::render(&r)
+        );
+
+        // Re-run: everything skipped, nothing sent, rows unchanged.
+        let r2 = run(&o).unwrap();
+        assert_eq!((r2.skipped, r2.uploaded, r2.replaced, r2.bytes_sent), (4, 0, 0, 0));
+        assert_eq!(r2.rows_unchanged, 4);
+        assert!(r2.seconds < 1.5, "re-run took {} s", r2.seconds);
+    }
+}
+
+#[test]
+fn object_written_by_nats_py_with_128k_chunks_is_unchanged() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "py", "2026");
+    // Create the bucket and the object with nats-py first.
+    let k = key("2026", "Controller", "fusion-collectors-linux-amd64.zip");
+    python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); await nc.jetstream().create_object_store('bklite'); await nc.close()\nasyncio.run(m())",
+        &[&nats.url()],
+    );
+    python(
+        PY_PUT,
+        &[
+            &nats.url(),
+            "bklite",
+            &k,
+            demo_zip().to_str().unwrap(),
+            "fusion-collectors-linux-amd64.zip",
+        ],
+    );
+    let r = run(&options(&db, &nats.url(), "")).unwrap();
+    let ctl = r.packages.iter().find(|p| p.object == "Controller").unwrap();
+    assert_eq!(ctl.action, ObjectAction::Skipped, "{}", packages::render(&r));
+    assert_eq!(r.uploaded, 3);
+}
+
+#[test]
+fn conflict_force_repair_and_orphans() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "cf", "2026");
+    let o = options(&db, &nats.url(), "");
+    run(&o).unwrap();
+    let k = key("2026", "Vector", "vector");
+    // A different object under a fixed version.
+    python(PY_DEL, &[&nats.url(), "bklite", &k, "something else"]);
+    let e = run(&o).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, PackagesError::Conflict(_)), "{msg}");
+    assert!(msg.contains(&k) && msg.contains("stored SHA-256="), "{msg}");
+    let err = Error::from(e);
+    assert_eq!(err.kind, Kind::Input);
+    assert!(err.hints.iter().any(|h| h.contains("--force")));
+    let mut forced = o.clone();
+    forced.force = true;
+    let r = run(&forced).unwrap();
+    assert_eq!(r.replaced, 1, "{}", packages::render(&r));
+    assert_eq!(run(&o).unwrap().skipped, 4);
+
+    // A deleted object is reported and repaired from the bundle.
+    let k = key("2026", "Telegraf", "telegraf");
+    python(PY_DEL, &[&nats.url(), "bklite", &k, "-"]);
+    let r = run(&o).unwrap();
+    assert_eq!(r.missing_objects.len(), 1, "{}", packages::render(&r));
+    assert!(r.missing_objects[0].repaired);
+    assert_eq!(r.missing_objects[0].key, k);
+    let tel = python(PY_GET, &[&nats.url(), "bklite", &k]);
+    assert!(tel.starts_with(&sha_hex(&telegraf_bytes())), "{tel}");
+
+    // An orphan object; and a row whose object is gone and not in the bundle.
+    python(
+        PY_DEL,
+        &[&nats.url(), "bklite", "linux/x86_64/Stray/1.0.0/stray.bin", "x"],
+    );
+    pg.psql(
+        "cf",
+        "INSERT INTO node_mgmt_packageversion (type, os, object, version, name, description, created_at, updated_at, created_by, updated_by, domain, updated_by_domain, cpu_architecture) \
+         VALUES ('collector','linux','Ghost','9.9.9','ghost','',now(),now(),'system','system','domain.com','domain.com','x86_64')",
+    );
+    let r = run(&o).unwrap();
+    let text = packages::render(&r);
+    assert_eq!(
+        r.orphan_objects,
+        vec!["linux/x86_64/Stray/1.0.0/stray.bin".to_string()],
+        "{text}"
+    );
+    let ghost: Vec<_> = r.missing_objects.iter().filter(|m| !m.repaired).collect();
+    assert_eq!(ghost.len(), 1, "{text}");
+    assert!(
+        text.contains("NOT repaired") && text.contains(&format!("row {}", ghost[0].row_id)),
+        "{text}"
+    );
+}
+
+#[test]
+fn user_password_and_tls_errors_are_named() {
+    let pg = PgCluster::start();
+    let db = database(&pg, "auth", "2025");
+    let nats = NatsServer::start(NatsOpts {
+        user_password: Some(("bk".into(), "right-pw".into())),
+        ..Default::default()
+    });
+    let url = format!("nats://bk:right-pw@127.0.0.1:{}", nats.port);
+    assert_eq!(run(&options(&db, &url, "")).unwrap().uploaded, 4);
+    let o = options(&db, &nats.url(), "[nats]\nuser = \"bk\"\npassword = \"right-pw\"\n");
+    assert_eq!(run(&o).unwrap().skipped, 4);
+    let o = options(&db, &nats.url(), "[nats]\nuser = \"bk\"\npassword = \"wrong\"\n");
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(!e.to_string().contains("wrong"), "{e}");
+
+    let tls = NatsServer::start(NatsOpts {
+        tls: true,
+        ..Default::default()
+    });
+    let ca = tls.ca_file.clone().unwrap();
+    let db2 = database(&pg, "tls", "2026");
+    let o = options(&db2, &tls.url(), &format!("[nats]\nca_file = \"{}\"\n", ca.display()));
+    assert_eq!(run(&o).unwrap().uploaded, 4);
+    // A CA that did not sign the server's certificate.
+    let other = NatsServer::start(NatsOpts {
+        tls: true,
+        ..Default::default()
+    });
+    let o = options(
+        &db2,
+        &tls.url(),
+        &format!("[nats]\nca_file = \"{}\"\n", other.ca_file.clone().unwrap().display()),
+    );
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsTls { .. }), "{e}");
+    // Nothing listening.
+    let o = options(&db2, "nats://127.0.0.1:1", "");
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsConnect { .. }), "{e}");
+}
+
+#[test]
+fn cli_json_report() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "cli", "2025");
+    let o = bkbundle()
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .args([
+            "--json",
+            "init-packages",
+            "--auto",
+            "--bundle",
+            bundle().to_str().unwrap(),
+        ])
+        .args(["--database-url", &db, "--nats-url", &nats.url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["uploaded"], 4);
+    assert_eq!(v["generation"], "2025");
+}
+
+#[test]
+fn two_arches_collide_on_the_2025_schema_and_not_on_2026() {
+    let dir = tempfile::tempdir().unwrap();
+    let arm = dir.path().join("fusion-collectors-linux-arm64.zip");
+    std::fs::copy(demo_zip(), &arm).unwrap();
+    let ctl = |file: &Path, arch: &str| {
+        format!(
+            "[[packages]]\nfile = \"{}\"\ntype = \"controller\"\nos = \"linux\"\narch = \"{arch}\"\nobject = \"Controller\"\nversion = \"1.0.0\"\n",
+            file.display()
+        )
+    };
+    let text = format!(
+        "format = 1\n[bundle]\nname = \"a\"\nversion = \"1\"\n{}{}\n[stack]\ndir = \"{}\"\ncompose = \"docker-compose.yml\"\n",
+        ctl(&demo_zip(), "x86_64"),
+        ctl(&arm, "arm64"),
+        repo_root().join("examples/demo/stack").display()
+    );
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(&recipe, text).unwrap();
+    let out = dir.path().join("a.bkb");
+    let o = bkbundle()
+        .args(["pack", recipe.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "pack: {}", String::from_utf8_lossy(&o.stderr));
+    let pg = PgCluster::start();
+    for (g, uploaded) in [("2025", 1), ("2026", 2)] {
+        let nats = NatsServer::start(NatsOpts::default());
+        let db = database(&pg, &format!("a{g}"), g);
+        let mut o = options(&db, &nats.url(), "");
+        o.bundle = out.clone();
+        let r = run(&o).unwrap_or_else(|e| panic!("{g}: {e}"));
+        let text = packages::render(&r);
+        assert_eq!(r.uploaded, uploaded, "{g}: {text}");
+        if g == "2025" {
+            assert!(text.contains("collides") && text.contains("arm64"), "{text}");
+        }
+    }
+}
