@@ -120,6 +120,22 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The error and its causes on one line (tokio-postgres' and async-nats' Display stop at the first
+/// level, which often hides the cause an operator needs: refused, timed out, bad certificate).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Attach context to I/O results without repeating the path formatting everywhere.
 pub trait IoContext<T> {
     fn io_ctx(self, what: &str, path: &Path) -> Result<T>;

@@ -416,7 +416,7 @@ pub async fn run_with_env(
         Err(e) => {
             return Err(PackagesError::NoJetStream {
                 nats: nt.display(),
-                message: nats::chain(&e),
+                message: crate::error::chain(&e),
             })
         }
     }
@@ -436,7 +436,7 @@ pub async fn run_with_env(
                 Some(js.create_object_store(cfg).await.map_err(|e| PackagesError::Bucket {
                     nats: nt.display(),
                     bucket: bucket.clone(),
-                    message: format!("cannot create it: {}", nats::chain(&e)),
+                    message: format!("cannot create it: {}", crate::error::chain(&e)),
                 })?)
             }
         }
@@ -444,7 +444,7 @@ pub async fn run_with_env(
             return Err(PackagesError::Bucket {
                 nats: nt.display(),
                 bucket: bucket.clone(),
-                message: nats::chain(&e),
+                message: crate::error::chain(&e),
             })
         }
     };
@@ -457,7 +457,7 @@ pub async fn run_with_env(
                 .map_err(|e| PackagesError::Bucket {
                     nats: nt.display(),
                     bucket: bucket.clone(),
-                    message: format!("its stream OBJ_{bucket}: {}", nats::chain(&e)),
+                    message: format!("its stream OBJ_{bucket}: {}", crate::error::chain(&e)),
                 })?;
             Some(Store {
                 objects,
@@ -663,7 +663,7 @@ pub async fn run_with_env(
         let mut list = s.objects.list().await.map_err(|e| PackagesError::Bucket {
             nats: nt.display(),
             bucket: bucket.clone(),
-            message: format!("listing: {}", nats::chain(&e)),
+            message: format!("listing: {}", crate::error::chain(&e)),
         })?;
         while let Some(o) = list.next().await {
             match o {
@@ -673,7 +673,7 @@ pub async fn run_with_env(
                 Ok(_) => {}
                 // A tombstone the upstream Python client wrote (its `mtime` is not RFC 3339):
                 // a deleted object, nothing to judge.
-                Err(e) => tracing::debug!("listing {bucket}: skipped an entry: {}", nats::chain(&e)),
+                Err(e) => tracing::debug!("listing {bucket}: skipped an entry: {}", crate::error::chain(&e)),
             }
         }
         let mut pointed = BTreeSet::new();
@@ -733,7 +733,7 @@ async fn info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
                 tokio::time::sleep(Duration::from_millis(300 << attempt)).await;
             }
             Err(e) => {
-                let first = nats::chain(&e);
+                let first = crate::error::chain(&e);
                 return raw_info(s, key)
                     .await
                     .map_err(|raw| format!("{first}; reading the meta message: {raw}"));
@@ -752,7 +752,7 @@ async fn raw_info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String>
     let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => m,
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-        Err(e) => return Err(nats::chain(&e)),
+        Err(e) => return Err(crate::error::chain(&e)),
     };
     let v: serde_json::Value = serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
     if v.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false) {
@@ -843,7 +843,7 @@ async fn upload(
                 return Ok(());
             }
             Err(e) => {
-                last = nats::chain(&e);
+                last = crate::error::chain(&e);
                 tracing::warn!("upload of {} failed (attempt {}): {last}", pl.key, attempt + 1);
             }
         }

@@ -3,6 +3,7 @@
 //! each failure named by the stage it happened at.
 
 use super::PackagesError;
+use crate::error::chain;
 use crate::install::config::NatsConfig;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -311,21 +312,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).to_string()
-}
-
-/// The error and its causes on one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

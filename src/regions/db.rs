@@ -19,6 +19,7 @@ use super::validate::{
     DEFAULT_REGION_INTRODUCTION, DEFAULT_REGION_NAME,
 };
 use super::RegionsError;
+use crate::error::chain;
 use crate::install::config::DatabaseConfig;
 use crate::install::envfile;
 use serde::Serialize;
@@ -191,21 +192,6 @@ pub async fn connect(t: &DbTarget) -> Result<Client, RegionsError> {
         }
     });
     Ok(client)
-}
-
-/// The error and its causes on one line (tokio-postgres' Display stops at the first level).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn classify_connect(t: &DbTarget, e: &tokio_postgres::Error) -> RegionsError {
