@@ -3,7 +3,7 @@
 //! kill at a random point followed by a re-run, a second run, edited files, dry run, upgrade.
 
 use crate::harness::{ensure_demo_images, free_port, random_alnum, repo_root};
-use crate::pack::{bk, demo_bundle, run, Run};
+use crate::pack::{bk, demo_bundle, run, xor_byte, Run};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,6 +151,24 @@ fn unique_image(dir: &Path) -> String {
         .env("DOCKER_BUILDKIT", "0"));
     assert_eq!(r.code, 0, "docker build: {}", r.stderr);
     name
+}
+
+/// A bundle of web, `others` and a unique image (service `u`); returns it, the image and its id.
+fn stack_with_unique_image(p: &Project, name: &str, others: &[&str]) -> (PathBuf, String, String) {
+    ensure_demo_images();
+    let img = unique_image(p.dir.path());
+    let mut images = vec!["bkbundle-demo/web:1"];
+    images.extend_from_slice(others);
+    images.push(&img);
+    let b = pack_stack(
+        p.dir.path(),
+        name,
+        "1",
+        &images,
+        &compose_with(&format!("  u:\n    image: {img}\n")),
+    );
+    let id = image_id(&img).unwrap();
+    (b, img, id)
 }
 
 fn image_id(reference: &str) -> Option<String> {
@@ -466,30 +484,11 @@ fn missing_site_values_are_all_named_before_anything_changes() {
 
 #[test]
 fn a_corrupted_bundle_loads_nothing() {
-    ensure_demo_images();
     let p = Project::new();
-    let img = unique_image(p.dir.path());
-    let extra = format!("  u:\n    image: {img}\n");
-    let b = pack_stack(
-        p.dir.path(),
-        "corrupt",
-        "1",
-        &["bkbundle-demo/web:1", &img],
-        &compose_with(&extra),
-    );
-    let id = image_id(&img).unwrap();
+    let (b, img, id) = stack_with_unique_image(&p, "corrupt", &[]);
     assert_eq!(run(Command::new("docker").args(["rmi", &img])).code, 0);
     // Flip one byte in the middle of the bundle.
-    let len = fs::metadata(&b).unwrap().len();
-    {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = fs::OpenOptions::new().read(true).write(true).open(&b).unwrap();
-        let mut x = [0u8];
-        f.seek(SeekFrom::Start(len / 3)).unwrap();
-        f.read_exact(&mut x).unwrap();
-        f.seek(SeekFrom::Start(len / 3)).unwrap();
-        f.write_all(&[x[0] ^ 0xff]).unwrap();
-    }
+    xor_byte(&b, fs::metadata(&b).unwrap().len() / 3, 0xff);
     let r = p.install(&b, &p.config(60, ""), &[]);
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert!(
@@ -504,18 +503,8 @@ fn a_corrupted_bundle_loads_nothing() {
 
 #[test]
 fn a_killed_install_converges_on_rerun() {
-    ensure_demo_images();
     let p = Project::new();
-    let img = unique_image(p.dir.path());
-    let extra = format!("  u:\n    image: {img}\n");
-    let b = pack_stack(
-        p.dir.path(),
-        "kill",
-        "1",
-        &["bkbundle-demo/web:1", "bkbundle-demo/app:1", &img],
-        &compose_with(&extra),
-    );
-    let id = image_id(&img).unwrap();
+    let (b, img, id) = stack_with_unique_image(&p, "kill", &["bkbundle-demo/app:1"]);
     let cfg = p.config(120, "");
     // Kill at pseudo-random points across the steps (verify, load, layout, up, health).
     let mut seed = std::time::SystemTime::now()

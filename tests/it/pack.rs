@@ -23,6 +23,17 @@ pub fn run(cmd: &mut Command) -> Run {
     }
 }
 
+/// XOR the byte at `at` of `path` with `mask` (twice restores it).
+pub fn xor_byte(path: &Path, at: u64, mask: u8) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ mask]).unwrap();
+}
+
 pub fn bk(args: &[&str]) -> Run {
     run(bkbundle().args(args))
 }
@@ -252,16 +263,7 @@ fn a_flipped_byte_anywhere_fails_verification() {
         positions.push(x % len);
     }
     drop(reader);
-    let flip = |at: u64| {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = fs::OpenOptions::new().read(true).write(true).open(&copy).unwrap();
-        let mut b = [0u8];
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.read_exact(&mut b).unwrap();
-        b[0] ^= 0x01;
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.write_all(&b).unwrap();
-    };
+    let flip = |at: u64| xor_byte(&copy, at, 0x01);
     for at in positions {
         flip(at);
         let v = bk(&["verify", copy.to_str().unwrap()]);
