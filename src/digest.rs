@@ -27,6 +27,18 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
+/// The 32 bytes of a 64-character lower-case hex SHA-256; `None` when malformed.
+pub fn sha256_from_hex(s: &str) -> Option<[u8; 32]> {
+    if !is_sha256_hex(s) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// A running SHA-256 with a byte count.
 #[derive(Clone, Default)]
 pub struct Hasher {
@@ -140,6 +152,9 @@ mod tests {
         assert_eq!((h.as_str(), n), (sha256_hex(b"abc").as_str(), 3));
         assert!(is_sha256_hex(&h));
         assert!(!is_sha256_hex("ABC"));
+        let raw = sha256_from_hex(&h).unwrap();
+        assert_eq!(hex(&raw), h);
+        assert_eq!(sha256_from_hex("abc"), None);
     }
 
     #[test]

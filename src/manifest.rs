@@ -507,6 +507,14 @@ pub struct Package {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entry: Option<String>,
+    /// SHA-256 (hex) of the package's own bytes: the file's, or for `from`/`entry` the entry's
+    /// inside its controller package. Lets init-packages compare with the stored object's digest
+    /// without re-reading anything. Absent in bundles packed before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Size in bytes of those same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -619,6 +627,18 @@ impl Manifest {
                         pk.object, pk.version
                     ));
                 }
+            }
+            if let Some(sha) = pk.sha256.as_deref().filter(|s| !is_sha256_hex(s)) {
+                p.push(format!(
+                    "packages: {} {} has a malformed sha256 {sha:?}",
+                    pk.object, pk.version
+                ));
+            }
+            if pk.sha256.is_some() != pk.size.is_some() {
+                p.push(format!(
+                    "packages: {} {} must have both sha256 and size, or neither",
+                    pk.object, pk.version
+                ));
             }
         }
         if let Some(s) = &self.stack {

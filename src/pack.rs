@@ -58,6 +58,8 @@ pub struct PackReport {
 
 struct Checked {
     packages: Vec<(manifest::RecipePackage, Option<PathBuf>)>,
+    /// Controller packages' listings by file name (collector `from`/`entry` point into them).
+    listings: BTreeMap<String, Listing>,
     stack: Option<(PathBuf, Vec<String>)>,
 }
 
@@ -290,16 +292,23 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
                 .unwrap_or_default()
                 .to_string(),
         };
-        let file = match path {
+        let (file, digest) = match path {
             Some(path) => {
                 let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let task = reporter.task(&format!("package {name}"), Some(size));
                 let mut f = fs::File::open(path).io_ctx("cannot open package", path)?;
                 let entry = writer.add_reader(&format!("packages/{name}"), 0o644, &mut ProgressRead(&mut f, &*task))?;
                 task.finish();
-                Some(entry.path)
+                (Some(entry.path), Some((entry.sha256, entry.size)))
             }
-            None => None,
+            // The entry's digest was taken when its controller package was checked.
+            None => (
+                None,
+                match (&p.from, &p.entry) {
+                    (Some(from), Some(entry)) => checked.listings.get(from).and_then(|l| l.digest(entry)).cloned(),
+                    _ => None,
+                },
+            ),
         };
         packages.push(Package {
             file,
@@ -312,6 +321,8 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             description: p.description.clone(),
             from: p.from.clone(),
             entry: p.entry.clone(),
+            sha256: digest.as_ref().map(|d| d.0.clone()),
+            size: digest.map(|d| d.1),
         });
     }
     let mut stack = None;
@@ -531,7 +542,14 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> (Checked, Vec<Error>) {
         files.sort();
         stack = Some((dir, files));
     }
-    (Checked { packages, stack }, problems)
+    (
+        Checked {
+            packages,
+            listings,
+            stack,
+        },
+        problems,
+    )
 }
 
 /// Regular files under `dir`, relative, refusing links and special files.

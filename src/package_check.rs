@@ -2,20 +2,29 @@
 //! entry could land outside the package's directory on the agent host (`..`, absolute paths,
 //! symlinks or hard links pointing out), and a controller package has what the installer runs.
 
+use crate::digest::{Hasher, HashingWriter};
 use crate::error::{Error, Result};
 use crate::manifest::{Os, PackageType};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-/// What a checked package holds: its file paths, relative to its root directory.
+/// What a checked package holds: its file paths, relative to its root directory, and the
+/// SHA-256 (hex) and size of each regular file's bytes (computed in the same read that checks
+/// the archive, so a collector inside a controller package costs no second pass).
 #[derive(Debug, Default)]
 pub struct Listing {
     pub files: BTreeSet<String>,
+    pub digests: BTreeMap<String, (String, u64)>,
 }
 
 impl Listing {
+    /// SHA-256 (hex) and size of the regular file at `rel` (found as [`Listing::find`] does).
+    pub fn digest(&self, rel: &str) -> Option<&(String, u64)> {
+        self.digests.get(self.find(rel)?)
+    }
+
     /// The entry at `rel`, at the root or under the package's single top-level directory.
     pub fn find(&self, rel: &str) -> Option<&String> {
         self.files.get(rel).or_else(|| {
@@ -174,12 +183,16 @@ fn check_zip(path: &Path) -> Result<Listing> {
             }
         } else {
             // Read to the end: the zip reader checks the CRC there.
+            let mut h = Hasher::new();
             loop {
                 match e.read(&mut sink) {
                     Ok(0) => break,
-                    Ok(_) => {}
+                    Ok(n) => h.update(&sink[..n]),
                     Err(err) => return Err(refuse(path, format!("entry {name:?} is damaged: {err}"))),
                 }
+            }
+            if !e.is_dir() && !comps.is_empty() {
+                listing.digests.insert(comps.join("/"), h.finish());
             }
         }
         if !e.is_dir() && !comps.is_empty() {
@@ -219,7 +232,11 @@ fn check_tar(path: &Path, gz: bool) -> Result<Listing> {
                 ));
             }
         }
-        io::copy(&mut e, &mut io::sink()).map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
+        let mut h = HashingWriter::new(io::sink());
+        io::copy(&mut e, &mut h).map_err(|err| refuse(path, format!("entry {name:?} is damaged: {err}")))?;
+        if t.is_file() && !comps.is_empty() {
+            listing.digests.insert(comps.join("/"), h.hasher.finish());
+        }
         if (t.is_file() || t.is_symlink() || t.is_hard_link()) && !comps.is_empty() {
             listing.files.insert(comps.join("/"));
         }
