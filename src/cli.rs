@@ -313,17 +313,54 @@ digest equals the file's SHA-256 is skipped (nothing is sent); a different objec
 version is a conflict that needs --force (version `latest` is always replaced). Rows whose object is
 missing are repaired from the bundle; objects without rows are reported.
 
+With --dir DIR instead of --bundle, every file directly in DIR is a package, recognised by its name
+the way the server parses an uploaded file: `telegraf-1.28.3-linux-amd64.tar.gz` is object Telegraf
+(a collector), version 1.28.3, linux, x86_64; `fusion-collectors-...` is the Controller. --os,
+--arch, --object, --version and --type override the name for every file; a file whose name does not
+tell its version, OS or architecture is an error that names it.
+
 The install config's [nats] (url, user, password, token, credentials, ca_file, cert_file, key_file,
-bucket) says how to reach NATS; default: the stack's .env (NATS_PORT, NATS_USER, NATS_PASSWORD).";
+bucket) says how to reach NATS; default: the stack's .env (NATS_PORT, NATS_USER, NATS_PASSWORD).
+`bkbundle install` runs this step itself after the stack is healthy.";
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum OsArg {
+    Linux,
+    Windows,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum PackageTypeArg {
+    Controller,
+    Collector,
+}
 
 #[derive(Args, Debug)]
 pub struct InitPackagesArgs {
-    /// Take every package from the bundle (the only mode so far).
+    /// Upload every package found (of the bundle, or of --dir), without asking.
     #[arg(long)]
     pub auto: bool,
     /// The bundle holding the packages.
-    #[arg(long, value_name = "BUNDLE")]
-    pub bundle: PathBuf,
+    #[arg(long, value_name = "BUNDLE", conflicts_with = "dir", required_unless_present = "dir")]
+    pub bundle: Option<PathBuf>,
+    /// A directory of package files instead of a bundle (recognised by name; see below).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// With --dir: the OS of every file.
+    #[arg(long, value_enum, requires = "dir")]
+    pub os: Option<OsArg>,
+    /// With --dir: the CPU architecture of every file (x86_64/amd64, arm64/aarch64).
+    #[arg(long, value_name = "ARCH", requires = "dir")]
+    pub arch: Option<String>,
+    /// With --dir: the object of every file (Controller, Telegraf, Vector, NATS-Executor, ...).
+    #[arg(long, value_name = "OBJECT", requires = "dir")]
+    pub object: Option<String>,
+    /// With --dir: the version of every file.
+    #[arg(long, value_name = "VERSION", requires = "dir")]
+    pub version: Option<String>,
+    /// With --dir: the type of every file.
+    #[arg(long = "type", value_enum, requires = "dir")]
+    pub kind: Option<PackageTypeArg>,
     /// Replace different objects under fixed versions and overwrite their rows.
     #[arg(long)]
     pub force: bool,

@@ -186,8 +186,8 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
         Command::InitPackages(a) => {
             if !a.auto {
                 return Err(
-                    Error::input("init-packages needs --auto (upload every package of the bundle)")
-                        .hint("bkbundle init-packages --auto --bundle BUNDLE"),
+                    Error::input("init-packages needs --auto (upload every package found, without asking)")
+                        .hint("bkbundle init-packages --auto --bundle BUNDLE   (or --dir DIR)"),
                 );
             }
             let config = match &a.config {
@@ -201,7 +201,22 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 None => Default::default(),
             };
             let site = regions::site_values(&env_file, &config.env);
-            let mut opts = packages::PackagesOptions::new(a.bundle, &config, site);
+            let mut opts = packages::PackagesOptions::new(Default::default(), &config, site);
+            opts.bundle = a.bundle;
+            opts.dir = a.dir;
+            opts.overrides = packages::dir::Overrides {
+                kind: a.kind.map(|k| match k {
+                    cli::PackageTypeArg::Controller => bkbundle::manifest::PackageType::Controller,
+                    cli::PackageTypeArg::Collector => bkbundle::manifest::PackageType::Collector,
+                }),
+                os: a.os.map(|o| match o {
+                    cli::OsArg::Linux => bkbundle::manifest::Os::Linux,
+                    cli::OsArg::Windows => bkbundle::manifest::Os::Windows,
+                }),
+                arch: a.arch,
+                object: a.object,
+                version: a.version,
+            };
             opts.force = a.force;
             opts.dry_run = a.dry_run;
             opts.database_url = a.database_url;

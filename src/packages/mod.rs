@@ -21,6 +21,7 @@
 //! bkbundle uploads the entry's bytes (streamed out of the controller zip/tar.gz inside the
 //! bundle) as the collector's object named by the manifest `name` (the binary's file name).
 
+pub mod dir;
 pub mod nats;
 pub mod source;
 
@@ -48,8 +49,11 @@ const LATEST: &str = "latest";
 
 #[derive(Debug, Clone)]
 pub struct PackagesOptions {
-    /// The bundle holding the packages.
-    pub bundle: PathBuf,
+    /// The bundle holding the packages (`--bundle`).
+    pub bundle: Option<PathBuf>,
+    /// Or a directory of package files recognised by name (`--dir`), with `overrides`.
+    pub dir: Option<PathBuf>,
+    pub overrides: dir::Overrides,
     /// Replace a different object under a fixed version, and overwrite existing rows.
     pub force: bool,
     /// Plan only: read the database and the bucket, write nothing.
@@ -69,7 +73,9 @@ pub struct PackagesOptions {
 impl PackagesOptions {
     pub fn new(bundle: PathBuf, config: &InstallConfig, site: BTreeMap<String, String>) -> PackagesOptions {
         PackagesOptions {
-            bundle,
+            bundle: Some(bundle),
+            dir: None,
+            overrides: dir::Overrides::default(),
             force: false,
             dry_run: false,
             database: config.database.clone(),
@@ -286,17 +292,18 @@ pub fn parse_digest(d: &str) -> Option<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // Rows
 
+/// One `node_mgmt_packageversion` row (`arch` is empty on the 2025 schema).
 #[derive(Debug, Clone)]
-struct Row {
-    id: i64,
-    os: String,
-    arch: String,
-    object: String,
-    version: String,
-    name: String,
+pub struct Row {
+    pub id: i64,
+    pub os: String,
+    pub arch: String,
+    pub object: String,
+    pub version: String,
+    pub name: String,
 }
 
-async fn read_rows(client: &tokio_postgres::Client, t: &DbTarget, g: Generation) -> Result<Vec<Row>, RegionsError> {
+pub async fn read_rows(client: &tokio_postgres::Client, t: &DbTarget, g: Generation) -> Result<Vec<Row>, RegionsError> {
     let arch = if g == Generation::Y2026 {
         "cpu_architecture"
     } else {
@@ -327,7 +334,8 @@ async fn read_rows(client: &tokio_postgres::Client, t: &DbTarget, g: Generation)
         .collect())
 }
 
-fn row_key(g: Generation, r: &Row) -> [String; 2] {
+/// The keys a row's object may be under: its generation's layout first, then the 2025 one.
+pub fn row_key(g: Generation, r: &Row) -> [String; 2] {
     [
         object_key(g, &r.os, &r.arch, &r.object, &r.version, &r.name),
         object_key(Generation::Y2025, &r.os, &r.arch, &r.object, &r.version, &r.name),
@@ -352,6 +360,100 @@ struct Planned {
     note: Option<String>,
 }
 
+/// One package to upload, where its bytes are, and its digest when the manifest records it.
+struct Input {
+    pkg: Package,
+    source: Source,
+    known: Option<([u8; 32], u64)>,
+}
+
+fn label(p: &Package) -> String {
+    format!("{} {} ({}/{})", p.object, p.version, p.os.as_str(), p.arch)
+}
+
+/// The packages to upload: the bundle's (opened, its manifest read; collectors inside the
+/// controller package located) or the directory's (recognised by name). Every problem at once.
+fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Input>), PackagesError> {
+    match (&opts.bundle, &opts.dir) {
+        (Some(_), Some(_)) => Err(PackagesError::Input("give either --bundle or --dir, not both".into())),
+        (None, None) => Err(PackagesError::Input(
+            "no packages to upload: give --bundle BUNDLE or --dir DIR".into(),
+        )),
+        (None, Some(d)) => {
+            let found = dir::scan(d, &opts.overrides).map_err(|problems| {
+                PackagesError::Input(format!(
+                    "{} problem(s) with the package directory {}; nothing was written:\n  - {}",
+                    problems.len(),
+                    d.display(),
+                    problems.join("\n  - ")
+                ))
+            })?;
+            let inputs = found
+                .into_iter()
+                .map(|(pkg, source)| Input {
+                    pkg,
+                    source,
+                    known: None,
+                })
+                .collect();
+            Ok((None, inputs))
+        }
+        (Some(path), None) => {
+            let bundle = Arc::new(BundleReader::open(path).map_err(|e| PackagesError::Input(e.message))?);
+            let (manifest, _) = bundle.manifest().map_err(|e| PackagesError::Input(e.message))?;
+            let files: BTreeMap<&str, &crate::manifest::FileEntry> =
+                manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+            let controllers: BTreeMap<&str, &Package> = manifest
+                .packages
+                .iter()
+                .filter(|p| p.kind == PackageType::Controller)
+                .map(|p| (p.name.as_str(), p))
+                .collect();
+            let mut inputs = Vec::new();
+            let mut problems = Vec::new();
+            for p in &manifest.packages {
+                let source = match (&p.file, &p.from, &p.entry) {
+                    (Some(f), _, _) => Source::Entry(f.clone()),
+                    (None, Some(from), Some(entry)) => {
+                        match controllers.get(from.as_str()).and_then(|c| c.file.clone()) {
+                            Some(c) => Source::Inner {
+                                container: c,
+                                entry: entry.clone(),
+                            },
+                            None => {
+                                problems.push(format!(
+                                    "package {}: its controller package {from} is not in the bundle",
+                                    label(p)
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                    _ => {
+                        problems.push(format!("package {}: neither a file nor from/entry", label(p)));
+                        continue;
+                    }
+                };
+                let recorded = match (&p.sha256, p.size, &p.file) {
+                    (Some(h), Some(sz), _) => Some((h.as_str(), sz)),
+                    (_, _, Some(f)) => files.get(f.as_str()).map(|e| (e.sha256.as_str(), e.size)),
+                    _ => None,
+                };
+                let known = recorded.and_then(|(h, sz)| crate::digest::sha256_from_hex(h).map(|b| (b, sz)));
+                inputs.push(Input {
+                    pkg: p.clone(),
+                    source,
+                    known,
+                });
+            }
+            if !problems.is_empty() {
+                return Err(PackagesError::Input(problems.join("\n")));
+            }
+            Ok((Some(bundle), inputs))
+        }
+    }
+}
+
 fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -367,8 +469,8 @@ pub async fn run_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PackagesReport, PackagesError> {
     let t0 = Instant::now();
-    let bundle = Arc::new(BundleReader::open(&opts.bundle).map_err(|e| PackagesError::Input(e.message))?);
-    let (manifest, _) = bundle.manifest().map_err(|e| PackagesError::Input(e.message))?;
+    // Every input problem first, before any connection.
+    let (bundle, inputs) = inputs(opts)?;
     let bucket = opts
         .bucket
         .clone()
@@ -403,106 +505,20 @@ pub async fn run_with_env(
     let nc = nats::connect(&nt).await?;
     let max_payload = nc.server_info().max_payload;
     report.chunk_size = if max_payload > 0 { CHUNK.min(max_payload) } else { CHUNK };
-    let js = async_nats::jetstream::new(nc.clone());
-    // JetStream answers `$JS.API.INFO`; without it nobody responds.
-    match nc.request("$JS.API.INFO", Bytes::new()).await {
-        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {}
-        Ok(m) => {
-            return Err(PackagesError::NoJetStream {
-                nats: nt.display(),
-                message: String::from_utf8_lossy(&m.payload).to_string(),
-            })
-        }
-        Err(e) => {
-            return Err(PackagesError::NoJetStream {
-                nats: nt.display(),
-                message: crate::error::chain(&e),
-            })
-        }
+    let store = open_store(&nc, &nt, &bucket, !opts.dry_run).await?;
+    if store.is_none() {
+        report
+            .notes
+            .push(format!("bucket {bucket:?} does not exist: it would be created"));
     }
-    let store = match js.get_object_store(&bucket).await {
-        Ok(s) => Some(s),
-        Err(e) if matches!(e.kind(), async_nats::jetstream::context::ObjectStoreErrorKind::GetStore) => {
-            if opts.dry_run {
-                report
-                    .notes
-                    .push(format!("bucket {bucket:?} does not exist: it would be created"));
-                None
-            } else {
-                let cfg = async_nats::jetstream::object_store::Config {
-                    bucket: bucket.clone(),
-                    ..Default::default()
-                };
-                Some(js.create_object_store(cfg).await.map_err(|e| PackagesError::Bucket {
-                    nats: nt.display(),
-                    bucket: bucket.clone(),
-                    message: format!("cannot create it: {}", crate::error::chain(&e)),
-                })?)
-            }
-        }
-        Err(e) => {
-            return Err(PackagesError::Bucket {
-                nats: nt.display(),
-                bucket: bucket.clone(),
-                message: crate::error::chain(&e),
-            })
-        }
-    };
-
-    let store = match store {
-        Some(objects) => {
-            let stream = js
-                .get_stream(format!("OBJ_{bucket}"))
-                .await
-                .map_err(|e| PackagesError::Bucket {
-                    nats: nt.display(),
-                    bucket: bucket.clone(),
-                    message: format!("its stream OBJ_{bucket}: {}", crate::error::chain(&e)),
-                })?;
-            Some(Store {
-                objects,
-                stream,
-                bucket: bucket.clone(),
-            })
-        }
-        None => None,
-    };
 
     // 3. The plan.
-    let controllers: BTreeMap<&str, &Package> = manifest
-        .packages
-        .iter()
-        .filter(|p| p.kind == PackageType::Controller)
-        .map(|p| (p.name.as_str(), p))
-        .collect();
     let mut plan: Vec<Planned> = Vec::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    for p in &manifest.packages {
-        let label = format!("{} {} ({}/{})", p.object, p.version, p.os.as_str(), p.arch);
+    for Input { pkg: p, source, known } in &inputs {
+        let label = label(p);
         let arch = normalize_arch(&p.arch).unwrap_or(p.arch.as_str()).to_string();
-        let source = match (&p.file, &p.from, &p.entry) {
-            (Some(f), _, _) => Source::Entry(f.clone()),
-            (None, Some(from), Some(entry)) => {
-                let c = controllers
-                    .get(from.as_str())
-                    .and_then(|c| c.file.clone())
-                    .ok_or_else(|| {
-                        PackagesError::Input(format!(
-                            "package {label}: its controller package {from} is not in the bundle"
-                        ))
-                    })?;
-                Source::Inner {
-                    container: c,
-                    entry: entry.clone(),
-                }
-            }
-            _ => {
-                return Err(PackagesError::Input(format!(
-                    "package {label}: neither a file nor from/entry"
-                )))
-            }
-        };
         let key = object_key(g, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
         // The 2025 schema has no architecture: two arches collide on (os, object, version).
         let ident = match g {
@@ -517,16 +533,23 @@ pub async fn run_with_env(
             continue;
         }
         seen.insert(ident, label.clone());
-        let b = bundle.clone();
-        let s2 = source.clone();
-        let (sha, size) = tokio::task::spawn_blocking(move || source::hash(&b, &s2))
-            .await
-            .map_err(|e| PackagesError::Internal(format!("hashing task: {e}")))?
-            .map_err(|e| PackagesError::Read {
-                package: label.clone(),
-                source_desc: source.describe(),
-                message: e.to_string(),
-            })?;
+        // The manifest's digest when it has one (no byte read: the re-run stays fast whatever
+        // the package sizes); else hashed, streamed. Uploads confirm the digest either way.
+        let (sha, size) = match known {
+            Some(k) => *k,
+            None => {
+                let b = bundle.clone();
+                let s2 = source.clone();
+                tokio::task::spawn_blocking(move || source::hash(b.as_deref(), &s2))
+                    .await
+                    .map_err(|e| PackagesError::Internal(format!("hashing task: {e}")))?
+                    .map_err(|e| PackagesError::Read {
+                        package: label.clone(),
+                        source_desc: source.describe(),
+                        message: e.to_string(),
+                    })?
+            }
+        };
         let row = rows
             .iter()
             .find(|r| {
@@ -576,7 +599,7 @@ pub async fn run_with_env(
         plan.push(Planned {
             pkg: p.clone(),
             arch,
-            source,
+            source: source.clone(),
             key,
             sha,
             size,
@@ -659,49 +682,13 @@ pub async fn run_with_env(
     // 5. Consistency both ways.
     if let Some(s) = &store {
         let rows = read_rows(&client, &target, g).await?;
-        let mut names = BTreeSet::new();
-        let mut list = s.objects.list().await.map_err(|e| PackagesError::Bucket {
-            nats: nt.display(),
-            bucket: bucket.clone(),
-            message: format!("listing: {}", crate::error::chain(&e)),
-        })?;
-        while let Some(o) = list.next().await {
-            match o {
-                Ok(o) if !o.deleted => {
-                    names.insert(o.name);
-                }
-                Ok(_) => {}
-                // A tombstone the upstream Python client wrote (its `mtime` is not RFC 3339):
-                // a deleted object, nothing to judge.
-                Err(e) => tracing::debug!("listing {bucket}: skipped an entry: {}", crate::error::chain(&e)),
+        let (missing, orphans) = consistency(&rows, g, s, &nt.display()).await?;
+        for m in missing {
+            if !report.missing_objects.iter().any(|r| r.row_id == m.row_id) {
+                report.missing_objects.push(m);
             }
         }
-        let mut pointed = BTreeSet::new();
-        for r in &rows {
-            let keys = row_key(g, r);
-            pointed.extend(keys.iter().cloned());
-            if !keys.iter().any(|k| names.contains(k)) && !report.missing_objects.iter().any(|m| m.row_id == r.id) {
-                report.missing_objects.push(MissingObject {
-                    row_id: r.id,
-                    key: keys[0].clone(),
-                    repaired: false,
-                });
-            }
-        }
-        // The server's other objects (installers, aliases) live under other prefixes; only keys
-        // shaped like package keys are judged.
-        let depth = match g {
-            Generation::Y2025 => 4,
-            Generation::Y2026 => 5,
-        };
-        report.orphan_objects = names
-            .into_iter()
-            .filter(|n| !pointed.contains(n))
-            .filter(|n| {
-                let d = n.split('/').count();
-                (d == 4 || d == depth) && (n.starts_with("linux/") || n.starts_with("windows/"))
-            })
-            .collect();
+        report.orphan_objects = orphans;
     }
     if opts.dry_run {
         report.notes.push("dry run: nothing was written".into());
@@ -711,16 +698,135 @@ pub async fn run_with_env(
 }
 
 /// The bucket, and its stream for reading meta messages directly.
-struct Store {
-    objects: ObjectStore,
-    stream: async_nats::jetstream::stream::Stream,
-    bucket: String,
+pub struct Store {
+    pub objects: ObjectStore,
+    pub stream: async_nats::jetstream::stream::Stream,
+    pub bucket: String,
+}
+
+/// Check that JetStream answers, then open the bucket; when it is absent, create it (`create`)
+/// or return `None`. Used by init-packages and doctor, so both name the same broken link.
+pub async fn open_store(
+    nc: &async_nats::Client,
+    nt: &nats::NatsTarget,
+    bucket: &str,
+    create: bool,
+) -> Result<Option<Store>, PackagesError> {
+    let js = async_nats::jetstream::new(nc.clone());
+    // JetStream answers `$JS.API.INFO`; without it nobody responds. (async-nats' own account-info
+    // call cannot parse nats-server 2.9's reply.)
+    match nc.request("$JS.API.INFO", Bytes::new()).await {
+        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {}
+        Ok(m) => {
+            return Err(PackagesError::NoJetStream {
+                nats: nt.display(),
+                message: String::from_utf8_lossy(&m.payload).to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(PackagesError::NoJetStream {
+                nats: nt.display(),
+                message: crate::error::chain(&e),
+            })
+        }
+    }
+    let bucket_err = |message: String| PackagesError::Bucket {
+        nats: nt.display(),
+        bucket: bucket.to_string(),
+        message,
+    };
+    let objects = match js.get_object_store(bucket).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), async_nats::jetstream::context::ObjectStoreErrorKind::GetStore) => {
+            if !create {
+                return Ok(None);
+            }
+            let cfg = async_nats::jetstream::object_store::Config {
+                bucket: bucket.to_string(),
+                ..Default::default()
+            };
+            js.create_object_store(cfg)
+                .await
+                .map_err(|e| bucket_err(format!("cannot create it: {}", crate::error::chain(&e))))?
+        }
+        Err(e) => return Err(bucket_err(crate::error::chain(&e))),
+    };
+    let stream = js
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .map_err(|e| bucket_err(format!("its stream OBJ_{bucket}: {}", crate::error::chain(&e))))?;
+    Ok(Some(Store {
+        objects,
+        stream,
+        bucket: bucket.to_string(),
+    }))
+}
+
+/// The names of the live (not deleted) objects in the bucket.
+pub async fn list_objects(s: &Store, nats: &str) -> Result<BTreeSet<String>, PackagesError> {
+    let mut names = BTreeSet::new();
+    let mut list = s.objects.list().await.map_err(|e| PackagesError::Bucket {
+        nats: nats.to_string(),
+        bucket: s.bucket.clone(),
+        message: format!("listing: {}", crate::error::chain(&e)),
+    })?;
+    while let Some(o) = list.next().await {
+        match o {
+            Ok(o) if !o.deleted => {
+                names.insert(o.name);
+            }
+            Ok(_) => {}
+            // A tombstone the upstream Python client wrote (its `mtime` is not RFC 3339):
+            // a deleted object, nothing to judge.
+            Err(e) => tracing::debug!("listing {}: skipped an entry: {}", s.bucket, crate::error::chain(&e)),
+        }
+    }
+    Ok(names)
+}
+
+/// Consistency both ways: rows whose object is missing under either key layout (the download
+/// 404), and package-shaped objects no row points at. Nothing is repaired here.
+pub async fn consistency(
+    rows: &[Row],
+    g: Generation,
+    s: &Store,
+    nats: &str,
+) -> Result<(Vec<MissingObject>, Vec<String>), PackagesError> {
+    let names = list_objects(s, nats).await?;
+    let mut missing = Vec::new();
+    let mut pointed = BTreeSet::new();
+    for r in rows {
+        let keys = row_key(g, r);
+        pointed.extend(keys.iter().cloned());
+        if !keys.iter().any(|k| names.contains(k)) {
+            missing.push(MissingObject {
+                row_id: r.id,
+                key: keys[0].clone(),
+                repaired: false,
+            });
+        }
+    }
+    // The server's other objects (installers, aliases) live under other prefixes; only keys
+    // shaped like package keys are judged.
+    let depth = match g {
+        Generation::Y2025 => 4,
+        Generation::Y2026 => 5,
+    };
+    let orphans = names
+        .into_iter()
+        .filter(|n| !pointed.contains(n))
+        .filter(|n| {
+            let d = n.split('/').count();
+            (d == 4 || d == depth) && (n.starts_with("linux/") || n.starts_with("windows/"))
+        })
+        .collect();
+    Ok((missing, orphans))
 }
 
 /// The stored digest and size of `key`, `None` when absent or deleted. Reads the object's meta
 /// message itself: the upstream Python client writes tombstones (`mtime` not RFC 3339) that
 /// async-nats' `info` refuses.
-async fn info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
+pub async fn info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
     use async_nats::jetstream::object_store::InfoErrorKind;
     let mut attempt = 0;
     loop {
@@ -769,7 +875,7 @@ async fn raw_info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String>
 /// the chunk size drops below the server's max payload.
 async fn upload(
     s: &Store,
-    bundle: &Arc<BundleReader>,
+    bundle: &Option<Arc<BundleReader>>,
     pl: &Planned,
     chunk: usize,
     bucket: &str,
@@ -786,7 +892,7 @@ async fn upload(
         let b = bundle.clone();
         let src = pl.source.clone();
         let reader_task = tokio::task::spawn_blocking(move || {
-            source::with_reader(&b, &src, |r| {
+            source::with_reader(b.as_deref(), &src, |r| {
                 loop {
                     let mut buf = vec![0u8; chunk];
                     let n = source::read_full(r, &mut buf)?;

@@ -81,7 +81,10 @@ pub fn resolve_target(
         (u, "NATS_URL".to_string())
     } else if let Some(u) = sub(&cfg.url, "url")? {
         (u, "[nats] url of the install config".to_string())
-    } else if site.contains_key("NATS_PORT") || site.contains_key("NATS_PASSWORD") {
+    } else if site.contains_key("NATS_PORT")
+        || site.contains_key("NATS_PASSWORD")
+        || site.contains_key("NATS_ADMIN_PASSWORD")
+    {
         let port = site.get("NATS_PORT").map(String::as_str).unwrap_or("4222");
         let host = crate::regions::db::stack_host(site);
         (
@@ -108,8 +111,15 @@ pub fn resolve_target(
             "{source}: no server URL in {url:?}"
         )));
     }
-    let user = sub(&cfg.user, "user")?.or_else(|| site.get("NATS_USER").cloned());
-    let password = sub(&cfg.password, "password")?.or_else(|| site.get("NATS_PASSWORD").cloned());
+    // The demo stack names its account NATS_USER/NATS_PASSWORD; BK-Lite's own template has the
+    // full-access account as NATS_ADMIN_USERNAME/NATS_ADMIN_PASSWORD.
+    let (user_key, password_key) = if site.contains_key("NATS_USER") || !site.contains_key("NATS_ADMIN_USERNAME") {
+        ("NATS_USER", "NATS_PASSWORD")
+    } else {
+        ("NATS_ADMIN_USERNAME", "NATS_ADMIN_PASSWORD")
+    };
+    let user = sub(&cfg.user, "user")?.or_else(|| site.get(user_key).cloned());
+    let password = sub(&cfg.password, "password")?.or_else(|| site.get(password_key).cloned());
     Ok(NatsTarget {
         urls,
         source,

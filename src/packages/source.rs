@@ -1,10 +1,11 @@
 //! Reading a package's bytes straight from the bundle, without extracting anything: a bundle
-//! entry, or a file inside a controller package (zip or tar.gz) that is itself a bundle entry.
+//! entry, or a file inside a controller package (zip or tar.gz) that is itself a bundle entry;
+//! or, for `init-packages --dir`, a plain file on disk.
 
 use crate::bundle::parts::PartSource;
 use crate::bundle::BundleReader;
-use sha2::{Digest, Sha256};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
 
 /// Where a package's bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub enum Source {
     Entry(String),
     /// `entry` inside the controller package stored at bundle entry `container`.
     Inner { container: String, entry: String },
+    /// A file on disk (`init-packages --dir`).
+    File(PathBuf),
 }
 
 impl Source {
@@ -20,6 +23,7 @@ impl Source {
         match self {
             Source::Entry(p) => p.clone(),
             Source::Inner { container, entry } => format!("{entry} in {container}"),
+            Source::File(p) => p.display().to_string(),
         }
     }
 }
@@ -74,12 +78,19 @@ fn not_found(what: impl std::fmt::Display) -> io::Error {
 }
 
 /// Run `f` over a reader of the source's bytes (streamed: nothing is held whole in memory).
+/// `bundle` is needed for the bundle's sources only.
 pub fn with_reader<T>(
-    bundle: &BundleReader,
+    bundle: Option<&BundleReader>,
     source: &Source,
     f: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> io::Result<T> {
+    if let Source::File(p) = source {
+        let mut file = std::fs::File::open(p)?;
+        return f(&mut file);
+    }
+    let bundle = bundle.ok_or_else(|| not_found(format!("{} needs the bundle", source.describe())))?;
     match source {
+        Source::File(_) => unreachable!("handled above"),
         Source::Entry(path) => {
             let e = bundle
                 .entry(path)
@@ -129,21 +140,10 @@ pub fn with_reader<T>(
 }
 
 /// SHA-256 and size of a source, streamed.
-pub fn hash(bundle: &BundleReader, source: &Source) -> io::Result<([u8; 32], u64)> {
-    with_reader(bundle, source, |r| {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = r.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            size += n as u64;
-        }
-        Ok((h.finalize().into(), size))
-    })
+pub fn hash(bundle: Option<&BundleReader>, source: &Source) -> io::Result<([u8; 32], u64)> {
+    let (hex, size) = with_reader(bundle, source, |r| crate::digest::sha256_reader(r))?;
+    let sha = crate::digest::sha256_from_hex(&hex).ok_or_else(|| io::Error::other("internal: bad digest"))?;
+    Ok((sha, size))
 }
 
 /// Read until `buf` is full or the end: object chunks then have the size asked for.

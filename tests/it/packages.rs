@@ -406,7 +406,7 @@ fn two_arches_collide_on_the_2025_schema_and_not_on_2026() {
         let nats = NatsServer::start(NatsOpts::default());
         let db = database(&pg, &format!("a{g}"), g);
         let mut o = options(&db, &nats.url(), "");
-        o.bundle = out.clone();
+        o.bundle = Some(out.clone());
         let r = run(&o).unwrap_or_else(|e| panic!("{g}: {e}"));
         let text = packages::render(&r);
         assert_eq!(r.uploaded, uploaded, "{g}: {text}");
@@ -414,4 +414,198 @@ fn two_arches_collide_on_the_2025_schema_and_not_on_2026() {
             assert!(text.contains("collides") && text.contains("arm64"), "{text}");
         }
     }
+}
+
+#[test]
+fn token_client_certificate_and_missing_jetstream() {
+    let pg = PgCluster::start();
+    let db = database(&pg, "tok", "2026");
+    let nats = NatsServer::start(NatsOpts {
+        token: Some("s3cret-token".into()),
+        ..Default::default()
+    });
+    let o = options(&db, &nats.url(), "[nats]\ntoken = \"s3cret-token\"\n");
+    assert_eq!(run(&o).unwrap().uploaded, 4);
+    let o = options(&db, &nats.url(), "[nats]\ntoken = \"not-it\"\n");
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(!e.to_string().contains("not-it"), "{e}");
+
+    // A server that requires a client certificate signed by its CA.
+    let mtls = NatsServer::start(NatsOpts {
+        tls: true,
+        verify_clients: true,
+        ..Default::default()
+    });
+    let ca = mtls.ca_file.clone().unwrap();
+    let (cert, key) = mtls.client_cert.clone().unwrap();
+    let db2 = database(&pg, "mtls", "2025");
+    let o = options(
+        &db2,
+        &mtls.url(),
+        &format!(
+            "[nats]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    assert_eq!(run(&o).unwrap().uploaded, 4);
+    let o = options(&db2, &mtls.url(), &format!("[nats]\nca_file = \"{}\"\n", ca.display()));
+    let e = run(&o).unwrap_err();
+    assert!(
+        matches!(e, PackagesError::NatsTls { .. } | PackagesError::NatsAuth { .. }),
+        "without the client certificate: {e}"
+    );
+    // Only one of cert/key is a configuration error, named before connecting.
+    let o = options(
+        &db2,
+        &mtls.url(),
+        &format!("[nats]\ncert_file = \"{}\"\n", cert.display()),
+    );
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::BadNatsConfig(_)), "{e}");
+
+    // JetStream not enabled.
+    let plain = NatsServer::start(NatsOpts {
+        no_jetstream: true,
+        ..Default::default()
+    });
+    let e = run(&options(&db, &plain.url(), "")).unwrap_err();
+    assert!(matches!(e, PackagesError::NoJetStream { .. }), "{e}");
+    let err = Error::from(e);
+    assert!(err.hints.iter().any(|h| h.contains("jetstream")), "{:?}", err.hints);
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "dry", "2026");
+    let mut o = options(&db, &nats.url(), "");
+    o.dry_run = true;
+    let r = run(&o).unwrap();
+    let text = packages::render(&r);
+    assert!(r.dry_run && text.starts_with("dry run"), "{text}");
+    assert_eq!(r.packages.len(), 4, "{text}");
+    assert!(
+        r.packages
+            .iter()
+            .all(|p| p.action == ObjectAction::Uploaded && p.row.is_none()),
+        "{text}"
+    );
+    assert!(text.contains("would be created"), "{text}");
+    assert_eq!(r.bytes_sent, 0);
+    assert_eq!(pg.psql("dry", "SELECT count(*) FROM node_mgmt_packageversion"), "0");
+    let streams = python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); print(len(await nc.jetstream().streams_info())); await nc.close()\nasyncio.run(m())",
+        &[&nats.url()],
+    );
+    assert_eq!(streams, "0", "the dry run created a stream");
+}
+
+#[test]
+fn the_manifest_records_each_package_digest_so_a_rerun_reads_no_package() {
+    let out = Command::new("tar")
+        .args(["-xOf", bundle().to_str().unwrap(), "bundle.toml"])
+        .output()
+        .unwrap();
+    let manifest = String::from_utf8_lossy(&out.stdout).to_string();
+    let telegraf = sha_hex(&telegraf_bytes());
+    assert!(
+        manifest.contains(&format!("sha256 = \"{telegraf}\"")),
+        "the Telegraf record lacks its entry's digest:\n{manifest}"
+    );
+    let zip = sha_hex(&std::fs::read(demo_zip()).unwrap());
+    assert!(manifest.matches(&zip).count() >= 2, "{manifest}");
+}
+
+#[test]
+fn a_directory_of_packages_recognised_by_name() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "dir", "2026");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(demo_zip(), dir.path().join("fusion-collectors-2.1.0-linux-amd64.zip")).unwrap();
+    std::fs::write(dir.path().join("telegraf_v1.28.3_linux_arm64.tar.gz"), telegraf_bytes()).unwrap();
+    let cli = |extra: &[&str]| {
+        bkbundle()
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .args([
+                "--json",
+                "init-packages",
+                "--auto",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .args(["--database-url", &db, "--nats-url", &nats.url()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = cli(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["uploaded"], 2, "{v}");
+    let rows = pg.psql(
+        "dir",
+        "SELECT type || '|' || os || '|' || cpu_architecture || '|' || object || '|' || version || '|' || name FROM node_mgmt_packageversion ORDER BY id",
+    );
+    assert_eq!(
+        rows,
+        "controller|linux|x86_64|Controller|2.1.0|fusion-collectors-2.1.0-linux-amd64.zip\n\
+         collector|linux|arm64|Telegraf|1.28.3|telegraf_v1.28.3_linux_arm64.tar.gz"
+    );
+    let got = python(
+        PY_GET,
+        &[
+            &nats.url(),
+            "bklite",
+            "linux/arm64/Telegraf/1.28.3/telegraf_v1.28.3_linux_arm64.tar.gz",
+        ],
+    );
+    assert!(got.starts_with(&sha_hex(&telegraf_bytes())), "{got}");
+    // Unchanged: nothing sent.
+    let v: serde_json::Value = serde_json::from_slice(&cli(&[]).stdout).unwrap();
+    assert_eq!(
+        (v["skipped"].as_u64(), v["bytes_sent"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
+
+    // A file whose name says no version is named, with the flag that fixes it; nothing written.
+    std::fs::write(dir.path().join("vector-linux-amd64.tar.gz"), b"v").unwrap();
+    let o = cli(&[]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let msg = v.to_string();
+    assert!(
+        msg.contains("vector-linux-amd64.tar.gz") && msg.contains("--version"),
+        "{msg}"
+    );
+    assert_eq!(pg.psql("dir", "SELECT count(*) FROM node_mgmt_packageversion"), "2");
+    // The flags override the name for every file of the directory.
+    let one = tempfile::tempdir().unwrap();
+    std::fs::rename(
+        dir.path().join("vector-linux-amd64.tar.gz"),
+        one.path().join("vector-linux-amd64.tar.gz"),
+    )
+    .unwrap();
+    let o = bkbundle()
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .args(["init-packages", "--auto", "--dir", one.path().to_str().unwrap()])
+        .args(["--database-url", &db, "--nats-url", &nats.url()])
+        .args(["--version", "0.39.0", "--arch", "aarch64"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        pg.psql(
+            "dir",
+            "SELECT object || '|' || version || '|' || cpu_architecture FROM node_mgmt_packageversion WHERE name = 'vector-linux-amd64.tar.gz'"
+        ),
+        "Vector|0.39.0|arm64"
+    );
 }

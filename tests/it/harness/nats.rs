@@ -26,6 +26,11 @@ pub struct NatsOpts {
     pub token: Option<String>,
     /// Serve TLS only, with a generated CA (see [`NatsServer::ca_file`]).
     pub tls: bool,
+    /// With `tls`: also require a client certificate signed by that CA (see
+    /// [`NatsServer::client_cert`]).
+    pub verify_clients: bool,
+    /// Start without JetStream (to test that it is reported as missing).
+    pub no_jetstream: bool,
 }
 
 /// A running `nats-server` with JetStream on 127.0.0.1; killed and deleted on drop.
@@ -35,6 +40,8 @@ pub struct NatsServer {
     /// With `tls`: the PEM file of the CA that signed the server's certificate (for
     /// `localhost` and 127.0.0.1).
     pub ca_file: Option<PathBuf>,
+    /// With `verify_clients`: a client certificate and key (PEM) the server accepts.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The options it was started with.
     pub opts: NatsOpts,
     child: Child,
@@ -58,7 +65,9 @@ impl NatsServer {
         let store = dir.path().join("jetstream");
         let log = dir.path().join("nats-server.log");
         let conf_path = dir.path().join("nats-server.conf");
+        assert!(!opts.verify_clients || opts.tls, "NatsOpts: verify_clients needs tls");
         let ca_file = opts.tls.then(|| make_certs(dir.path()));
+        let client_cert = opts.verify_clients.then(|| make_client_cert(dir.path()));
 
         for attempt in 1..=3 {
             let port = free_port();
@@ -88,6 +97,7 @@ impl NatsServer {
                 return NatsServer {
                     port,
                     ca_file,
+                    client_cert,
                     opts,
                     child,
                     log,
@@ -185,7 +195,9 @@ fn config(opts: &NatsOpts, port: u16, store: &Path, dir: &Path) -> String {
     let _ = writeln!(c, "# bkbundle test harness");
     let _ = writeln!(c, "listen: \"127.0.0.1:{port}\"");
     let _ = writeln!(c, "server_name: \"bkbundle-test-{port}\"");
-    let _ = writeln!(c, "jetstream {{\n  store_dir: {}\n}}", quoted(&store.to_string_lossy()));
+    if !opts.no_jetstream {
+        let _ = writeln!(c, "jetstream {{\n  store_dir: {}\n}}", quoted(&store.to_string_lossy()));
+    }
     if let Some((user, password)) = &opts.user_password {
         let _ = writeln!(
             c,
@@ -200,12 +212,72 @@ fn config(opts: &NatsOpts, port: u16, store: &Path, dir: &Path) -> String {
     if opts.tls {
         let _ = writeln!(
             c,
-            "tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 5\n}}",
+            "tls {{\n  cert_file: {}\n  key_file: {}\n  timeout: 5\n{}}}",
             quoted(&dir.join("server.pem").to_string_lossy()),
-            quoted(&dir.join("server.key").to_string_lossy())
+            quoted(&dir.join("server.key").to_string_lossy()),
+            if opts.verify_clients {
+                format!(
+                    "  ca_file: {}\n  verify: true\n",
+                    quoted(&dir.join("ca.pem").to_string_lossy())
+                )
+            } else {
+                String::new()
+            }
         );
     }
     c
+}
+
+/// Makes `client.pem`/`client.key` signed by the CA [`make_certs`] made in `dir`.
+fn make_client_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str], what: &str| {
+        run_ok(Command::new("openssl").args(args).current_dir(dir), what, OPENSSL_HINT);
+    };
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=bkbundle-client",
+        ],
+        "openssl: make the client key and request",
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n",
+    )
+    .expect("write client.ext");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x1234",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.pem",
+        ],
+        "openssl: sign the client certificate",
+    );
+    (dir.join("client.pem"), dir.join("client.key"))
 }
 
 /// Makes `ca.pem`/`ca.key` and `server.pem`/`server.key` (EC P-256, SAN `localhost` and
