@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const STEPS: [&str; 5] = ["images", "layout", "start", "health", "regions"];
+pub const STEPS: [&str; 6] = ["images", "layout", "start", "health", "regions", "packages"];
 
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
@@ -229,6 +229,16 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             );
         }
     }
+    // Packages: where NATS is must be known before anything changes (uploaded after the regions).
+    let has_packages = !ctx.manifest.packages.is_empty();
+    if let (true, Some(site)) = (has_packages, &site) {
+        if let Err(e) = crate::packages::nats::resolve_target(None, &ctx.config.nats, site, &|n| std::env::var(n).ok())
+        {
+            let e = Error::from(e);
+            findings.push(format!("agent packages: {}", e.message));
+            hints.extend(e.hints);
+        }
+    }
     let mut plan = Plan {
         bundle: id.clone(),
         target: ctx.target.clone(),
@@ -242,6 +252,9 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     };
     if !has_regions {
         journal.mark("regions");
+    }
+    if !has_packages {
+        journal.mark("packages");
     }
     let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
         && plan
@@ -273,7 +286,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
                 });
                 return Ok(report(&ctx, plan, steps, vec![], true, false, vec![], t0));
             }
-            plan.steps_to_run = vec!["start".into(), "health".into(), "regions".into()];
+            plan.steps_to_run = vec!["start".into(), "health".into(), "regions".into(), "packages".into()];
         }
     }
 
@@ -380,7 +393,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
 
     if has_regions {
         let t = Instant::now();
-        let site = site.unwrap_or_default();
+        let site = site.clone().unwrap_or_default();
         let mut ropts =
             crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &ctx.manifest.regions, &ctx.config, site);
         ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
@@ -406,6 +419,46 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             r.unchanged
         );
         step_done(&mut journal, &ctx.target, &mut steps, "regions", t, detail)?;
+    }
+    if has_packages {
+        let t = Instant::now();
+        let mut popts =
+            crate::packages::PackagesOptions::new(opts.bundle.clone(), &ctx.config, site.unwrap_or_default());
+        popts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
+        reporter.note("uploading the agent packages to the NATS object store and recording their rows");
+        let r = match crate::packages::run(&popts).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(run) = journal.history.last_mut() {
+                    run.finished = Some(now());
+                    run.outcome = "failed: packages".into();
+                }
+                let _ = journal.save(&ctx.target);
+                return Err(Error::from(e).hint(
+                    "after fixing it, re-run `bkbundle install` (it resumes here) or `bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env`",
+                ));
+            }
+        };
+        notes.extend(r.notes.iter().cloned());
+        for m in r.missing_objects.iter().filter(|m| !m.repaired) {
+            notes.push(format!(
+                "package row {} points at object {}, which is missing and not in this bundle (downloads of it fail)",
+                m.row_id, m.key
+            ));
+        }
+        let detail = format!(
+            "{} package(s) on {} bucket {:?}: {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged",
+            r.packages.len(),
+            r.nats.as_deref().unwrap_or("?"),
+            r.bucket,
+            r.uploaded,
+            r.skipped,
+            r.replaced,
+            r.rows_created,
+            r.rows_updated,
+            r.rows_unchanged
+        );
+        step_done(&mut journal, &ctx.target, &mut steps, "packages", t, detail)?;
     }
     if let Some(run) = journal.history.last_mut() {
         run.finished = Some(now());

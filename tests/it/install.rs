@@ -254,6 +254,33 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
         rows.stdout
     );
 
+    // The agent packages were uploaded to the stack's NATS and recorded in its PostgreSQL.
+    let pkgs = run(Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &value("POSTGRES_PORT"),
+            "-U",
+            "postgres",
+            "-d",
+            "bklite",
+            "-Atc",
+        ])
+        .arg("select type, object, version, name from node_mgmt_packageversion order by id")
+        .env("PGPASSWORD", &secret));
+    assert_eq!(pkgs.code, 0, "{}", pkgs.stderr);
+    assert_eq!(
+        pkgs.stdout.trim(),
+        "controller|Controller|1.0.0|fusion-collectors-linux-amd64.zip\n\
+         collector|Telegraf|1.0.0|telegraf\n\
+         collector|Vector|1.0.0|vector\n\
+         collector|NATS-Executor|1.0.0|nats-executor",
+        "{}",
+        first.stdout
+    );
+    assert!(first.stdout.contains("packages"), "{}", first.stdout);
+
     // Second run: a fast no-op that says so, and the secret is kept.
     let t = Instant::now();
     let second = p.install(demo_bundle(), &cfg, &["--json"]);
