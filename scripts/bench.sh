@@ -4,6 +4,8 @@
 #   scripts/bench.sh            all sections
 #   scripts/bench.sh pack       issue 2: pack / verify against docker save (+gzip, sha256sum)
 #   scripts/bench.sh install    issue 3: image loading against docker load -i; a re-run; memory
+#   scripts/bench.sh packages   issue 5: object upload against nats-py's put of the same 500 MB
+#                               file to the same nats-server; a re-run; memory
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install}
+SECTIONS=${*:-pack install packages}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -159,10 +161,78 @@ bench_install() {
   rm -rf "$WORK/target" "$WORK/x.tar" "$WORK"/*.bkb
 }
 
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# A throwaway PostgreSQL (the 2026 node_mgmt schema) and nats-server -js on free loopback ports;
+# stopped by the EXIT trap.
+start_servers() {
+  local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+  rm -rf "$WORK/pg" "$WORK/js"; mkdir -p "$WORK/pg" "$WORK/js"
+  chown postgres "$WORK/pg"
+  PGPORT=$(free_port)
+  runuser -u postgres -- "$pgbin/initdb" -D "$WORK/pg/data" -A trust -U postgres >/dev/null
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" \
+    -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1" -w start >/dev/null
+  psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c 'CREATE DATABASE bench' >/dev/null
+  psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d bench -f tests/fixtures/schema-2026.sql >/dev/null
+  NATSPORT=$(free_port)
+  printf 'listen: "127.0.0.1:%s"\njetstream { store_dir: "%s" }\n' "$NATSPORT" "$WORK/js" > "$WORK/nats.conf"
+  nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
+  NATSPID=$!
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATSPORT") 2>/dev/null && break; sleep 0.1; done
+  trap stop_servers EXIT
+}
+stop_servers() {
+  [ -z "${NATSPID:-}" ] || kill "$NATSPID" 2>/dev/null || true
+  local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
+}
+
+bench_packages() {
+  need nats-server; need psql
+  python3 -c 'import nats' 2>/dev/null || { say "missing nats-py: run scripts/setup.sh"; exit 1; }
+  local pkgdir="$WORK/packages"
+  mkdir -p "$pkgdir"
+  local file="$pkgdir/benchprobe-1.0.0-linux-amd64"
+  [ "$(stat -c %s "$file" 2>/dev/null || echo 0)" = 500000000 ] || head -c 500000000 /dev/urandom > "$file"
+  printf 'format = 1\n[bundle]\nname = "pkgbench"\nversion = "1"\n[[packages]]\nfile = "%s"\ntype = "collector"\nos = "linux"\narch = "x86_64"\nobject = "BenchProbe"\nversion = "1.0.0"\n' "$file" > "$WORK/pkg.toml"
+  "$BK" --no-progress pack "$WORK/pkg.toml" -o "$WORK/pkg.bkb" >/dev/null
+  start_servers
+  local db="postgres://postgres@127.0.0.1:$PGPORT/bench" nats="nats://127.0.0.1:$NATSPORT"
+  cat "$file" "$WORK/pkg.bkb" > /dev/null
+
+  say "== packages: upload of one 500 MB package to nats-server $(nats-server --version | awk '{print $NF}') (JetStream, file store)"
+  local t_py t_bk t_re
+  time_rss t_py python3 - "$nats" "$file" <<'PY'
+import asyncio, sys, nats
+from nats.js.api import ObjectMeta, ObjectMetaOptions
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    store = await js.create_object_store("pybench")
+    with open(sys.argv[2], "rb") as f:
+        meta = ObjectMeta(name="linux/x86_64/BenchProbe/1.0.0/benchprobe", description="benchprobe",
+                          options=ObjectMetaOptions(max_chunk_size=128 * 1024))
+        await store.put(meta.name, f, meta=meta)
+    await nc.close()
+asyncio.run(main())
+PY
+  time_rss t_bk "$BK" -v --no-progress init-packages --auto --bundle "$WORK/pkg.bkb" --database-url "$db" --nats-url "$nats"
+  local sent; sent=$("$BK" --json --no-progress init-packages --auto --bundle "$WORK/pkg.bkb" --database-url "$db" --nats-url "$nats" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["bytes_sent"], r["skipped"])')
+  time_rss t_re "$BK" -v --no-progress init-packages --auto --bundle "$WORK/pkg.bkb" --database-url "$db" --nats-url "$nats"
+  say "nats-py object put (128 KiB chunks)          ${t_py% *} s   $(python3 -c "print(f'{500/float(\"${t_py% *}\"):.0f}')") MB/s   peak RSS $(( ${t_py#* } / 1024 )) MiB"
+  say "bkbundle init-packages (1 MiB chunks)        ${t_bk% *} s   $(python3 -c "print(f'{500/float(\"${t_bk% *}\"):.0f}')") MB/s   peak RSS $(( ${t_bk#* } / 1024 )) MiB (target <= 64)"
+  say "throughput ratio bkbundle / nats-py          $(ratio "${t_py% *}" "${t_bk% *}")   (target >= 2)"
+  say "re-run, nothing changed                      ${t_re% *} s   (target <= 1 s; bytes sent, objects skipped: $sent)   peak RSS $(( ${t_re#* } / 1024 )) MiB"
+  stop_servers
+  rm -f "$WORK/pkg.bkb"
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
     install) bench_install ;;
-    *) say "unknown section $s (known: pack install)"; exit 2 ;;
+    packages) bench_packages ;;
+    *) say "unknown section $s (known: pack install packages)"; exit 2 ;;
   esac
 done

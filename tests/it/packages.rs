@@ -272,6 +272,12 @@ fn conflict_force_repair_and_orphans() {
     forced.force = true;
     let r = run(&forced).unwrap();
     assert_eq!(r.replaced, 1, "{}", packages::render(&r));
+    // The replaced version's chunks were purged: one chunk and one meta per object remain.
+    let msgs = python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); i=await nc.jetstream().stream_info('OBJ_bklite'); print(i.state.messages); await nc.close()\nasyncio.run(m())",
+        &[&nats.url()],
+    );
+    assert_eq!(msgs, "8", "stale chunks left in OBJ_bklite");
     assert_eq!(run(&o).unwrap().skipped, 4);
 
     // A deleted object is reported and repaired from the bundle.
