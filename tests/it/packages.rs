@@ -356,6 +356,15 @@ fn user_password_and_tls_errors_are_named() {
     let o = options(&db2, "nats://127.0.0.1:1", "");
     let e = run(&o).unwrap_err();
     assert!(matches!(e, PackagesError::NatsConnect { .. }), "{e}");
+    // A host name that cannot resolve. An empty label makes the C library refuse the name
+    // itself, so no query leaves the machine.
+    let o = options(&db2, "nats://no..such:4222", "");
+    let e = run(&o).unwrap_err();
+    assert!(
+        matches!(e, PackagesError::NatsResolve { ref host, .. } if host == "no..such"),
+        "{e}"
+    );
+    assert!(Error::from(e).hints.iter().any(|h| h.contains("/etc/hosts")));
 }
 
 #[test]
