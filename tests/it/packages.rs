@@ -493,6 +493,42 @@ fn token_client_certificate_and_missing_jetstream() {
 }
 
 #[test]
+fn a_credentials_file_of_the_platform_jwt_auth() {
+    let pg = PgCluster::start();
+    let db = database(&pg, "creds", "2026");
+    let nats = NatsServer::start(NatsOpts {
+        jwt: true,
+        ..Default::default()
+    });
+    let creds = nats.creds_file.clone().unwrap();
+    let o = options(
+        &db,
+        &nats.url(),
+        &format!("[nats]\ncredentials = \"{}\"\n", creds.display()),
+    );
+    assert_eq!(run(&o).unwrap().uploaded, 4);
+    // Without credentials, and with a user of an account the server does not know.
+    let e = run(&options(&db, &nats.url(), "")).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    let other = tempfile::tempdir().unwrap();
+    let stranger = crate::harness::mint_jwt(other.path());
+    let o = options(
+        &db,
+        &nats.url(),
+        &format!("[nats]\ncredentials = \"{}\"\n", stranger.display()),
+    );
+    let e = run(&o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    // A credentials file that is not there is named before connecting.
+    let o = options(&db, &nats.url(), "[nats]\ncredentials = \"/nonexistent/user.creds\"\n");
+    let e = run(&o).unwrap_err();
+    assert!(
+        matches!(e, PackagesError::BadNatsConfig(ref m) if m.contains("/nonexistent/user.creds")),
+        "{e}"
+    );
+}
+
+#[test]
 fn dry_run_writes_nothing() {
     let pg = PgCluster::start();
     let nats = NatsServer::start(NatsOpts::default());

@@ -16,7 +16,7 @@ mod nats;
 mod pg;
 
 pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
-pub use nats::{NatsOpts, NatsServer};
+pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
 
 use std::collections::hash_map::RandomState;

@@ -31,6 +31,9 @@ pub struct NatsOpts {
     pub verify_clients: bool,
     /// Start without JetStream (to test that it is reported as missing).
     pub no_jetstream: bool,
+    /// Decentralised (JWT) authentication: an operator, an account with JetStream and one user,
+    /// whose credentials file is [`NatsServer::creds_file`].
+    pub jwt: bool,
 }
 
 /// A running `nats-server` with JetStream on 127.0.0.1; killed and deleted on drop.
@@ -42,6 +45,8 @@ pub struct NatsServer {
     pub ca_file: Option<PathBuf>,
     /// With `verify_clients`: a client certificate and key (PEM) the server accepts.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// With `jwt`: the `.creds` file (user JWT and nkey seed) of a user the server accepts.
+    pub creds_file: Option<PathBuf>,
     /// The options it was started with.
     pub opts: NatsOpts,
     child: Child,
@@ -68,6 +73,7 @@ impl NatsServer {
         assert!(!opts.verify_clients || opts.tls, "NatsOpts: verify_clients needs tls");
         let ca_file = opts.tls.then(|| make_certs(dir.path()));
         let client_cert = opts.verify_clients.then(|| make_client_cert(dir.path()));
+        let creds_file = opts.jwt.then(|| mint_jwt(dir.path()));
 
         for attempt in 1..=3 {
             let port = free_port();
@@ -98,6 +104,7 @@ impl NatsServer {
                     port,
                     ca_file,
                     client_cert,
+                    creds_file,
                     opts,
                     child,
                     log,
@@ -206,6 +213,9 @@ fn config(opts: &NatsOpts, port: u16, store: &Path, dir: &Path) -> String {
             quoted(password)
         );
     }
+    if opts.jwt {
+        let _ = writeln!(c, "include \"operator.conf\"");
+    }
     if let Some(token) = &opts.token {
         let _ = writeln!(c, "authorization {{\n  token: {}\n}}", quoted(token));
     }
@@ -226,6 +236,18 @@ fn config(opts: &NatsOpts, port: u16, store: &Path, dir: &Path) -> String {
         );
     }
     c
+}
+
+/// Mints an operator, accounts and a user in `dir` (`operator.conf`, `user.creds`) with
+/// `mint_nats_jwt.py` beside this file; returns the credentials file.
+pub fn mint_jwt(dir: &Path) -> PathBuf {
+    let script = super::repo_root().join("tests/it/harness/mint_nats_jwt.py");
+    run_ok(
+        Command::new("python3").arg(&script).arg(dir),
+        "python3 mint_nats_jwt.py",
+        "install Python's cryptography with `pip install cryptography` (or run scripts/setup.sh)",
+    );
+    dir.join("user.creds")
 }
 
 /// Makes `client.pem`/`client.key` signed by the CA [`make_certs`] made in `dir`.
