@@ -374,11 +374,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     let services = match health::wait(&engine, &wait, &move |m| r.note(m)).await {
         Ok(s) => s,
         Err(e) => {
-            if let Some(run) = journal.history.last_mut() {
-                run.finished = Some(now());
-                run.outcome = format!("failed: {}", e.message.lines().next().unwrap_or(""));
-            }
-            let _ = journal.save(&ctx.target);
+            run_failed(&mut journal, &ctx.target, e.message.lines().next().unwrap_or(""));
             return Err(e);
         }
     };
@@ -401,11 +397,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         let r = match crate::regions::run(&ropts).await {
             Ok(r) => r,
             Err(e) => {
-                if let Some(run) = journal.history.last_mut() {
-                    run.finished = Some(now());
-                    run.outcome = "failed: regions".into();
-                }
-                let _ = journal.save(&ctx.target);
+                run_failed(&mut journal, &ctx.target, "regions");
                 return Err(e.into());
             }
         };
@@ -429,11 +421,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         let r = match crate::packages::run(&popts).await {
             Ok(r) => r,
             Err(e) => {
-                if let Some(run) = journal.history.last_mut() {
-                    run.finished = Some(now());
-                    run.outcome = "failed: packages".into();
-                }
-                let _ = journal.save(&ctx.target);
+                run_failed(&mut journal, &ctx.target, "packages");
                 return Err(Error::from(e).hint(
                     "after fixing it, re-run `bkbundle install` (it resumes here) or `bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env`",
                 ));
@@ -486,6 +474,16 @@ fn step_done(
         detail,
     });
     Ok(())
+}
+
+/// Close the journal's current run as failed at `what` (best effort: the step's own error is the
+/// one to report).
+fn run_failed(journal: &mut Journal, target: &Path, what: &str) {
+    if let Some(run) = journal.history.last_mut() {
+        run.finished = Some(now());
+        run.outcome = format!("failed: {what}");
+    }
+    let _ = journal.save(target);
 }
 
 /// Whether the bundle declares cloud-region env to seed.

@@ -160,6 +160,24 @@ fn telegraf_bytes() -> Vec<u8> {
     v
 }
 
+/// `bkbundle ARGS --database-url DB --nats-url NATS`, with no connection from the environment.
+fn init_packages(args: &[&str], db: &str, nats: &str) -> std::process::Output {
+    bkbundle()
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .args(args)
+        .args(["--database-url", db, "--nats-url", nats])
+        .output()
+        .unwrap()
+}
+
+/// NATS refuses the credentials: an authentication error that does not show the secret.
+fn refused(o: &PackagesOptions, secret: &str) {
+    let e = run(o).unwrap_err();
+    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(!e.to_string().contains(secret), "the secret was shown: {e}");
+}
+
 #[test]
 fn upload_rows_and_rerun_sends_nothing_both_generations() {
     let pg = PgCluster::start();
@@ -327,10 +345,10 @@ fn user_password_and_tls_errors_are_named() {
     assert_eq!(run(&options(&db, &url, "")).unwrap().uploaded, 4);
     let o = options(&db, &nats.url(), "[nats]\nuser = \"bk\"\npassword = \"right-pw\"\n");
     assert_eq!(run(&o).unwrap().skipped, 4);
-    let o = options(&db, &nats.url(), "[nats]\nuser = \"bk\"\npassword = \"wrong\"\n");
-    let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
-    assert!(!e.to_string().contains("wrong"), "{e}");
+    refused(
+        &options(&db, &nats.url(), "[nats]\nuser = \"bk\"\npassword = \"wrong\"\n"),
+        "wrong",
+    );
 
     let tls = NatsServer::start(NatsOpts {
         tls: true,
@@ -372,19 +390,17 @@ fn cli_json_report() {
     let pg = PgCluster::start();
     let nats = NatsServer::start(NatsOpts::default());
     let db = database(&pg, "cli", "2025");
-    let o = bkbundle()
-        .env_remove("DATABASE_URL")
-        .env_remove("NATS_URL")
-        .args([
+    let o = init_packages(
+        &[
             "--json",
             "init-packages",
             "--auto",
             "--bundle",
             bundle().to_str().unwrap(),
-        ])
-        .args(["--database-url", &db, "--nats-url", &nats.url()])
-        .output()
-        .unwrap();
+        ],
+        &db,
+        &nats.url(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["uploaded"], 4);
@@ -441,10 +457,7 @@ fn token_client_certificate_and_missing_jetstream() {
     });
     let o = options(&db, &nats.url(), "[nats]\ntoken = \"s3cret-token\"\n");
     assert_eq!(run(&o).unwrap().uploaded, 4);
-    let o = options(&db, &nats.url(), "[nats]\ntoken = \"not-it\"\n");
-    let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
-    assert!(!e.to_string().contains("not-it"), "{e}");
+    refused(&options(&db, &nats.url(), "[nats]\ntoken = \"not-it\"\n"), "not-it");
 
     // A server that requires a client certificate signed by its CA.
     let mtls = NatsServer::start(NatsOpts {
@@ -580,20 +593,15 @@ fn a_directory_of_packages_recognised_by_name() {
     std::fs::copy(demo_zip(), dir.path().join("fusion-collectors-2.1.0-linux-amd64.zip")).unwrap();
     std::fs::write(dir.path().join("telegraf_v1.28.3_linux_arm64.tar.gz"), telegraf_bytes()).unwrap();
     let cli = |extra: &[&str]| {
-        bkbundle()
-            .env_remove("DATABASE_URL")
-            .env_remove("NATS_URL")
-            .args([
-                "--json",
-                "init-packages",
-                "--auto",
-                "--dir",
-                dir.path().to_str().unwrap(),
-            ])
-            .args(["--database-url", &db, "--nats-url", &nats.url()])
-            .args(extra)
-            .output()
-            .unwrap()
+        let mut args = vec![
+            "--json",
+            "init-packages",
+            "--auto",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        init_packages(&args, &db, &nats.url())
     };
     let o = cli(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
@@ -643,14 +651,20 @@ fn a_directory_of_packages_recognised_by_name() {
         one.path().join("vector-linux-amd64.tar.gz"),
     )
     .unwrap();
-    let o = bkbundle()
-        .env_remove("DATABASE_URL")
-        .env_remove("NATS_URL")
-        .args(["init-packages", "--auto", "--dir", one.path().to_str().unwrap()])
-        .args(["--database-url", &db, "--nats-url", &nats.url()])
-        .args(["--version", "0.39.0", "--arch", "aarch64"])
-        .output()
-        .unwrap();
+    let o = init_packages(
+        &[
+            "init-packages",
+            "--auto",
+            "--dir",
+            one.path().to_str().unwrap(),
+            "--version",
+            "0.39.0",
+            "--arch",
+            "aarch64",
+        ],
+        &db,
+        &nats.url(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         pg.psql(

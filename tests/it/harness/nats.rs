@@ -250,58 +250,6 @@ pub fn mint_jwt(dir: &Path) -> PathBuf {
     dir.join("user.creds")
 }
 
-/// Makes `client.pem`/`client.key` signed by the CA [`make_certs`] made in `dir`.
-fn make_client_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let openssl = |args: &[&str], what: &str| {
-        run_ok(Command::new("openssl").args(args).current_dir(dir), what, OPENSSL_HINT);
-    };
-    openssl(
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-            "-subj",
-            "/CN=bkbundle-client",
-        ],
-        "openssl: make the client key and request",
-    );
-    std::fs::write(
-        dir.join("client.ext"),
-        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\nextendedKeyUsage = clientAuth\n",
-    )
-    .expect("write client.ext");
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-set_serial",
-            "0x1234",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-            "-out",
-            "client.pem",
-        ],
-        "openssl: sign the client certificate",
-    );
-    (dir.join("client.pem"), dir.join("client.key"))
-}
-
 /// Makes `ca.pem`/`ca.key` and `server.pem`/`server.key` (EC P-256, SAN `localhost` and
 /// 127.0.0.1, valid for two days) in `dir`; returns the CA file.
 fn make_certs(dir: &Path) -> PathBuf {
@@ -332,6 +280,42 @@ fn make_certs(dir: &Path) -> PathBuf {
         ],
         "openssl: make the test CA",
     );
+    issue(
+        dir,
+        "server",
+        "/CN=localhost",
+        "subjectAltName = DNS:localhost, IP:127.0.0.1\n\
+         basicConstraints = critical, CA:FALSE\n\
+         keyUsage = critical, digitalSignature, keyEncipherment\n\
+         extendedKeyUsage = serverAuth\n",
+    );
+    dir.join("ca.pem")
+}
+
+/// Makes `client.pem`/`client.key`, signed by the CA [`make_certs`] made in `dir`.
+fn make_client_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    issue(
+        dir,
+        "client",
+        "/CN=bkbundle-client",
+        "basicConstraints = critical, CA:FALSE\n\
+         keyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = clientAuth\n",
+    )
+}
+
+/// Makes `NAME.key` (EC P-256) and `NAME.pem` for `subject` with the extensions `ext`, signed by
+/// `ca.pem`/`ca.key` in `dir`, valid for two days.
+fn issue(dir: &Path, name: &str, subject: &str, ext: &str) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str], what: &str| {
+        run_ok(Command::new("openssl").args(args).current_dir(dir), what, OPENSSL_HINT);
+    };
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
     openssl(
         &[
             "req",
@@ -342,22 +326,15 @@ fn make_certs(dir: &Path) -> PathBuf {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            "server.key",
+            &key,
             "-out",
-            "server.csr",
+            &csr,
             "-subj",
-            "/CN=localhost",
+            subject,
         ],
-        "openssl: make the server key and request",
+        &format!("openssl: make the {name} key and request"),
     );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName = DNS:localhost, IP:127.0.0.1\n\
-         basicConstraints = critical, CA:FALSE\n\
-         keyUsage = critical, digitalSignature, keyEncipherment\n\
-         extendedKeyUsage = serverAuth\n",
-    )
-    .expect("write server.ext");
+    std::fs::write(dir.join(&extfile), ext).unwrap_or_else(|e| panic!("write {extfile}: {e}"));
     let serial = format!(
         "0x{}",
         super::random_alnum(8)
@@ -373,7 +350,7 @@ fn make_certs(dir: &Path) -> PathBuf {
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
@@ -383,11 +360,11 @@ fn make_certs(dir: &Path) -> PathBuf {
             "-days",
             "2",
             "-extfile",
-            "server.ext",
+            &extfile,
             "-out",
-            "server.pem",
+            &pem,
         ],
-        "openssl: sign the server certificate",
+        &format!("openssl: sign the {name} certificate"),
     );
-    dir.join("ca.pem")
+    (dir.join(pem), dir.join(key))
 }
