@@ -100,6 +100,9 @@ pub struct Conflict {
 pub enum PackagesError {
     #[error(transparent)]
     Database(#[from] RegionsError),
+    /// Opening the bundle or reading its manifest failed: that error, kind and hints kept.
+    #[error("{}", .0.message)]
+    Bundle(Error),
     #[error("no NATS to upload the packages to: none of --nats-url, NATS_URL, [nats] url or the stack's NATS_PORT/NATS_PASSWORD is set")]
     NoNats,
     #[error("NATS configuration: {0}")]
@@ -159,6 +162,7 @@ impl From<PackagesError> for Error {
         let message = e.to_string();
         match e {
             PackagesError::Database(r) => Error::from(r),
+            PackagesError::Bundle(e) => e,
             PackagesError::NoNats | PackagesError::BadNatsConfig(_) => Error::new(Kind::Input, message).hint(NATS_HINT),
             PackagesError::NatsResolve { .. } => Error::new(Kind::External, message)
                 .hint("check the host name in the NATS URL; on an air-gapped host use an IP address or an /etc/hosts entry"),
@@ -399,8 +403,8 @@ fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Inpu
             Ok((None, inputs))
         }
         (Some(path), None) => {
-            let bundle = Arc::new(BundleReader::open(path).map_err(|e| PackagesError::Input(e.message))?);
-            let (manifest, _) = bundle.manifest().map_err(|e| PackagesError::Input(e.message))?;
+            let bundle = Arc::new(BundleReader::open(path).map_err(PackagesError::Bundle)?);
+            let (manifest, _) = bundle.manifest().map_err(PackagesError::Bundle)?;
             let files: BTreeMap<&str, &crate::manifest::FileEntry> =
                 manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
             let controllers: BTreeMap<&str, &Package> = manifest
