@@ -17,7 +17,8 @@ Exit codes:
      the server has not created its tables yet)
   7  local I/O failed (disk full, permissions)
   8  install's preflight found problems (nothing was changed)
-  9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)";
+  9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)
+ 10  doctor found a problem of error severity (that --fix did not repair)";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,6 +75,10 @@ pub enum Command {
     /// (node_mgmt_packageversion), idempotently.
     #[command(after_help = INIT_PACKAGES_HELP)]
     InitPackages(InitPackagesArgs),
+    /// Diagnose a live install: containers, cloud regions, NATS, packages, agents; with the
+    /// evidence and the fix for each finding.
+    #[command(after_help = DOCTOR_HELP)]
+    Doctor(DoctorArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -384,4 +389,61 @@ pub struct InitPackagesArgs {
     /// The object store bucket (default: [nats] bucket, else `bklite`).
     #[arg(long, value_name = "NAME")]
     pub bucket: Option<String>,
+}
+
+const DOCTOR_HELP: &str = "\
+Runs the field's diagnosis chains against the live install and prints one finding per problem:
+severity, what it is about (region and key, package row, object, container), the evidence (the
+row, the object key, the log line, the probe's answer) and the fix as a command.
+
+  containers  the compose project's containers: exited, dead, unhealthy, restart loops, and log
+              lines of known causes (name resolution, package index, Server-url is not valid,
+              connection refused, password mismatch, ...)
+  regions     every region's sidecar env: required keys, `null`, URLs, loopback; the server URL's
+              host resolves and its port accepts TCP from this host; the server's cached env
+              (django_cache) differing from the rows
+  nats        name resolution -> TCP -> TLS -> authentication -> JetStream -> bucket, naming the
+              first broken link
+  packages    an empty package list; rows whose object is missing (downloads 404); objects without
+              rows; with --bundle, stored objects that differ from the bundle's
+  agents      install tasks that succeeded while no node of that host ever registered
+
+--fix applies only safe repairs and reports each: re-upload missing objects from --bundle, add a
+region's missing keys from the default region's rows (its proxy address applied), remove a stale
+cache entry. Nothing else is changed.
+
+Where things are: --target (default [target] of --config) holds the stack's .env and the install
+journal (the compose project); the database and NATS are found as for init-packages.
+Exit 0 when no error-severity finding remains, 10 otherwise (other codes: bkbundle itself failed).";
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The installed bundle: its required region keys, its packages (compared with the stored
+    /// objects; re-uploaded by --fix), its compose project.
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// The install config (TOML): target, project, [[regions]], [database], [nats].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The install's directory (its .env and journal), e.g. /opt/bklite.
+    #[arg(long, value_name = "DIR")]
+    pub target: Option<PathBuf>,
+    /// The stack's rendered .env (default: TARGET/.env).
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// The compose project (default: the install journal's).
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+    /// The platform's database (default: DATABASE_URL, [database] url, PG*, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// NATS server(s) (default: NATS_URL, [nats] url, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// The object store bucket (default: [nats] bucket, else `bklite`).
+    #[arg(long, value_name = "NAME")]
+    pub bucket: Option<String>,
+    /// Apply the safe repairs (see below) and report each.
+    #[arg(long)]
+    pub fix: bool,
 }

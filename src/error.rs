@@ -7,6 +7,10 @@
 use std::fmt;
 use std::path::Path;
 
+/// Exit code of `bkbundle doctor` when it found a problem of error severity that `--fix` did not
+/// repair (its report is printed as usual; it is a finding, not a failure of bkbundle).
+pub const EXIT_FINDINGS: i32 = 10;
+
 /// Exit codes, documented in the README and `bkbundle --help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

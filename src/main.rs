@@ -6,7 +6,7 @@ use bkbundle::error::{Error, Kind};
 use bkbundle::install::{config::InstallConfig, envfile};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
-use bkbundle::{inspect, install, pack, packages, regions, verify};
+use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, CompressionArg, RegionsCommand};
 use serde::Serialize;
@@ -22,7 +22,7 @@ fn main() {
     let code = match run(cli, reporter.clone()) {
         Ok(out) => {
             emit(&out, &g);
-            0
+            out.code
         }
         Err(e) => {
             report_error(&e, &g);
@@ -50,12 +50,16 @@ fn peak_memory() -> Option<String> {
 struct Output {
     json: serde_json::Value,
     text: String,
+    /// The exit code of a command that ran to the end: 0, or `doctor`'s
+    /// [`bkbundle::error::EXIT_FINDINGS`].
+    code: i32,
 }
 
 fn output<T: Serialize>(v: &T, text: String) -> Output {
     Output {
         json: serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
         text,
+        code: 0,
     }
 }
 
@@ -227,12 +231,54 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             let text = packages::render(&r);
             Ok(output(&r, text))
         }
+        Command::Doctor(a) => {
+            let config = match &a.config {
+                Some(p) => InstallConfig::load(p)?,
+                None => InstallConfig::default(),
+            };
+            let target = a.target.clone().or(config.target.clone());
+            // The stack's .env: --env-file, else the install's own beside its journal.
+            let env_path = a
+                .env_file
+                .clone()
+                .or_else(|| target.as_ref().map(|t| t.join(".env")).filter(|p| p.is_file()));
+            let env_file = match &env_path {
+                Some(p) => envfile::parse(
+                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
+                ),
+                None => Default::default(),
+            };
+            let project = match (&a.project, &target) {
+                (Some(p), _) => Some(p.clone()),
+                (None, Some(t)) => install::journal::Journal::load(t).ok().and_then(|j| j.project),
+                (None, None) => None,
+            };
+            let opts = doctor::DoctorOptions {
+                bundle: a.bundle,
+                site: regions::site_values(&env_file, &config.env),
+                config,
+                project,
+                database_url: a.database_url,
+                nats_url: a.nats_url,
+                bucket: a.bucket,
+                fix: a.fix,
+            };
+            let rt = runtime()?;
+            let r = rt.block_on(doctor::run(&opts));
+            let text = doctor::render(&r);
+            let mut out = output(&r, text);
+            if r.has_errors() {
+                out.code = bkbundle::error::EXIT_FINDINGS;
+            }
+            Ok(out)
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "bkbundle", &mut out);
             Ok(Output {
                 json: serde_json::Value::Null,
                 text: String::from_utf8_lossy(&out).trim_end().to_string(),
+                code: 0,
             })
         }
     }

@@ -54,6 +54,17 @@ pub fn hint_for(lines: &[String], oom_killed: bool) -> Option<String> {
         .map(|(_, h)| h.to_string())
 }
 
+/// The hint of the first rule (in [`LOG_RULES`] order) that a line matches, with that line: the
+/// evidence `doctor` shows.
+pub fn first_match(lines: &[String]) -> Option<(&String, &'static str)> {
+    LOG_RULES.iter().find_map(|(needles, hint)| {
+        lines.iter().find_map(|l| {
+            let lower = l.to_lowercase();
+            needles.iter().any(|n| lower.contains(n)).then_some((l, *hint))
+        })
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceHealth {
     pub service: String,

@@ -29,6 +29,9 @@ pub struct Run {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Journal {
     pub bundle: Option<BundleId>,
+    /// The compose project the stack runs as (for `doctor`; absent in journals written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
     /// Steps completed for `bundle`.
     pub completed: Vec<String>,
     /// Path relative to the target → sha256 of the content bkbundle last wrote there.

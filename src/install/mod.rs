@@ -330,6 +330,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     // 3. Execute, journaling each step.
     let mut notes = Vec::new();
     journal.bundle = Some(id.clone());
+    journal.project = Some(ctx.project.clone());
     journal.history.push(journal::Run {
         bundle: id.clone(),
         started: now(),

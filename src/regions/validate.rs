@@ -403,19 +403,30 @@ pub fn check_stored_region(
     let fix = format!(
         "region {name:?} (id {id}) is in the database but not in the install config: declare it under [[regions]] so bkbundle seeds it (keys it does not set are inherited from default, with its proxy_address), or fix it in the UI"
     );
+    stored_problems(stored, required, "required by the bundle", false)
+        .into_iter()
+        .map(|(key, message)| Problem {
+            region: name.to_string(),
+            key: Some(key),
+            message: format!("{message}; {fix}"),
+        })
+        .collect()
+}
+
+/// The problems of a region's stored rows, as `(key, message)`: required keys missing or empty,
+/// and stored values that would break agents (`null`, not a URL, a loopback server URL unless
+/// `local`). Secrets are not judged (only their presence). `why` says who requires the keys.
+pub fn stored_problems(
+    stored: &BTreeMap<String, (String, Option<EnvType>)>,
+    required: &[String],
+    why: &str,
+    local: bool,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for req in required {
         match stored.get(req) {
-            None => out.push(Problem {
-                region: name.to_string(),
-                key: Some(req.clone()),
-                message: format!("required by the bundle and missing; {fix}"),
-            }),
-            Some((v, _)) if v.trim().is_empty() => out.push(Problem {
-                region: name.to_string(),
-                key: Some(req.clone()),
-                message: format!("required by the bundle and empty; {fix}"),
-            }),
+            None => out.push((req.clone(), format!("{why} and missing"))),
+            Some((v, _)) if v.trim().is_empty() => out.push((req.clone(), format!("{why} and empty"))),
             _ => {}
         }
     }
@@ -424,12 +435,8 @@ pub fn check_stored_region(
         if *t == Some(EnvType::Secret) || EnvType::for_key(k) == EnvType::Secret {
             continue;
         }
-        for m in check_value(k, v, false, protocol.as_deref()) {
-            out.push(Problem {
-                region: name.to_string(),
-                key: Some(k.clone()),
-                message: format!("the stored value: {m}; {fix}"),
-            });
+        for m in check_value(k, v, local, protocol.as_deref()) {
+            out.push((k.clone(), format!("the stored value: {m}")));
         }
     }
     out
