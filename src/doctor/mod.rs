@@ -314,7 +314,7 @@ async fn containers(ctx: &mut Ctx<'_>) {
             Some(format!("exited with code {}", c.exit_code))
         } else if c.status == "dead" || c.status == "created" {
             Some(format!("is {}", c.status))
-        } else if c.health.as_deref() == Some("unhealthy") {
+        } else if c.status == "running" && c.health.as_deref() == Some("unhealthy") {
             Some("is unhealthy (its health check fails)".to_string())
         } else {
             None

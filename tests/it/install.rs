@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 /// A throwaway compose project: removed (containers and volumes) when the test ends. Only tests
 /// may do that; bkbundle itself never removes volumes.
-struct Project {
-    name: String,
-    dir: tempfile::TempDir,
+pub(crate) struct Project {
+    pub(crate) name: String,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Project {
-    fn new() -> Project {
+    pub(crate) fn new() -> Project {
         Project {
             name: format!("bkt{}", random_alnum(8).to_lowercase()),
             dir: tempfile::tempdir().unwrap(),
@@ -26,7 +26,7 @@ impl Project {
     fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
-    fn target(&self) -> PathBuf {
+    pub(crate) fn target(&self) -> PathBuf {
         self.path("target")
     }
     /// An install config with this project's name, a free web port and a short deadline.
@@ -42,7 +42,7 @@ impl Project {
         fs::write(&p, text).unwrap();
         p
     }
-    fn install(&self, bundle: &Path, config: &Path, extra: &[&str]) -> Run {
+    pub(crate) fn install(&self, bundle: &Path, config: &Path, extra: &[&str]) -> Run {
         let target = self.target();
         let mut args = vec![
             "install",

@@ -5,6 +5,7 @@
 //! (`scripts/setup.sh`); nothing is skipped silently.
 
 mod demo_images;
+mod doctor;
 mod harness;
 mod harness_smoke;
 mod install;
