@@ -41,6 +41,8 @@ pkg_installed busybox-static || missing+=(busybox-static)
 have minisign || missing+=(minisign)
 have skopeo || missing+=(skopeo)
 have docker-registry || missing+=(docker-registry)
+# A Redis for doctor's stale-cache test (the server caches region env there).
+have redis-server || missing+=(redis-server)
 have zstd || missing+=(zstd)
 have openssl || missing+=(openssl)
 [ -x /usr/bin/time ] || missing+=(time) # GNU time: peak memory in scripts/bench.sh

@@ -401,7 +401,8 @@ row, the object key, the log line, the probe's answer) and the fix as a command.
               connection refused, password mismatch, ...)
   regions     every region's sidecar env: required keys, `null`, URLs, loopback; the server URL's
               host resolves and its port accepts TCP from this host; the server's cached env
-              (django_cache) differing from the rows
+              (django_cache, and Redis from [database] redis_url or the stack's .env) differing
+              from the rows
   nats        name resolution -> TCP -> TLS -> authentication -> JetStream -> bucket, naming the
               first broken link
   packages    an empty package list; rows whose object is missing (downloads 404); objects without

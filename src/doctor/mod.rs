@@ -9,7 +9,7 @@
 //!   first log line matching the known-causes table ([`crate::install::health::LOG_RULES`]);
 //! - **regions**: every region's stored sidecar env (required keys, `null`, URLs, loopback), the
 //!   server URL's host resolving and its port accepting TCP from this host, and the server's
-//!   cached env (`django_cache`) differing from the rows;
+//!   cached env (`django_cache`, and Redis when known) differing from the rows;
 //! - **nats**: resolution → TCP → TLS → authentication → JetStream → bucket, stopping at the first
 //!   broken link ([`crate::packages::nats::connect`], [`crate::packages::open_store`]);
 //! - **packages**: an empty package list, rows whose object is missing (either key layout),
@@ -539,9 +539,7 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
     if !touched.is_empty() && schema.cache_table {
         let _ = db::invalidate_db_cache(client, target, &touched).await;
     }
-    if schema.cache_table {
-        stale_cache(ctx, client, target, &current, &stored_of).await;
-    }
+    stale_cache(ctx, client, target, schema, &current, &stored_of).await;
 }
 
 /// Insert the region's missing keys with the default region's values (type, description kept;
@@ -579,94 +577,158 @@ async fn add_missing_keys(
     Ok(())
 }
 
-/// The server's cached env of each region (Django's database cache: base64 of a pickle) against
-/// the rows: a cached entry that does not hold a row's current value is stale.
+/// Where the server's cached env was read from.
+enum CacheSource {
+    Database,
+    Redis(crate::regions::cache::RedisTarget),
+}
+
+impl CacheSource {
+    fn label(&self) -> String {
+        match self {
+            CacheSource::Database => db::CACHE_TABLE.to_string(),
+            CacheSource::Redis(t) => format!("Redis {}", t.display()),
+        }
+    }
+}
+
+/// The server's cached env of each region (a pickle: base64 of it in Django's database cache,
+/// raw in Redis) against the rows: a cached entry that does not hold a row's current value is
+/// stale. Both caches are read when known: the database table when the schema has it, Redis from
+/// `[database] redis_url` or the stack's .env.
 async fn stale_cache(
     ctx: &mut Ctx<'_>,
     client: &tokio_postgres::Client,
     target: &DbTarget,
+    schema: &db::Schema,
     current: &db::Current,
     stored_of: &dyn Fn(i64) -> Stored,
 ) {
     let keys: Vec<String> = current.regions.iter().map(|r| db::cache_key(r.id)).collect();
-    let rows = match client
-        .query(
-            &format!(
-                "SELECT cache_key::text, value::text FROM {} WHERE cache_key = ANY($1) AND expires > now()",
-                db::CACHE_TABLE
-            ),
-            &[&keys],
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.add(
-                "regions",
-                Severity::Info,
-                db::CACHE_TABLE,
-                format!("the server's cache was not checked: {}", crate::error::chain(&e)),
-            );
-            return;
+    // (source, cache key, the pickle)
+    let mut cached: Vec<(usize, String, Vec<u8>)> = Vec::new();
+    let mut sources = Vec::new();
+    if schema.cache_table {
+        let sql = format!(
+            "SELECT cache_key::text, value::text FROM {} WHERE cache_key = ANY($1) AND expires > now()",
+            db::CACHE_TABLE
+        );
+        match client.query(sql.as_str(), &[&keys]).await {
+            Ok(rows) => {
+                use base64::Engine as _;
+                for row in rows {
+                    let value: String = row.get(1);
+                    if let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(value.trim()) {
+                        cached.push((sources.len(), row.get(0), blob));
+                    }
+                }
+            }
+            Err(e) => {
+                ctx.add(
+                    "regions",
+                    Severity::Info,
+                    db::CACHE_TABLE,
+                    format!("the server's cache was not checked: {}", crate::error::chain(&e)),
+                );
+            }
         }
-    };
-    let mut stale = BTreeSet::new();
-    for row in rows {
-        let key: String = row.get(0);
-        let value: String = row.get(1);
+        sources.push(CacheSource::Database);
+    }
+    match crate::regions::redis_target(&ctx.opts.config.database, &ctx.opts.site) {
+        Some((_, Ok(t))) => match crate::regions::cache::get(&t, &keys, PROBE).await {
+            Ok(values) => {
+                for (k, v) in keys.iter().zip(values) {
+                    if let Some(blob) = v {
+                        cached.push((sources.len(), k.clone(), blob));
+                    }
+                }
+                sources.push(CacheSource::Redis(t));
+            }
+            Err(e) => {
+                ctx.add(
+                    "regions",
+                    Severity::Warning,
+                    format!("Redis {}", t.display()),
+                    format!("the server's Redis cache could not be read: {e}"),
+                )
+                .fix("check [database] redis_url (or REDIS_PASSWORD/REDIS_PORT of the stack's .env) and that the redis service runs");
+            }
+        },
+        Some((from, Err(e))) => {
+            ctx.add("regions", Severity::Warning, "Redis cache", format!("{from}: {e}"));
+        }
+        None => {}
+    }
+    // Per source, the regions whose entry is stale.
+    let mut stale: BTreeMap<usize, BTreeSet<i64>> = BTreeMap::new();
+    for (source, key, blob) in cached {
         let Some(region) = current.regions.iter().find(|r| db::cache_key(r.id) == key) else {
             continue;
         };
-        use base64::Engine as _;
-        let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(value.trim()) else {
-            continue;
-        };
         let stored = stored_of(region.id);
-        let differing: Vec<&String> = stored
+        let differing: Vec<&str> = stored
             .iter()
             .filter(|(_, (v, t))| *t != Some(EnvType::Secret) && !v.is_empty())
             .filter(|(_, (v, _))| !contains(&blob, v.as_bytes()))
-            .map(|(k, _)| k)
+            .map(|(k, _)| k.as_str())
             .collect();
         if differing.is_empty() {
             continue;
         }
+        let label = sources[source].label();
         let f = ctx.add(
             "regions",
             Severity::Warning,
-            format!("region {:?} (id {}) cached env", region.name, region.id),
+            format!("region {:?} (id {}) cached env in {label}", region.name, region.id),
             "the server's cached env differs from the rows: agents get the old values until it expires (up to 300 s)",
         );
         f.evidence(format!(
-            "{} row {key:?} lacks the current value of {}",
-            db::CACHE_TABLE,
-            differing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            "{label}: {key:?} lacks the current value of {}",
+            differing.join(", ")
         ));
-        f.fix(format!(
-            "bkbundle doctor --fix (removes the entry), or: DELETE FROM {} WHERE cache_key = '{key}';",
-            db::CACHE_TABLE
-        ));
-        stale.insert(region.id);
+        f.fix(match &sources[source] {
+            CacheSource::Database => format!(
+                "bkbundle doctor --fix (removes the entry), or: DELETE FROM {} WHERE cache_key = '{key}';",
+                db::CACHE_TABLE
+            ),
+            CacheSource::Redis(_) => {
+                format!("bkbundle doctor --fix (removes the entry), or: redis-cli -n 1 DEL '{key}'")
+            }
+        });
+        stale.entry(source).or_default().insert(region.id);
     }
-    if ctx.opts.fix && !stale.is_empty() {
-        match db::invalidate_db_cache(client, target, &stale).await {
-            Ok(_) => {
+    if !ctx.opts.fix {
+        return;
+    }
+    for (source, regions) in stale {
+        let label = sources[source].label();
+        let removed = match &sources[source] {
+            CacheSource::Database => db::invalidate_db_cache(client, target, &regions)
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::from(e).message),
+            CacheSource::Redis(t) => {
+                let keys: Vec<String> = regions.iter().map(|id| db::cache_key(*id)).collect();
+                crate::regions::cache::del(t, &keys, PROBE).await.map(|_| ())
+            }
+        };
+        match removed {
+            Ok(()) => {
                 for f in ctx
                     .findings
                     .iter_mut()
-                    .filter(|f| f.check == "regions" && f.subject.ends_with("cached env"))
+                    .filter(|f| f.check == "regions" && f.subject.ends_with(&format!("cached env in {label}")))
                 {
                     f.fixed = true;
                     f.evidence.push("fixed: the cache entry was removed".into());
                 }
             }
             Err(e) => {
-                let e: Error = e.into();
                 ctx.add(
                     "regions",
                     Severity::Error,
-                    db::CACHE_TABLE,
-                    format!("--fix could not remove the stale entries: {}", e.message),
+                    label,
+                    format!("--fix could not remove the stale entries: {e}"),
                 );
             }
         }

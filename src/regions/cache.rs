@@ -1,5 +1,6 @@
-//! Removing the server's cached env from Redis: a minimal RESP client for `AUTH`, `SELECT` and
-//! `DEL`, the three commands needed, rather than a Redis crate for them.
+//! The server's cached env in Redis: a minimal RESP client for `AUTH`, `SELECT`, `DEL` (after
+//! seeding) and `GET` (doctor's stale-cache check), the four commands needed, rather than a Redis
+//! crate for them.
 //!
 //! The server caches a region's env for 300 s (BKLITE.md, Cache). The stack configures Django's
 //! cache in Redis db 1; Django's key there is the same `:1:sidecar_env_cache_<id>` as in the
@@ -155,7 +156,13 @@ async fn reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<String, String> 
     }
 }
 
-async fn del_inner(t: &RedisTarget, keys: &[String]) -> Result<u64, String> {
+type Session = (
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// Connect, authenticate and select the database.
+async fn session(t: &RedisTarget) -> Result<Session, String> {
     let stream = TcpStream::connect((t.host.as_str(), t.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
@@ -177,6 +184,11 @@ async fn del_inner(t: &RedisTarget, keys: &[String]) -> Result<u64, String> {
             .await
             .map_err(|e| format!("SELECT {} refused: {e}", t.db))?;
     }
+    Ok((rd, wr))
+}
+
+async fn del_inner(t: &RedisTarget, keys: &[String]) -> Result<u64, String> {
+    let (mut rd, mut wr) = session(t).await?;
     let mut args = vec!["DEL"];
     args.extend(keys.iter().map(String::as_str));
     wr.write_all(&command(&args))
@@ -184,6 +196,53 @@ async fn del_inner(t: &RedisTarget, keys: &[String]) -> Result<u64, String> {
         .map_err(|e| format!("sending DEL: {e}"))?;
     let n = reply(&mut rd).await.map_err(|e| format!("DEL refused: {e}"))?;
     n.parse::<u64>().map_err(|_| format!("DEL answered {n:?}, not a count"))
+}
+
+/// A bulk-string reply: `None` for a missing key (`$-1`).
+async fn bulk<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, String> {
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .await
+        .map_err(|e| format!("reading the reply: {e}"))?;
+    let line = line.trim_end_matches(['\r', '\n']);
+    match line.split_at_checked(1) {
+        Some(("$", "-1")) => Ok(None),
+        Some(("$", n)) => {
+            let len: usize = n.parse().map_err(|_| format!("a bulk length {n:?} is not a number"))?;
+            // The cached env of a region is a few KiB; anything huge is not what we look for.
+            if len > 16 << 20 {
+                return Err(format!("a {len}-byte value is larger than any cached env"));
+            }
+            let mut buf = vec![0u8; len + 2];
+            r.read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("reading the value: {e}"))?;
+            buf.truncate(len);
+            Ok(Some(buf))
+        }
+        Some(("-", e)) => Err(e.to_string()),
+        _ => Err(format!("unexpected reply {line:?}")),
+    }
+}
+
+async fn get_inner(t: &RedisTarget, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let (mut rd, mut wr) = session(t).await?;
+    let mut out = Vec::new();
+    for k in keys {
+        wr.write_all(&command(&["GET", k]))
+            .await
+            .map_err(|e| format!("sending GET: {e}"))?;
+        out.push(bulk(&mut rd).await.map_err(|e| format!("GET {k}: {e}"))?);
+    }
+    Ok(out)
+}
+
+/// `GET` each key on the Redis at `t` (`None` where absent). Bounded by `timeout` in all.
+pub async fn get(t: &RedisTarget, keys: &[String], timeout: Duration) -> Result<Vec<Option<Vec<u8>>>, String> {
+    match tokio::time::timeout(timeout, get_inner(t, keys)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} s", timeout.as_secs())),
+    }
 }
 
 /// `DEL keys` on the Redis at `t`; returns how many existed. Bounded by `timeout` in all.
@@ -265,6 +324,33 @@ mod tests {
         assert_eq!(seen[0], ["AUTH", "secret"]);
         assert_eq!(seen[1], ["SELECT", "1"]);
         assert_eq!(seen[2], ["DEL", ":1:sidecar_env_cache_1", ":1:sidecar_env_cache_2"]);
+    }
+
+    /// GET of a present and a missing key, after AUTH (no SELECT for db 0).
+    #[tokio::test]
+    async fn get_reads_bulk_replies() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = s.into_split();
+            let mut rd = BufReader::new(rd);
+            for answer in [&b"+OK\r\n"[..], b"$5\r\na\r\nb\0\r\n", b"$-1\r\n"] {
+                let mut head = String::new();
+                rd.read_line(&mut head).await.unwrap();
+                let n: usize = head.trim()[1..].parse().unwrap();
+                for _ in 0..2 * n {
+                    let mut l = String::new();
+                    rd.read_line(&mut l).await.unwrap();
+                }
+                wr.write_all(answer).await.unwrap();
+            }
+        });
+        let t = parse_url(&format!("redis://:pw@127.0.0.1:{port}")).unwrap();
+        let got = get(&t, &["a".into(), "b".into()], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some(b"a\r\nb\0".to_vec()), None]);
     }
 
     #[tokio::test]

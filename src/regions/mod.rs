@@ -514,7 +514,7 @@ async fn invalidate(
 /// the site values), else the stack's own when its .env is known (it has `REDIS_PASSWORD`): the
 /// stack's server caches in db 1 of the `redis` service, published on
 /// `INTERNAL_BIND_IP:REDIS_PORT`.
-fn redis_target(
+pub fn redis_target(
     cfg: &DatabaseConfig,
     site: &BTreeMap<String, String>,
 ) -> Option<(&'static str, Result<cache::RedisTarget, String>)> {

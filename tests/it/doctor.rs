@@ -3,7 +3,7 @@
 //! each field fault injected alone, diagnosed by the right finding, repaired (by `--fix` where it
 //! is a safe repair) and gone again.
 
-use crate::harness::{ensure_demo_images, free_port, repo_root};
+use crate::harness::{ensure_demo_images, free_port, repo_root, RedisServer};
 use crate::install::Project;
 use crate::pack::{bk, demo_bundle, run, Run};
 use serde_json::Value;
@@ -152,7 +152,7 @@ fn the_finding<'a>(v: &'a Value, check: &str, severity: &str, subject: &[&str]) 
     hit[0]
 }
 
-fn text(f: &Value) -> String {
+fn text_of(f: &Value) -> String {
     f.to_string()
 }
 
@@ -178,7 +178,10 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let (r, v) = live.doctor(&[]);
     assert_eq!(r.code, 10, "{v:#}");
     let f = the_finding(&v, "regions", "error", &["east", "NODE_SERVER_URL"]);
-    assert!(text(f).contains("missing") && text(f).contains("doctor --fix"), "{f:#}");
+    assert!(
+        text_of(f).contains("missing") && text_of(f).contains("doctor --fix"),
+        "{f:#}"
+    );
     let (r, v) = live.doctor(&["--fix"]);
     assert_eq!(r.code, 0, "--fix: {v:#}");
     assert_eq!(
@@ -200,7 +203,7 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let (r, v) = live.doctor(&["--fix"]);
     assert_eq!(r.code, 10, "{v:#}");
     let f = the_finding(&v, "regions", "error", &["east", "NODE_SERVER_URL"]);
-    assert!(text(f).contains("null") && f["fixed"] == false, "{f:#}");
+    assert!(text_of(f).contains("null") && f["fixed"] == false, "{f:#}");
     live.psql(&format!(
         "UPDATE node_mgmt_sidecarenv SET value = 'http://127.0.0.1:{}' WHERE key = 'NODE_SERVER_URL' AND cloud_region_id = {east}",
         live.env["WEB_PORT"]
@@ -211,9 +214,32 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let (r, v) = live.doctor(&[]);
     assert_eq!(r.code, 0, "a warning alone exits 0: {v:#}");
     let f = the_finding(&v, "regions", "warning", &["default", "cached env"]);
-    assert!(text(f).contains("sidecar_env_cache_1"), "{f:#}");
+    assert!(text_of(f).contains("sidecar_env_cache_1"), "{f:#}");
     live.doctor(&["--fix"]);
     assert_eq!(live.psql("SELECT count(*) FROM django_cache"), "0");
+
+    // ... and in the server's Redis cache (db 1, as the stack configures Django), read when the
+    // config names it: a stale entry is named with the Redis it is in; --fix deletes it.
+    let redis = RedisServer::start();
+    let config = live.p.dir.path().join("install.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[database]\nredis_url = \"{}\"\n", redis.url(1))).unwrap();
+    assert_eq!(
+        redis
+            .command(1, &["SET", ":1:sidecar_env_cache_2", "old-pickle"])
+            .unwrap(),
+        "+OK"
+    );
+    let (r, v) = live.doctor(&[]);
+    assert_eq!(r.code, 0, "{v:#}");
+    let f = the_finding(&v, "regions", "warning", &["east", "cached env in Redis"]);
+    assert!(
+        text_of(f).contains("NODE_SERVER_URL") && !r.stdout.contains(&redis.password),
+        "{f:#}"
+    );
+    live.doctor(&["--fix"]);
+    assert_eq!(redis.command(1, &["EXISTS", ":1:sidecar_env_cache_2"]).unwrap(), ":0");
+    assert_clean(&live, "after the stale caches were removed");
 
     // 4. A package row whose object was deleted (field report 3): the 404; --fix re-uploads it.
     let key = "linux/x86_64/Telegraf/1.0.0/telegraf";
@@ -221,7 +247,7 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let (r, v) = live.doctor(&[]);
     assert_eq!(r.code, 10, "{v:#}");
     let f = the_finding(&v, "packages", "error", &["Telegraf"]);
-    assert!(text(f).contains(key) && text(f).contains("404"), "{f:#}");
+    assert!(text_of(f).contains(key) && text_of(f).contains("404"), "{f:#}");
     let (r, v) = live.doctor(&["--fix"]);
     assert_eq!(r.code, 0, "{v:#}");
     assert_eq!(the_finding(&v, "packages", "error", &["Telegraf"])["fixed"], true);
@@ -244,7 +270,7 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let (r, v) = live.doctor(&[]);
     assert_eq!(r.code, 10, "{v:#}");
     let f = the_finding(&v, "agents", "error", &["default"]);
-    assert!(text(f).contains("10.9.9.9") && text(f).contains("never"), "{f:#}");
+    assert!(text_of(f).contains("10.9.9.9") && text_of(f).contains("never"), "{f:#}");
     // Once its node registers, the task is no longer a finding.
     live.psql(
         "INSERT INTO node_mgmt_node (id, name, ip, cloud_region_id) VALUES ('n1', 'host-10-9-9-9', '10.9.9.9', 1)",
@@ -286,7 +312,7 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     let _ = run(Command::new("docker").args(["rm", "-f", &looping]));
     assert_eq!(r.code, 10, "{v:#}");
     let f = the_finding(&v, "containers", "error", &["probe"]);
-    let s = text(f);
+    let s = text_of(f);
     assert!(
         s.contains("restart") && s.contains("Could not resolve host: repo.example.com"),
         "{f:#}"
@@ -311,7 +337,7 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     assert_eq!(r.code, 10, "{v:#}");
     the_finding(&v, "nats", "error", &["TCP"]);
     let f = the_finding(&v, "packages", "info", &["package objects"]);
-    assert!(text(f).contains("not checked"), "{f:#}");
+    assert!(text_of(f).contains("not checked"), "{f:#}");
     let config = live.p.dir.path().join("install.toml");
     let r = bk(&[
         "doctor",

@@ -14,10 +14,12 @@
 mod docker;
 mod nats;
 mod pg;
+mod redis;
 
 pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
 pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
+pub use redis::RedisServer;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
