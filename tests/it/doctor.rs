@@ -260,6 +260,39 @@ fn doctor_diagnoses_each_fault_of_a_live_install() {
     the_finding(&v, "packages", "warning", &[stray]);
     live.object(stray, None);
 
+    // A stored object that is not the bundle's package (with --bundle): a warning with both digests.
+    let vector = "linux/x86_64/Vector/1.0.0/vector";
+    live.object(vector, Some("a different vector"));
+    let (_, v) = live.doctor(&[]);
+    let f = the_finding(&v, "packages", "warning", &[vector]);
+    assert!(
+        text_of(f).contains("differs from the bundle") && text_of(f).contains("SHA-256="),
+        "{f:#}"
+    );
+
+    // The empty package list (field report 2): named, with init-packages as the fix, which
+    // (with --force for the changed object) brings everything back.
+    live.psql("DELETE FROM node_mgmt_packageversion");
+    let (r, v) = live.doctor(&[]);
+    assert_eq!(r.code, 10, "{v:#}");
+    let f = the_finding(&v, "packages", "error", &["node_mgmt_packageversion"]);
+    assert!(
+        text_of(f).contains("empty") && text_of(f).contains("init-packages"),
+        "{f:#}"
+    );
+    let env_file = live.target().join(".env");
+    let r = bk(&[
+        "init-packages",
+        "--auto",
+        "--force",
+        "--bundle",
+        demo_bundle().to_str().unwrap(),
+        "--env-file",
+        env_file.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_clean(&live, "after init-packages");
+
     // 6. An agent whose install task succeeded but that never registered (field report 1).
     live.psql(
         "INSERT INTO node_mgmt_controllertask (created_at, updated_at, created_by, updated_by, domain, updated_by_domain, cloud_region_id, type, status, work_node, package_version_id) \
