@@ -674,3 +674,68 @@ fn a_directory_of_packages_recognised_by_name() {
         "Vector|0.39.0|arm64"
     );
 }
+
+#[test]
+fn a_killed_upload_rerun_completes() {
+    let pg = PgCluster::start();
+    let nats = NatsServer::start(NatsOpts::default());
+    let db = database(&pg, "kill", "2026");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bigprobe-1.0.0-linux-amd64");
+    // 96 MiB that do not compress to nothing: a counter pattern.
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0u32..96 {
+            for (j, b) in block.iter_mut().enumerate() {
+                *b = (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8;
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let args = |extra: &[&str]| {
+        let mut c = bkbundle();
+        c.env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .args(["init-packages", "--auto", "--dir", dir.path().to_str().unwrap()])
+            .args(["--database-url", &db, "--nats-url", &nats.url()])
+            .args(extra);
+        c
+    };
+    let mut killed = false;
+    for delay_ms in [150u64, 60, 20] {
+        let mut child = args(&[]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            killed = true;
+            break;
+        }
+        child.wait().unwrap();
+        // It finished first: start over from nothing and kill sooner.
+        pg.psql("kill", "DELETE FROM node_mgmt_packageversion");
+        python(
+            "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); await nc.jetstream().delete_object_store('bklite'); await nc.close()\nasyncio.run(m())",
+            &[&nats.url()],
+        );
+    }
+    assert!(killed, "the upload always finished before it could be killed");
+    // Nothing half-written is visible: no row, and no object (its meta is published last).
+    assert_eq!(pg.psql("kill", "SELECT count(*) FROM node_mgmt_packageversion"), "0");
+    let out = args(&["--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["uploaded"], 1, "{v}");
+    let got = python(
+        PY_GET,
+        &[
+            &nats.url(),
+            "bklite",
+            "linux/x86_64/bigprobe/1.0.0/bigprobe-1.0.0-linux-amd64",
+        ],
+    );
+    assert!(got.starts_with(&sha_hex(&std::fs::read(&file).unwrap())), "{got}");
+    assert_eq!(pg.psql("kill", "SELECT count(*) FROM node_mgmt_packageversion"), "1");
+}
