@@ -160,6 +160,7 @@ fn assert_clean(live: &Live, when: &str) {
     let (r, v) = live.doctor(&[]);
     assert_eq!(r.code, 0, "{when}: {v:#}");
     assert_eq!(v["findings"].as_array().unwrap().len(), 0, "{when}: {v:#}");
+    eprintln!("doctor, {when}: clean in {:.2} s", v["seconds"].as_f64().unwrap_or(0.0));
 }
 
 #[test]
