@@ -372,23 +372,8 @@ pub struct InitPackagesArgs {
     /// Read the database and the bucket, report what would happen, write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// The install config (TOML): [nats], [database], [env].
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// The stack's rendered .env (NATS_*, POSTGRES_*, INTERNAL_BIND_IP).
-    #[arg(long, value_name = "PATH")]
-    pub env_file: Option<PathBuf>,
-    /// The platform's database, postgres://USER:PASSWORD@HOST:PORT/DB (default: DATABASE_URL,
-    /// [database] url, the PG* variables, the stack's .env).
-    #[arg(long, value_name = "URL")]
-    pub database_url: Option<String>,
-    /// NATS server(s), comma-separated: nats://[USER:PASSWORD@]HOST:PORT or tls://... (default:
-    /// NATS_URL, [nats] url, the stack's .env).
-    #[arg(long, value_name = "URL")]
-    pub nats_url: Option<String>,
-    /// The object store bucket (default: [nats] bucket, else `bklite`).
-    #[arg(long, value_name = "NAME")]
-    pub bucket: Option<String>,
+    #[command(flatten)]
+    pub site: SiteArgs,
 }
 
 const DOCTOR_HELP: &str = "\
@@ -423,28 +408,39 @@ pub struct DoctorArgs {
     /// objects; re-uploaded by --fix), its compose project.
     #[arg(long, value_name = "BUNDLE")]
     pub bundle: Option<PathBuf>,
-    /// The install config (TOML): target, project, [[regions]], [database], [nats].
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// The install's directory (its .env and journal), e.g. /opt/bklite.
     #[arg(long, value_name = "DIR")]
     pub target: Option<PathBuf>,
-    /// The stack's rendered .env (default: TARGET/.env).
-    #[arg(long, value_name = "PATH")]
-    pub env_file: Option<PathBuf>,
     /// The compose project (default: the install journal's).
     #[arg(long, value_name = "NAME")]
     pub project: Option<String>,
-    /// The platform's database (default: DATABASE_URL, [database] url, PG*, the stack's .env).
+    #[command(flatten)]
+    pub site: SiteArgs,
+    /// Apply the safe repairs (see below) and report each.
+    #[arg(long)]
+    pub fix: bool,
+}
+
+/// Where the live platform is: the install config, the stack's .env, the database and NATS
+/// (init-packages and doctor).
+#[derive(Args, Debug)]
+pub struct SiteArgs {
+    /// The install config (TOML): target, project, [[regions]], [env], [database], [nats].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The stack's rendered .env (NATS_*, POSTGRES_*, INTERNAL_BIND_IP, REDIS_*); doctor
+    /// defaults to TARGET/.env.
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    /// The platform's database, postgres://USER:PASSWORD@HOST:PORT/DB (default: DATABASE_URL,
+    /// [database] url, the PG* variables, the stack's .env).
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
-    /// NATS server(s) (default: NATS_URL, [nats] url, the stack's .env).
+    /// NATS server(s), comma-separated: nats://[USER:PASSWORD@]HOST:PORT or tls://... (default:
+    /// NATS_URL, [nats] url, the stack's .env).
     #[arg(long, value_name = "URL")]
     pub nats_url: Option<String>,
     /// The object store bucket (default: [nats] bucket, else `bklite`).
     #[arg(long, value_name = "NAME")]
     pub bucket: Option<String>,
-    /// Apply the safe repairs (see below) and report each.
-    #[arg(long)]
-    pub fix: bool,
 }

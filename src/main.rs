@@ -169,17 +169,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 }
             };
             let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
-            let config = match &common.config {
-                Some(p) => InstallConfig::load(p)?,
-                None => InstallConfig::default(),
-            };
-            let env_file = match &common.env_file {
-                Some(p) => envfile::parse(
-                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
-                ),
-                None => Default::default(),
-            };
-            let site = regions::site_values(&env_file, &config.env);
+            let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
             let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
             opts.database_url = database_url;
             let rt = runtime()?;
@@ -194,17 +184,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                         .hint("bkbundle init-packages --auto --bundle BUNDLE   (or --dir DIR)"),
                 );
             }
-            let config = match &a.config {
-                Some(p) => InstallConfig::load(p)?,
-                None => InstallConfig::default(),
-            };
-            let env_file = match &a.env_file {
-                Some(p) => envfile::parse(
-                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
-                ),
-                None => Default::default(),
-            };
-            let site = regions::site_values(&env_file, &config.env);
+            let (config, site) = site(a.site.config.as_deref(), |_| a.site.env_file.clone())?;
             let mut opts = packages::PackagesOptions::new(Default::default(), &config, site);
             opts.bundle = a.bundle;
             opts.dir = a.dir;
@@ -223,31 +203,26 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             };
             opts.force = a.force;
             opts.dry_run = a.dry_run;
-            opts.database_url = a.database_url;
-            opts.nats_url = a.nats_url;
-            opts.bucket = a.bucket;
+            opts.database_url = a.site.database_url;
+            opts.nats_url = a.site.nats_url;
+            opts.bucket = a.site.bucket;
             let rt = runtime()?;
             let r = rt.block_on(packages::run(&opts))?;
             let text = packages::render(&r);
             Ok(output(&r, text))
         }
         Command::Doctor(a) => {
-            let config = match &a.config {
-                Some(p) => InstallConfig::load(p)?,
-                None => InstallConfig::default(),
-            };
-            let target = a.target.clone().or(config.target.clone());
             // The stack's .env: --env-file, else the install's own beside its journal.
-            let env_path = a
-                .env_file
-                .clone()
-                .or_else(|| target.as_ref().map(|t| t.join(".env")).filter(|p| p.is_file()));
-            let env_file = match &env_path {
-                Some(p) => envfile::parse(
-                    &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
-                ),
-                None => Default::default(),
-            };
+            let (config, site) = site(a.site.config.as_deref(), |config| {
+                a.site.env_file.clone().or_else(|| {
+                    a.target
+                        .clone()
+                        .or(config.target.clone())
+                        .map(|t| t.join(".env"))
+                        .filter(|p| p.is_file())
+                })
+            })?;
+            let target = a.target.clone().or(config.target.clone());
             let project = match (&a.project, &target) {
                 (Some(p), _) => Some(p.clone()),
                 (None, Some(t)) => install::journal::Journal::load(t).ok().and_then(|j| j.project),
@@ -255,12 +230,12 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             };
             let opts = doctor::DoctorOptions {
                 bundle: a.bundle,
-                site: regions::site_values(&env_file, &config.env),
+                site,
                 config,
                 project,
-                database_url: a.database_url,
-                nats_url: a.nats_url,
-                bucket: a.bucket,
+                database_url: a.site.database_url,
+                nats_url: a.site.nats_url,
+                bucket: a.site.bucket,
                 fix: a.fix,
             };
             let rt = runtime()?;
@@ -282,6 +257,26 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             })
         }
     }
+}
+
+/// The install config (`--config`, else empty) and the site values: the stack's .env (at the
+/// path `env_file` gives for that config, when any) under the config's `[env]`.
+fn site(
+    config: Option<&std::path::Path>,
+    env_file: impl FnOnce(&InstallConfig) -> Option<std::path::PathBuf>,
+) -> Result<(InstallConfig, std::collections::BTreeMap<String, String>), Error> {
+    let config = match config {
+        Some(p) => InstallConfig::load(p)?,
+        None => InstallConfig::default(),
+    };
+    let values = match env_file(&config) {
+        Some(p) => envfile::parse(
+            &std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read the stack's env file", &p, e))?,
+        ),
+        None => Default::default(),
+    };
+    let site = regions::site_values(&values, &config.env);
+    Ok((config, site))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
