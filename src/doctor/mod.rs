@@ -193,7 +193,7 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
     let database = database(&mut ctx).await;
     if let Some((client, target, schema)) = &database {
         regions(&mut ctx, client, target, schema).await;
-        agents(&mut ctx, client, target).await;
+        agents(&mut ctx, client).await;
     }
     let store = nats(&mut ctx).await;
     match (&database, &store) {
@@ -782,7 +782,7 @@ async fn probe(host: &str, port: u16) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // Agents
 
-async fn agents(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &DbTarget) {
+async fn agents(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client) {
     let tables = [
         "node_mgmt_controllertask",
         "node_mgmt_controllertasknode",
@@ -829,7 +829,6 @@ async fn agents(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &DbT
             return;
         }
     };
-    let _ = target;
     let mut by_region: BTreeMap<(i64, String), Vec<String>> = BTreeMap::new();
     for r in rows {
         let name: String = r.get(0);
