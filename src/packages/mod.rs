@@ -103,7 +103,7 @@ pub enum PackagesError {
     /// Opening the bundle or reading its manifest failed: that error, kind and hints kept.
     #[error("{}", .0.message)]
     Bundle(Error),
-    #[error("no NATS to upload the packages to: none of --nats-url, NATS_URL, [nats] url or the stack's NATS_PORT/NATS_PASSWORD is set")]
+    #[error("where the platform's NATS is was not given: none of --nats-url, NATS_URL, [nats] url or the stack's .env (NATS_PORT, NATS_PASSWORD or NATS_ADMIN_PASSWORD) is set")]
     NoNats,
     #[error("NATS configuration: {0}")]
     BadNatsConfig(String),

@@ -84,14 +84,14 @@ pub fn with_reader<T>(
     source: &Source,
     f: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> io::Result<T> {
-    if let Source::File(p) = source {
-        let mut file = std::fs::File::open(p)?;
-        return f(&mut file);
-    }
-    let bundle = bundle.ok_or_else(|| not_found(format!("{} needs the bundle", source.describe())))?;
+    let need_bundle = || bundle.ok_or_else(|| not_found(format!("{} needs the bundle", source.describe())));
     match source {
-        Source::File(_) => unreachable!("handled above"),
+        Source::File(p) => {
+            let mut file = std::fs::File::open(p)?;
+            f(&mut file)
+        }
         Source::Entry(path) => {
+            let bundle = need_bundle()?;
             let e = bundle
                 .entry(path)
                 .ok_or_else(|| not_found(format!("{path} is not in the bundle")))?;
@@ -99,6 +99,7 @@ pub fn with_reader<T>(
             f(&mut r)
         }
         Source::Inner { container, entry } => {
+            let bundle = need_bundle()?;
             let e = bundle
                 .entry(container)
                 .ok_or_else(|| not_found(format!("{container} is not in the bundle")))?;

@@ -96,7 +96,7 @@ pub enum RegionsError {
     /// The configuration would break agents (or does not fit the database): every problem.
     #[error("{} problem(s) with the cloud regions' sidecar env; nothing was written:\n  - {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  - "))]
     Invalid(Vec<Problem>),
-    #[error("no database to seed the regions in: none of --database-url, DATABASE_URL, [database] url, PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE or the stack's POSTGRES_PASSWORD is set")]
+    #[error("where the platform's database is was not given: none of --database-url, DATABASE_URL, [database] url, PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE or the stack's POSTGRES_PASSWORD is set")]
     NoDatabase,
     #[error("the database given by {source_name} is not usable: {message}")]
     BadDatabaseUrl { source_name: String, message: String },

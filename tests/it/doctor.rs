@@ -6,6 +6,7 @@
 use crate::harness::{ensure_demo_images, free_port, repo_root, RedisServer};
 use crate::install::Project;
 use crate::pack::{bk, demo_bundle, run, Run};
+use crate::packages::{python, PY_DEL};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -106,20 +107,7 @@ impl Live {
 
     /// Put (`data`) or delete (`None`) an object in the stack's bucket with nats-py.
     fn object(&self, key: &str, data: Option<&str>) {
-        let script = r#"
-import asyncio, sys, nats
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    store = await nc.jetstream().object_store("bklite")
-    if sys.argv[3] == "-":
-        await store.delete(sys.argv[2])
-    else:
-        await store.put(sys.argv[2], sys.argv[3].encode())
-    await nc.close()
-asyncio.run(main())
-"#;
-        let r = run(Command::new("python3").args(["-c", script, &self.nats_url(), key, data.unwrap_or("-")]));
-        assert_eq!(r.code, 0, "nats-py: {}", r.stderr);
+        python(PY_DEL, &[&self.nats_url(), "bklite", key, data.unwrap_or("-")]);
     }
 
     fn container(&self, service: &str) -> String {

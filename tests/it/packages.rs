@@ -89,7 +89,7 @@ fn key(g: &str, object: &str, name: &str) -> String {
     }
 }
 
-fn python(script: &str, args: &[&str]) -> String {
+pub(crate) fn python(script: &str, args: &[&str]) -> String {
     let o = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -132,7 +132,8 @@ async def main():
 asyncio.run(main())
 "#;
 
-const PY_DEL: &str = r#"
+/// `PY_DEL URL BUCKET KEY DATA|-`: put DATA under KEY, or delete KEY (nats-py).
+pub(crate) const PY_DEL: &str = r#"
 import asyncio, sys, nats
 async def main():
     nc = await nats.connect(sys.argv[1])
@@ -569,7 +570,7 @@ fn dry_run_writes_nothing() {
 }
 
 #[test]
-fn the_manifest_records_each_package_digest_so_a_rerun_reads_no_package() {
+fn the_manifest_records_each_package_digest() {
     let out = Command::new("tar")
         .args(["-xOf", bundle().to_str().unwrap(), "bundle.toml"])
         .output()
