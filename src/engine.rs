@@ -237,6 +237,35 @@ impl Engine {
         }))
     }
 
+    /// A container's environment as `NAME -> value` (`None`: no such container). Kept out of
+    /// [`ContainerState`], whose `Debug` may be logged: the environment holds secrets.
+    pub async fn container_env(&self, id: &str) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let c = match self.docker.inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+            Err(e) => return Err(unreachable(&self.address, e)),
+        };
+        let env = c.config.and_then(|c| c.env).unwrap_or_default();
+        Ok(Some(
+            env.iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+
+    /// Restart a container (`docker restart`), giving it `grace` to stop.
+    pub async fn restart(&self, id: &str, grace: std::time::Duration) -> Result<()> {
+        let opts = bollard::query_parameters::RestartContainerOptions {
+            t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
+            ..Default::default()
+        };
+        self.docker
+            .restart_container(id, Some(opts))
+            .await
+            .map_err(|e| Error::external(format!("cannot restart container {id}: {e}")))
+    }
+
     /// The last `lines` lines of a container's output (stdout and stderr).
     pub async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
         let opts = bollard::query_parameters::LogsOptions {

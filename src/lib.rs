@@ -17,10 +17,12 @@ pub mod manifest;
 pub mod pack;
 pub mod package_check;
 pub mod packages;
+pub mod platform;
 pub mod progress;
 pub mod regions;
 pub mod savefile;
 pub mod sign;
+pub mod site;
 pub mod verify;
 
 pub use error::{Error, Kind, Result};

@@ -3,9 +3,9 @@
 mod cli;
 
 use bkbundle::error::{Error, Kind};
-use bkbundle::install::{config::InstallConfig, envfile};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
+use bkbundle::site::{config::InstallConfig, envfile};
 use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, CompressionArg, RegionsCommand};

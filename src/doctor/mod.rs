@@ -11,7 +11,7 @@
 //!   server URL's host resolving and its port accepting TCP from this host, and the server's
 //!   cached env (`django_cache`, and Redis when known) differing from the rows;
 //! - **nats**: resolution → TCP → TLS → authentication → JetStream → bucket, stopping at the first
-//!   broken link ([`crate::packages::nats::connect`], [`crate::packages::open_store`]);
+//!   broken link ([`crate::platform::nats::connect`], [`crate::packages::open_store`]);
 //! - **packages**: an empty package list, rows whose object is missing (either key layout),
 //!   objects without rows, and with `--bundle` stored objects that differ from the bundle's;
 //! - **agents**: install tasks that succeeded for hosts whose agent never registered a node.
@@ -24,12 +24,18 @@
 
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::install::config::InstallConfig;
 use crate::install::health;
 use crate::manifest::Manifest;
-use crate::packages::{self, nats as pnats, PackagesOptions};
-use crate::regions::db::{self, DbTarget};
-use crate::regions::validate::{self, EnvType, DEFAULT_REGION_ID};
+use crate::packages::{self, PackagesOptions};
+use crate::platform::cache::{self, ServerCache, ServerContainer};
+use crate::platform::crypto::SecretKey;
+use crate::platform::db::{self, DbTarget};
+use crate::platform::nats::{self as pnats, NatsError, Store};
+use crate::platform::packages as keys;
+use crate::platform::regions::{self as pregions, cache_key, Current};
+use crate::platform::release::{self, Release, CACHE_TABLE, ENV_TABLE, PACKAGE_TABLE, REGION_TABLE};
+use crate::platform::rules::{self, EnvType, DEFAULT_REGION_ID};
+use crate::site::config::InstallConfig;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -96,6 +102,8 @@ pub struct Finding {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DoctorReport {
+    /// The platform release found in the database (its last node_mgmt migration).
+    pub release: Option<String>,
     pub findings: Vec<Finding>,
     pub errors: usize,
     pub warnings: usize,
@@ -114,6 +122,9 @@ struct Ctx<'a> {
     opts: &'a DoctorOptions,
     env: &'a dyn Fn(&str) -> Option<String>,
     manifest: Option<Manifest>,
+    /// The stack's server container (its environment: the region-1 values it enforces, where it
+    /// caches), when the engine has one in the project.
+    server: Option<ServerContainer>,
     findings: Vec<Finding>,
 }
 
@@ -181,6 +192,7 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
         opts,
         env,
         manifest: None,
+        server: None,
         findings: vec![],
     };
     if let Some(b) = &opts.bundle {
@@ -190,19 +202,22 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
         }
     }
     containers(&mut ctx).await;
+    if let Some(p) = project(&ctx) {
+        ctx.server = cache::server_container(&p).await;
+    }
     let database = database(&mut ctx).await;
-    if let Some((client, target, schema)) = &database {
-        regions(&mut ctx, client, target, schema).await;
+    if let Some((client, target, release)) = &database {
+        regions(&mut ctx, client, target, release).await;
         agents(&mut ctx, client).await;
     }
-    let store = nats(&mut ctx).await;
+    let store = nats(&mut ctx, database.as_ref().map(|d| &d.2)).await;
     match (&database, &store) {
-        (Some((client, target, schema)), Some((store, display))) => {
-            packages_check(&mut ctx, client, target, schema.generation, store, display).await
+        (Some((client, target, release)), Some((store, display))) => {
+            packages_check(&mut ctx, client, target, release, store, display).await
         }
-        (Some((client, target, schema)), None) => {
+        (Some((client, target, release)), None) => {
             // The rows alone still tell the empty-list case.
-            match packages::read_rows(client, target, schema.generation).await {
+            match keys::read_rows(client, target, release).await {
                 Ok(rows) if rows.is_empty() => empty_list(&mut ctx),
                 Ok(_) => {
                     ctx.add(
@@ -212,14 +227,14 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
                         "not checked: NATS or its bucket is not reachable (see the nats finding)",
                     );
                 }
-                Err(e) => ctx.add_error("packages", db::PACKAGE_TABLE, e.into()),
+                Err(e) => ctx.add_error("packages", PACKAGE_TABLE, e.into()),
             }
         }
         (None, _) => {
             ctx.add(
                 "packages",
                 Severity::Info,
-                db::PACKAGE_TABLE,
+                PACKAGE_TABLE,
                 "not checked: the database is not reachable (see the regions finding)",
             );
         }
@@ -236,6 +251,7 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
         .count();
     let fixed = findings.iter().filter(|f| f.fixed).count();
     DoctorReport {
+        release: database.as_ref().map(|d| d.2.label()),
         findings,
         errors,
         warnings,
@@ -247,9 +263,9 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
 // ---------------------------------------------------------------------------------------------
 // Containers
 
-async fn containers(ctx: &mut Ctx<'_>) {
-    let project = ctx
-        .opts
+/// The compose project: `--project`, the config's, the bundle's.
+fn project(ctx: &Ctx<'_>) -> Option<String> {
+    ctx.opts
         .project
         .clone()
         .or_else(|| ctx.opts.config.project.clone())
@@ -257,8 +273,11 @@ async fn containers(ctx: &mut Ctx<'_>) {
             ctx.manifest
                 .as_ref()
                 .and_then(|m| m.stack.as_ref().map(|s| s.project.clone()))
-        });
-    let Some(project) = project else {
+        })
+}
+
+async fn containers(ctx: &mut Ctx<'_>) {
+    let Some(project) = project(ctx) else {
         ctx.add(
             "containers",
             Severity::Info,
@@ -370,8 +389,8 @@ async fn containers(ctx: &mut Ctx<'_>) {
 // ---------------------------------------------------------------------------------------------
 // The database and the regions
 
-async fn database(ctx: &mut Ctx<'_>) -> Option<(tokio_postgres::Client, DbTarget, db::Schema)> {
-    let target = match db::resolve_target(
+async fn database(ctx: &mut Ctx<'_>) -> Option<(tokio_postgres::Client, DbTarget, Release)> {
+    let target = match crate::site::targets::database(
         ctx.opts.database_url.as_deref(),
         &ctx.opts.config.database,
         &ctx.opts.site,
@@ -400,8 +419,16 @@ async fn database(ctx: &mut Ctx<'_>) -> Option<(tokio_postgres::Client, DbTarget
             return None;
         }
     };
-    match db::detect_schema(&client, &target).await {
-        Ok(s) => Some((client, target, s)),
+    match release::detect(&client, &target).await {
+        Ok(r) => {
+            ctx.add(
+                "regions",
+                Severity::Info,
+                format!("database {}", target.name.display),
+                format!("platform release: {}", r.label()),
+            );
+            Some((client, target, r))
+        }
         Err(e) => {
             ctx.add_error("regions", format!("database {}", target.name.display), e.into());
             None
@@ -412,10 +439,10 @@ async fn database(ctx: &mut Ctx<'_>) -> Option<(tokio_postgres::Client, DbTarget
 /// A region's stored env: key → (value, type).
 type Stored = BTreeMap<String, (String, Option<EnvType>)>;
 
-async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &DbTarget, schema: &db::Schema) {
-    let current = match db::read_current(client, target).await {
+async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &DbTarget, release: &Release) {
+    let current = match pregions::read_current(client, target, release).await {
         Ok(c) => c,
-        Err(e) => return ctx.add_error("regions", db::ENV_TABLE, e.into()),
+        Err(e) => return ctx.add_error("regions", ENV_TABLE, e.into()),
     };
     let required: Vec<String> = match &ctx.manifest {
         Some(m) if !m.regions.required.is_empty() => m.regions.required.clone(),
@@ -430,7 +457,7 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
         ctx.add(
             "regions",
             Severity::Error,
-            db::REGION_TABLE,
+            REGION_TABLE,
             "no cloud region exists: the server has not run its init commands (node_init creates region 1)",
         )
         .fix("check the server container's log; then `bkbundle regions apply --bundle BUNDLE --config install.toml --env-file TARGET/.env`");
@@ -451,7 +478,7 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
         let stored = stored_of(region.id);
         let local = ctx.opts.config.regions.iter().any(|r| r.name == region.name && r.local);
         let subject = |key: &str| format!("region {:?} (id {}) {key}", region.name, region.id);
-        let problems = validate::stored_problems(&stored, &required, why, local);
+        let problems = rules::stored_problems(&stored, &required, why, local);
         let mut missing = Vec::new();
         for (key, message) in problems {
             let is_missing = !stored.contains_key(&key);
@@ -464,13 +491,7 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
                         format!("row: {key} = {v:?}")
                     }
                 })
-                .unwrap_or_else(|| {
-                    format!(
-                        "no row for {key} in {} with cloud_region_id = {}",
-                        db::ENV_TABLE,
-                        region.id
-                    )
-                });
+                .unwrap_or_else(|| format!("no row for {key} in {} with cloud_region_id = {}", ENV_TABLE, region.id));
             let inheritable = is_missing && region.id != DEFAULT_REGION_ID && default_rows.contains_key(&key);
             let bundle = ctx.bundle_arg();
             let f = ctx.add("regions", Severity::Error, subject(&key), message);
@@ -492,7 +513,15 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
             }
         }
         if ctx.opts.fix && !missing.is_empty() {
-            match add_missing_keys(client, region.id, &region.proxy_address, &missing, &default_rows).await {
+            // A release without the proxy_address column keeps the proxy in the PROXY_ADDRESS row.
+            let proxy = match stored.get(rules::PROXY_ADDRESS_KEY) {
+                Some((p, _)) if region.proxy_address.is_empty() => p.clone(),
+                _ => region.proxy_address.clone(),
+            };
+            let added = pregions::copy_from_default(client, target, &current, region.id, &proxy, &missing)
+                .await
+                .map_err(|e| Error::from(e).message);
+            match added {
                 Ok(()) => {
                     touched.insert(region.id);
                     for f in ctx
@@ -536,57 +565,126 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
             }
         }
     }
-    if !touched.is_empty() && schema.cache_table {
-        let _ = db::invalidate_db_cache(client, target, &touched).await;
+    if !touched.is_empty() && release.cache_table {
+        let _ = pregions::invalidate_db_cache(client, target, &touched).await;
     }
-    stale_cache(ctx, client, target, schema, &current, &stored_of).await;
+    region_services(ctx, client, target, release, &current).await;
+    default_region_vs_server(ctx, &current);
+    stale_cache(ctx, client, target, release, &current, &stored_of).await;
 }
 
-/// Insert the region's missing keys with the default region's values (type, description kept;
-/// the host of proxied keys replaced by the region's proxy address), as the server does when it
-/// creates a region.
-async fn add_missing_keys(
+/// Regions without their `node_mgmt_cloudregionservice` rows (created by an older bkbundle or by
+/// hand): the UI shows them "not deployed" forever, since the health task only updates rows
+/// that exist. `--fix` adds them as the server does for a new region.
+async fn region_services(
+    ctx: &mut Ctx<'_>,
     client: &tokio_postgres::Client,
-    region_id: i64,
-    proxy: &str,
-    keys: &[String],
-    defaults: &Stored,
-) -> Result<(), String> {
-    for key in keys {
-        let Some((value, t)) = defaults.get(key) else { continue };
-        let value = if !proxy.trim().is_empty() && validate::PROXIED_KEYS.contains(&key.as_str()) {
-            validate::replace_host(key, value, proxy.trim()).unwrap_or_else(|| value.clone())
-        } else {
-            value.clone()
-        };
-        let t = t.unwrap_or_else(|| EnvType::for_key(key)).as_str();
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO {} (key, value, type, description, cloud_region_id, is_pre) \
-                     SELECT $1::varchar, $2::text, $3::varchar, COALESCE((SELECT description FROM {} WHERE key = $1 AND cloud_region_id = $5), ''), $4::bigint, true \
-                     ON CONFLICT DO NOTHING",
-                    db::ENV_TABLE,
-                    db::ENV_TABLE
-                ),
-                &[key, &value, &t, &region_id, &DEFAULT_REGION_ID],
-            )
-            .await
-            .map_err(|e| crate::error::chain(&e))?;
+    target: &DbTarget,
+    release: &Release,
+    current: &Current,
+) {
+    for region in current.regions.iter().filter(|r| r.id != DEFAULT_REGION_ID) {
+        let missing = current.missing_services(release, region.id);
+        if missing.is_empty() {
+            continue;
+        }
+        let subject = format!("region {:?} (id {}) services", region.name, region.id);
+        ctx.add(
+            "regions",
+            Severity::Warning,
+            subject.clone(),
+            "the region has no service rows: the UI shows its stargazer and nats-executor \"not deployed\" forever, even once its proxy runs",
+        )
+        .evidence(format!(
+            "no node_mgmt_cloudregionservice row named {} with cloud_region_id = {}",
+            missing.join(", "),
+            region.id
+        ))
+        .fix("bkbundle doctor --fix (adds them as the server does for a new region: not_deployed)");
+        if ctx.opts.fix {
+            match pregions::add_services(client, target, region.id, &region.name, &missing).await {
+                Ok(()) => {
+                    if let Some(f) = ctx.findings.iter_mut().find(|f| f.subject == subject) {
+                        f.fixed = true;
+                        f.evidence.push("fixed: the service rows were added".into());
+                    }
+                }
+                Err(e) => {
+                    ctx.add_error("regions", subject, e.into());
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// Region 1's rows against the server's environment: at every start the server rewrites each
+/// `is_pre` row from `DEFAULT_ZONE_VAR_<KEY>`, so a row that differs is reverted at the next
+/// restart (the environment wins). Secrets are compared when the SECRET_KEY is known.
+fn default_region_vs_server(ctx: &mut Ctx<'_>, current: &Current) {
+    let Some(server) = &ctx.server else { return };
+    let secret_key = crate::regions::resolve_secret_key(&ctx.opts.config.database, &ctx.opts.site, ctx.env)
+        .map(|(k, _)| k)
+        .or_else(|| server.env.get("SECRET_KEY").map(|k| SecretKey::from_django(k)));
+    let name = server.name.clone();
+    let mut found = Vec::new();
+    for (var, value) in &server.env {
+        let Some(key) = var.strip_prefix(rules::DEFAULT_ZONE_VAR_PREFIX) else {
+            continue;
+        };
+        let row = current
+            .env
+            .iter()
+            .find(|e| e.region_id == DEFAULT_REGION_ID && e.key == key);
+        let secret = EnvType::for_key(key) == EnvType::Secret;
+        let differs = match row {
+            None => Some("has no row (the next restart adds it)".to_string()),
+            Some(r) if secret => match secret_key
+                .as_ref()
+                .map(|k| crate::platform::crypto::decrypt(k, &r.value))
+            {
+                Some(Ok(plain)) if plain != *value => Some("holds another secret".to_string()),
+                _ => None,
+            },
+            Some(r) if r.value != *value => Some(format!("holds {:?}", r.value)),
+            Some(_) => None,
+        };
+        if let Some(what) = differs {
+            let shown = if secret {
+                "(secret, not shown)".to_string()
+            } else {
+                format!("{value:?}")
+            };
+            found.push((key.to_string(), what, shown, row.map(|r| r.is_pre)));
+        }
+    }
+    for (key, what, shown, is_pre) in found {
+        let f = ctx.add(
+            "regions",
+            Severity::Warning,
+            format!("region \"default\" (id 1) {key}"),
+            match is_pre {
+                Some(false) => format!("the row {what}, but the server's environment sets {shown}; the row has is_pre = false, so the server leaves it alone and agents keep getting the row's value"),
+                _ => format!("the row {what}, but the server's environment sets {shown}: at the next server restart the environment wins and rewrites the row"),
+            },
+        );
+        f.evidence(format!(
+            "container {name}: {}{key} = {shown}",
+            rules::DEFAULT_ZONE_VAR_PREFIX
+        ));
+        f.fix("change the value in one place, the install config ([env] / [regions.env]), and run `bkbundle install` again: it renders the server's DEFAULT_ZONE_VAR_* and the rows from it");
+    }
 }
 
 /// Where the server's cached env was read from.
 enum CacheSource {
     Database,
-    Redis(crate::regions::cache::RedisTarget),
+    Redis(crate::platform::cache::RedisTarget),
 }
 
 impl CacheSource {
     fn label(&self) -> String {
         match self {
-            CacheSource::Database => db::CACHE_TABLE.to_string(),
+            CacheSource::Database => CACHE_TABLE.to_string(),
             CacheSource::Redis(t) => format!("Redis {}", t.display()),
         }
     }
@@ -600,18 +698,18 @@ async fn stale_cache(
     ctx: &mut Ctx<'_>,
     client: &tokio_postgres::Client,
     target: &DbTarget,
-    schema: &db::Schema,
-    current: &db::Current,
+    release: &Release,
+    current: &Current,
     stored_of: &dyn Fn(i64) -> Stored,
 ) {
-    let keys: Vec<String> = current.regions.iter().map(|r| db::cache_key(r.id)).collect();
+    let keys: Vec<String> = current.regions.iter().map(|r| cache_key(r.id)).collect();
     // (source, cache key, the pickle)
     let mut cached: Vec<(usize, String, Vec<u8>)> = Vec::new();
     let mut sources = Vec::new();
-    if schema.cache_table {
+    if release.cache_table {
         let sql = format!(
             "SELECT cache_key::text, value::text FROM {} WHERE cache_key = ANY($1) AND expires > now()",
-            db::CACHE_TABLE
+            CACHE_TABLE
         );
         match client.query(sql.as_str(), &[&keys]).await {
             Ok(rows) => {
@@ -627,15 +725,19 @@ async fn stale_cache(
                 ctx.add(
                     "regions",
                     Severity::Info,
-                    db::CACHE_TABLE,
+                    CACHE_TABLE,
                     format!("the server's cache was not checked: {}", crate::error::chain(&e)),
                 );
             }
         }
         sources.push(CacheSource::Database);
     }
-    match crate::regions::redis_target(&ctx.opts.config.database, &ctx.opts.site) {
-        Some((_, Ok(t))) => match crate::regions::cache::get(&t, &keys, PROBE).await {
+    match crate::site::targets::server_cache(
+        &ctx.opts.config.database,
+        &ctx.opts.site,
+        ctx.server.as_ref().map(|s| &s.env),
+    ) {
+        ServerCache::Redis { target: Ok(t), .. } => match cache::get(&t, &keys, PROBE).await {
             Ok(values) => {
                 for (k, v) in keys.iter().zip(values) {
                     if let Some(blob) = v {
@@ -654,15 +756,23 @@ async fn stale_cache(
                 .fix("check [database] redis_url (or REDIS_PASSWORD/REDIS_PORT of the stack's .env) and that the redis service runs");
             }
         },
-        Some((from, Err(e))) => {
+        ServerCache::Redis { from, target: Err(e) } => {
             ctx.add("regions", Severity::Warning, "Redis cache", format!("{from}: {e}"));
         }
-        None => {}
+        ServerCache::ProcessMemory { from } => {
+            ctx.add(
+                "regions",
+                Severity::Info,
+                "server cache",
+                format!("the server caches the regions' env in process memory ({from}): it cannot be read or cleared from outside; after changing rows agents get the old values for up to {} s unless the server is restarted", cache::CACHE_SECONDS),
+            );
+        }
+        ServerCache::Unknown => {}
     }
     // Per source, the regions whose entry is stale.
     let mut stale: BTreeMap<usize, BTreeSet<i64>> = BTreeMap::new();
     for (source, key, blob) in cached {
-        let Some(region) = current.regions.iter().find(|r| db::cache_key(r.id) == key) else {
+        let Some(region) = current.regions.iter().find(|r| cache_key(r.id) == key) else {
             continue;
         };
         let stored = stored_of(region.id);
@@ -689,7 +799,7 @@ async fn stale_cache(
         f.fix(match &sources[source] {
             CacheSource::Database => format!(
                 "bkbundle doctor --fix (removes the entry), or: DELETE FROM {} WHERE cache_key = '{key}';",
-                db::CACHE_TABLE
+                CACHE_TABLE
             ),
             CacheSource::Redis(_) => {
                 format!("bkbundle doctor --fix (removes the entry), or: redis-cli -n 1 DEL '{key}'")
@@ -703,13 +813,13 @@ async fn stale_cache(
     for (source, regions) in stale {
         let label = sources[source].label();
         let removed = match &sources[source] {
-            CacheSource::Database => db::invalidate_db_cache(client, target, &regions)
+            CacheSource::Database => pregions::invalidate_db_cache(client, target, &regions)
                 .await
                 .map(|_| ())
                 .map_err(|e| Error::from(e).message),
             CacheSource::Redis(t) => {
-                let keys: Vec<String> = regions.iter().map(|id| db::cache_key(*id)).collect();
-                crate::regions::cache::del(t, &keys, PROBE).await.map(|_| ())
+                let keys: Vec<String> = regions.iter().map(|id| cache_key(*id)).collect();
+                cache::del(t, &keys, PROBE).await.map(|_| ())
             }
         };
         match removed {
@@ -815,7 +925,7 @@ async fn agents(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client) {
          WHERE lower(tn.status) = 'success' AND t.updated_at < now() - interval '{AGENT_GRACE_MINUTES} minutes' \
          AND NOT EXISTS (SELECT 1 FROM node_mgmt_node n WHERE n.cloud_region_id = t.cloud_region_id AND n.ip = tn.ip) \
          ORDER BY t.cloud_region_id, tn.ip",
-        db::REGION_TABLE
+        REGION_TABLE
     );
     let rows = match client.query(sql.as_str(), &[]).await {
         Ok(r) => r,
@@ -859,8 +969,8 @@ async fn agents(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client) {
 // ---------------------------------------------------------------------------------------------
 // NATS and the packages
 
-async fn nats(ctx: &mut Ctx<'_>) -> Option<(packages::Store, String)> {
-    let target = match pnats::resolve_target(
+async fn nats(ctx: &mut Ctx<'_>, release: Option<&Release>) -> Option<(Store, String)> {
+    let target = match crate::site::targets::nats(
         ctx.opts.nats_url.as_deref(),
         &ctx.opts.config.nats,
         &ctx.opts.site,
@@ -896,8 +1006,8 @@ async fn nats(ctx: &mut Ctx<'_>) -> Option<(packages::Store, String)> {
         .bucket
         .clone()
         .or_else(|| ctx.opts.config.nats.bucket.clone())
-        .unwrap_or_else(|| packages::DEFAULT_BUCKET.to_string());
-    match tokio::time::timeout(PROBE * 3, packages::open_store(&nc, &target, &bucket, false)).await {
+        .unwrap_or_else(|| keys::bucket(&ctx.opts.site, release).0);
+    match tokio::time::timeout(PROBE * 3, pnats::open_store(&nc, &target, &bucket, false)).await {
         Ok(Ok(Some(s))) => Some((s, display)),
         Ok(Ok(None)) => {
             let bundle = ctx.bundle_arg();
@@ -931,16 +1041,15 @@ async fn nats(ctx: &mut Ctx<'_>) -> Option<(packages::Store, String)> {
 }
 
 /// The link of the chain an error broke.
-fn stage_of(e: &packages::PackagesError) -> &'static str {
-    use packages::PackagesError as P;
+fn stage_of(e: &NatsError) -> &'static str {
     match e {
-        P::NatsResolve { .. } => "name resolution",
-        P::NatsConnect { .. } => "TCP",
-        P::NatsTls { .. } => "TLS",
-        P::NatsAuth { .. } => "authentication",
-        P::NoJetStream { .. } => "JetStream",
-        P::Bucket { .. } => "bucket",
-        _ => "configuration",
+        NatsError::Resolve { .. } => "name resolution",
+        NatsError::Connect { .. } => "TCP",
+        NatsError::Tls { .. } => "TLS",
+        NatsError::Auth { .. } => "authentication",
+        NatsError::NoJetStream { .. } => "JetStream",
+        NatsError::Bucket { .. } => "bucket",
+        NatsError::NoNats | NatsError::BadConfig(_) => "configuration",
     }
 }
 
@@ -949,10 +1058,10 @@ fn empty_list(ctx: &mut Ctx<'_>) {
     ctx.add(
         "packages",
         Severity::Error,
-        db::PACKAGE_TABLE,
+        PACKAGE_TABLE,
         "the probe package list is empty: nothing uploaded the packages nor created their rows",
     )
-    .evidence(format!("SELECT count(*) FROM {} = 0", db::PACKAGE_TABLE))
+    .evidence(format!("SELECT count(*) FROM {} = 0", PACKAGE_TABLE))
     .fix(format!(
         "bkbundle init-packages --auto --bundle {bundle} --env-file TARGET/.env"
     ));
@@ -962,18 +1071,18 @@ async fn packages_check(
     ctx: &mut Ctx<'_>,
     client: &tokio_postgres::Client,
     target: &DbTarget,
-    g: db::Generation,
-    store: &packages::Store,
+    release: &Release,
+    store: &Store,
     display: &str,
 ) {
-    let rows = match packages::read_rows(client, target, g).await {
+    let rows = match keys::read_rows(client, target, release).await {
         Ok(r) => r,
-        Err(e) => return ctx.add_error("packages", db::PACKAGE_TABLE, e.into()),
+        Err(e) => return ctx.add_error("packages", PACKAGE_TABLE, e.into()),
     };
     if rows.is_empty() {
         empty_list(ctx);
     }
-    let (missing, orphans) = match packages::consistency(&rows, g, store, display).await {
+    let (missing, orphans) = match packages::consistency(&rows, release, store, display).await {
         Ok(x) => x,
         Err(e) => return ctx.add_error("packages", format!("bucket {:?}", store.bucket), e.into()),
     };
@@ -983,7 +1092,7 @@ async fn packages_check(
         let Some(r) = rows.iter().find(|r| r.id == m.row_id) else {
             continue;
         };
-        let keys = packages::row_key(g, r);
+        let keys = r.keys(release);
         let subject = format!("package row {} ({} {} {})", r.id, r.object, r.version, r.name);
         ctx.add(
             "packages",
@@ -993,7 +1102,7 @@ async fn packages_check(
         )
         .evidence(format!(
             "{} row id={} os={} arch={} object={} version={} name={}",
-            db::PACKAGE_TABLE,
+            PACKAGE_TABLE,
             r.id,
             r.os,
             if r.arch.is_empty() { "-" } else { &r.arch },
@@ -1001,12 +1110,12 @@ async fn packages_check(
             r.version,
             r.name
         ))
-        .evidence(format!("no object under {} nor {}", keys[0], keys[1]))
+        .evidence(format!("no object under {}", keys.join(" nor ")))
         .fix(format!("bkbundle doctor --fix --bundle {bundle}   (or init-packages --auto --bundle {bundle}; a package the bundle lacks must be uploaded again in the UI)"));
         missing_subjects.push((m.row_id, subject));
     }
     for o in &orphans {
-        ctx.add("packages", Severity::Warning, format!("object {o}"), format!("no {} row points at this object: it is not offered for download", db::PACKAGE_TABLE))
+        ctx.add("packages", Severity::Warning, format!("object {o}"), format!("no {} row points at this object: it is not offered for download", PACKAGE_TABLE))
             .evidence(format!("bucket {:?} on {display}", store.bucket))
             .fix(format!("bkbundle init-packages --auto --bundle {bundle} records it if the bundle has it; otherwise remove it: nats object rm {} {o:?}", store.bucket));
     }
@@ -1018,10 +1127,10 @@ async fn packages_check(
                 continue;
             };
             let arch = crate::manifest::normalize_arch(&p.arch).unwrap_or(p.arch.as_str());
-            let key = packages::object_key(g, p.os.as_str(), arch, &p.object, &p.version, &p.name);
-            if let Ok(Some((d, sz))) = packages::info(store, &key).await {
-                if packages::parse_digest(&d).as_deref() != Some(&sha[..]) || sz != size {
-                    differ.push((key, d, sz, packages::nats_digest(&sha), size));
+            let key = keys::object_key(release, p.os.as_str(), arch, &p.object, &p.version, &p.name);
+            if let Ok(Some((d, sz))) = pnats::info(store, &key).await {
+                if keys::parse_digest(&d).as_deref() != Some(&sha[..]) || sz != size {
+                    differ.push((key, d, sz, keys::nats_digest(&sha), size));
                 }
             }
         }
@@ -1147,6 +1256,7 @@ mod tests {
         ];
         findings.sort_by_key(|f| f.severity);
         let r = DoctorReport {
+            release: None,
             errors: 0,
             warnings: 1,
             fixed: 1,

@@ -7,8 +7,6 @@
 //! re-run after a kill completes the install without duplicates.
 
 pub mod compose;
-pub mod config;
-pub mod envfile;
 pub mod health;
 pub mod journal;
 pub mod load;
@@ -19,9 +17,10 @@ use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
 use crate::manifest::{Image, Manifest};
 use crate::progress::Reporter;
+use crate::site::config::InstallConfig;
+use crate::site::envfile;
 use crate::verify::{self, VerifyOptions};
 use compose::Compose;
-use config::InstallConfig;
 use journal::{BundleId, Journal};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -219,7 +218,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         .as_ref()
         .map(|e| crate::regions::site_values(&e.values, &ctx.config.env));
     if let (true, Some(site)) = (has_regions, &site) {
-        if let Err(problems) = crate::regions::validate::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
+        if let Err(problems) = crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
             for p in problems {
                 findings.push(format!("cloud regions: {p}"));
             }
@@ -232,8 +231,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     // Packages: where NATS is must be known before anything changes (uploaded after the regions).
     let has_packages = !ctx.manifest.packages.is_empty();
     if let (true, Some(site)) = (has_packages, &site) {
-        if let Err(e) = crate::packages::nats::resolve_target(None, &ctx.config.nats, site, &|n| std::env::var(n).ok())
-        {
+        if let Err(e) = crate::site::targets::nats(None, &ctx.config.nats, site, &|n| std::env::var(n).ok()) {
             let e = Error::from(e);
             findings.push(format!("agent packages: {}", e.message));
             hints.extend(e.hints);

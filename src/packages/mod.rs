@@ -22,19 +22,18 @@
 //! bundle) as the collector's object named by the manifest `name` (the binary's file name).
 
 pub mod dir;
-pub mod nats;
 pub mod source;
 
 use crate::bundle::BundleReader;
 use crate::error::{Error, Kind};
-use crate::install::config::{DatabaseConfig, InstallConfig, NatsConfig};
 use crate::manifest::{normalize_arch, Package, PackageType};
-use crate::regions::db::{self, DbTarget, Generation};
-use crate::regions::RegionsError;
-use async_nats::jetstream::object_store::ObjectStore;
+use crate::platform::db::{DbError, DbTarget};
+use crate::platform::nats::{self, info, list_objects, open_store, raw_meta, NatsError, Store};
+use crate::platform::packages::{self as keys, nats_digest, parse_digest, read_rows, Row};
+use crate::platform::release::{self, Release, PACKAGE_TABLE};
+use crate::site::config::{DatabaseConfig, InstallConfig, NatsConfig};
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::Serialize;
 use source::Source;
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +41,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const DEFAULT_BUCKET: &str = "bklite";
 /// Chunk size of bkbundle's puts: 1 MiB (measured fastest), capped by the server's max payload.
 pub const CHUNK: usize = 1 << 20;
 const LATEST: &str = "latest";
@@ -99,34 +97,12 @@ pub struct Conflict {
 #[derive(Debug, thiserror::Error)]
 pub enum PackagesError {
     #[error(transparent)]
-    Database(#[from] RegionsError),
+    Database(#[from] DbError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
     /// Opening the bundle or reading its manifest failed: that error, kind and hints kept.
     #[error("{}", .0.message)]
     Bundle(Error),
-    #[error("where the platform's NATS is was not given: none of --nats-url, NATS_URL, [nats] url or the stack's .env (NATS_PORT, NATS_PASSWORD or NATS_ADMIN_PASSWORD) is set")]
-    NoNats,
-    #[error("NATS configuration: {0}")]
-    BadNatsConfig(String),
-    #[error("cannot resolve the NATS host {host} ({nats}): {message}")]
-    NatsResolve {
-        nats: String,
-        host: String,
-        message: String,
-    },
-    #[error("cannot connect to NATS at {nats} (TCP): {message}")]
-    NatsConnect { nats: String, message: String },
-    #[error("TLS with NATS at {nats} failed (CA or host name): {message}")]
-    NatsTls { nats: String, message: String },
-    #[error("NATS at {nats} refused the credentials: {message}")]
-    NatsAuth { nats: String, message: String },
-    #[error("NATS at {nats} has no JetStream (or this account may not use it): {message}")]
-    NoJetStream { nats: String, message: String },
-    #[error("object store bucket {bucket:?} on {nats}: {message}")]
-    Bucket {
-        nats: String,
-        bucket: String,
-        message: String,
-    },
     #[error("{} object(s) differ from the bundle's file under a fixed version; nothing was written:\n  - {}", .0.len(), .0.iter().map(|c| format!("{}: stored {} but the file is {}", c.key, c.stored_digest, c.file_digest)).collect::<Vec<_>>().join("\n  - "))]
     Conflict(Vec<Conflict>),
     #[error("package {package}: cannot read {source_desc} from the bundle: {message}")]
@@ -155,28 +131,13 @@ pub enum PackagesError {
     Internal(String),
 }
 
-const NATS_HINT: &str = "give NATS with --nats-url nats://USER:PASSWORD@HOST:4222 (or tls://...), NATS_URL, [nats] in the install config, or --env-file with the stack's .env (NATS_PORT, NATS_USER, NATS_PASSWORD)";
-
 impl From<PackagesError> for Error {
     fn from(e: PackagesError) -> Error {
         let message = e.to_string();
         match e {
             PackagesError::Database(r) => Error::from(r),
             PackagesError::Bundle(e) => e,
-            PackagesError::NoNats | PackagesError::BadNatsConfig(_) => Error::new(Kind::Input, message).hint(NATS_HINT),
-            PackagesError::NatsResolve { .. } => Error::new(Kind::External, message)
-                .hint("check the host name in the NATS URL; on an air-gapped host use an IP address or an /etc/hosts entry"),
-            PackagesError::NatsConnect { .. } => Error::new(Kind::External, message)
-                .hint("is the stack running? `docker compose ps nats`; it publishes NATS on INTERNAL_BIND_IP:NATS_PORT (127.0.0.1:4222 by default)")
-                .hint(NATS_HINT),
-            PackagesError::NatsTls { .. } => Error::new(Kind::External, message)
-                .hint("give the CA that signed the NATS server's certificate with [nats] ca_file (the server's NATS_TLS_CA_FILE), and use the host name the certificate names"),
-            PackagesError::NatsAuth { .. } => Error::new(Kind::External, message)
-                .hint("check the user and password (the stack's NATS_USER/NATS_PASSWORD), the token or the credentials file"),
-            PackagesError::NoJetStream { .. } => Error::new(Kind::External, message)
-                .hint("the platform needs JetStream: enable it in the NATS server config (`jetstream { store_dir: ... }`)"),
-            PackagesError::Bucket { .. } => Error::new(Kind::External, message)
-                .hint("check the bucket name (the server's NATS_NAMESPACE) and the account's JetStream limits"),
+            PackagesError::Nats(e) => Error::from(e),
             PackagesError::Conflict(_) => Error::new(Kind::Input, message)
                 .hint("a fixed version must not change: give the package a new version, or run again with --force to replace the objects (and overwrite their rows)"),
             PackagesError::Read { .. } => Error::new(Kind::Bundle, message)
@@ -245,7 +206,8 @@ pub struct MissingObject {
 pub struct PackagesReport {
     pub dry_run: bool,
     pub database: Option<String>,
-    pub generation: Option<Generation>,
+    /// The release found in the database (its last node_mgmt migration, or its features).
+    pub release: Option<String>,
     pub nats: Option<String>,
     pub bucket: String,
     pub chunk_size: usize,
@@ -267,84 +229,6 @@ pub struct PackagesReport {
 
 // ---------------------------------------------------------------------------------------------
 // Keys and digests
-
-/// The object key of a package under a schema generation (BKLITE.md).
-pub fn object_key(g: Generation, os: &str, arch: &str, object: &str, version: &str, name: &str) -> String {
-    match g {
-        Generation::Y2025 => format!("{os}/{object}/{version}/{name}"),
-        Generation::Y2026 => format!("{os}/{arch}/{object}/{version}/{name}"),
-    }
-}
-
-/// `SHA-256=` + URL-safe base64 with padding, as the object store writes it.
-pub fn nats_digest(sha: &[u8; 32]) -> String {
-    format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(sha))
-}
-
-/// The raw SHA-256 of an object info digest (padding or not, URL-safe or standard alphabet).
-pub fn parse_digest(d: &str) -> Option<Vec<u8>> {
-    let b = d.strip_prefix("SHA-256=").or_else(|| d.strip_prefix("sha-256="))?;
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
-    URL_SAFE
-        .decode(b)
-        .or_else(|_| URL_SAFE_NO_PAD.decode(b))
-        .or_else(|_| STANDARD.decode(b))
-        .ok()
-        .filter(|v| v.len() == 32)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Rows
-
-/// One `node_mgmt_packageversion` row (`arch` is empty on the 2025 schema).
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub id: i64,
-    pub os: String,
-    pub arch: String,
-    pub object: String,
-    pub version: String,
-    pub name: String,
-}
-
-pub async fn read_rows(client: &tokio_postgres::Client, t: &DbTarget, g: Generation) -> Result<Vec<Row>, RegionsError> {
-    let arch = if g == Generation::Y2026 {
-        "cpu_architecture"
-    } else {
-        "''::varchar"
-    };
-    let sql = format!(
-        "SELECT id, os::text, {arch}::text, object::text, version::text, name::text FROM {} ORDER BY id",
-        db::PACKAGE_TABLE
-    );
-    let rows = client
-        .query(sql.as_str(), &[])
-        .await
-        .map_err(|e| RegionsError::Database {
-            db: t.name.clone(),
-            what: format!("reading {}", db::PACKAGE_TABLE),
-            message: e.to_string(),
-        })?;
-    Ok(rows
-        .iter()
-        .map(|r| Row {
-            id: r.get(0),
-            os: r.get(1),
-            arch: r.get(2),
-            object: r.get(3),
-            version: r.get(4),
-            name: r.get(5),
-        })
-        .collect())
-}
-
-/// The keys a row's object may be under: its generation's layout first, then the 2025 one.
-pub fn row_key(g: Generation, r: &Row) -> [String; 2] {
-    [
-        object_key(g, &r.os, &r.arch, &r.object, &r.version, &r.name),
-        object_key(Generation::Y2025, &r.os, &r.arch, &r.object, &r.version, &r.name),
-    ]
-}
 
 // ---------------------------------------------------------------------------------------------
 // The plan
@@ -475,36 +359,27 @@ pub async fn run_with_env(
     let t0 = Instant::now();
     // Every input problem first, before any connection.
     let (bundle, inputs) = inputs(opts)?;
+
+    // 1. The database, and which release it is (it decides keys, columns and the bucket).
+    let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
+    let client = crate::platform::db::connect(&target).await?;
+    let release = release::detect_when_migrated(&client, &target, opts.wait_for_migrations).await?;
     let bucket = opts
         .bucket
         .clone()
         .or_else(|| opts.nats.bucket.clone())
-        .unwrap_or_else(|| DEFAULT_BUCKET.to_string());
+        .unwrap_or_else(|| keys::bucket(&opts.site, Some(&release)).0);
     let mut report = PackagesReport {
         dry_run: opts.dry_run,
         bucket: bucket.clone(),
+        database: Some(target.name.display.clone()),
+        release: Some(release.label()),
         ..Default::default()
     };
-
-    // 1. The database.
-    let target = db::resolve_target(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
-    let client = db::connect(&target).await?;
-    let deadline = opts.wait_for_migrations.map(|w| Instant::now() + w);
-    let schema = loop {
-        match db::detect_schema(&client, &target).await {
-            Err(RegionsError::NotMigrated { .. }) if deadline.is_some_and(|d| Instant::now() < d) => {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            other => break other?,
-        }
-    };
-    let g = schema.generation;
-    report.database = Some(target.name.display.clone());
-    report.generation = Some(g);
-    let rows = read_rows(&client, &target, g).await?;
+    let rows = read_rows(&client, &target, &release).await?;
 
     // 2. NATS.
-    let nt = nats::resolve_target(opts.nats_url.as_deref(), &opts.nats, &opts.site, env)?;
+    let nt = crate::site::targets::nats(opts.nats_url.as_deref(), &opts.nats, &opts.site, env)?;
     report.nats = Some(nt.display());
     let nc = nats::connect(&nt).await?;
     let max_payload = nc.server_info().max_payload;
@@ -523,16 +398,13 @@ pub async fn run_with_env(
     for Input { pkg: p, source, known } in &inputs {
         let label = label(p);
         let arch = normalize_arch(&p.arch).unwrap_or(p.arch.as_str()).to_string();
-        let key = object_key(g, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
-        // The 2025 schema has no architecture: two arches collide on (os, object, version).
-        let ident = match g {
-            Generation::Y2025 => format!("{}/{}/{}", p.os.as_str(), p.object, p.version),
-            Generation::Y2026 => format!("{}/{arch}/{}/{}", p.os.as_str(), p.object, p.version),
-        };
+        let key = keys::object_key(&release, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
+        // Releases whose UNIQUE constraint has no architecture hold one per (os, object, version).
+        let ident = keys::row_identity(&release, p.os.as_str(), &arch, &p.object, &p.version);
         if let Some(first) = seen.get(&ident) {
             report.notes.push(format!(
-                "package {label} was left alone: on the {} schema it collides with {first} on (os, object, version) = ({}, {}, {}); the 2025 schema holds one architecture per version",
-                g.as_str(), p.os.as_str(), p.object, p.version
+                "package {label} was left alone: it collides with {first} on (os, object, version) = ({}, {}, {}); this release ({}) holds one architecture per version (its {PACKAGE_TABLE} is unique on those three columns)",
+                p.os.as_str(), p.object, p.version, release.label()
             ));
             continue;
         }
@@ -560,11 +432,11 @@ pub async fn run_with_env(
                 r.os == p.os.as_str()
                     && r.object == p.object
                     && r.version == p.version
-                    && (g == Generation::Y2025 || r.arch == arch)
+                    && (!release.has_package_arch() || r.arch == arch)
             })
             .cloned();
         let stored = match &store {
-            Some(s) => info(s, &key).await.map_err(|m| PackagesError::Bucket {
+            Some(s) => info(s, &key).await.map_err(|m| NatsError::Bucket {
                 nats: nt.display(),
                 bucket: bucket.clone(),
                 message: format!("reading the info of {key}: {m}"),
@@ -632,7 +504,7 @@ pub async fn run_with_env(
                 report.bytes_sent += pl.size;
             }
             if pl.action != ObjectAction::LeftAlone {
-                let (a, id) = upsert_row(&client, &target, g, pl, opts.force).await?;
+                let (a, id) = upsert_row(&client, &target, &release, pl, opts.force).await?;
                 row_action = Some(a);
                 row_id = Some(id);
             }
@@ -685,8 +557,8 @@ pub async fn run_with_env(
 
     // 5. Consistency both ways.
     if let Some(s) = &store {
-        let rows = read_rows(&client, &target, g).await?;
-        let (missing, orphans) = consistency(&rows, g, s, &nt.display()).await?;
+        let rows = read_rows(&client, &target, &release).await?;
+        let (missing, orphans) = consistency(&rows, &release, s, &nt.display()).await?;
         for m in missing {
             if !report.missing_objects.iter().any(|r| r.row_id == m.row_id) {
                 report.missing_objects.push(m);
@@ -701,100 +573,11 @@ pub async fn run_with_env(
     Ok(report)
 }
 
-/// The bucket, and its stream for reading meta messages directly.
-pub struct Store {
-    pub objects: ObjectStore,
-    pub stream: async_nats::jetstream::stream::Stream,
-    pub js: async_nats::jetstream::Context,
-    pub bucket: String,
-}
-
-/// Check that JetStream answers, then open the bucket; when it is absent, create it (`create`)
-/// or return `None`. Used by init-packages and doctor, so both name the same broken link.
-pub async fn open_store(
-    nc: &async_nats::Client,
-    nt: &nats::NatsTarget,
-    bucket: &str,
-    create: bool,
-) -> Result<Option<Store>, PackagesError> {
-    let js = async_nats::jetstream::new(nc.clone());
-    // JetStream answers `$JS.API.INFO`; without it nobody responds. (async-nats' own account-info
-    // call cannot parse nats-server 2.9's reply.)
-    match nc.request("$JS.API.INFO", Bytes::new()).await {
-        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {}
-        Ok(m) => {
-            return Err(PackagesError::NoJetStream {
-                nats: nt.display(),
-                message: String::from_utf8_lossy(&m.payload).to_string(),
-            })
-        }
-        Err(e) => {
-            return Err(PackagesError::NoJetStream {
-                nats: nt.display(),
-                message: crate::error::chain(&e),
-            })
-        }
-    }
-    let bucket_err = |message: String| PackagesError::Bucket {
-        nats: nt.display(),
-        bucket: bucket.to_string(),
-        message,
-    };
-    let objects = match js.get_object_store(bucket).await {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), async_nats::jetstream::context::ObjectStoreErrorKind::GetStore) => {
-            if !create {
-                return Ok(None);
-            }
-            let cfg = async_nats::jetstream::object_store::Config {
-                bucket: bucket.to_string(),
-                ..Default::default()
-            };
-            js.create_object_store(cfg)
-                .await
-                .map_err(|e| bucket_err(format!("cannot create it: {}", crate::error::chain(&e))))?
-        }
-        Err(e) => return Err(bucket_err(crate::error::chain(&e))),
-    };
-    let stream = js
-        .get_stream(format!("OBJ_{bucket}"))
-        .await
-        .map_err(|e| bucket_err(format!("its stream OBJ_{bucket}: {}", crate::error::chain(&e))))?;
-    Ok(Some(Store {
-        objects,
-        stream,
-        js,
-        bucket: bucket.to_string(),
-    }))
-}
-
-/// The names of the live (not deleted) objects in the bucket.
-pub async fn list_objects(s: &Store, nats: &str) -> Result<BTreeSet<String>, PackagesError> {
-    let mut names = BTreeSet::new();
-    let mut list = s.objects.list().await.map_err(|e| PackagesError::Bucket {
-        nats: nats.to_string(),
-        bucket: s.bucket.clone(),
-        message: format!("listing: {}", crate::error::chain(&e)),
-    })?;
-    while let Some(o) = list.next().await {
-        match o {
-            Ok(o) if !o.deleted => {
-                names.insert(o.name);
-            }
-            Ok(_) => {}
-            // A tombstone the upstream Python client wrote (its `mtime` is not RFC 3339):
-            // a deleted object, nothing to judge.
-            Err(e) => tracing::debug!("listing {}: skipped an entry: {}", s.bucket, crate::error::chain(&e)),
-        }
-    }
-    Ok(names)
-}
-
 /// Consistency both ways: rows whose object is missing under either key layout (the download
 /// 404), and package-shaped objects no row points at. Nothing is repaired here.
 pub async fn consistency(
     rows: &[Row],
-    g: Generation,
+    release: &Release,
     s: &Store,
     nats: &str,
 ) -> Result<(Vec<MissingObject>, Vec<String>), PackagesError> {
@@ -802,7 +585,7 @@ pub async fn consistency(
     let mut missing = Vec::new();
     let mut pointed = BTreeSet::new();
     for r in rows {
-        let keys = row_key(g, r);
+        let keys = r.keys(release);
         pointed.extend(keys.iter().cloned());
         if !keys.iter().any(|k| names.contains(k)) {
             missing.push(MissingObject {
@@ -814,73 +597,16 @@ pub async fn consistency(
     }
     // The server's other objects (installers, aliases) live under other prefixes; only keys
     // shaped like package keys are judged.
-    let depth = match g {
-        Generation::Y2025 => 4,
-        Generation::Y2026 => 5,
-    };
+    let depths = keys::key_depths(release);
     let orphans = names
         .into_iter()
         .filter(|n| !pointed.contains(n))
         .filter(|n| {
             let d = n.split('/').count();
-            (d == 4 || d == depth) && (n.starts_with("linux/") || n.starts_with("windows/"))
+            depths.contains(&d) && (n.starts_with("linux/") || n.starts_with("windows/"))
         })
         .collect();
     Ok((missing, orphans))
-}
-
-/// The stored digest and size of `key`, `None` when absent or deleted. Reads the object's meta
-/// message itself: the upstream Python client writes tombstones (`mtime` not RFC 3339) that
-/// async-nats' `info` refuses.
-pub async fn info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
-    use async_nats::jetstream::object_store::InfoErrorKind;
-    let mut attempt = 0;
-    loop {
-        match s.objects.info(key).await {
-            Ok(i) if i.deleted => return Ok(None),
-            Ok(i) => return Ok(Some((i.digest.unwrap_or_default(), i.size as u64))),
-            Err(e) if e.kind() == InfoErrorKind::NotFound => return Ok(None),
-            Err(e) if e.kind() == InfoErrorKind::TimedOut && attempt < 3 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(300 << attempt)).await;
-            }
-            Err(e) => {
-                let first = crate::error::chain(&e);
-                return raw_info(s, key)
-                    .await
-                    .map_err(|raw| format!("{first}; reading the meta message: {raw}"));
-            }
-        }
-    }
-}
-
-async fn raw_info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
-    let Some(v) = raw_meta(s, key).await? else {
-        return Ok(None);
-    };
-    if v.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false) {
-        return Ok(None);
-    }
-    Ok(Some((
-        v.get("digest").and_then(|d| d.as_str()).unwrap_or_default().to_string(),
-        v.get("size").and_then(|d| d.as_u64()).unwrap_or(0),
-    )))
-}
-
-/// The object's meta message as JSON, `None` when there is none.
-async fn raw_meta(s: &Store, key: &str) -> Result<Option<serde_json::Value>, String> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!(
-        "$O.{}.M.{}",
-        s.bucket,
-        base64::engine::general_purpose::URL_SAFE.encode(key)
-    );
-    let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-        Err(e) => return Err(crate::error::chain(&e)),
-    };
-    serde_json::from_slice(&m.payload).map(Some).map_err(|e| e.to_string())
 }
 
 /// Publishes in flight before the oldest ack is awaited. async-nats' own `put` awaits every
@@ -1105,70 +831,30 @@ async fn put(
 async fn upsert_row(
     client: &tokio_postgres::Client,
     t: &DbTarget,
-    g: Generation,
+    release: &Release,
     pl: &Planned,
     force: bool,
 ) -> Result<(RowAction, i64), PackagesError> {
-    let dberr = |what: &str, e: tokio_postgres::Error| {
-        PackagesError::Database(RegionsError::Database {
-            db: t.name.clone(),
-            what: format!("{what} the {} row of {}", db::PACKAGE_TABLE, pl.key),
-            message: e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string()),
-        })
-    };
     let p = &pl.pkg;
     if let Some(r) = &pl.row {
         let overwrite = p.version == LATEST || force;
         if overwrite && (r.name != p.name || pl.action == ObjectAction::Replaced) {
-            client
-                .execute(
-                    format!(
-                        "UPDATE {} SET name = $1, updated_at = now() WHERE id = $2",
-                        db::PACKAGE_TABLE
-                    )
-                    .as_str(),
-                    &[&p.name, &r.id],
-                )
-                .await
-                .map_err(|e| dberr("updating", e))?;
+            keys::update_row_name(client, t, r.id, &p.name, &pl.key).await?;
             return Ok((RowAction::Updated, r.id));
         }
         return Ok((RowAction::Unchanged, r.id));
     }
-    let (cols, vals) = match g {
-        Generation::Y2025 => ("", ""),
-        Generation::Y2026 => (", cpu_architecture", ", $7"),
+    let row = keys::NewRow {
+        kind: p.kind.as_str(),
+        os: p.os.as_str(),
+        arch: &pl.arch,
+        object: &p.object,
+        version: &p.version,
+        name: &p.name,
+        description: &p.description,
     };
-    let sql = format!(
-        "INSERT INTO {} (type, os, object, version, name, description, created_at, updated_at, created_by, updated_by, domain, updated_by_domain{cols}) \
-         VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'system', 'system', 'domain.com', 'domain.com'{vals}) RETURNING id",
-        db::PACKAGE_TABLE
-    );
-    let kind = p.kind.as_str();
-    let os = p.os.as_str();
-    let row = match g {
-        Generation::Y2025 => {
-            client
-                .query_one(
-                    sql.as_str(),
-                    &[&kind, &os, &p.object, &p.version, &p.name, &p.description],
-                )
-                .await
-        }
-        Generation::Y2026 => {
-            client
-                .query_one(
-                    sql.as_str(),
-                    &[&kind, &os, &p.object, &p.version, &p.name, &p.description, &pl.arch],
-                )
-                .await
-        }
-    }
-    .map_err(|e| dberr("inserting", e))?;
-    Ok((RowAction::Created, row.get(0)))
+    let id = keys::insert_row(client, t, release, &row, &pl.key).await?;
+    Ok((RowAction::Created, id))
 }
 
 /// The human rendering of a report.
@@ -1177,12 +863,12 @@ pub fn render(r: &PackagesReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{}packages on {} bucket {:?} (database {}, schema {}): {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged; {:.1} s",
+        "{}packages on {} bucket {:?} (database {}, {}): {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged; {:.1} s",
         if r.dry_run { "dry run: " } else { "" },
         r.nats.as_deref().unwrap_or("?"),
         r.bucket,
         r.database.as_deref().unwrap_or("?"),
-        r.generation.map(|g| g.as_str()).unwrap_or("?"),
+        r.release.as_deref().unwrap_or("release unknown"),
         r.uploaded,
         r.skipped,
         r.replaced,
@@ -1222,32 +908,10 @@ pub fn render(r: &PackagesReport) -> String {
         );
     }
     for o in &r.orphan_objects {
-        let _ = writeln!(s, "object {o} has no row in {}", db::PACKAGE_TABLE);
+        let _ = writeln!(s, "object {o} has no row in {PACKAGE_TABLE}");
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
     }
     s.trim_end().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_and_digests() {
-        assert_eq!(
-            object_key(Generation::Y2025, "linux", "x86_64", "Controller", "1.0.0", "a.zip"),
-            "linux/Controller/1.0.0/a.zip"
-        );
-        assert_eq!(
-            object_key(Generation::Y2026, "linux", "x86_64", "Controller", "1.0.0", "a.zip"),
-            "linux/x86_64/Controller/1.0.0/a.zip"
-        );
-        let sha = [0xfbu8; 32];
-        let d = nats_digest(&sha);
-        assert!(d.starts_with("SHA-256=") && d.ends_with('=') && d.contains('-'), "{d}");
-        assert_eq!(parse_digest(&d).unwrap(), sha.to_vec());
-        assert_eq!(parse_digest(d.trim_end_matches('=')).unwrap(), sha.to_vec());
-    }
 }

@@ -6,32 +6,33 @@
 //! `bkbundle regions check|apply`. It works in three stages, each stopping at the first stage
 //! with problems, so nothing is ever written half-way:
 //!
-//! 1. [`validate::desired`] (pure): merge the bundle's defaults, the install config's
+//! 1. [`rules::desired`] (pure): merge the bundle's defaults, the install config's
 //!    `[[regions]]` and the site values into each region's desired env, with the server's
 //!    inheritance, and check every value. `check` stops here.
-//! 2. Connect, detect the schema generation ([`db::detect_schema`]), read the rows and diff them
-//!    ([`db::diff`], pure): created / updated / unchanged per region and key; secrets compared by
-//!    decrypting what is stored. `apply --dry-run` stops here (in a read-only transaction).
-//! 3. Write in one transaction ([`db::execute`]), commit, then remove the server's cached env of
-//!    the touched regions ([`cache`]): from `django_cache`, and from Redis when `redis_url` is set.
+//! 2. Connect, find which release the database is ([`release::detect_when_migrated`]), read the
+//!    rows and diff them ([`regions::diff`], pure): created / updated / unchanged per region and
+//!    key; secrets compared by decrypting what is stored. `apply --dry-run` stops here (in a
+//!    read-only transaction).
+//! 3. Write in one transaction ([`regions::execute`]), commit, then make the server drop its
+//!    cached env of the touched regions: the keys in Redis when it caches there; a restart of the
+//!    server container when it caches in process memory and belongs to the stack being
+//!    installed; otherwise a plain note that agents get the old values for up to 300 s.
 //!
 //! Secret values never appear in a report, an error or a `Debug` output.
 
-pub mod cache;
-pub mod crypto;
-pub mod db;
-pub mod validate;
-
 use crate::error::{Error, Kind};
-use crate::install::config::{DatabaseConfig, InstallConfig, RegionConfig};
 use crate::manifest::Regions;
-use db::{Action, DbName, DbTarget, Generation, PlannedRegion};
+use crate::platform::cache::{self, ServerCache, CACHE_SECONDS, SERVER_SERVICE};
+use crate::platform::db::{self, DbError, DbTarget};
+use crate::platform::regions::{self, cache_key, Action, PlannedRegion};
+use crate::platform::release::{self, Release, CACHE_TABLE};
+use crate::platform::rules::{self, EnvType, Problem, Source};
+use crate::site::config::{DatabaseConfig, InstallConfig, RegionConfig};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use validate::{EnvType, Problem, Source};
 
-pub use crypto::SecretKey;
+pub use crate::platform::crypto::SecretKey;
 
 /// What [`run`] does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -61,8 +62,14 @@ pub struct RegionsOptions {
     /// `--database-url` (wins over `DATABASE_URL`, `[database] url`, `PG*` and the stack's .env).
     pub database_url: Option<String>,
     /// Wait up to this long for the server to create its tables (install, right after the stack
-    /// turned healthy); `None` fails at once with [`RegionsError::NotMigrated`].
+    /// turned healthy); `None` fails at once with [`DbError::NotMigrated`].
     pub wait_for_migrations: Option<Duration>,
+    /// The compose project of the stack: its `server` container's environment says where the
+    /// server caches the regions' env.
+    pub project: Option<String>,
+    /// Restart that container when it caches in process memory (install: the stack is the one
+    /// being installed, so a restart is part of the job).
+    pub restart_server: bool,
 }
 
 impl RegionsOptions {
@@ -76,6 +83,8 @@ impl RegionsOptions {
             site,
             database_url: None,
             wait_for_migrations: None,
+            project: config.project.clone(),
+            restart_server: false,
         }
     }
 }
@@ -96,26 +105,11 @@ pub enum RegionsError {
     /// The configuration would break agents (or does not fit the database): every problem.
     #[error("{} problem(s) with the cloud regions' sidecar env; nothing was written:\n  - {}", .0.len(), .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  - "))]
     Invalid(Vec<Problem>),
-    #[error("where the platform's database is was not given: none of --database-url, DATABASE_URL, [database] url, PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE or the stack's POSTGRES_PASSWORD is set")]
-    NoDatabase,
-    #[error("the database given by {source_name} is not usable: {message}")]
-    BadDatabaseUrl { source_name: String, message: String },
-    #[error("cannot reach PostgreSQL at {} (from {}): {message}; nothing was changed", db.display, db.source)]
-    Unreachable { db: DbName, message: String },
-    #[error("PostgreSQL at {} (from {}) refused user {user}: {message}; nothing was changed", db.display, db.source)]
-    Refused { db: DbName, user: String, message: String },
-    /// The server's tables are not there (yet): it migrates at start-up. Install waits for this.
-    #[error("the server has not run its migrations yet in {}: {detail}", db.display)]
-    NotMigrated { db: DbName, detail: String },
-    #[error("the database {} has a schema this bkbundle does not know: {detail}; nothing was changed", db.display)]
-    UnknownSchema { db: DbName, detail: String },
-    #[error("PostgreSQL at {}: {what} failed: {message}; the transaction was rolled back, nothing was changed", db.display)]
-    Database { db: DbName, what: String, message: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("{0}")]
     Internal(String),
 }
-
-const DB_HINT: &str = "give the database with --database-url postgres://USER:PASSWORD@HOST:PORT/DB, DATABASE_URL, [database] url in the install config, the PG* variables, or --env-file with the stack's .env (POSTGRES_*)";
 
 impl From<RegionsError> for Error {
     fn from(e: RegionsError) -> Error {
@@ -124,20 +118,7 @@ impl From<RegionsError> for Error {
             RegionsError::Invalid(_) => Error::new(Kind::Input, message)
                 .hint("fix the install config's [[regions]] and [env] (or the bundle's [regions]), then run again")
                 .hint("site values come from the install config's [env] and, with --env-file, the stack's .env"),
-            RegionsError::NoDatabase | RegionsError::BadDatabaseUrl { .. } => Error::new(Kind::Input, message).hint(DB_HINT),
-            RegionsError::Unreachable { .. } => Error::new(Kind::External, message)
-                .hint("is the stack running? `docker compose ps postgres` in the install directory; it publishes PostgreSQL on INTERNAL_BIND_IP:POSTGRES_PORT (127.0.0.1:5432 by default)")
-                .hint(DB_HINT),
-            RegionsError::Refused { .. } => Error::new(Kind::External, message)
-                .hint("check the user, password and database name: the stack's are POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB in its .env")
-                .hint(DB_HINT),
-            RegionsError::NotMigrated { .. } => Error::new(Kind::External, message).hint(
-                "the server creates its tables when it starts: wait until the `server` service is healthy and run again (`bkbundle install` waits by itself, up to [database] migrations_timeout_secs)",
-            ),
-            RegionsError::UnknownSchema { .. } => Error::new(Kind::Unsupported, message)
-                .hint("this bkbundle knows the 2025 and 2026 BK-Lite schemas: use the bkbundle that came with the server's bundle"),
-            RegionsError::Database { .. } => Error::new(Kind::External, message)
-                .hint("run again with -v; if it persists, check the server's database with psql"),
+            RegionsError::Db(e) => Error::from(e),
             RegionsError::Internal(_) => Error::new(Kind::Internal, message),
         }
     }
@@ -179,8 +160,16 @@ pub struct RegionReport {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CacheReport {
-    /// The keys removed (one per touched region).
+    /// The server's cache keys of the touched regions (one per region).
     pub keys: Vec<String>,
+    /// Where the server caches: `redis`, `process_memory` or `unknown`.
+    pub backend: Option<String>,
+    /// Whether the server no longer has the old values: the keys were deleted from Redis, or
+    /// the server container was restarted. `false` means agents may get the old values for up
+    /// to 300 s (the notes say why and what to do).
+    pub cleared: bool,
+    /// The server container restarted to clear its in-memory cache.
+    pub restarted: Option<String>,
     /// Entries that were in `django_cache` (`None`: no such table).
     pub database_entries: Option<u64>,
     /// The Redis cache used, without credentials (`None`: none known).
@@ -195,8 +184,11 @@ pub struct RegionsReport {
     /// `user@host:port/db` (no password).
     pub database: Option<String>,
     pub database_source: Option<String>,
-    pub generation: Option<Generation>,
+    /// The platform release found in the database (its last node_mgmt migration).
+    pub release: Option<String>,
     pub regions: Vec<RegionReport>,
+    /// Service rows (`node_mgmt_cloudregionservice`) added, as `region/service`.
+    pub services_added: Vec<String>,
     pub created: usize,
     pub updated: usize,
     pub unchanged: usize,
@@ -213,10 +205,11 @@ impl RegionsReport {
                 .regions
                 .iter()
                 .any(|r| matches!(r.action, Some(Action::Create | Action::Update)))
+            || !self.services_added.is_empty()
     }
 }
 
-fn key_report(k: &validate::DesiredValue, key: &str, planned: Option<&db::PlannedKey>) -> KeyReport {
+fn key_report(k: &rules::DesiredValue, key: &str, planned: Option<&regions::PlannedKey>) -> KeyReport {
     let visible = |v: &str| (k.env_type != EnvType::Secret).then(|| v.to_string());
     KeyReport {
         key: key.to_string(),
@@ -231,10 +224,10 @@ fn key_report(k: &validate::DesiredValue, key: &str, planned: Option<&db::Planne
 
 fn report_from(
     mode: Mode,
-    desired: &validate::Desired,
+    desired: &rules::Desired,
     plan: Option<&[PlannedRegion]>,
     target: Option<&DbTarget>,
-    generation: Option<Generation>,
+    release: Option<&Release>,
     t0: Instant,
 ) -> RegionsReport {
     let mut regions = Vec::new();
@@ -269,7 +262,12 @@ fn report_from(
         mode,
         database: target.map(|t| t.name.display.clone()),
         database_source: target.map(|t| t.name.source.clone()),
-        generation,
+        release: release.map(|r| r.label()),
+        services_added: plan
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|r| r.services.iter().map(move |s| format!("{}/{s}", r.name)))
+            .collect(),
         regions,
         created,
         updated,
@@ -320,7 +318,7 @@ pub async fn run_with_env(
     let t0 = Instant::now();
     // 1. The desired env, every problem at once.
     let mut problems = Vec::new();
-    let desired = match validate::desired(&opts.bundle, &opts.regions, &opts.site) {
+    let desired = match rules::desired(&opts.bundle, &opts.regions, &opts.site) {
         Ok(d) => Some(d),
         Err(p) => {
             problems.extend(p);
@@ -359,30 +357,9 @@ pub async fn run_with_env(
     }
 
     // 2. The database: where, which schema, what is there, what to change.
-    let target = db::resolve_target(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
+    let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
     let mut client = db::connect(&target).await?;
-    let deadline = opts.wait_for_migrations.map(|w| Instant::now() + w);
-    let schema = loop {
-        match db::detect_schema(&client, &target).await {
-            Err(RegionsError::NotMigrated { db, detail }) => match deadline {
-                Some(d) if Instant::now() < d => {
-                    tracing::info!("waiting for the server's migrations: {detail}");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-                _ => {
-                    let waited = opts
-                        .wait_for_migrations
-                        .map(|w| format!(" (waited {} s)", w.as_secs()))
-                        .unwrap_or_default();
-                    return Err(RegionsError::NotMigrated {
-                        db,
-                        detail: format!("{detail}{waited}"),
-                    });
-                }
-            },
-            other => break other?,
-        }
-    };
+    let release = release::detect_when_migrated(&client, &target, opts.wait_for_migrations).await?;
     let key = secret_key.as_ref().map(|(k, _)| k);
     let read_only = opts.mode == Mode::DryRun;
     let tx = client
@@ -390,53 +367,31 @@ pub async fn run_with_env(
         .read_only(read_only)
         .start()
         .await
-        .map_err(|e| RegionsError::Database {
-            db: target.name.clone(),
-            what: "starting a transaction".into(),
-            message: e.to_string(),
-        })?;
-    let current = db::read_current(&tx, &target).await?;
-    let mut plan =
-        db::diff(&desired.regions, &current, &schema, key, &opts.bundle.required).map_err(RegionsError::Invalid)?;
-    let unmanaged: Vec<String> = db::unmanaged(&desired.regions, &current)
+        .map_err(|e| db::db_err(&target, "starting a transaction", e))?;
+    let current = regions::read_current(&tx, &target, &release).await?;
+    let mut plan = regions::diff(&desired.regions, &current, &release, key, &opts.bundle.required)
+        .map_err(RegionsError::Invalid)?;
+    let unmanaged: Vec<String> = regions::unmanaged(&desired.regions, &current)
         .iter()
         .map(|r| format!("{} (id {})", r.name, r.id))
         .collect();
     if opts.mode == Mode::DryRun {
         drop(tx); // rolled back: nothing was written
-        let mut r = report_from(
-            Mode::DryRun,
-            &desired,
-            Some(&plan),
-            Some(&target),
-            Some(schema.generation),
-            t0,
-        );
+        let mut r = report_from(Mode::DryRun, &desired, Some(&plan), Some(&target), Some(&release), t0);
         r.notes.extend(unmanaged_note(&unmanaged));
         r.notes.push("dry run: nothing was written".into());
         return Ok(r);
     }
 
     // 3. Write, commit, then invalidate the server's cache for the regions whose env changed.
-    let changed = plan.iter().any(|r| r.action != Action::Unchanged || r.env_changes());
+    let changed = plan.iter().any(|r| r.changes());
     if changed {
-        db::execute(&tx, &target, &schema, &mut plan, key).await?;
-        tx.commit().await.map_err(|e| RegionsError::Database {
-            db: target.name.clone(),
-            what: "committing".into(),
-            message: e.to_string(),
-        })?;
+        regions::execute(&tx, &target, &release, &mut plan, key).await?;
+        tx.commit().await.map_err(|e| db::db_err(&target, "committing", e))?;
     } else {
         drop(tx);
     }
-    let mut report = report_from(
-        Mode::Apply,
-        &desired,
-        Some(&plan),
-        Some(&target),
-        Some(schema.generation),
-        t0,
-    );
+    let mut report = report_from(Mode::Apply, &desired, Some(&plan), Some(&target), Some(&release), t0);
     report.notes.extend(unmanaged_note(&unmanaged));
     if let Some((_, from)) = &secret_key {
         let wrote_secrets = plan
@@ -451,7 +406,7 @@ pub async fn run_with_env(
     }
     let touched: BTreeSet<i64> = plan.iter().filter(|r| r.env_changes()).filter_map(|r| r.id).collect();
     if !touched.is_empty() {
-        invalidate(&client, &target, &schema, opts, &touched, &mut report).await;
+        invalidate(&client, &target, &release, opts, &touched, &mut report).await;
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -466,28 +421,35 @@ fn unmanaged_note(unmanaged: &[String]) -> Option<String> {
     })
 }
 
-/// Remove the touched regions' cached env. Failures become notes: the rows are committed, and a
-/// stale cache expires by itself within 300 s.
+/// Make the server drop the touched regions' cached env (see the module documentation).
+/// Failures become notes: the rows are committed, and a stale cache expires by itself.
 async fn invalidate(
     client: &tokio_postgres::Client,
     target: &DbTarget,
-    schema: &db::Schema,
+    release: &Release,
     opts: &RegionsOptions,
     touched: &BTreeSet<i64>,
     report: &mut RegionsReport,
 ) {
-    report.cache.keys = touched.iter().map(|id| db::cache_key(*id)).collect();
-    if schema.cache_table {
-        match db::invalidate_db_cache(client, target, touched).await {
+    report.cache.keys = touched.iter().map(|id| cache_key(*id)).collect();
+    // Django's database cache table is not the server's default backend, but a stale entry there
+    // would serve old values to a server configured to use it.
+    if release.cache_table {
+        match regions::invalidate_db_cache(client, target, touched).await {
             Ok(n) => report.cache.database_entries = Some(n),
-            Err(e) => report.notes.push(format!(
-                "the new values are written, but the server's cached env could not be removed from {}: {e}; the server may serve the old values for up to 300 s",
-                db::CACHE_TABLE
-            )),
+            Err(e) => report
+                .notes
+                .push(format!("the stale entries of {CACHE_TABLE} could not be removed: {e}")),
         }
     }
-    match redis_target(&opts.database, &opts.site) {
-        Some((from, target)) => {
+    let server = match &opts.project {
+        Some(p) => cache::server_container(p).await,
+        None => None,
+    };
+    let stale = format!("agents may get the old values for up to {CACHE_SECONDS} s");
+    match crate::site::targets::server_cache(&opts.database, &opts.site, server.as_ref().map(|s| &s.env)) {
+        ServerCache::Redis { from, target } => {
+            report.cache.backend = Some("redis".into());
             let result = match target {
                 Ok(t) => {
                     report.cache.redis = Some(format!("{} (from {from})", t.display()));
@@ -498,60 +460,49 @@ async fn invalidate(
                 Err(e) => Err(format!("{from}: {e}")),
             };
             match result {
-                Ok(n) => report.cache.redis_entries = Some(n),
+                Ok(n) => {
+                    report.cache.redis_entries = Some(n);
+                    report.cache.cleared = true;
+                }
                 Err(e) => report.notes.push(format!(
-                    "the new values are written, but the server's cached env could not be removed from Redis ({e}): agents may get the old values for up to 300 s"
+                    "the new values are written, but the server's cached env could not be removed from Redis ({e}): {stale}"
                 )),
             }
         }
-        None => report.notes.push(
-            "no [database] redis_url (and no REDIS_PASSWORD in the site values): if the server caches in Redis (the stack does, db 1), agents may get the old values for up to 300 s".into(),
-        ),
+        ServerCache::ProcessMemory { from } => {
+            report.cache.backend = Some("process_memory".into());
+            match server {
+                Some(cache::ServerContainer { engine, name, .. }) if opts.restart_server => {
+                    match engine.restart(&name, Duration::from_secs(30)).await {
+                        Ok(()) => {
+                            report.cache.cleared = true;
+                            report.notes.push(format!(
+                                "the server caches in process memory ({from}): restarted container {name} so that it serves the new values"
+                            ));
+                            report.cache.restarted = Some(name);
+                        }
+                        Err(e) => report.notes.push(format!(
+                            "the server caches in process memory ({from}) and restarting container {name} failed ({}): {stale}; restart it with `docker restart {name}`",
+                            e.message
+                        )),
+                    }
+                }
+                Some(cache::ServerContainer { name, .. }) => report.notes.push(format!(
+                    "the server caches in process memory ({from}), which nothing outside it can clear: {stale}, or restart it now with `docker restart {name}`"
+                )),
+                None => report.notes.push(format!(
+                    "the server caches in process memory ({from}): {stale}, or restart the server container"
+                )),
+            }
+        }
+        ServerCache::Unknown => {
+            report.cache.backend = Some("unknown".into());
+            report.notes.push(format!(
+                "where the server caches is not known (no `{SERVER_SERVICE}` container{}, no [database] redis_url, no REDIS_CACHE_URL or REDIS_PASSWORD in the site values): {stale}, or restart the server",
+                opts.project.as_deref().map(|p| format!(" in compose project {p}")).unwrap_or_default()
+            ));
+        }
     }
-}
-
-/// The server's Redis cache and where it came from: `[database] redis_url` (with `${NAME}` from
-/// the site values), else the stack's own when its .env is known (it has `REDIS_PASSWORD`): the
-/// stack's server caches in db 1 of the `redis` service, published on
-/// `INTERNAL_BIND_IP:REDIS_PORT`.
-pub fn redis_target(
-    cfg: &DatabaseConfig,
-    site: &BTreeMap<String, String>,
-) -> Option<(&'static str, Result<cache::RedisTarget, String>)> {
-    if let Some(url) = &cfg.redis_url {
-        let mut missing = Vec::new();
-        let url = crate::install::envfile::substitute(url, site, &mut missing);
-        let target = if missing.is_empty() {
-            cache::parse_url(&url)
-        } else {
-            Err(format!(
-                "placeholder(s) {} not set",
-                missing
-                    .iter()
-                    .map(|m| format!("${{{m}}}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        };
-        return Some(("[database] redis_url", target));
-    }
-    let password = site.get("REDIS_PASSWORD")?;
-    let from = "the stack's .env (REDIS_PASSWORD, REDIS_PORT, INTERNAL_BIND_IP)";
-    let port = site.get("REDIS_PORT").map(String::as_str).unwrap_or("6379");
-    let target = port
-        .parse::<u16>()
-        .map_err(|_| format!("REDIS_PORT {port:?} is not a port number"))
-        .map(|port| cache::RedisTarget {
-            host: db::stack_host(site)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-            port,
-            username: None,
-            password: Some(password.clone()).filter(|p| !p.is_empty()),
-            db: 1,
-        });
-    Some((from, target))
 }
 
 /// The human rendering of a report.
@@ -561,17 +512,17 @@ pub fn render(r: &RegionsReport) -> String {
     let head = match r.mode {
         Mode::Check => "regions check: the sidecar env of every region is valid".to_string(),
         Mode::DryRun => format!(
-            "regions apply --dry-run on {} (schema {}): would create {}, update {}, leave {} unchanged",
+            "regions apply --dry-run on {} ({}): would create {}, update {}, leave {} unchanged",
             r.database.as_deref().unwrap_or("?"),
-            r.generation.map(|g| g.as_str()).unwrap_or("?"),
+            r.release.as_deref().unwrap_or("release unknown"),
             r.created,
             r.updated,
             r.unchanged
         ),
         Mode::Apply => format!(
-            "regions applied on {} (schema {}): {} created, {} updated, {} unchanged",
+            "regions applied on {} ({}): {} created, {} updated, {} unchanged",
             r.database.as_deref().unwrap_or("?"),
-            r.generation.map(|g| g.as_str()).unwrap_or("?"),
+            r.release.as_deref().unwrap_or("release unknown"),
             r.created,
             r.updated,
             r.unchanged
@@ -613,20 +564,16 @@ pub fn render(r: &RegionsReport) -> String {
             let _ = writeln!(s, "  {a:<9} {:<32} {shown}{src}", k.key);
         }
     }
-    if !r.cache.keys.is_empty() {
-        let _ = writeln!(
-            s,
-            "server cache cleared for: {}{}{}",
-            r.cache.keys.join(", "),
-            r.cache
-                .database_entries
-                .map(|n| format!("; {n} entr{} in {}", if n == 1 { "y" } else { "ies" }, db::CACHE_TABLE))
-                .unwrap_or_default(),
-            r.cache
-                .redis_entries
-                .map(|n| format!("; {n} in Redis"))
-                .unwrap_or_default()
-        );
+    if !r.services_added.is_empty() {
+        let _ = writeln!(s, "service rows added: {}", r.services_added.join(", "));
+    }
+    if !r.cache.keys.is_empty() && r.cache.cleared {
+        let how = match (&r.cache.restarted, r.cache.redis_entries) {
+            (Some(c), _) => format!("restarted container {c}"),
+            (None, Some(n)) => format!("{n} key(s) deleted in Redis"),
+            (None, None) => String::new(),
+        };
+        let _ = writeln!(s, "server cache cleared for: {} ({how})", r.cache.keys.join(", "));
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
@@ -660,73 +607,6 @@ mod tests {
             resolve_secret_key(&cfg, &site, &env).unwrap().1,
             "[database] secret_key"
         );
-    }
-
-    #[test]
-    fn database_sources_in_order() {
-        let mut cfg = DatabaseConfig::default();
-        let site = BTreeMap::from([
-            ("POSTGRES_PASSWORD".to_string(), "pw".to_string()),
-            ("POSTGRES_PORT".to_string(), "15432".to_string()),
-            ("POSTGRES_DB".to_string(), "bklite".to_string()),
-            ("PGU".to_string(), "site-user".to_string()),
-        ]);
-        let t = db::resolve_target(None, &cfg, &site, &no_env).unwrap();
-        assert_eq!(t.name.display, "postgres@127.0.0.1:15432/bklite");
-        let pg = |k: &str| match k {
-            "PGHOST" => Some("db.local".to_string()),
-            "PGUSER" => Some("bk".to_string()),
-            _ => None,
-        };
-        let t = db::resolve_target(None, &cfg, &site, &pg).unwrap();
-        assert_eq!(
-            (t.name.display.as_str(), t.name.source.as_str()),
-            ("bk@db.local:5432/bk", "the PG* environment variables")
-        );
-        cfg.url = Some("postgres://${PGU}@h:1/d".into());
-        let t = db::resolve_target(None, &cfg, &site, &pg).unwrap();
-        assert_eq!(t.name.display, "site-user@h:1/d");
-        let dburl = |k: &str| (k == "DATABASE_URL").then(|| "postgres://e@envhost/x".to_string());
-        assert_eq!(
-            db::resolve_target(None, &cfg, &site, &dburl).unwrap().name.display,
-            "e@envhost:5432/x"
-        );
-        let t = db::resolve_target(Some("postgres://c:secret@clihost:7/y"), &cfg, &site, &dburl).unwrap();
-        assert_eq!(
-            (t.name.display.as_str(), t.name.source.as_str()),
-            ("c@clihost:7/y", "--database-url")
-        );
-        assert!(!format!("{t:?}").contains("secret"));
-        cfg.url = Some("postgres://${NOPE}@h/d".into());
-        let e = db::resolve_target(None, &cfg, &site, &no_env).unwrap_err().to_string();
-        assert!(e.contains("${NOPE}"), "{e}");
-        assert!(matches!(
-            db::resolve_target(None, &DatabaseConfig::default(), &BTreeMap::new(), &no_env),
-            Err(RegionsError::NoDatabase)
-        ));
-    }
-
-    #[test]
-    fn redis_from_the_config_or_the_stack() {
-        let mut site = BTreeMap::from([("REDIS_PASSWORD".to_string(), "p/w@x".to_string())]);
-        let mut cfg = DatabaseConfig::default();
-        let (from, t) = redis_target(&cfg, &site).unwrap();
-        let t = t.unwrap();
-        assert!(from.contains("stack's .env"));
-        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6379, 1));
-        assert_eq!(t.password.as_deref(), Some("p/w@x"));
-        site.insert("INTERNAL_BIND_IP".into(), "10.9.0.1".into());
-        site.insert("REDIS_PORT".into(), "16379".into());
-        let t = redis_target(&cfg, &site).unwrap().1.unwrap();
-        assert_eq!((t.host.as_str(), t.port), ("10.9.0.1", 16379));
-        cfg.redis_url = Some("redis://:${REDIS_PASSWORD}@cache:6380/2".into());
-        let (from, t) = redis_target(&cfg, &site).unwrap();
-        assert_eq!(from, "[database] redis_url");
-        // `/` in a password must be percent-encoded in a URL: the parse fails, clearly.
-        assert!(t.is_err());
-        cfg.redis_url = Some("redis://:${NOPE}@cache/2".into());
-        assert!(redis_target(&cfg, &site).unwrap().1.unwrap_err().contains("${NOPE}"));
-        assert!(redis_target(&DatabaseConfig::default(), &BTreeMap::new()).is_none());
     }
 
     #[tokio::test]

@@ -4,8 +4,9 @@
 
 use crate::harness::{bkbundle, repo_root, NatsOpts, NatsServer, PgCluster};
 use bkbundle::error::{Error, Kind};
-use bkbundle::install::config::InstallConfig;
 use bkbundle::packages::{self, ObjectAction, PackagesError, PackagesOptions, PackagesReport};
+use bkbundle::platform::nats::NatsError;
+use bkbundle::site::config::InstallConfig;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,7 +176,7 @@ fn init_packages(args: &[&str], db: &str, nats: &str) -> std::process::Output {
 /// NATS refuses the credentials: an authentication error that does not show the secret.
 fn refused(o: &PackagesOptions, secret: &str) {
     let e = run(o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::Auth { .. })), "{e}");
     assert!(!e.to_string().contains(secret), "the secret was shown: {e}");
 }
 
@@ -370,17 +371,17 @@ fn user_password_and_tls_errors_are_named() {
         &format!("[nats]\nca_file = \"{}\"\n", other.ca_file.clone().unwrap().display()),
     );
     let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsTls { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::Tls { .. })), "{e}");
     // Nothing listening.
     let o = options(&db2, "nats://127.0.0.1:1", "");
     let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsConnect { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::Connect { .. })), "{e}");
     // A host name that cannot resolve. An empty label makes the C library refuse the name
     // itself, so no query leaves the machine.
     let o = options(&db2, "nats://no..such:4222", "");
     let e = run(&o).unwrap_err();
     assert!(
-        matches!(e, PackagesError::NatsResolve { ref host, .. } if host == "no..such"),
+        matches!(e, PackagesError::Nats(NatsError::Resolve { ref host, .. }) if host == "no..such"),
         "{e}"
     );
     assert!(Error::from(e).hints.iter().any(|h| h.contains("/etc/hosts")));
@@ -483,7 +484,10 @@ fn token_client_certificate_and_missing_jetstream() {
     let o = options(&db2, &mtls.url(), &format!("[nats]\nca_file = \"{}\"\n", ca.display()));
     let e = run(&o).unwrap_err();
     assert!(
-        matches!(e, PackagesError::NatsTls { .. } | PackagesError::NatsAuth { .. }),
+        matches!(
+            e,
+            PackagesError::Nats(NatsError::Tls { .. }) | PackagesError::Nats(NatsError::Auth { .. })
+        ),
         "without the client certificate: {e}"
     );
     // Only one of cert/key is a configuration error, named before connecting.
@@ -493,7 +497,7 @@ fn token_client_certificate_and_missing_jetstream() {
         &format!("[nats]\ncert_file = \"{}\"\n", cert.display()),
     );
     let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::BadNatsConfig(_)), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::BadConfig(_))), "{e}");
 
     // JetStream not enabled.
     let plain = NatsServer::start(NatsOpts {
@@ -501,7 +505,7 @@ fn token_client_certificate_and_missing_jetstream() {
         ..Default::default()
     });
     let e = run(&options(&db, &plain.url(), "")).unwrap_err();
-    assert!(matches!(e, PackagesError::NoJetStream { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::NoJetStream { .. })), "{e}");
     let err = Error::from(e);
     assert!(err.hints.iter().any(|h| h.contains("jetstream")), "{:?}", err.hints);
 }
@@ -523,7 +527,7 @@ fn a_credentials_file_of_the_platform_jwt_auth() {
     assert_eq!(run(&o).unwrap().uploaded, 4);
     // Without credentials, and with a user of an account the server does not know.
     let e = run(&options(&db, &nats.url(), "")).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::Auth { .. })), "{e}");
     let other = tempfile::tempdir().unwrap();
     let stranger = crate::harness::mint_jwt(other.path());
     let o = options(
@@ -532,12 +536,12 @@ fn a_credentials_file_of_the_platform_jwt_auth() {
         &format!("[nats]\ncredentials = \"{}\"\n", stranger.display()),
     );
     let e = run(&o).unwrap_err();
-    assert!(matches!(e, PackagesError::NatsAuth { .. }), "{e}");
+    assert!(matches!(e, PackagesError::Nats(NatsError::Auth { .. })), "{e}");
     // A credentials file that is not there is named before connecting.
     let o = options(&db, &nats.url(), "[nats]\ncredentials = \"/nonexistent/user.creds\"\n");
     let e = run(&o).unwrap_err();
     assert!(
-        matches!(e, PackagesError::BadNatsConfig(ref m) if m.contains("/nonexistent/user.creds")),
+        matches!(e, PackagesError::Nats(NatsError::BadConfig(ref m)) if m.contains("/nonexistent/user.creds")),
         "{e}"
     );
 }

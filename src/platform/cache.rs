@@ -40,6 +40,50 @@ impl RedisTarget {
     }
 }
 
+/// The compose service of the BK-Lite server (its container's environment says where it caches).
+pub const SERVER_SERVICE: &str = "server";
+/// How long the server keeps a region's env in its cache (BKLITE.md, Cache).
+pub const CACHE_SECONDS: u64 = 300;
+
+/// Where the server keeps its cache of the regions' env (BKLITE.md): Redis when it has
+/// `REDIS_CACHE_URL`, else each server process's own memory, which nothing outside can clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCache {
+    /// Redis, as this host reaches it, and where that was learnt.
+    Redis {
+        from: String,
+        target: Result<RedisTarget, String>,
+    },
+    /// Django's per-process memory cache: only a restart of the server clears it.
+    ProcessMemory { from: String },
+    /// Nothing says (no server container found, no Redis configured).
+    Unknown,
+}
+
+/// The stack's server container: its name and environment, and the engine that found it.
+pub struct ServerContainer {
+    pub engine: crate::engine::Engine,
+    pub name: String,
+    /// Holds secrets: never logged or shown.
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// The `server` container of compose project `project`, when the engine answers and has one.
+pub async fn server_container(project: &str) -> Option<ServerContainer> {
+    let engine = tokio::time::timeout(Duration::from_secs(5), crate::engine::Engine::connect())
+        .await
+        .ok()?
+        .ok()?;
+    let list = engine.project_containers(project).await.ok()?;
+    let c = list.into_iter().find(|c| c.service == SERVER_SERVICE)?;
+    let env = engine.container_env(&c.id).await.ok()??;
+    Some(ServerContainer {
+        engine,
+        name: c.name,
+        env,
+    })
+}
+
 fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());

@@ -14,9 +14,9 @@
 //! replaced as a URL part, so a port or a path that happens to contain the same digits is kept.
 
 use super::crypto;
-use crate::install::config::RegionConfig;
-use crate::install::envfile;
 use crate::manifest::Regions;
+use crate::site::config::RegionConfig;
+use crate::site::envfile;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -27,6 +27,12 @@ pub const DEFAULT_REGION_NAME: &str = "default";
 pub const DEFAULT_REGION_INTRODUCTION: &str = "default cloud region!";
 
 /// Keys whose host a region's `proxy_address` replaces (BKLITE.md, region inheritance).
+/// The server turns each environment variable `DEFAULT_ZONE_VAR_<KEY>` into region 1's `<KEY>`.
+pub const DEFAULT_ZONE_VAR_PREFIX: &str = "DEFAULT_ZONE_VAR_";
+
+/// The env key the server stores a region's proxy host under.
+pub const PROXY_ADDRESS_KEY: &str = "PROXY_ADDRESS";
+
 pub const PROXIED_KEYS: [&str; 2] = ["NODE_SERVER_URL", "NATS_SERVERS"];
 
 /// The `type` column of `node_mgmt_sidecarenv`.
@@ -316,6 +322,11 @@ pub fn desired(
                     None => env.insert(k.clone(), (v.clone(), Source::Inherited)),
                 };
             }
+        }
+        // The server gives a region it creates a PROXY_ADDRESS row holding its proxy host.
+        if let (false, Some(p)) = (s.name == DEFAULT_REGION_NAME, proxy) {
+            env.entry(PROXY_ADDRESS_KEY.to_string())
+                .or_insert_with(|| (p.to_string(), Source::Own));
         }
         for req in &bundle.required {
             match env.get(req) {

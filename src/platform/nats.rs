@@ -1,0 +1,451 @@
+//! Reaching the platform's NATS the way the server does (BKLITE.md: `NATS_SERVERS` with an
+//! optional `user:pass@`, user/password, token, credentials file, TLS with a private CA), with
+//! each failure named by the stage it happened at.
+
+use crate::error::{chain, Error, Kind};
+use async_nats::jetstream::object_store::ObjectStore;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A resolved NATS target. `Debug` never shows secrets.
+#[derive(Clone)]
+pub struct NatsTarget {
+    pub urls: Vec<String>,
+    /// Where the URL came from (`--nats-url`, `NATS_URL`, ...).
+    pub source: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub credentials: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for NatsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NatsTarget({} from {})", self.display(), self.source)
+    }
+}
+
+/// `scheme://host:port` without credentials.
+pub fn strip_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    format!("{scheme}://{rest}")
+}
+
+impl NatsTarget {
+    pub fn display(&self) -> String {
+        self.urls
+            .iter()
+            .map(|u| strip_credentials(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    fn tls(&self) -> bool {
+        self.ca_file.is_some() || self.urls.iter().any(|u| u.starts_with("tls://"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("where the platform's NATS is was not given: none of --nats-url, NATS_URL, [nats] url or the stack's .env (NATS_PORT, NATS_PASSWORD or NATS_ADMIN_PASSWORD) is set")]
+    NoNats,
+    #[error("NATS configuration: {0}")]
+    BadConfig(String),
+    #[error("cannot resolve the NATS host {host} ({nats}): {message}")]
+    Resolve {
+        nats: String,
+        host: String,
+        message: String,
+    },
+    #[error("cannot connect to NATS at {nats} (TCP): {message}")]
+    Connect { nats: String, message: String },
+    #[error("TLS with NATS at {nats} failed (CA or host name): {message}")]
+    Tls { nats: String, message: String },
+    #[error("NATS at {nats} refused the credentials: {message}")]
+    Auth { nats: String, message: String },
+    #[error("NATS at {nats} has no JetStream (or this account may not use it): {message}")]
+    NoJetStream { nats: String, message: String },
+    #[error("object store bucket {bucket:?} on {nats}: {message}")]
+    Bucket {
+        nats: String,
+        bucket: String,
+        message: String,
+    },
+}
+
+pub const NATS_HINT: &str = "give NATS with --nats-url nats://USER:PASSWORD@HOST:4222 (or tls://...), NATS_URL, [nats] in the install config, or --env-file with the stack's .env (NATS_PORT, NATS_USER, NATS_PASSWORD)";
+
+impl From<NatsError> for Error {
+    fn from(e: NatsError) -> Error {
+        let message = e.to_string();
+        match e {
+            NatsError::NoNats | NatsError::BadConfig(_) => Error::new(Kind::Input, message).hint(NATS_HINT),
+            NatsError::Resolve { .. } => Error::new(Kind::External, message)
+                .hint("check the host name in the NATS URL; on an air-gapped host use an IP address or an /etc/hosts entry"),
+            NatsError::Connect { .. } => Error::new(Kind::External, message)
+                .hint("is the stack running? `docker compose ps nats`; it publishes NATS on INTERNAL_BIND_IP:NATS_PORT (127.0.0.1:4222 by default)")
+                .hint(NATS_HINT),
+            NatsError::Tls { .. } => Error::new(Kind::External, message)
+                .hint("give the CA that signed the NATS server's certificate with [nats] ca_file (the server's NATS_TLS_CA_FILE), and use the host name the certificate names"),
+            NatsError::Auth { .. } => Error::new(Kind::External, message)
+                .hint("check the user and password (the stack's NATS_USER/NATS_PASSWORD), the token or the credentials file"),
+            NatsError::NoJetStream { .. } => Error::new(Kind::External, message)
+                .hint("the platform needs JetStream: enable it in the NATS server config (`jetstream { store_dir: ... }`)"),
+            NatsError::Bucket { .. } => Error::new(Kind::External, message)
+                .hint("check the bucket name (the server's NATS_NAMESPACE) and the account's JetStream limits"),
+        }
+    }
+}
+
+/// Host and port of a URL, for the name-resolution and TCP stages.
+fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = rest.strip_prefix('[') {
+        if let Some((h, p)) = v6.split_once(']') {
+            return (h.to_string(), p.trim_start_matches(':').parse().unwrap_or(4222));
+        }
+    }
+    match rest.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(4222)),
+        None => (rest.to_string(), 4222),
+    }
+}
+
+const ATTEMPTS: u32 = 3;
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(300 * (1u64 << attempt.min(4)))
+}
+
+/// Connect, staged: name resolution, TCP, then the NATS handshake (TLS, authentication). Bounded
+/// retries with backoff on transient failures (refused/timed out).
+pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
+    let display = t.display();
+    // Stages 1 and 2, per URL: one that answers is enough (the client then tries them all).
+    let mut last = None;
+    let mut reachable = false;
+    'urls: for url in &t.urls {
+        let (host, port) = host_port(url);
+        let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => {
+                last = Some(NatsError::Resolve {
+                    nats: display.clone(),
+                    host: host.clone(),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for attempt in 0..ATTEMPTS {
+            let mut err = None;
+            for a in &addrs {
+                match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(a)).await {
+                    Ok(Ok(_)) => {
+                        reachable = true;
+                        break 'urls;
+                    }
+                    Ok(Err(e)) => err = Some(format!("{a}: {e}")),
+                    Err(_) => err = Some(format!("{a}: timed out after 5 s")),
+                }
+            }
+            last = Some(NatsError::Connect {
+                nats: display.clone(),
+                message: err.unwrap_or_else(|| format!("{host} resolved to no address")),
+            });
+            if attempt + 1 < ATTEMPTS {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+    if !reachable {
+        return Err(last.unwrap_or(NatsError::NoNats));
+    }
+    let mut opts = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(10))
+        .name("bkbundle");
+    if let Some(c) = &t.credentials {
+        opts = opts
+            .credentials_file(c)
+            .await
+            .map_err(|e| NatsError::BadConfig(format!("cannot read the NATS credentials file {}: {e}", c.display())))?;
+    }
+    let addrs: Vec<async_nats::ServerAddr> = t
+        .urls
+        .iter()
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| NatsError::BadConfig(format!("{}: {e}", strip_credentials(u))))
+        })
+        .collect::<Result<_, _>>()?;
+    // A URL's own `user:pass@` wins (the client does not read it from the URL itself).
+    let embedded = addrs.iter().find(|a| a.has_user_pass()).map(|a| {
+        (
+            percent_decode(a.username().unwrap_or_default()),
+            percent_decode(a.password().unwrap_or_default()),
+        )
+    });
+    match (embedded, &t.user) {
+        (Some((u, p)), _) => opts = opts.user_and_password(u, p),
+        (None, Some(u)) => opts = opts.user_and_password(u.clone(), t.password.clone().unwrap_or_default()),
+        (None, None) => {}
+    }
+    if let Some(tok) = &t.token {
+        opts = opts.token(tok.clone());
+    }
+    if t.tls() {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &t.ca_file {
+        if !ca.is_file() {
+            return Err(NatsError::BadConfig(format!(
+                "the NATS CA file {} does not exist",
+                ca.display()
+            )));
+        }
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    match (&t.cert_file, &t.key_file) {
+        (Some(c), Some(k)) => opts = opts.add_client_certificate(c.clone(), k.clone()),
+        (None, None) => {}
+        _ => return Err(NatsError::BadConfig("[nats] cert_file and key_file go together".into())),
+    }
+    let mut attempt = 0;
+    loop {
+        match async_nats::connect_with_options(addrs.clone(), opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                use async_nats::ConnectErrorKind as K;
+                let message = chain(&e);
+                let err = match e.kind() {
+                    K::Tls => NatsError::Tls {
+                        nats: display.clone(),
+                        message,
+                    },
+                    K::Authentication | K::AuthorizationViolation => NatsError::Auth {
+                        nats: display.clone(),
+                        message,
+                    },
+                    K::Dns => NatsError::Resolve {
+                        nats: display.clone(),
+                        host: display.clone(),
+                        message,
+                    },
+                    K::ServerParse => NatsError::BadConfig(message),
+                    K::TimedOut | K::Io | K::MaxReconnects => {
+                        // A TLS problem can surface as an I/O error from the handshake.
+                        let lower = message.to_ascii_lowercase();
+                        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                            NatsError::Tls {
+                                nats: display.clone(),
+                                message,
+                            }
+                        } else if lower.contains("authorization") {
+                            NatsError::Auth {
+                                nats: display.clone(),
+                                message,
+                            }
+                        } else {
+                            attempt += 1;
+                            if attempt < ATTEMPTS {
+                                tokio::time::sleep(backoff(attempt)).await;
+                                continue;
+                            }
+                            NatsError::Connect {
+                                nats: display.clone(),
+                                message,
+                            }
+                        }
+                    }
+                };
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// `%XX` escapes of a URL's user information decoded (a password may hold `@` or `:`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() && s.is_char_boundary(i + 3) {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The object store
+
+/// The bucket, and its stream for reading meta messages directly.
+pub struct Store {
+    pub objects: ObjectStore,
+    pub stream: async_nats::jetstream::stream::Stream,
+    pub js: async_nats::jetstream::Context,
+    pub bucket: String,
+}
+
+/// Check that JetStream answers, then open the bucket; when it is absent, create it (`create`)
+/// or return `None`. Used by init-packages and doctor, so both name the same broken link.
+pub async fn open_store(
+    nc: &async_nats::Client,
+    nt: &NatsTarget,
+    bucket: &str,
+    create: bool,
+) -> Result<Option<Store>, NatsError> {
+    let js = async_nats::jetstream::new(nc.clone());
+    // JetStream answers `$JS.API.INFO`; without it nobody responds. (async-nats' own account-info
+    // call cannot parse nats-server 2.9's reply.)
+    match nc.request("$JS.API.INFO", Bytes::new()).await {
+        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {}
+        Ok(m) => {
+            return Err(NatsError::NoJetStream {
+                nats: nt.display(),
+                message: String::from_utf8_lossy(&m.payload).to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(NatsError::NoJetStream {
+                nats: nt.display(),
+                message: crate::error::chain(&e),
+            })
+        }
+    }
+    let bucket_err = |message: String| NatsError::Bucket {
+        nats: nt.display(),
+        bucket: bucket.to_string(),
+        message,
+    };
+    let objects = match js.get_object_store(bucket).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), async_nats::jetstream::context::ObjectStoreErrorKind::GetStore) => {
+            if !create {
+                return Ok(None);
+            }
+            let cfg = async_nats::jetstream::object_store::Config {
+                bucket: bucket.to_string(),
+                ..Default::default()
+            };
+            js.create_object_store(cfg)
+                .await
+                .map_err(|e| bucket_err(format!("cannot create it: {}", crate::error::chain(&e))))?
+        }
+        Err(e) => return Err(bucket_err(crate::error::chain(&e))),
+    };
+    let stream = js
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .map_err(|e| bucket_err(format!("its stream OBJ_{bucket}: {}", crate::error::chain(&e))))?;
+    Ok(Some(Store {
+        objects,
+        stream,
+        js,
+        bucket: bucket.to_string(),
+    }))
+}
+
+/// The names of the live (not deleted) objects in the bucket.
+pub async fn list_objects(s: &Store, nats: &str) -> Result<BTreeSet<String>, NatsError> {
+    let mut names = BTreeSet::new();
+    let mut list = s.objects.list().await.map_err(|e| NatsError::Bucket {
+        nats: nats.to_string(),
+        bucket: s.bucket.clone(),
+        message: format!("listing: {}", crate::error::chain(&e)),
+    })?;
+    while let Some(o) = list.next().await {
+        match o {
+            Ok(o) if !o.deleted => {
+                names.insert(o.name);
+            }
+            Ok(_) => {}
+            // A tombstone the upstream Python client wrote (its `mtime` is not RFC 3339):
+            // a deleted object, nothing to judge.
+            Err(e) => tracing::debug!("listing {}: skipped an entry: {}", s.bucket, crate::error::chain(&e)),
+        }
+    }
+    Ok(names)
+}
+
+/// The stored digest and size of `key`, `None` when absent or deleted. Reads the object's meta
+/// message itself: the upstream Python client writes tombstones (`mtime` not RFC 3339) that
+/// async-nats' `info` refuses.
+pub async fn info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
+    use async_nats::jetstream::object_store::InfoErrorKind;
+    let mut attempt = 0;
+    loop {
+        match s.objects.info(key).await {
+            Ok(i) if i.deleted => return Ok(None),
+            Ok(i) => return Ok(Some((i.digest.unwrap_or_default(), i.size as u64))),
+            Err(e) if e.kind() == InfoErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == InfoErrorKind::TimedOut && attempt < 3 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(300 << attempt)).await;
+            }
+            Err(e) => {
+                let first = crate::error::chain(&e);
+                return raw_info(s, key)
+                    .await
+                    .map_err(|raw| format!("{first}; reading the meta message: {raw}"));
+            }
+        }
+    }
+}
+
+async fn raw_info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String> {
+    let Some(v) = raw_meta(s, key).await? else {
+        return Ok(None);
+    };
+    if v.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false) {
+        return Ok(None);
+    }
+    Ok(Some((
+        v.get("digest").and_then(|d| d.as_str()).unwrap_or_default().to_string(),
+        v.get("size").and_then(|d| d.as_u64()).unwrap_or(0),
+    )))
+}
+
+/// The object's meta message as JSON, `None` when there is none.
+pub async fn raw_meta(s: &Store, key: &str) -> Result<Option<serde_json::Value>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!(
+        "$O.{}.M.{}",
+        s.bucket,
+        base64::engine::general_purpose::URL_SAFE.encode(key)
+    );
+    let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => return Err(crate::error::chain(&e)),
+    };
+    serde_json::from_slice(&m.payload).map(Some).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_of_a_url() {
+        assert_eq!(host_port("tls://u:p@h.example:4333"), ("h.example".to_string(), 4333));
+        assert_eq!(host_port("[::1]:4"), ("::1".to_string(), 4));
+        assert_eq!(host_port("h"), ("h".to_string(), 4222));
+    }
+}
