@@ -6,6 +6,7 @@
 
 mod demo_images;
 mod doctor;
+mod fixtures;
 mod harness;
 mod harness_smoke;
 mod install;

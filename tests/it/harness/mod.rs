@@ -5,9 +5,10 @@
 //! - A missing prerequisite is a panic that says how to install it (`scripts/setup.sh`), never a
 //!   silent skip.
 //! - Servers listen on 127.0.0.1 only, on free ports, so tests run in parallel; each lives in its
-//!   own temporary directory that its `Drop` removes after stopping it.
+//!   own temporary directory that its `Drop` removes after stopping it; the one shared
+//!   PostgreSQL cluster ([`PgCluster::shared`]) is stopped and removed when the process exits.
 //! - Every wait is bounded and a timeout panics with the server's log.
-//! - Only std and `tempfile`.
+//! - Only std, `tempfile` and `libc` (for the shared cluster's exit hook).
 
 #![allow(dead_code)] // not every test module uses every helper
 
@@ -15,11 +16,16 @@ mod docker;
 mod nats;
 mod pg;
 mod redis;
+mod releases;
 
 pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
 pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
 pub use redis::RedisServer;
+pub use releases::{
+    loadable_dump, reference_database, reference_schemas_dir, release_database, release_fixture, unique_db_name,
+    REFERENCES, RELEASES,
+};
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;

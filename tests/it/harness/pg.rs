@@ -6,8 +6,10 @@
 //! authentication as the superuser `postgres`, as they would to a real install.
 
 use super::{free_port, is_root, random_alnum, run, run_ok, server_tempdir, tail, wait_for};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 const INSTALL_HINT: &str = "install PostgreSQL with `apt-get install postgresql` (or run scripts/setup.sh)";
@@ -154,6 +156,32 @@ impl PgCluster {
         cluster
     }
 
+    /// The one cluster of this test process, started on first use (by whichever test thread
+    /// comes first; the others wait for it). Tests that share it must use their own databases
+    /// ([`super::unique_db_name`]). A static is never dropped, so a `libc::atexit` hook stops the
+    /// server and removes its directory when the test process exits (normally or through
+    /// `process::exit`, as the test harness does on failure; not when it is killed).
+    pub fn shared() -> &'static PgCluster {
+        static SHARED: OnceLock<PgCluster> = OnceLock::new();
+        extern "C" fn stop_shared() {
+            if let Some(cluster) = SHARED.get() {
+                cluster.stop();
+                let _ = std::fs::remove_dir_all(cluster.dir.path());
+            }
+        }
+        SHARED.get_or_init(|| {
+            let cluster = PgCluster::start();
+            // SAFETY: registers a plain `extern "C" fn` without arguments, as atexit(3) expects.
+            let rc = unsafe { libc::atexit(stop_shared) };
+            if rc != 0 {
+                // Dropping it stops the server again instead of leaving it running after the tests.
+                drop(cluster);
+                panic!("atexit could not register the shared PostgreSQL cluster's cleanup (rc {rc})");
+            }
+            cluster
+        })
+    }
+
     /// `postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         self.url_for("postgres")
@@ -184,6 +212,44 @@ impl PgCluster {
     /// Like [`PgCluster::psql`] with any user and password; `Err(stderr)` when psql fails
     /// (e.g. a wrong password).
     pub fn try_psql_as(&self, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
+        let mut cmd = self.psql_command(user, password, db);
+        cmd.args(["-c", sql]);
+        let out: Output = run(&mut cmd, "psql", INSTALL_HINT);
+        psql_result(out)
+    }
+
+    /// Runs `script` in database `db` as the superuser the way `psql -f` runs a file (statement
+    /// by statement, psql's meta-commands allowed, stopping at the first error), fed on stdin, so
+    /// its size is not bounded by the command line. Returns the output, trimmed; panics with
+    /// psql's stderr and `what` when it fails.
+    pub fn psql_script(&self, db: &str, script: &str, what: &str) -> String {
+        let mut cmd = self.psql_command("postgres", &self.password, db);
+        cmd.args(["-q", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("psql: cannot run {:?}: {e}: {INSTALL_HINT}", cmd.get_program()),
+        };
+        let mut stdin = child.stdin.take().expect("psql's stdin is piped");
+        let script_owned = script.to_string();
+        // Written from another thread so that psql's output cannot fill a pipe and stall both.
+        let writer = std::thread::spawn(move || stdin.write_all(script_owned.as_bytes()));
+        let out = child.wait_with_output().expect("wait for psql");
+        let written = writer.join().expect("the thread feeding psql panicked");
+        match psql_result(out) {
+            Ok(v) => {
+                written.unwrap_or_else(|e| panic!("feed {what} to psql on {db}: {e}"));
+                v
+            }
+            Err(e) => panic!("psql on {db} failed running {what}: {e}"),
+        }
+    }
+
+    /// `psql -X -At -v ON_ERROR_STOP=1` over TCP to 127.0.0.1 as `user`, with every libpq
+    /// variable of our environment removed.
+    fn psql_command(&self, user: &str, password: &str, db: &str) -> Command {
         let mut cmd = Command::new(self.bin.join("psql"));
         for var in [
             "PGHOST",
@@ -205,17 +271,8 @@ impl PgCluster {
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-U", user, "-d", db, "-c", sql]);
-        let out: Output = run(&mut cmd, "psql", INSTALL_HINT);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(format!(
-                "psql exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+            .args(["-U", user, "-d", db]);
+        cmd
     }
 
     /// The cluster's data directory.
@@ -243,8 +300,10 @@ impl PgCluster {
     }
 }
 
-impl Drop for PgCluster {
-    fn drop(&mut self) {
+impl PgCluster {
+    /// Stops the server (immediate shutdown, waited for); does nothing for a cluster that never
+    /// started.
+    fn stop(&self) {
         if self.port == 0 {
             return; // never started
         }
@@ -255,7 +314,26 @@ impl Drop for PgCluster {
             .arg(&self.data)
             .args(["-m", "immediate", "-w", "-t", "10", "stop"])
             .output();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
         // `dir` (TempDir) is removed when the fields drop, after this.
+    }
+}
+
+/// psql's trimmed stdout, or `Err` with its exit status and stderr.
+fn psql_result(out: Output) -> Result<String, String> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "psql exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
