@@ -602,7 +602,7 @@ async fn region_services(
         ))
         .fix("bkbundle doctor --fix (adds them as the server does for a new region: not_deployed)");
         if ctx.opts.fix {
-            match pregions::add_services(client, target, region.id, &region.name, &missing).await {
+            match pregions::add_services(client, target, release, region.id, &region.name, &missing).await {
                 Ok(()) => {
                     if let Some(f) = ctx.findings.iter_mut().find(|f| f.subject == subject) {
                         f.fixed = true;

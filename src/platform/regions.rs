@@ -418,8 +418,9 @@ fn region_insert(release: &Release, explicit_id: bool) -> String {
         ("introduction", "$2::text".to_string()),
         ("created_at", "now()".to_string()),
         ("updated_at", "now()".to_string()),
-        ("created_by", format!("'{MAINTAINER}'")),
-        ("updated_by", format!("'{MAINTAINER}'")),
+        // The server's cloud_init leaves region 1's maintainer empty (the model default).
+        ("created_by", format!("'{}'", if explicit_id { "" } else { MAINTAINER })),
+        ("updated_by", format!("'{}'", if explicit_id { "" } else { MAINTAINER })),
         ("domain", format!("'{DOMAIN}'")),
         ("updated_by_domain", format!("'{DOMAIN}'")),
     ] {
@@ -459,27 +460,32 @@ async fn advance_sequence(client: &impl GenericClient, t: &DbTarget, table: &str
     Ok(())
 }
 
-/// The service rows of region `region_id` the plan adds, as the server writes them for a new
-/// region (`not_deployed`, 0), or for region 1 (`normal`, 2: it runs in the stack itself).
+/// The service rows of region `region_id` the plan adds, as the server writes them: for a region
+/// created in the UI `not_deployed`, 0, description `<name> 服务`; for region 1 (created by
+/// the server's `cloud_init`) `Service <name> for default cloud region`, `normal`/2 from
+/// migration 0031 on (which backfilled that status), `not_deployed`/0 before.
 pub async fn add_services(
     tx: &impl GenericClient,
     t: &DbTarget,
+    release: &Release,
     region_id: i64,
     region: &str,
     services: &[&str],
 ) -> Result<(), DbError> {
-    let (status, deployed): (&str, i16) = if region_id == DEFAULT_REGION_ID {
-        ("normal", 2)
-    } else {
-        ("not_deployed", 0)
-    };
+    let normal = region_id == DEFAULT_REGION_ID && release.migration.as_deref().is_some_and(|m| m >= "0031");
+    let (status, deployed): (&str, i16) = if normal { ("normal", 2) } else { ("not_deployed", 0) };
     for name in services {
+        let description = if region_id == DEFAULT_REGION_ID {
+            format!("Service {name} for default cloud region")
+        } else {
+            format!("{name} 服务")
+        };
         tx.execute(
             &format!(
                 "INSERT INTO {SERVICE_TABLE} (name, status, description, cloud_region_id, deployed_message, deployed_status, message) \
-                 VALUES ($1::text, $2::text, '', $3::bigint, '', $4::smallint, '') ON CONFLICT (cloud_region_id, name) DO NOTHING"
+                 VALUES ($1::text, $2::text, $5::text, $3::bigint, '', $4::smallint, '') ON CONFLICT (cloud_region_id, name) DO NOTHING"
             ),
-            &[name, &status, &region_id, &deployed],
+            &[name, &status, &region_id, &deployed, &description],
         )
         .await
         .map_err(|e| db_err(t, &format!("adding the {name} service row of region {region:?}"), e))?;
@@ -607,7 +613,7 @@ pub async fn execute(
                     .map_err(|e| db_err(t, &what, e))?,
             };
         }
-        add_services(tx, t, region_id, &r.name, &r.services).await?;
+        add_services(tx, t, release, region_id, &r.name, &r.services).await?;
     }
     Ok(())
 }

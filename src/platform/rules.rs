@@ -65,9 +65,11 @@ impl EnvType {
         }
     }
 
+    /// The stored type. Servers before 2025-12-16 stored region 1's plain values with type `''`:
+    /// read as `str`, so such a row is not rewritten for its type alone.
     pub fn parse(s: &str) -> Option<EnvType> {
         match s {
-            "str" => Some(EnvType::Str),
+            "str" | "" => Some(EnvType::Str),
             "secret" => Some(EnvType::Secret),
             "text" => Some(EnvType::Text),
             _ => None,
