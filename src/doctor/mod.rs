@@ -420,15 +420,7 @@ async fn database(ctx: &mut Ctx<'_>) -> Option<(tokio_postgres::Client, DbTarget
         }
     };
     match release::detect(&client, &target).await {
-        Ok(r) => {
-            ctx.add(
-                "regions",
-                Severity::Info,
-                format!("database {}", target.name.display),
-                format!("platform release: {}", r.label()),
-            );
-            Some((client, target, r))
-        }
+        Ok(r) => Some((client, target, r)),
         Err(e) => {
             ctx.add_error("regions", format!("database {}", target.name.display), e.into());
             None

@@ -210,22 +210,41 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         Some(engine) => plan_images(engine, &ctx.manifest).await?,
         None => vec![],
     };
-    let (files, env) = plan_files(&ctx, &stack, &journal, &mut findings, &mut hints)?;
+    let (mut files, env) = plan_files(&ctx, &stack, &journal, &mut findings, &mut hints)?;
     // Regions: validated now, against the site values, so a configuration that would break agents
-    // stops the install before anything changes; seeded after the stack is healthy.
+    // stops the install before anything changes; seeded after the stack is healthy. A bundle
+    // without an env template still has the install config's [env].
     let has_regions = has_regions(&ctx.manifest.regions);
-    let site = env
-        .as_ref()
-        .map(|e| crate::regions::site_values(&e.values, &ctx.config.env));
+    let site = Some(match &env {
+        Some(e) => crate::regions::site_values(&e.values, &ctx.config.env),
+        None => ctx.config.env.clone(),
+    });
     if let (true, Some(site)) = (has_regions, &site) {
-        if let Err(problems) = crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
-            for p in problems {
-                findings.push(format!("cloud regions: {p}"));
+        match crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
+            Ok(desired) => {
+                // Region 1's one source: the same values go to the server's environment.
+                files.push(default_zone_file(&ctx.target, &desired));
+                // A live database (a re-run, an upgrade): its regions are checked now too, so
+                // one that would hand agents `null` stops the install before anything changes.
+                if let Some(problems) = live_regions(&ctx, site.clone()).await {
+                    for p in problems {
+                        findings.push(format!("cloud regions in the live database: {p}"));
+                    }
+                    hints.push(
+                        "fix the region in the UI, or declare it under [[regions]] with the missing keys (`bkbundle regions check --database-url ...` shows the same)"
+                            .into(),
+                    );
+                }
             }
-            hints.push(
-                "set the site values under [env] and the regions under [[regions]] in the install config (`bkbundle regions check` shows the same)"
-                    .into(),
-            );
+            Err(problems) => {
+                for p in problems {
+                    findings.push(format!("cloud regions: {p}"));
+                }
+                hints.push(
+                    "set the site values under [env] and the regions under [[regions]] in the install config (`bkbundle regions check` shows the same)"
+                        .into(),
+                );
+            }
         }
     }
     // Packages: where NATS is must be known before anything changes (uploaded after the regions).
@@ -392,6 +411,9 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         let mut ropts =
             crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &ctx.manifest.regions, &ctx.config, site);
         ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
+        // The stack being installed: its server may be restarted to drop an in-memory cache.
+        ropts.project = Some(ctx.project.clone());
+        ropts.restart_server = true;
         reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
         let r = match crate::regions::run(&ropts).await {
             Ok(r) => r,
@@ -401,10 +423,20 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             }
         };
         notes.extend(r.notes.iter().cloned());
+        if let Some(name) = &r.cache.restarted {
+            // The server was restarted to drop its in-memory cache: ready again before going on.
+            reporter.note(&format!("waiting for {name} to be ready again after its restart"));
+            let r = reporter.clone();
+            if let Err(e) = health::wait(&engine, &wait, &move |m| r.note(m)).await {
+                run_failed(&mut journal, &ctx.target, "regions");
+                return Err(e);
+            }
+        }
         let detail = format!(
-            "{} region(s) in {}: {} key(s) created, {} updated, {} unchanged",
+            "{} region(s) in {} ({}): {} key(s) created, {} updated, {} unchanged",
             r.regions.len(),
             r.database.as_deref().unwrap_or("?"),
+            r.release.as_deref().unwrap_or("release unknown"),
             r.created,
             r.updated,
             r.unchanged
@@ -486,6 +518,65 @@ fn run_failed(journal: &mut Journal, target: &Path, what: &str) {
 }
 
 /// Whether the bundle declares cloud-region env to seed.
+/// The file the `server` service reads region 1's values from (`DEFAULT_ZONE_VAR_<KEY>`; see
+/// the bundle's compose file), rendered from the desired default region: always rewritten, it
+/// is derived from the bundle and the install config alone. Mode 0600: it holds secrets.
+pub const DEFAULT_ZONE_FILE: &str = "default-zone.env";
+
+fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -> PlannedFile {
+    let mut text = String::from(
+        "# Written by `bkbundle install` from the bundle's [regions.env] and the install config: region 1's\n\
+         # sidecar env, which the BK-Lite server turns into region 1's rows at every start. Edit the\n\
+         # install config and run `bkbundle install` again; changes made here are overwritten.\n",
+    );
+    if let Some(default) = desired.regions.iter().find(|r| r.is_default()) {
+        for (k, v) in &default.env {
+            // compose reads one line per variable: a multi-line value (a PEM CA) is written with
+            // its newlines escaped, as the server's env-var parser reads them back.
+            text.push_str(&format!(
+                "{}{k}={}\n",
+                crate::platform::rules::DEFAULT_ZONE_VAR_PREFIX,
+                v.value.replace('\n', "\\n")
+            ));
+        }
+    }
+    let content = text.into_bytes();
+    let action = match std::fs::read(target.join(DEFAULT_ZONE_FILE)) {
+        Err(_) => FileAction::Create,
+        Ok(old) if old == content => FileAction::Unchanged,
+        Ok(_) => FileAction::Update,
+    };
+    PlannedFile {
+        path: DEFAULT_ZONE_FILE.into(),
+        action,
+        content,
+        mode: 0o600,
+    }
+}
+
+/// The regions of the live database, when one is reachable now (a re-run or an upgrade),
+/// checked as `regions apply --dry-run` would: `Some(problems)` when any region there (also one
+/// the install config does not name) would break agents. A database that is not there yet (a
+/// first install), not migrated or unreachable is no finding: the regions step checks again.
+async fn live_regions(ctx: &Ctx, site: std::collections::BTreeMap<String, String>) -> Option<Vec<String>> {
+    let opts =
+        crate::regions::RegionsOptions::new(crate::regions::Mode::DryRun, &ctx.manifest.regions, &ctx.config, site);
+    match tokio::time::timeout(Duration::from_secs(15), crate::regions::run(&opts)).await {
+        Ok(Err(crate::regions::RegionsError::Invalid(problems))) => {
+            Some(problems.iter().map(|p| p.to_string()).collect())
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("live database not checked in preflight: {e}");
+            None
+        }
+        Ok(Ok(_)) => None,
+        Err(_) => {
+            tracing::debug!("live database not checked in preflight: no answer within 15 s");
+            None
+        }
+    }
+}
+
 fn has_regions(r: &crate::manifest::Regions) -> bool {
     !r.required.is_empty() || !r.env.is_empty() || !r.region.is_empty()
 }

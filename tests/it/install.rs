@@ -254,6 +254,31 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
         rows.stdout
     );
 
+    // Region 1 has one source: the same values went to the server's environment.
+    let zone = p.target().join("default-zone.env");
+    assert_eq!(fs::metadata(&zone).unwrap().permissions().mode() & 0o777, 0o600);
+    let inspect = run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        &format!("{}_server_1", p.name),
+    ]));
+    assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+    assert!(
+        inspect
+            .stdout
+            .contains("DEFAULT_ZONE_VAR_NODE_SERVER_URL=http://192.0.2.10:18080"),
+        "{}",
+        inspect.stdout
+    );
+    // The demo's server caches in process memory (no REDIS_CACHE_URL): install restarted it
+    // after seeding, and says so rather than claiming a cache was cleared.
+    assert!(
+        first.stdout.contains("caches in process memory") && first.stdout.contains("restarted container"),
+        "{}",
+        first.stdout
+    );
+
     // The agent packages were uploaded to the stack's NATS and recorded in its PostgreSQL.
     let pkgs = run(Command::new("psql")
         .args([
@@ -582,8 +607,9 @@ fn the_demo_stack_files_are_what_compose_accepts() {
     // so that scripts/demo.sh installs with nothing but Docker.
     let t = fs::read_to_string(repo_root().join("examples/demo/stack/env.template")).unwrap();
     assert!(!t.contains("${"), "the demo needs no site values in its .env");
-    // The demo's stand-in for the server's migrations is the 2026 schema the tests use: one
-    // schema, two copies (the stack must carry its own), kept from drifting apart here.
+    // The demo's stand-in for the server's migrations is the newest release's fixture (checked
+    // against the real DDL in fixtures.rs): one schema, two copies (the stack must carry its
+    // own), kept from drifting apart here.
     let body = |p: &str| {
         let text = fs::read_to_string(repo_root().join(p)).unwrap();
         text.lines()
@@ -593,6 +619,89 @@ fn the_demo_stack_files_are_what_compose_accepts() {
     };
     assert_eq!(
         body("examples/demo/stack/server-schema.sql"),
-        body("tests/fixtures/schema-2026.sql")
+        body("tests/fixtures/releases/0044.sql")
+    );
+}
+
+/// The demo stack whose server stand-in creates the tables of the oldest release in the field
+/// (the October 2025 fork, migration 0012): no proxy_address, no cpu_architecture, no service
+/// table, varchar(200) values, the `bk_lite` bucket.
+#[test]
+fn the_demo_installs_on_the_oldest_release() {
+    ensure_demo_images();
+    let p = Project::new();
+    let demo = repo_root().join("examples/demo");
+    let copy = p.path("demo");
+    fs::create_dir_all(copy.join("stack")).unwrap();
+    for f in ["docker-compose.yml", "env.template"] {
+        fs::copy(demo.join("stack").join(f), copy.join("stack").join(f)).unwrap();
+    }
+    fs::copy(
+        repo_root().join("tests/fixtures/releases/0012.sql"),
+        copy.join("stack/server-schema.sql"),
+    )
+    .unwrap();
+    let recipe = fs::read_to_string(demo.join("recipe.toml"))
+        .unwrap()
+        .replace("packages/", &format!("{}/", demo.join("packages").display()));
+    fs::write(copy.join("recipe.toml"), recipe).unwrap();
+    let bundle = p.path("old.bkb");
+    let packed = bk(&[
+        "pack",
+        copy.join("recipe.toml").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
+    assert_eq!(packed.code, 0, "{}", packed.stderr);
+    let cfg = p.config(
+        120,
+        "HOST_IP = \"192.0.2.10\"\nSERVER_URL = \"http://192.0.2.10:18080\"\n[[regions]]\nname = \"east\"\nproxy_address = \"192.0.2.77\"",
+    );
+    let r = p.install(&bundle, &cfg, &["--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let env = fs::read_to_string(p.target().join(".env")).unwrap();
+    let value = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    let psql = |sql: &str| {
+        let r = run(Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &value("POSTGRES_PORT"),
+                "-U",
+                "postgres",
+                "-d",
+                "bklite",
+                "-Atc",
+                sql,
+            ])
+            .env("PGPASSWORD", value("POSTGRES_PASSWORD")));
+        assert_eq!(r.code, 0, "{sql}: {}", r.stderr);
+        r.stdout.trim().to_string()
+    };
+    // Region east as that release's server would create it: no proxy column, the proxy host in
+    // the rows, editable rows (is_pre false) and PROXY_ADDRESS.
+    assert_eq!(
+        psql("SELECT e.key || '=' || e.value || '|' || e.is_pre FROM node_mgmt_sidecarenv e JOIN node_mgmt_cloudregion r ON r.id = e.cloud_region_id WHERE r.name = 'east' AND e.key IN ('NODE_SERVER_URL', 'PROXY_ADDRESS') ORDER BY e.key"),
+        "NODE_SERVER_URL=http://192.0.2.77:18080|false\nPROXY_ADDRESS=192.0.2.77|false"
+    );
+    // Packages: the key without architecture, in the release's default bucket.
+    assert_eq!(
+        psql("SELECT count(*) FROM node_mgmt_packageversion"),
+        "4",
+        "{}",
+        r.stdout
+    );
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let text = j.to_string();
+    assert!(text.contains("0012_"), "the report names the release: {text}");
+    assert!(
+        text.contains("bucket \\\"bk_lite\\\""),
+        "the release's default bucket: {text}"
     );
 }
