@@ -110,8 +110,8 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 verify::SignatureStatus::Verified { key_id, .. } => {
                     format!("signature verified with trusted key {key_id}")
                 }
-                verify::SignatureStatus::SelfSigned { key_id } => {
-                    format!("signed by key {key_id} (checked against the key inside the bundle only; pass --key to trust it)")
+                verify::SignatureStatus::SelfSigned { key_id, .. } => {
+                    format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
                 }
             };
             let rate = r.bytes as f64 / r.seconds.max(1e-9);
