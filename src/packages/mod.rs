@@ -103,6 +103,9 @@ pub enum PackagesError {
     /// Opening the bundle or reading its manifest failed: that error, kind and hints kept.
     #[error("{}", .0.message)]
     Bundle(Error),
+    /// The package directory's files (`--dir`): every problem, kind and hints kept.
+    #[error("{}", .0.message)]
+    Dir(Error),
     #[error("where the platform's NATS is was not given: none of --nats-url, NATS_URL, [nats] url or the stack's .env (NATS_PORT, NATS_PASSWORD or NATS_ADMIN_PASSWORD) is set")]
     NoNats,
     #[error("NATS configuration: {0}")]
@@ -162,7 +165,7 @@ impl From<PackagesError> for Error {
         let message = e.to_string();
         match e {
             PackagesError::Database(r) => Error::from(r),
-            PackagesError::Bundle(e) => e,
+            PackagesError::Bundle(e) | PackagesError::Dir(e) => e,
             PackagesError::NoNats | PackagesError::BadNatsConfig(_) => Error::new(Kind::Input, message).hint(NATS_HINT),
             PackagesError::NatsResolve { .. } => Error::new(Kind::External, message)
                 .hint("check the host name in the NATS URL; on an air-gapped host use an IP address or an /etc/hosts entry"),
@@ -384,14 +387,7 @@ fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Inpu
             "no packages to upload: give --bundle BUNDLE or --dir DIR".into(),
         )),
         (None, Some(d)) => {
-            let found = dir::scan(d, &opts.overrides).map_err(|problems| {
-                PackagesError::Input(format!(
-                    "{} problem(s) with the package directory {}; nothing was written:\n  - {}",
-                    problems.len(),
-                    d.display(),
-                    problems.join("\n  - ")
-                ))
-            })?;
+            let found = dir::scan(d, &opts.overrides).map_err(PackagesError::Dir)?;
             let inputs = found
                 .into_iter()
                 .map(|(pkg, source)| Input {
