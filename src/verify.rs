@@ -145,8 +145,8 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
     let signature_problems = problems.len() - problems_before_signature;
 
     // Content digests, largest first, over several threads.
-    work.sort_by(|a, b| b.0.size.cmp(&a.0.size));
-    let total: u64 = work.iter().map(|(e, _)| e.size).sum();
+    work.sort_by_key(|w| std::cmp::Reverse(w.0.size));
+    let total: u64 = work.iter().map(|(e, _)| e.size).fold(0, u64::saturating_add);
     let task = reporter.task("verifying", Some(total));
     let threads = opts
         .threads

@@ -228,6 +228,35 @@ fn crafted_tar_headers_are_refused_without_hanging() {
     }
 }
 
+#[test]
+fn huge_sizes_in_the_manifest_do_not_overflow_inspect() {
+    // The manifest is the attacker's text too: sizes near i64::MAX (TOML's largest integer) that
+    // add up past u64. inspect reads it without verifying every byte, so it must not overflow.
+    let dir = tempfile::tempdir().unwrap();
+    let b = small_bundle_with(&dir.path().join("b.bkb"), None, |m| {
+        for f in &mut m.files {
+            f.size = i64::MAX as u64;
+        }
+        for i in 0..3 {
+            m.files.push(bkbundle::manifest::FileEntry {
+                path: format!("stack/extra{i}"),
+                size: i64::MAX as u64,
+                sha256: "0".repeat(64),
+            });
+        }
+    });
+    let r = bk(&["--json", "inspect", b.to_str().unwrap()]);
+    assert!(
+        r.code == 0 || r.code == 4,
+        "inspect must end in a verdict, exit {}:\n{}",
+        r.code,
+        r.stderr
+    );
+    let r = bk(&["verify", b.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("size expected"), "{}", r.stderr);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 4: a key means a signature is required; a self-signed bundle says so loudly
 
