@@ -139,13 +139,18 @@ impl Expansion {
         let too_dense =
             self.total > self.limits.ratio_floor && self.total > self.packed.max(1).saturating_mul(self.limits.ratio);
         if too_big || too_dense {
+            let why = if too_big {
+                format!("more than {} bytes in all", self.limits.total)
+            } else {
+                format!(
+                    "more than {} times the archive's {} bytes",
+                    self.limits.ratio, self.packed
+                )
+            };
             return Err(Error::input(format!(
-                "package {}: expands to more than {} bytes by entry {entry:?} ({} bytes of archive; at most {} bytes in all and {} times the archive's size are allowed): a decompression bomb or not an agent package",
+                "package {}: expands to {why} (stopped reading at entry {entry:?}, {} bytes unpacked so far): a decompression bomb, or not an agent package",
                 path.display(),
-                self.total,
-                self.packed,
-                self.limits.total,
-                self.limits.ratio
+                self.total
             ))
             .hint("check that this is the agent package you downloaded; bkbundle refuses archives that expand beyond those bounds"));
         }
@@ -174,7 +179,7 @@ fn resolve_physically(
             }
             _ => out.push(c),
         }
-        if !(follow_last || !queue.is_empty()) {
+        if !follow_last && queue.is_empty() {
             continue;
         }
         if let Some(target) = links.get(&out) {
