@@ -148,6 +148,22 @@ fn small_bundle(path: &Path, sign: Option<&Path>) -> PathBuf {
     small_bundle_with(path, sign, |_| {})
 }
 
+/// `data` as `bin/FILE` inside a small valid `.tar.gz`: what a package file named `.tar.gz` must
+/// be now that every package is checked as pack checks it (also used by the packages tests).
+pub(crate) fn tgz_of(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let gz = flate2::write::GzEncoder::new(&mut out, flate2::Compression::fast());
+        let mut t = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        t.append_data(&mut h, "bin/FILE", data).unwrap();
+        t.into_inner().unwrap().finish().unwrap();
+    }
+    out
+}
+
 /// Set a tar header block's checksum as bkbundle writes it ("NNNNNN\0 ").
 fn set_checksum(h: &mut [u8]) {
     h[148..156].fill(b' ');
