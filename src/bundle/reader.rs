@@ -27,6 +27,10 @@ pub struct BundleReader {
     index: HashMap<String, usize>,
 }
 
+/// A size no real entry has (1 PiB): beyond it a header is damaged or crafted, not cut short.
+/// Smaller sizes beyond the file's end are refused as a truncated bundle.
+const CRAFTED_SIZE: u64 = 1 << 50;
+
 /// Cap on descriptive files read whole into memory (the manifest of the largest real bundle is
 /// tens of KiB).
 const SMALL_LIMIT: u64 = 16 << 20;
@@ -207,12 +211,12 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
         // Every size and offset read from the archive is checked: a size beyond the file's end is
         // refused before any arithmetic on it, so the scan always advances and never wraps.
         let remaining = src.len - data;
-        if h.size > src.len {
+        if h.size > CRAFTED_SIZE {
             return Err(damaged(
                 src,
                 pos,
                 format!(
-                    "entry {name} has a size field of {} bytes, more than the whole bundle ({} bytes): the header is damaged or crafted",
+                    "entry {name} has a size field of {} bytes, more than any bundle holds (this one has {} bytes): the header is damaged or crafted",
                     h.size, src.len
                 ),
             ));
