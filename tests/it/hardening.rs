@@ -709,7 +709,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 #[test]
 fn fuzz_every_damaged_bundle_ends_in_a_verdict_within_bounds() {
-    const CASES: u64 = 300;
+    const CASES: u64 = 600;
     const LIMIT: Duration = Duration::from_secs(10);
     let work = tempfile::tempdir().unwrap();
     let (key, key_pub) = keypair(work.path(), "k");
