@@ -117,7 +117,7 @@ pub struct VerifyArgs {
     /// Refuse a bundle that is not signed by --key.
     #[arg(long, requires = "key")]
     pub require_signature: bool,
-    /// The trusted minisign public key (.pub) to check the signature with.
+    /// The trusted minisign public key (.pub): the bundle must carry a signature by it.
     #[arg(long, value_name = "PUBKEY")]
     pub key: Option<PathBuf>,
     /// Hashing threads (default: number of CPUs).
@@ -161,7 +161,7 @@ pub struct InstallArgs {
     /// Refuse a bundle that is not signed by --key.
     #[arg(long, requires = "key")]
     pub require_signature: bool,
-    /// The trusted minisign public key (.pub).
+    /// The trusted minisign public key (.pub): the bundle must carry a signature by it.
     #[arg(long, value_name = "PUBKEY")]
     pub key: Option<PathBuf>,
     /// Health deadline in seconds (overrides the config's).

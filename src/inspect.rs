@@ -89,8 +89,7 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
                 .iter()
                 .filter_map(|l| m.layer(l))
                 .map(|l| size_of(&l.file))
-                .sum::<u64>()
-                + size_of(&i.config),
+                .fold(size_of(&i.config), u64::saturating_add),
             layers: i.layers.len(),
             shared_layers: i
                 .layers
@@ -121,17 +120,22 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
         ..Default::default()
     };
     for f in &m.files {
-        if f.path.starts_with("images/") {
-            sizes.images += f.size;
+        // Sizes come from the manifest, which inspect reads without checking every byte: add
+        // them without overflowing whatever they claim.
+        let slot = if f.path.starts_with("images/") {
+            &mut sizes.images
         } else if f.path.starts_with("packages/") {
-            sizes.packages += f.size;
+            &mut sizes.packages
         } else if f.path.starts_with("stack/") {
-            sizes.stack += f.size;
+            &mut sizes.stack
         } else if f.path == crate::manifest::BINARY_PATH {
-            sizes.binary += f.size;
-        }
+            &mut sizes.binary
+        } else {
+            continue;
+        };
+        *slot = slot.saturating_add(f.size);
     }
-    sizes.images_uncompressed = m.layers.iter().map(|l| l.size).sum();
+    sizes.images_uncompressed = m.layers.iter().map(|l| l.size).fold(0, u64::saturating_add);
     InspectReport {
         bundle: reader.src.display_name(),
         name: m.bundle.name.clone(),

@@ -15,7 +15,13 @@ use std::sync::Arc;
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(cli.global.verbose);
+    // Secrets the environment holds (PGPASSWORD, BKBUNDLE_SIGN_PASSWORD, ...) never reach a log.
+    for (k, v) in std::env::vars() {
+        if bkbundle::logging::is_secret_name(&k) {
+            bkbundle::logging::register_secret(&v);
+        }
+    }
+    bkbundle::logging::init(cli.global.verbose);
     let g = cli.global.clone();
     let reporter: Arc<dyn Reporter> = Arc::new(Terminal::new(!g.no_progress && !g.json, g.quiet));
     let verbose = g.verbose;
@@ -110,8 +116,8 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 verify::SignatureStatus::Verified { key_id, .. } => {
                     format!("signature verified with trusted key {key_id}")
                 }
-                verify::SignatureStatus::SelfSigned { key_id } => {
-                    format!("signed by key {key_id} (checked against the key inside the bundle only; pass --key to trust it)")
+                verify::SignatureStatus::SelfSigned { key_id, .. } => {
+                    format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
                 }
             };
             let rate = r.bytes as f64 / r.seconds.max(1e-9);
@@ -276,6 +282,15 @@ fn site(
         None => Default::default(),
     };
     let site = regions::site_values(&values, &config.env);
+    // Before anything connects: the site's passwords and tokens never appear in a log line.
+    for (k, v) in &site {
+        if bkbundle::logging::is_secret_name(k) {
+            bkbundle::logging::register_secret(v);
+        }
+    }
+    for v in [&config.nats.password, &config.nats.token].into_iter().flatten() {
+        bkbundle::logging::register_secret(v);
+    }
     Ok((config, site))
 }
 
@@ -302,15 +317,18 @@ fn emit(out: &Output, g: &cli::Global) {
 }
 
 fn report_error(e: &Error, g: &cli::Global) {
+    // Messages may quote what a library said about a URL or a connection: never a secret.
+    let message = bkbundle::logging::redact(&e.message);
+    let hints: Vec<String> = e.hints.iter().map(|h| bkbundle::logging::redact(h)).collect();
     if g.json {
         let v = serde_json::json!({
-            "error": { "kind": e.kind.name(), "message": e.message, "hints": e.hints, "exit_code": e.kind.exit_code() }
+            "error": { "kind": e.kind.name(), "message": message, "hints": hints, "exit_code": e.kind.exit_code() }
         });
         write_stdout(&serde_json::to_string_pretty(&v).unwrap_or_default());
     }
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "error: {}", e.message);
-    for h in &e.hints {
+    let _ = writeln!(err, "error: {message}");
+    for h in &hints {
         let _ = writeln!(err, "hint: {h}");
     }
     if e.kind == Kind::Internal {
@@ -319,18 +337,4 @@ fn report_error(e: &Error, g: &cli::Global) {
             "hint: this is a bug in bkbundle; re-run with -v and report the output"
         );
     }
-}
-
-fn init_tracing(verbose: u8) {
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BKBUNDLE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -98,6 +98,11 @@ pub fn parse_public_key(text: &str) -> std::result::Result<PublicKey, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The id of the key that made a signature (from the signature file itself), when readable.
+pub fn signature_key_id(sig_text: &str) -> Option<String> {
+    SignatureBox::from_string(sig_text).ok().map(|s| key_id(s.keynum()))
+}
+
 /// Check `sig_text` over `data` with `pk`; returns the trusted comment.
 pub fn verify(pk: &PublicKey, sig_text: &str, data: &[u8]) -> std::result::Result<String, String> {
     let sig = SignatureBox::from_string(sig_text).map_err(|e| format!("unreadable signature: {e}"))?;

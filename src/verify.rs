@@ -37,10 +37,28 @@ pub enum SignatureStatus {
         key_id: String,
         trusted_comment: String,
     },
-    /// Checked only against the public key inside the bundle: proves integrity, not origin.
+    /// Checked only against the public key inside the bundle: proves integrity, not origin. Never
+    /// counts as verified: `trusted` is always false, and `warning` says so in words.
     SelfSigned {
         key_id: String,
+        trusted: bool,
+        warning: String,
     },
+}
+
+/// What a signature problem calls for, which decides the hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SigTrouble {
+    /// A trusted key was given but the bundle carries no signature.
+    Unsigned { key: String },
+    /// Signed by another key than the trusted one.
+    OtherSigner {
+        signer: String,
+        trusted: String,
+        key: String,
+    },
+    /// The right key, but the signature does not match: damage or tampering.
+    Damaged,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,11 +131,22 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
         )),
         Some(_) => {}
     }
-    let signature = check_signature(&sig, &pubkey, trusted.as_ref(), &manifest_bytes, opts, &mut problems);
+    let problems_before_signature = problems.len();
+    let mut trouble = None;
+    let signature = check_signature(
+        &sig,
+        &pubkey,
+        trusted.as_ref(),
+        &manifest_bytes,
+        opts,
+        &mut problems,
+        &mut trouble,
+    );
+    let signature_problems = problems.len() - problems_before_signature;
 
     // Content digests, largest first, over several threads.
-    work.sort_by(|a, b| b.0.size.cmp(&a.0.size));
-    let total: u64 = work.iter().map(|(e, _)| e.size).sum();
+    work.sort_by_key(|w| std::cmp::Reverse(w.0.size));
+    let total: u64 = work.iter().map(|(e, _)| e.size).fold(0, u64::saturating_add);
     let task = reporter.task("verifying", Some(total));
     let threads = opts
         .threads
@@ -172,9 +201,34 @@ pub fn open_verified(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<(B
         if more > 0 {
             msg.push_str(&format!("\n  ... and {more} more"));
         }
-        return Err(Error::bundle(msg).hint(
-            "nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again",
-        ));
+        let mut e = Error::bundle(msg);
+        // A key that is not the signer's is no damage: copying the bundle again would not help.
+        let only_signature = signature_problems > 0 && signature_problems == problems.len();
+        match &trouble {
+            Some(SigTrouble::OtherSigner { signer, trusted, key }) => {
+                e = e.hint(format!(
+                    "the bundle was signed by key {signer}, but --key {key} is key {trusted}: pass the public key of whoever packed this bundle (key id {signer}) with --key"
+                ))
+                .hint(format!(
+                    "if you expected key {trusted}, this bundle does not come from that signer: do not install it; ask its publisher for a bundle signed with that key"
+                ));
+            }
+            Some(SigTrouble::Unsigned { key }) => {
+                e = e.hint(format!(
+                    "--key {key} means the signature is required: ask the publisher for a signed bundle (`bkbundle pack --sign KEY`), or leave out --key only if you accept an unsigned bundle"
+                ));
+            }
+            _ => {}
+        }
+        if !only_signature || matches!(trouble, None | Some(SigTrouble::Damaged)) {
+            e = e.hint(
+                "nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again",
+            );
+        }
+        return Err(e);
+    }
+    if let SignatureStatus::SelfSigned { warning, .. } = &signature {
+        reporter.note(&format!("WARNING: bundle {name}: {warning}"));
     }
     let report = VerifyReport {
         bundle: name,
@@ -199,9 +253,17 @@ fn check_signature(
     manifest: &[u8],
     opts: &VerifyOptions,
     problems: &mut Vec<String>,
+    trouble: &mut Option<SigTrouble>,
 ) -> SignatureStatus {
+    let key_path = opts.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default();
     let Some(sig) = sig else {
-        if opts.require_signature {
+        // A trusted key means the signature is required, --require-signature or not.
+        if trusted.is_some() {
+            problems.push(format!(
+                "{SIGNATURE_PATH}: the bundle is not signed, but --key {key_path} was given: a trusted key requires a signature"
+            ));
+            *trouble = Some(SigTrouble::Unsigned { key: key_path });
+        } else if opts.require_signature {
             problems.push(format!(
                 "{SIGNATURE_PATH}: the bundle is not signed, and --require-signature was given"
             ));
@@ -217,10 +279,24 @@ fn check_signature(
                 trusted_comment,
             },
             Err(e) => {
-                let path = opts.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default();
-                problems.push(format!(
-                    "{SIGNATURE_PATH}: does not verify with the trusted key {id} ({path}): {e}"
-                ));
+                match sign::signature_key_id(&sig_text) {
+                    Some(signer) if signer != id => {
+                        problems.push(format!(
+                            "{SIGNATURE_PATH}: signed by key {signer}, not the key {id} given with --key {key_path}"
+                        ));
+                        *trouble = Some(SigTrouble::OtherSigner {
+                            signer,
+                            trusted: id,
+                            key: key_path,
+                        });
+                    }
+                    _ => {
+                        problems.push(format!(
+                            "{SIGNATURE_PATH}: does not verify with the trusted key {id} ({key_path}): {e}"
+                        ));
+                        *trouble = Some(SigTrouble::Damaged);
+                    }
+                }
                 SignatureStatus::Unsigned
             }
         };
@@ -231,9 +307,16 @@ fn check_signature(
         .map(|p| sign::parse_public_key(&String::from_utf8_lossy(p)))
     {
         Some(Ok(pk)) => match sign::verify(&pk, &sig_text, manifest) {
-            Ok(_) => SignatureStatus::SelfSigned {
-                key_id: sign::key_id(pk.keynum()),
-            },
+            Ok(_) => {
+                let key_id = sign::key_id(pk.keynum());
+                SignatureStatus::SelfSigned {
+                    warning: format!(
+                        "the signature (key {key_id}) was checked only against the public key the bundle carries itself ({PUBKEY_PATH}): that shows the manifest is intact, but anyone can sign a bundle with a key of their own, so it is NOT verified by a trusted key; pass --key with the publisher's .pub file to check who signed it"
+                    ),
+                    key_id,
+                    trusted: false,
+                }
+            }
             Err(e) => {
                 problems.push(format!(
                     "{SIGNATURE_PATH}: does not verify with the bundle's own key {}: {e}",

@@ -359,6 +359,9 @@ fn resolve(path: &Path) -> Result<(PathBuf, bool)> {
     if path.is_file() {
         return Ok((path.to_path_buf(), false));
     }
+    if let Ok(md) = fs::metadata(path) {
+        return Err(not_a_file(path, &md));
+    }
     if part_path(path, 1).is_file() {
         return Ok((path.to_path_buf(), true));
     }
@@ -375,6 +378,48 @@ fn resolve(path: &Path) -> Result<(PathBuf, bool)> {
         part_path(path, 1).display()
     ))
     .hint("give the path of the .bkb file, or of its first part when it was split"))
+}
+
+/// `path` exists but is no regular file: say what it is (and, for a directory, what it holds).
+fn not_a_file(path: &Path, md: &fs::Metadata) -> Error {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    let what = if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    let mut e = Error::input(format!("{} is {what}, not a bundle file", path.display()));
+    if t.is_dir() {
+        let mut found: Vec<String> = fs::read_dir(path)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.ends_with(".bkb") || n.ends_with(".bkb.001"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        e = match found.first() {
+            Some(f) => e.hint(format!(
+                "it holds {}; give the bundle file itself, e.g. {}",
+                found.join(", "),
+                path.join(f).display()
+            )),
+            None => e.hint("give the path of the .bkb file (or of its first part, NAME.bkb.001), not of its directory"),
+        };
+    } else {
+        e = e.hint("give the path of the .bkb file, or of its first part when it was split");
+    }
+    e
 }
 
 /// Some part numbered `from` or later that exists, for gap messages.
@@ -460,5 +505,15 @@ mod tests {
             sink.write_all(b"half").unwrap();
         }
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_directory_or_device_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = PartSource::open(dir.path()).unwrap_err();
+        assert!(e.message.contains("is a directory"), "{}", e.message);
+        assert!(!e.message.contains("not found"), "{}", e.message);
+        let e = PartSource::open(Path::new("/dev/null")).unwrap_err();
+        assert!(e.message.contains("/dev/null is a character device"), "{}", e.message);
     }
 }

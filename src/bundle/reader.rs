@@ -27,6 +27,10 @@ pub struct BundleReader {
     index: HashMap<String, usize>,
 }
 
+/// A size no real entry has (1 PiB): beyond it a header is damaged or crafted, not cut short.
+/// Smaller sizes beyond the file's end are refused as a truncated bundle.
+const CRAFTED_SIZE: u64 = 1 << 50;
+
 /// Cap on descriptive files read whole into memory (the manifest of the largest real bundle is
 /// tens of KiB).
 const SMALL_LIMIT: u64 = 16 << 20;
@@ -104,27 +108,82 @@ fn truncated(src: &PartSource, what: String) -> Error {
         .hint("copy the bundle (every part) again from the original media and re-run `bkbundle verify`")
 }
 
+/// What a file starting with `head` is, when it is a known format that is not a tar.
+fn sniff(head: &[u8]) -> Option<(&'static str, &'static str)> {
+    const KNOWN: [(&[u8], &str, &str); 7] = [
+        (&[0x1f, 0x8b], "gzip-compressed file", "gunzip -k FILE"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd-compressed file", "zstd -d FILE"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz-compressed file", "xz -dk FILE"),
+        (b"BZh", "bzip2-compressed file", "bunzip2 -k FILE"),
+        (b"PK\x03\x04", "zip archive", "unzip FILE"),
+        (b"PK\x05\x06", "zip archive (empty)", "unzip FILE"),
+        (&[b'7', b'z', 0xbc, 0xaf, 0x27, 0x1c], "7-zip archive", "7z x FILE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(magic, _, _)| head.starts_with(magic))
+        .map(|(_, what, how)| (*what, *how))
+}
+
+/// Where a damaged header sits, for messages: after which entry, and what it claims to be.
+fn around(prev: &Option<String>, block: &[u8; 512]) -> String {
+    let before = match prev {
+        Some(p) => format!("after entry {p}"),
+        None => "at the start of the archive".to_string(),
+    };
+    match tarfmt::claimed_name(block) {
+        Some(n) => format!("{before}; the damaged header names entry {n}"),
+        None => before,
+    }
+}
+
 fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
     let mut entries = Vec::new();
     let mut index = HashMap::new();
     let mut pos = 0u64;
     let mut pax_path: Option<String> = None;
+    // The last entry read (whatever its type), to say where damage is.
+    let mut prev: Option<String> = None;
     let mut block = [0u8; 512];
     let rd = |at: u64, buf: &mut [u8]| {
         src.read_exact_at(at, buf)
             .map_err(|e| Error::io("cannot read", src.part_at(at), e))
     };
+    // Not a tar at all: say what it is rather than "bad tar header".
+    if src.len == 0 {
+        return Err(
+            Error::bundle(format!("{} is empty (0 bytes): it is not a bundle", src.display_name()))
+                .hint("copy the bundle again from the original media; `bkbundle pack` writes it"),
+        );
+    }
+    let mut head = [0u8; 8];
+    let n = (src.len as usize).min(head.len());
+    rd(0, &mut head[..n])?;
+    if let Some((what, how)) = sniff(&head[..n]) {
+        return Err(Error::bundle(format!(
+            "{} is a {what}, not a bkbundle bundle (a bundle is a plain, uncompressed tar written by `bkbundle pack`)",
+            src.display_name()
+        ))
+        .hint(format!(
+            "if the bundle was compressed or archived for transport, unpack it first (`{how}`) and give the .bkb file; otherwise give the .bkb file itself"
+        )));
+    }
     loop {
-        if pos + BLOCK > src.len {
+        let block_end = pos.checked_add(BLOCK).filter(|&e| e <= src.len);
+        let Some(data) = block_end else {
             return Err(truncated(
                 src,
-                format!("the archive ends at byte {} without its end marker", src.len),
+                format!(
+                    "the archive ends at byte {} without its end marker{}",
+                    src.len,
+                    prev.as_ref().map(|p| format!(" (last entry {p})")).unwrap_or_default()
+                ),
             ));
-        }
+        };
         rd(pos, &mut block)?;
         if tarfmt::is_zero_block(&block) {
             // End of archive: a second zero block, then nothing but zeros.
-            if pos + 2 * BLOCK > src.len {
+            if data + BLOCK > src.len {
                 return Err(truncated(src, "the end-of-archive marker is cut short".into()));
             }
             let mut rest = vec![0u8; (src.len - pos).min(1 << 20) as usize];
@@ -136,32 +195,50 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
                     return Err(damaged(
                         src,
                         at + i as u64,
-                        "unexpected bytes after the end of the archive".into(),
+                        format!(
+                            "unexpected bytes after the end of the archive{}",
+                            prev.as_ref().map(|p| format!(" (last entry {p})")).unwrap_or_default()
+                        ),
                     ));
                 }
                 at += n as u64;
             }
             break;
         }
-        let h = tarfmt::parse_header(&block).map_err(|e| damaged(src, pos, format!("bad tar header: {e}")))?;
-        let data = pos + BLOCK;
-        let end = data + h.size + tarfmt::padding(h.size);
+        let h = tarfmt::parse_header(&block)
+            .map_err(|e| damaged(src, pos, format!("bad tar header {}: {e}", around(&prev, &block))))?;
         let name = pax_path.take().unwrap_or(h.name.clone());
-        if end > src.len {
-            return Err(truncated(
+        // Every size and offset read from the archive is checked: a size beyond the file's end is
+        // refused before any arithmetic on it, so the scan always advances and never wraps.
+        let remaining = src.len - data;
+        if h.size > CRAFTED_SIZE {
+            return Err(damaged(
                 src,
+                pos,
                 format!(
-                    "entry {name} needs {} bytes from byte {data} but the bundle ends at byte {}",
+                    "entry {name} has a size field of {} bytes, more than any bundle holds (this one has {} bytes): the header is damaged or crafted",
                     h.size, src.len
                 ),
             ));
         }
+        let pad = tarfmt::padding(h.size);
+        let end = match h.size.checked_add(pad).filter(|&n| n <= remaining) {
+            Some(n) => data + n,
+            None => {
+                return Err(truncated(
+                    src,
+                    format!(
+                        "entry {name} needs {} bytes (size field) from byte {data} but the bundle ends at byte {}",
+                        h.size, src.len
+                    ),
+                ))
+            }
+        };
         // Padding must be zeros: a flipped byte there changes nothing else we could detect.
-        let pad = tarfmt::padding(h.size) as usize;
         if pad > 0 {
             let mut p = [0u8; 512];
-            rd(data + h.size, &mut p[..pad])?;
-            if let Some(i) = p[..pad].iter().position(|&b| b != 0) {
+            rd(data + h.size, &mut p[..pad as usize])?;
+            if let Some(i) = p[..pad as usize].iter().position(|&b| b != 0) {
                 return Err(damaged(
                     src,
                     data + h.size + i as u64,
@@ -172,7 +249,15 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
         match h.typeflag {
             b'x' => {
                 if h.size > 64 << 10 {
-                    return Err(damaged(src, pos, format!("oversized PAX header ({} bytes)", h.size)));
+                    return Err(damaged(
+                        src,
+                        pos,
+                        format!(
+                            "oversized PAX header ({} bytes, size field) {}",
+                            h.size,
+                            around(&prev, &block)
+                        ),
+                    ));
                 }
                 let mut d = vec![0u8; h.size as usize];
                 rd(data, &mut d)?;
@@ -209,7 +294,72 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
                 ));
             }
         }
+        prev = Some(match (h.typeflag, &pax_path) {
+            (b'x', Some(p)) => format!("{p}'s PAX record"),
+            (b'x', None) => format!("{name} (a PAX record)"),
+            _ => name,
+        });
+        // `end` is at least one block past `pos`: the scan always advances.
+        debug_assert!(end > pos);
         pos = end;
     }
     Ok((entries, index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn fix_checksum(h: &mut [u8]) {
+        h[148..156].fill(b' ');
+        let sum: u64 = h[..512].iter().map(|&b| b as u64).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    /// Open `bytes` as a bundle in a thread; fail when no verdict comes within a few seconds.
+    fn open_within(bytes: &[u8]) -> Result<BundleReader> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.bkb");
+        std::fs::write(&p, bytes).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(BundleReader::open(&p));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("BundleReader::open reached no verdict (it hung or panicked)")
+    }
+
+    /// A header for `name` of type `typeflag` whose size field is base-256 `size`, then a valid
+    /// small file entry and the end of the archive.
+    fn crafted(name: &str, typeflag: u8, size: u64) -> Vec<u8> {
+        let mut h: [u8; 512] = tarfmt::file_header(name, 0o755, 0, 0)[..512].try_into().unwrap();
+        h[124..136].fill(0);
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+        h[156] = typeflag;
+        fix_checksum(&mut h);
+        let mut out = h.to_vec();
+        out.extend_from_slice(&tarfmt::file_header("bundle.toml", 0o644, 3, 0));
+        out.extend_from_slice(b"x=1");
+        out.resize(out.len() + 509 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn huge_sizes_on_any_entry_type_end_in_a_verdict() {
+        for t in [b'5', b'g', b'x', b'0'] {
+            for size in [u64::MAX - 511, u64::MAX, u64::MAX - 1023, 1 << 62] {
+                let Err(e) = open_within(&crafted("images/", t, size)) else {
+                    panic!("type {:?} size {size}: accepted", t as char)
+                };
+                assert_eq!(e.kind, Kind::Bundle, "{}", e.message);
+                assert!(e.message.contains("images/"), "{}", e.message);
+            }
+        }
+        // The scan itself is fine with the valid remainder.
+        let mut ok = crafted("images/", b'5', 0);
+        ok.drain(..512);
+        assert_eq!(open_within(&ok).unwrap().entries.len(), 1);
+    }
 }

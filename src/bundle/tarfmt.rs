@@ -132,10 +132,19 @@ pub struct Header {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeaderError {
-    #[error("header checksum mismatch: recorded {recorded}, computed {computed}")]
+    #[error("header checksum mismatch: the field records {recorded}, the header's bytes sum to {computed}")]
     Checksum { recorded: u64, computed: u64 },
-    #[error("unreadable numeric field `{field}` in tar header")]
-    Number { field: &'static str },
+    /// The sum is right but the field is not spelled as bkbundle writes it ("NNNNNN\0 ").
+    #[error(
+        "header checksum field reads {found}, expected {expected} (the digits match; a byte after them was altered)"
+    )]
+    ChecksumField { found: String, expected: String },
+    #[error("unreadable numeric field `{field}` in tar header: {found}")]
+    Number { field: &'static str, found: String },
+    #[error("numeric field `{field}` in tar header holds a base-256 number of more than 64 bits")]
+    TooLarge { field: &'static str },
+    #[error("numeric field `{field}` in tar header holds a negative base-256 number")]
+    Negative { field: &'static str },
     #[error("the entry name is not UTF-8")]
     Name,
 }
@@ -144,21 +153,49 @@ pub fn is_zero_block(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
+/// Bytes as a quoted string with `\0` and `\xNN` escapes, for messages.
+pub fn escaped(b: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for &c in b {
+        match c {
+            0 => s.push_str("\\0"),
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(c as char),
+            _ => s.push_str(&format!("\\x{c:02x}")),
+        }
+    }
+    s.push('"');
+    s
+}
+
 fn parse_octal(field: &[u8], name: &'static str) -> Result<u64, HeaderError> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
-        let mut v: u64 = (field[0] & 0x7f) as u64;
+        // Base-256 (GNU): the rest of the first byte and the following bytes, big-endian; a set
+        // 0x40 bit marks a negative number. Every bit must fit in 64: none is silently dropped.
+        if field[0] & 0x40 != 0 {
+            return Err(HeaderError::Negative { field: name });
+        }
+        let mut v: u64 = (field[0] & 0x3f) as u64;
         for &b in &field[1..] {
-            v = v.checked_shl(8).ok_or(HeaderError::Number { field: name })? | b as u64;
+            if v >> 56 != 0 {
+                return Err(HeaderError::TooLarge { field: name });
+            }
+            v = (v << 8) | b as u64;
         }
         return Ok(v);
     }
+    let bad = || HeaderError::Number {
+        field: name,
+        found: escaped(field),
+    };
     let s: Vec<u8> = field.iter().copied().take_while(|&b| b != 0).collect();
-    let s = std::str::from_utf8(&s).map_err(|_| HeaderError::Number { field: name })?;
+    let s = std::str::from_utf8(&s).map_err(|_| bad())?;
     let s = s.trim();
     if s.is_empty() {
         return Ok(0);
     }
-    u64::from_str_radix(s, 8).map_err(|_| HeaderError::Number { field: name })
+    u64::from_str_radix(s, 8).map_err(|_| bad())
 }
 
 fn cstr(field: &[u8]) -> Result<String, HeaderError> {
@@ -177,8 +214,15 @@ pub fn parse_header(h: &[u8; 512]) -> Result<Header, HeaderError> {
     // Strict: the field must read exactly as written ("NNNNNN\0 "), so that a flipped byte after
     // the digits (which a lenient parser ignores) is caught too. Bundles are only ever written by
     // bkbundle, so no other tar's spelling needs accepting.
-    if recorded != computed || h[148..156] != *format!("{computed:06o}\0 ").as_bytes() {
+    if recorded != computed {
         return Err(HeaderError::Checksum { recorded, computed });
+    }
+    let expected = format!("{computed:06o}\0 ");
+    if h[148..156] != *expected.as_bytes() {
+        return Err(HeaderError::ChecksumField {
+            found: escaped(&h[148..156]),
+            expected: escaped(expected.as_bytes()),
+        });
     }
     let name = cstr(&h[..100])?;
     let prefix = if &h[257..262] == b"ustar" {
@@ -193,10 +237,35 @@ pub fn parse_header(h: &[u8; 512]) -> Result<Header, HeaderError> {
     };
     Ok(Header {
         name,
-        mode: parse_octal(&h[100..108], "mode")? as u32,
+        mode: u32::try_from(parse_octal(&h[100..108], "mode")?).map_err(|_| HeaderError::TooLarge { field: "mode" })?,
         size: parse_octal(&h[124..136], "size")?,
         typeflag: h[156],
     })
+}
+
+/// The name a (possibly damaged) header block claims, for messages: prefix and name, lossy,
+/// with unprintable bytes escaped; None when the name field is empty.
+pub fn claimed_name(h: &[u8; 512]) -> Option<String> {
+    let field = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        b[..end].to_vec()
+    };
+    let name = field(&h[..100]);
+    if name.is_empty() {
+        return None;
+    }
+    let prefix = if &h[257..262] == b"ustar" {
+        field(&h[345..500])
+    } else {
+        Vec::new()
+    };
+    let mut full = prefix;
+    if !full.is_empty() {
+        full.push(b'/');
+    }
+    full.extend_from_slice(&name);
+    let quoted = escaped(&full);
+    Some(quoted[1..quoted.len() - 1].to_string())
 }
 
 /// Extract the `path` value from a PAX extended header's data, if present.
@@ -292,5 +361,43 @@ mod tests {
                 .unwrap(),
             r.len()
         );
+    }
+
+    /// Recompute a header's checksum as bkbundle writes it, after a test edited the block.
+    fn fix_checksum(h: &mut [u8; 512]) {
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| b as u64).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    #[test]
+    fn base256_numbers_beyond_64_bits_or_negative_are_refused() {
+        let good: [u8; 512] = file_header("x", 0o644, 10, 0)[..512].try_into().unwrap();
+        // 2^80 + 10: the bit above 64 used to be dropped, leaving a plausible size of 10.
+        let mut h = good;
+        h[124..136].copy_from_slice(&[0x80, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]);
+        fix_checksum(&mut h);
+        let e = parse_header(&h).unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+        // A negative base-256 number (0xff prefix) is no size either.
+        let mut h = good;
+        h[124..136].copy_from_slice(&[0xff; 12]);
+        fix_checksum(&mut h);
+        assert!(parse_header(&h).is_err());
+        // The largest value that fits is read exactly.
+        let mut h = good;
+        h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        fix_checksum(&mut h);
+        assert_eq!(parse_header(&h).unwrap().size, u64::MAX);
+    }
+
+    #[test]
+    fn a_flipped_checksum_trailer_shows_the_field_as_found_and_expected() {
+        let mut h: [u8; 512] = file_header("bundle.toml", 0o644, 10, 0)[..512].try_into().unwrap();
+        h[155] = b'!';
+        let e = parse_header(&h).unwrap_err().to_string();
+        assert!(e.contains(r#"\0!""#), "{e}");
+        assert!(e.contains(r#"\0 ""#), "{e}");
+        assert!(!e.contains("recorded"), "{e}");
     }
 }

@@ -678,6 +678,12 @@ fn plan_files(
         }
         match rendered {
             Ok(r) => {
+                // Generated and site secrets never reach a log line (install logs at -v/-vv).
+                for (k, v) in &r.values {
+                    if crate::logging::is_secret_name(k) || r.generated.contains(k) {
+                        crate::logging::register_secret(v);
+                    }
+                }
                 let action = match &existing {
                     None => FileAction::Create,
                     Some(old) if *old == r.text => FileAction::Unchanged,

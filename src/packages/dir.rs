@@ -9,6 +9,7 @@
 //! (and no flag gives) is an error naming the file and the flag to add; every such file is listed
 //! at once.
 
+use crate::error::Error;
 use crate::manifest::{normalize_arch, Os, Package, PackageType};
 use crate::packages::source::Source;
 use std::path::{Path, PathBuf};
@@ -136,16 +137,19 @@ pub fn object_of(name: &str) -> (String, PackageType) {
     }
 }
 
+const NAMING_HINT: &str = "name package files as the server parses them (NAME-1.2.3-linux-amd64.tar.gz), or give what the name lacks with --version, --os and --arch";
+
 /// Every package file directly in `dir` (hidden files and subdirectories are passed over), as
-/// packages with their sources; every file the name does not fully describe is one problem.
-pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<String>> {
+/// packages with their sources. Each file is checked as `pack` checks it ([`crate::package_check`]:
+/// the archive reads to its end, nothing escapes, no bomb, a controller has what it needs), so a
+/// package enters the object store only after the same check whichever way it comes. Every file
+/// the name does not fully describe or the check refuses is one problem; all are reported at once.
+pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Error> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
-            return Err(vec![format!(
-                "cannot read the package directory {}: {e}",
-                dir.display()
-            )])
+            return Err(Error::io("cannot read the package directory", dir, e)
+                .hint("give --dir the directory that holds the package files"))
         }
     };
     let mut files: Vec<PathBuf> = Vec::new();
@@ -158,13 +162,14 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<Str
     }
     files.sort();
     if files.is_empty() {
-        return Err(vec![format!(
+        return Err(Error::input(format!(
             "the package directory {} holds no package files",
             dir.display()
-        )]);
+        ))
+        .hint("put the package files (not directories) directly in it; hidden files are passed over"));
     }
     let mut out = Vec::new();
-    let mut problems = Vec::new();
+    let mut problems: Vec<Error> = Vec::new();
     for path in files {
         let file = path
             .file_name()
@@ -185,7 +190,10 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<Str
             Some(a) => match normalize_arch(a) {
                 Some(a) => Some(a.to_string()),
                 None => {
-                    problems.push(format!("--arch {a:?}: expected x86_64 (amd64) or arm64 (aarch64)"));
+                    problems.push(
+                        Error::input(format!("--arch {a:?}: expected x86_64 (amd64) or arm64 (aarch64)"))
+                            .hint("give --arch x86_64 or --arch arm64"),
+                    );
                     None
                 }
             },
@@ -195,11 +203,14 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<Str
             missing.push("its architecture (amd64/x86_64 or arm64/aarch64 in the name): give --arch");
         }
         if !missing.is_empty() {
-            problems.push(format!(
-                "{}: the file name does not tell {}",
-                path.display(),
-                missing.join("; nor ")
-            ));
+            problems.push(
+                Error::input(format!(
+                    "{}: the file name does not tell {}",
+                    path.display(),
+                    missing.join("; nor ")
+                ))
+                .hint(NAMING_HINT),
+            );
             continue;
         }
         let (Some(version), Some(os), Some(arch)) = (version, os, arch) else {
@@ -207,11 +218,10 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<Str
         };
         let kind = o.kind.unwrap_or(kind);
         let object = o.object.clone().unwrap_or(object);
-        if kind == PackageType::Controller {
-            if let Err(e) = crate::package_check::check(&path, kind, os) {
-                problems.push(e.message);
-                continue;
-            }
+        // The one check every package passes, as in `pack`.
+        if let Err(e) = crate::package_check::check(&path, kind, os) {
+            problems.push(e);
+            continue;
         }
         out.push((
             Package {
@@ -232,10 +242,34 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Vec<Str
         ));
     }
     if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
+        return Ok(out);
     }
+    let mut e = Error::input(format!(
+        "{} problem(s) with the package directory {}; nothing was written:\n  - {}",
+        problems.len(),
+        dir.display(),
+        problems
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  - ")
+    ));
+    // The most severe class decides the exit code (a file that cannot be read over a bad name).
+    if let Some(k) = problems
+        .iter()
+        .map(|p| p.kind)
+        .find(|k| *k != crate::error::Kind::Input)
+    {
+        e.kind = k;
+    }
+    for p in problems {
+        for h in p.hints {
+            if !e.hints.contains(&h) {
+                e.hints.push(h);
+            }
+        }
+    }
+    Err(e)
 }
 
 #[cfg(test)]
@@ -279,25 +313,45 @@ mod tests {
         assert_eq!(object_of("my-probe").0, "my-probe");
     }
 
+    /// A small valid `.tar.gz` holding one file.
+    fn tiny_tgz() -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let gz = flate2::write::GzEncoder::new(&mut out, flate2::Compression::fast());
+            let mut t = tar::Builder::new(gz);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            h.set_mode(0o755);
+            t.append_data(&mut h, "bin/probe", &b"x\n"[..]).unwrap();
+            t.into_inner().unwrap().finish().unwrap();
+        }
+        out
+    }
+
     #[test]
     fn a_directory_lists_every_file_it_cannot_describe() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("telegraf-1.28.3-linux-amd64.tar.gz"), b"x").unwrap();
-        std::fs::write(d.path().join("vector-linux-amd64.tar.gz"), b"x").unwrap();
+        // Real archives: every file is checked as pack checks it.
+        std::fs::write(d.path().join("telegraf-1.28.3-linux-amd64.tar.gz"), tiny_tgz()).unwrap();
+        std::fs::write(d.path().join("vector-linux-amd64.tar.gz"), tiny_tgz()).unwrap();
         std::fs::write(d.path().join("probe-1.0.0"), b"x").unwrap();
         std::fs::write(d.path().join(".hidden"), b"x").unwrap();
         let e = scan(d.path(), &Overrides::default()).unwrap_err();
-        assert_eq!(e.len(), 2, "{e:?}");
+        let lines: Vec<&str> = e.message.lines().skip(1).collect();
+        assert!(e.message.starts_with("2 problem(s)"), "{}", e.message);
         assert!(
-            e.iter()
+            lines
+                .iter()
                 .any(|m| m.contains("vector-linux-amd64.tar.gz") && m.contains("--version")),
             "{e:?}"
         );
         assert!(
-            e.iter()
+            lines
+                .iter()
                 .any(|m| m.contains("probe-1.0.0") && m.contains("--os") && m.contains("--arch")),
             "{e:?}"
         );
+        assert!(e.hints.iter().any(|h| h.contains("--version")), "{:?}", e.hints);
         let o = Overrides {
             version: Some("9.9.9".into()),
             os: Some(Os::Linux),
@@ -309,5 +363,25 @@ mod tests {
         assert!(ok.iter().all(|(p, _)| p.version == "9.9.9" && p.arch == "x86_64"));
         assert_eq!(ok[0].0.object, "probe");
         assert_eq!(ok[2].0.object, "Vector");
+    }
+
+    #[test]
+    fn damaged_archives_are_refused_as_pack_refuses_them() {
+        let d = tempfile::tempdir().unwrap();
+        // Collectors, which were not checked at all: random bytes named .tar.gz, a cut zip.
+        std::fs::write(d.path().join("telegraf-1.28.3-linux-amd64.tar.gz"), [0x5a; 3000]).unwrap();
+        let mut zip = Vec::new();
+        {
+            use std::io::Write;
+            let mut z = zip::ZipWriter::new(std::io::Cursor::new(&mut zip));
+            z.start_file("vector", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(&[1u8; 5000]).unwrap();
+            z.finish().unwrap();
+        }
+        std::fs::write(d.path().join("vector-0.39.0-linux-amd64.zip"), &zip[..zip.len() / 2]).unwrap();
+        let e = format!("{:?}", scan(d.path(), &Overrides::default()).unwrap_err());
+        assert!(e.contains("telegraf-1.28.3-linux-amd64.tar.gz"), "{e}");
+        assert!(e.contains("vector-0.39.0-linux-amd64.zip"), "{e}");
     }
 }

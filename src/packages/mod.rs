@@ -103,6 +103,9 @@ pub enum PackagesError {
     /// Opening the bundle or reading its manifest failed: that error, kind and hints kept.
     #[error("{}", .0.message)]
     Bundle(Error),
+    /// The package directory's files (`--dir`): every problem, kind and hints kept.
+    #[error("{}", .0.message)]
+    Dir(Error),
     #[error("{} object(s) differ from the bundle's file under a fixed version; nothing was written:\n  - {}", .0.len(), .0.iter().map(|c| format!("{}: stored {} but the file is {}", c.key, c.stored_digest, c.file_digest)).collect::<Vec<_>>().join("\n  - "))]
     Conflict(Vec<Conflict>),
     #[error("package {package}: cannot read {source_desc} from the bundle: {message}")]
@@ -136,7 +139,7 @@ impl From<PackagesError> for Error {
         let message = e.to_string();
         match e {
             PackagesError::Database(r) => Error::from(r),
-            PackagesError::Bundle(e) => e,
+            PackagesError::Bundle(e) | PackagesError::Dir(e) => e,
             PackagesError::Nats(e) => Error::from(e),
             PackagesError::Conflict(_) => Error::new(Kind::Input, message)
                 .hint("a fixed version must not change: give the package a new version, or run again with --force to replace the objects (and overwrite their rows)"),
@@ -268,14 +271,7 @@ fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Inpu
             "no packages to upload: give --bundle BUNDLE or --dir DIR".into(),
         )),
         (None, Some(d)) => {
-            let found = dir::scan(d, &opts.overrides).map_err(|problems| {
-                PackagesError::Input(format!(
-                    "{} problem(s) with the package directory {}; nothing was written:\n  - {}",
-                    problems.len(),
-                    d.display(),
-                    problems.join("\n  - ")
-                ))
-            })?;
+            let found = dir::scan(d, &opts.overrides).map_err(PackagesError::Dir)?;
             let inputs = found
                 .into_iter()
                 .map(|(pkg, source)| Input {

@@ -7,6 +7,7 @@
 mod demo_images;
 mod doctor;
 mod fixtures;
+mod hardening;
 mod harness;
 mod harness_smoke;
 mod install;

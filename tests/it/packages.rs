@@ -596,7 +596,8 @@ fn a_directory_of_packages_recognised_by_name() {
     let db = database(&pg, "dir", "2026");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(demo_zip(), dir.path().join("fusion-collectors-2.1.0-linux-amd64.zip")).unwrap();
-    std::fs::write(dir.path().join("telegraf_v1.28.3_linux_arm64.tar.gz"), telegraf_bytes()).unwrap();
+    let tgz = crate::hardening::tgz_of(&telegraf_bytes()); // a real .tar.gz: --dir checks it as pack does
+    std::fs::write(dir.path().join("telegraf_v1.28.3_linux_arm64.tar.gz"), &tgz).unwrap();
     let cli = |extra: &[&str]| {
         let mut args = vec![
             "--json",
@@ -629,7 +630,7 @@ fn a_directory_of_packages_recognised_by_name() {
             "linux/arm64/Telegraf/1.28.3/telegraf_v1.28.3_linux_arm64.tar.gz",
         ],
     );
-    assert!(got.starts_with(&sha_hex(&telegraf_bytes())), "{got}");
+    assert!(got.starts_with(&sha_hex(&tgz)), "{got}");
     // Unchanged: nothing sent.
     let v: serde_json::Value = serde_json::from_slice(&cli(&[]).stdout).unwrap();
     assert_eq!(
@@ -639,7 +640,11 @@ fn a_directory_of_packages_recognised_by_name() {
     );
 
     // A file whose name says no version is named, with the flag that fixes it; nothing written.
-    std::fs::write(dir.path().join("vector-linux-amd64.tar.gz"), b"v").unwrap();
+    std::fs::write(
+        dir.path().join("vector-linux-amd64.tar.gz"),
+        crate::hardening::tgz_of(b"v"),
+    )
+    .unwrap();
     let o = cli(&[]);
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stdout));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
