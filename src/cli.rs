@@ -12,7 +12,7 @@ Exit codes:
   3  bad input: recipe, package, key or other file given on the command line; an install config
      whose cloud regions would break agents (every problem is listed; nothing was written)
   4  the bundle failed verification (damaged, truncated, missing part, bad signature)
-  5  the bundle's format (or the platform database's schema) is newer than this bkbundle supports
+  5  the bundle's format, or the platform database's release, is newer than this bkbundle supports
   6  an external system is unreachable, refused or not ready (Docker engine, registry, PostgreSQL;
      the server has not created its tables yet)
   7  local I/O failed (disk full, permissions)
@@ -312,8 +312,10 @@ mod tests {
 const INIT_PACKAGES_HELP: &str = "\
 Every package of the bundle (controller, and each collector, whose bytes are taken from the
 controller package when the record points into it) is uploaded to the JetStream object store
-(bucket `bklite` by default, created when absent) under the key layout of the server's schema
-generation, and gets its node_mgmt_packageversion row (object first, then the row). An object whose
+(the stack's NATS_NAMESPACE, else the database release's default: `bk_lite` before 2026, `bklite`
+since; created when absent) under the key layout that release reads (with the architecture exactly
+when node_mgmt_packageversion has cpu_architecture), and gets its row (object first, then the row),
+written with the columns the release has. An object whose
 digest equals the file's SHA-256 is skipped (nothing is sent); a different object under a fixed
 version is a conflict that needs --force (version `latest` is always replaced). Rows whose object is
 missing are repaired from the bundle; objects without rows are reported.
@@ -440,7 +442,7 @@ pub struct SiteArgs {
     /// NATS_URL, [nats] url, the stack's .env).
     #[arg(long, value_name = "URL")]
     pub nats_url: Option<String>,
-    /// The object store bucket (default: [nats] bucket, else `bklite`).
+    /// The object store bucket (default: [nats] bucket, else the stack's NATS_NAMESPACE, else the release's default).
     #[arg(long, value_name = "NAME")]
     pub bucket: Option<String>,
 }

@@ -159,7 +159,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 // regions already there are checked too; without, it needs no database at all.
                 RegionsCommand::Check(c) => {
                     let mode = if c.database_url.is_some() {
-                        regions::Mode::DryRun
+                        regions::Mode::CheckDatabase
                     } else {
                         regions::Mode::Check
                     };

@@ -857,10 +857,20 @@ async fn upsert_row(
 pub fn render(r: &PackagesReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    let (upload, replace, create, update) = if r.dry_run {
+        (
+            "would be uploaded",
+            "would be replaced",
+            "would be created",
+            "would be updated",
+        )
+    } else {
+        ("uploaded", "replaced", "created", "updated")
+    };
     let _ = writeln!(
         s,
-        "{}packages on {} bucket {:?} (database {}, {}): {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged; {:.1} s",
-        if r.dry_run { "dry run: " } else { "" },
+        "{}packages on {} bucket {:?} (database {}, {}): {} {upload}, {} skipped, {} {replace}; rows {} {create}, {} {update}, {} unchanged; {:.1} s",
+        if r.dry_run { "dry run, nothing written: " } else { "" },
         r.nats.as_deref().unwrap_or("?"),
         r.bucket,
         r.database.as_deref().unwrap_or("?"),
@@ -879,13 +889,14 @@ pub fn render(r: &PackagesReport) -> String {
             (Some(a), Some(id)) => format!(", row {id} {a:?}").to_lowercase(),
             _ => String::new(),
         };
-        let _ = writeln!(
-            s,
-            "  {:<10} {} ({} bytes{speed}{row})",
-            format!("{:?}", p.action).to_lowercase(),
-            p.key,
-            p.size
-        );
+        let action = format!("{:?}", p.action).to_lowercase();
+        let action = match (r.dry_run, p.action) {
+            (true, ObjectAction::Uploaded | ObjectAction::Replaced | ObjectAction::Repaired) => {
+                format!("would be {action}")
+            }
+            _ => action,
+        };
+        let _ = writeln!(s, "  {:<10} {} ({} bytes{speed}{row})", action, p.key, p.size);
         if let Some(n) = &p.note {
             let _ = writeln!(s, "             {n}");
         }

@@ -40,6 +40,9 @@ pub use crate::platform::crypto::SecretKey;
 pub enum Mode {
     /// Validate only; no database.
     Check,
+    /// Validate, and check the regions already in the live database too; write nothing
+    /// (`regions check --database-url`).
+    CheckDatabase,
     /// Validate, read the database and report what would change; write nothing.
     DryRun,
     /// Validate, then write in one transaction and invalidate the server's cache.
@@ -361,7 +364,7 @@ pub async fn run_with_env(
     let mut client = db::connect(&target).await?;
     let release = release::detect_when_migrated(&client, &target, opts.wait_for_migrations).await?;
     let key = secret_key.as_ref().map(|(k, _)| k);
-    let read_only = opts.mode == Mode::DryRun;
+    let read_only = matches!(opts.mode, Mode::DryRun | Mode::CheckDatabase);
     let tx = client
         .build_transaction()
         .read_only(read_only)
@@ -375,11 +378,14 @@ pub async fn run_with_env(
         .iter()
         .map(|r| format!("{} (id {})", r.name, r.id))
         .collect();
-    if opts.mode == Mode::DryRun {
+    if read_only {
         drop(tx); // rolled back: nothing was written
-        let mut r = report_from(Mode::DryRun, &desired, Some(&plan), Some(&target), Some(&release), t0);
+        let mut r = report_from(opts.mode, &desired, Some(&plan), Some(&target), Some(&release), t0);
         r.notes.extend(unmanaged_note(&unmanaged));
-        r.notes.push("dry run: nothing was written".into());
+        r.notes.push(match opts.mode {
+            Mode::CheckDatabase => "read only: nothing was written".into(),
+            _ => "dry run: nothing was written".into(),
+        });
         return Ok(r);
     }
 
@@ -511,6 +517,14 @@ pub fn render(r: &RegionsReport) -> String {
     let mut s = String::new();
     let head = match r.mode {
         Mode::Check => "regions check: the sidecar env of every region is valid".to_string(),
+        Mode::CheckDatabase => format!(
+            "regions check on {} ({}): the sidecar env of every region, configured and stored, is valid; `regions apply` would create {}, update {}, leave {} unchanged",
+            r.database.as_deref().unwrap_or("?"),
+            r.release.as_deref().unwrap_or("release unknown"),
+            r.created,
+            r.updated,
+            r.unchanged
+        ),
         Mode::DryRun => format!(
             "regions apply --dry-run on {} ({}): would create {}, update {}, leave {} unchanged",
             r.database.as_deref().unwrap_or("?"),
