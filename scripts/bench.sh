@@ -6,6 +6,8 @@
 #   scripts/bench.sh install    issue 3: image loading against docker load -i; a re-run; memory
 #   scripts/bench.sh packages   issue 5: object upload against nats-py's put of the same 500 MB
 #                               file to the same nats-server; a re-run; memory
+#   scripts/bench.sh regions    issue 10: regions apply of 50 regions x 15 keys on releases 0012 and
+#                               0044 against psql running the same INSERTs; a re-run
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages}
+SECTIONS=${*:-pack install packages regions}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -163,7 +165,7 @@ bench_install() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-# A throwaway PostgreSQL (the 2026 node_mgmt schema) and nats-server -js on free loopback ports;
+# A throwaway PostgreSQL (the newest release's node_mgmt tables) and nats-server -js on free loopback ports;
 # stopped by the EXIT trap.
 start_servers() {
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
@@ -174,7 +176,7 @@ start_servers() {
   runuser -u postgres -- "$pgbin/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" \
     -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1" -w start >/dev/null
   psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c 'CREATE DATABASE bench' >/dev/null
-  psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d bench -f tests/fixtures/schema-2026.sql >/dev/null
+  psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d bench -f tests/fixtures/releases/0044.sql >/dev/null
   NATSPORT=$(free_port)
   printf 'listen: "127.0.0.1:%s"\njetstream { store_dir: "%s" }\n' "$NATSPORT" "$WORK/js" > "$WORK/nats.conf"
   nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
@@ -228,11 +230,56 @@ PY
   rm -f "$WORK/pkg.bkb"
 }
 
+# issue 10: `regions apply` of 50 regions x 15 keys in one transaction (target <= 2 s), on the
+# oldest release in the field (0012) and the newest (0044); then the no-change re-run. The baseline
+# is psql running the same number of INSERTs (750 env rows, 50 regions) in one transaction.
+bench_regions() {
+  need psql
+  start_servers
+  local dir="$WORK/regions"; mkdir -p "$dir"
+  {
+    printf 'format = 1\n[bundle]\nname = "regionsbench"\nversion = "1"\n[stack]\ndir = "%s"\ncompose = "docker-compose.yml"\n' "$PWD/examples/demo/stack"
+    printf '[regions]\nrequired = ["NODE_SERVER_URL", "NATS_SERVERS", "NATS_PROTOCOL", "NATS_PASSWORD"]\n[regions.env]\n'
+    printf 'NODE_SERVER_URL = "${SERVER_URL}"\nNATS_SERVERS = "${HOST_IP}:4222"\nNATS_PROTOCOL = "nats"\nNATS_PASSWORD = "${NATS_ADMIN_PASSWORD}"\n'
+    for i in $(seq 11); do printf 'BENCH_KEY_%02d = "value-%02d"\n' "$i" "$i"; done
+  } > "$dir/recipe.toml"
+  "$BK" --no-progress pack "$dir/recipe.toml" -o "$dir/regions.bkb" >/dev/null
+  printf 'SERVER_URL=https://192.0.2.10:443\nHOST_IP=192.0.2.10\nNATS_ADMIN_PASSWORD=bench-pw\nSECRET_KEY=bench-secret-key\n' > "$dir/site.env"
+  { printf 'format = 1\n'; for i in $(seq 50); do printf '[[regions]]\nname = "region-%02d"\nproxy_address = "192.0.2.%d"\n' "$i" "$((i + 100))"; done; } > "$dir/install.toml"
+  for release in 0012 0044; do
+    psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c "CREATE DATABASE r$release" >/dev/null
+    psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d "r$release" -f "tests/fixtures/releases/$release.sql" >/dev/null
+    psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c "CREATE DATABASE b$release TEMPLATE r$release" >/dev/null
+    local db="postgres://postgres@127.0.0.1:$PGPORT/r$release"
+    local t_bk t_re t_sql
+    say "== regions on release $release: 51 regions (default + 50 with a proxy) x 15 keys"
+    time_rss t_bk "$BK" --no-progress regions apply --bundle "$dir/regions.bkb" --config "$dir/install.toml" --env-file "$dir/site.env" --database-url "$db"
+    time_rss t_re "$BK" --no-progress regions apply --bundle "$dir/regions.bkb" --config "$dir/install.toml" --env-file "$dir/site.env" --database-url "$db"
+    python3 - "$release" > "$dir/baseline.sql" <<'PY'
+import sys
+print("BEGIN;")
+for i in range(2, 52):
+    print(f"INSERT INTO node_mgmt_cloudregion (id, created_at, updated_at, created_by, updated_by, name, introduction, domain, updated_by_domain) VALUES ({i}, now(), now(), 'system', 'system', 'region-{i}', '', 'domain.com', 'domain.com');")
+for i in range(1, 52):
+    for k in range(15):
+        print(f"INSERT INTO node_mgmt_sidecarenv (key, value, type, description, cloud_region_id, is_pre) VALUES ('K{k}', 'value-{k}', 'str', '', {i}, false);")
+print("COMMIT;")
+PY
+    time_rss t_sql psql -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d "b$release" -f "$dir/baseline.sql"
+    local rows; rows=$(psql -Atq -h 127.0.0.1 -p "$PGPORT" -U postgres -d "r$release" -c 'SELECT count(*) FROM node_mgmt_sidecarenv')
+    say "psql, the same INSERTs in one transaction  ${t_sql% *} s   (baseline)"
+    say "bkbundle regions apply                      ${t_bk% *} s   (target <= 2 s; $rows env rows; peak RSS $(( ${t_bk#* } / 1024 )) MiB)"
+    say "re-run, nothing changed                     ${t_re% *} s"
+  done
+  stop_servers
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
     install) bench_install ;;
     packages) bench_packages ;;
-    *) say "unknown section $s (known: pack install packages)"; exit 2 ;;
+    regions) bench_regions ;;
+    *) say "unknown section $s (known: pack install packages regions)"; exit 2 ;;
   esac
 done

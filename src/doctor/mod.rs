@@ -6,7 +6,7 @@
 //! that need it say they were skipped because of it. The checks, each independent:
 //!
 //! - **containers** of the compose project: state, health, exit code, restart loops, and the
-//!   first log line matching the known-causes table ([`crate::install::health::LOG_RULES`]);
+//!   first log line matching the known-causes table ([`crate::platform::causes::LOG_RULES`]);
 //! - **regions**: every region's stored sidecar env (required keys, `null`, URLs, loopback), the
 //!   server URL's host resolving and its port accepting TCP from this host, and the server's
 //!   cached env (`django_cache`, and Redis when known) differing from the rows;
@@ -24,10 +24,10 @@
 
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::install::health;
 use crate::manifest::Manifest;
 use crate::packages::{self, PackagesOptions};
 use crate::platform::cache::{self, ServerCache, ServerContainer};
+use crate::platform::causes;
 use crate::platform::crypto::SecretKey;
 use crate::platform::db::{self, DbTarget};
 use crate::platform::nats::{self as pnats, NatsError, Store};
@@ -319,7 +319,7 @@ async fn containers(ctx: &mut Ctx<'_>) {
     }
     for c in &list {
         let lines = engine.logs(&c.id, LOG_LINES).await.unwrap_or_default();
-        let matched = health::first_match(&lines);
+        let matched = causes::first_match(&lines);
         let subject = format!("service {} (container {})", c.service, c.name);
         let restart_loop = c.status == "restarting" || (c.restart_count >= 3 && c.status != "exited");
         let one_shot_done =
@@ -348,7 +348,7 @@ async fn containers(ctx: &mut Ctx<'_>) {
         );
         match failing {
             Some(what) => {
-                let hint = health::hint_for(&lines, c.oom_killed);
+                let hint = causes::hint_for(&lines, c.oom_killed);
                 let f = ctx.add("containers", Severity::Error, subject, what);
                 f.evidence(state);
                 match matched {
@@ -614,7 +614,7 @@ async fn region_services(
 /// restart (the environment wins). Secrets are compared when the SECRET_KEY is known.
 fn default_region_vs_server(ctx: &mut Ctx<'_>, current: &Current) {
     let Some(server) = &ctx.server else { return };
-    let secret_key = crate::regions::resolve_secret_key(&ctx.opts.config.database, &ctx.opts.site, ctx.env)
+    let secret_key = crate::site::targets::secret_key(&ctx.opts.config.database, &ctx.opts.site, ctx.env)
         .map(|(k, _)| k)
         .or_else(|| server.env.get("SECRET_KEY").map(|k| SecretKey::from_django(k)));
     let name = server.name.clone();
@@ -1074,14 +1074,15 @@ async fn packages_check(
     if rows.is_empty() {
         empty_list(ctx);
     }
-    let (missing, orphans) = match packages::consistency(&rows, release, store, display).await {
-        Ok(x) => x,
+    let names = match pnats::list_objects(store, display).await {
+        Ok(n) => n,
         Err(e) => return ctx.add_error("packages", format!("bucket {:?}", store.bucket), e.into()),
     };
+    let (missing, orphans) = keys::consistency(&rows, release, &names);
     let bundle = ctx.bundle_arg();
     let mut missing_subjects = Vec::new();
-    for m in &missing {
-        let Some(r) = rows.iter().find(|r| r.id == m.row_id) else {
+    for (row_id, _) in &missing {
+        let Some(r) = rows.iter().find(|r| r.id == *row_id) else {
             continue;
         };
         let keys = r.keys(release);
@@ -1104,7 +1105,7 @@ async fn packages_check(
         ))
         .evidence(format!("no object under {}", keys.join(" nor ")))
         .fix(format!("bkbundle doctor --fix --bundle {bundle}   (or init-packages --auto --bundle {bundle}; a package the bundle lacks must be uploaded again in the UI)"));
-        missing_subjects.push((m.row_id, subject));
+        missing_subjects.push((*row_id, subject));
     }
     for o in &orphans {
         ctx.add("packages", Severity::Warning, format!("object {o}"), format!("no {} row points at this object: it is not offered for download", PACKAGE_TABLE))

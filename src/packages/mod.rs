@@ -36,7 +36,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
 use source::Source;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -554,7 +554,16 @@ pub async fn run_with_env(
     // 5. Consistency both ways.
     if let Some(s) = &store {
         let rows = read_rows(&client, &target, &release).await?;
-        let (missing, orphans) = consistency(&rows, &release, s, &nt.display()).await?;
+        let names = list_objects(s, &nt.display()).await?;
+        let (missing, orphans) = keys::consistency(&rows, &release, &names);
+        let missing: Vec<MissingObject> = missing
+            .into_iter()
+            .map(|(row_id, key)| MissingObject {
+                row_id,
+                key,
+                repaired: false,
+            })
+            .collect();
         for m in missing {
             if !report.missing_objects.iter().any(|r| r.row_id == m.row_id) {
                 report.missing_objects.push(m);
@@ -567,42 +576,6 @@ pub async fn run_with_env(
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// Consistency both ways: rows whose object is missing under either key layout (the download
-/// 404), and package-shaped objects no row points at. Nothing is repaired here.
-pub async fn consistency(
-    rows: &[Row],
-    release: &Release,
-    s: &Store,
-    nats: &str,
-) -> Result<(Vec<MissingObject>, Vec<String>), PackagesError> {
-    let names = list_objects(s, nats).await?;
-    let mut missing = Vec::new();
-    let mut pointed = BTreeSet::new();
-    for r in rows {
-        let keys = r.keys(release);
-        pointed.extend(keys.iter().cloned());
-        if !keys.iter().any(|k| names.contains(k)) {
-            missing.push(MissingObject {
-                row_id: r.id,
-                key: keys[0].clone(),
-                repaired: false,
-            });
-        }
-    }
-    // The server's other objects (installers, aliases) live under other prefixes; only keys
-    // shaped like package keys are judged.
-    let depths = keys::key_depths(release);
-    let orphans = names
-        .into_iter()
-        .filter(|n| !pointed.contains(n))
-        .filter(|n| {
-            let d = n.split('/').count();
-            depths.contains(&d) && (n.starts_with("linux/") || n.starts_with("windows/"))
-        })
-        .collect();
-    Ok((missing, orphans))
 }
 
 /// Publishes in flight before the oldest ack is awaited. async-nats' own `put` awaits every

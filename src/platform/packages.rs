@@ -195,6 +195,34 @@ pub async fn update_row_name(
         .map_err(|e| db_err(t, &format!("updating the {PACKAGE_TABLE} row of {key}"), e))
 }
 
+/// Consistency both ways, from the rows and the bucket's object names: rows whose object is
+/// missing under every key the server looks up (the download 404), as `(row id, key)`, and
+/// package-shaped objects no row points at. The server's other objects (installers, aliases)
+/// live under other prefixes; only keys shaped like package keys are judged.
+pub fn consistency(
+    rows: &[Row],
+    release: &Release,
+    names: &std::collections::BTreeSet<String>,
+) -> (Vec<(i64, String)>, Vec<String>) {
+    let mut missing = Vec::new();
+    let mut pointed = std::collections::BTreeSet::new();
+    for r in rows {
+        let keys = r.keys(release);
+        if !keys.iter().any(|k| names.contains(k)) {
+            missing.push((r.id, keys[0].clone()));
+        }
+        pointed.extend(keys);
+    }
+    let depths = key_depths(release);
+    let orphans = names
+        .iter()
+        .filter(|n| !pointed.contains(*n))
+        .filter(|n| depths.contains(&n.split('/').count()) && (n.starts_with("linux/") || n.starts_with("windows/")))
+        .cloned()
+        .collect();
+    (missing, orphans)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,25 +284,6 @@ fn report_from(
 // ---------------------------------------------------------------------------------------------
 // The entry point
 
-/// The key that encrypts secrets: `[database] secret_key`, else the site value (then process
-/// variable) named by `secret_key_env` (default `SECRET_KEY`). Returns where it came from.
-pub fn resolve_secret_key(
-    cfg: &DatabaseConfig,
-    site: &BTreeMap<String, String>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Option<(SecretKey, String)> {
-    if let Some(k) = cfg.secret_key.as_deref().filter(|k| !k.is_empty()) {
-        return Some((SecretKey::from_django(k), "[database] secret_key".into()));
-    }
-    let name = cfg.secret_key_env.as_deref().unwrap_or("SECRET_KEY");
-    if let Some(k) = site.get(name).filter(|k| !k.is_empty()) {
-        return Some((SecretKey::from_django(k), format!("site value {name}")));
-    }
-    env(name)
-        .filter(|k| !k.is_empty())
-        .map(|k| (SecretKey::from_django(&k), format!("environment variable {name}")))
-}
-
 fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -328,7 +309,7 @@ pub async fn run_with_env(
             None
         }
     };
-    let secret_key = resolve_secret_key(&opts.database, &opts.site, env);
+    let secret_key = crate::site::targets::secret_key(&opts.database, &opts.site, env);
     // From the inputs rather than the desired env, so that this is reported with the others
     // even when the desired env could not be computed.
     let secret_keys: BTreeSet<&str> = opts
@@ -601,26 +582,6 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
-    }
-
-    #[test]
-    fn secret_key_sources_in_order() {
-        let mut cfg = DatabaseConfig::default();
-        let site = BTreeMap::from([("SECRET_KEY".to_string(), "from-site".to_string())]);
-        let (_, from) = resolve_secret_key(&cfg, &site, &no_env).unwrap();
-        assert_eq!(from, "site value SECRET_KEY");
-        cfg.secret_key_env = Some("DJANGO_KEY".into());
-        assert!(resolve_secret_key(&cfg, &site, &no_env).is_none());
-        let env = |k: &str| (k == "DJANGO_KEY").then(|| "x".to_string());
-        assert_eq!(
-            resolve_secret_key(&cfg, &site, &env).unwrap().1,
-            "environment variable DJANGO_KEY"
-        );
-        cfg.secret_key = Some("literal".into());
-        assert_eq!(
-            resolve_secret_key(&cfg, &site, &env).unwrap().1,
-            "[database] secret_key"
-        );
     }
 
     #[tokio::test]

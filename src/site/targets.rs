@@ -6,6 +6,7 @@
 use super::config::{DatabaseConfig, NatsConfig};
 use super::envfile;
 use crate::platform::cache::{self, RedisTarget, ServerCache};
+use crate::platform::crypto::SecretKey;
 use crate::platform::db::{DbError, DbName, DbTarget};
 use crate::platform::nats::{NatsError, NatsTarget};
 use std::collections::BTreeMap;
@@ -274,6 +275,25 @@ pub fn nats(
     })
 }
 
+/// The key that encrypts secrets: `[database] secret_key`, else the site value (then process
+/// variable) named by `secret_key_env` (default `SECRET_KEY`). Returns where it came from.
+pub fn secret_key(
+    cfg: &DatabaseConfig,
+    site: &BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<(SecretKey, String)> {
+    if let Some(k) = cfg.secret_key.as_deref().filter(|k| !k.is_empty()) {
+        return Some((SecretKey::from_django(k), "[database] secret_key".into()));
+    }
+    let name = cfg.secret_key_env.as_deref().unwrap_or("SECRET_KEY");
+    if let Some(k) = site.get(name).filter(|k| !k.is_empty()) {
+        return Some((SecretKey::from_django(k), format!("site value {name}")));
+    }
+    env(name)
+        .filter(|k| !k.is_empty())
+        .map(|k| (SecretKey::from_django(&k), format!("environment variable {name}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,5 +413,22 @@ mod tests {
             nats(None, &NatsConfig::default(), &BTreeMap::new(), &none),
             Err(NatsError::NoNats)
         ));
+    }
+
+    #[test]
+    fn secret_key_sources_in_order() {
+        let mut cfg = DatabaseConfig::default();
+        let site = BTreeMap::from([("SECRET_KEY".to_string(), "from-site".to_string())]);
+        let (_, from) = secret_key(&cfg, &site, &no_env).unwrap();
+        assert_eq!(from, "site value SECRET_KEY");
+        cfg.secret_key_env = Some("DJANGO_KEY".into());
+        assert!(secret_key(&cfg, &site, &no_env).is_none());
+        let env = |k: &str| (k == "DJANGO_KEY").then(|| "x".to_string());
+        assert_eq!(
+            secret_key(&cfg, &site, &env).unwrap().1,
+            "environment variable DJANGO_KEY"
+        );
+        cfg.secret_key = Some("literal".into());
+        assert_eq!(secret_key(&cfg, &site, &env).unwrap().1, "[database] secret_key");
     }
 }
