@@ -43,6 +43,39 @@ pub fn path(target: &Path) -> PathBuf {
     target.join(DIR).join(FILE)
 }
 
+/// The target's state directory `TARGET/.bkbundle` (journal, lock, staging), created if needed and
+/// kept private: mode 0700, since staging copies of `.env` hold the stack's secrets.
+pub fn state_dir(target: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = target.join(DIR);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {
+            if m.permissions().mode() & 0o777 != 0o700 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .io_ctx("cannot set permissions of", &dir)?;
+            }
+        }
+        Ok(_) => {
+            return Err(Error::input(format!(
+                "{} is not a directory (bkbundle keeps its journal and lock there)",
+                dir.display()
+            ))
+            .hint("move it aside, then re-run"))
+        }
+        Err(_) => {
+            std::fs::create_dir_all(target).io_ctx("cannot create target directory", target)?;
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("cannot create", &dir, e)),
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .io_ctx("cannot set permissions of", &dir)?;
+        }
+    }
+    Ok(dir)
+}
+
 impl Journal {
     pub fn load(target: &Path) -> Result<Journal> {
         let p = path(target);
@@ -58,8 +91,7 @@ impl Journal {
 
     pub fn save(&self, target: &Path) -> Result<()> {
         let p = path(target);
-        let dir = p.parent().unwrap_or(target);
-        std::fs::create_dir_all(dir).io_ctx("cannot create", dir)?;
+        state_dir(target)?;
         let text = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(format!("journal: {e}")))?;
         write_atomic(&p, &text, 0o600)
     }
