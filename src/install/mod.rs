@@ -12,6 +12,8 @@ pub mod envfile;
 pub mod health;
 pub mod journal;
 pub mod load;
+pub mod offline;
+pub mod staging;
 
 use crate::bundle::BundleReader;
 use crate::digest::sha256_hex;
