@@ -32,6 +32,10 @@ pub struct Journal {
     /// The compose project the stack runs as (for `doctor`; absent in journals written before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// The compose services of the stack bkbundle last started here (to tell its containers from
+    /// others in the same project; absent in journals written before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     /// Steps completed for `bundle`.
     pub completed: Vec<String>,
     /// Path relative to the target → sha256 of the content bkbundle last wrote there.

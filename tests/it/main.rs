@@ -6,6 +6,7 @@
 
 mod demo_images;
 mod doctor;
+mod hardening;
 mod harness;
 mod harness_smoke;
 mod install;
