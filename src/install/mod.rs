@@ -42,6 +42,8 @@ pub struct InstallOptions {
     pub key: Option<PathBuf>,
     /// Overrides the config's health deadline.
     pub timeout_secs: Option<u64>,
+    /// How long to wait for another run's lock on the target (default [`crate::lock::DEFAULT_WAIT`]).
+    pub lock_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -195,8 +197,58 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
                 .as_slice(),
         ),
     };
+    // Plan and preflight without the target's lock (a dry run never takes it); the lock is taken
+    // before the first change, and when another run changed the target meanwhile, the plan is
+    // made again under the lock (so that, e.g., a second run never writes its own secrets).
+    let mut lock = None;
+    let mut replan = false;
+    loop {
+        match plan_and_execute(
+            &opts,
+            &reporter,
+            &ctx,
+            &stack,
+            &id,
+            steps.clone(),
+            t0,
+            &mut lock,
+            &mut replan,
+        )
+        .await
+        {
+            Err(_) if replan => replan = false,
+            r => return r,
+        }
+    }
+}
+
+/// What another run changes in the target (journal, `.env`): compared before and after the lock.
+fn target_state(target: &Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    (
+        std::fs::read(journal::path(target)).ok(),
+        std::fs::read(target.join(".env")).ok(),
+    )
+}
+
+/// Plan, preflight and (unless a dry run) execute: the body of [`run`] after verification, run
+/// again under the lock when another run changed the target meanwhile (`replan`). The body is
+/// written as it was inside `run` (hence `&ctx` on a reference).
+#[allow(clippy::too_many_arguments, clippy::needless_borrow)]
+async fn plan_and_execute(
+    opts: &InstallOptions,
+    reporter: &Arc<dyn Reporter>,
+    ctx: &Ctx,
+    stack: &crate::manifest::Stack,
+    id: &BundleId,
+    mut steps: Vec<Step>,
+    t0: Instant,
+    lock: &mut Option<crate::lock::LockGuard>,
+    replan: &mut bool,
+) -> Result<InstallReport> {
+    let reporter = reporter.clone();
+    let planned_on = target_state(&ctx.target);
     let mut journal = Journal::load(&ctx.target)?;
-    if journal.bundle.as_ref() != Some(&id) {
+    if journal.bundle.as_ref() != Some(id) {
         journal.completed.clear();
     }
 
@@ -361,9 +413,27 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         _ => return Err(Error::internal("preflight passed without an engine and compose")),
     };
 
+    // The target's lock, before the first change (see `run`).
+    if lock.is_none() {
+        let (r, target) = (reporter.clone(), ctx.target.clone());
+        let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
+        let guard = tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
+            .await
+            .map_err(|e| Error::internal(format!("lock task: {e}")))??;
+        let changed = target_state(&ctx.target) != planned_on;
+        *lock = Some(guard);
+        if changed {
+            reporter.note(&format!(
+                "another run changed {} while this one planned: planning again",
+                ctx.target.display()
+            ));
+            *replan = true;
+            return Err(Error::internal("plan again under the lock"));
+        }
+    }
 
     // 3. Execute, journaling each step.
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = lock.as_ref().and_then(|g| g.takeover_note()).into_iter().collect();
     journal.bundle = Some(id.clone());
     journal.project = Some(ctx.project.clone());
     journal.history.push(journal::Run {
