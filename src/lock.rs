@@ -75,6 +75,9 @@ impl Holder {
 
     /// "pid 1234 (`bkbundle install ...`), started 2026-...Z".
     pub fn describe(&self) -> String {
+        if self.pid == 0 {
+            return "a process that left no record (not a bkbundle run, or one that is just starting)".into();
+        }
         format!("pid {} (`{}`), started {}", self.pid, self.command, self.started)
     }
 }
@@ -126,6 +129,15 @@ pub fn acquire_target(target: &Path, wait: Duration, on_wait: &dyn Fn(&str)) -> 
         wait,
         on_wait,
     )
+    .map_err(|e| match e.kind {
+        Kind::Busy => e.hint("or let install wait longer for it: --lock-wait SECS"),
+        _ => e,
+    })
+}
+
+/// The holder of the target's install lock, if another process holds it now (read-only).
+pub fn target_holder(target: &Path) -> Option<Holder> {
+    holder_of(&target.join(crate::install::journal::DIR).join(TARGET_LOCK))
 }
 
 /// The exclusive lock of one object-store bucket on one NATS system, for uploads: at most one
@@ -325,9 +337,7 @@ fn busy(path: &Path, what: &str, holder: Option<Holder>, waited: Duration) -> Er
             path.display()
         ),
     );
-    e = e.hint(
-        "let that run finish, then run this command again (it is safe to re-run); or wait longer with --lock-wait SECS",
-    );
+    e = e.hint("let that run finish, then run this command again (it is safe to re-run)");
     if let Some(h) = holder.filter(|h| h.alive()) {
         e = e.hint(format!(
             "see what it is doing with `ps -o pid,etime,args -p {}`; the lock is released when it exits (never delete the lock file by hand)",
@@ -428,7 +438,11 @@ mod tests {
         assert!(e.message.contains("target T is locked"), "{}", e.message);
         assert!(e.message.contains("started 20"), "{}", e.message);
         assert!(e.message.contains("(`"), "the command is named: {}", e.message);
-        assert!(e.hints.iter().any(|h| h.contains("--lock-wait")), "{:?}", e.hints);
+        assert!(
+            e.hints.iter().any(|h| h.contains("run this command again")),
+            "{:?}",
+            e.hints
+        );
         assert_eq!(told.lock().unwrap().len(), 1, "told once that it waits");
         assert_eq!(holder_of(&p).map(|h| h.pid), Some(pid));
         drop(first);

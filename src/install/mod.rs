@@ -401,6 +401,14 @@ async fn plan_and_execute(
                     .collect::<String>()
             ),
         );
+        if let Some(h) = crate::lock::target_holder(&ctx.target) {
+            // Findings may be another run's work in progress (a port its stack just took).
+            hints.push(format!(
+                "another bkbundle run is changing {} right now: {}; wait for it to finish, then run this again",
+                ctx.target.display(),
+                h.describe()
+            ));
+        }
         hints.dedup();
         e.hints = hints;
         return Err(e);

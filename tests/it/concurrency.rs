@@ -223,6 +223,27 @@ fn a_stale_lock_is_taken_over_and_a_held_one_refused_while_a_dry_run_goes_ahead(
         .expect("flock(1) from util-linux");
     std::thread::sleep(std::time::Duration::from_millis(500));
     let dry = p.install(&bundle, &cfg, &["--dry-run", "--lock-wait", "1"]);
+    // Findings while another run holds the lock may be its work in progress: said so.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = fs::read_to_string(&cfg).unwrap();
+    let busy_port = p.dir.path().join("busy-port.toml");
+    fs::write(
+        &busy_port,
+        text.lines()
+            .map(|l| {
+                if l.starts_with("WEB_PORT") {
+                    format!("WEB_PORT = \"{port}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let findings = p.install(&bundle, &busy_port, &["--dry-run"]);
+    drop(taken);
     let t = std::time::Instant::now();
     let busy = p.install(&bundle, &cfg, &["--lock-wait", "2"]);
     let took = t.elapsed();
@@ -232,6 +253,15 @@ fn a_stale_lock_is_taken_over_and_a_held_one_refused_while_a_dry_run_goes_ahead(
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(findings.code, 8, "{}", findings.stderr);
+    assert!(
+        findings.stderr.contains(&format!(
+            "hint: another bkbundle run is changing {} right now",
+            p.target().display()
+        )),
+        "{}",
+        findings.stderr
+    );
     // Nothing to change: "already installed" needs no lock either.
     assert_eq!(busy.code, 0, "{}", busy.stderr);
     assert!(took < std::time::Duration::from_secs(30));
