@@ -18,7 +18,8 @@ Exit codes:
   7  local I/O failed (disk full, permissions)
   8  install's preflight found problems (nothing was changed)
   9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)
- 10  doctor found a problem of error severity (that --fix did not repair)";
+ 10  doctor found a problem of error severity (that --fix did not repair)
+ 11  another bkbundle run holds the lock on the same install target or bucket (nothing was changed)";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -167,6 +168,9 @@ pub struct InstallArgs {
     /// Health deadline in seconds (overrides the config's).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
+    #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
+    pub lock_wait: u64,
 }
 
 pub const REGIONS_HELP: &str = "\

@@ -31,6 +31,9 @@ pub enum Kind {
     /// 9: the stack did not become healthy (a service exited, restart-looped, turned unhealthy
     /// or missed the deadline).
     Unhealthy,
+    /// 11: another bkbundle run holds the lock on the same install target or bucket (it waited,
+    /// then gave up); nothing was changed.
+    Busy,
 }
 
 impl Kind {
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Io => 7,
             Kind::Preflight => 8,
             Kind::Unhealthy => 9,
+            Kind::Busy => 11,
         }
     }
     pub fn name(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Kind {
             Kind::Io => "io",
             Kind::Preflight => "preflight",
             Kind::Unhealthy => "unhealthy",
+            Kind::Busy => "busy",
         }
     }
 }

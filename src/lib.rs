@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod inspect;
 pub mod install;
+pub mod lock;
 pub mod logging;
 pub mod manifest;
 pub mod pack;

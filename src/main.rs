@@ -147,6 +147,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 require_signature: a.require_signature,
                 key: a.key,
                 timeout_secs: a.timeout,
+                lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
             };
             let rt = runtime()?;
             let r = rt.block_on(install::run(opts, reporter))?;

@@ -537,6 +537,9 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> (Checked, Vec<Error>) {
                         }
                     }
                 }
+                if files.contains(&s.compose) {
+                    problems.extend(check_offline(recipe, &dir, s));
+                }
             }
         }
         files.sort();
@@ -550,6 +553,68 @@ fn check_inputs(recipe: &Recipe, base: &Path) -> (Checked, Vec<Error>) {
         },
         problems,
     )
+}
+
+/// The offline guarantee of the stack: every service's image is one the recipe packs, nothing is
+/// built, nothing is pulled (`${VAR}` in an image is resolved from the env template, as compose
+/// would on the offline host). A recipe that packs no image at all makes a stack-only bundle whose
+/// images must already be in the install host's engine (install's preflight checks that).
+fn check_offline(recipe: &Recipe, dir: &Path, s: &manifest::RecipeStack) -> Vec<Error> {
+    use crate::install::offline;
+    let path = dir.join(&s.compose);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => return vec![Error::io("cannot read compose file", &path, e)],
+    };
+    let services = match offline::services(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![Error::input(format!(
+                "compose file {}: not valid YAML: {e}",
+                path.display()
+            ))]
+        }
+    };
+    let vars = s
+        .env_template
+        .as_ref()
+        .and_then(|t| fs::read_to_string(dir.join(t)).ok())
+        .map(|t| offline::template_values(&t))
+        .unwrap_or_default();
+    let packed: Vec<String> = recipe
+        .images
+        .iter()
+        .map(|i| offline::normalize_ref(&i.reference))
+        .collect();
+    let mut out = Vec::new();
+    let mut resolved = Vec::new();
+    for mut svc in services {
+        if let Some(image) = svc.image.clone().filter(|i| i.contains('$')) {
+            match offline::interpolate(&image, &vars) {
+                Ok(i) => svc.image = Some(i),
+                Err(missing) => {
+                    out.push(
+                        Error::input(format!(
+                            "compose file {}: service {}: image {image} depends on {}, which the env template does not set; pack cannot tell which image that is",
+                            path.display(),
+                            svc.name,
+                            missing.join(", ")
+                        ))
+                        .hint("write the service's image as a literal reference (or set the variable in the env template)"),
+                    );
+                    continue;
+                }
+            }
+        }
+        resolved.push(svc);
+    }
+    let stack_only = recipe.images.is_empty();
+    for p in offline::problems(&resolved, &|i| {
+        stack_only || packed.contains(&offline::normalize_ref(i))
+    }) {
+        out.push(Error::input(format!("compose file {}: {}", path.display(), p.message)).hint(p.hint));
+    }
+    out
 }
 
 /// Regular files under `dir`, relative, refusing links and special files.
@@ -591,16 +656,7 @@ fn file_mode(p: &Path) -> u32 {
 
 /// Pick the archive image a recipe ref names; a lone image is taken whatever its tag.
 fn pick_from_archive(reference: &str, images: &[SavedImage]) -> Option<SavedImage> {
-    let norm = |r: &str| {
-        let r = r.strip_prefix("docker.io/").unwrap_or(r);
-        let r = r.strip_prefix("library/").unwrap_or(r);
-        let last = r.rsplit('/').next().unwrap_or(r);
-        if last.contains(':') || last.contains('@') {
-            r.to_string()
-        } else {
-            format!("{r}:latest")
-        }
-    };
+    let norm = crate::install::offline::normalize_ref;
     let want = norm(reference);
     images
         .iter()

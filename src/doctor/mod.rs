@@ -1045,6 +1045,81 @@ fn stage_of(e: &NatsError) -> &'static str {
     }
 }
 
+/// The bucket's stream against its live objects: chunk sets no object refers to (uploads killed
+/// before their meta was written, replaced versions) take disk for nothing. `--fix` removes them,
+/// holding the bucket's upload lock so that no upload of bkbundle's is in flight.
+async fn stream_space(ctx: &mut Ctx<'_>, store: &Store, display: &str) {
+    let inv = match pnats::inventory(store).await {
+        Ok(i) => i,
+        Err(e) => {
+            ctx.add(
+                "packages",
+                Severity::Info,
+                format!("bucket {:?}", store.bucket),
+                format!("the stream's space was not checked: {e}"),
+            );
+            return;
+        }
+    };
+    if inv.unreferenced.is_empty() {
+        return;
+    }
+    let subject = format!("bucket {:?} stream OBJ_{}", store.bucket, store.bucket);
+    let messages: usize = inv.unreferenced.iter().map(|(_, n)| n).sum();
+    ctx.add(
+        "packages",
+        Severity::Warning,
+        subject.clone(),
+        format!(
+            "{} chunk set(s), {messages} message(s), belong to no object (uploads that never completed): the stream holds {} bytes for {} bytes of {} live object(s)",
+            inv.unreferenced.len(),
+            inv.stream_bytes,
+            inv.live_bytes,
+            inv.live_objects
+        ),
+    )
+    .evidence(format!(
+        "unreferenced chunk subjects: {}",
+        inv.unreferenced
+            .iter()
+            .take(5)
+            .map(|(n, c)| format!("$O.{}.C.{n} ({c})", store.bucket))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .fix("bkbundle doctor --fix (removes them while holding the bucket's upload lock; run it when no upload from the UI is in progress)");
+    if !ctx.opts.fix {
+        return;
+    }
+    let guard = match crate::lock::acquire_bucket_async(display, &store.bucket, Duration::from_secs(30)).await {
+        Ok(g) => g,
+        Err(e) => return ctx.add_error("packages", subject, e),
+    };
+    // Read again under the lock: an upload that finished meanwhile is live now.
+    let again = pnats::inventory(store)
+        .await
+        .map(|i| i.unreferenced)
+        .unwrap_or_default();
+    let mut purged = 0u64;
+    let mut failed = Vec::new();
+    for (nuid, _) in &again {
+        match pnats::purge_chunks(store, nuid).await {
+            Ok(n) => purged += n,
+            Err(e) => failed.push(format!("{nuid}: {e}")),
+        }
+    }
+    drop(guard);
+    if let Some(f) = ctx.findings.iter_mut().find(|f| f.subject == subject) {
+        if failed.is_empty() {
+            f.fixed = true;
+            f.evidence.push(format!("fixed: {purged} chunk message(s) removed"));
+        } else {
+            f.evidence
+                .push(format!("--fix could not remove: {}", failed.join("; ")));
+        }
+    }
+}
+
 fn empty_list(ctx: &mut Ctx<'_>) {
     let bundle = ctx.bundle_arg();
     ctx.add(
@@ -1112,6 +1187,7 @@ async fn packages_check(
             .evidence(format!("bucket {:?} on {display}", store.bucket))
             .fix(format!("bkbundle init-packages --auto --bundle {bundle} records it if the bundle has it; otherwise remove it: nats object rm {} {o:?}", store.bucket));
     }
+    stream_space(ctx, store, display).await;
     // With the bundle: the stored objects of its packages against its digests.
     if let Some(m) = &ctx.manifest {
         let mut differ = Vec::new();

@@ -1,6 +1,9 @@
 //! The host's Docker Compose, the tool operators keep using after install: `docker compose` (v2)
 //! or `docker-compose` (v1), detected. bkbundle only ever runs `version`, `config` and `up -d`:
-//! never `down`, never anything that removes volumes.
+//! never `down`, never anything that removes volumes. `up` never builds and never pulls: v2 gets
+//! `--pull never --no-build` (`--no-build` alone on a v2 too old for `--pull`), v1 (1.29 has no
+//! `--pull`) gets `--no-build`, and it pulls nothing because preflight made sure every image of
+//! every service is in the engine before `up` (see [`super::offline`]).
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -11,6 +14,8 @@ pub struct Compose {
     /// The program and leading arguments: ["docker", "compose"] or ["docker-compose"].
     pub argv: Vec<String>,
     pub version: String,
+    /// `up` accepts `--pull never` (Compose v2 from 2.7 on).
+    pub up_pull_flag: bool,
 }
 
 fn try_version(argv: &[&str]) -> Option<String> {
@@ -32,9 +37,11 @@ impl Compose {
     pub fn detect() -> Result<Compose> {
         for argv in [&["docker", "compose"][..], &["docker-compose"][..]] {
             if let Some(version) = try_version(argv) {
+                let up_pull_flag = !is_v1(&version) && up_help_has_pull(argv);
                 return Ok(Compose {
                     argv: argv.iter().map(|s| s.to_string()).collect(),
                     version,
+                    up_pull_flag,
                 });
             }
         }
@@ -49,15 +56,15 @@ impl Compose {
         format!("{} {}", self.argv.join(" "), self.version)
     }
 
-    fn command(&self, project: &str, compose_file: &Path, env_file: &Path) -> Command {
+    /// `env_file`: None when the stack has no env template (compose then reads a `.env` beside
+    /// the compose file, if there is one, as it does for the operator).
+    fn command(&self, project: &str, compose_file: &Path, env_file: Option<&Path>) -> Command {
         let mut c = Command::new(&self.argv[0]);
         c.args(&self.argv[1..]);
-        c.arg("-p")
-            .arg(project)
-            .arg("-f")
-            .arg(compose_file)
-            .arg("--env-file")
-            .arg(env_file);
+        c.arg("-p").arg(project).arg("-f").arg(compose_file);
+        if let Some(env_file) = env_file {
+            c.arg("--env-file").arg(env_file);
+        }
         if let Some(dir) = compose_file.parent() {
             c.current_dir(dir);
         }
@@ -70,7 +77,7 @@ impl Compose {
     }
 
     /// The rendered compose file (`config`), as YAML text.
-    pub fn config(&self, project: &str, compose_file: &Path, env_file: &Path) -> Result<String> {
+    pub fn config(&self, project: &str, compose_file: &Path, env_file: Option<&Path>) -> Result<String> {
         let mut c = self.command(project, compose_file, env_file);
         c.arg("config");
         let out = self.run(c, "read the compose file")?;
@@ -88,11 +95,20 @@ impl Compose {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The arguments of `up`: detached, never building, never pulling.
+    pub fn up_args(&self) -> Vec<&'static str> {
+        let mut a = vec!["up", "-d", "--remove-orphans", "--no-build"];
+        if self.up_pull_flag {
+            a.extend(["--pull", "never"]);
+        }
+        a
+    }
+
     /// `up -d`: create or update the stack; compose recreates only the services whose
-    /// configuration or image changed.
-    pub fn up(&self, project: &str, compose_file: &Path, env_file: &Path) -> Result<()> {
+    /// configuration or image changed. Never builds or pulls ([`Compose::up_args`]).
+    pub fn up(&self, project: &str, compose_file: &Path, env_file: Option<&Path>) -> Result<()> {
         let mut c = self.command(project, compose_file, env_file);
-        c.args(["up", "-d", "--remove-orphans"]);
+        c.args(self.up_args());
         let out = self.run(c, "start the stack")?;
         if !out.status.success() {
             return Err(Error::external(format!(
@@ -110,6 +126,24 @@ impl Compose {
     }
 }
 
+/// Compose v1 (docker-compose 1.x, Python) reports versions like `1.29.2`; v2 `2.20.2` or `v2.20.2`.
+fn is_v1(version: &str) -> bool {
+    version.trim_start_matches('v').starts_with("1.")
+}
+
+/// Whether this compose's `up` knows `--pull` (v2.7 and later; older v2 would refuse the flag).
+fn up_help_has_pull(argv: &[&str]) -> bool {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .args(["up", "--help"])
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.lines().any(|l| l.trim_start().starts_with("--pull"))
+        })
+        .unwrap_or(false)
+}
+
 fn tail(out: &Output, lines: usize) -> String {
     let text = format!(
         "{}{}",
@@ -122,4 +156,29 @@ fn tail(out: &Output, lines: usize) -> String {
         .map(|l| format!("    {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_never_builds_nor_pulls() {
+        let v1 = Compose {
+            argv: vec!["docker-compose".into()],
+            version: "1.29.2".into(),
+            up_pull_flag: false,
+        };
+        assert_eq!(v1.up_args(), ["up", "-d", "--remove-orphans", "--no-build"]);
+        let v2 = Compose {
+            argv: vec!["docker".into(), "compose".into()],
+            version: "2.20.2".into(),
+            up_pull_flag: true,
+        };
+        assert_eq!(
+            v2.up_args(),
+            ["up", "-d", "--remove-orphans", "--no-build", "--pull", "never"]
+        );
+        assert!(is_v1("1.29.2") && !is_v1("v2.20.2") && !is_v1("2.3.3"));
+    }
 }

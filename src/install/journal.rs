@@ -32,6 +32,10 @@ pub struct Journal {
     /// The compose project the stack runs as (for `doctor`; absent in journals written before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// The compose services of the stack bkbundle last started here (to tell its containers from
+    /// others in the same project; absent in journals written before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     /// Steps completed for `bundle`.
     pub completed: Vec<String>,
     /// Path relative to the target → sha256 of the content bkbundle last wrote there.
@@ -41,6 +45,39 @@ pub struct Journal {
 
 pub fn path(target: &Path) -> PathBuf {
     target.join(DIR).join(FILE)
+}
+
+/// The target's state directory `TARGET/.bkbundle` (journal, lock, staging), created if needed and
+/// kept private: mode 0700, since staging copies of `.env` hold the stack's secrets.
+pub fn state_dir(target: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = target.join(DIR);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {
+            if m.permissions().mode() & 0o777 != 0o700 {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .io_ctx("cannot set permissions of", &dir)?;
+            }
+        }
+        Ok(_) => {
+            return Err(Error::input(format!(
+                "{} is not a directory (bkbundle keeps its journal and lock there)",
+                dir.display()
+            ))
+            .hint("move it aside, then re-run"))
+        }
+        Err(_) => {
+            std::fs::create_dir_all(target).io_ctx("cannot create target directory", target)?;
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("cannot create", &dir, e)),
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .io_ctx("cannot set permissions of", &dir)?;
+        }
+    }
+    Ok(dir)
 }
 
 impl Journal {
@@ -58,8 +95,7 @@ impl Journal {
 
     pub fn save(&self, target: &Path) -> Result<()> {
         let p = path(target);
-        let dir = p.parent().unwrap_or(target);
-        std::fs::create_dir_all(dir).io_ctx("cannot create", dir)?;
+        state_dir(target)?;
         let text = serde_json::to_vec_pretty(self).map_err(|e| Error::internal(format!("journal: {e}")))?;
         write_atomic(&p, &text, 0o600)
     }

@@ -10,6 +10,8 @@ pub mod compose;
 pub mod health;
 pub mod journal;
 pub mod load;
+pub mod offline;
+pub mod staging;
 
 use crate::bundle::BundleReader;
 use crate::digest::sha256_hex;
@@ -39,6 +41,8 @@ pub struct InstallOptions {
     pub key: Option<PathBuf>,
     /// Overrides the config's health deadline.
     pub timeout_secs: Option<u64>,
+    /// How long to wait for another run's lock on the target (default [`crate::lock::DEFAULT_WAIT`]).
+    pub lock_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -89,6 +93,9 @@ pub struct Plan {
     pub env_added: Vec<String>,
     pub env_updated: Vec<String>,
     pub steps_to_run: Vec<String>,
+    /// Preflight's warnings: what will happen that the operator may not expect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,8 +196,58 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
                 .as_slice(),
         ),
     };
+    // Plan and preflight without the target's lock (a dry run never takes it); the lock is taken
+    // before the first change, and when another run changed the target meanwhile, the plan is
+    // made again under the lock (so that, e.g., a second run never writes its own secrets).
+    let mut lock = None;
+    let mut replan = false;
+    loop {
+        match plan_and_execute(
+            &opts,
+            &reporter,
+            &ctx,
+            &stack,
+            &id,
+            steps.clone(),
+            t0,
+            &mut lock,
+            &mut replan,
+        )
+        .await
+        {
+            Err(_) if replan => replan = false,
+            r => return r,
+        }
+    }
+}
+
+/// What another run changes in the target (journal, `.env`): compared before and after the lock.
+fn target_state(target: &Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    (
+        std::fs::read(journal::path(target)).ok(),
+        std::fs::read(target.join(".env")).ok(),
+    )
+}
+
+/// Plan, preflight and (unless a dry run) execute: the body of [`run`] after verification, run
+/// again under the lock when another run changed the target meanwhile (`replan`). The body is
+/// written as it was inside `run` (hence `&ctx` on a reference).
+#[allow(clippy::too_many_arguments, clippy::needless_borrow)]
+async fn plan_and_execute(
+    opts: &InstallOptions,
+    reporter: &Arc<dyn Reporter>,
+    ctx: &Ctx,
+    stack: &crate::manifest::Stack,
+    id: &BundleId,
+    mut steps: Vec<Step>,
+    t0: Instant,
+    lock: &mut Option<crate::lock::LockGuard>,
+    replan: &mut bool,
+) -> Result<InstallReport> {
+    let reporter = reporter.clone();
+    let planned_on = target_state(&ctx.target);
     let mut journal = Journal::load(&ctx.target)?;
-    if journal.bundle.as_ref() != Some(&id) {
+    if journal.bundle.as_ref() != Some(id) {
         journal.completed.clear();
     }
 
@@ -198,11 +255,13 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     let t = Instant::now();
     let mut findings: Vec<String> = Vec::new();
     let mut hints: Vec<String> = Vec::new();
+    let mut engine_error = None;
     let engine = match Engine::connect().await {
         Ok(e) => Some(e),
         Err(e) => {
             findings.push(e.message.clone());
             hints.extend(e.hints);
+            engine_error = Some(e.kind);
             None
         }
     };
@@ -215,10 +274,15 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     // stops the install before anything changes; seeded after the stack is healthy. A bundle
     // without an env template still has the install config's [env].
     let has_regions = has_regions(&ctx.manifest.regions);
-    let site = Some(match &env {
-        Some(e) => crate::regions::site_values(&e.values, &ctx.config.env),
-        None => ctx.config.env.clone(),
-    });
+    let site = match (&env, &stack.env_template) {
+        (Some(e), _) => Some(crate::regions::site_values(&e.values, &ctx.config.env)),
+        // No env template: the site values are the install config's (over an .env of the operator's own).
+        (None, None) => Some(crate::regions::site_values(
+            &offline::template_values(&std::fs::read_to_string(&ctx.env_file).unwrap_or_default()),
+            &ctx.config.env,
+        )),
+        (None, Some(_)) => None, // the template did not render: already a finding
+    };
     if let (true, Some(site)) = (has_regions, &site) {
         match crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
             Ok(desired) => {
@@ -266,6 +330,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         env_added: env.as_ref().map(|e| e.added.clone()).unwrap_or_default(),
         env_updated: env.as_ref().map(|e| e.updated.clone()).unwrap_or_default(),
         steps_to_run: vec![],
+        warnings: vec![],
     };
     if !has_regions {
         journal.mark("regions");
@@ -315,8 +380,23 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             None
         }
     };
+    let mut services = Vec::new();
     if let (Some(engine), Some(compose)) = (&engine, &compose) {
-        preflight(engine, compose, &ctx, &plan, env.as_ref(), &mut findings, &mut hints).await?;
+        let rendered = env.is_some() || stack.env_template.is_none();
+        let mut warnings = Vec::new();
+        services = preflight(
+            engine,
+            compose,
+            &ctx,
+            &plan,
+            rendered,
+            &journal,
+            &mut findings,
+            &mut hints,
+            &mut warnings,
+        )
+        .await?;
+        plan.warnings = warnings;
     }
     steps.push(Step {
         name: "preflight".into(),
@@ -325,13 +405,26 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     });
     if !findings.is_empty() {
         let mut e = Error::new(
-            Kind::Preflight,
+            // An unreachable engine is an external system's failure (exit 6), as documented.
+            engine_error.unwrap_or(Kind::Preflight),
             format!(
-                "preflight found {} problem(s); nothing was changed:\n  - {}",
+                "preflight found {} problem(s); nothing was changed:\n  - {}{}",
                 findings.len(),
-                findings.join("\n  - ")
+                findings.join("\n  - "),
+                plan.warnings
+                    .iter()
+                    .map(|w| format!("\nwarning: {w}"))
+                    .collect::<String>()
             ),
         );
+        if let Some(h) = crate::lock::target_holder(&ctx.target) {
+            // Findings may be another run's work in progress (a port its stack just took).
+            hints.push(format!(
+                "another bkbundle run is changing {} right now: {}; wait for it to finish, then run this again",
+                ctx.target.display(),
+                h.describe()
+            ));
+        }
         hints.dedup();
         e.hints = hints;
         return Err(e);
@@ -344,8 +437,27 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         _ => return Err(Error::internal("preflight passed without an engine and compose")),
     };
 
+    // The target's lock, before the first change (see `run`).
+    if lock.is_none() {
+        let (r, target) = (reporter.clone(), ctx.target.clone());
+        let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
+        let guard = tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
+            .await
+            .map_err(|e| Error::internal(format!("lock task: {e}")))??;
+        let changed = target_state(&ctx.target) != planned_on;
+        *lock = Some(guard);
+        if changed {
+            reporter.note(&format!(
+                "another run changed {} while this one planned: planning again",
+                ctx.target.display()
+            ));
+            *replan = true;
+            return Err(Error::internal("plan again under the lock"));
+        }
+    }
+
     // 3. Execute, journaling each step.
-    let mut notes = Vec::new();
+    let mut notes: Vec<String> = lock.as_ref().and_then(|g| g.takeover_note()).into_iter().collect();
     journal.bundle = Some(id.clone());
     journal.project = Some(ctx.project.clone());
     journal.history.push(journal::Run {
@@ -358,11 +470,23 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     journal.save(&ctx.target)?;
 
     let t = Instant::now();
-    let detail = load_images(&engine, &ctx, &plan, &*reporter).await?;
+    let detail = match load_images(&engine, &ctx, &plan, &*reporter).await {
+        Ok(d) => d,
+        Err(e) => {
+            run_failed(&mut journal, &ctx.target, "images");
+            return Err(e);
+        }
+    };
     step_done(&mut journal, &ctx.target, &mut steps, "images", t, detail)?;
 
     let t = Instant::now();
-    let detail = lay_out(&ctx, &plan, &mut journal, &mut notes)?;
+    let detail = match lay_out(&ctx, &plan, &mut journal, &mut notes) {
+        Ok(d) => d,
+        Err(e) => {
+            run_failed(&mut journal, &ctx.target, "layout");
+            return Err(e);
+        }
+    };
     step_done(&mut journal, &ctx.target, &mut steps, "layout", t, detail)?;
 
     let t = Instant::now();
@@ -371,7 +495,12 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         ctx.project,
         ctx.target.display()
     ));
-    compose.up(&ctx.project, &ctx.compose_file, &ctx.env_file)?;
+    let env_file = stack.env_template.as_ref().map(|_| ctx.env_file.as_path());
+    journal.services = services;
+    if let Err(e) = compose.up(&ctx.project, &ctx.compose_file, env_file) {
+        run_failed(&mut journal, &ctx.target, "start");
+        return Err(e);
+    }
     step_done(
         &mut journal,
         &ctx.target,
@@ -419,7 +548,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             Ok(r) => r,
             Err(e) => {
                 run_failed(&mut journal, &ctx.target, "regions");
-                return Err(e.into());
+                return Err(after_start(e.into(), "regions", &ctx));
             }
         };
         notes.extend(r.notes.iter().cloned());
@@ -453,7 +582,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
             Ok(r) => r,
             Err(e) => {
                 run_failed(&mut journal, &ctx.target, "packages");
-                return Err(Error::from(e).hint(
+                return Err(after_start(Error::from(e), "packages", &ctx).hint(
                     "after fixing it, re-run `bkbundle install` (it resumes here) or `bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env`",
                 ));
             }
@@ -515,6 +644,25 @@ fn run_failed(journal: &mut Journal, target: &Path, what: &str) {
         run.outcome = format!("failed: {what}");
     }
     let _ = journal.save(target);
+}
+
+/// The error of a step that runs after the stack was started (regions, packages): the step's own
+/// message may say "nothing was changed" of its data; make it true of the install as a whole.
+fn after_start(mut e: Error, step: &str, ctx: &Ctx) -> Error {
+    let what = match step {
+        "regions" => "the cloud regions' env was not changed",
+        "packages" => "no package was changed",
+        _ => "this step changed nothing",
+    };
+    for phrase in ["nothing was changed", "nothing was written"] {
+        e.message = e.message.replace(phrase, what);
+    }
+    e.message.push_str(&format!(
+        "\ninstall stopped at its {step} step: it had already loaded the images, laid out {} and started compose project {} (the stack is running)",
+        ctx.target.display(),
+        ctx.project
+    ));
+    e
 }
 
 /// Whether the bundle declares cloud-region env to seed.
@@ -738,16 +886,20 @@ fn decide(target: &Path, rel: String, content: Vec<u8>, mode: u32, journal: &Jou
     }
 }
 
+/// The checks that need the engine and compose. `rendered`: the stack's `.env` is known (rendered
+/// from the template, or the stack has none). Returns the stack's services.
 #[allow(clippy::too_many_arguments)]
 async fn preflight(
     engine: &Engine,
     compose: &Compose,
     ctx: &Ctx,
     plan: &Plan,
-    env: Option<&envfile::Rendered>,
+    rendered: bool,
+    journal: &Journal,
     findings: &mut Vec<String>,
     hints: &mut Vec<String>,
-) -> Result<()> {
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>> {
     // Free space: docker load unpacks through a temporary copy, so twice the images' size.
     let to_load: u64 = plan
         .images
@@ -783,25 +935,31 @@ async fn preflight(
             ));
         }
     }
-    // The rendered compose file, checked by compose itself in a staging copy; then its ports.
-    if env.is_none() {
-        return Ok(()); // the env template did not render: already a finding
+    // The rendered compose file, checked by compose itself in a private staging copy (it holds the
+    // secrets: see `staging`); then its images, build and pull settings, and ports.
+    if !rendered {
+        return Ok(vec![]); // the env template did not render: already a finding
     }
-    let staging = tempdir_for(&ctx.target)?;
+    staging::remove_stale(&ctx.target);
+    let staging = staging::Staging::new(&ctx.target)?;
     for f in &plan.files {
-        let p = staging.join(&f.path);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io("cannot create", d, e))?;
+        // Operator-edited files are used as they are: check those, not the bundle's.
+        if f.action == FileAction::KeepEdited {
+            staging.copy_in(&ctx.target.join(&f.path), &f.path)?;
+        } else {
+            staging.write(&f.path, &f.content)?;
         }
-        std::fs::write(&p, &f.content).map_err(|e| Error::io("cannot write", &p, e))?;
     }
-    // Operator-edited files are used as they are: check those, not the bundle's.
-    for f in plan.files.iter().filter(|f| f.action == FileAction::KeepEdited) {
-        let _ = std::fs::copy(ctx.target.join(&f.path), staging.join(&f.path));
+    let with_template = plan.files.iter().any(|f| f.path == ".env");
+    if !with_template && ctx.env_file.is_file() {
+        // No template: compose reads the operator's own .env beside the compose file.
+        staging.copy_in(&ctx.env_file, ".env")?;
     }
-    let cf = staging.join(ctx.compose_file.strip_prefix(&ctx.target).unwrap_or(&ctx.compose_file));
-    let ef = staging.join(".env");
-    let yaml = match compose.config(&ctx.project, &cf, &ef) {
+    let cf = staging
+        .path()
+        .join(ctx.compose_file.strip_prefix(&ctx.target).unwrap_or(&ctx.compose_file));
+    let ef = staging.path().join(".env");
+    let yaml = match compose.config(&ctx.project, &cf, with_template.then_some(ef.as_path())) {
         Ok(y) => Some(y),
         Err(e) if e.kind == Kind::Input => {
             findings.push(e.message);
@@ -809,7 +967,37 @@ async fn preflight(
         }
         Err(e) => return Err(e),
     };
-    let _ = std::fs::remove_dir_all(&staging);
+    drop(staging);
+    let mut services = Vec::new();
+    if let Some(yaml) = &yaml {
+        match offline::services(yaml) {
+            Ok(s) => services = s,
+            Err(e) => findings.push(format!("cannot read `{} config` output: {e}", compose.name())),
+        }
+    }
+    // The offline guarantee: nothing to build, nothing to pull.
+    let mut available = std::collections::BTreeSet::new();
+    for s in &services {
+        let Some(image) = &s.image else { continue };
+        let n = offline::normalize_ref(image);
+        let in_bundle = ctx
+            .manifest
+            .images
+            .iter()
+            .any(|i| i.refs.iter().any(|r| offline::normalize_ref(r) == n));
+        if in_bundle || engine.image(image).await?.is_some() {
+            available.insert(image.clone());
+        }
+    }
+    for p in offline::problems(&services, &|i| available.contains(i)) {
+        findings.push(format!("offline: {}", p.message));
+        hints.push(p.hint);
+    }
+    // `up --remove-orphans` removes the project's containers of services this stack lacks.
+    let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+    if yaml.is_some() {
+        orphan_warnings(engine, ctx, journal, &names, warnings).await?;
+    }
     if let Some(yaml) = yaml {
         let ours: Vec<(String, u16, String)> = engine
             .project_containers(&ctx.project)
@@ -832,18 +1020,40 @@ async fn preflight(
             }
         }
     }
-    Ok(())
+    Ok(names)
 }
 
-fn tempdir_for(target: &Path) -> Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!(
-        "bkbundle-preflight-{}-{}",
-        std::process::id(),
-        sha256_hex(target.to_string_lossy().as_bytes()).get(..8).unwrap_or("")
-    ));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).map_err(|e| Error::io("cannot create", &base, e))?;
-    Ok(base)
+/// Warn about the containers of the compose project that bkbundle did not create here: `up
+/// --remove-orphans` removes those of services this stack lacks, and compose takes over (recreates)
+/// those of services it has.
+async fn orphan_warnings(
+    engine: &Engine,
+    ctx: &Ctx,
+    journal: &Journal,
+    services: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let ours_before = journal.project.as_deref() == Some(ctx.project.as_str());
+    for c in engine.project_containers(&ctx.project).await? {
+        let in_stack = services.contains(&c.service);
+        // Services of the stack bkbundle started here before (removed by this version: expected).
+        let known = ours_before && (journal.services.is_empty() || journal.services.contains(&c.service));
+        if !in_stack && !known {
+            warnings.push(format!(
+                "compose project {} has container {} (service {}), which this stack does not define and bkbundle did not create; `up --remove-orphans` will remove it (choose another `project` in the install config to keep it)",
+                ctx.project, c.name, c.service
+            ));
+        } else if in_stack && !ours_before {
+            warnings.push(format!(
+                "compose project {} already has container {} (service {}), not created by an install in {}; compose will recreate it with this stack's configuration",
+                ctx.project,
+                c.name,
+                c.service,
+                ctx.target.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// (service, host ip, port, protocol) of every published port in `compose config` output, in
@@ -1071,6 +1281,9 @@ pub fn render(r: &InstallReport) -> String {
             "  service {:<20} {:<10} after {:.1}s",
             sv.service, sv.state, sv.ready_after_secs
         );
+    }
+    for w in &r.plan.warnings {
+        let _ = writeln!(s, "warning: {w}");
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");

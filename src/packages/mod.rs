@@ -380,11 +380,28 @@ pub async fn run_with_env(
     let nc = nats::connect(&nt).await?;
     let max_payload = nc.server_info().max_payload;
     report.chunk_size = if max_payload > 0 { CHUNK.min(max_payload) } else { CHUNK };
+    // One upload per bucket at a time (a second run waits, then refuses naming the holder); the
+    // holder keeps a list of the uploads it began, so that what a killed run left is removed.
+    let (_bucket_lock, pending) = if opts.dry_run {
+        (None, None)
+    } else {
+        let guard = crate::lock::acquire_bucket_async(&nt.display(), &bucket, BUCKET_LOCK_WAIT)
+            .await
+            .map_err(PackagesError::Bundle)?;
+        report.notes.extend(guard.takeover_note());
+        let pending = crate::lock::bucket_pending_file(&nt.display(), &bucket)
+            .map(Pending)
+            .map_err(PackagesError::Bundle)?;
+        (Some(guard), Some(pending))
+    };
     let store = open_store(&nc, &nt, &bucket, !opts.dry_run).await?;
     if store.is_none() {
         report
             .notes
             .push(format!("bucket {bucket:?} does not exist: it would be created"));
+    }
+    if let (Some(s), Some(p)) = (&store, &pending) {
+        reclaim_interrupted(s, p, &mut report).await;
     }
 
     // 3. The plan.
@@ -496,7 +513,7 @@ pub async fn run_with_env(
                 let s = store
                     .as_ref()
                     .ok_or_else(|| PackagesError::Internal("no object store after planning".into()))?;
-                upload(s, &bundle, pl, report.chunk_size, &bucket).await?;
+                upload(s, &bundle, pl, report.chunk_size, &bucket, pending.as_ref()).await?;
                 report.bytes_sent += pl.size;
             }
             if pl.action != ObjectAction::LeftAlone {
@@ -578,6 +595,81 @@ pub async fn run_with_env(
     Ok(report)
 }
 
+/// How long a run waits for another upload to the same bucket to finish.
+const BUCKET_LOCK_WAIT: Duration = Duration::from_secs(300);
+
+/// The uploads the bucket lock's holder began and has not finished: one nuid per line
+/// ([`crate::lock::bucket_pending_file`]). Only the holder of the bucket's lock touches it.
+struct Pending(std::path::PathBuf);
+
+impl Pending {
+    fn list(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+    fn write(&self, nuids: &[String]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let tmp = self.0.with_extension("pending.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        for n in nuids {
+            writeln!(f, "{n}")?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.0)
+    }
+    fn add(&self, nuid: &str) -> std::io::Result<()> {
+        let mut all = self.list();
+        all.push(nuid.to_string());
+        self.write(&all)
+    }
+    fn remove(&self, nuid: &str) -> std::io::Result<()> {
+        let all: Vec<String> = self.list().into_iter().filter(|n| n != nuid).collect();
+        self.write(&all)
+    }
+}
+
+/// Remove the chunks of uploads a killed run began (listed in `pending`) that no object refers
+/// to, so that kills do not fill the stream with unreachable chunks.
+async fn reclaim_interrupted(s: &Store, pending: &Pending, report: &mut PackagesReport) {
+    let listed = pending.list();
+    if listed.is_empty() {
+        return;
+    }
+    let inv = match nats::inventory(s).await {
+        Ok(i) => i,
+        Err(e) => {
+            report.notes.push(format!(
+                "the chunks of {} interrupted upload(s) were not removed (the stream could not be read: {e}); `bkbundle doctor --fix` removes them later",
+                listed.len()
+            ));
+            return;
+        }
+    };
+    let mut purged = 0u64;
+    let mut left = Vec::new();
+    for nuid in &listed {
+        if !inv.unreferenced.iter().any(|(n, _)| n == nuid) {
+            continue; // finished after all (its meta names it), or nothing was sent
+        }
+        match nats::purge_chunks(s, nuid).await {
+            Ok(n) => purged += n,
+            Err(_) => left.push(nuid.clone()),
+        }
+    }
+    let _ = pending.write(&left);
+    if purged > 0 {
+        report.notes.push(format!(
+            "removed {purged} chunk message(s) of {} upload(s) a killed run had begun",
+            listed.len() - left.len()
+        ));
+    }
+}
+
 /// Publishes in flight before the oldest ack is awaited. async-nats' own `put` awaits every
 /// chunk's ack before sending the next (measured: 1 MiB chunks ~330 MB/s end to end here);
 /// keeping a few in flight hides the round trip. Memory: WINDOW + channel chunks of `CHUNK`.
@@ -592,6 +684,7 @@ async fn upload(
     pl: &Planned,
     chunk: usize,
     bucket: &str,
+    pending: Option<&Pending>,
 ) -> Result<(), PackagesError> {
     let expected = nats_digest(&pl.sha);
     let mut chunk = chunk;
@@ -601,7 +694,7 @@ async fn upload(
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             chunk = chunk.min(CHUNK - (64 << 10));
         }
-        match put(s, bundle, pl, chunk).await {
+        match put(s, bundle, pl, chunk, pending).await {
             Ok((sha, size)) if sha == pl.sha && size == pl.size => {
                 let found = info(s, &pl.key).await.map_err(|m| PackagesError::Upload {
                     key: pl.key.clone(),
@@ -668,6 +761,7 @@ async fn put(
     bundle: &Option<Arc<BundleReader>>,
     pl: &Planned,
     chunk: usize,
+    pending: Option<&Pending>,
 ) -> Result<([u8; 32], u64), PutFailure> {
     let previous = raw_meta(s, &pl.key)
         .await
@@ -676,6 +770,30 @@ async fn put(
         .and_then(|v| v.get("nuid").and_then(|n| n.as_str()).map(str::to_string));
     let nuid = nuid::next().to_string();
     let chunk_subject = format!("$O.{}.C.{nuid}", s.bucket);
+    // Listed before the first chunk is sent: a kill from here on leaves chunks the next run
+    // removes. Taken off the list once the upload ended either way (meta written, or purged).
+    if let Some(p) = pending {
+        p.add(&nuid)
+            .map_err(|e| PutFailure::Nats(format!("cannot record the upload in {}: {e}", p.0.display())))?;
+    }
+    let result = put_chunks(s, bundle, pl, chunk, &nuid, &chunk_subject, previous).await;
+    if let Some(p) = pending {
+        let _ = p.remove(&nuid);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn put_chunks(
+    s: &Store,
+    bundle: &Option<Arc<BundleReader>>,
+    pl: &Planned,
+    chunk: usize,
+    nuid: &str,
+    chunk_subject: &str,
+    previous: Option<String>,
+) -> Result<([u8; 32], u64), PutFailure> {
+    let chunk_subject = chunk_subject.to_string();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let b = bundle.clone();
     let src = pl.source.clone();
@@ -790,7 +908,7 @@ async fn put(
         return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
     }
     // The previous version's chunks are unreachable now.
-    if let Some(old) = previous.filter(|o| *o != nuid) {
+    if let Some(old) = previous.filter(|o| o != nuid) {
         let _ = s.stream.purge().filter(format!("$O.{}.C.{old}", s.bucket)).await;
     }
     Ok((sha, size))

@@ -438,6 +438,83 @@ pub async fn raw_meta(s: &Store, key: &str) -> Result<Option<serde_json::Value>,
     serde_json::from_slice(&m.payload).map(Some).map_err(|e| e.to_string())
 }
 
+/// What the bucket's stream holds: its bytes, the live objects (by the nuid of their chunks) and
+/// chunk sets no live object refers to (an upload that was killed before its meta was written,
+/// or a replaced version whose chunks were not purged).
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub stream_bytes: u64,
+    pub stream_messages: u64,
+    pub live_objects: usize,
+    pub live_bytes: u64,
+    /// `(nuid, chunk messages)` of chunk sets no live object's meta names.
+    pub unreferenced: Vec<(String, usize)>,
+}
+
+/// Read the bucket's [`Inventory`]: the metas (one per object, small) and the chunk subjects with
+/// their message counts (the stream's own per-subject index), never a chunk's payload.
+pub async fn inventory(s: &Store) -> Result<Inventory, String> {
+    let info = s.stream.get_info().await.map_err(|e| chain(&e))?;
+    let mut inv = Inventory {
+        stream_bytes: info.state.bytes,
+        stream_messages: info.state.messages,
+        ..Default::default()
+    };
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    let mut metas = s
+        .stream
+        .info_with_subjects(format!("$O.{}.M.>", s.bucket))
+        .await
+        .map_err(|e| chain(&e))?;
+    let mut meta_subjects = Vec::new();
+    while let Some(x) = metas.next().await {
+        meta_subjects.push(x.map_err(|e| chain(&e))?.0);
+    }
+    for subject in meta_subjects {
+        let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(_) => continue, // purged meanwhile
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        if v.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false) {
+            continue;
+        }
+        if let Some(n) = v.get("nuid").and_then(|n| n.as_str()) {
+            live.insert(n.to_string());
+            inv.live_objects += 1;
+            inv.live_bytes += v.get("size").and_then(|z| z.as_u64()).unwrap_or(0);
+        }
+    }
+    let prefix = format!("$O.{}.C.", s.bucket);
+    let mut chunks = s
+        .stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| chain(&e))?;
+    while let Some(x) = chunks.next().await {
+        let (subject, count) = x.map_err(|e| chain(&e))?;
+        if let Some(nuid) = subject.strip_prefix(&prefix) {
+            if !live.contains(nuid) {
+                inv.unreferenced.push((nuid.to_string(), count));
+            }
+        }
+    }
+    inv.unreferenced.sort();
+    Ok(inv)
+}
+
+/// Remove the chunks of `nuid` from the bucket's stream; returns how many messages went.
+pub async fn purge_chunks(s: &Store, nuid: &str) -> Result<u64, String> {
+    s.stream
+        .purge()
+        .filter(format!("$O.{}.C.{nuid}", s.bucket))
+        .await
+        .map(|r| r.purged)
+        .map_err(|e| chain(&e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -791,3 +791,134 @@ fn fuzz_every_damaged_bundle_ends_in_a_verdict_within_bounds() {
     // Most mutations must be caught; a few (a flip in an unused header byte) may not matter.
     assert!(verdicts[0] > CASES as usize * 3 / 4, "refused/accepted: {verdicts:?}");
 }
+
+/// Messages and bytes of the bucket's stream, read with nats-py (the upstream client).
+fn stream_state(nats: &str, bucket: &str) -> (u64, u64) {
+    let out = crate::packages::python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); si=await nc.jetstream().stream_info('OBJ_'+sys.argv[2]); print(si.state.messages, si.state.bytes); await nc.close()\nasyncio.run(m())",
+        &[nats, bucket],
+    );
+    let mut it = out.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// Issue 11 item 7: uploads killed again and again leave no chunks behind once a run completes,
+/// and chunks nobody refers to (from any client) are reported by doctor and removed by --fix.
+#[test]
+fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
+    let pg = PgCluster::shared();
+    let name = crate::harness::unique_db_name("chunks");
+    let db = crate::harness::release_database(pg, "0044", &name);
+    let nats = NatsServer::start(NatsOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let locks = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bigprobe-1.0.0-linux-amd64");
+    {
+        // 64 MiB of a counter pattern (it does not compress away).
+        let mut f = std::io::BufWriter::new(fs::File::create(&file).unwrap());
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0u32..64 {
+            for (j, b) in block.iter_mut().enumerate() {
+                *b = (j as u32).wrapping_mul(2654435761).wrapping_add(i) as u8;
+            }
+            f.write_all(&block).unwrap();
+        }
+    }
+    let cmd = |extra: &[&str]| {
+        let mut c = bkbundle();
+        c.env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .env("BKBUNDLE_LOCK_DIR", locks.path())
+            .args(["init-packages", "--auto", "--dir", dir.path().to_str().unwrap()])
+            .args(["--database-url", &db, "--nats-url", &nats.url()])
+            .args(extra);
+        c
+    };
+    // Kill runs part-way through their upload: once one has listed an upload as begun (its
+    // bucket lock's `.pending` file), and a moment later, when chunks are on their way.
+    let upload_begun = || {
+        fs::read_dir(locks.path()).unwrap().flatten().any(|e| {
+            e.file_name().to_string_lossy().ends_with(".pending")
+                && fs::metadata(e.path()).map(|m| m.len() > 0).unwrap_or(false)
+        })
+    };
+    let mut kills = 0;
+    for _ in 0..20 {
+        if kills == 3 {
+            break;
+        }
+        let mut child = cmd(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && child.try_wait().unwrap().is_none() && !upload_begun() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+        } else {
+            assert_eq!(
+                pg.psql(&name, "SELECT count(*) FROM node_mgmt_packageversion"),
+                "0",
+                "a run finished: make the package bigger"
+            );
+        }
+    }
+    assert_eq!(kills, 3, "could not kill three uploads part-way");
+    let (messages, _) = stream_state(&nats.url(), "bklite");
+    assert!(messages > 0, "the kills left chunks behind: {messages}");
+    // The next run completes and removes what the killed ones left: one object of 64 chunks and
+    // its meta remain.
+    let out = cmd(&["--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["notes"].to_string().contains("a killed run had begun"), "{v}");
+    // The killed holder's command line is named, without the database password in its URL.
+    let password = db.split(':').nth(2).and_then(|p| p.split('@').next()).unwrap();
+    assert!(
+        v["notes"].to_string().contains("took over the lock")
+            && !out.stdout.windows(password.len()).any(|w| w == password.as_bytes()),
+        "{v}"
+    );
+    assert_eq!(stream_state(&nats.url(), "bklite").0, 65, "{v}");
+
+    // Chunks of another client's upload that never completed: doctor reports, --fix removes.
+    crate::packages::python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); js=nc.jetstream()\n    for i in range(3): await js.publish('$O.bklite.C.strayNUID0123456789ab', b'x'*1000)\n    await nc.close()\nasyncio.run(m())",
+        &[&nats.url()],
+    );
+    assert_eq!(stream_state(&nats.url(), "bklite").0, 68);
+    let doctor = |extra: &[&str]| {
+        let out = bkbundle()
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .env("BKBUNDLE_LOCK_DIR", locks.path())
+            .args(["--json", "doctor", "--database-url", &db, "--nats-url", &nats.url()])
+            .args(extra)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let v = doctor(&[]);
+    let f: Vec<_> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["subject"].as_str().unwrap_or("").contains("stream OBJ_bklite"))
+        .collect();
+    assert_eq!(f.len(), 1, "{v:#}");
+    assert!(
+        f[0].to_string().contains("strayNUID0123456789ab") && f[0]["severity"] == "warning",
+        "{v:#}"
+    );
+    let v = doctor(&["--fix"]);
+    assert!(v.to_string().contains("fixed: 3 chunk message(s) removed"), "{v:#}");
+    assert_eq!(stream_state(&nats.url(), "bklite").0, 65);
+}

@@ -30,7 +30,7 @@ impl Project {
         self.path("target")
     }
     /// An install config with this project's name, a free web port and a short deadline.
-    fn config(&self, timeout: u64, extra_env: &str) -> PathBuf {
+    pub(crate) fn config(&self, timeout: u64, extra_env: &str) -> PathBuf {
         let p = self.path("install.toml");
         let text = format!(
             "format = 1\nproject = \"{}\"\n[env]\nWEB_PORT = \"{}\"\nPOSTGRES_PORT = \"{}\"\nNATS_PORT = \"{}\"\n{extra_env}\n[health]\ntimeout_secs = {timeout}\nsteady_secs = 2\n",
@@ -55,7 +55,7 @@ impl Project {
         args.extend_from_slice(extra);
         bk(&args)
     }
-    fn containers(&self) -> Vec<String> {
+    pub(crate) fn containers(&self) -> Vec<String> {
         let r = run(Command::new("docker").args([
             "ps",
             "-a",
@@ -94,7 +94,7 @@ impl Drop for Project {
 }
 
 /// Pack a bundle of `images` and a compose file `compose` (a string) into `dir`.
-fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str], compose: &str) -> PathBuf {
+pub(crate) fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str], compose: &str) -> PathBuf {
     let stack = dir.join(format!("stack-{version}"));
     fs::create_dir_all(&stack).unwrap();
     fs::write(stack.join("docker-compose.yml"), compose).unwrap();
@@ -120,7 +120,7 @@ fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str], compose: &
 }
 
 /// A compose file: a healthy web service plus `extra` services.
-fn compose_with(extra: &str) -> String {
+pub(crate) fn compose_with(extra: &str) -> String {
     format!(
         r#"version: "2.4"
 services:

@@ -4,10 +4,12 @@
 //! free loopback ports. A missing prerequisite fails the test with the command that installs it
 //! (`scripts/setup.sh`); nothing is skipped silently.
 
+mod concurrency;
 mod demo_images;
 mod doctor;
 mod fixtures;
 mod hardening;
+mod hardening_install;
 mod harness;
 mod harness_smoke;
 mod install;

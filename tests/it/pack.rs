@@ -67,11 +67,22 @@ pub fn demo_bundle() -> &'static Path {
     p
 }
 
-/// A recipe in `dir` with the given image and package sections and the demo stack.
+/// A recipe in `dir` with the given image and package sections and a stack of one service per
+/// image (pack refuses a stack whose images the recipe does not pack).
 fn recipe(dir: &Path, images: &str, packages: &str) -> PathBuf {
+    let stack = dir.join("stack");
+    fs::create_dir_all(&stack).unwrap();
+    let mut compose = String::from("services:\n");
+    for (n, r) in images.lines().filter_map(|l| l.strip_prefix("ref = ")).enumerate() {
+        compose.push_str(&format!("  s{n}:\n    image: {r}\n"));
+    }
+    if compose == "services:\n" {
+        compose = "services: {}\n".into();
+    }
+    fs::write(stack.join("docker-compose.yml"), compose).unwrap();
     let text = format!(
         "format = 1\n[bundle]\nname = \"t\"\nversion = \"1\"\n{images}\n{packages}\n[stack]\ndir = \"{}\"\ncompose = \"docker-compose.yml\"\n",
-        demo_dir().join("stack").display()
+        stack.display()
     );
     let p = dir.join("recipe.toml");
     fs::write(&p, text).unwrap();
@@ -407,9 +418,12 @@ fn a_missing_image_is_named_and_nothing_is_written() {
         v.stderr
     );
     assert_eq!(
-        fs::read_dir(d.path()).unwrap().count(),
+        fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "stack")
+            .count(),
         1,
-        "only the recipe: no bundle, no partial file"
+        "only the recipe (and its stack): no bundle, no partial file"
     );
 }
 
