@@ -6,6 +6,7 @@
 
 mod demo_images;
 mod doctor;
+mod doctor_releases;
 mod fixtures;
 mod harness;
 mod harness_smoke;
