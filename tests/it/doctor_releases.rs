@@ -102,6 +102,12 @@ fn doctor_diagnoses_seed_000_on_each_release() {
             text.contains("missing") && text.contains("doctor --fix") && f["fixed"] == false,
             "{release}: {f:#}"
         );
+        // The fix says what it will write: region 1's value with east's proxy host (from the
+        // column, or the PROXY_ADDRESS row on releases without one).
+        assert!(
+            f["fix"].as_str().unwrap().contains("with proxy 10.1.0.9"),
+            "{release}: {f:#}"
+        );
         // East's service rows, where the release has the table.
         if services_table(release) {
             let f = the_finding(&v, "regions", "warning", &["east", "services"]);
