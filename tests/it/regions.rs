@@ -387,24 +387,36 @@ fn tables_missing_means_not_migrated_and_the_wait_is_bounded() {
         "{e}"
     );
     assert!(t.elapsed() < Duration::from_secs(15));
-    // ...and goes on as soon as the tables of any release appear.
-    for release in RELEASES {
-        let name = unique_db_name(&format!("migrating_{release}"));
-        let mut o = options(Mode::Apply, "", &pg.create_database(&name));
-        o.wait_for_migrations = Some(Duration::from_secs(60));
-        let migrate = std::thread::scope(|s| {
-            let h = s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(500));
-                pg.psql_script(&name, &crate::harness::release_fixture(release), release);
-            });
-            let r = rt().block_on(regions::run_with_env(&o, &no_env));
-            h.join().expect("migrate thread");
-            r
-        });
-        let r = migrate.unwrap_or_else(|e| panic!("{release}: apply after waiting: {e}"));
-        assert_eq!(r.created, 4, "{release}");
-        assert_eq!(r.release, Some(release_label(release)));
-    }
+    // ...and goes on as soon as the tables of any release appear (the releases side by side:
+    // each wait is mostly sleeping).
+    std::thread::scope(|s| {
+        let waits: Vec<_> = RELEASES
+            .iter()
+            .map(|&release| {
+                let h = s.spawn(move || {
+                    let name = unique_db_name(&format!("migrating_{release}"));
+                    let mut o = options(Mode::Apply, "", &pg.create_database(&name));
+                    o.wait_for_migrations = Some(Duration::from_secs(60));
+                    let migrate = std::thread::scope(|s| {
+                        let h = s.spawn(|| {
+                            std::thread::sleep(Duration::from_millis(500));
+                            pg.psql_script(&name, &crate::harness::release_fixture(release), release);
+                        });
+                        let r = rt().block_on(regions::run_with_env(&o, &no_env));
+                        h.join().expect("migrate thread");
+                        r
+                    });
+                    migrate.unwrap_or_else(|e| panic!("{release}: apply after waiting: {e}"))
+                });
+                (release, h)
+            })
+            .collect();
+        for (release, h) in waits {
+            let r = h.join().expect("a waiting apply panicked");
+            assert_eq!(r.created, 4, "{release}");
+            assert_eq!(r.release, Some(release_label(release)));
+        }
+    });
 }
 
 #[test]
