@@ -560,6 +560,15 @@ fn proxy_address_replaces_the_host_and_ids_never_collide() {
         let west = r.regions.iter().find(|x| x.name == "west").unwrap();
         assert_eq!(west.id, Some(2), "{release}: region 2 after the explicit id 1");
         assert_eq!(west.action, Some(Action::Create));
+        // No Redis and no server container known: nothing can clear the server's cache, and the
+        // report says so instead of claiming it was cleared.
+        assert_eq!(r.cache.backend.as_deref(), Some("unknown"), "{release}");
+        assert!(!r.cache.cleared, "{release}: {:?}", r.cache);
+        let text = regions::render(&r);
+        assert!(
+            !text.contains("server cache cleared") && text.contains("agents may get the old values for up to 300 s"),
+            "{release}: {text}"
+        );
         assert_eq!(
             env_row(pg, &db, 2, "NODE_SERVER_URL"),
             "https://10.2.0.7:443|str|false|",
