@@ -471,6 +471,11 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
         let local = ctx.opts.config.regions.iter().any(|r| r.name == region.name && r.local);
         let subject = |key: &str| format!("region {:?} (id {}) {key}", region.name, region.id);
         let problems = rules::stored_problems(&stored, &required, why, local);
+        // A release without the proxy_address column keeps the proxy in the PROXY_ADDRESS row.
+        let proxy = match stored.get(rules::PROXY_ADDRESS_KEY) {
+            Some((p, _)) if region.proxy_address.is_empty() => p.clone(),
+            _ => region.proxy_address.clone(),
+        };
         let mut missing = Vec::new();
         for (key, message) in problems {
             let is_missing = !stored.contains_key(&key);
@@ -492,7 +497,7 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
                 f.evidence("agents of this region get server_url \"null/api/v1/node_mgmt/open_api/node\" (or no server) and restart-loop while their install tasks say success");
             }
             f.fix(if inheritable {
-                format!("bkbundle doctor --fix (adds it from region default{})", if region.proxy_address.is_empty() { String::new() } else { format!(", with proxy {}", region.proxy_address) })
+                format!("bkbundle doctor --fix (adds it from region default{})", if proxy.is_empty() { String::new() } else { format!(", with proxy {proxy}") })
             } else {
                 format!(
                     "declare region {:?} in the install config ([[regions]]) and run `bkbundle regions apply --bundle {} --config install.toml --env-file TARGET/.env`, or set it in the UI",
@@ -505,11 +510,6 @@ async fn regions(ctx: &mut Ctx<'_>, client: &tokio_postgres::Client, target: &Db
             }
         }
         if ctx.opts.fix && !missing.is_empty() {
-            // A release without the proxy_address column keeps the proxy in the PROXY_ADDRESS row.
-            let proxy = match stored.get(rules::PROXY_ADDRESS_KEY) {
-                Some((p, _)) if region.proxy_address.is_empty() => p.clone(),
-                _ => region.proxy_address.clone(),
-            };
             let added = pregions::copy_from_default(client, target, &current, region.id, &proxy, &missing)
                 .await
                 .map_err(|e| Error::from(e).message);

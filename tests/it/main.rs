@@ -7,6 +7,7 @@
 mod concurrency;
 mod demo_images;
 mod doctor;
+mod doctor_releases;
 mod fixtures;
 mod hardening;
 mod hardening_install;

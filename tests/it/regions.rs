@@ -1,9 +1,12 @@
-//! Issue 4: seeding every cloud region's sidecar env against a real PostgreSQL, on a schema
-//! fixture of each generation written from BKLITE.md (tests/fixtures/schema-*.sql), and the field
-//! failure's seed (tests/fixtures/seed-000.sql). Secrets are checked against an independent
+//! Issue 4 and issue 10: seeding every cloud region's sidecar env against a real PostgreSQL, on
+//! the node_mgmt tables of every BK-Lite release in the field (tests/fixtures/releases/, see
+//! [`RELEASES`]), and the field failure's seed (tests/fixtures/seed-000.sql) on top of each.
+//! Every test that touches the database loops over the releases, each with its own database on
+//! the shared cluster; what it expects of a release is decided here, from what that release has
+//! ([`proxy_column`], [`services_table`], ...). Secrets are checked against an independent
 //! implementation (Python `cryptography`).
 
-use crate::harness::{bkbundle, free_port, repo_root, PgCluster};
+use crate::harness::{bkbundle, free_port, release_database, repo_root, unique_db_name, PgCluster, RELEASES};
 use bkbundle::error::{Error, Kind};
 use bkbundle::manifest::Regions;
 use bkbundle::platform::regions::Action;
@@ -11,26 +14,73 @@ use bkbundle::platform::{crypto, db::DbError};
 use bkbundle::regions::{self, Mode, RegionsError, RegionsOptions, RegionsReport};
 use bkbundle::site::config::InstallConfig;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const GENERATIONS: [&str; 2] = ["2025", "2026"];
 const SECRET_KEY: &str = "seed-000-secret-key";
 
-fn fixture(name: &str) -> String {
+// ---------------------------------------------------------------------------------------------
+// What each release has (BKLITE.md, "Releases in the field"), as the tests expect it.
+
+/// `node_mgmt_cloudregion.proxy_address` (0027 on).
+pub(crate) fn proxy_column(release: &str) -> bool {
+    !matches!(release, "0012" | "0022")
+}
+
+/// The table `node_mgmt_cloudregionservice` (0022 on).
+pub(crate) fn services_table(release: &str) -> bool {
+    release != "0012"
+}
+
+/// `node_mgmt_packageversion.cpu_architecture`, with the UNIQUE constraint over it (0032 on).
+pub(crate) fn arch_column(release: &str) -> bool {
+    matches!(release, "0032" | "0044")
+}
+
+/// The longest `sidecarenv.value` (varchar(200) before 0022; text after).
+pub(crate) fn value_limit(release: &str) -> Option<usize> {
+    (release == "0012").then_some(200)
+}
+
+/// The server's bucket when its NATS_NAMESPACE is unset: `bk_lite` up to December 2025,
+/// `bklite` from 2026-01-08 (0027).
+pub(crate) fn default_bucket(release: &str) -> &'static str {
+    if matches!(release, "0012" | "0022") {
+        "bk_lite"
+    } else {
+        "bklite"
+    }
+}
+
+/// The last node_mgmt migration of the release's fixture, as reports name it.
+pub(crate) fn release_label(release: &str) -> String {
+    let m = match release {
+        "0012" => "0012_sidecarapitoken_node_id_alter_sidecarapitoken_token",
+        "0022" => "0022_alter_sidecarenv_value",
+        "0027" => "0027_cloudregion_proxy_address",
+        "0032" => "0032_architecture_support",
+        "0044" => "0044_encrypt_installer_passwords",
+        other => panic!("no expectations for release {other}"),
+    };
+    format!("node_mgmt migration {m}")
+}
+
+pub(crate) fn fixture(name: &str) -> String {
     let p = repo_root().join("tests/fixtures").join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
-/// A fresh database on `pg` with the schema of `generation` (and the seed when given).
-fn database(pg: &PgCluster, name: &str, generation: &str, seed: bool) -> String {
-    let url = pg.create_database(name);
-    pg.psql(name, &fixture(&format!("schema-{generation}.sql")));
+/// A fresh database of `release` on the shared cluster (with seed 000 on top when `seed`):
+/// its name and URL.
+pub(crate) fn release_db(release: &str, what: &str, seed: bool) -> (String, String) {
+    let pg = PgCluster::shared();
+    let name = unique_db_name(&format!("{what}_{release}"));
+    let url = release_database(pg, release, &name);
     if seed {
-        pg.psql(name, &fixture("seed-000.sql"));
+        pg.psql_script(&name, &fixture("seed-000.sql"), "tests/fixtures/seed-000.sql");
     }
-    url
+    (name, url)
 }
 
 /// The bundle's defaults, as manifests/bklite.toml has them (trimmed to what the tests need).
@@ -86,17 +136,25 @@ fn apply(mode: Mode, config: &str, url: &str) -> Result<RegionsReport, RegionsEr
     rt().block_on(regions::run_with_env(&options(mode, config, url), &no_env))
 }
 
-/// Every row (with its xmin, which changes on any update) and the sequences: equal snapshots
-/// mean nothing was written.
-fn snapshot(pg: &PgCluster, db: &str) -> String {
-    pg.psql(
+/// Every row of the tables bkbundle writes that the database has (with its xmin, which changes
+/// on any update), the cache keys and the identity sequences: equal snapshots mean nothing was
+/// written.
+pub(crate) fn snapshot(pg: &PgCluster, db: &str) -> String {
+    let tables = pg.psql(
         db,
-        "SELECT xmin, * FROM node_mgmt_cloudregion ORDER BY id; \
-         SELECT xmin, * FROM node_mgmt_sidecarenv ORDER BY id; \
-         SELECT cache_key FROM django_cache ORDER BY 1; \
-         SELECT last_value, is_called FROM node_mgmt_cloudregion_id_seq; \
-         SELECT last_value, is_called FROM node_mgmt_sidecarenv_id_seq;",
-    )
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() AND table_name IN \
+         ('node_mgmt_cloudregion', 'node_mgmt_sidecarenv', 'node_mgmt_cloudregionservice', 'node_mgmt_packageversion') \
+         ORDER BY 1",
+    );
+    let mut sql = String::new();
+    for t in tables.lines() {
+        sql.push_str(&format!(
+            "SELECT '{t}'; SELECT xmin, * FROM {t} ORDER BY id; \
+             SELECT last_value, is_called FROM {t}_id_seq; "
+        ));
+    }
+    sql.push_str("SELECT cache_key FROM django_cache ORDER BY 1;");
+    pg.psql(db, &sql)
 }
 
 fn env_row(pg: &PgCluster, db: &str, region: i64, key: &str) -> String {
@@ -203,26 +261,90 @@ fn fake_redis(password: &'static str) -> (u16, std::sync::mpsc::Receiver<Vec<Vec
     (port, rx)
 }
 
+/// Region 1 and its service rows as they are, every column but the timestamps (JSON, one row a
+/// line), for comparing with what bkbundle writes.
+fn region_one_rows(pg: &PgCluster, db: &str, release: &str) -> String {
+    let mut sql =
+        "SELECT to_jsonb(r) - 'created_at' - 'updated_at' FROM node_mgmt_cloudregion r WHERE id = 1;".to_string();
+    if services_table(release) {
+        sql.push_str(
+            "SELECT to_jsonb(s) - 'id' FROM node_mgmt_cloudregionservice s WHERE cloud_region_id = 1 ORDER BY name;",
+        );
+    }
+    pg.psql(db, &sql)
+}
+
 #[test]
-fn each_schema_generation_is_detected_and_seeded_from_empty() {
-    let pg = PgCluster::start();
-    for generation in GENERATIONS {
-        let db = format!("gen{generation}");
-        let url = database(&pg, &db, generation, false);
-        let r = apply(Mode::Apply, "", &url).expect("apply");
-        assert!(r.release.is_some(), "{r:?}");
-        assert_eq!((r.created, r.updated, r.unchanged), (4, 0, 0), "{r:?}");
-        // The default region the way the server creates it: explicit id 1, every NOT NULL column.
-        let row = pg.psql(
-            &db,
-            "SELECT id, name, introduction, proxy_address, created_by, updated_by, domain, updated_by_domain, \
-             created_at IS NOT NULL AND updated_at IS NOT NULL FROM node_mgmt_cloudregion",
+fn each_release_is_detected_and_seeded_from_empty() {
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        // The server's first start: region 1 without env rows (and its services).
+        let (db, url) = release_db(release, "empty", false);
+        let server_made = region_one_rows(pg, &db, release);
+        let r = apply(Mode::Apply, "", &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        assert_eq!(r.release, Some(release_label(release)), "{release}");
+        assert_eq!((r.created, r.updated, r.unchanged), (4, 0, 0), "{release}: {r:?}");
+        assert_eq!(
+            r.regions[0].action,
+            Some(Action::Unchanged),
+            "{release}: region 1 is the server's"
+        );
+        assert!(r.services_added.is_empty(), "{release}: {:?}", r.services_added);
+        assert_eq!(region_one_rows(pg, &db, release), server_made, "{release}");
+        assert_eq!(
+            env_row(pg, &db, 1, "NODE_SERVER_URL"),
+            "https://10.0.0.5:443|str|true|",
+            "{release}"
         );
         assert_eq!(
-            row,
-            "1|default|default cloud region!||system|system|domain.com|domain.com|t"
+            env_row(pg, &db, 1, "NATS_SERVERS"),
+            "10.0.0.5:4222|str|true|",
+            "{release}"
         );
-        if generation == "2026" {
+        let pw = env_row(pg, &db, 1, "NATS_PASSWORD");
+        assert!(
+            pw.ends_with("|secret|true|") && !pw.contains("nats-admin-pw"),
+            "{release}: {pw}"
+        );
+
+        // Before the server's first start (no region 1): bkbundle creates region 1 and its
+        // service rows exactly as the server's cloud_init of this release does.
+        pg.psql(
+            &db,
+            &format!(
+                "DELETE FROM node_mgmt_sidecarenv; {} DELETE FROM node_mgmt_cloudregion;",
+                if services_table(release) {
+                    "DELETE FROM node_mgmt_cloudregionservice;"
+                } else {
+                    ""
+                }
+            ),
+        );
+        let r = apply(Mode::Apply, "", &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        assert_eq!(r.regions[0].action, Some(Action::Create), "{release}");
+        assert_eq!(r.regions[0].id, Some(1), "{release}");
+        assert_eq!(r.created, 4, "{release}");
+        assert_eq!(
+            region_one_rows(pg, &db, release),
+            server_made,
+            "{release}: region 1 as the server makes it"
+        );
+        let row = pg.psql(
+            &db,
+            "SELECT id, name, introduction, created_by, updated_by, domain, updated_by_domain FROM node_mgmt_cloudregion",
+        );
+        assert_eq!(
+            row, "1|default|default cloud region!|||domain.com|domain.com",
+            "{release}"
+        );
+        if proxy_column(release) {
+            assert_eq!(
+                pg.psql(&db, "SELECT proxy_address = '' FROM node_mgmt_cloudregion"),
+                "t",
+                "{release}"
+            );
+        }
+        if release == "0044" {
             assert_eq!(
                 pg.psql(
                     &db,
@@ -232,19 +354,18 @@ fn each_schema_generation_is_detected_and_seeded_from_empty() {
             );
         }
         assert_eq!(
-            env_row(&pg, &db, 1, "NODE_SERVER_URL"),
-            "https://10.0.0.5:443|str|true|"
+            env_row(pg, &db, 1, "NODE_SERVER_URL"),
+            "https://10.0.0.5:443|str|true|",
+            "{release}"
         );
-        assert_eq!(env_row(&pg, &db, 1, "NATS_SERVERS"), "10.0.0.5:4222|str|true|");
-        let pw = env_row(&pg, &db, 1, "NATS_PASSWORD");
-        assert!(pw.ends_with("|secret|true|") && !pw.contains("nats-admin-pw"), "{pw}");
     }
 }
 
 #[test]
 fn tables_missing_means_not_migrated_and_the_wait_is_bounded() {
-    let pg = PgCluster::start();
-    let url = pg.create_database("empty");
+    let pg = PgCluster::shared();
+    let name = unique_db_name("empty");
+    let url = pg.create_database(&name);
     let e = apply(Mode::Apply, "", &url).unwrap_err();
     assert!(matches!(e, RegionsError::Db(DbError::NotMigrated { .. })), "{e}");
     let err = Error::from(e);
@@ -266,36 +387,53 @@ fn tables_missing_means_not_migrated_and_the_wait_is_bounded() {
         "{e}"
     );
     assert!(t.elapsed() < Duration::from_secs(15));
-    // ...and goes on as soon as the tables appear.
-    o.wait_for_migrations = Some(Duration::from_secs(60));
-    let migrate = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            std::thread::sleep(Duration::from_secs(1));
-            pg.psql("empty", &fixture("schema-2026.sql"));
-        });
-        let r = rt().block_on(regions::run_with_env(&o, &no_env));
-        h.join().expect("migrate thread");
-        r
+    // ...and goes on as soon as the tables of any release appear (the releases side by side:
+    // each wait is mostly sleeping).
+    std::thread::scope(|s| {
+        let waits: Vec<_> = RELEASES
+            .iter()
+            .map(|&release| {
+                let h = s.spawn(move || {
+                    let name = unique_db_name(&format!("migrating_{release}"));
+                    let mut o = options(Mode::Apply, "", &pg.create_database(&name));
+                    o.wait_for_migrations = Some(Duration::from_secs(60));
+                    let migrate = std::thread::scope(|s| {
+                        let h = s.spawn(|| {
+                            std::thread::sleep(Duration::from_millis(500));
+                            pg.psql_script(&name, &crate::harness::release_fixture(release), release);
+                        });
+                        let r = rt().block_on(regions::run_with_env(&o, &no_env));
+                        h.join().expect("migrate thread");
+                        r
+                    });
+                    migrate.unwrap_or_else(|e| panic!("{release}: apply after waiting: {e}"))
+                });
+                (release, h)
+            })
+            .collect();
+        for (release, h) in waits {
+            let r = h.join().expect("a waiting apply panicked");
+            assert_eq!(r.created, 4, "{release}");
+            assert_eq!(r.release, Some(release_label(release)));
+        }
     });
-    assert_eq!(migrate.expect("apply after waiting").created, 4);
 }
 
 #[test]
 fn seed_000_region_without_node_server_url_is_refused_and_nothing_is_written() {
-    let pg = PgCluster::start();
-    for generation in GENERATIONS {
-        let db = format!("seed{generation}");
-        let url = database(&pg, &db, generation, true);
-        let before = snapshot(&pg, &db);
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "seed", true);
+        let before = snapshot(pg, &db);
         // Region 2 is in the database, not in the config: checked, not guessed.
         let e = apply(Mode::Apply, "", &url).unwrap_err();
         let msg = Error::from(e).message;
         assert!(
             msg.contains("region \"east\", NODE_SERVER_URL: required by the bundle and missing")
                 && msg.contains("nothing was written"),
-            "{msg}"
+            "{release}: {msg}"
         );
-        assert_eq!(snapshot(&pg, &db), before, "a refused run writes nothing");
+        assert_eq!(snapshot(pg, &db), before, "{release}: a refused run writes nothing");
 
         // A `null` stored in region 2 is refused the same way.
         pg.psql(
@@ -303,13 +441,13 @@ fn seed_000_region_without_node_server_url_is_refused_and_nothing_is_written() {
             "BEGIN; INSERT INTO node_mgmt_sidecarenv (key, value, type, description, cloud_region_id, is_pre) \
              VALUES ('NODE_SERVER_URL', 'null', 'str', '', 2, false); COMMIT;",
         );
-        let before = snapshot(&pg, &db);
+        let before = snapshot(pg, &db);
         let msg = Error::from(apply(Mode::Apply, "", &url).unwrap_err()).message;
         assert!(
             msg.contains("region \"east\", NODE_SERVER_URL: the stored value: it is the literal \"null\""),
-            "{msg}"
+            "{release}: {msg}"
         );
-        assert_eq!(snapshot(&pg, &db), before);
+        assert_eq!(snapshot(pg, &db), before, "{release}");
         pg.psql(
             &db,
             "DELETE FROM node_mgmt_sidecarenv WHERE cloud_region_id = 2 AND key = 'NODE_SERVER_URL'",
@@ -324,15 +462,25 @@ fn seed_000_region_without_node_server_url_is_refused_and_nothing_is_written() {
         );
         let mut o = options(Mode::Apply, &config, &url);
         o.site.insert("REDIS_PASSWORD".into(), "cache-pw".into());
-        let r = rt().block_on(regions::run_with_env(&o, &no_env)).expect("apply");
+        let r = rt()
+            .block_on(regions::run_with_env(&o, &no_env))
+            .unwrap_or_else(|e| panic!("{release}: {e}"));
         assert_eq!(key_action(&r, "east", "NODE_SERVER_URL"), Some(Action::Create));
         assert_eq!(key_action(&r, "east", "NATS_SERVERS"), Some(Action::Unchanged));
         assert_eq!(key_action(&r, "east", "NATS_PASSWORD"), Some(Action::Unchanged));
+        assert_eq!(key_action(&r, "east", "PROXY_ADDRESS"), Some(Action::Unchanged));
         assert_eq!(key_action(&r, "default", "NATS_PASSWORD"), Some(Action::Unchanged));
-        assert_eq!((r.created, r.updated), (1, 0), "{r:?}");
+        assert_eq!((r.created, r.updated), (1, 0), "{release}: {r:?}");
+        assert!(
+            r.services_added.is_empty(),
+            "{release}: east has its services: {:?}",
+            r.services_added
+        );
+        // An editable copy, as the server's own copy of region 1's rows is.
         assert_eq!(
-            env_row(&pg, &db, 2, "NODE_SERVER_URL"),
-            "https://10.1.0.9:443|str|true|"
+            env_row(pg, &db, 2, "NODE_SERVER_URL"),
+            "https://10.1.0.9:443|str|false|",
+            "{release}"
         );
         // The touched region's cached env is gone; the untouched region's is kept.
         assert_eq!(
@@ -354,267 +502,449 @@ fn seed_000_region_without_node_server_url_is_refused_and_nothing_is_written() {
             ]
         );
         assert_eq!(r.cache.redis_entries, Some(1));
+        assert_eq!(r.cache.backend.as_deref(), Some("redis"));
+        assert!(r.cache.cleared, "{release}: {:?}", r.cache);
         assert!(!r.notes.iter().any(|n| n.contains("Redis")), "{:?}", r.notes);
     }
 }
 
 #[test]
 fn a_null_value_in_the_config_is_refused_naming_region_and_key() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "nullcfg", "2026", false);
-    let before = snapshot(&pg, "nullcfg");
-    let config = "[[regions]]\nname = \"west\"\n[regions.env]\nNODE_SERVER_URL = \"null\"\n\
-                  [[regions]]\nname = \"north\"\n[regions.env]\nNODE_SERVER_URL = \"/api\"\n";
-    let msg = Error::from(apply(Mode::Apply, config, &url).unwrap_err()).message;
-    assert!(
-        msg.contains("region \"west\", NODE_SERVER_URL: it is the literal \"null\"")
-            && msg.contains("region \"north\", NODE_SERVER_URL: it is a bare path")
-            && msg.contains("2 problem(s)"),
-        "{msg}"
-    );
-    assert_eq!(snapshot(&pg, "nullcfg"), before);
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "nullcfg", false);
+        let before = snapshot(pg, &db);
+        let config = "[[regions]]\nname = \"west\"\n[regions.env]\nNODE_SERVER_URL = \"null\"\n\
+                      [[regions]]\nname = \"north\"\n[regions.env]\nNODE_SERVER_URL = \"/api\"\n";
+        let msg = Error::from(apply(Mode::Apply, config, &url).unwrap_err()).message;
+        assert!(
+            msg.contains("region \"west\", NODE_SERVER_URL: it is the literal \"null\"")
+                && msg.contains("region \"north\", NODE_SERVER_URL: it is a bare path")
+                && msg.contains("2 problem(s)"),
+            "{release}: {msg}"
+        );
+        assert_eq!(snapshot(pg, &db), before, "{release}");
+    }
+}
+
+/// The region row bkbundle wrote: name, introduction, the proxy column where the release has
+/// it, maintainer.
+fn region_row(pg: &PgCluster, db: &str, release: &str, id: i64) -> String {
+    let proxy = if proxy_column(release) { "proxy_address, " } else { "" };
+    pg.psql(
+        db,
+        &format!("SELECT name, introduction, {proxy}created_by, domain FROM node_mgmt_cloudregion WHERE id = {id}"),
+    )
+}
+
+/// The service rows of region `id`: name, status, deployed_status, description, messages.
+fn service_rows(pg: &PgCluster, db: &str, id: i64) -> String {
+    pg.psql(
+        db,
+        &format!(
+            "SELECT name, status, deployed_status, description, deployed_message, message \
+             FROM node_mgmt_cloudregionservice WHERE cloud_region_id = {id} ORDER BY name"
+        ),
+    )
 }
 
 #[test]
 fn proxy_address_replaces_the_host_and_ids_never_collide() {
-    let pg = PgCluster::start();
-    for generation in GENERATIONS {
-        let db = format!("proxy{generation}");
-        let url = database(&pg, &db, generation, false);
-        // The server's node_init: region 1 with an explicit id, the identity sequence left at 1.
-        pg.psql(
-            &db,
-            "INSERT INTO node_mgmt_cloudregion (id, created_at, updated_at, created_by, updated_by, domain, \
-             updated_by_domain, name, introduction, proxy_address) VALUES (1, now(), now(), 'system', 'system', \
-             'domain.com', 'domain.com', 'default', 'default cloud region!', '')",
-        );
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        // The server's first start left region 1 with an explicit id, the identity sequence at 1.
+        let (db, url) = release_db(release, "proxy", false);
         let config = "[[regions]]\nname = \"west\"\nintroduction = \"west site\"\nproxy_address = \"10.2.0.7\"\n\
                       [regions.env]\nSTARGAZER_URL = \"http://10.2.0.7:8083\"\n";
-        let r = apply(Mode::Apply, config, &url).expect("apply");
+        let r = apply(Mode::Apply, config, &url).unwrap_or_else(|e| panic!("{release}: {e}"));
         let west = r.regions.iter().find(|x| x.name == "west").unwrap();
-        assert_eq!(west.id, Some(2), "region 2 after the explicit id 1");
+        assert_eq!(west.id, Some(2), "{release}: region 2 after the explicit id 1");
         assert_eq!(west.action, Some(Action::Create));
-        assert_eq!(
-            env_row(&pg, &db, 2, "NODE_SERVER_URL"),
-            "https://10.2.0.7:443|str|true|"
+        // No Redis and no server container known: nothing can clear the server's cache, and the
+        // report says so instead of claiming it was cleared.
+        assert_eq!(r.cache.backend.as_deref(), Some("unknown"), "{release}");
+        assert!(!r.cache.cleared, "{release}: {:?}", r.cache);
+        let text = regions::render(&r);
+        assert!(
+            !text.contains("server cache cleared") && text.contains("agents may get the old values for up to 300 s"),
+            "{release}: {text}"
         );
-        assert_eq!(env_row(&pg, &db, 2, "NATS_SERVERS"), "10.2.0.7:4222|str|true|");
-        assert_eq!(env_row(&pg, &db, 2, "STARGAZER_URL"), "http://10.2.0.7:8083|str|true|");
         assert_eq!(
-            env_row(&pg, &db, 1, "NODE_SERVER_URL"),
-            "https://10.0.0.5:443|str|true|"
+            env_row(pg, &db, 2, "NODE_SERVER_URL"),
+            "https://10.2.0.7:443|str|false|",
+            "{release}"
         );
+        assert_eq!(env_row(pg, &db, 2, "NATS_SERVERS"), "10.2.0.7:4222|str|false|");
+        assert_eq!(env_row(pg, &db, 2, "STARGAZER_URL"), "http://10.2.0.7:8083|str|false|");
+        assert_eq!(env_row(pg, &db, 2, "PROXY_ADDRESS"), "10.2.0.7|str|false|");
+        assert_eq!(env_row(pg, &db, 1, "NODE_SERVER_URL"), "https://10.0.0.5:443|str|true|");
+        let expected = if proxy_column(release) {
+            "west|west site|10.2.0.7|system|domain.com"
+        } else {
+            "west|west site|system|domain.com"
+        };
+        assert_eq!(region_row(pg, &db, release, 2), expected, "{release}");
+        // The server (or the UI) creating a region next gets a fresh id too.
+        let (cols, vals) = if proxy_column(release) {
+            (", proxy_address", ", ''")
+        } else {
+            ("", "")
+        };
+        let next = pg.psql(
+            &db,
+            &format!(
+                "INSERT INTO node_mgmt_cloudregion (created_at, updated_at, created_by, updated_by, domain, \
+                 updated_by_domain, name, introduction{cols}) VALUES (now(), now(), 'admin', 'admin', \
+                 'domain.com', 'domain.com', 'ui-made', ''{vals}) RETURNING id"
+            ),
+        );
+        assert_eq!(next.lines().next(), Some("3"), "{release}: {next}");
+        // (A region without env rows would now be refused, as the seed 000 test shows.)
+        pg.psql(&db, "DELETE FROM node_mgmt_cloudregion WHERE name = 'ui-made'");
+        // Changing the proxy updates its proxied keys and PROXY_ADDRESS, and the region's column
+        // where the release has one.
+        let config2 = config.replace("10.2.0.7\"\n[regions", "10.2.0.8\"\n[regions");
+        let r = apply(Mode::Apply, &config2, &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        let expected = if proxy_column(release) {
+            Action::Update
+        } else {
+            Action::Unchanged
+        };
+        assert_eq!(
+            r.regions.iter().find(|x| x.name == "west").unwrap().action,
+            Some(expected),
+            "{release}"
+        );
+        assert_eq!(key_action(&r, "west", "NODE_SERVER_URL"), Some(Action::Update));
+        assert_eq!(key_action(&r, "west", "PROXY_ADDRESS"), Some(Action::Update));
+        assert_eq!(key_action(&r, "west", "STARGAZER_URL"), Some(Action::Unchanged));
+        assert_eq!(env_row(pg, &db, 2, "NATS_SERVERS"), "10.2.0.8:4222|str|false|");
+        assert_eq!(env_row(pg, &db, 2, "PROXY_ADDRESS"), "10.2.0.8|str|false|");
+        if proxy_column(release) {
+            assert_eq!(
+                pg.psql(&db, "SELECT proxy_address FROM node_mgmt_cloudregion WHERE id = 2"),
+                "10.2.0.8"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_region_created_by_apply_looks_like_one_the_server_creates_on_each_release() {
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        // Seed 000's east is a region made in the UI of this release: west must look the same.
+        let (db, url) = release_db(release, "server_like", true);
+        pg.psql(
+            &db,
+            "INSERT INTO node_mgmt_sidecarenv (key, value, type, description, cloud_region_id, is_pre) \
+             VALUES ('NODE_SERVER_URL', 'https://10.1.0.9:443', 'str', '', 2, false)",
+        );
+        let config = "[[regions]]\nname = \"west\"\nintroduction = \"west site\"\nproxy_address = \"10.2.0.7\"\n";
+        let r = apply(Mode::Apply, config, &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        assert_eq!(r.release, Some(release_label(release)), "{release}");
+        let west = r.regions.iter().find(|x| x.name == "west").unwrap();
+        assert_eq!((west.id, west.action), (Some(3), Some(Action::Create)), "{release}");
+        let render = regions::render(&r);
+        assert!(render.contains(&release_label(release)), "{render}");
+
+        // Env rows: region 1's keys, editable (is_pre false), the proxy host substituted, and
+        // PROXY_ADDRESS; the same keys, types and flags as east's.
+        let rows = |id: i64| {
+            pg.psql(
+                &db,
+                &format!(
+                    "SELECT key || '|' || type || '|' || is_pre || '|' || description FROM node_mgmt_sidecarenv \
+                     WHERE cloud_region_id = {id} ORDER BY key"
+                ),
+            )
+        };
+        assert_eq!(rows(3), rows(2), "{release}: west's env rows as east's");
         assert_eq!(
             pg.psql(
                 &db,
-                "SELECT name, introduction, proxy_address, created_by, domain FROM node_mgmt_cloudregion WHERE id = 2"
+                "SELECT count(*) FROM node_mgmt_sidecarenv WHERE cloud_region_id = 3 AND is_pre"
             ),
-            "west|west site|10.2.0.7|system|domain.com"
+            "0"
         );
-        // The server (or the UI) creating a region next gets a fresh id too.
-        let next = pg.psql(
-            &db,
-            "INSERT INTO node_mgmt_cloudregion (created_at, updated_at, created_by, updated_by, domain, \
-             updated_by_domain, name, introduction, proxy_address) VALUES (now(), now(), 'admin', 'admin', \
-             'domain.com', 'domain.com', 'ui-made', '', '') RETURNING id",
-        );
-        assert_eq!(next.lines().next(), Some("3"), "{next}");
-        // (A region without env rows would now be refused, as the seed 000 test shows.)
-        pg.psql(&db, "DELETE FROM node_mgmt_cloudregion WHERE name = 'ui-made'");
-        // Changing the proxy updates the region and its proxied keys only.
-        let config2 = config.replace("10.2.0.7\"\n[regions", "10.2.0.8\"\n[regions");
-        let r = apply(Mode::Apply, &config2, &url).expect("apply");
+        assert_eq!(env_row(pg, &db, 3, "PROXY_ADDRESS"), "10.2.0.7|str|false|");
         assert_eq!(
-            r.regions.iter().find(|x| x.name == "west").unwrap().action,
-            Some(Action::Update)
+            env_row(pg, &db, 3, "NODE_SERVER_URL"),
+            "https://10.2.0.7:443|str|false|"
         );
-        assert_eq!(key_action(&r, "west", "NODE_SERVER_URL"), Some(Action::Update));
-        assert_eq!(key_action(&r, "west", "STARGAZER_URL"), Some(Action::Unchanged));
-        assert_eq!(env_row(&pg, &db, 2, "NATS_SERVERS"), "10.2.0.8:4222|str|true|");
+        let pw = pg.psql(
+            &db,
+            "SELECT value FROM node_mgmt_sidecarenv WHERE cloud_region_id = 3 AND key = 'NATS_PASSWORD'",
+        );
+        assert_eq!(python(PY_DECRYPT, &[SECRET_KEY, &pw]), "nats-admin-pw");
+
+        // The region row: the proxy column only where the release has one.
+        let expected = if proxy_column(release) {
+            "west|west site|10.2.0.7|system|domain.com"
+        } else {
+            "west|west site|system|domain.com"
+        };
+        assert_eq!(region_row(pg, &db, release, 3), expected, "{release}");
+        assert_eq!(
+            pg.psql(
+                &db,
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'node_mgmt_cloudregion' AND column_name = 'proxy_address'"
+            ),
+            if proxy_column(release) { "1" } else { "0" },
+            "{release}: bkbundle never changes the schema"
+        );
+
+        // Its two service rows where the table exists, exactly as the UI made east's.
+        if services_table(release) {
+            assert_eq!(
+                r.services_added,
+                vec!["west/stargazer".to_string(), "west/nats-executor".to_string()],
+                "{release}"
+            );
+            assert_eq!(
+                service_rows(pg, &db, 3),
+                "nats-executor|not_deployed|0|nats-executor 服务||\nstargazer|not_deployed|0|stargazer 服务||"
+            );
+            assert_eq!(service_rows(pg, &db, 3), service_rows(pg, &db, 2), "{release}");
+        } else {
+            assert!(r.services_added.is_empty(), "{release}: {:?}", r.services_added);
+        }
+
+        // A managed region without its service rows (an older bkbundle's, or made by hand) gets
+        // them on apply; nothing else changes.
+        if services_table(release) {
+            pg.psql(
+                &db,
+                "DELETE FROM node_mgmt_cloudregionservice WHERE cloud_region_id = 3 AND name = 'stargazer'",
+            );
+            let r = apply(Mode::DryRun, config, &url).unwrap();
+            assert_eq!(r.services_added, vec!["west/stargazer".to_string()], "{release}");
+            assert!(r.changes());
+            let r = apply(Mode::Apply, config, &url).unwrap();
+            assert_eq!(r.services_added, vec!["west/stargazer".to_string()], "{release}");
+            assert_eq!((r.created, r.updated), (0, 0), "{release}");
+            assert!(regions::render(&r).contains("service rows added: west/stargazer"));
+            assert_eq!(service_rows(pg, &db, 3), service_rows(pg, &db, 2), "{release}");
+        }
+        let before = snapshot(pg, &db);
+        let r = apply(Mode::Apply, config, &url).unwrap();
+        assert!(!r.changes(), "{release}: {r:?}");
+        assert_eq!(snapshot(pg, &db), before, "{release}");
     }
 }
 
 #[test]
 fn secrets_round_trip_with_python_cryptography() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "secrets", "2026", false);
-    apply(Mode::Apply, "", &url).expect("apply");
-    let stored = pg.psql(
-        "secrets",
-        "SELECT value FROM node_mgmt_sidecarenv WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'",
-    );
-    assert!(
-        !stored.contains('=') && !stored.contains('+') && !stored.contains('/'),
-        "{stored}"
-    );
-    assert_eq!(
-        python(PY_DECRYPT, &[SECRET_KEY, &stored]),
-        "nats-admin-pw",
-        "bkbundle -> Python"
-    );
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "secrets", false);
+        apply(Mode::Apply, "", &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        let stored = pg.psql(
+            &db,
+            "SELECT value FROM node_mgmt_sidecarenv WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'",
+        );
+        assert!(
+            !stored.contains('=') && !stored.contains('+') && !stored.contains('/'),
+            "{stored}"
+        );
+        assert_eq!(
+            python(PY_DECRYPT, &[SECRET_KEY, &stored]),
+            "nats-admin-pw",
+            "{release}: bkbundle -> Python"
+        );
 
-    // Python -> bkbundle: the library decrypts it, and apply sees the same plaintext as unchanged.
-    let from_python = python(PY_ENCRYPT, &[SECRET_KEY, "nats-admin-pw"]);
-    assert!(from_python.ends_with('='), "Python keeps the padding: {from_python}");
-    let key = crypto::SecretKey::from_django(SECRET_KEY);
-    assert_eq!(crypto::decrypt(&key, &from_python).unwrap(), "nats-admin-pw");
-    pg.psql(
-        "secrets",
-        &format!(
-            "UPDATE node_mgmt_sidecarenv SET value = '{from_python}' WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'"
-        ),
-    );
-    let before = snapshot(&pg, "secrets");
-    let r = apply(Mode::Apply, "", &url).expect("apply");
-    assert_eq!(key_action(&r, "default", "NATS_PASSWORD"), Some(Action::Unchanged));
-    assert_eq!(snapshot(&pg, "secrets"), before, "a re-encryption is not a change");
+        // Python -> bkbundle: the library decrypts it, and apply sees the same plaintext as
+        // unchanged.
+        let from_python = python(PY_ENCRYPT, &[SECRET_KEY, "nats-admin-pw"]);
+        assert!(from_python.ends_with('='), "Python keeps the padding: {from_python}");
+        let key = crypto::SecretKey::from_django(SECRET_KEY);
+        assert_eq!(crypto::decrypt(&key, &from_python).unwrap(), "nats-admin-pw");
+        pg.psql(
+            &db,
+            &format!(
+                "UPDATE node_mgmt_sidecarenv SET value = '{from_python}' WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'"
+            ),
+        );
+        let before = snapshot(pg, &db);
+        let r = apply(Mode::Apply, "", &url).expect("apply");
+        assert_eq!(key_action(&r, "default", "NATS_PASSWORD"), Some(Action::Unchanged));
+        assert_eq!(snapshot(pg, &db), before, "{release}: a re-encryption is not a change");
 
-    // A new password is re-encrypted (and never shown).
-    let mut o = options(Mode::Apply, "", &url);
-    o.site.insert("NATS_ADMIN_PASSWORD".into(), "rotated-pw".into());
-    let r = rt().block_on(regions::run_with_env(&o, &no_env)).expect("apply");
-    assert_eq!(key_action(&r, "default", "NATS_PASSWORD"), Some(Action::Update));
-    let text = regions::render(&r) + &serde_json::to_string(&r).unwrap();
-    assert!(
-        !text.contains("rotated-pw") && !text.contains("nats-admin-pw"),
-        "{text}"
-    );
-    let stored = pg.psql(
-        "secrets",
-        "SELECT value FROM node_mgmt_sidecarenv WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'",
-    );
-    assert_eq!(python(PY_DECRYPT, &[SECRET_KEY, &stored]), "rotated-pw");
+        // A new password is re-encrypted (and never shown).
+        let mut o = options(Mode::Apply, "", &url);
+        o.site.insert("NATS_ADMIN_PASSWORD".into(), "rotated-pw".into());
+        let r = rt().block_on(regions::run_with_env(&o, &no_env)).expect("apply");
+        assert_eq!(key_action(&r, "default", "NATS_PASSWORD"), Some(Action::Update));
+        let text = regions::render(&r) + &serde_json::to_string(&r).unwrap();
+        assert!(
+            !text.contains("rotated-pw") && !text.contains("nats-admin-pw"),
+            "{text}"
+        );
+        let stored = pg.psql(
+            &db,
+            "SELECT value FROM node_mgmt_sidecarenv WHERE cloud_region_id = 1 AND key = 'NATS_PASSWORD'",
+        );
+        assert_eq!(python(PY_DECRYPT, &[SECRET_KEY, &stored]), "rotated-pw", "{release}");
 
-    // The wrong SECRET_KEY cannot compare the stored secret: refused, not overwritten.
-    let before = snapshot(&pg, "secrets");
-    let mut o = options(Mode::Apply, "", &url);
-    o.site.insert("SECRET_KEY".into(), "not-the-servers-key".into());
-    let e = rt().block_on(regions::run_with_env(&o, &no_env)).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("region \"default\", NATS_PASSWORD: the stored secret"),
-        "{e}"
-    );
-    assert_eq!(snapshot(&pg, "secrets"), before);
+        // The wrong SECRET_KEY cannot compare the stored secret: refused, not overwritten.
+        let before = snapshot(pg, &db);
+        let mut o = options(Mode::Apply, "", &url);
+        o.site.insert("SECRET_KEY".into(), "not-the-servers-key".into());
+        let e = rt().block_on(regions::run_with_env(&o, &no_env)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("region \"default\", NATS_PASSWORD: the stored secret"),
+            "{release}: {e}"
+        );
+        assert_eq!(snapshot(pg, &db), before, "{release}");
+    }
 }
 
 #[test]
 fn a_rerun_reports_everything_unchanged_and_touches_no_row() {
-    let pg = PgCluster::start();
-    for generation in GENERATIONS {
-        let db = format!("rerun{generation}");
-        let url = database(&pg, &db, generation, true);
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "rerun", true);
         let config = "[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n";
-        let first = apply(Mode::Apply, config, &url).expect("first apply");
+        let first = apply(Mode::Apply, config, &url).unwrap_or_else(|e| panic!("{release}: {e}"));
         assert!(first.changes());
         // Let the server cache again, then re-run.
         pg.psql(
             &db,
             "INSERT INTO django_cache VALUES (':1:sidecar_env_cache_2', 'x', now() + interval '300 s') ON CONFLICT DO NOTHING",
         );
-        let before = snapshot(&pg, &db);
+        let before = snapshot(pg, &db);
         let second = apply(Mode::Apply, config, &url).expect("second apply");
-        assert_eq!((second.created, second.updated), (0, 0), "{second:?}");
-        assert_eq!(second.unchanged, 8);
+        assert_eq!((second.created, second.updated), (0, 0), "{release}: {second:?}");
+        // default: 4 keys; east: the same 4 and PROXY_ADDRESS.
+        assert_eq!(second.unchanged, 9, "{release}");
         assert!(!second.changes());
+        assert!(second.services_added.is_empty());
         assert!(second.regions.iter().all(|r| r.action == Some(Action::Unchanged)));
         assert!(second.cache.keys.is_empty(), "nothing changed, nothing to invalidate");
-        assert_eq!(snapshot(&pg, &db), before, "no row, xmin or sequence changed");
+        assert_eq!(snapshot(pg, &db), before, "{release}: no row, xmin or sequence changed");
     }
 }
 
 #[test]
 fn dry_run_shows_the_diff_and_writes_nothing() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "dry", "2025", true);
-    let before = snapshot(&pg, "dry");
-    let config = "[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n\
-                  [[regions]]\nname = \"south\"\nproxy_address = \"10.3.0.1\"\n";
-    let r = apply(Mode::DryRun, config, &url).expect("dry run");
-    assert_eq!(r.mode, Mode::DryRun);
-    assert_eq!(key_action(&r, "east", "NODE_SERVER_URL"), Some(Action::Create));
-    let south = r.regions.iter().find(|x| x.name == "south").unwrap();
-    assert_eq!((south.action, south.id), (Some(Action::Create), None));
-    assert_eq!(r.created, 5);
-    assert!(
-        regions::render(&r).contains("would create 5"),
-        "{}",
-        regions::render(&r)
-    );
-    assert_eq!(snapshot(&pg, "dry"), before);
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "dry", true);
+        let before = snapshot(pg, &db);
+        let config = "[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n\
+                      [[regions]]\nname = \"south\"\nproxy_address = \"10.3.0.1\"\n";
+        let r = apply(Mode::DryRun, config, &url).unwrap_or_else(|e| panic!("{release}: {e}"));
+        assert_eq!(r.mode, Mode::DryRun);
+        assert_eq!(r.release, Some(release_label(release)));
+        assert_eq!(key_action(&r, "east", "NODE_SERVER_URL"), Some(Action::Create));
+        assert_eq!(key_action(&r, "south", "PROXY_ADDRESS"), Some(Action::Create));
+        let south = r.regions.iter().find(|x| x.name == "south").unwrap();
+        assert_eq!((south.action, south.id), (Some(Action::Create), None));
+        // east's NODE_SERVER_URL, and south's 4 keys and PROXY_ADDRESS.
+        assert_eq!(r.created, 6, "{release}: {r:?}");
+        let services: Vec<String> = if services_table(release) {
+            vec!["south/stargazer".into(), "south/nats-executor".into()]
+        } else {
+            vec![]
+        };
+        assert_eq!(r.services_added, services, "{release}");
+        assert!(
+            regions::render(&r).contains("would create 6"),
+            "{}",
+            regions::render(&r)
+        );
+        assert_eq!(snapshot(pg, &db), before, "{release}");
+    }
 }
 
 #[test]
-fn an_old_2025_value_column_limits_values_before_anything_is_written() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "old", "2025", false);
-    pg.psql(
-        "old",
-        "ALTER TABLE node_mgmt_sidecarenv ALTER COLUMN value TYPE varchar(200)",
-    );
+fn a_value_longer_than_0012s_varchar_200_is_refused_before_anything_is_written() {
+    let pg = PgCluster::shared();
     // A valid URL (labels of at most 63 characters) longer than 200 characters.
     let long = format!("http://{}.example:8083", vec!["a".repeat(60); 3].join("."));
     assert!(long.len() > 200);
-    let config = format!("[[regions]]\nname = \"default\"\n[regions.env]\nSTARGAZER_URL = \"{long}\"\n");
-    let before = snapshot(&pg, "old");
-    let msg = Error::from(apply(Mode::Apply, &config, &url).unwrap_err()).message;
-    assert!(
-        msg.contains(&format!(
-            "region \"default\", STARGAZER_URL: the value is {} characters",
-            long.len()
-        )) && msg.contains("at most 200"),
-        "{msg}"
+    let config = format!(
+        "[[regions]]\nname = \"default\"\n[regions.env]\nSTARGAZER_URL = \"{long}\"\n\
+         [[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n"
     );
-    assert_eq!(snapshot(&pg, "old"), before);
+    for release in RELEASES {
+        let (db, url) = release_db(release, "long", false);
+        let before = snapshot(pg, &db);
+        let result = apply(Mode::Apply, &config, &url);
+        match value_limit(release) {
+            Some(limit) => {
+                let msg = Error::from(result.unwrap_err()).message;
+                assert!(
+                    msg.contains(&format!(
+                        "region \"default\", STARGAZER_URL: the value is {} characters",
+                        long.len()
+                    )) && msg.contains(&format!("at most {limit}"))
+                        && msg.contains(&release_label(release)),
+                    "{release}: {msg}"
+                );
+                // east inherits it too: named as well.
+                assert!(msg.contains("region \"east\", STARGAZER_URL"), "{release}: {msg}");
+                assert_eq!(snapshot(pg, &db), before, "{release}: nothing written");
+            }
+            None => {
+                let r = result.unwrap_or_else(|e| panic!("{release}: {e}"));
+                assert_eq!(key_action(&r, "default", "STARGAZER_URL"), Some(Action::Create));
+                assert_eq!(env_row(pg, &db, 1, "STARGAZER_URL"), format!("{long}|str|true|"));
+            }
+        }
+    }
 }
 
 #[test]
 fn a_database_down_or_refusing_the_password_is_clear_and_changes_nothing() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "auth", "2026", true);
-    let before = snapshot(&pg, "auth");
-    let wrong = url.replace(&pg.password, "wrong-password");
-    let err = Error::from(apply(Mode::Apply, "[[regions]]\nname = \"east\"\n", &wrong).unwrap_err());
-    assert_eq!(err.kind, Kind::External);
-    let where_ = format!("postgres@127.0.0.1:{}/auth", pg.port);
-    assert!(
-        err.message.contains(&where_)
-            && err.message.contains("refused user postgres")
-            && err.message.contains("password authentication failed")
-            && !err.message.contains("wrong-password"),
-        "{}",
-        err.message
-    );
-    assert!(
-        err.hints.iter().any(|h| h.contains("POSTGRES_PASSWORD")),
-        "{:?}",
-        err.hints
-    );
-    assert_eq!(snapshot(&pg, "auth"), before);
+    let pg = PgCluster::shared();
+    for release in RELEASES {
+        let (db, url) = release_db(release, "auth", true);
+        let before = snapshot(pg, &db);
+        let wrong = url.replace(&pg.password, "wrong-password");
+        let err = Error::from(apply(Mode::Apply, "[[regions]]\nname = \"east\"\n", &wrong).unwrap_err());
+        assert_eq!(err.kind, Kind::External);
+        let where_ = format!("postgres@127.0.0.1:{}/{db}", pg.port);
+        assert!(
+            err.message.contains(&where_)
+                && err.message.contains("refused user postgres")
+                && err.message.contains("password authentication failed")
+                && !err.message.contains("wrong-password"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.hints.iter().any(|h| h.contains("POSTGRES_PASSWORD")),
+            "{:?}",
+            err.hints
+        );
+        assert_eq!(snapshot(pg, &db), before);
 
-    let down = free_port();
-    let err = Error::from(
-        apply(
-            Mode::Apply,
-            "[[regions]]\nname = \"east\"\n",
-            &format!("postgres://postgres:x@127.0.0.1:{down}/auth"),
-        )
-        .unwrap_err(),
-    );
-    assert_eq!(err.kind, Kind::External);
-    assert!(
-        err.message
-            .contains(&format!("cannot reach PostgreSQL at postgres@127.0.0.1:{down}/auth"))
-            && err.message.contains("nothing was changed"),
-        "{}",
-        err.message
-    );
-    assert!(
-        err.hints.iter().any(|h| h.contains("docker compose ps postgres")),
-        "{:?}",
-        err.hints
-    );
-    assert_eq!(snapshot(&pg, "auth"), before);
+        let down = free_port();
+        let err = Error::from(
+            apply(
+                Mode::Apply,
+                "[[regions]]\nname = \"east\"\n",
+                &format!("postgres://postgres:x@127.0.0.1:{down}/{db}"),
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(err.kind, Kind::External);
+        assert!(
+            err.message
+                .contains(&format!("cannot reach PostgreSQL at postgres@127.0.0.1:{down}/{db}"))
+                && err.message.contains("nothing was changed"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.hints.iter().any(|h| h.contains("docker compose ps postgres")),
+            "{:?}",
+            err.hints
+        );
+        assert_eq!(snapshot(pg, &db), before, "{release}");
+    }
 }
 
 /// A bundle holding only the demo stack and region defaults (no images: no engine needed).
@@ -668,32 +998,64 @@ fn bk(args: &[&str], env: &[(&str, &str)]) -> Out {
     }
 }
 
+/// What the CLI tests give bkbundle: a regions bundle, the stack's .env and an install config
+/// declaring east with its proxy.
+struct CliSite {
+    _dir: tempfile::TempDir,
+    bundle: PathBuf,
+    env_file: PathBuf,
+    config: PathBuf,
+}
+
+impl CliSite {
+    fn new(config: &str) -> CliSite {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = regions_bundle(dir.path());
+        let env_file = dir.path().join(".env");
+        std::fs::write(
+            &env_file,
+            format!("HOST_IP=10.0.0.5\nNATS_ADMIN_PASSWORD=nats-admin-pw\nSECRET_KEY={SECRET_KEY}\n"),
+        )
+        .unwrap();
+        let path = dir.path().join("install.toml");
+        std::fs::write(
+            &path,
+            format!("format = 1\n[env]\nSERVER_URL = \"https://10.0.0.5:443\"\n{config}"),
+        )
+        .unwrap();
+        CliSite {
+            _dir: dir,
+            bundle,
+            env_file,
+            config: path,
+        }
+    }
+
+    /// `regions SUBCOMMAND --bundle B --config C --env-file E EXTRA...`
+    fn regions(&self, sub: &str, extra: &[&str], env: &[(&str, &str)]) -> Out {
+        let mut args = vec!["regions", sub];
+        args.extend([
+            "--bundle",
+            self.bundle.to_str().unwrap(),
+            "--config",
+            self.config.to_str().unwrap(),
+            "--env-file",
+            self.env_file.to_str().unwrap(),
+        ]);
+        args.extend_from_slice(extra);
+        bk(&args, env)
+    }
+}
+
+const EAST: &str = "[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n";
+
 #[test]
 fn the_cli_checks_and_applies_with_documented_exit_codes() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "cli", "2026", true);
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = regions_bundle(dir.path());
-    let b = bundle.to_str().unwrap();
-    let env_file = dir.path().join(".env");
-    std::fs::write(
-        &env_file,
-        format!("HOST_IP=10.0.0.5\nNATS_ADMIN_PASSWORD=nats-admin-pw\nSECRET_KEY={SECRET_KEY}\n"),
-    )
-    .unwrap();
-    let e = env_file.to_str().unwrap();
-    let config = dir.path().join("install.toml");
-    std::fs::write(
-        &config,
-        "format = 1\n[env]\nSERVER_URL = \"https://10.0.0.5:443\"\n[[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n",
-    )
-    .unwrap();
-    let c = config.to_str().unwrap();
+    let pg = PgCluster::shared();
+    let site = CliSite::new(EAST);
+    let (b, c) = (site.bundle.to_str().unwrap(), site.config.to_str().unwrap());
 
-    let r = bk(
-        &["regions", "check", "--bundle", b, "--config", c, "--env-file", e],
-        &[],
-    );
+    let r = site.regions("check", &[], &[]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stdout.contains("region east") && r.stdout.contains("\"https://10.1.0.9:443\""),
@@ -713,126 +1075,174 @@ fn the_cli_checks_and_applies_with_documented_exit_codes() {
         r.stderr
     );
 
-    // Dry run through DATABASE_URL, then apply through the PG* variables, in JSON.
-    let before = snapshot(&pg, "cli");
-    let r = bk(
-        &[
-            "regions",
-            "apply",
-            "--dry-run",
+    for release in RELEASES {
+        let (db, url) = release_db(release, "cli", true);
+        // Dry run through DATABASE_URL, then apply through the PG* variables, in JSON.
+        let before = snapshot(pg, &db);
+        let r = site.regions("apply", &["--dry-run"], &[("DATABASE_URL", url.as_str())]);
+        assert_eq!(r.code, 0, "{release}: {}{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("would create 1"), "{}", r.stdout);
+        assert!(r.stdout.contains(&release_label(release)), "{}", r.stdout);
+        assert_eq!(snapshot(pg, &db), before, "{release}");
+        let port = pg.port.to_string();
+        let mut args = vec!["--json", "regions", "apply"];
+        args.extend([
             "--bundle",
             b,
             "--config",
             c,
             "--env-file",
-            e,
-        ],
-        &[("DATABASE_URL", url.as_str())],
-    );
-    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("would create 1"), "{}", r.stdout);
-    assert_eq!(snapshot(&pg, "cli"), before);
-    let port = pg.port.to_string();
-    let r = bk(
-        &[
-            "--json",
-            "regions",
-            "apply",
-            "--bundle",
-            b,
-            "--config",
-            c,
-            "--env-file",
-            e,
-        ],
-        &[
-            ("PGHOST", "127.0.0.1"),
-            ("PGPORT", port.as_str()),
-            ("PGUSER", "postgres"),
-            ("PGPASSWORD", pg.password.as_str()),
-            ("PGDATABASE", "cli"),
-        ],
-    );
-    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    let j: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
-    assert_eq!(j["created"], 1);
-    assert_eq!(j["generation"], "2026");
-    assert_eq!(j["database_source"], "the PG* environment variables");
-    assert!(!r.stdout.contains("nats-admin-pw") && !r.stdout.contains(&pg.password));
-    assert_eq!(
-        env_row(&pg, "cli", 2, "NODE_SERVER_URL"),
-        "https://10.1.0.9:443|str|true|"
-    );
+            site.env_file.to_str().unwrap(),
+        ]);
+        let r = bk(
+            &args,
+            &[
+                ("PGHOST", "127.0.0.1"),
+                ("PGPORT", port.as_str()),
+                ("PGUSER", "postgres"),
+                ("PGPASSWORD", pg.password.as_str()),
+                ("PGDATABASE", db.as_str()),
+            ],
+        );
+        assert_eq!(r.code, 0, "{release}: {}{}", r.stdout, r.stderr);
+        let j: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+        assert_eq!(j["created"], 1, "{release}: {j}");
+        assert_eq!(j["release"], release_label(release).as_str());
+        assert!(j.get("generation").is_none(), "{j}");
+        assert_eq!(j["database_source"], "the PG* environment variables");
+        assert!(!r.stdout.contains("nats-admin-pw") && !r.stdout.contains(&pg.password));
+        assert_eq!(
+            env_row(pg, &db, 2, "NODE_SERVER_URL"),
+            "https://10.1.0.9:443|str|false|",
+            "{release}"
+        );
 
-    // A refused password: exit 6, host:port and user named.
-    let wrong = url.replace(&pg.password, "nope");
-    let r = bk(
-        &[
-            "regions",
-            "apply",
-            "--bundle",
-            b,
-            "--config",
-            c,
-            "--env-file",
-            e,
-            "--database-url",
-            &wrong,
-        ],
-        &[],
-    );
-    assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains(&format!("postgres@127.0.0.1:{}/cli", pg.port)) && r.stderr.contains("hint:"),
-        "{}",
-        r.stderr
-    );
+        // A refused password: exit 6, host:port and user named.
+        let wrong = url.replace(&pg.password, "nope");
+        let r = site.regions("apply", &["--database-url", &wrong], &[]);
+        assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(&format!("postgres@127.0.0.1:{}/{db}", pg.port)) && r.stderr.contains("hint:"),
+            "{}",
+            r.stderr
+        );
+    }
 }
 
 #[test]
 fn check_with_a_database_finds_the_seed_000_region_without_writing() {
-    let pg = PgCluster::start();
-    let url = database(&pg, "check000", "2026", true);
-    let dir = tempfile::tempdir().unwrap();
-    let bundle = regions_bundle(dir.path());
-    let env_file = dir.path().join(".env");
-    std::fs::write(
-        &env_file,
-        format!("HOST_IP=10.0.0.5\nNATS_ADMIN_PASSWORD=nats-admin-pw\nSECRET_KEY={SECRET_KEY}\n"),
-    )
-    .unwrap();
-    let config = dir.path().join("install.toml");
-    std::fs::write(&config, "format = 1\n[env]\nSERVER_URL = \"https://10.0.0.5:443\"\n").unwrap();
-    let args = |db: Option<&str>| {
-        let mut a = vec![
-            "regions".to_string(),
-            "check".into(),
-            "--bundle".into(),
-            bundle.display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-            "--env-file".into(),
-            env_file.display().to_string(),
-        ];
-        if let Some(db) = db {
-            a.extend(["--database-url".to_string(), db.to_string()]);
-        }
-        a
-    };
+    let pg = PgCluster::shared();
+    let site = CliSite::new("");
     // Without the database, the configuration alone is fine ...
-    let a = args(None);
-    let r = bk(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let r = site.regions("check", &[], &[]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    // ... but the live database holds region 2 ("east") without NODE_SERVER_URL: refused, named.
-    let before = snapshot(&pg, "check000");
-    let a = args(Some(&url));
-    let r = bk(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr
-            .contains("region \"east\", NODE_SERVER_URL: required by the bundle and missing"),
-        "{}",
-        r.stderr
-    );
-    assert_eq!(snapshot(&pg, "check000"), before, "check writes nothing");
+    for release in RELEASES {
+        // ... but the live database holds region 2 ("east") without NODE_SERVER_URL: refused,
+        // named.
+        let (db, url) = release_db(release, "check000", true);
+        let before = snapshot(pg, &db);
+        let r = site.regions("check", &["--database-url", &url], &[]);
+        assert_eq!(r.code, 3, "{release}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr
+                .contains("region \"east\", NODE_SERVER_URL: required by the bundle and missing"),
+            "{release}: {}",
+            r.stderr
+        );
+        assert_eq!(snapshot(pg, &db), before, "{release}: check writes nothing");
+    }
+}
+
+#[test]
+fn a_release_newer_than_known_is_refused_with_nothing_written_and_a_nullable_column_is_not() {
+    use crate::harness::{NatsOpts, NatsServer};
+    let pg = PgCluster::shared();
+    let nats = NatsServer::start(NatsOpts::default());
+    let site = CliSite::new(EAST);
+    let packages_bundle = crate::packages::bundle().to_str().unwrap().to_string();
+    let streams = || {
+        crate::packages::python(
+            "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); print(sorted(s.config.name for s in await nc.jetstream().streams_info())); await nc.close()\nasyncio.run(m())",
+            &[&nats.url()],
+        )
+    };
+    for release in RELEASES {
+        for table in ["node_mgmt_sidecarenv", "node_mgmt_packageversion"] {
+            let (db, url) = release_db(release, "newer", true);
+            // As a newer release's migration adds it (Django fills the rows there are through a
+            // default it drops again).
+            pg.psql(
+                &db,
+                &format!(
+                    "ALTER TABLE {table} ADD COLUMN colour varchar(10) NOT NULL DEFAULT 'red'; \
+                     ALTER TABLE {table} ALTER COLUMN colour DROP DEFAULT"
+                ),
+            );
+            let before = snapshot(pg, &db);
+            let r = site.regions("apply", &["--database-url", &url], &[]);
+            assert_eq!(r.code, 5, "{release} {table}: {}{}", r.stdout, r.stderr);
+            assert!(
+                r.stderr.contains(&format!("{table}.colour"))
+                    && r.stderr.contains("nothing was changed")
+                    && r.stderr.contains("hint:"),
+                "{release} {table}: {}",
+                r.stderr
+            );
+            let r = crate::packages::init_packages(
+                &["init-packages", "--auto", "--bundle", &packages_bundle],
+                &url,
+                &nats.url(),
+            );
+            let stderr = String::from_utf8_lossy(&r.stderr);
+            assert_eq!(r.status.code(), Some(5), "{release} {table}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{table}.colour")) && stderr.contains("nothing was changed"),
+                "{release} {table}: {stderr}"
+            );
+            assert_eq!(snapshot(pg, &db), before, "{release} {table}: nothing written");
+
+            // The same column, nullable: a later release's column bkbundle leaves alone.
+            pg.psql(&db, &format!("ALTER TABLE {table} ALTER COLUMN colour DROP NOT NULL"));
+            let r = site.regions("apply", &["--database-url", &url], &[]);
+            assert_eq!(r.code, 0, "{release} {table}: {}{}", r.stdout, r.stderr);
+            assert_eq!(
+                env_row(pg, &db, 2, "NODE_SERVER_URL"),
+                "https://10.1.0.9:443|str|false|",
+                "{release} {table}"
+            );
+            let mut args = vec!["init-packages", "--auto", "--bundle", &packages_bundle];
+            let bucket = format!("newer{release}{}", &table[10..13]);
+            args.extend(["--bucket", &bucket]);
+            let r = crate::packages::init_packages(&args, &url, &nats.url());
+            assert!(
+                r.status.success(),
+                "{release} {table}: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            assert_eq!(
+                pg.psql(&db, "SELECT count(*) FROM node_mgmt_packageversion"),
+                "4",
+                "{release} {table}"
+            );
+            let written = if table == "node_mgmt_sidecarenv" {
+                "SELECT count(*) FROM node_mgmt_sidecarenv WHERE cloud_region_id = 2 AND key = 'NODE_SERVER_URL' AND colour IS NULL"
+            } else {
+                "SELECT count(*) FROM node_mgmt_packageversion WHERE colour IS NULL"
+            };
+            let expected = if table == "node_mgmt_sidecarenv" { "1" } else { "4" };
+            assert_eq!(
+                pg.psql(&db, written),
+                expected,
+                "{release} {table}: the unknown column of the rows written stays NULL"
+            );
+        }
+    }
+    // The refused runs created no bucket (they would have made the release's default one):
+    // only the accepted runs' own buckets exist.
+    let mut expected: Vec<String> = RELEASES
+        .iter()
+        .flat_map(|r| [format!("'OBJ_newer{r}pac'"), format!("'OBJ_newer{r}sid'")])
+        .collect();
+    expected.sort();
+    assert_eq!(streams(), format!("[{}]", expected.join(", ")));
 }
