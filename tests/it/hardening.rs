@@ -2,7 +2,7 @@
 //! still broke. Crafted tar headers, signatures checked only against the bundle's own key,
 //! misleading messages, secrets in logs, and a bounded fuzz of the bundle reader.
 
-use crate::harness::{bkbundle, free_port, random_alnum, repo_root, NatsOpts, NatsServer, PgCluster};
+use crate::harness::{bkbundle, free_port, random_alnum, NatsOpts, NatsServer, PgCluster};
 use bkbundle::bundle::{BundleReader, BundleWriter};
 use bkbundle::digest::sha256_hex;
 use bkbundle::manifest::{
@@ -498,10 +498,6 @@ fn init_packages_dir_refuses_damaged_archives_before_connecting() {
 // ---------------------------------------------------------------------------------------------
 // Item 10: no secret at any log level; library noise only at -vv
 
-fn fixture(name: &str) -> String {
-    fs::read_to_string(repo_root().join("tests/fixtures").join(name)).unwrap()
-}
-
 #[test]
 fn no_secret_and_no_library_noise_in_any_log_level() {
     let password = format!("Pw{}", random_alnum(20));
@@ -509,9 +505,7 @@ fn no_secret_and_no_library_noise_in_any_log_level() {
         user_password: Some(("bk".into(), password.clone())),
         ..Default::default()
     });
-    let pg = PgCluster::start();
-    let db = pg.create_database("logs");
-    pg.psql("logs", &fixture("schema-2026.sql"));
+    let db = crate::harness::release_database(PgCluster::shared(), "0044", &crate::harness::unique_db_name("logs"));
     let dir = tempfile::tempdir().unwrap();
     let pkgs = dir.path().join("probes");
     fs::create_dir(&pkgs).unwrap();
