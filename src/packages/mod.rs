@@ -372,7 +372,6 @@ pub async fn run_with_env(
         release: Some(release.label()),
         ..Default::default()
     };
-    let rows = read_rows(&client, &target, &release).await?;
 
     // 2. NATS.
     let nt = crate::site::targets::nats(opts.nats_url.as_deref(), &opts.nats, &opts.site, env)?;
@@ -403,6 +402,8 @@ pub async fn run_with_env(
     if let (Some(s), Some(p)) = (&store, &pending) {
         reclaim_interrupted(s, p, &mut report).await;
     }
+    // The rows, read under the bucket's lock: a run that waited for another sees its rows.
+    let rows = read_rows(&client, &target, &release).await?;
 
     // 3. The plan.
     let mut plan: Vec<Planned> = Vec::new();

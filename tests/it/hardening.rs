@@ -916,3 +916,59 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
     assert!(v.to_string().contains("fixed: 3 chunk message(s) removed"), "{v:#}");
     assert_eq!(stream_state(&nats.url(), "bklite").0, 65);
 }
+
+/// Issue 11 item 2: two `init-packages` started together on one bucket, many times: the second
+/// waits for the first's upload lock, both succeed, and every row and object exists once with no
+/// stray chunks (the loser used to exit 6 after it had replaced an object).
+#[test]
+fn two_uploads_at_once_converge_on_one_row_and_one_object() {
+    let pg = PgCluster::shared();
+    let name = crate::harness::unique_db_name("twice");
+    let db = crate::harness::release_database(pg, "0044", &name);
+    let nats = NatsServer::start(NatsOpts::default());
+    let locks = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = std::io::BufWriter::new(fs::File::create(dir.path().join("twinprobe-1.0.0-linux-amd64")).unwrap());
+    for i in 0u32..(8 << 10) {
+        f.write_all(&[(i % 251) as u8; 1024]).unwrap();
+    }
+    drop(f);
+    let start = || {
+        bkbundle()
+            .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
+            .env("BKBUNDLE_LOCK_DIR", locks.path())
+            .args([
+                "--json",
+                "init-packages",
+                "--auto",
+                "--force",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .args(["--database-url", &db, "--nats-url", &nats.url()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for round in 0..5 {
+        let (a, b) = (start(), start());
+        for (who, child) in [("first", a), ("second", b)] {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}, {who}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(
+            pg.psql(&name, "SELECT count(*) FROM node_mgmt_packageversion"),
+            "1",
+            "round {round}"
+        );
+        // One object of 8 chunks and its meta: no second copy, no stray chunks.
+        assert_eq!(stream_state(&nats.url(), "bklite").0, 9, "round {round}");
+    }
+}
