@@ -75,7 +75,8 @@ pub struct NatsConfig {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
-    /// The object store bucket (the server's `NATS_NAMESPACE`), default `bklite`.
+    /// The object store bucket (the server's `NATS_NAMESPACE`); default: the stack's NATS_NAMESPACE,
+    /// else the platform release's default (`bk_lite` before 2026, `bklite` since).
     pub bucket: Option<String>,
 }
 

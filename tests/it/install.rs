@@ -42,6 +42,33 @@ impl Project {
         fs::write(&p, text).unwrap();
         p
     }
+    /// A value of the installed stack's `.env`.
+    fn env_value(&self, key: &str) -> String {
+        let env = fs::read_to_string(self.target().join(".env")).unwrap();
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} is not in the stack's .env"))
+            .to_string()
+    }
+    /// `psql -Atc SQL` on the installed stack's own PostgreSQL; panics unless it succeeds.
+    fn stack_psql(&self, sql: &str) -> String {
+        let r = run(Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.env_value("POSTGRES_PORT"),
+                "-U",
+                "postgres",
+                "-d",
+                "bklite",
+                "-Atc",
+                sql,
+            ])
+            .env("PGPASSWORD", self.env_value("POSTGRES_PASSWORD")));
+        assert_eq!(r.code, 0, "{sql}: {}", r.stderr);
+        r.stdout.trim().to_string()
+    }
     pub(crate) fn install(&self, bundle: &Path, config: &Path, extra: &[&str]) -> Run {
         let target = self.target();
         let mut args = vec![
@@ -236,22 +263,14 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
     );
 
     // The region was seeded in the stack's own PostgreSQL, with the site's values.
-    let rows = run(Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &value("POSTGRES_PORT"), "-U", "postgres", "-d", "bklite", "-Atc"])
-        .arg("select r.name, e.key, e.value, e.is_pre from node_mgmt_sidecarenv e join node_mgmt_cloudregion r on r.id = e.cloud_region_id order by e.key")
-        .env("PGPASSWORD", &secret));
-    assert_eq!(rows.code, 0, "{}", rows.stderr);
+    let rows = p.stack_psql("select r.name, e.key, e.value, e.is_pre from node_mgmt_sidecarenv e join node_mgmt_cloudregion r on r.id = e.cloud_region_id order by e.key");
     assert!(
-        rows.stdout
-            .contains("default|NODE_SERVER_URL|http://192.0.2.10:18080|t"),
-        "{}",
-        rows.stdout
+        rows.contains("default|NODE_SERVER_URL|http://192.0.2.10:18080|t"),
+        "{rows}"
     );
     assert!(
-        rows.stdout
-            .contains(&format!("default|NATS_SERVERS|192.0.2.10:{}|t", value("NATS_PORT"))),
-        "{}",
-        rows.stdout
+        rows.contains(&format!("default|NATS_SERVERS|192.0.2.10:{}|t", value("NATS_PORT"))),
+        "{rows}"
     );
 
     // Region 1 has one source: the same values went to the server's environment.
@@ -280,23 +299,8 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
     );
 
     // The agent packages were uploaded to the stack's NATS and recorded in its PostgreSQL.
-    let pkgs = run(Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &value("POSTGRES_PORT"),
-            "-U",
-            "postgres",
-            "-d",
-            "bklite",
-            "-Atc",
-        ])
-        .arg("select type, object, version, name from node_mgmt_packageversion order by id")
-        .env("PGPASSWORD", &secret));
-    assert_eq!(pkgs.code, 0, "{}", pkgs.stderr);
     assert_eq!(
-        pkgs.stdout.trim(),
+        p.stack_psql("select type, object, version, name from node_mgmt_packageversion order by id"),
         "controller|Controller|1.0.0|fusion-collectors-linux-amd64.zip\n\
          collector|Telegraf|1.0.0|telegraf\n\
          collector|Vector|1.0.0|vector\n\
@@ -659,31 +663,7 @@ fn the_demo_installs_on_the_oldest_release() {
     );
     let r = p.install(&bundle, &cfg, &["--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    let env = fs::read_to_string(p.target().join(".env")).unwrap();
-    let value = |k: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap()
-            .to_string()
-    };
-    let psql = |sql: &str| {
-        let r = run(Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &value("POSTGRES_PORT"),
-                "-U",
-                "postgres",
-                "-d",
-                "bklite",
-                "-Atc",
-                sql,
-            ])
-            .env("PGPASSWORD", value("POSTGRES_PASSWORD")));
-        assert_eq!(r.code, 0, "{sql}: {}", r.stderr);
-        r.stdout.trim().to_string()
-    };
+    let psql = |sql: &str| p.stack_psql(sql);
     // Region east as that release's server would create it: no proxy column, the proxy host in
     // the rows, editable rows (is_pre false) and PROXY_ADDRESS.
     assert_eq!(
