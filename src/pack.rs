@@ -189,7 +189,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         }
     }
     for img in recipe.images.iter().filter(|i| i.archive.is_some()) {
-        let path = base.join(img.archive.as_ref().map(PathBuf::as_path).unwrap_or(Path::new("")));
+        let path = base.join(img.archive.as_deref().unwrap_or(Path::new("")));
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let task: Arc<dyn crate::progress::Task> =
             Arc::from(reporter.task(&format!("reading {}", img.reference), Some(size)));

@@ -229,9 +229,7 @@ fn failure_error(project: &str, failures: &[Failure]) -> Error {
     for h in hints {
         e = e.hint(h);
     }
-    e.hint(format!(
-        "fix the cause, then re-run install (it resumes); `docker logs <container>` shows more; data volumes are kept (never `down -v`)"
-    ))
+    e.hint("fix the cause, then re-run install (it resumes); `docker logs <container>` shows more; data volumes are kept (never `down -v`)")
 }
 
 #[cfg(test)]
@@ -323,15 +321,12 @@ mod tests {
 
     #[test]
     fn started_at_parses() {
-        let d = running_for(&format!(
-            "{}",
-            crate::pack::rfc3339(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs()
-                    - 10
-            )
+        let d = running_for(&crate::pack::rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                - 10,
         ));
         let d = d.unwrap().as_secs();
         assert!((9..=11).contains(&d), "{d}");

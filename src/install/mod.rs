@@ -729,6 +729,8 @@ fn has_regions(r: &crate::manifest::Regions) -> bool {
     !r.required.is_empty() || !r.env.is_empty() || !r.region.is_empty()
 }
 
+// The report's parts, as install gathered them; issue 15 turns the install into one plan value.
+#[allow(clippy::too_many_arguments)]
 fn report(
     ctx: &Ctx,
     plan: Plan,
