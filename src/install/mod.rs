@@ -403,6 +403,24 @@ async fn plan_and_execute(
         seconds: t.elapsed().as_secs_f64(),
         detail: format!("{} finding(s)", findings.len()),
     });
+    // Findings while another run holds the target's lock, or after one changed the target, may be
+    // that run's work (a port its stack is taking right now): wait for the lock as a change
+    // would, then plan again on what that run left. A dry run never waits.
+    let busy = || crate::lock::target_holder(&ctx.target).is_some() || target_state(&ctx.target) != planned_on;
+    if !findings.is_empty() && !opts.dry_run && lock.is_none() && busy() {
+        let (r, target) = (reporter.clone(), ctx.target.clone());
+        let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
+        let guard = tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
+            .await
+            .map_err(|e| Error::internal(format!("lock task: {e}")))??;
+        *lock = Some(guard);
+        reporter.note(&format!(
+            "another run was changing {} while this one checked it: checking again",
+            ctx.target.display()
+        ));
+        *replan = true;
+        return Err(Error::internal("plan again under the lock"));
+    }
     if !findings.is_empty() {
         let mut e = Error::new(
             // An unreachable engine is an external system's failure (exit 6), as documented.
@@ -417,7 +435,7 @@ async fn plan_and_execute(
                     .collect::<String>()
             ),
         );
-        if let Some(h) = crate::lock::target_holder(&ctx.target) {
+        if let Some(h) = crate::lock::target_holder(&ctx.target).filter(|_| lock.is_none()) {
             // Findings may be another run's work in progress (a port its stack just took).
             hints.push(format!(
                 "another bkbundle run is changing {} right now: {}; wait for it to finish, then run this again",
