@@ -75,6 +75,32 @@ pub struct Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// One error for several problems, so the operator fixes them in one round: `headline`, then
+    /// each problem's message as a list item; every problem's hints once; the kind of the first
+    /// problem that is not bad input (an unreachable system over a bad name), else input.
+    pub fn all(headline: impl Into<String>, problems: Vec<Error>) -> Self {
+        let mut e = Error::input(format!(
+            "{}:\n  - {}",
+            headline.into(),
+            problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  - ")
+        ));
+        if let Some(k) = problems.iter().map(|p| p.kind).find(|k| *k != Kind::Input) {
+            e.kind = k;
+        }
+        for p in problems {
+            for h in p.hints {
+                if !e.hints.contains(&h) {
+                    e.hints.push(h);
+                }
+            }
+        }
+        e
+    }
+
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
         Self {
             kind,

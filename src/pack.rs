@@ -462,28 +462,7 @@ fn combine(mut problems: Vec<Error>) -> Result<()> {
     match problems.len() {
         0 => Ok(()),
         1 => Err(problems.remove(0)),
-        n => {
-            let mut e = Error::input(format!(
-                "{n} problems with the recipe's inputs:\n  - {}",
-                problems
-                    .iter()
-                    .map(|p| p.message.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n  - ")
-            ));
-            // The most severe class decides the exit code (an unreachable engine over bad input).
-            if let Some(k) = problems.iter().map(|p| p.kind).find(|k| *k != Kind::Input) {
-                e.kind = k;
-            }
-            for p in problems {
-                for h in p.hints {
-                    if !e.hints.contains(&h) {
-                        e.hints.push(h);
-                    }
-                }
-            }
-            Err(e)
-        }
+        n => Err(Error::all(format!("{n} problems with the recipe's inputs"), problems)),
     }
 }
 

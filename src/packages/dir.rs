@@ -244,32 +244,14 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Error> 
     if problems.is_empty() {
         return Ok(out);
     }
-    let mut e = Error::input(format!(
-        "{} problem(s) with the package directory {}; nothing was written:\n  - {}",
-        problems.len(),
-        dir.display(),
-        problems
-            .iter()
-            .map(|p| p.message.as_str())
-            .collect::<Vec<_>>()
-            .join("\n  - ")
-    ));
-    // The most severe class decides the exit code (a file that cannot be read over a bad name).
-    if let Some(k) = problems
-        .iter()
-        .map(|p| p.kind)
-        .find(|k| *k != crate::error::Kind::Input)
-    {
-        e.kind = k;
-    }
-    for p in problems {
-        for h in p.hints {
-            if !e.hints.contains(&h) {
-                e.hints.push(h);
-            }
-        }
-    }
-    Err(e)
+    Err(Error::all(
+        format!(
+            "{} problem(s) with the package directory {}; nothing was written",
+            problems.len(),
+            dir.display()
+        ),
+        problems,
+    ))
 }
 
 #[cfg(test)]

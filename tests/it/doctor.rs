@@ -124,7 +124,7 @@ fn findings<'a>(v: &'a Value, check: &str, severity: &str) -> Vec<&'a Value> {
 }
 
 /// The one finding of `check`/`severity` whose subject contains every one of `subject`.
-fn the_finding<'a>(v: &'a Value, check: &str, severity: &str, subject: &[&str]) -> &'a Value {
+pub(crate) fn the_finding<'a>(v: &'a Value, check: &str, severity: &str, subject: &[&str]) -> &'a Value {
     let all = findings(v, check, severity);
     let hit: Vec<_> = all
         .iter()

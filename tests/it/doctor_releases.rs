@@ -6,6 +6,7 @@
 //! the table (and `--fix` adds them as the server would), and reports the empty package list
 //! and the missing bucket of the release's default name.
 
+use crate::doctor::the_finding;
 use crate::harness::{bkbundle, NatsOpts, NatsServer, PgCluster, RELEASES};
 use crate::pack::{run, Run};
 use crate::regions::{default_bucket, release_db, release_label, services_table};
@@ -33,24 +34,6 @@ fn doctor(db: &str, nats: &str, config: &std::path::Path, extra: &[&str]) -> (Ru
     let v: Value = serde_json::from_str(&r.stdout)
         .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}\n{}", r.stdout, r.stderr));
     (r, v)
-}
-
-/// The one finding of `check`/`severity` whose subject contains every one of `subject` (as
-/// tests/it/doctor.rs reads them).
-fn the_finding<'a>(v: &'a Value, check: &str, severity: &str, subject: &[&str]) -> &'a Value {
-    let hit: Vec<&Value> = v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["check"] == check && f["severity"] == severity)
-        .filter(|f| subject.iter().all(|s| f["subject"].as_str().unwrap().contains(s)))
-        .collect();
-    assert_eq!(
-        hit.len(),
-        1,
-        "expected one {severity} {check} finding about {subject:?}:\n{v:#}"
-    );
-    hit[0]
 }
 
 /// Whether any finding's subject contains `part`.
