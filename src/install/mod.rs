@@ -349,8 +349,10 @@ async fn plan_and_execute(
         .map(|s| s.to_string())
         .collect();
 
-    // Already installed: the journal says so and the engine agrees (images there, stack healthy).
-    if plan.steps_to_run.is_empty() && !opts.dry_run {
+    // Already installed: the journal says so and the engine agrees (images there, stack healthy),
+    // and nothing found so far (a live region that would hand agents `null` is reported by the
+    // preflight below, as in a dry run).
+    if plan.steps_to_run.is_empty() && !opts.dry_run && findings.is_empty() {
         if let Some(engine) = &engine {
             let containers = engine.project_containers(&ctx.project).await?;
             let healthy = !containers.is_empty()

@@ -321,6 +321,33 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
         .unwrap()
         .contains(&format!("POSTGRES_PASSWORD={secret}")));
     assert_eq!(p.containers().len(), 5);
+
+    // The field failure in the live database (a region made in the UI whose rows lack
+    // NODE_SERVER_URL): a re-run's preflight, and a dry run's, read the live regions and stop
+    // before anything changes, naming the region and the key.
+    p.stack_psql(
+        "INSERT INTO node_mgmt_cloudregion (id, created_at, updated_at, created_by, updated_by, domain, updated_by_domain, name, introduction, proxy_address) \
+         SELECT max(id) + 1, now(), now(), 'admin', 'admin', 'domain.com', 'domain.com', 'west', '', '' FROM node_mgmt_cloudregion; \
+         INSERT INTO node_mgmt_sidecarenv (key, value, type, description, cloud_region_id, is_pre) \
+         SELECT 'NATS_SERVERS', '192.0.2.10:4222', 'str', '', id, false FROM node_mgmt_cloudregion WHERE name = 'west'",
+    );
+    let before = fs::read(p.target().join(".bkbundle/journal.json")).unwrap();
+    for extra in [&["--dry-run"][..], &[]] {
+        let r = p.install(demo_bundle(), &cfg, extra);
+        assert_eq!(r.code, 8, "{extra:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains("cloud regions in the live database")
+                && r.stderr.contains("region \"west\"")
+                && r.stderr.contains("NODE_SERVER_URL"),
+            "{extra:?}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(
+        fs::read(p.target().join(".bkbundle/journal.json")).unwrap(),
+        before,
+        "nothing changed"
+    );
 }
 
 #[test]
