@@ -1120,14 +1120,29 @@ pub fn published_ports(yaml: &str) -> Vec<(String, String, u16, String)> {
     out
 }
 
+/// Whether the port can be bound now. A failure is tried again a few times over half a second:
+/// another run's preflight probing the same port holds it for an instant.
 fn try_bind(ip: &str, port: u16, proto: &str) -> std::io::Result<()> {
     let ip = if ip.is_empty() { "0.0.0.0" } else { ip };
     let addr = format!("{ip}:{port}");
-    if proto == "udp" {
-        std::net::UdpSocket::bind(&addr).map(|_| ())
-    } else {
-        std::net::TcpListener::bind(&addr).map(|_| ())
+    let once = || {
+        if proto == "udp" {
+            std::net::UdpSocket::bind(&addr).map(|_| ())
+        } else {
+            std::net::TcpListener::bind(&addr).map(|_| ())
+        }
+    };
+    let mut last = once();
+    for _ in 0..5 {
+        match &last {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                std::thread::sleep(Duration::from_millis(100));
+                last = once();
+            }
+            _ => break,
+        }
     }
+    last
 }
 
 fn free_space(path: &Path) -> Option<u64> {
