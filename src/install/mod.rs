@@ -221,6 +221,19 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     }
 }
 
+/// The target's lock, waiting up to `--lock-wait` (on a blocking thread: the wait sleeps).
+async fn take_target_lock(
+    opts: &InstallOptions,
+    reporter: &Arc<dyn Reporter>,
+    target: &Path,
+) -> Result<crate::lock::LockGuard> {
+    let (r, target) = (reporter.clone(), target.to_path_buf());
+    let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
+    tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
+        .await
+        .map_err(|e| Error::internal(format!("lock task: {e}")))?
+}
+
 /// What another run changes in the target (journal, `.env`): compared before and after the lock.
 fn target_state(target: &Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     (
@@ -410,11 +423,7 @@ async fn plan_and_execute(
     // would, then plan again on what that run left. A dry run never waits.
     let busy = || crate::lock::target_holder(&ctx.target).is_some() || target_state(&ctx.target) != planned_on;
     if !findings.is_empty() && !opts.dry_run && lock.is_none() && busy() {
-        let (r, target) = (reporter.clone(), ctx.target.clone());
-        let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
-        let guard = tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
-            .await
-            .map_err(|e| Error::internal(format!("lock task: {e}")))??;
+        let guard = take_target_lock(&opts, &reporter, &ctx.target).await?;
         *lock = Some(guard);
         reporter.note(&format!(
             "another run was changing {} while this one checked it: checking again",
@@ -459,11 +468,7 @@ async fn plan_and_execute(
 
     // The target's lock, before the first change (see `run`).
     if lock.is_none() {
-        let (r, target) = (reporter.clone(), ctx.target.clone());
-        let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
-        let guard = tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
-            .await
-            .map_err(|e| Error::internal(format!("lock task: {e}")))??;
+        let guard = take_target_lock(&opts, &reporter, &ctx.target).await?;
         let changed = target_state(&ctx.target) != planned_on;
         *lock = Some(guard);
         if changed {

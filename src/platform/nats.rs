@@ -444,7 +444,6 @@ pub async fn raw_meta(s: &Store, key: &str) -> Result<Option<serde_json::Value>,
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
     pub stream_bytes: u64,
-    pub stream_messages: u64,
     pub live_objects: usize,
     pub live_bytes: u64,
     /// `(nuid, chunk messages)` of chunk sets no live object's meta names.
@@ -457,7 +456,6 @@ pub async fn inventory(s: &Store) -> Result<Inventory, String> {
     let info = s.stream.get_info().await.map_err(|e| chain(&e))?;
     let mut inv = Inventory {
         stream_bytes: info.state.bytes,
-        stream_messages: info.state.messages,
         ..Default::default()
     };
     let mut live: BTreeSet<String> = BTreeSet::new();

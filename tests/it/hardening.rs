@@ -786,14 +786,12 @@ fn fuzz_every_damaged_bundle_ends_in_a_verdict_within_bounds() {
     assert!(verdicts[0] > CASES as usize * 3 / 4, "refused/accepted: {verdicts:?}");
 }
 
-/// Messages and bytes of the bucket's stream, read with nats-py (the upstream client).
-fn stream_state(nats: &str, bucket: &str) -> (u64, u64) {
-    let out = crate::packages::python(
-        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); si=await nc.jetstream().stream_info('OBJ_'+sys.argv[2]); print(si.state.messages, si.state.bytes); await nc.close()\nasyncio.run(m())",
-        &[nats, bucket],
-    );
-    let mut it = out.split_whitespace().map(|n| n.parse::<u64>().unwrap());
-    (it.next().unwrap(), it.next().unwrap())
+/// Messages in the bucket's stream, read with nats-py (the upstream client).
+fn stream_state(nats: &str, bucket: &str) -> u64 {
+    let n = crate::packages::stream_messages(nats, &format!("OBJ_{bucket}"));
+    n.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a message count: {n:?}"))
 }
 
 /// Issue 11 item 7: uploads killed again and again leave no chunks behind once a run completes,
@@ -860,7 +858,7 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
         }
     }
     assert_eq!(kills, 3, "could not kill three uploads part-way");
-    let (messages, _) = stream_state(&nats.url(), "bklite");
+    let messages = stream_state(&nats.url(), "bklite");
     assert!(messages > 0, "the kills left chunks behind: {messages}");
     // The next run completes and removes what the killed ones left: one object of 64 chunks and
     // its meta remain.
@@ -880,14 +878,14 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
             && !out.stdout.windows(password.len()).any(|w| w == password.as_bytes()),
         "{v}"
     );
-    assert_eq!(stream_state(&nats.url(), "bklite").0, 65, "{v}");
+    assert_eq!(stream_state(&nats.url(), "bklite"), 65, "{v}");
 
     // Chunks of another client's upload that never completed: doctor reports, --fix removes.
     crate::packages::python(
         "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); js=nc.jetstream()\n    for i in range(3): await js.publish('$O.bklite.C.strayNUID0123456789ab', b'x'*1000)\n    await nc.close()\nasyncio.run(m())",
         &[&nats.url()],
     );
-    assert_eq!(stream_state(&nats.url(), "bklite").0, 68);
+    assert_eq!(stream_state(&nats.url(), "bklite"), 68);
     let doctor = |extra: &[&str]| {
         let out = bkbundle()
             .env_remove("DATABASE_URL")
@@ -914,7 +912,7 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
     );
     let v = doctor(&["--fix"]);
     assert!(v.to_string().contains("fixed: 3 chunk message(s) removed"), "{v:#}");
-    assert_eq!(stream_state(&nats.url(), "bklite").0, 65);
+    assert_eq!(stream_state(&nats.url(), "bklite"), 65);
 }
 
 /// Issue 11 item 2: two `init-packages` started together on one bucket, many times: the second
@@ -969,6 +967,6 @@ fn two_uploads_at_once_converge_on_one_row_and_one_object() {
             "round {round}"
         );
         // One object of 8 chunks and its meta: no second copy, no stray chunks.
-        assert_eq!(stream_state(&nats.url(), "bklite").0, 9, "round {round}");
+        assert_eq!(stream_state(&nats.url(), "bklite"), 9, "round {round}");
     }
 }

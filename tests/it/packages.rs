@@ -210,7 +210,7 @@ fn refused(o: &PackagesOptions, secret: &str) {
 }
 
 /// A stream's message count, with nats-py.
-fn stream_messages(nats: &str, stream: &str) -> String {
+pub(crate) fn stream_messages(nats: &str, stream: &str) -> String {
     python(
         "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); i=await nc.jetstream().stream_info(sys.argv[2]); print(i.state.messages); await nc.close()\nasyncio.run(m())",
         &[nats, stream],
