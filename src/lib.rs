@@ -22,6 +22,8 @@ pub mod packages;
 pub mod platform;
 pub mod progress;
 pub mod regions;
+pub mod report;
+pub mod runtime;
 pub mod savefile;
 pub mod sign;
 pub mod site;
