@@ -20,6 +20,7 @@ pub mod pack;
 pub mod package_check;
 pub mod packages;
 pub mod platform;
+pub mod ports;
 pub mod progress;
 pub mod regions;
 pub mod report;

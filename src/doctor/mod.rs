@@ -203,7 +203,9 @@ pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<Str
     }
     containers(&mut ctx).await;
     if let Some(p) = project(&ctx) {
-        ctx.server = cache::server_container(&p).await;
+        if let Ok(Ok(engine)) = tokio::time::timeout(PROBE * 2, Engine::connect()).await {
+            ctx.server = cache::server_container(&engine, &p).await;
+        }
     }
     let database = database(&mut ctx).await;
     if let Some((client, target, release)) = &database {

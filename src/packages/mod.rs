@@ -27,12 +27,13 @@ pub mod source;
 use crate::bundle::BundleReader;
 use crate::error::{Error, Kind};
 use crate::manifest::{normalize_arch, Package, PackageType};
-use crate::platform::db::{DbError, DbTarget};
-use crate::platform::nats::{self, info, list_objects, open_store, raw_meta, NatsError, Store};
-use crate::platform::packages::{self as keys, nats_digest, parse_digest, read_rows, Row};
-use crate::platform::release::{self, Release, PACKAGE_TABLE};
+use crate::platform::db::DbError;
+use crate::platform::nats::{self, NatsError};
+use crate::platform::packages::{self as keys, nats_digest, parse_digest, Row};
+use crate::platform::release::{Release, PACKAGE_TABLE};
+use crate::ports::live::{NatsBucket, Postgres};
+use crate::ports::{ObjectStore, PlatformDb};
 use crate::site::config::{DatabaseConfig, InstallConfig, NatsConfig};
-use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
 use source::Source;
@@ -236,26 +237,31 @@ pub struct PackagesReport {
 // ---------------------------------------------------------------------------------------------
 // The plan
 
-struct Planned {
-    pkg: Package,
-    arch: String,
-    source: Source,
-    key: String,
-    sha: [u8; 32],
-    size: u64,
-    row: Option<Row>,
-    stored: Option<String>,
-    /// `None`: nothing to send.
-    action: ObjectAction,
-    upload: bool,
-    note: Option<String>,
+/// One package's decision: its object (key, digest, size, action) and the row it has.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub pkg: Package,
+    pub arch: String,
+    pub source: Source,
+    pub key: String,
+    pub sha: [u8; 32],
+    pub size: u64,
+    /// The row already there, if any.
+    pub row: Option<Row>,
+    /// The stored object's digest, if any.
+    pub stored: Option<String>,
+    pub action: ObjectAction,
+    /// Whether the object's bytes are sent.
+    pub upload: bool,
+    pub note: Option<String>,
 }
 
 /// One package to upload, where its bytes are, and its digest when the manifest records it.
-struct Input {
-    pkg: Package,
-    source: Source,
-    known: Option<([u8; 32], u64)>,
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub pkg: Package,
+    pub source: Source,
+    pub known: Option<([u8; 32], u64)>,
 }
 
 fn label(p: &Package) -> String {
@@ -264,7 +270,7 @@ fn label(p: &Package) -> String {
 
 /// The packages to upload: the bundle's (opened, its manifest read; collectors inside the
 /// controller package located) or the directory's (recognised by name). Every problem at once.
-fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Input>), PackagesError> {
+pub fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Input>), PackagesError> {
     match (&opts.bundle, &opts.dir) {
         (Some(_), Some(_)) => Err(PackagesError::Input("give either --bundle or --dir, not both".into())),
         (None, None) => Err(PackagesError::Input(
@@ -348,6 +354,7 @@ pub async fn run(opts: &PackagesOptions) -> Result<PackagesReport, PackagesError
 }
 
 /// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`.
+/// Connects the database and NATS once, takes the bucket's lock, and runs [`run_on`].
 pub async fn run_with_env(
     opts: &PackagesOptions,
     env: &dyn Fn(&str) -> Option<String>,
@@ -358,27 +365,18 @@ pub async fn run_with_env(
 
     // 1. The database, and which release it is (it decides keys, columns and the bucket).
     let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
-    let client = crate::platform::db::connect(&target).await?;
-    let release = release::detect_when_migrated(&client, &target, opts.wait_for_migrations).await?;
+    let db = Postgres::connect(target).await?;
+    let release = db.release(opts.wait_for_migrations).await?;
     let bucket = opts
         .bucket
         .clone()
         .or_else(|| opts.nats.bucket.clone())
         .unwrap_or_else(|| keys::bucket(&opts.site, Some(&release)).0);
-    let mut report = PackagesReport {
-        dry_run: opts.dry_run,
-        bucket: bucket.clone(),
-        database: Some(target.name.display.clone()),
-        release: Some(release.label()),
-        ..Default::default()
-    };
+    let mut report = PackagesReport::default();
 
     // 2. NATS.
     let nt = crate::site::targets::nats(opts.nats_url.as_deref(), &opts.nats, &opts.site, env)?;
-    report.nats = Some(nt.display());
     let nc = nats::connect(&nt).await?;
-    let max_payload = nc.server_info().max_payload;
-    report.chunk_size = if max_payload > 0 { CHUNK.min(max_payload) } else { CHUNK };
     // One upload per bucket at a time (a second run waits, then refuses naming the holder); the
     // holder keeps a list of the uploads it began, so that what a killed run left is removed.
     let (_bucket_lock, pending) = if opts.dry_run {
@@ -393,30 +391,122 @@ pub async fn run_with_env(
             .map_err(PackagesError::Bundle)?;
         (Some(guard), Some(pending))
     };
-    let store = open_store(&nc, &nt, &bucket, !opts.dry_run).await?;
-    if store.is_none() {
+    let store = NatsBucket::open_on(&nc, &nt, &bucket, !opts.dry_run).await?;
+    let seams = Seams {
+        db: &db,
+        store: store.as_ref().map(|s| s as &dyn ObjectStore),
+        server: nt.display(),
+        bucket,
+    };
+    let run = Run {
+        opts,
+        bundle: bundle.as_ref(),
+        inputs: &inputs,
+        release: &release,
+        pending: pending.as_ref(),
+    };
+    run_on(&run, &seams, report, t0).await
+}
+
+/// The systems a run reaches, connected once by the caller.
+pub struct Seams<'a> {
+    pub db: &'a dyn PlatformDb,
+    /// The bucket; `None` when it does not exist (a dry run does not create it).
+    pub store: Option<&'a dyn ObjectStore>,
+    /// The NATS server and the bucket's name, for the report.
+    pub server: String,
+    pub bucket: String,
+}
+
+/// What one run works on: its options, the packages and where their bytes are, the release.
+pub struct Run<'a> {
+    pub opts: &'a PackagesOptions,
+    pub bundle: Option<&'a Arc<BundleReader>>,
+    pub inputs: &'a [Input],
+    pub release: &'a Release,
+    /// The bucket lock holder's list of uploads begun (none in a dry run).
+    pub pending: Option<&'a Pending>,
+}
+
+/// Plan, write and check, on connected systems (stages 3 to 5 of the module documentation).
+pub async fn run_on(
+    run: &Run<'_>,
+    seams: &Seams<'_>,
+    mut report: PackagesReport,
+    t0: Instant,
+) -> Result<PackagesReport, PackagesError> {
+    let opts = run.opts;
+    report.dry_run = opts.dry_run;
+    report.bucket = seams.bucket.clone();
+    report.database = Some(seams.db.target().name.display.clone());
+    report.release = Some(run.release.label());
+    report.nats = Some(seams.server.clone());
+    let max_payload = seams.store.map(|s| s.max_payload()).unwrap_or(0);
+    report.chunk_size = if max_payload > 0 { CHUNK.min(max_payload) } else { CHUNK };
+    if seams.store.is_none() {
         report
             .notes
-            .push(format!("bucket {bucket:?} does not exist: it would be created"));
+            .push(format!("bucket {:?} does not exist: it would be created", seams.bucket));
     }
-    if let (Some(s), Some(p)) = (&store, &pending) {
+    if let (Some(s), Some(p)) = (seams.store, run.pending) {
         reclaim_interrupted(s, p, &mut report).await;
     }
     // The rows, read under the bucket's lock: a run that waited for another sees its rows.
-    let rows = read_rows(&client, &target, &release).await?;
+    let rows = seams.db.package_rows(run.release).await?;
 
     // 3. The plan.
+    let planned = plan(run, &rows, seams.store, &seams.bucket, &mut report.notes).await?;
+
+    // 4. Write: the object, confirmed, then its row.
+    for pl in &planned {
+        execute_one(run, seams, pl, &mut report).await?;
+    }
+
+    // 5. Consistency both ways.
+    if let Some(s) = seams.store {
+        let rows = seams.db.package_rows(run.release).await?;
+        let names = s.list().await?;
+        let (missing, orphans) = keys::consistency(&rows, run.release, &names);
+        for (row_id, key) in missing {
+            if !report.missing_objects.iter().any(|r| r.row_id == row_id) {
+                report.missing_objects.push(MissingObject {
+                    row_id,
+                    key,
+                    repaired: false,
+                });
+            }
+        }
+        report.orphan_objects = orphans;
+    }
+    if opts.dry_run {
+        report.notes.push("dry run: nothing was written".into());
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Decide each package's object and row (stage 3): nothing is written. `store` `None`: the bucket
+/// is not there (every object is to be uploaded). Conflicts (a different object under a fixed
+/// version, without `force`) are all returned together.
+pub async fn plan(
+    run: &Run<'_>,
+    rows: &[Row],
+    store: Option<&dyn ObjectStore>,
+    bucket: &str,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Planned>, PackagesError> {
+    let (opts, release) = (run.opts, run.release);
     let mut plan: Vec<Planned> = Vec::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    for Input { pkg: p, source, known } in &inputs {
+    for Input { pkg: p, source, known } in run.inputs {
         let label = label(p);
         let arch = normalize_arch(&p.arch).unwrap_or(p.arch.as_str()).to_string();
-        let key = keys::object_key(&release, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
+        let key = keys::object_key(release, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
         // Releases whose UNIQUE constraint has no architecture hold one per (os, object, version).
-        let ident = keys::row_identity(&release, p.os.as_str(), &arch, &p.object, &p.version);
+        let ident = keys::row_identity(release, p.os.as_str(), &arch, &p.object, &p.version);
         if let Some(first) = seen.get(&ident) {
-            report.notes.push(format!(
+            notes.push(format!(
                 "package {label} was left alone: it collides with {first} on (os, object, version) = ({}, {}, {}); this release ({}) holds one architecture per version (its {PACKAGE_TABLE} is unique on those three columns)",
                 p.os.as_str(), p.object, p.version, release.label()
             ));
@@ -428,8 +518,7 @@ pub async fn run_with_env(
         let (sha, size) = match known {
             Some(k) => *k,
             None => {
-                let b = bundle.clone();
-                let s2 = source.clone();
+                let (b, s2) = (run.bundle.cloned(), source.clone());
                 tokio::task::spawn_blocking(move || source::hash(b.as_deref(), &s2))
                     .await
                     .map_err(|e| PackagesError::Internal(format!("hashing task: {e}")))?
@@ -449,10 +538,10 @@ pub async fn run_with_env(
                     && (!release.has_package_arch() || r.arch == arch)
             })
             .cloned();
-        let stored = match &store {
-            Some(s) => info(s, &key).await.map_err(|m| NatsError::Bucket {
-                nats: nt.display(),
-                bucket: bucket.clone(),
+        let stored = match store {
+            Some(s) => s.info(&key).await.map_err(|m| NatsError::Bucket {
+                nats: s.server().to_string(),
+                bucket: bucket.to_string(),
                 message: format!("reading the info of {key}: {m}"),
             })?,
             None => None,
@@ -503,97 +592,79 @@ pub async fn run_with_env(
     if !conflicts.is_empty() {
         return Err(PackagesError::Conflict(conflicts));
     }
+    Ok(plan)
+}
 
-    // 4. Write: the object, confirmed, then its row.
-    for pl in &plan {
-        let t = Instant::now();
-        let mut row_action = None;
-        let mut row_id = pl.row.as_ref().map(|r| r.id);
-        if !opts.dry_run {
-            if pl.upload {
-                let s = store
-                    .as_ref()
-                    .ok_or_else(|| PackagesError::Internal("no object store after planning".into()))?;
-                upload(s, &bundle, pl, report.chunk_size, &bucket, pending.as_ref()).await?;
-                report.bytes_sent += pl.size;
-            }
-            if pl.action != ObjectAction::LeftAlone {
-                let (a, id) = upsert_row(&client, &target, &release, pl, opts.force).await?;
-                row_action = Some(a);
-                row_id = Some(id);
-            }
+/// Write one planned package (unless a dry run) and add it to the report.
+async fn execute_one(
+    run: &Run<'_>,
+    seams: &Seams<'_>,
+    pl: &Planned,
+    report: &mut PackagesReport,
+) -> Result<(), PackagesError> {
+    let opts = run.opts;
+    let t = Instant::now();
+    let mut row_action = None;
+    let mut row_id = pl.row.as_ref().map(|r| r.id);
+    if !opts.dry_run {
+        if pl.upload {
+            let s = seams
+                .store
+                .ok_or_else(|| PackagesError::Internal("no object store after planning".into()))?;
+            upload(s, run.bundle, pl, report.chunk_size, run.pending).await?;
+            report.bytes_sent += pl.size;
         }
-        match pl.action {
-            ObjectAction::Uploaded | ObjectAction::Repaired => report.uploaded += 1,
-            ObjectAction::Replaced => report.replaced += 1,
-            ObjectAction::Skipped => report.skipped += 1,
-            ObjectAction::LeftAlone => {}
+        if pl.action != ObjectAction::LeftAlone {
+            let (a, id) = upsert_row(seams.db, run.release, pl, opts.force).await?;
+            row_action = Some(a);
+            row_id = Some(id);
         }
-        match row_action {
-            Some(RowAction::Created) => report.rows_created += 1,
-            Some(RowAction::Updated) => report.rows_updated += 1,
-            Some(RowAction::Unchanged) => report.rows_unchanged += 1,
-            None => {}
-        }
-        if pl.action == ObjectAction::Repaired {
-            if let Some(r) = &pl.row {
-                report.missing_objects.push(MissingObject {
-                    row_id: r.id,
-                    key: pl.key.clone(),
-                    repaired: !opts.dry_run,
-                });
-            }
-        }
-        let secs = t.elapsed().as_secs_f64();
-        report.packages.push(PackageReport {
-            package: pl.pkg.name.clone(),
-            kind: pl.pkg.kind,
-            os: pl.pkg.os.as_str().to_string(),
-            arch: pl.arch.clone(),
-            object: pl.pkg.object.clone(),
-            version: pl.pkg.version.clone(),
-            key: pl.key.clone(),
-            size: pl.size,
-            digest: nats_digest(&pl.sha),
-            action: pl.action,
-            row: row_action,
-            row_id,
-            seconds: secs,
-            mb_per_s: (pl.upload && !opts.dry_run && secs > 0.0).then(|| pl.size as f64 / 1e6 / secs),
-            note: pl.note.clone().or_else(|| {
-                pl.stored
-                    .as_ref()
-                    .filter(|_| pl.action == ObjectAction::Replaced)
-                    .map(|d| format!("replaced stored {d}"))
-            }),
-        });
     }
-
-    // 5. Consistency both ways.
-    if let Some(s) = &store {
-        let rows = read_rows(&client, &target, &release).await?;
-        let names = list_objects(s, &nt.display()).await?;
-        let (missing, orphans) = keys::consistency(&rows, &release, &names);
-        let missing: Vec<MissingObject> = missing
-            .into_iter()
-            .map(|(row_id, key)| MissingObject {
-                row_id,
-                key,
-                repaired: false,
-            })
-            .collect();
-        for m in missing {
-            if !report.missing_objects.iter().any(|r| r.row_id == m.row_id) {
-                report.missing_objects.push(m);
-            }
+    match pl.action {
+        ObjectAction::Uploaded | ObjectAction::Repaired => report.uploaded += 1,
+        ObjectAction::Replaced => report.replaced += 1,
+        ObjectAction::Skipped => report.skipped += 1,
+        ObjectAction::LeftAlone => {}
+    }
+    match row_action {
+        Some(RowAction::Created) => report.rows_created += 1,
+        Some(RowAction::Updated) => report.rows_updated += 1,
+        Some(RowAction::Unchanged) => report.rows_unchanged += 1,
+        None => {}
+    }
+    if pl.action == ObjectAction::Repaired {
+        if let Some(r) = &pl.row {
+            report.missing_objects.push(MissingObject {
+                row_id: r.id,
+                key: pl.key.clone(),
+                repaired: !opts.dry_run,
+            });
         }
-        report.orphan_objects = orphans;
     }
-    if opts.dry_run {
-        report.notes.push("dry run: nothing was written".into());
-    }
-    report.seconds = t0.elapsed().as_secs_f64();
-    Ok(report)
+    let secs = t.elapsed().as_secs_f64();
+    report.packages.push(PackageReport {
+        package: pl.pkg.name.clone(),
+        kind: pl.pkg.kind,
+        os: pl.pkg.os.as_str().to_string(),
+        arch: pl.arch.clone(),
+        object: pl.pkg.object.clone(),
+        version: pl.pkg.version.clone(),
+        key: pl.key.clone(),
+        size: pl.size,
+        digest: nats_digest(&pl.sha),
+        action: pl.action,
+        row: row_action,
+        row_id,
+        seconds: secs,
+        mb_per_s: (pl.upload && !opts.dry_run && secs > 0.0).then(|| pl.size as f64 / 1e6 / secs),
+        note: pl.note.clone().or_else(|| {
+            pl.stored
+                .as_ref()
+                .filter(|_| pl.action == ObjectAction::Replaced)
+                .map(|d| format!("replaced stored {d}"))
+        }),
+    });
+    Ok(())
 }
 
 /// How long a run waits for another upload to the same bucket to finish.
@@ -601,7 +672,7 @@ const BUCKET_LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// The uploads the bucket lock's holder began and has not finished: one nuid per line
 /// ([`crate::lock::bucket_pending_file`]). Only the holder of the bucket's lock touches it.
-struct Pending(std::path::PathBuf);
+pub struct Pending(std::path::PathBuf);
 
 impl Pending {
     fn list(&self) -> Vec<String> {
@@ -636,12 +707,12 @@ impl Pending {
 
 /// Remove the chunks of uploads a killed run began (listed in `pending`) that no object refers
 /// to, so that kills do not fill the stream with unreachable chunks.
-async fn reclaim_interrupted(s: &Store, pending: &Pending, report: &mut PackagesReport) {
+async fn reclaim_interrupted(s: &dyn ObjectStore, pending: &Pending, report: &mut PackagesReport) {
     let listed = pending.list();
     if listed.is_empty() {
         return;
     }
-    let inv = match nats::inventory(s).await {
+    let inv = match s.inventory().await {
         Ok(i) => i,
         Err(e) => {
             report.notes.push(format!(
@@ -657,7 +728,7 @@ async fn reclaim_interrupted(s: &Store, pending: &Pending, report: &mut Packages
         if !inv.unreferenced.iter().any(|(n, _)| n == nuid) {
             continue; // finished after all (its meta names it), or nothing was sent
         }
-        match nats::purge_chunks(s, nuid).await {
+        match s.purge_chunks(nuid).await {
             Ok(n) => purged += n,
             Err(_) => left.push(nuid.clone()),
         }
@@ -671,20 +742,14 @@ async fn reclaim_interrupted(s: &Store, pending: &Pending, report: &mut Packages
     }
 }
 
-/// Publishes in flight before the oldest ack is awaited. async-nats' own `put` awaits every
-/// chunk's ack before sending the next (measured: 1 MiB chunks ~330 MB/s end to end here);
-/// keeping a few in flight hides the round trip. Memory: WINDOW + channel chunks of `CHUNK`.
-const WINDOW: usize = 8;
-
 /// Stream one package into the object store (bounded memory: a few chunks in flight), then
 /// confirm the stored digest and size. Bounded retries; on a failed first attempt the chunk
 /// size drops below the server's max payload.
 async fn upload(
-    s: &Store,
-    bundle: &Option<Arc<BundleReader>>,
+    s: &dyn ObjectStore,
+    bundle: Option<&Arc<BundleReader>>,
     pl: &Planned,
     chunk: usize,
-    bucket: &str,
     pending: Option<&Pending>,
 ) -> Result<(), PackagesError> {
     let expected = nats_digest(&pl.sha);
@@ -697,9 +762,9 @@ async fn upload(
         }
         match put(s, bundle, pl, chunk, pending).await {
             Ok((sha, size)) if sha == pl.sha && size == pl.size => {
-                let found = info(s, &pl.key).await.map_err(|m| PackagesError::Upload {
+                let found = s.info(&pl.key).await.map_err(|m| PackagesError::Upload {
                     key: pl.key.clone(),
-                    bucket: bucket.into(),
+                    bucket: s.bucket().into(),
                     message: format!("confirming: {m}"),
                 })?;
                 let (d, sz) = found.unwrap_or_default();
@@ -742,7 +807,7 @@ async fn upload(
     }
     Err(PackagesError::Upload {
         key: pl.key.clone(),
-        bucket: bucket.into(),
+        bucket: s.bucket().into(),
         message: last,
     })
 }
@@ -752,53 +817,41 @@ enum PutFailure {
     Nats(String),
 }
 
-/// One object put, wire-compatible with the JetStream object store (the chunks under
-/// `$O.<bucket>.C.<nuid>`, then the meta message under `$O.<bucket>.M.<base64 name>` with a
-/// subject rollup, then the old version's chunks purged), with acks pipelined. The content is
-/// read and hashed on a blocking thread; the meta is published only when the whole content was
-/// read, so a failure leaves the previous object in place. Returns the digest and size read.
+/// One object put, wire-compatible with the JetStream object store: the chunks (under a new
+/// upload id, listed in `pending` first so that a kill leaves nothing the next run cannot
+/// remove), then the meta message, which replaces the previous version. The content is read
+/// and hashed on a blocking thread; the meta is published only when the whole content was read
+/// and matches the plan, so a failure leaves the previous object in place. Returns the digest and
+/// size read.
 async fn put(
-    s: &Store,
-    bundle: &Option<Arc<BundleReader>>,
+    s: &dyn ObjectStore,
+    bundle: Option<&Arc<BundleReader>>,
     pl: &Planned,
     chunk: usize,
     pending: Option<&Pending>,
 ) -> Result<([u8; 32], u64), PutFailure> {
-    let previous = raw_meta(s, &pl.key)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|v| v.get("nuid").and_then(|n| n.as_str()).map(str::to_string));
     let nuid = nuid::next().to_string();
-    let chunk_subject = format!("$O.{}.C.{nuid}", s.bucket);
-    // Listed before the first chunk is sent: a kill from here on leaves chunks the next run
-    // removes. Taken off the list once the upload ended either way (meta written, or purged).
     if let Some(p) = pending {
         p.add(&nuid)
             .map_err(|e| PutFailure::Nats(format!("cannot record the upload in {}: {e}", p.0.display())))?;
     }
-    let result = put_chunks(s, bundle, pl, chunk, &nuid, &chunk_subject, previous).await;
+    let result = put_chunks(s, bundle, pl, chunk, &nuid).await;
     if let Some(p) = pending {
         let _ = p.remove(&nuid);
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn put_chunks(
-    s: &Store,
-    bundle: &Option<Arc<BundleReader>>,
+    s: &dyn ObjectStore,
+    bundle: Option<&Arc<BundleReader>>,
     pl: &Planned,
     chunk: usize,
     nuid: &str,
-    chunk_subject: &str,
-    previous: Option<String>,
 ) -> Result<([u8; 32], u64), PutFailure> {
-    let chunk_subject = chunk_subject.to_string();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let b = bundle.clone();
-    let src = pl.source.clone();
-    let reader_task = tokio::task::spawn_blocking(move || {
+    let (b, src) = (bundle.cloned(), pl.source.clone());
+    let reader = tokio::task::spawn_blocking(move || {
         source::with_reader(b.as_deref(), &src, |r| {
             let mut h = crate::digest::Hasher::new();
             loop {
@@ -810,57 +863,21 @@ async fn put_chunks(
                 buf.truncate(n);
                 h.update(&buf);
                 if tx.blocking_send(Bytes::from(buf)).is_err() {
-                    // The uploader stopped (it reports its own error).
-                    break;
+                    break; // the store stopped (it reports its own error)
                 }
             }
             Ok(h)
         })
     });
-    let purge_ours = || async {
-        let _ = s.stream.purge().filter(chunk_subject.clone()).await;
-    };
-    let mut in_flight = std::collections::VecDeque::new();
-    let mut chunks = 0usize;
-    let mut sent = 0u64;
-    let mut failure = None;
-    while let Some(payload) = rx.recv().await {
-        sent += payload.len() as u64;
-        chunks += 1;
-        match s.js.publish(chunk_subject.clone(), payload).await {
-            Ok(ack) => in_flight.push_back(ack),
-            Err(e) => {
-                failure = Some(format!("publishing chunk {chunks}: {}", crate::error::chain(&e)));
-                break;
-            }
-        }
-        if in_flight.len() >= WINDOW {
-            if let Some(ack) = in_flight.pop_front() {
-                if let Err(e) = ack.await {
-                    failure = Some(format!("ack of a chunk: {}", crate::error::chain(&e)));
-                    break;
-                }
-            }
-        }
-    }
-    // Let the reader finish (or see the closed channel) before judging.
+    let sent = s.send_chunks(nuid, &mut rx).await;
     drop(rx);
-    for ack in in_flight {
-        if let Err(e) = ack.await {
-            failure.get_or_insert_with(|| format!("ack of a chunk: {}", crate::error::chain(&e)));
-        }
-    }
-    let read = reader_task
-        .await
-        .map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
-    if let Some(f) = failure {
-        purge_ours().await;
-        return Err(PutFailure::Nats(f));
-    }
+    let read = reader.await;
+    let read = read.map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
+    let (chunks, sent) = sent.map_err(PutFailure::Nats)?;
     let hasher = match read {
         Ok(h) => h,
         Err(e) => {
-            purge_ours().await;
+            let _ = s.purge_chunks(nuid).await;
             return Err(PutFailure::Read(e.to_string()));
         }
     };
@@ -868,7 +885,7 @@ async fn put_chunks(
     let sha = crate::digest::sha256_from_hex(&hasher.finish().0)
         .ok_or_else(|| PutFailure::Read("internal: malformed digest".into()))?;
     if size != sent || sha != pl.sha || size != pl.size {
-        purge_ours().await;
+        let _ = s.purge_chunks(nuid).await;
         return Ok((sha, size));
     }
     let meta = serde_json::json!({
@@ -877,7 +894,7 @@ async fn put_chunks(
         "metadata": {},
         "headers": null,
         "options": { "link": null, "max_chunk_size": chunk },
-        "bucket": s.bucket,
+        "bucket": s.bucket(),
         "nuid": nuid,
         "size": size,
         "chunks": chunks,
@@ -889,36 +906,16 @@ async fn put_chunks(
         ),
         "digest": nats_digest(&sha),
     });
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Rollup", "sub");
-    let subject = format!(
-        "$O.{}.M.{}",
-        s.bucket,
-        base64::engine::general_purpose::URL_SAFE.encode(&pl.key)
-    );
-    let published = match s
-        .js
-        .publish_with_headers(subject, headers, Bytes::from(meta.to_string()))
-        .await
-    {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| crate::error::chain(&e)),
-        Err(e) => Err(crate::error::chain(&e)),
-    };
-    if let Err(e) = published {
-        purge_ours().await;
+    if let Err(e) = s.publish_meta(&pl.key, &meta).await {
+        let _ = s.purge_chunks(nuid).await;
         return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
-    }
-    // The previous version's chunks are unreachable now.
-    if let Some(old) = previous.filter(|o| o != nuid) {
-        let _ = s.stream.purge().filter(format!("$O.{}.C.{old}", s.bucket)).await;
     }
     Ok((sha, size))
 }
 
 /// Insert the row, or per the upstream rule overwrite `name` and `updated_at` (`latest`, or forced).
 async fn upsert_row(
-    client: &tokio_postgres::Client,
-    t: &DbTarget,
+    db: &dyn PlatformDb,
     release: &Release,
     pl: &Planned,
     force: bool,
@@ -927,7 +924,7 @@ async fn upsert_row(
     if let Some(r) = &pl.row {
         let overwrite = p.version == LATEST || force;
         if overwrite && (r.name != p.name || pl.action == ObjectAction::Replaced) {
-            keys::update_row_name(client, t, r.id, &p.name, &pl.key).await?;
+            db.update_package_row_name(r.id, &p.name, &pl.key).await?;
             return Ok((RowAction::Updated, r.id));
         }
         return Ok((RowAction::Unchanged, r.id));
@@ -941,7 +938,7 @@ async fn upsert_row(
         name: &p.name,
         description: &p.description,
     };
-    let id = keys::insert_row(client, t, release, &row, &pl.key).await?;
+    let id = db.insert_package_row(release, &row, &pl.key).await?;
     Ok((RowAction::Created, id))
 }
 

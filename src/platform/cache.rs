@@ -60,28 +60,22 @@ pub enum ServerCache {
     Unknown,
 }
 
-/// The stack's server container: its name and environment, and the engine that found it.
+/// The stack's server container: its name and environment.
 pub struct ServerContainer {
-    pub engine: crate::engine::Engine,
     pub name: String,
     /// Holds secrets: never logged or shown.
     pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// The `server` container of compose project `project`, when the engine answers and has one.
-pub async fn server_container(project: &str) -> Option<ServerContainer> {
-    let engine = tokio::time::timeout(Duration::from_secs(5), crate::engine::Engine::connect())
+pub async fn server_container(docker: &dyn crate::ports::Docker, project: &str) -> Option<ServerContainer> {
+    let list = tokio::time::timeout(Duration::from_secs(5), docker.project_containers(project))
         .await
         .ok()?
         .ok()?;
-    let list = engine.project_containers(project).await.ok()?;
     let c = list.into_iter().find(|c| c.service == SERVER_SERVICE)?;
-    let env = engine.container_env(&c.id).await.ok()??;
-    Some(ServerContainer {
-        engine,
-        name: c.name,
-        env,
-    })
+    let env = docker.container_env(&c.id).await.ok()??;
+    Some(ServerContainer { name: c.name, env })
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {

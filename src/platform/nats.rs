@@ -362,6 +362,19 @@ pub async fn open_store(
     }))
 }
 
+/// The subject an upload's chunks are published on.
+pub fn chunk_subject(bucket: &str, nuid: &str) -> String {
+    format!("$O.{bucket}.C.{nuid}")
+}
+
+/// The subject of an object's meta message (the name URL-safe base64, padded).
+pub fn meta_subject(bucket: &str, key: &str) -> String {
+    format!(
+        "$O.{bucket}.M.{}",
+        base64::engine::general_purpose::URL_SAFE.encode(key)
+    )
+}
+
 /// The names of the live (not deleted) objects in the bucket.
 pub async fn list_objects(s: &Store, nats: &str) -> Result<BTreeSet<String>, NatsError> {
     let mut names = BTreeSet::new();
@@ -425,11 +438,7 @@ async fn raw_info(s: &Store, key: &str) -> Result<Option<(String, u64)>, String>
 /// The object's meta message as JSON, `None` when there is none.
 pub async fn raw_meta(s: &Store, key: &str) -> Result<Option<serde_json::Value>, String> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!(
-        "$O.{}.M.{}",
-        s.bucket,
-        base64::engine::general_purpose::URL_SAFE.encode(key)
-    );
+    let subject = meta_subject(&s.bucket, key);
     let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => m,
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
@@ -507,7 +516,7 @@ pub async fn inventory(s: &Store) -> Result<Inventory, String> {
 pub async fn purge_chunks(s: &Store, nuid: &str) -> Result<u64, String> {
     s.stream
         .purge()
-        .filter(format!("$O.{}.C.{nuid}", s.bucket))
+        .filter(chunk_subject(&s.bucket, nuid))
         .await
         .map(|r| r.purged)
         .map_err(|e| chain(&e))

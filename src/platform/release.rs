@@ -360,70 +360,88 @@ pub async fn detect_when_migrated(
     Ok(release)
 }
 
+/// The newest release bkbundle knows (node_mgmt migration 0044, August 2026): what a plan made
+/// before the platform's database exists assumes (the step itself decides again on the live
+/// database).
+pub const NEWEST_KNOWN: &str = "0044_encrypt_installer_passwords";
+
+impl Release {
+    /// The features of [`NEWEST_KNOWN`].
+    pub fn newest_known() -> Release {
+        catalog(true, true, true, None, Some(NEWEST_KNOWN))
+    }
+}
+
+fn col(nullable: bool, has_default: bool, max_len: Option<i32>) -> Column {
+    Column {
+        data_type: "character varying".into(),
+        nullable,
+        has_default,
+        max_len,
+    }
+}
+
+fn table(cols: &[&str], uniques: &[&[&str]]) -> Table {
+    Table {
+        columns: cols
+            .iter()
+            .map(|c| (c.to_string(), col(false, *c == "id", None)))
+            .collect(),
+        uniques: uniques
+            .iter()
+            .map(|u| u.iter().map(|c| c.to_string()).collect())
+            .collect(),
+    }
+}
+
+/// A catalog with the given features, as the columns bkbundle reads make it (the tables'
+/// other columns left out): for plans made before the database exists, and for tests.
+pub fn catalog(proxy: bool, arch: bool, services: bool, value_max: Option<i32>, migration: Option<&str>) -> Release {
+    let mut region = table(&REGION_BASE, &[&["name"]]);
+    if proxy {
+        region
+            .columns
+            .insert("proxy_address".into(), col(false, false, Some(255)));
+    }
+    let mut env = table(&ENV_BASE, &[&["key", "cloud_region_id"]]);
+    env.columns.get_mut("value").unwrap().max_len = value_max;
+    let mut package = table(&PACKAGE_BASE, &[]);
+    if arch {
+        package
+            .columns
+            .insert("cpu_architecture".into(), col(false, false, Some(20)));
+        package.uniques.push(vec![
+            "cpu_architecture".into(),
+            "object".into(),
+            "os".into(),
+            "version".into(),
+        ]);
+    } else {
+        package
+            .uniques
+            .push(vec!["object".into(), "os".into(), "version".into()]);
+    }
+    let mut tables = BTreeMap::from([
+        (REGION_TABLE.to_string(), region),
+        (ENV_TABLE.to_string(), env),
+        (PACKAGE_TABLE.to_string(), package),
+    ]);
+    if services {
+        tables.insert(
+            SERVICE_TABLE.into(),
+            table(&SERVICE_BASE, &[&["cloud_region_id", "name"]]),
+        );
+    }
+    from_catalog(tables, migration.map(str::to_string)).expect("a catalog of the known tables is a release")
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    fn col(nullable: bool, has_default: bool, max_len: Option<i32>) -> Column {
-        Column {
-            data_type: "character varying".into(),
-            nullable,
-            has_default,
-            max_len,
-        }
-    }
-
-    fn table(cols: &[&str], uniques: &[&[&str]]) -> Table {
-        Table {
-            columns: cols
-                .iter()
-                .map(|c| (c.to_string(), col(false, *c == "id", None)))
-                .collect(),
-            uniques: uniques
-                .iter()
-                .map(|u| u.iter().map(|c| c.to_string()).collect())
-                .collect(),
-        }
-    }
-
     /// A catalog with the given features, for unit tests here and in the command modules.
     pub(crate) fn release(proxy: bool, arch: bool, services: bool, value_max: Option<i32>) -> Release {
-        let mut region = table(&REGION_BASE, &[&["name"]]);
-        if proxy {
-            region
-                .columns
-                .insert("proxy_address".into(), col(false, false, Some(255)));
-        }
-        let mut env = table(&ENV_BASE, &[&["key", "cloud_region_id"]]);
-        env.columns.get_mut("value").unwrap().max_len = value_max;
-        let mut package = table(&PACKAGE_BASE, &[]);
-        if arch {
-            package
-                .columns
-                .insert("cpu_architecture".into(), col(false, false, Some(20)));
-            package.uniques.push(vec![
-                "cpu_architecture".into(),
-                "object".into(),
-                "os".into(),
-                "version".into(),
-            ]);
-        } else {
-            package
-                .uniques
-                .push(vec!["object".into(), "os".into(), "version".into()]);
-        }
-        let mut tables = BTreeMap::from([
-            (REGION_TABLE.to_string(), region),
-            (ENV_TABLE.to_string(), env),
-            (PACKAGE_TABLE.to_string(), package),
-        ]);
-        if services {
-            tables.insert(
-                SERVICE_TABLE.into(),
-                table(&SERVICE_BASE, &[&["cloud_region_id", "name"]]),
-            );
-        }
-        from_catalog(tables, None).unwrap()
+        catalog(proxy, arch, services, value_max, None)
     }
 
     #[test]

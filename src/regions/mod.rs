@@ -23,10 +23,12 @@
 use crate::error::{Error, Kind};
 use crate::manifest::Regions;
 use crate::platform::cache::{self, ServerCache, CACHE_SECONDS, SERVER_SERVICE};
-use crate::platform::db::{self, DbError, DbTarget};
+use crate::platform::db::{DbError, DbTarget};
 use crate::platform::regions::{self, cache_key, Action, PlannedRegion};
-use crate::platform::release::{self, Release, CACHE_TABLE};
+use crate::platform::release::{Release, CACHE_TABLE};
 use crate::platform::rules::{self, EnvType, Problem, Source};
+use crate::ports::live::{Postgres, Redis};
+use crate::ports::{Cache, Docker, PlatformDb};
 use crate::site::config::{DatabaseConfig, InstallConfig, RegionConfig};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -293,14 +295,15 @@ pub async fn run(opts: &RegionsOptions) -> Result<RegionsReport, RegionsError> {
     run_with_env(opts, &process_env).await
 }
 
-/// [`run`] with the process environment looked up through `env` (`DATABASE_URL`, `PG*`,
-/// `SECRET_KEY`): for tests, which must not change their own process's environment.
-pub async fn run_with_env(
-    opts: &RegionsOptions,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<RegionsReport, RegionsError> {
-    let t0 = Instant::now();
-    // 1. The desired env, every problem at once.
+/// The validated input of a run (stage 1): each region's desired env, and the server's
+/// `SECRET_KEY` with where it came from (when any secret is to be written).
+pub struct Validated {
+    pub desired: rules::Desired,
+    pub secret_key: Option<(SecretKey, String)>,
+}
+
+/// Stage 1, pure: the desired env and the key, every problem at once.
+pub fn validate(opts: &RegionsOptions, env: &dyn Fn(&str) -> Option<String>) -> Result<Validated, RegionsError> {
     let mut problems = Vec::new();
     let desired = match rules::desired(&opts.bundle, &opts.regions, &opts.site) {
         Ok(d) => Some(d),
@@ -332,55 +335,116 @@ pub async fn run_with_env(
             ),
         });
     }
-    let desired = match desired {
-        Some(d) if problems.is_empty() => d,
-        _ => return Err(RegionsError::Invalid(problems)),
-    };
-    if opts.mode == Mode::Check {
-        return Ok(report_from(Mode::Check, &desired, None, None, None, t0));
+    match desired {
+        Some(desired) if problems.is_empty() => Ok(Validated { desired, secret_key }),
+        _ => Err(RegionsError::Invalid(problems)),
     }
+}
 
-    // 2. The database: where, which schema, what is there, what to change.
-    let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
-    let mut client = db::connect(&target).await?;
-    let release = release::detect_when_migrated(&client, &target, opts.wait_for_migrations).await?;
-    let key = secret_key.as_ref().map(|(k, _)| k);
-    let read_only = matches!(opts.mode, Mode::DryRun | Mode::CheckDatabase);
-    let tx = client
-        .build_transaction()
-        .read_only(read_only)
-        .start()
-        .await
-        .map_err(|e| db::db_err(&target, "starting a transaction", e))?;
-    let current = regions::read_current(&tx, &target, &release).await?;
-    let mut plan = regions::diff(&desired.regions, &current, &release, key, &opts.bundle.required)
+/// The systems a run reaches, connected once by the caller.
+pub struct Seams<'a> {
+    pub db: &'a dyn PlatformDb,
+    /// The engine, to find the stack's `server` container (where it caches; restarting it).
+    pub docker: Option<&'a dyn Docker>,
+    /// The server's Redis; `None`: connected from the site values when the server caches there.
+    pub cache: Option<&'a dyn Cache>,
+}
+
+/// The plan against a database (stages 1 and 2), nothing written: the release, each desired
+/// region's plan (in the order of `v.desired.regions`) and the regions left alone.
+pub async fn plan(
+    opts: &RegionsOptions,
+    v: &Validated,
+    db: &dyn PlatformDb,
+) -> Result<(Release, Vec<PlannedRegion>, Vec<String>), RegionsError> {
+    let release = db.release(opts.wait_for_migrations).await?;
+    let current = db.regions(&release).await?;
+    let key = v.secret_key.as_ref().map(|(k, _)| k);
+    let plan = regions::diff(&v.desired.regions, &current, &release, key, &opts.bundle.required)
         .map_err(RegionsError::Invalid)?;
-    let unmanaged: Vec<String> = regions::unmanaged(&desired.regions, &current)
+    Ok((release, plan, unmanaged_names(&v.desired, &current)))
+}
+
+fn unmanaged_names(desired: &rules::Desired, current: &regions::Current) -> Vec<String> {
+    regions::unmanaged(&desired.regions, current)
         .iter()
         .map(|r| format!("{} (id {})", r.name, r.id))
-        .collect();
-    if read_only {
-        drop(tx); // rolled back: nothing was written
-        let mut r = report_from(opts.mode, &desired, Some(&plan), Some(&target), Some(&release), t0);
+        .collect()
+}
+
+/// [`run`] with the process environment looked up through `env` (`DATABASE_URL`, `PG*`,
+/// `SECRET_KEY`): for tests, which must not change their own process's environment. Connects
+/// the database (and, with a project, the engine) once and runs [`run_on`].
+pub async fn run_with_env(
+    opts: &RegionsOptions,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RegionsReport, RegionsError> {
+    let t0 = Instant::now();
+    let v = validate(opts, env)?;
+    if opts.mode == Mode::Check {
+        return Ok(report_from(Mode::Check, &v.desired, None, None, None, t0));
+    }
+    let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
+    let db = Postgres::connect(target).await?;
+    let engine = match &opts.project {
+        Some(_) if opts.mode == Mode::Apply => {
+            match tokio::time::timeout(Duration::from_secs(5), crate::engine::Engine::connect()).await {
+                Ok(Ok(e)) => Some(e),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let seams = Seams {
+        db: &db,
+        docker: engine.as_ref().map(|e| e as &dyn Docker),
+        cache: None,
+    };
+    run_on(opts, &v, &seams, t0).await
+}
+
+/// Stages 2 and 3 on connected systems (see the module documentation).
+pub async fn run_on(
+    opts: &RegionsOptions,
+    v: &Validated,
+    seams: &Seams<'_>,
+    t0: Instant,
+) -> Result<RegionsReport, RegionsError> {
+    let target = seams.db.target().clone();
+    if matches!(opts.mode, Mode::Check | Mode::DryRun | Mode::CheckDatabase) {
+        let (release, plan, unmanaged) = plan(opts, v, seams.db).await?;
+        let mode = if opts.mode == Mode::Check {
+            Mode::CheckDatabase
+        } else {
+            opts.mode
+        };
+        let mut r = report_from(mode, &v.desired, Some(&plan), Some(&target), Some(&release), t0);
         r.notes.extend(unmanaged_note(&unmanaged));
-        r.notes.push(match opts.mode {
+        r.notes.push(match mode {
             Mode::CheckDatabase => "read only: nothing was written".into(),
             _ => "dry run: nothing was written".into(),
         });
         return Ok(r);
     }
 
-    // 3. Write, commit, then invalidate the server's cache for the regions whose env changed.
-    let changed = plan.iter().any(|r| r.changes());
-    if changed {
-        regions::execute(&tx, &target, &release, &mut plan, key).await?;
-        tx.commit().await.map_err(|e| db::db_err(&target, "committing", e))?;
-    } else {
-        drop(tx);
-    }
-    let mut report = report_from(Mode::Apply, &desired, Some(&plan), Some(&target), Some(&release), t0);
+    // Read, diff and write in one transaction, then invalidate the server's cache for the
+    // regions whose env changed.
+    let release = seams.db.release(opts.wait_for_migrations).await?;
+    let key = v.secret_key.as_ref().map(|(k, _)| k);
+    let unmanaged = std::sync::Mutex::new(Vec::new());
+    let plan_fn = |current: &regions::Current| {
+        *unmanaged.lock().unwrap_or_else(|e| e.into_inner()) = unmanaged_names(&v.desired, current);
+        regions::diff(&v.desired.regions, current, &release, key, &opts.bundle.required)
+    };
+    let plan = seams
+        .db
+        .apply_regions(&release, key, &plan_fn)
+        .await?
+        .map_err(RegionsError::Invalid)?;
+    let unmanaged = unmanaged.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut report = report_from(Mode::Apply, &v.desired, Some(&plan), Some(&target), Some(&release), t0);
     report.notes.extend(unmanaged_note(&unmanaged));
-    if let Some((_, from)) = &secret_key {
+    if let Some((_, from)) = &v.secret_key {
         let wrote_secrets = plan
             .iter()
             .flat_map(|r| r.keys.iter())
@@ -393,7 +457,7 @@ pub async fn run_with_env(
     }
     let touched: BTreeSet<i64> = plan.iter().filter(|r| r.env_changes()).filter_map(|r| r.id).collect();
     if !touched.is_empty() {
-        invalidate(&client, &target, &release, opts, &touched, &mut report).await;
+        invalidate(seams, &release, opts, &touched, &mut report).await;
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
@@ -411,8 +475,7 @@ fn unmanaged_note(unmanaged: &[String]) -> Option<String> {
 /// Make the server drop the touched regions' cached env (see the module documentation).
 /// Failures become notes: the rows are committed, and a stale cache expires by itself.
 async fn invalidate(
-    client: &tokio_postgres::Client,
-    target: &DbTarget,
+    seams: &Seams<'_>,
     release: &Release,
     opts: &RegionsOptions,
     touched: &BTreeSet<i64>,
@@ -422,16 +485,16 @@ async fn invalidate(
     // Django's database cache table is not the server's default backend, but a stale entry there
     // would serve old values to a server configured to use it.
     if release.cache_table {
-        match regions::invalidate_db_cache(client, target, touched).await {
+        match seams.db.invalidate_cached_env(touched).await {
             Ok(n) => report.cache.database_entries = Some(n),
             Err(e) => report
                 .notes
                 .push(format!("the stale entries of {CACHE_TABLE} could not be removed: {e}")),
         }
     }
-    let server = match &opts.project {
-        Some(p) => cache::server_container(p).await,
-        None => None,
+    let server = match (&opts.project, seams.docker) {
+        (Some(p), Some(docker)) => cache::server_container(docker, p).await,
+        _ => None,
     };
     let stale = format!("agents may get the old values for up to {CACHE_SECONDS} s");
     match crate::site::targets::server_cache(&opts.database, &opts.site, server.as_ref().map(|s| &s.env)) {
@@ -440,9 +503,12 @@ async fn invalidate(
             let result = match target {
                 Ok(t) => {
                     report.cache.redis = Some(format!("{} (from {from})", t.display()));
-                    cache::del(&t, &report.cache.keys, Duration::from_secs(5))
+                    let live = Redis(t);
+                    let redis = seams.cache.unwrap_or(&live);
+                    redis
+                        .del(&report.cache.keys, Duration::from_secs(5))
                         .await
-                        .map_err(|e| format!("{}: {e}", t.display()))
+                        .map_err(|e| format!("{}: {e}", redis.display()))
                 }
                 Err(e) => Err(format!("{from}: {e}")),
             };
@@ -459,8 +525,9 @@ async fn invalidate(
         ServerCache::ProcessMemory { from } => {
             report.cache.backend = Some("process_memory".into());
             match server {
-                Some(cache::ServerContainer { engine, name, .. }) if opts.restart_server => {
-                    match engine.restart(&name, Duration::from_secs(30)).await {
+                Some(cache::ServerContainer { name, .. }) if opts.restart_server && seams.docker.is_some() => {
+                    let docker = seams.docker.expect("checked above");
+                    match docker.restart(&name, Duration::from_secs(30)).await {
                         Ok(()) => {
                             report.cache.cleared = true;
                             report.notes.push(format!(
