@@ -11,6 +11,7 @@ pub mod health;
 pub mod journal;
 pub mod load;
 pub mod offline;
+pub mod platform;
 pub mod staging;
 
 use crate::bundle::BundleReader;
@@ -93,6 +94,8 @@ pub struct Plan {
     pub env_added: Vec<String>,
     pub env_updated: Vec<String>,
     pub steps_to_run: Vec<String>,
+    /// What the regions and packages steps write into the platform: rows and objects.
+    pub platform: platform::PlatformPlan,
     /// Preflight's warnings: what will happen that the operator may not expect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -301,17 +304,6 @@ async fn plan_and_execute(
             Ok(desired) => {
                 // Region 1's one source: the same values go to the server's environment.
                 files.push(default_zone_file(&ctx.target, &desired));
-                // A live database (a re-run, an upgrade): its regions are checked now too, so
-                // one that would hand agents `null` stops the install before anything changes.
-                if let Some(problems) = live_regions(&ctx, site.clone()).await {
-                    for p in problems {
-                        findings.push(format!("cloud regions in the live database: {p}"));
-                    }
-                    hints.push(
-                        "fix the region in the UI, or declare it under [[regions]] with the missing keys (`bkbundle regions check --database-url ...` shows the same)"
-                            .into(),
-                    );
-                }
             }
             Err(problems) => {
                 for p in problems {
@@ -333,6 +325,30 @@ async fn plan_and_execute(
             hints.extend(e.hints);
         }
     }
+    // The rows and objects the platform steps write: planned against the live platform when it
+    // answers (a re-run, an upgrade: its regions are checked now too, so one that would hand
+    // agents `null` stops the install before anything changes), else against an empty one.
+    let mut platform_plan = platform::PlatformPlan::default();
+    if let Some(site) = &site {
+        let env = |n: &str| std::env::var(n).ok();
+        let inputs = platform::Inputs {
+            regions: &ctx.manifest.regions,
+            has_packages: !ctx.manifest.packages.is_empty(),
+            bundle: &opts.bundle,
+            config: &ctx.config,
+            site,
+            env: &env,
+        };
+        let (p, live_problems) = platform::plan(&inputs).await;
+        if !live_problems.is_empty() {
+            findings.extend(live_problems);
+            hints.push(
+                "fix the region in the UI, or declare it under [[regions]] with the missing keys (`bkbundle regions check --database-url ...` shows the same)"
+                    .into(),
+            );
+        }
+        platform_plan = p;
+    }
     let mut plan = Plan {
         bundle: id.clone(),
         target: ctx.target.clone(),
@@ -343,6 +359,7 @@ async fn plan_and_execute(
         env_added: env.as_ref().map(|e| e.added.clone()).unwrap_or_default(),
         env_updated: env.as_ref().map(|e| e.updated.clone()).unwrap_or_default(),
         steps_to_run: vec![],
+        platform: platform_plan,
         warnings: vec![],
     };
     if !has_regions {
@@ -724,29 +741,6 @@ fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -
         action,
         content,
         mode: 0o600,
-    }
-}
-
-/// The regions of the live database, when one is reachable now (a re-run or an upgrade),
-/// checked as `regions apply --dry-run` would: `Some(problems)` when any region there (also one
-/// the install config does not name) would break agents. A database that is not there yet (a
-/// first install), not migrated or unreachable is no finding: the regions step checks again.
-async fn live_regions(ctx: &Ctx, site: std::collections::BTreeMap<String, String>) -> Option<Vec<String>> {
-    let opts =
-        crate::regions::RegionsOptions::new(crate::regions::Mode::DryRun, &ctx.manifest.regions, &ctx.config, site);
-    match tokio::time::timeout(Duration::from_secs(15), crate::regions::run(&opts)).await {
-        Ok(Err(crate::regions::RegionsError::Invalid(problems))) => {
-            Some(problems.iter().map(|p| p.to_string()).collect())
-        }
-        Ok(Err(e)) => {
-            tracing::debug!("live database not checked in preflight: {e}");
-            None
-        }
-        Ok(Ok(_)) => None,
-        Err(_) => {
-            tracing::debug!("live database not checked in preflight: no answer within 15 s");
-            None
-        }
     }
 }
 
@@ -1314,6 +1308,9 @@ pub fn render(r: &InstallReport) -> String {
             );
         }
     }
+    if r.dry_run {
+        render_platform(&mut s, &r.plan.platform);
+    }
     for st in &r.steps {
         let _ = writeln!(s, "  {:<10} {:>7.2}s  {}", st.name, st.seconds, st.detail);
     }
@@ -1332,6 +1329,52 @@ pub fn render(r: &InstallReport) -> String {
     }
     let _ = write!(s, "total {:.1}s", r.seconds);
     s
+}
+
+/// The platform part of a dry run's plan: the rows and objects the steps would write.
+fn render_platform(s: &mut String, p: &platform::PlatformPlan) {
+    use std::fmt::Write as _;
+    if p.rows.is_empty() && p.packages.is_empty() && p.services.is_empty() {
+        return;
+    }
+    let release = p.release.as_deref().unwrap_or("release unknown");
+    let _ = writeln!(
+        s,
+        "platform ({release}{}):",
+        if p.assumed {
+            ", assumed: the database does not answer yet; the steps decide again on the live one"
+        } else {
+            ""
+        }
+    );
+    for r in &p.rows {
+        let value = r
+            .value
+            .as_deref()
+            .map(|v| format!(" = {v}"))
+            .unwrap_or_else(|| " (secret)".into());
+        let _ = writeln!(s, "  {:<8} env {}/{}{value}", r.action.as_str(), r.region, r.key);
+    }
+    for sv in &p.services {
+        let _ = writeln!(s, "  {:<8} service {sv}", "create");
+    }
+    for o in &p.packages {
+        let a = match o.action {
+            crate::packages::ObjectAction::Uploaded => "upload",
+            crate::packages::ObjectAction::Skipped => "present",
+            crate::packages::ObjectAction::Replaced => "replace",
+            crate::packages::ObjectAction::Repaired => "repair",
+            crate::packages::ObjectAction::LeftAlone => "leave",
+        };
+        let _ = writeln!(
+            s,
+            "  {a:<8} object {}/{} ({}, {})",
+            p.bucket.as_deref().unwrap_or("?"),
+            o.key,
+            crate::inspect::human(o.size),
+            o.digest
+        );
+    }
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ impl FakeDb {
         }
     }
 
-    /// Add region `id` with `env` rows (`is_pre` as the server makes region 1's).
+    /// Add region `id` with `env` rows of type `str` (`is_pre` as the server makes region 1's).
     pub fn with_region(self, id: i64, name: &str, env: &[(&str, &str)]) -> FakeDb {
         {
             let mut c = self.current.lock().unwrap();
@@ -144,7 +144,7 @@ impl FakeDb {
                     region_id: id,
                     key: k.to_string(),
                     value: v.to_string(),
-                    env_type: "normal".into(),
+                    env_type: "str".into(),
                     is_pre: id == 1,
                 });
             }
