@@ -1011,3 +1011,135 @@ pub fn render(r: &PackagesReport) -> String {
     }
     s.trim_end().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The plan and the writes on the seams, with fakes: no PostgreSQL, no NATS.
+    use super::*;
+    use crate::manifest::Os;
+    use crate::platform::release::catalog;
+    use crate::ports::fakes::{FakeDb, FakeStore};
+    use crate::site::config::InstallConfig;
+
+    const CONTENT: &[u8] = b"PK\x05\x06 the controller package, version 1";
+
+    fn input(dir: &std::path::Path, version: &str, content: &[u8]) -> Input {
+        let name = format!("fusion-collectors-{version}-linux-amd64.zip");
+        let path = dir.join(&name);
+        std::fs::write(&path, content).unwrap();
+        Input {
+            pkg: Package {
+                file: None,
+                name,
+                kind: PackageType::Controller,
+                os: Os::Linux,
+                arch: "amd64".into(),
+                object: "Controller".into(),
+                version: version.into(),
+                description: String::new(),
+                from: None,
+                entry: None,
+                sha256: None,
+                size: None,
+            },
+            source: Source::File(path),
+            known: None,
+        }
+    }
+
+    async fn run_fake(
+        opts: &PackagesOptions,
+        inputs: &[Input],
+        release: &Release,
+        db: &FakeDb,
+        store: &FakeStore,
+    ) -> Result<PackagesReport, PackagesError> {
+        let run = Run {
+            opts,
+            bundle: None,
+            inputs,
+            release,
+            pending: None,
+        };
+        let seams = Seams {
+            db,
+            store: Some(store),
+            server: store.server().to_string(),
+            bucket: store.bucket.clone(),
+        };
+        run_on(&run, &seams, PackagesReport::default(), Instant::now()).await
+    }
+
+    fn options() -> PackagesOptions {
+        PackagesOptions::new(PathBuf::new(), &InstallConfig::default(), BTreeMap::new())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_the_object_then_its_row_and_a_rerun_sends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let release = Release::newest_known();
+        let (db, store) = (FakeDb::new(release.clone()), FakeStore::new("bklite"));
+        let r = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!((r.uploaded, r.rows_created, r.bytes_sent), (1, 1, CONTENT.len() as u64));
+        // The newest release keys objects by architecture (normalised: amd64 is x86_64).
+        let key = "linux/x86_64/Controller/1.0.0/fusion-collectors-1.0.0-linux-amd64.zip";
+        assert_eq!(store.keys(), vec![key.to_string()]);
+        assert_eq!(store.objects.lock().unwrap()[key].0, CONTENT);
+        assert_eq!(r.packages[0].digest, store.objects.lock().unwrap()[key].1["digest"]);
+        assert_eq!(db.rows.lock().unwrap()[0].arch, "x86_64");
+
+        let again = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!((again.skipped, again.rows_unchanged, again.bytes_sent), (1, 1, 0));
+        assert!(again.missing_objects.is_empty() && again.orphan_objects.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_different_object_under_a_fixed_version_is_a_conflict_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = catalog(false, false, false, None, Some("0012_old"));
+        let key = "linux/Controller/1.0.0/fusion-collectors-1.0.0-linux-amd64.zip";
+        let store = FakeStore::new("bk_lite").with_object(key, b"another build");
+        let db = FakeDb::new(release.clone());
+        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let e = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap_err();
+        let PackagesError::Conflict(c) = e else { panic!("{e}") };
+        assert_eq!(c[0].key, key);
+        assert!(db.writes.lock().unwrap().is_empty());
+        assert_eq!(store.objects.lock().unwrap()[key].0, b"another build");
+
+        let mut forced = options();
+        forced.force = true;
+        let r = run_fake(&forced, &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!(r.replaced, 1);
+        assert_eq!(store.objects.lock().unwrap()[key].0, CONTENT);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_whose_object_vanished_is_repaired_and_a_dry_run_only_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = Release::newest_known();
+        let db = FakeDb::new(release.clone());
+        db.rows.lock().unwrap().push(Row {
+            id: 7,
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            object: "Controller".into(),
+            version: "1.0.0".into(),
+            name: "fusion-collectors-1.0.0-linux-amd64.zip".into(),
+        });
+        let store = FakeStore::new("bklite");
+        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let mut dry = options();
+        dry.dry_run = true;
+        let r = run_fake(&dry, &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!(r.packages[0].action, ObjectAction::Repaired);
+        assert!(!r.missing_objects[0].repaired && store.keys().is_empty());
+
+        let r = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!(r.missing_objects.len(), 1);
+        assert!(r.missing_objects[0].repaired);
+        assert_eq!(r.rows_unchanged, 1, "the row was right: only its object was gone");
+        assert_eq!(store.keys().len(), 1);
+    }
+}

@@ -680,4 +680,145 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(!json.contains("\"pw\""), "{json}");
     }
+
+    // ---- On the seams, with fakes: the diff and the writes, no PostgreSQL.
+
+    use crate::platform::release::catalog;
+    use crate::ports::fakes::{container, FakeCache, FakeDb, FakeDocker};
+
+    fn demo_regions() -> Regions {
+        Regions {
+            required: vec!["NODE_SERVER_URL".into(), "NATS_SERVERS".into()],
+            env: BTreeMap::from([
+                ("NODE_SERVER_URL".to_string(), "${SERVER_URL}".to_string()),
+                ("NATS_SERVERS".to_string(), "${HOST_IP}:4222".to_string()),
+            ]),
+            region: vec![],
+        }
+    }
+
+    fn options(mode: Mode) -> RegionsOptions {
+        let site = BTreeMap::from([
+            ("SERVER_URL".to_string(), "http://192.0.2.10:18080".to_string()),
+            ("HOST_IP".to_string(), "192.0.2.10".to_string()),
+        ]);
+        RegionsOptions::new(mode, &demo_regions(), &InstallConfig::default(), site)
+    }
+
+    fn seams<'a>(db: &'a FakeDb, docker: Option<&'a FakeDocker>, cache: Option<&'a FakeCache>) -> Seams<'a> {
+        Seams {
+            db,
+            docker: docker.map(|d| d as &dyn Docker),
+            cache: cache.map(|c| c as &dyn Cache),
+        }
+    }
+
+    #[tokio::test]
+    async fn apply_creates_the_region_its_rows_and_services_and_a_rerun_changes_nothing() {
+        let db = FakeDb::new(Release::newest_known());
+        let opts = options(Mode::Apply);
+        let v = validate(&opts, &no_env).unwrap();
+        let r = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!((r.created, r.updated, r.unchanged), (2, 0, 0));
+        assert_eq!(r.services_added, vec!["default/stargazer", "default/nats-executor"]);
+        let writes = db.writes.lock().unwrap().clone();
+        assert!(
+            writes.contains(&"insert sidecarenv default/NODE_SERVER_URL".to_string()),
+            "{writes:?}"
+        );
+        let again = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 2));
+        assert_eq!(db.writes.lock().unwrap().len(), writes.len(), "a re-run wrote");
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_reports_the_updates_and_writes_nothing() {
+        let db = FakeDb::new(Release::newest_known()).with_region(
+            1,
+            "default",
+            &[("NODE_SERVER_URL", "null"), ("NATS_SERVERS", "192.0.2.10:4222")],
+        );
+        let opts = options(Mode::DryRun);
+        let v = validate(&opts, &no_env).unwrap();
+        let r = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!((r.created, r.updated, r.unchanged), (0, 1, 1));
+        let url = r.regions[0].keys.iter().find(|k| k.key == "NODE_SERVER_URL").unwrap();
+        assert_eq!(url.old_value.as_deref(), Some("null"));
+        assert!(db.writes.lock().unwrap().is_empty());
+        assert!(r.notes.iter().any(|n| n == "dry run: nothing was written"));
+    }
+
+    #[tokio::test]
+    async fn a_value_longer_than_the_release_takes_is_refused_before_any_write() {
+        let release = catalog(false, false, false, Some(200), Some("0012_old"));
+        let db = FakeDb::new(release);
+        let mut opts = options(Mode::Apply);
+        opts.site
+            .insert("SERVER_URL".into(), format!("http://192.0.2.10/{}", "x".repeat(220)));
+        let v = validate(&opts, &no_env).unwrap();
+        let e = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+            .await
+            .unwrap_err();
+        let RegionsError::Invalid(problems) = e else {
+            panic!("{e}")
+        };
+        assert!(problems.iter().any(|p| p.to_string().contains("200")), "{problems:?}");
+        assert!(db.writes.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn changed_rows_clear_the_servers_redis_entries() {
+        let db = FakeDb::new(Release::newest_known());
+        let cache = FakeCache::default();
+        cache.entries.lock().unwrap().insert(cache_key(1), b"stale".to_vec());
+        let mut opts = options(Mode::Apply);
+        opts.site
+            .insert("REDIS_CACHE_URL".into(), "redis://:pw@127.0.0.1:6379/0".into());
+        let v = validate(&opts, &no_env).unwrap();
+        let r = run_on(&opts, &v, &seams(&db, None, Some(&cache)), Instant::now())
+            .await
+            .unwrap();
+        assert!(r.cache.cleared, "{:?}", r.cache);
+        assert_eq!(r.cache.redis_entries, Some(1));
+        assert!(cache.entries.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_server_caching_in_process_memory_is_restarted_only_when_install_asks() {
+        let db = FakeDb::new(Release::newest_known());
+        let mut docker = FakeDocker::default();
+        let server = container("demo", SERVER_SERVICE, "running", Some("healthy"));
+        docker.env.insert(
+            server.id.clone(),
+            BTreeMap::from([("DEBUG".to_string(), "0".to_string())]),
+        );
+        docker.containers.push(server);
+        let mut opts = options(Mode::Apply);
+        opts.project = Some("demo".into());
+        let v = validate(&opts, &no_env).unwrap();
+        let r = run_on(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
+            .await
+            .unwrap();
+        assert!(!r.cache.cleared);
+        assert!(
+            r.notes.iter().any(|n| n.contains("docker restart demo-server-1")),
+            "{:?}",
+            r.notes
+        );
+        assert!(docker.restarted.lock().unwrap().is_empty());
+
+        let db = FakeDb::new(Release::newest_known());
+        opts.restart_server = true;
+        let r = run_on(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(r.cache.restarted.as_deref(), Some("demo-server-1"));
+        assert_eq!(*docker.restarted.lock().unwrap(), vec!["demo-server-1".to_string()]);
+    }
 }
