@@ -179,8 +179,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
             let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
             opts.database_url = database_url;
-            let rt = runtime()?;
-            let r = rt.block_on(regions::run(&opts))?;
+            let r = regions::run(&opts, &*reporter)?;
             let text = regions::render(&r);
             Ok(output(&r, text))
         }
@@ -213,8 +212,7 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
             opts.database_url = a.site.database_url;
             opts.nats_url = a.site.nats_url;
             opts.bucket = a.site.bucket;
-            let rt = runtime()?;
-            let r = rt.block_on(packages::run(&opts))?;
+            let r = packages::run(&opts, &*reporter)?;
             let text = packages::render(&r);
             Ok(output(&r, text))
         }

@@ -576,9 +576,28 @@ async fn plan_and_execute(
         format!("{} service(s) ready", services.len()),
     )?;
 
-    if has_regions {
+    // The platform's database, connected once for the regions and packages steps.
+    let site = site.unwrap_or_default();
+    let db = if has_regions || has_packages {
+        let env = |n: &str| std::env::var(n).ok();
+        let connected = match crate::site::targets::database(None, &ctx.config.database, &site, &env) {
+            Ok(target) => crate::ports::live::Postgres::connect(target).await.map_err(Error::from),
+            Err(e) => Err(Error::from(e)),
+        };
+        match connected {
+            Ok(db) => Some(db),
+            Err(e) => {
+                let step = if has_regions { "regions" } else { "packages" };
+                run_failed(&mut journal, &ctx.target, step);
+                return Err(after_start(e, step, ctx));
+            }
+        }
+    } else {
+        None
+    };
+    if let (true, Some(db)) = (has_regions, &db) {
         let t = Instant::now();
-        let site = site.clone().unwrap_or_default();
+        let site = site.clone();
         let mut ropts =
             crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &ctx.manifest.regions, &ctx.config, site);
         ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
@@ -586,7 +605,17 @@ async fn plan_and_execute(
         ropts.project = Some(ctx.project.clone());
         ropts.restart_server = true;
         reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
-        let r = match crate::regions::run(&ropts).await {
+        let env = |n: &str| std::env::var(n).ok();
+        let seams = crate::regions::Seams {
+            db,
+            docker: Some(&engine),
+            cache: None,
+        };
+        let applied = match crate::regions::validate(&ropts, &env) {
+            Ok(v) => crate::regions::run_on(&ropts, &v, &seams, &*reporter, Instant::now()).await,
+            Err(e) => Err(e),
+        };
+        let r = match applied {
             Ok(r) => r,
             Err(e) => {
                 run_failed(&mut journal, &ctx.target, "regions");
@@ -614,13 +643,19 @@ async fn plan_and_execute(
         );
         step_done(&mut journal, &ctx.target, &mut steps, "regions", t, detail)?;
     }
-    if has_packages {
+    if let (true, Some(db)) = (has_packages, &db) {
         let t = Instant::now();
-        let mut popts =
-            crate::packages::PackagesOptions::new(opts.bundle.clone(), &ctx.config, site.unwrap_or_default());
+        let mut popts = crate::packages::PackagesOptions::new(opts.bundle.clone(), &ctx.config, site);
         popts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
         reporter.note("uploading the agent packages to the NATS object store and recording their rows");
-        let r = match crate::packages::run(&popts).await {
+        let env = |n: &str| std::env::var(n).ok();
+        let uploaded = match crate::packages::inputs(&popts) {
+            Ok((bundle, inputs)) => {
+                crate::packages::run_connected(&popts, bundle.as_ref(), &inputs, db, &env, &*reporter).await
+            }
+            Err(e) => Err(e),
+        };
+        let r = match uploaded {
             Ok(r) => r,
             Err(e) => {
                 run_failed(&mut journal, &ctx.target, "packages");

@@ -293,6 +293,7 @@ async fn objects(
         inputs,
         release,
         pending: None,
+        reporter: &crate::progress::Silent,
     };
     let mut notes = Vec::new();
     let planned = packages::plan(&run, &rows, store, bucket, &mut notes).await?;

@@ -33,6 +33,7 @@ use crate::platform::packages::{self as keys, nats_digest, parse_digest, Row};
 use crate::platform::release::{Release, PACKAGE_TABLE};
 use crate::ports::live::{NatsBucket, Postgres};
 use crate::ports::{ObjectStore, PlatformDb};
+use crate::progress::{Reporter, Task};
 use crate::site::config::{DatabaseConfig, InstallConfig, NatsConfig};
 use bytes::Bytes;
 use serde::Serialize;
@@ -348,24 +349,44 @@ fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// Upload the packages and upsert their rows. See the module documentation.
-pub async fn run(opts: &PackagesOptions) -> Result<PackagesReport, PackagesError> {
-    run_with_env(opts, &process_env).await
+/// Upload the packages and upsert their rows (`bkbundle init-packages`). See the module
+/// documentation.
+pub fn run(opts: &PackagesOptions, reporter: &dyn Reporter) -> crate::Result<PackagesReport> {
+    crate::runtime::block_on(async {
+        let (bundle, inputs) = inputs(opts)?;
+        let target =
+            crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, &process_env)?;
+        let db = Postgres::connect(target).await?;
+        run_connected(opts, bundle.as_ref(), &inputs, &db, &process_env, reporter).await
+    })?
+    .map_err(Error::from)
 }
 
-/// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`.
-/// Connects the database and NATS once, takes the bucket's lock, and runs [`run_on`].
+/// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`,
+/// and no progress shown: for tests, which must not change their own process's environment.
 pub async fn run_with_env(
     opts: &PackagesOptions,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PackagesReport, PackagesError> {
-    let t0 = Instant::now();
     // Every input problem first, before any connection.
     let (bundle, inputs) = inputs(opts)?;
-
-    // 1. The database, and which release it is (it decides keys, columns and the bucket).
     let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
     let db = Postgres::connect(target).await?;
+    run_connected(opts, bundle.as_ref(), &inputs, &db, env, &crate::progress::Silent).await
+}
+
+/// On a database already connected (install's, doctor's): find its release, connect NATS, take
+/// the bucket's lock and run [`run_on`].
+pub async fn run_connected(
+    opts: &PackagesOptions,
+    bundle: Option<&Arc<BundleReader>>,
+    inputs: &[Input],
+    db: &dyn PlatformDb,
+    env: &dyn Fn(&str) -> Option<String>,
+    reporter: &dyn Reporter,
+) -> Result<PackagesReport, PackagesError> {
+    let t0 = Instant::now();
+    // 1. Which release the database is (it decides keys, columns and the bucket).
     let release = db.release(opts.wait_for_migrations).await?;
     let bucket = opts
         .bucket
@@ -393,17 +414,18 @@ pub async fn run_with_env(
     };
     let store = NatsBucket::open_on(&nc, &nt, &bucket, !opts.dry_run).await?;
     let seams = Seams {
-        db: &db,
+        db,
         store: store.as_ref().map(|s| s as &dyn ObjectStore),
         server: nt.display(),
         bucket,
     };
     let run = Run {
         opts,
-        bundle: bundle.as_ref(),
-        inputs: &inputs,
+        bundle,
+        inputs,
         release: &release,
         pending: pending.as_ref(),
+        reporter,
     };
     run_on(&run, &seams, report, t0).await
 }
@@ -426,6 +448,8 @@ pub struct Run<'a> {
     pub release: &'a Release,
     /// The bucket lock holder's list of uploads begun (none in a dry run).
     pub pending: Option<&'a Pending>,
+    /// Each upload's progress, in bytes.
+    pub reporter: &'a dyn Reporter,
 }
 
 /// Plan, write and check, on connected systems (stages 3 to 5 of the module documentation).
@@ -611,7 +635,7 @@ async fn execute_one(
             let s = seams
                 .store
                 .ok_or_else(|| PackagesError::Internal("no object store after planning".into()))?;
-            upload(s, run.bundle, pl, report.chunk_size, run.pending).await?;
+            upload(s, run, pl, report.chunk_size).await?;
             report.bytes_sent += pl.size;
         }
         if pl.action != ObjectAction::LeftAlone {
@@ -745,13 +769,7 @@ async fn reclaim_interrupted(s: &dyn ObjectStore, pending: &Pending, report: &mu
 /// Stream one package into the object store (bounded memory: a few chunks in flight), then
 /// confirm the stored digest and size. Bounded retries; on a failed first attempt the chunk
 /// size drops below the server's max payload.
-async fn upload(
-    s: &dyn ObjectStore,
-    bundle: Option<&Arc<BundleReader>>,
-    pl: &Planned,
-    chunk: usize,
-    pending: Option<&Pending>,
-) -> Result<(), PackagesError> {
+async fn upload(s: &dyn ObjectStore, run: &Run<'_>, pl: &Planned, chunk: usize) -> Result<(), PackagesError> {
     let expected = nats_digest(&pl.sha);
     let mut chunk = chunk;
     let mut last = String::new();
@@ -760,7 +778,9 @@ async fn upload(
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
             chunk = chunk.min(CHUNK - (64 << 10));
         }
-        match put(s, bundle, pl, chunk, pending).await {
+        let task = run.reporter.task(&format!("upload {}", pl.key), Some(pl.size));
+        let result = put(s, run.bundle, pl, chunk, run.pending, task).await;
+        match result {
             Ok((sha, size)) if sha == pl.sha && size == pl.size => {
                 let found = s.info(&pl.key).await.map_err(|m| PackagesError::Upload {
                     key: pl.key.clone(),
@@ -829,13 +849,14 @@ async fn put(
     pl: &Planned,
     chunk: usize,
     pending: Option<&Pending>,
+    task: Box<dyn Task>,
 ) -> Result<([u8; 32], u64), PutFailure> {
     let nuid = nuid::next().to_string();
     if let Some(p) = pending {
         p.add(&nuid)
             .map_err(|e| PutFailure::Nats(format!("cannot record the upload in {}: {e}", p.0.display())))?;
     }
-    let result = put_chunks(s, bundle, pl, chunk, &nuid).await;
+    let result = put_chunks(s, bundle, pl, chunk, &nuid, task).await;
     if let Some(p) = pending {
         let _ = p.remove(&nuid);
     }
@@ -848,6 +869,7 @@ async fn put_chunks(
     pl: &Planned,
     chunk: usize,
     nuid: &str,
+    task: Box<dyn Task>,
 ) -> Result<([u8; 32], u64), PutFailure> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let (b, src) = (bundle.cloned(), pl.source.clone());
@@ -862,10 +884,12 @@ async fn put_chunks(
                 }
                 buf.truncate(n);
                 h.update(&buf);
+                task.advance(n as u64);
                 if tx.blocking_send(Bytes::from(buf)).is_err() {
                     break; // the store stopped (it reports its own error)
                 }
             }
+            task.finish();
             Ok(h)
         })
     });
@@ -1060,6 +1084,7 @@ mod tests {
             inputs,
             release,
             pending: None,
+            reporter: &crate::progress::Silent,
         };
         let seams = Seams {
             db,

@@ -29,6 +29,7 @@ use crate::platform::release::{Release, CACHE_TABLE};
 use crate::platform::rules::{self, EnvType, Problem, Source};
 use crate::ports::live::{Postgres, Redis};
 use crate::ports::{Cache, Docker, PlatformDb};
+use crate::progress::Reporter;
 use crate::site::config::{DatabaseConfig, InstallConfig, RegionConfig};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -290,9 +291,10 @@ fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// Validate, and (per `mode`) diff and apply. See the module documentation.
-pub async fn run(opts: &RegionsOptions) -> Result<RegionsReport, RegionsError> {
-    run_with_env(opts, &process_env).await
+/// Validate, and (per `mode`) diff and apply (`bkbundle regions check|apply`). See the module
+/// documentation.
+pub fn run(opts: &RegionsOptions, reporter: &dyn Reporter) -> crate::Result<RegionsReport> {
+    crate::runtime::block_on(run_reporting(opts, &process_env, reporter))?.map_err(Error::from)
 }
 
 /// The validated input of a run (stage 1): each region's desired env, and the server's
@@ -373,11 +375,20 @@ fn unmanaged_names(desired: &rules::Desired, current: &regions::Current) -> Vec<
 }
 
 /// [`run`] with the process environment looked up through `env` (`DATABASE_URL`, `PG*`,
-/// `SECRET_KEY`): for tests, which must not change their own process's environment. Connects
-/// the database (and, with a project, the engine) once and runs [`run_on`].
+/// `SECRET_KEY`) and nothing shown: for tests, which must not change their own process's
+/// environment.
 pub async fn run_with_env(
     opts: &RegionsOptions,
     env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RegionsReport, RegionsError> {
+    run_reporting(opts, env, &crate::progress::Silent).await
+}
+
+/// Connect the database (and, to apply with a project, the engine) once and run [`run_on`].
+async fn run_reporting(
+    opts: &RegionsOptions,
+    env: &dyn Fn(&str) -> Option<String>,
+    reporter: &dyn Reporter,
 ) -> Result<RegionsReport, RegionsError> {
     let t0 = Instant::now();
     let v = validate(opts, env)?;
@@ -400,7 +411,7 @@ pub async fn run_with_env(
         docker: engine.as_ref().map(|e| e as &dyn Docker),
         cache: None,
     };
-    run_on(opts, &v, &seams, t0).await
+    run_on(opts, &v, &seams, reporter, t0).await
 }
 
 /// Stages 2 and 3 on connected systems (see the module documentation).
@@ -408,6 +419,7 @@ pub async fn run_on(
     opts: &RegionsOptions,
     v: &Validated,
     seams: &Seams<'_>,
+    reporter: &dyn Reporter,
     t0: Instant,
 ) -> Result<RegionsReport, RegionsError> {
     let target = seams.db.target().clone();
@@ -436,6 +448,12 @@ pub async fn run_on(
         *unmanaged.lock().unwrap_or_else(|e| e.into_inner()) = unmanaged_names(&v.desired, current);
         regions::diff(&v.desired.regions, current, &release, key, &opts.bundle.required)
     };
+    reporter.note(&format!(
+        "cloud regions: writing {} region(s)' sidecar env in {} ({}), in one transaction",
+        v.desired.regions.len(),
+        target.name.display,
+        release.label()
+    ));
     let plan = seams
         .db
         .apply_regions(&release, key, &plan_fn)
@@ -456,6 +474,10 @@ pub async fn run_on(
         }
     }
     let touched: BTreeSet<i64> = plan.iter().filter(|r| r.env_changes()).filter_map(|r| r.id).collect();
+    reporter.note(&format!(
+        "cloud regions: {} row(s) created, {} updated, {} unchanged",
+        report.created, report.updated, report.unchanged
+    ));
     if !touched.is_empty() {
         invalidate(seams, &release, opts, &touched, &mut report).await;
     }
@@ -705,6 +727,15 @@ mod tests {
         RegionsOptions::new(mode, &demo_regions(), &InstallConfig::default(), site)
     }
 
+    async fn run_on_silent(
+        opts: &RegionsOptions,
+        v: &Validated,
+        seams: &Seams<'_>,
+        t0: Instant,
+    ) -> Result<RegionsReport, RegionsError> {
+        run_on(opts, v, seams, &crate::progress::Silent, t0).await
+    }
+
     fn seams<'a>(db: &'a FakeDb, docker: Option<&'a FakeDocker>, cache: Option<&'a FakeCache>) -> Seams<'a> {
         Seams {
             db,
@@ -718,7 +749,7 @@ mod tests {
         let db = FakeDb::new(Release::newest_known());
         let opts = options(Mode::Apply);
         let v = validate(&opts, &no_env).unwrap();
-        let r = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+        let r = run_on_silent(&opts, &v, &seams(&db, None, None), Instant::now())
             .await
             .unwrap();
         assert_eq!((r.created, r.updated, r.unchanged), (2, 0, 0));
@@ -728,7 +759,7 @@ mod tests {
             writes.contains(&"insert sidecarenv default/NODE_SERVER_URL".to_string()),
             "{writes:?}"
         );
-        let again = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+        let again = run_on_silent(&opts, &v, &seams(&db, None, None), Instant::now())
             .await
             .unwrap();
         assert_eq!((again.created, again.updated, again.unchanged), (0, 0, 2));
@@ -744,7 +775,7 @@ mod tests {
         );
         let opts = options(Mode::DryRun);
         let v = validate(&opts, &no_env).unwrap();
-        let r = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+        let r = run_on_silent(&opts, &v, &seams(&db, None, None), Instant::now())
             .await
             .unwrap();
         assert_eq!((r.created, r.updated, r.unchanged), (0, 1, 1));
@@ -762,7 +793,7 @@ mod tests {
         opts.site
             .insert("SERVER_URL".into(), format!("http://192.0.2.10/{}", "x".repeat(220)));
         let v = validate(&opts, &no_env).unwrap();
-        let e = run_on(&opts, &v, &seams(&db, None, None), Instant::now())
+        let e = run_on_silent(&opts, &v, &seams(&db, None, None), Instant::now())
             .await
             .unwrap_err();
         let RegionsError::Invalid(problems) = e else {
@@ -781,7 +812,7 @@ mod tests {
         opts.site
             .insert("REDIS_CACHE_URL".into(), "redis://:pw@127.0.0.1:6379/0".into());
         let v = validate(&opts, &no_env).unwrap();
-        let r = run_on(&opts, &v, &seams(&db, None, Some(&cache)), Instant::now())
+        let r = run_on_silent(&opts, &v, &seams(&db, None, Some(&cache)), Instant::now())
             .await
             .unwrap();
         assert!(r.cache.cleared, "{:?}", r.cache);
@@ -802,7 +833,7 @@ mod tests {
         let mut opts = options(Mode::Apply);
         opts.project = Some("demo".into());
         let v = validate(&opts, &no_env).unwrap();
-        let r = run_on(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
+        let r = run_on_silent(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
             .await
             .unwrap();
         assert!(!r.cache.cleared);
@@ -815,7 +846,7 @@ mod tests {
 
         let db = FakeDb::new(Release::newest_known());
         opts.restart_server = true;
-        let r = run_on(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
+        let r = run_on_silent(&opts, &v, &seams(&db, Some(&docker), None), Instant::now())
             .await
             .unwrap();
         assert_eq!(r.cache.restarted.as_deref(), Some("demo-server-1"));

@@ -225,6 +225,15 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
     let dry = p.install(demo_bundle(), &cfg, &["--dry-run"]);
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     assert!(dry.stdout.starts_with("dry run (nothing changed)"), "{}", dry.stdout);
+    assert!(
+        dry.stdout
+            .contains("create   env default/NODE_SERVER_URL = http://192.0.2.10:18080"),
+        "{}",
+        dry.stdout
+    );
+    let dry_json = p.install(demo_bundle(), &cfg, &["--dry-run", "--json"]);
+    assert_eq!(dry_json.code, 0, "{}", dry_json.stderr);
+    let planned: serde_json::Value = serde_json::from_str(&dry_json.stdout).unwrap();
     assert!(!p.target().exists(), "a dry run creates nothing");
     assert!(p.containers().is_empty());
 
@@ -309,6 +318,12 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
         first.stdout
     );
     assert!(first.stdout.contains("packages"), "{}", first.stdout);
+    the_dry_run_planned_what_the_install_wrote(
+        &p,
+        &planned["plan"]["platform"],
+        &value("NATS_PORT"),
+        &value("NATS_PASSWORD"),
+    );
 
     // Second run: a fast no-op that says so, and the secret is kept.
     let t = Instant::now();
@@ -348,6 +363,103 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
         before,
         "nothing changed"
     );
+}
+
+/// The rows and objects `install --dry-run --json` listed before the first install are exactly
+/// the ones the install then wrote: env rows (region, key, value; secrets by key only), service
+/// rows, package rows, and objects (key, digest, size, read back with nats-py).
+fn the_dry_run_planned_what_the_install_wrote(
+    p: &Project,
+    plan: &serde_json::Value,
+    nats_port: &str,
+    nats_password: &str,
+) {
+    assert_eq!(plan["assumed"], true, "{plan}");
+    let mut rows: Vec<String> = plan["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["action"], "create", "{r}");
+            format!(
+                "{}|{}|{}",
+                r["region"].as_str().unwrap(),
+                r["key"].as_str().unwrap(),
+                r["value"].as_str().unwrap_or("(secret)")
+            )
+        })
+        .collect();
+    rows.sort();
+    let mut written: Vec<String> = p
+        .stack_psql(
+            "select r.name, e.key, case when e.type = 'secret' then '(secret)' else e.value end \
+             from node_mgmt_sidecarenv e join node_mgmt_cloudregion r on r.id = e.cloud_region_id",
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+    written.sort();
+    assert!(!rows.is_empty());
+    assert_eq!(rows, written, "planned env rows vs written");
+
+    let mut services: Vec<String> = plan["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    services.sort();
+    let written = p.stack_psql(
+        "select r.name || '/' || s.name from node_mgmt_cloudregionservice s join node_mgmt_cloudregion r on r.id = s.cloud_region_id order by 1",
+    );
+    assert_eq!(services.join("\n"), written, "planned service rows vs written");
+
+    let objects = plan["packages"].as_array().unwrap();
+    assert_eq!(objects.len(), 4, "{plan}");
+    let mut planned_rows: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            let r = &o["row"];
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                r["type"].as_str().unwrap(),
+                r["os"].as_str().unwrap(),
+                r["arch"].as_str().unwrap(),
+                r["object"].as_str().unwrap(),
+                r["version"].as_str().unwrap(),
+                r["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    planned_rows.sort();
+    let mut written: Vec<String> = p
+        .stack_psql("select type, os, cpu_architecture, object, version, name from node_mgmt_packageversion")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    written.sort();
+    assert_eq!(planned_rows, written, "planned package rows vs written");
+
+    // The objects, read back by an independent client: key, digest and size as planned.
+    let bucket = plan["bucket"].as_str().unwrap();
+    let url = format!("nats://bklite:{nats_password}@127.0.0.1:{nats_port}");
+    let listed = crate::packages::python(
+        "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); o=await nc.jetstream().object_store(sys.argv[2])\n    for i in sorted(await o.list(), key=lambda i: i.name): print(i.name, i.digest, i.size)\n    await nc.close()\nasyncio.run(m())",
+        &[&url, bucket],
+    );
+    let mut expected: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{} {} {}",
+                o["key"].as_str().unwrap(),
+                o["digest"].as_str().unwrap(),
+                o["size"]
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(expected.join("\n"), listed, "planned objects vs stored");
 }
 
 #[test]
