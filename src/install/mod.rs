@@ -30,8 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const STEPS: [&str; 6] = ["images", "layout", "start", "health", "regions", "packages"];
-
 #[derive(Debug, Clone, Default)]
 pub struct InstallOptions {
     pub bundle: PathBuf,
@@ -203,23 +201,10 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     // before the first change, and when another run changed the target meanwhile, the plan is
     // made again under the lock (so that, e.g., a second run never writes its own secrets).
     let mut lock = None;
-    let mut replan = false;
     loop {
-        match plan_and_execute(
-            &opts,
-            &reporter,
-            &ctx,
-            &stack,
-            &id,
-            steps.clone(),
-            t0,
-            &mut lock,
-            &mut replan,
-        )
-        .await
-        {
-            Err(_) if replan => replan = false,
-            r => return r,
+        match attempt(&opts, &reporter, &ctx, &stack, &id, steps.clone(), t0, &mut lock).await? {
+            Attempt::Done(r) => return Ok(*r),
+            Attempt::Replan => continue,
         }
     }
 }
@@ -245,11 +230,68 @@ fn target_state(target: &Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     )
 }
 
-/// Plan, preflight and (unless a dry run) execute: the body of [`run`] after verification, run
-/// again under the lock when another run changed the target meanwhile (`replan`). The body is
-/// written as it was inside `run` (hence `&ctx` on a reference).
-#[allow(clippy::too_many_arguments, clippy::needless_borrow)]
-async fn plan_and_execute(
+/// The steps of an install after preflight, in order; the journal records each by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepName {
+    Images,
+    Layout,
+    Start,
+    Health,
+    Regions,
+    Packages,
+}
+
+impl StepName {
+    pub const ALL: [StepName; 6] = [
+        StepName::Images,
+        StepName::Layout,
+        StepName::Start,
+        StepName::Health,
+        StepName::Regions,
+        StepName::Packages,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepName::Images => "images",
+            StepName::Layout => "layout",
+            StepName::Start => "start",
+            StepName::Health => "health",
+            StepName::Regions => "regions",
+            StepName::Packages => "packages",
+        }
+    }
+}
+
+/// What planning and preflight found: the plan, the findings, and what the steps need.
+struct Planned {
+    plan: Plan,
+    engine: Option<Engine>,
+    compose: Option<Compose>,
+    /// The stack's services as preflight read them from the compose file (journaled at start).
+    services: Vec<String>,
+    findings: Vec<String>,
+    hints: Vec<String>,
+    /// Set when the engine does not answer: an external failure, not a preflight finding.
+    engine_error: Option<Kind>,
+    /// The site values (`None` when the env template did not render: already a finding).
+    site: Option<std::collections::BTreeMap<String, String>>,
+    /// Whether `.env` was rendered (or the bundle has no template).
+    rendered: bool,
+    has_regions: bool,
+    has_packages: bool,
+}
+
+/// One attempt's outcome: a report, or "plan again under the lock" (another run changed the
+/// target while this one planned).
+enum Attempt {
+    Done(Box<InstallReport>),
+    Replan,
+}
+
+/// Plan, preflight and (unless a dry run) execute: the body of [`run`] after verification.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
     opts: &InstallOptions,
     reporter: &Arc<dyn Reporter>,
     ctx: &Ctx,
@@ -258,9 +300,7 @@ async fn plan_and_execute(
     mut steps: Vec<Step>,
     t0: Instant,
     lock: &mut Option<crate::lock::LockGuard>,
-    replan: &mut bool,
-) -> Result<InstallReport> {
-    let reporter = reporter.clone();
+) -> Result<Attempt> {
     let planned_on = target_state(&ctx.target);
     let mut journal = Journal::load(&ctx.target)?;
     if journal.bundle.as_ref() != Some(id) {
@@ -269,9 +309,71 @@ async fn plan_and_execute(
 
     // 2. Plan and preflight (all findings together; nothing changes before this passes).
     let t = Instant::now();
-    let mut findings: Vec<String> = Vec::new();
-    let mut hints: Vec<String> = Vec::new();
-    let mut engine_error = None;
+    let mut p = plan(opts, ctx, stack, id, &mut journal).await?;
+    if let Some(r) = already_installed(opts, ctx, &mut p, &mut steps, t, t0).await? {
+        return Ok(Attempt::Done(Box::new(r)));
+    }
+    preflight_stack(ctx, &journal, &mut p).await?;
+    steps.push(Step {
+        name: "preflight".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} finding(s)", p.findings.len()),
+    });
+    // Findings while another run holds the target's lock, or after one changed the target, may be
+    // that run's work (a port its stack is taking right now): wait for the lock as a change
+    // would, then plan again on what that run left. A dry run never waits.
+    let busy = || crate::lock::target_holder(&ctx.target).is_some() || target_state(&ctx.target) != planned_on;
+    if !p.findings.is_empty() && !opts.dry_run && lock.is_none() && busy() {
+        *lock = Some(take_target_lock(opts, reporter, &ctx.target).await?);
+        reporter.note(&format!(
+            "another run was changing {} while this one checked it: checking again",
+            ctx.target.display()
+        ));
+        return Ok(Attempt::Replan);
+    }
+    if !p.findings.is_empty() {
+        return Err(preflight_error(ctx, p, lock.is_none()));
+    }
+    if opts.dry_run {
+        return Ok(Attempt::Done(Box::new(report(
+            ctx,
+            p.plan,
+            steps,
+            vec![],
+            false,
+            true,
+            vec![],
+            t0,
+        ))));
+    }
+    // The target's lock, before the first change (see `run`).
+    if lock.is_none() {
+        let guard = take_target_lock(opts, reporter, &ctx.target).await?;
+        let changed = target_state(&ctx.target) != planned_on;
+        *lock = Some(guard);
+        if changed {
+            reporter.note(&format!(
+                "another run changed {} while this one planned: planning again",
+                ctx.target.display()
+            ));
+            return Ok(Attempt::Replan);
+        }
+    }
+    let notes: Vec<String> = lock.as_ref().and_then(|g| g.takeover_note()).into_iter().collect();
+    let r = execute(opts, &**reporter, ctx, id, p, journal, steps, notes, t0).await?;
+    Ok(Attempt::Done(Box::new(r)))
+}
+
+/// The plan (images, files, env, the platform's rows and objects) and the findings made while
+/// making it; nothing changes.
+async fn plan(
+    opts: &InstallOptions,
+    ctx: &Ctx,
+    stack: &crate::manifest::Stack,
+    id: &BundleId,
+    journal: &mut Journal,
+) -> Result<Planned> {
+    let (mut findings, mut hints, mut engine_error) = (Vec::new(), Vec::new(), None);
     let engine = match Engine::connect().await {
         Ok(e) => Some(e),
         Err(e) => {
@@ -285,11 +387,7 @@ async fn plan_and_execute(
         Some(engine) => plan_images(engine, &ctx.manifest).await?,
         None => vec![],
     };
-    let (mut files, env) = plan_files(&ctx, &stack, &journal, &mut findings, &mut hints)?;
-    // Regions: validated now, against the site values, so a configuration that would break agents
-    // stops the install before anything changes; seeded after the stack is healthy. A bundle
-    // without an env template still has the install config's [env].
-    let has_regions = has_regions(&ctx.manifest.regions);
+    let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
     let site = match (&env, &stack.env_template) {
         (Some(e), _) => Some(crate::regions::site_values(&e.values, &ctx.config.env)),
         // No env template: the site values are the install config's (over an .env of the operator's own).
@@ -299,31 +397,17 @@ async fn plan_and_execute(
         )),
         (None, Some(_)) => None, // the template did not render: already a finding
     };
-    if let (true, Some(site)) = (has_regions, &site) {
-        match crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
-            Ok(desired) => {
-                // Region 1's one source: the same values go to the server's environment.
-                files.push(default_zone_file(&ctx.target, &desired));
-            }
-            Err(problems) => {
-                for p in problems {
-                    findings.push(format!("cloud regions: {p}"));
-                }
-                hints.push(
-                    "set the site values under [env] and the regions under [[regions]] in the install config (`bkbundle regions check` shows the same)"
-                        .into(),
-                );
-            }
-        }
-    }
-    // Packages: where NATS is must be known before anything changes (uploaded after the regions).
-    let has_packages = !ctx.manifest.packages.is_empty();
-    if let (true, Some(site)) = (has_packages, &site) {
-        if let Err(e) = crate::site::targets::nats(None, &ctx.config.nats, site, &|n| std::env::var(n).ok()) {
-            let e = Error::from(e);
-            findings.push(format!("agent packages: {}", e.message));
-            hints.extend(e.hints);
-        }
+    let (has_regions, has_packages) = (has_regions(&ctx.manifest.regions), !ctx.manifest.packages.is_empty());
+    if let Some(site) = &site {
+        check_site(
+            ctx,
+            site,
+            has_regions,
+            has_packages,
+            &mut files,
+            &mut findings,
+            &mut hints,
+        );
     }
     // The rows and objects the platform steps write: planned against the live platform when it
     // answers (a re-run, an upgrade: its regions are checked now too, so one that would hand
@@ -333,7 +417,7 @@ async fn plan_and_execute(
         let env = |n: &str| std::env::var(n).ok();
         let inputs = platform::Inputs {
             regions: &ctx.manifest.regions,
-            has_packages: !ctx.manifest.packages.is_empty(),
+            has_packages,
             bundle: &opts.bundle,
             config: &ctx.config,
             site,
@@ -349,6 +433,12 @@ async fn plan_and_execute(
         }
         platform_plan = p;
     }
+    if !has_regions {
+        journal.mark(StepName::Regions.as_str());
+    }
+    if !has_packages {
+        journal.mark(StepName::Packages.as_str());
+    }
     let mut plan = Plan {
         bundle: id.clone(),
         target: ctx.target.clone(),
@@ -362,144 +452,220 @@ async fn plan_and_execute(
         platform: platform_plan,
         warnings: vec![],
     };
-    if !has_regions {
-        journal.mark("regions");
-    }
-    if !has_packages {
-        journal.mark("packages");
-    }
     let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
         && plan
             .files
             .iter()
             .all(|f| matches!(f.action, FileAction::Unchanged | FileAction::KeepEdited));
-    plan.steps_to_run = STEPS
+    plan.steps_to_run = StepName::ALL
         .iter()
-        .filter(|s| !journal.is_done(s) || !nothing_to_change)
-        .map(|s| s.to_string())
+        .filter(|s| !journal.is_done(s.as_str()) || !nothing_to_change)
+        .map(|s| s.as_str().to_string())
         .collect();
+    Ok(Planned {
+        plan,
+        engine,
+        compose: None,
+        services: vec![],
+        findings,
+        hints,
+        engine_error,
+        rendered: env.is_some() || stack.env_template.is_none(),
+        site,
+        has_regions,
+        has_packages,
+    })
+}
 
-    // Already installed: the journal says so and the engine agrees (images there, stack healthy),
-    // and nothing found so far (a live region that would hand agents `null` is reported by the
-    // preflight below, as in a dry run).
-    if plan.steps_to_run.is_empty() && !opts.dry_run && findings.is_empty() {
-        if let Some(engine) = &engine {
-            let containers = engine.project_containers(&ctx.project).await?;
-            let healthy = !containers.is_empty()
-                && containers.iter().all(|c| {
-                    matches!(
-                        health::judge(c, c.restart_count, None, Duration::ZERO),
-                        health::Verdict::Ready(_)
-                    ) || (c.status == "running" && c.health.is_none())
-                });
-            if healthy {
-                steps.push(Step {
-                    name: "check".into(),
-                    seconds: t.elapsed().as_secs_f64(),
-                    detail: "already installed".into(),
-                });
-                return Ok(report(&ctx, plan, steps, vec![], true, false, vec![], t0));
+/// The site values against what the platform steps need: regions validated now, so a
+/// configuration that would break agents stops the install before anything changes (and region
+/// 1's values rendered for the server's environment); where NATS is, for the packages.
+#[allow(clippy::too_many_arguments)]
+fn check_site(
+    ctx: &Ctx,
+    site: &std::collections::BTreeMap<String, String>,
+    has_regions: bool,
+    has_packages: bool,
+    files: &mut Vec<PlannedFile>,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) {
+    if has_regions {
+        match crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
+            // Region 1's one source: the same values go to the server's environment.
+            Ok(desired) => files.push(default_zone_file(&ctx.target, &desired)),
+            Err(problems) => {
+                findings.extend(problems.iter().map(|p| format!("cloud regions: {p}")));
+                hints.push(
+                    "set the site values under [env] and the regions under [[regions]] in the install config (`bkbundle regions check` shows the same)"
+                        .into(),
+                );
             }
-            plan.steps_to_run = vec!["start".into(), "health".into(), "regions".into(), "packages".into()];
         }
     }
+    if has_packages {
+        if let Err(e) = crate::site::targets::nats(None, &ctx.config.nats, site, &|n| std::env::var(n).ok()) {
+            let e = Error::from(e);
+            findings.push(format!("agent packages: {}", e.message));
+            hints.extend(e.hints);
+        }
+    }
+}
 
-    let compose = match Compose::detect() {
+/// Already installed: the journal says so and the engine agrees (images there, stack healthy),
+/// and nothing found so far (a live region that would hand agents `null` is reported by the
+/// preflight, as in a dry run). Otherwise, when only the stack is down, the steps from `start`.
+async fn already_installed(
+    opts: &InstallOptions,
+    ctx: &Ctx,
+    p: &mut Planned,
+    steps: &mut Vec<Step>,
+    t: Instant,
+    t0: Instant,
+) -> Result<Option<InstallReport>> {
+    if !p.plan.steps_to_run.is_empty() || opts.dry_run || !p.findings.is_empty() {
+        return Ok(None);
+    }
+    let Some(engine) = &p.engine else {
+        return Ok(None);
+    };
+    let containers = engine.project_containers(&ctx.project).await?;
+    let healthy = !containers.is_empty()
+        && containers.iter().all(|c| {
+            matches!(
+                health::judge(c, c.restart_count, None, Duration::ZERO),
+                health::Verdict::Ready(_)
+            ) || (c.status == "running" && c.health.is_none())
+        });
+    if healthy {
+        steps.push(Step {
+            name: "check".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            detail: "already installed".into(),
+        });
+        let plan = std::mem::replace(&mut p.plan, empty_plan(ctx));
+        return Ok(Some(report(ctx, plan, steps.clone(), vec![], true, false, vec![], t0)));
+    }
+    p.plan.steps_to_run = [StepName::Start, StepName::Health, StepName::Regions, StepName::Packages]
+        .iter()
+        .map(|s| s.as_str().to_string())
+        .collect();
+    Ok(None)
+}
+
+fn empty_plan(ctx: &Ctx) -> Plan {
+    Plan {
+        bundle: BundleId {
+            name: String::new(),
+            version: String::new(),
+            manifest_sha256: String::new(),
+        },
+        target: ctx.target.clone(),
+        project: ctx.project.clone(),
+        images: vec![],
+        files: vec![],
+        env_generated: vec![],
+        env_added: vec![],
+        env_updated: vec![],
+        steps_to_run: vec![],
+        platform: platform::PlatformPlan::default(),
+        warnings: vec![],
+    }
+}
+
+/// Compose, and the stack's own preflight (ports, space, names) when the engine answers.
+async fn preflight_stack(ctx: &Ctx, journal: &Journal, p: &mut Planned) -> Result<()> {
+    p.compose = match Compose::detect() {
         Ok(c) => Some(c),
         Err(e) => {
-            findings.push(e.message.clone());
-            hints.extend(e.hints);
+            p.findings.push(e.message.clone());
+            p.hints.extend(e.hints);
             None
         }
     };
-    let mut services = Vec::new();
-    if let (Some(engine), Some(compose)) = (&engine, &compose) {
-        let rendered = env.is_some() || stack.env_template.is_none();
+    if let (Some(engine), Some(compose)) = (&p.engine, &p.compose) {
         let mut warnings = Vec::new();
-        services = preflight(
+        p.services = preflight(
             engine,
             compose,
-            &ctx,
-            &plan,
-            rendered,
-            &journal,
-            &mut findings,
-            &mut hints,
+            ctx,
+            &p.plan,
+            p.rendered,
+            journal,
+            &mut p.findings,
+            &mut p.hints,
             &mut warnings,
         )
         .await?;
-        plan.warnings = warnings;
+        p.plan.warnings = warnings;
     }
-    steps.push(Step {
-        name: "preflight".into(),
-        seconds: t.elapsed().as_secs_f64(),
-        detail: format!("{} finding(s)", findings.len()),
-    });
-    // Findings while another run holds the target's lock, or after one changed the target, may be
-    // that run's work (a port its stack is taking right now): wait for the lock as a change
-    // would, then plan again on what that run left. A dry run never waits.
-    let busy = || crate::lock::target_holder(&ctx.target).is_some() || target_state(&ctx.target) != planned_on;
-    if !findings.is_empty() && !opts.dry_run && lock.is_none() && busy() {
-        let guard = take_target_lock(&opts, &reporter, &ctx.target).await?;
-        *lock = Some(guard);
-        reporter.note(&format!(
-            "another run was changing {} while this one checked it: checking again",
-            ctx.target.display()
+    Ok(())
+}
+
+/// Preflight's findings as one error: the list, the warnings, and what to do.
+fn preflight_error(ctx: &Ctx, p: Planned, unlocked: bool) -> Error {
+    let mut e = Error::new(
+        // An unreachable engine is an external system's failure (exit 6), as documented.
+        p.engine_error.unwrap_or(Kind::Preflight),
+        format!(
+            "preflight found {} problem(s); nothing was changed:\n  - {}{}",
+            p.findings.len(),
+            p.findings.join("\n  - "),
+            p.plan
+                .warnings
+                .iter()
+                .map(|w| format!("\nwarning: {w}"))
+                .collect::<String>()
+        ),
+    );
+    let mut hints = p.hints;
+    if let Some(h) = crate::lock::target_holder(&ctx.target).filter(|_| unlocked) {
+        // Findings may be another run's work in progress (a port its stack just took).
+        hints.push(format!(
+            "another bkbundle run is changing {} right now: {}; wait for it to finish, then run this again",
+            ctx.target.display(),
+            h.describe()
         ));
-        *replan = true;
-        return Err(Error::internal("plan again under the lock"));
     }
-    if !findings.is_empty() {
-        let mut e = Error::new(
-            // An unreachable engine is an external system's failure (exit 6), as documented.
-            engine_error.unwrap_or(Kind::Preflight),
-            format!(
-                "preflight found {} problem(s); nothing was changed:\n  - {}{}",
-                findings.len(),
-                findings.join("\n  - "),
-                plan.warnings
-                    .iter()
-                    .map(|w| format!("\nwarning: {w}"))
-                    .collect::<String>()
-            ),
-        );
-        if let Some(h) = crate::lock::target_holder(&ctx.target).filter(|_| lock.is_none()) {
-            // Findings may be another run's work in progress (a port its stack just took).
-            hints.push(format!(
-                "another bkbundle run is changing {} right now: {}; wait for it to finish, then run this again",
-                ctx.target.display(),
-                h.describe()
-            ));
-        }
-        hints.dedup();
-        e.hints = hints;
-        return Err(e);
-    }
-    if opts.dry_run {
-        return Ok(report(&ctx, plan, steps, vec![], false, true, vec![], t0));
-    }
-    let (engine, compose) = match (engine, compose) {
-        (Some(e), Some(c)) => (e, c),
-        _ => return Err(Error::internal("preflight passed without an engine and compose")),
+    hints.dedup();
+    e.hints = hints;
+    e
+}
+
+/// The steps' shared state while they run.
+struct Exec<'a> {
+    opts: &'a InstallOptions,
+    reporter: &'a dyn Reporter,
+    ctx: &'a Ctx,
+    engine: Engine,
+    compose: Compose,
+    journal: Journal,
+    notes: Vec<String>,
+    /// The stack's services as preflight read them, journaled when the stack starts.
+    planned_services: Vec<String>,
+    /// The stack's services as health found them.
+    services: Vec<health::ServiceHealth>,
+    site: std::collections::BTreeMap<String, String>,
+    /// The platform's database, connected at the first step that needs it.
+    db: Option<crate::ports::live::Postgres>,
+}
+
+/// 3. Execute, journaling each step: a kill after a step resumes past it.
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    opts: &InstallOptions,
+    reporter: &dyn Reporter,
+    ctx: &Ctx,
+    id: &BundleId,
+    p: Planned,
+    mut journal: Journal,
+    mut steps: Vec<Step>,
+    notes: Vec<String>,
+    t0: Instant,
+) -> Result<InstallReport> {
+    let (Some(engine), Some(compose)) = (p.engine, p.compose) else {
+        return Err(Error::internal("preflight passed without an engine and compose"));
     };
-
-    // The target's lock, before the first change (see `run`).
-    if lock.is_none() {
-        let guard = take_target_lock(&opts, &reporter, &ctx.target).await?;
-        let changed = target_state(&ctx.target) != planned_on;
-        *lock = Some(guard);
-        if changed {
-            reporter.note(&format!(
-                "another run changed {} while this one planned: planning again",
-                ctx.target.display()
-            ));
-            *replan = true;
-            return Err(Error::internal("plan again under the lock"));
-        }
-    }
-
-    // 3. Execute, journaling each step.
-    let mut notes: Vec<String> = lock.as_ref().and_then(|g| g.takeover_note()).into_iter().collect();
     journal.bundle = Some(id.clone());
     journal.project = Some(ctx.project.clone());
     journal.history.push(journal::Run {
@@ -510,187 +676,179 @@ async fn plan_and_execute(
     });
     std::fs::create_dir_all(&ctx.target).map_err(|e| Error::io("cannot create target directory", &ctx.target, e))?;
     journal.save(&ctx.target)?;
-
-    let t = Instant::now();
-    let detail = match load_images(&engine, &ctx, &plan, &*reporter).await {
-        Ok(d) => d,
-        Err(e) => {
-            run_failed(&mut journal, &ctx.target, "images");
-            return Err(e);
-        }
+    let mut x = Exec {
+        opts,
+        reporter,
+        ctx,
+        engine,
+        compose,
+        journal,
+        notes,
+        planned_services: p.services,
+        services: vec![],
+        site: p.site.unwrap_or_default(),
+        db: None,
     };
-    step_done(&mut journal, &ctx.target, &mut steps, "images", t, detail)?;
-
-    let t = Instant::now();
-    let detail = match lay_out(&ctx, &plan, &mut journal, &mut notes) {
-        Ok(d) => d,
-        Err(e) => {
-            run_failed(&mut journal, &ctx.target, "layout");
-            return Err(e);
+    for step in StepName::ALL {
+        if (step == StepName::Regions && !p.has_regions) || (step == StepName::Packages && !p.has_packages) {
+            continue;
         }
-    };
-    step_done(&mut journal, &ctx.target, &mut steps, "layout", t, detail)?;
+        let t = Instant::now();
+        let done = match step {
+            StepName::Images => load_images(&x.engine, ctx, &p.plan, reporter).await,
+            StepName::Layout => lay_out(ctx, &p.plan, &mut x.journal, &mut x.notes),
+            StepName::Start => start(&mut x),
+            StepName::Health => wait_healthy(&mut x).await,
+            StepName::Regions => seed_regions(&mut x).await,
+            StepName::Packages => upload_packages(&mut x).await,
+        };
+        match done {
+            Ok(detail) => step_done(&mut x.journal, &ctx.target, &mut steps, step.as_str(), t, detail)?,
+            Err(e) => {
+                // A health failure is journaled by its cause (its message's first line).
+                let what = match step {
+                    StepName::Health => e.message.lines().next().unwrap_or("").to_string(),
+                    _ => step.as_str().to_string(),
+                };
+                run_failed(&mut x.journal, &ctx.target, &what);
+                return Err(e);
+            }
+        }
+    }
+    if let Some(run) = x.journal.history.last_mut() {
+        run.finished = Some(now());
+        run.outcome = "installed".into();
+    }
+    x.journal.save(&ctx.target)?;
+    Ok(report(ctx, p.plan, steps, x.services, false, false, x.notes, t0))
+}
 
-    let t = Instant::now();
-    reporter.note(&format!(
+fn start(x: &mut Exec<'_>) -> Result<String> {
+    let ctx = x.ctx;
+    x.reporter.note(&format!(
         "starting compose project {} in {}",
         ctx.project,
         ctx.target.display()
     ));
+    let stack = ctx
+        .manifest
+        .stack
+        .as_ref()
+        .ok_or_else(|| Error::internal("no stack after planning"))?;
     let env_file = stack.env_template.as_ref().map(|_| ctx.env_file.as_path());
-    journal.services = services;
-    if let Err(e) = compose.up(&ctx.project, &ctx.compose_file, env_file) {
-        run_failed(&mut journal, &ctx.target, "start");
-        return Err(e);
-    }
-    step_done(
-        &mut journal,
-        &ctx.target,
-        &mut steps,
-        "start",
-        t,
-        format!("{} -p {} up -d", compose.argv.join(" "), ctx.project),
-    )?;
+    x.journal.services = x.planned_services.clone();
+    x.compose.up(&ctx.project, &ctx.compose_file, env_file)?;
+    Ok(format!("{} -p {} up -d", x.compose.argv.join(" "), ctx.project))
+}
 
-    let t = Instant::now();
-    let wait = health::WaitOptions {
+fn wait_options(ctx: &Ctx) -> health::WaitOptions {
+    health::WaitOptions {
         project: ctx.project.clone(),
         timeout: Duration::from_secs(ctx.config.health.timeout_secs),
         steady: Duration::from_secs(ctx.config.health.steady_secs),
         poll: Duration::from_secs(1),
-    };
-    let r = reporter.clone();
-    let services = match health::wait(&engine, &wait, &move |m| r.note(m)).await {
-        Ok(s) => s,
-        Err(e) => {
-            run_failed(&mut journal, &ctx.target, e.message.lines().next().unwrap_or(""));
-            return Err(e);
-        }
-    };
-    step_done(
-        &mut journal,
-        &ctx.target,
-        &mut steps,
-        "health",
-        t,
-        format!("{} service(s) ready", services.len()),
-    )?;
+    }
+}
 
-    // The platform's database, connected once for the regions and packages steps.
-    let site = site.unwrap_or_default();
-    let db = if has_regions || has_packages {
+async fn wait_healthy(x: &mut Exec<'_>) -> Result<String> {
+    let r = x.reporter;
+    x.services = health::wait(&x.engine, &wait_options(x.ctx), &move |m| r.note(m)).await?;
+    Ok(format!("{} service(s) ready", x.services.len()))
+}
+
+/// The platform's database, connected once for the regions and packages steps.
+async fn platform_db<'a>(x: &'a mut Exec<'_>, step: &str) -> Result<&'a crate::ports::live::Postgres> {
+    if x.db.is_none() {
         let env = |n: &str| std::env::var(n).ok();
-        let connected = match crate::site::targets::database(None, &ctx.config.database, &site, &env) {
-            Ok(target) => crate::ports::live::Postgres::connect(target).await.map_err(Error::from),
-            Err(e) => Err(Error::from(e)),
-        };
-        match connected {
-            Ok(db) => Some(db),
-            Err(e) => {
-                let step = if has_regions { "regions" } else { "packages" };
-                run_failed(&mut journal, &ctx.target, step);
-                return Err(after_start(e, step, ctx));
-            }
-        }
-    } else {
-        None
+        let target = crate::site::targets::database(None, &x.ctx.config.database, &x.site, &env)
+            .map_err(|e| after_start(Error::from(e), step, x.ctx))?;
+        let db = crate::ports::live::Postgres::connect(target)
+            .await
+            .map_err(|e| after_start(Error::from(e), step, x.ctx))?;
+        x.db = Some(db);
+    }
+    x.db.as_ref()
+        .ok_or_else(|| Error::internal("no database after connecting"))
+}
+
+async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
+    let (ctx, reporter) = (x.ctx, x.reporter);
+    let mut ropts = crate::regions::RegionsOptions::new(
+        crate::regions::Mode::Apply,
+        &ctx.manifest.regions,
+        &ctx.config,
+        x.site.clone(),
+    );
+    ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
+    // The stack being installed: its server may be restarted to drop an in-memory cache.
+    ropts.project = Some(ctx.project.clone());
+    ropts.restart_server = true;
+    reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
+    let env = |n: &str| std::env::var(n).ok();
+    let v = crate::regions::validate(&ropts, &env).map_err(|e| after_start(e.into(), "regions", ctx))?;
+    platform_db(x, "regions").await?;
+    let (db, engine) = (x.db.as_ref(), &x.engine);
+    let db = db.ok_or_else(|| Error::internal("no database after connecting"))?;
+    let seams = crate::regions::Seams {
+        db,
+        docker: Some(engine),
+        cache: None,
     };
-    if let (true, Some(db)) = (has_regions, &db) {
-        let t = Instant::now();
-        let site = site.clone();
-        let mut ropts =
-            crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &ctx.manifest.regions, &ctx.config, site);
-        ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
-        // The stack being installed: its server may be restarted to drop an in-memory cache.
-        ropts.project = Some(ctx.project.clone());
-        ropts.restart_server = true;
-        reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
-        let env = |n: &str| std::env::var(n).ok();
-        let seams = crate::regions::Seams {
-            db,
-            docker: Some(&engine),
-            cache: None,
-        };
-        let applied = match crate::regions::validate(&ropts, &env) {
-            Ok(v) => crate::regions::run_on(&ropts, &v, &seams, &*reporter, Instant::now()).await,
-            Err(e) => Err(e),
-        };
-        let r = match applied {
-            Ok(r) => r,
-            Err(e) => {
-                run_failed(&mut journal, &ctx.target, "regions");
-                return Err(after_start(e.into(), "regions", &ctx));
-            }
-        };
-        notes.extend(r.notes.iter().cloned());
-        if let Some(name) = &r.cache.restarted {
-            // The server was restarted to drop its in-memory cache: ready again before going on.
-            reporter.note(&format!("waiting for {name} to be ready again after its restart"));
-            let r = reporter.clone();
-            if let Err(e) = health::wait(&engine, &wait, &move |m| r.note(m)).await {
-                run_failed(&mut journal, &ctx.target, "regions");
-                return Err(e);
-            }
-        }
-        let detail = format!(
-            "{} region(s) in {} ({}): {} key(s) created, {} updated, {} unchanged",
-            r.regions.len(),
-            r.database.as_deref().unwrap_or("?"),
-            r.release.as_deref().unwrap_or("release unknown"),
-            r.created,
-            r.updated,
-            r.unchanged
-        );
-        step_done(&mut journal, &ctx.target, &mut steps, "regions", t, detail)?;
+    let r = crate::regions::run_on(&ropts, &v, &seams, reporter, Instant::now())
+        .await
+        .map_err(|e| after_start(e.into(), "regions", ctx))?;
+    x.notes.extend(r.notes.iter().cloned());
+    if let Some(name) = &r.cache.restarted {
+        // The server was restarted to drop its in-memory cache: ready again before going on.
+        reporter.note(&format!("waiting for {name} to be ready again after its restart"));
+        health::wait(&x.engine, &wait_options(ctx), &move |m| reporter.note(m)).await?;
     }
-    if let (true, Some(db)) = (has_packages, &db) {
-        let t = Instant::now();
-        let mut popts = crate::packages::PackagesOptions::new(opts.bundle.clone(), &ctx.config, site);
-        popts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
-        reporter.note("uploading the agent packages to the NATS object store and recording their rows");
-        let env = |n: &str| std::env::var(n).ok();
-        let uploaded = match crate::packages::inputs(&popts) {
-            Ok((bundle, inputs)) => {
-                crate::packages::run_connected(&popts, bundle.as_ref(), &inputs, db, &env, &*reporter).await
-            }
-            Err(e) => Err(e),
-        };
-        let r = match uploaded {
-            Ok(r) => r,
-            Err(e) => {
-                run_failed(&mut journal, &ctx.target, "packages");
-                return Err(after_start(Error::from(e), "packages", &ctx).hint(
-                    "after fixing it, re-run `bkbundle install` (it resumes here) or `bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env`",
-                ));
-            }
-        };
-        notes.extend(r.notes.iter().cloned());
-        for m in r.missing_objects.iter().filter(|m| !m.repaired) {
-            notes.push(format!(
-                "package row {} points at object {}, which is missing and not in this bundle (downloads of it fail)",
-                m.row_id, m.key
-            ));
-        }
-        let detail = format!(
-            "{} package(s) on {} bucket {:?}: {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged",
-            r.packages.len(),
-            r.nats.as_deref().unwrap_or("?"),
-            r.bucket,
-            r.uploaded,
-            r.skipped,
-            r.replaced,
-            r.rows_created,
-            r.rows_updated,
-            r.rows_unchanged
-        );
-        step_done(&mut journal, &ctx.target, &mut steps, "packages", t, detail)?;
+    Ok(format!(
+        "{} region(s) in {} ({}): {} key(s) created, {} updated, {} unchanged",
+        r.regions.len(),
+        r.database.as_deref().unwrap_or("?"),
+        r.release.as_deref().unwrap_or("release unknown"),
+        r.created,
+        r.updated,
+        r.unchanged
+    ))
+}
+
+async fn upload_packages(x: &mut Exec<'_>) -> Result<String> {
+    let (ctx, reporter) = (x.ctx, x.reporter);
+    let mut popts = crate::packages::PackagesOptions::new(x.opts.bundle.clone(), &ctx.config, x.site.clone());
+    popts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
+    reporter.note("uploading the agent packages to the NATS object store and recording their rows");
+    let failed = |e: Error| {
+        after_start(e, "packages", ctx).hint(
+            "after fixing it, re-run `bkbundle install` (it resumes here) or `bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env`",
+        )
+    };
+    let (bundle, inputs) = crate::packages::inputs(&popts).map_err(|e| failed(e.into()))?;
+    let db = platform_db(x, "packages").await.map_err(failed)?;
+    let env = |n: &str| std::env::var(n).ok();
+    let r = crate::packages::run_connected(&popts, bundle.as_ref(), &inputs, db, &env, reporter)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    x.notes.extend(r.notes.iter().cloned());
+    for m in r.missing_objects.iter().filter(|m| !m.repaired) {
+        x.notes.push(format!(
+            "package row {} points at object {}, which is missing and not in this bundle (downloads of it fail)",
+            m.row_id, m.key
+        ));
     }
-    if let Some(run) = journal.history.last_mut() {
-        run.finished = Some(now());
-        run.outcome = "installed".into();
-    }
-    journal.save(&ctx.target)?;
-    Ok(report(&ctx, plan, steps, services, false, false, notes, t0))
+    Ok(format!(
+        "{} package(s) on {} bucket {:?}: {} uploaded, {} skipped, {} replaced; rows {} created, {} updated, {} unchanged",
+        r.packages.len(),
+        r.nats.as_deref().unwrap_or("?"),
+        r.bucket,
+        r.uploaded,
+        r.skipped,
+        r.replaced,
+        r.rows_created,
+        r.rows_updated,
+        r.rows_unchanged
+    ))
 }
 
 /// Record a completed step in the journal (saved at once, so a kill after it resumes past it)
