@@ -3,11 +3,14 @@
 //! review as a changed line. `BKBUNDLE_BLESS=1` writes the snapshots anew.
 //!
 //! The runs are the real binary on the demo bundle the other tests share (packed once per test
-//! process); only `pack --json` packs again, into a directory of its own.
+//! process); only `pack --json` packs again, into a directory of its own. `init-packages` runs
+//! on the packages tests' bundle, one release's tables and a throwaway NATS.
 
-use crate::harness::{ensure_demo_images, repo_root};
+use crate::harness::{ensure_demo_images, repo_root, NatsOpts, NatsServer};
 use crate::install::Project;
 use crate::pack::{bk, demo_bundle, Run};
+use crate::packages::{bundle as packages_bundle, init_packages};
+use crate::regions::release_db;
 use std::fs;
 use std::path::Path;
 
@@ -99,6 +102,29 @@ fn regions_check_without_a_database() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_schema("regions-check", &r);
+}
+
+/// On the newest release's tables and an empty NATS: every package would be sent.
+#[test]
+fn init_packages_dry_run() {
+    let nats = NatsServer::start(NatsOpts::default());
+    let (_, db) = release_db("0044", "schema", false);
+    let args = [
+        "--json",
+        "init-packages",
+        "--auto",
+        "--dry-run",
+        "--bundle",
+        arg(packages_bundle()),
+    ];
+    let o = init_packages(&args, &db, &nats.url());
+    let r = Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_schema("init-packages-dry-run", &r);
 }
 
 /// An error's object, with several problems at once (`Error::all`): two package files of the
