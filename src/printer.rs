@@ -102,14 +102,10 @@ impl<O: Write, E: Write> Printer<O, E> {
 
     /// Print a result; returns its exit code, or 7 when stdout failed.
     pub fn output(&mut self, output: &Output) -> i32 {
-        let text = match &output.json {
-            Some(v) if self.json => Some(pretty(v)),
-            Some(_) if self.quiet => None,
-            _ => Some(output.text.clone()),
-        };
-        let written = match text {
-            Some(t) => write_line(&mut self.out, &t),
-            None => Ok(()),
+        let written = match &output.json {
+            Some(v) if self.json => write_line(&mut self.out, &pretty(v)),
+            Some(_) if self.quiet => Ok(()),
+            _ => write_line(&mut self.out, &output.text),
         };
         self.settle(output.code, written)
     }
