@@ -1,25 +1,35 @@
 //! Command-line surface (clap). Turns arguments into the library's plain option structs; the help
 //! text here is the operator's manual for each flag.
 
+use bkbundle::manifest::{Compression, Os, PackageType};
+use bkbundle::{install, pack, packages, verify};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  internal error (a bug: please report it with the output of -v)
-  2  usage error (unknown flag, missing argument)
-  3  bad input: recipe, package, key or other file given on the command line; an install config
-     whose cloud regions would break agents (every problem is listed; nothing was written)
-  4  the bundle failed verification (damaged, truncated, missing part, bad signature)
-  5  the bundle's format, or the platform database's release, is newer than this bkbundle supports
-  6  an external system is unreachable, refused or not ready (Docker engine, registry, PostgreSQL;
-     the server has not created its tables yet)
-  7  local I/O failed (disk full, permissions)
-  8  install's preflight found problems (nothing was changed)
-  9  the stack did not become healthy (a service exited, restart-looped, turned unhealthy or timed out)
- 10  doctor found a problem of error severity (that --fix did not repair)
- 11  another bkbundle run holds the lock on the same install target or bucket (nothing was changed)";
+/// `bkbundle --help`'s exit-code table, from [`bkbundle::error::EXIT_CODES`] (the README's
+/// comes from the same table): the code right-aligned, the meaning wrapped at [`HELP_WIDTH`].
+pub fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:");
+    for d in bkbundle::error::EXIT_CODES {
+        s.push_str(&format!("\n{:>3}  ", d.code));
+        let mut col = 5;
+        for (i, word) in d.meaning.split_whitespace().enumerate() {
+            if i > 0 && col + 1 + word.len() > HELP_WIDTH {
+                s.push_str("\n     ");
+                col = 5;
+            } else if i > 0 {
+                s.push(' ');
+                col += 1;
+            }
+            s.push_str(word);
+            col += word.len();
+        }
+    }
+    s
+}
+
+/// Columns of hand-laid help text (clap's own wrapping stops at 100 too).
+const HELP_WIDTH: usize = 100;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,7 +39,7 @@ Exit codes:
     long_about = "Pack BK-Lite (images, agent packages, compose stack) into one verified, self-contained \
 bundle on a connected machine; verify, inspect and install it on a host that reaches nothing outside.\n\n\
 Typical use:\n  bkbundle pack manifests/bklite.toml -o bklite-3.1.0.bkb\n  bkbundle verify bklite-3.1.0.bkb\n  bkbundle inspect bklite-3.1.0.bkb\n  bkbundle install bklite-3.1.0.bkb --config install.toml --dry-run\n  bkbundle install bklite-3.1.0.bkb --config install.toml",
-    after_help = EXIT_CODES
+    after_help = exit_codes_help()
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -293,6 +303,90 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Arguments into the library's options (the commands that need files read first, the site's
+// config and .env, are turned into options in `main`).
+
+impl From<PackArgs> for pack::PackOptions {
+    fn from(a: PackArgs) -> Self {
+        pack::PackOptions {
+            recipe: a.recipe,
+            output: a.output,
+            compression: a.compression.into(),
+            level: a.level,
+            split_size: a.split_size,
+            sign_key: a.sign,
+            threads: a.threads,
+        }
+    }
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::Gzip => Compression::Gzip,
+        }
+    }
+}
+
+impl From<VerifyArgs> for verify::VerifyOptions {
+    fn from(a: VerifyArgs) -> Self {
+        verify::VerifyOptions {
+            bundle: a.bundle,
+            require_signature: a.require_signature,
+            key: a.key,
+            threads: a.threads,
+        }
+    }
+}
+
+impl From<InstallArgs> for install::InstallOptions {
+    fn from(a: InstallArgs) -> Self {
+        install::InstallOptions {
+            bundle: a.bundle,
+            target: a.target,
+            config: a.config,
+            dry_run: a.dry_run,
+            require_signature: a.require_signature,
+            key: a.key,
+            timeout_secs: a.timeout,
+            lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
+        }
+    }
+}
+
+impl InitPackagesArgs {
+    /// `--type`, `--os`, `--arch`, `--object` and `--version`: what every file of `--dir` is.
+    pub fn overrides(&self) -> packages::dir::Overrides {
+        packages::dir::Overrides {
+            kind: self.kind.map(Into::into),
+            os: self.os.map(Into::into),
+            arch: self.arch.clone(),
+            object: self.object.clone(),
+            version: self.version.clone(),
+        }
+    }
+}
+
+impl From<PackageTypeArg> for PackageType {
+    fn from(t: PackageTypeArg) -> Self {
+        match t {
+            PackageTypeArg::Controller => PackageType::Controller,
+            PackageTypeArg::Collector => PackageType::Collector,
+        }
+    }
+}
+
+impl From<OsArg> for Os {
+    fn from(o: OsArg) -> Self {
+        match o {
+            OsArg::Linux => Os::Linux,
+            OsArg::Windows => Os::Windows,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +404,26 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_lists_every_exit_code_within_the_width() {
+        let help = Cli::command().render_help().to_string();
+        let table = exit_codes_help();
+        assert!(help.contains(&table), "{help}");
+        assert!(
+            table.starts_with("Exit codes:\n  0  success\n  1  internal error"),
+            "{table}"
+        );
+        assert!(table.contains("\n 11  another bkbundle run holds the lock"), "{table}");
+        for d in bkbundle::error::EXIT_CODES {
+            assert!(
+                table.contains(&format!("\n{:>3}  ", d.code)),
+                "{} missing:\n{table}",
+                d.code
+            );
+        }
+        assert!(table.lines().all(|l| l.len() <= HELP_WIDTH), "{table}");
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`pack::run`], [`verify::run`], [`inspect::run`], [`install::run`], [`regions::run`], [`packages::run`], [`doctor::run`]. The
 //! bundle format lives in [`bundle`] and [`manifest`] only. External systems sit behind
 //! [`engine`]. The library never prints: progress goes through [`progress::Reporter`], results
-//! are returned.
+//! are returned and the binary prints them through [`printer`].
 
 pub mod bundle;
 pub mod digest;
@@ -21,11 +21,13 @@ pub mod package_check;
 pub mod packages;
 pub mod platform;
 pub mod ports;
+pub mod printer;
 pub mod progress;
 pub mod regions;
 pub mod report;
 pub mod runtime;
 pub mod savefile;
+pub mod schema;
 pub mod sign;
 pub mod site;
 pub mod verify;

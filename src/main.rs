@@ -1,20 +1,25 @@
-//! The thin binary: parse arguments, run one command, print its report, map errors to exit codes.
+//! The thin binary: parse arguments, run one command, and hand its result or error to the one
+//! printer ([`bkbundle::printer`]), whose exit code the process returns.
 
 mod cli;
 
-use bkbundle::error::{Error, Kind};
-use bkbundle::manifest::Compression;
+use bkbundle::error::Error;
+use bkbundle::printer::{Output, Printer};
 use bkbundle::progress::{Reporter, Terminal};
+use bkbundle::runtime::block_on;
 use bkbundle::site::{config::InstallConfig, envfile};
 use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
-use cli::{Cli, Command, CompressionArg, RegionsCommand};
-use serde::Serialize;
+use cli::{Cli, Command, RegionsCommand};
 use std::io::Write;
+use std::process::ExitCode;
 use std::sync::Arc;
 
-fn main() {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit_code(parse_failure(e)),
+    };
     // Secrets the environment holds (PGPASSWORD, BKBUNDLE_SIGN_PASSWORD, ...) never reach a log.
     for (k, v) in std::env::vars() {
         if bkbundle::logging::is_secret_name(&k) {
@@ -22,26 +27,33 @@ fn main() {
         }
     }
     bkbundle::logging::init(cli.global.verbose);
-    let g = cli.global.clone();
+    let g = cli.global;
     let reporter: Arc<dyn Reporter> = Arc::new(Terminal::new(!g.no_progress && !g.json, g.quiet));
-    let verbose = g.verbose;
-    let code = match run(cli, reporter.clone()) {
-        Ok(out) => {
-            emit(&out, &g);
-            out.code
-        }
-        Err(e) => {
-            report_error(&e, &g);
-            e.kind.exit_code()
-        }
-    };
-    if verbose > 0 {
+    let outcome = dispatch(cli.command, reporter);
+    let code = Printer::stdio(g.json, g.quiet).finish(outcome);
+    if g.verbose > 0 {
         // Our own peak memory (not docker-compose's, which rusage of children would include).
         if let Some(hwm) = peak_memory() {
             let _ = writeln!(std::io::stderr(), "bkbundle: peak memory {hwm}");
         }
     }
-    std::process::exit(code);
+    exit_code(code)
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    // Every documented code is 0..=11; anything else would be a bug, reported as one.
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// A command line clap did not run: a usage error (stderr, exit 2) as clap prints it, or
+/// `--help`/`--version`, whose write to stdout is judged as any output's (a closed pipe is fine,
+/// a full disk is exit 7).
+fn parse_failure(e: clap::Error) -> i32 {
+    if e.use_stderr() {
+        e.exit();
+    }
+    let written = e.print().and_then(|()| std::io::stdout().flush());
+    Printer::stdio(false, false).settle(e.exit_code(), written)
 }
 
 fn peak_memory() -> Option<String> {
@@ -52,216 +64,162 @@ fn peak_memory() -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
-/// A command's result: JSON value plus its human rendering.
-struct Output {
-    json: serde_json::Value,
-    text: String,
-    /// The exit code of a command that ran to the end: 0, or `doctor`'s
-    /// [`bkbundle::error::EXIT_FINDINGS`].
-    code: i32,
-}
-
-fn output<T: Serialize>(v: &T, text: String) -> Output {
-    Output {
-        json: serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
-        text,
-        code: 0,
+/// Run one command to its result (printed by the caller).
+fn dispatch(command: Command, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
+    match command {
+        Command::Pack(a) => pack(a, reporter),
+        Command::Verify(a) => verify(a, &*reporter),
+        Command::Inspect(a) => inspect(a),
+        Command::Install(a) => install(a, reporter),
+        Command::Regions(a) => regions(a, &*reporter),
+        Command::InitPackages(a) => init_packages(a, &*reporter),
+        Command::Doctor(a) => doctor(a),
+        Command::Completions { shell } => Ok(completions(shell)),
     }
 }
 
-fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
-    match cli.command {
-        Command::Pack(a) => {
-            let opts = pack::PackOptions {
-                recipe: a.recipe,
-                output: a.output,
-                compression: match a.compression {
-                    CompressionArg::Zstd => Compression::Zstd,
-                    CompressionArg::Gzip => Compression::Gzip,
-                },
-                level: a.level,
-                split_size: a.split_size,
-                sign_key: a.sign,
-                threads: a.threads,
-            };
-            let rt = runtime()?;
-            let r = rt.block_on(pack::run(opts, reporter))?;
-            let text = format!(
-                "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
-                r.bundle,
-                r.version,
-                r.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                r.images,
-                r.layers,
-                inspect::human(r.image_bytes_uncompressed),
-                inspect::human(r.image_bytes_stored),
-                r.packages,
-                r.stack_files,
-                r.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
-                inspect::human(r.bytes),
-                r.seconds
-            );
-            Ok(output(&r, text))
+fn pack(a: cli::PackArgs, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
+    let r = block_on(pack::run(a.into(), reporter))??;
+    Output::new(&r, pack_text(&r))
+}
+
+fn pack_text(r: &pack::PackReport) -> String {
+    format!(
+        "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
+        r.bundle,
+        r.version,
+        r.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        r.images,
+        r.layers,
+        inspect::human(r.image_bytes_uncompressed),
+        inspect::human(r.image_bytes_stored),
+        r.packages,
+        r.stack_files,
+        r.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
+        inspect::human(r.bytes),
+        r.seconds
+    )
+}
+
+fn verify(a: cli::VerifyArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    let r = verify::run(&a.into(), reporter)?;
+    Output::new(&r, verify_text(&r))
+}
+
+fn verify_text(r: &verify::VerifyReport) -> String {
+    let sig = match &r.signature {
+        verify::SignatureStatus::Unsigned => "unsigned".to_string(),
+        verify::SignatureStatus::Verified { key_id, .. } => {
+            format!("signature verified with trusted key {key_id}")
         }
-        Command::Verify(a) => {
-            let opts = verify::VerifyOptions {
-                bundle: a.bundle,
-                require_signature: a.require_signature,
-                key: a.key,
-                threads: a.threads,
-            };
-            let r = verify::run(&opts, &*reporter)?;
-            let sig = match &r.signature {
-                verify::SignatureStatus::Unsigned => "unsigned".to_string(),
-                verify::SignatureStatus::Verified { key_id, .. } => {
-                    format!("signature verified with trusted key {key_id}")
-                }
-                verify::SignatureStatus::SelfSigned { key_id, .. } => {
-                    format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
-                }
-            };
-            let rate = r.bytes as f64 / r.seconds.max(1e-9);
-            let text = format!(
-                "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
-                r.name,
-                r.version,
-                r.bundle,
-                r.files,
-                inspect::human(r.bytes),
-                r.seconds,
-                inspect::human(rate as u64)
-            );
-            Ok(output(&r, text))
+        verify::SignatureStatus::SelfSigned { key_id, .. } => {
+            format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
         }
-        Command::Inspect(a) => {
-            let r = inspect::run(&a.bundle)?;
-            let text = r.render();
-            Ok(output(&r, text.trim_end().to_string()))
-        }
-        Command::Install(a) => {
-            let opts = install::InstallOptions {
-                bundle: a.bundle,
-                target: a.target,
-                config: a.config,
-                dry_run: a.dry_run,
-                require_signature: a.require_signature,
-                key: a.key,
-                timeout_secs: a.timeout,
-                lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
+    };
+    let rate = r.bytes as f64 / r.seconds.max(1e-9);
+    format!(
+        "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
+        r.name,
+        r.version,
+        r.bundle,
+        r.files,
+        inspect::human(r.bytes),
+        r.seconds,
+        inspect::human(rate as u64)
+    )
+}
+
+fn inspect(a: cli::InspectArgs) -> Result<Output, Error> {
+    let r = inspect::run(&a.bundle)?;
+    Output::new(&r, r.render().trim_end().to_string())
+}
+
+fn install(a: cli::InstallArgs, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
+    Output::of(&block_on(install::run(a.into(), reporter))??)
+}
+
+fn regions(a: cli::RegionsArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    let (mode, common, database_url) = match a.command {
+        // With a database, check reads it (a dry run's read-only transaction) so that the
+        // regions already there are checked too; without, it needs no database at all.
+        RegionsCommand::Check(c) => {
+            let mode = if c.database_url.is_some() {
+                regions::Mode::CheckDatabase
+            } else {
+                regions::Mode::Check
             };
-            let rt = runtime()?;
-            let r = rt.block_on(install::run(opts, reporter))?;
-            let text = install::render(&r);
-            Ok(output(&r, text))
+            (mode, c.common, c.database_url)
         }
-        Command::Regions(a) => {
-            let (mode, common, database_url) = match a.command {
-                // With a database, check reads it (a dry run's read-only transaction) so that the
-                // regions already there are checked too; without, it needs no database at all.
-                RegionsCommand::Check(c) => {
-                    let mode = if c.database_url.is_some() {
-                        regions::Mode::CheckDatabase
-                    } else {
-                        regions::Mode::Check
-                    };
-                    (mode, c.common, c.database_url)
-                }
-                RegionsCommand::Apply(a) => {
-                    let mode = if a.dry_run {
-                        regions::Mode::DryRun
-                    } else {
-                        regions::Mode::Apply
-                    };
-                    (mode, a.common, a.database_url)
-                }
+        RegionsCommand::Apply(a) => {
+            let mode = if a.dry_run {
+                regions::Mode::DryRun
+            } else {
+                regions::Mode::Apply
             };
-            let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
-            let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
-            let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
-            opts.database_url = database_url;
-            let r = regions::run(&opts, &*reporter)?;
-            let text = regions::render(&r);
-            Ok(output(&r, text))
+            (mode, a.common, a.database_url)
         }
-        Command::InitPackages(a) => {
-            if !a.auto {
-                return Err(
-                    Error::input("init-packages needs --auto (upload every package found, without asking)")
-                        .hint("bkbundle init-packages --auto --bundle BUNDLE   (or --dir DIR)"),
-                );
-            }
-            let (config, site) = site(a.site.config.as_deref(), |_| a.site.env_file.clone())?;
-            let mut opts = packages::PackagesOptions::new(Default::default(), &config, site);
-            opts.bundle = a.bundle;
-            opts.dir = a.dir;
-            opts.overrides = packages::dir::Overrides {
-                kind: a.kind.map(|k| match k {
-                    cli::PackageTypeArg::Controller => bkbundle::manifest::PackageType::Controller,
-                    cli::PackageTypeArg::Collector => bkbundle::manifest::PackageType::Collector,
-                }),
-                os: a.os.map(|o| match o {
-                    cli::OsArg::Linux => bkbundle::manifest::Os::Linux,
-                    cli::OsArg::Windows => bkbundle::manifest::Os::Windows,
-                }),
-                arch: a.arch,
-                object: a.object,
-                version: a.version,
-            };
-            opts.force = a.force;
-            opts.dry_run = a.dry_run;
-            opts.database_url = a.site.database_url;
-            opts.nats_url = a.site.nats_url;
-            opts.bucket = a.site.bucket;
-            let r = packages::run(&opts, &*reporter)?;
-            let text = packages::render(&r);
-            Ok(output(&r, text))
-        }
-        Command::Doctor(a) => {
-            // The stack's .env: --env-file, else the install's own beside its journal.
-            let (config, site) = site(a.site.config.as_deref(), |config| {
-                a.site.env_file.clone().or_else(|| {
-                    a.target
-                        .clone()
-                        .or(config.target.clone())
-                        .map(|t| t.join(".env"))
-                        .filter(|p| p.is_file())
-                })
-            })?;
-            let target = a.target.clone().or(config.target.clone());
-            let project = match (&a.project, &target) {
-                (Some(p), _) => Some(p.clone()),
-                (None, Some(t)) => install::journal::Journal::load(t).ok().and_then(|j| j.project),
-                (None, None) => None,
-            };
-            let opts = doctor::DoctorOptions {
-                bundle: a.bundle,
-                site,
-                config,
-                project,
-                database_url: a.site.database_url,
-                nats_url: a.site.nats_url,
-                bucket: a.site.bucket,
-                fix: a.fix,
-            };
-            let rt = runtime()?;
-            let r = rt.block_on(doctor::run(&opts));
-            let text = doctor::render(&r);
-            let mut out = output(&r, text);
-            if r.has_errors() {
-                out.code = bkbundle::error::EXIT_FINDINGS;
-            }
-            Ok(out)
-        }
-        Command::Completions { shell } => {
-            let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "bkbundle", &mut out);
-            Ok(Output {
-                json: serde_json::Value::Null,
-                text: String::from_utf8_lossy(&out).trim_end().to_string(),
-                code: 0,
-            })
-        }
+    };
+    let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
+    let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
+    let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
+    opts.database_url = database_url;
+    Output::of(&regions::run(&opts, reporter)?)
+}
+
+fn init_packages(a: cli::InitPackagesArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    if !a.auto {
+        return Err(
+            Error::input("init-packages needs --auto (upload every package found, without asking)")
+                .hint("bkbundle init-packages --auto --bundle BUNDLE   (or --dir DIR)"),
+        );
     }
+    let (config, site) = site(a.site.config.as_deref(), |_| a.site.env_file.clone())?;
+    let mut opts = packages::PackagesOptions::new(Default::default(), &config, site);
+    opts.overrides = a.overrides();
+    opts.bundle = a.bundle;
+    opts.dir = a.dir;
+    opts.force = a.force;
+    opts.dry_run = a.dry_run;
+    opts.database_url = a.site.database_url;
+    opts.nats_url = a.site.nats_url;
+    opts.bucket = a.site.bucket;
+    Output::of(&packages::run(&opts, reporter)?)
+}
+
+fn doctor(a: cli::DoctorArgs) -> Result<Output, Error> {
+    // The stack's .env: --env-file, else the install's own beside its journal.
+    let (config, site) = site(a.site.config.as_deref(), |config| {
+        a.site.env_file.clone().or_else(|| {
+            a.target
+                .clone()
+                .or(config.target.clone())
+                .map(|t| t.join(".env"))
+                .filter(|p| p.is_file())
+        })
+    })?;
+    let target = a.target.clone().or(config.target.clone());
+    let project = match (&a.project, &target) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(t)) => install::journal::Journal::load(t).ok().and_then(|j| j.project),
+        (None, None) => None,
+    };
+    let opts = doctor::DoctorOptions {
+        bundle: a.bundle,
+        site,
+        config,
+        project,
+        database_url: a.site.database_url,
+        nats_url: a.site.nats_url,
+        bucket: a.site.bucket,
+        fix: a.fix,
+    };
+    Output::of(&block_on(doctor::run(&opts))?)
+}
+
+fn completions(shell: clap_complete::Shell) -> Output {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "bkbundle", &mut out);
+    Output::text(String::from_utf8_lossy(&out).trim_end().to_string())
 }
 
 /// The install config (`--config`, else empty) and the site values: the stack's .env (at the
@@ -291,49 +249,4 @@ fn site(
         bkbundle::logging::register_secret(v);
     }
     Ok((config, site))
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::internal(format!("cannot start the async runtime: {e}")))
-}
-
-/// Write to stdout; a closed pipe (`bkbundle inspect B | head`) is not an error.
-fn write_stdout(s: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{s}");
-}
-
-fn emit(out: &Output, g: &cli::Global) {
-    if g.json && !out.json.is_null() {
-        write_stdout(&serde_json::to_string_pretty(&out.json).unwrap_or_default());
-    } else if !g.quiet || out.json.is_null() {
-        write_stdout(&out.text);
-    }
-}
-
-fn report_error(e: &Error, g: &cli::Global) {
-    // Messages may quote what a library said about a URL or a connection: never a secret.
-    let message = bkbundle::logging::redact(&e.message);
-    let hints: Vec<String> = e.hints.iter().map(|h| bkbundle::logging::redact(h)).collect();
-    if g.json {
-        let v = serde_json::json!({
-            "error": { "kind": e.kind.name(), "message": message, "hints": hints, "exit_code": e.kind.exit_code() }
-        });
-        write_stdout(&serde_json::to_string_pretty(&v).unwrap_or_default());
-    }
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "error: {message}");
-    for h in &hints {
-        let _ = writeln!(err, "hint: {h}");
-    }
-    if e.kind == Kind::Internal {
-        let _ = writeln!(
-            err,
-            "hint: this is a bug in bkbundle; re-run with -v and report the output"
-        );
-    }
 }

@@ -3,7 +3,7 @@
 //! terminal, with `--json`, `--no-progress` or `-q`; status notes go to stderr unless `-q`.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 pub trait Reporter: Send + Sync {
@@ -107,7 +107,9 @@ impl Reporter for Terminal {
         if self.bars {
             let _ = self.multi.println(msg);
         } else {
-            eprintln!("{msg}");
+            // Not eprintln!, which panics when stderr is gone (`2>&-`, a closed pipe): a note
+            // that cannot be shown is not worth failing the command for.
+            let _ = writeln!(std::io::stderr().lock(), "{msg}");
         }
     }
 }

@@ -604,19 +604,12 @@ async fn preflight_stack(ctx: &Ctx, journal: &Journal, p: &mut Planned) -> Resul
 
 /// Preflight's findings as one error: the list, the warnings, and what to do.
 fn preflight_error(ctx: &Ctx, p: Planned, unlocked: bool) -> Error {
-    let mut e = Error::new(
+    let mut e = Error::findings(
         // An unreachable engine is an external system's failure (exit 6), as documented.
         p.engine_error.unwrap_or(Kind::Preflight),
-        format!(
-            "preflight found {} problem(s); nothing was changed:\n  - {}{}",
-            p.findings.len(),
-            p.findings.join("\n  - "),
-            p.plan
-                .warnings
-                .iter()
-                .map(|w| format!("\nwarning: {w}"))
-                .collect::<String>()
-        ),
+        format!("preflight found {} problem(s); nothing was changed", p.findings.len()),
+        p.findings,
+        p.plan.warnings,
     );
     let mut hints = p.hints;
     if let Some(h) = crate::lock::target_holder(&ctx.target).filter(|_| unlocked) {

@@ -14,6 +14,8 @@ mod hardening_install;
 mod harness;
 mod harness_smoke;
 mod install;
+mod output;
 mod pack;
 mod packages;
 mod regions;
+mod schema;
