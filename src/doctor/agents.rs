@@ -50,3 +50,45 @@ pub(super) async fn check(ctx: &mut Ctx<'_>, db: &dyn PlatformDb) {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{answering, diagnose, healthy_db, opts, the};
+    use super::super::Severity;
+    use crate::ports::fakes::FakeDocker;
+    use crate::ports::SilentAgent;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agents_installed_but_never_registered_are_an_error_per_region() {
+        let (_server, url) = answering();
+        let mut db = healthy_db(&url);
+        db.agents = Some(vec![SilentAgent {
+            region_id: 1,
+            region: "default".into(),
+            ip: "10.9.9.9".into(),
+            task_id: 7,
+            updated_at: "2026-11-29 10:00".into(),
+        }]);
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "agents", Severity::Error, "region \"default\" (id 1) agents");
+        assert_eq!(f.message, "1 agent(s) installed successfully but never appeared");
+        assert_eq!(
+            f.evidence,
+            ["task 7 installed 10.9.9.9 at 2026-11-29 10:00 UTC: status success, no node with that IP ever registered"]
+        );
+        assert!(!f.fixed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_without_the_installer_is_not_checked() {
+        let (_server, url) = answering();
+        let mut db = healthy_db(&url);
+        db.agents = None;
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "agents", Severity::Info, "install tasks");
+        assert_eq!(
+            f.message,
+            "not checked: this database has no node_mgmt_controllertask/node_mgmt_controllertasknode/node_mgmt_node tables (a server without the installer)"
+        );
+    }
+}

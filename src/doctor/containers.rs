@@ -140,3 +140,121 @@ fn container(ctx: &mut Ctx<'_>, project: &str, c: &ContainerState, lines: &[Stri
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{diagnose, no_finding, opts, the};
+    use super::super::{DoctorOptions, Severity};
+    use crate::ports::fakes::{container, FakeDocker};
+
+    fn engine(containers: Vec<crate::engine::ContainerState>) -> FakeDocker {
+        FakeDocker {
+            containers,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exited_container_is_an_error_with_its_last_lines() {
+        let mut web = container("p", "web", "exited", None);
+        web.exit_code = 2;
+        let mut docker = engine(vec![web]);
+        docker
+            .logs
+            .insert("p-web-1-id".into(), vec!["starting".into(), "fatal: bad config".into()]);
+        let r = diagnose(&opts(), &docker, None, None, None).await;
+        let f = the(&r, "containers", Severity::Error, "service web (container p-web-1)");
+        assert_eq!(f.message, "exited with code 2");
+        assert!(f.evidence.contains(&"log: fatal: bad config".to_string()), "{f:#?}");
+        assert!(
+            f.fix.as_deref().unwrap_or("").starts_with("docker logs p-web-1"),
+            "{f:#?}"
+        );
+        assert!(!f.fixed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_loop_shows_the_known_cause_and_its_hint() {
+        let mut probe = container("p", "probe", "restarting", None);
+        probe.restart_count = 5;
+        probe.exit_code = 1;
+        let mut docker = engine(vec![probe]);
+        docker.logs.insert(
+            "p-probe-1-id".into(),
+            vec!["curl: (6) Could not resolve host: repo.example.com".into()],
+        );
+        let r = diagnose(&opts(), &docker, None, None, None).await;
+        let f = the(&r, "containers", Severity::Error, "service probe");
+        assert_eq!(f.message, "restart loop: restarted 5 time(s), now restarting");
+        assert!(
+            f.evidence
+                .contains(&"log: curl: (6) Could not resolve host: repo.example.com".to_string()),
+            "{f:#?}"
+        );
+        assert!(
+            f.fix.as_deref().unwrap_or("").contains("a name does not resolve"),
+            "{f:#?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unhealthy_container_is_an_error_and_a_finished_one_shot_is_not() {
+        let mut init = container("p", "init", "exited", None);
+        init.restart_policy = "no".into();
+        let docker = engine(vec![container("p", "server", "running", Some("unhealthy")), init]);
+        let r = diagnose(&opts(), &docker, None, None, None).await;
+        let f = the(&r, "containers", Severity::Error, "service server");
+        assert_eq!(f.message, "is unhealthy (its health check fails)");
+        assert_eq!(
+            f.evidence[0],
+            "state running, health unhealthy, exit code 0, restarts 0"
+        );
+        no_finding(&r, "containers", "service init");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_known_cause_in_a_running_containers_log_is_a_warning() {
+        let mut docker = engine(vec![container("p", "web", "running", Some("healthy"))]);
+        docker.logs.insert(
+            "p-web-1-id".into(),
+            vec![
+                "ok".into(),
+                "FATAL: password authentication failed for user \"bk\"".into(),
+            ],
+        );
+        let r = diagnose(&opts(), &docker, None, None, None).await;
+        let f = the(&r, "containers", Severity::Warning, "service web");
+        assert_eq!(f.message, "its log shows a known problem");
+        assert_eq!(
+            f.evidence[0],
+            "log: FATAL: password authentication failed for user \"bk\""
+        );
+        assert!(
+            f.fix.as_deref().unwrap_or("").contains("restore the old value in .env"),
+            "{f:#?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_that_does_not_answer_is_an_error() {
+        let docker = FakeDocker {
+            down: Some("cannot reach the Docker engine at unix:///var/run/docker.sock".into()),
+            ..Default::default()
+        };
+        let r = diagnose(&opts(), &docker, None, None, None).await;
+        let f = the(&r, "containers", Severity::Error, "Docker engine");
+        assert!(f.message.contains("cannot reach the Docker engine"), "{f:#?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stack_without_containers_and_an_unknown_project() {
+        let r = diagnose(&opts(), &engine(vec![]), None, None, None).await;
+        let f = the(&r, "containers", Severity::Error, "compose project p");
+        assert!(f.message.starts_with("no container of the stack exists"), "{f:#?}");
+
+        let unknown = DoctorOptions::default();
+        let r = diagnose(&unknown, &engine(vec![]), None, None, None).await;
+        let f = the(&r, "containers", Severity::Info, "compose project");
+        assert_eq!(f.message, "not checked: the compose project is not known");
+    }
+}

@@ -370,6 +370,125 @@ pub fn render(r: &DoctorReport) -> String {
     s
 }
 
+/// What the checks' unit tests share: options, the fakes wired as [`Seams`], finding lookups.
+#[cfg(test)]
+mod testing {
+    use super::*;
+    use crate::platform::regions::REGION_SERVICES;
+    use crate::ports::fakes::{FakeCache, FakeDb, FakeDocker, FakeStore};
+    use crate::site::config::RegionConfig;
+
+    pub fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    /// Options for compose project `p`, whose regions `default` and `east` are local (their
+    /// agents run here, so loopback URLs are right for them).
+    pub fn opts() -> DoctorOptions {
+        let mut o = DoctorOptions {
+            project: Some("p".into()),
+            ..Default::default()
+        };
+        for name in ["default", "east"] {
+            o.config.regions.push(RegionConfig {
+                name: name.into(),
+                introduction: None,
+                proxy_address: None,
+                local: true,
+                env: BTreeMap::new(),
+            });
+        }
+        o
+    }
+
+    /// A server URL that answers: a listener on loopback, open while the guard lives.
+    pub fn answering() -> (std::net::TcpListener, String) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let url = format!("http://127.0.0.1:{}", l.local_addr().expect("its address").port());
+        (l, url)
+    }
+
+    /// A loopback port nothing listens on.
+    pub fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        l.local_addr().expect("its address").port()
+    }
+
+    /// The rows agents need, pointing at `url`.
+    pub fn agent_env(url: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("NODE_SERVER_URL", url.to_string()),
+            ("NATS_SERVERS", "127.0.0.1:4222".to_string()),
+            ("NATS_PROTOCOL", "nats".to_string()),
+        ]
+    }
+
+    /// A database of the newest release whose regions `default` (1) and `east` (2) have every
+    /// key agents need, pointing at `url`, and east its service rows.
+    pub fn healthy_db(url: &str) -> FakeDb {
+        let env = agent_env(url);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let db = FakeDb::new(Release::newest_known())
+            .with_region(1, "default", &env)
+            .with_region(2, "east", &env);
+        for s in REGION_SERVICES {
+            db.current.lock().unwrap().services.insert((2, s.to_string()));
+        }
+        db
+    }
+
+    /// Run the checks on the fakes; `db` `None`: a database that was never reached (no finding of
+    /// its own), as `store` `None` is a bucket never reached.
+    pub async fn diagnose(
+        opts: &DoctorOptions,
+        docker: &FakeDocker,
+        db: Option<&FakeDb>,
+        store: Option<&FakeStore>,
+        cache: Option<&FakeCache>,
+    ) -> DoctorReport {
+        let db = match db {
+            Some(d) => database(d).await,
+            None => Err(vec![]),
+        };
+        let seams = Seams {
+            docker: Ok(docker),
+            db,
+            store: store.map(|s| s as &dyn ObjectStore).ok_or_else(Vec::new),
+            cache: cache.map(|c| c as &dyn Cache),
+        };
+        run_on(opts, &no_env, &seams).await
+    }
+
+    /// The one finding of `check` and `severity` whose subject contains `subject`.
+    pub fn the<'r>(r: &'r DoctorReport, check: &str, severity: Severity, subject: &str) -> &'r Finding {
+        let hits: Vec<&Finding> = r
+            .findings
+            .iter()
+            .filter(|f| f.check == check && f.severity == severity && f.subject.contains(subject))
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "expected one {severity:?} {check} finding about {subject:?}: {:#?}",
+            r.findings
+        );
+        hits[0]
+    }
+
+    /// No finding of `check` whose subject contains `subject`.
+    pub fn no_finding(r: &DoctorReport, check: &str, subject: &str) {
+        let hits: Vec<&Finding> = r
+            .findings
+            .iter()
+            .filter(|f| f.check == check && f.subject.contains(subject))
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "expected no {check} finding about {subject:?}: {hits:#?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::regions::{contains, url_host_port};

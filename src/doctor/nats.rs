@@ -165,3 +165,98 @@ async fn purge_unreferenced(ctx: &mut Ctx<'_>, store: &dyn ObjectStore, subject:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{answering, closed_port, healthy_db, no_env, opts, the};
+    use super::super::{database, run_on, Ctx, Seams, Severity};
+    use super::open;
+    use crate::platform::packages::Row;
+    use crate::ports::fakes::{FakeDocker, FakeStore};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreferenced_chunks_are_a_warning_and_fix_purges_them() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        db.rows.lock().unwrap().push(Row {
+            id: 1,
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            object: "Telegraf".into(),
+            version: "1.0.0".into(),
+            name: "telegraf".into(),
+        });
+        // A bucket of this test's own: --fix takes its lock.
+        let store =
+            FakeStore::new("doctor-unit-unreferenced").with_object("linux/x86_64/Telegraf/1.0.0/telegraf", b"t");
+        store.chunks.lock().unwrap().insert("killed-upload".into(), vec![0; 10]);
+        let subject = "bucket \"doctor-unit-unreferenced\" stream OBJ_doctor-unit-unreferenced";
+        let docker = FakeDocker::default();
+        let r = super::super::testing::diagnose(&opts(), &docker, Some(&db), Some(&store), None).await;
+        let f = the(&r, "packages", Severity::Warning, subject);
+        assert_eq!(
+            f.message,
+            "1 chunk set(s), 1 message(s), belong to no object (uploads that never completed): the stream holds 11 bytes for 1 bytes of 1 live object(s)"
+        );
+        assert_eq!(
+            f.evidence,
+            ["unreferenced chunk subjects: $O.doctor-unit-unreferenced.C.killed-upload (1)"]
+        );
+        assert!(!f.fixed);
+
+        let mut fix = opts();
+        fix.fix = true;
+        let r = super::super::testing::diagnose(&fix, &docker, Some(&db), Some(&store), None).await;
+        let f = the(&r, "packages", Severity::Warning, subject);
+        assert!(f.fixed, "{f:#?}");
+        assert_eq!(
+            f.evidence.last().map(String::as_str),
+            Some("fixed: 1 chunk message(s) removed")
+        );
+        assert!(store.chunks.lock().unwrap().is_empty());
+        assert_eq!(store.keys(), ["linux/x86_64/Telegraf/1.0.0/telegraf"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_that_refuses_tcp_names_the_link_and_the_objects_are_not_checked() {
+        let port = closed_port();
+        let mut o = opts();
+        o.nats_url = Some(format!("nats://127.0.0.1:{port}"));
+        let why = match open(&Ctx::new(&o, &no_env), None).await {
+            Ok(_) => panic!("nothing listens on 127.0.0.1:{port}"),
+            Err(why) => why,
+        };
+        assert_eq!(why.len(), 1, "{why:#?}");
+        assert_eq!(why[0].check, "nats");
+        assert_eq!(why[0].severity, Severity::Error);
+        assert!(
+            why[0].subject.contains(&format!("127.0.0.1:{port}")) && why[0].subject.ends_with(" (TCP)"),
+            "{why:#?}"
+        );
+
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        db.rows.lock().unwrap().push(Row {
+            id: 1,
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            object: "Telegraf".into(),
+            version: "1.0.0".into(),
+            name: "telegraf".into(),
+        });
+        let docker = FakeDocker::default();
+        let seams = Seams {
+            docker: Ok(&docker),
+            db: database(&db).await,
+            store: Err(why),
+            cache: None,
+        };
+        let r = run_on(&o, &no_env, &seams).await;
+        the(&r, "nats", Severity::Error, "(TCP)");
+        let f = the(&r, "packages", Severity::Info, "package objects");
+        assert_eq!(
+            f.message,
+            "not checked: NATS or its bucket is not reachable (see the nats finding)"
+        );
+    }
+}

@@ -227,3 +227,102 @@ async fn upload_from_bundle(
     };
     upload::run_on(&run, &seams, report, t0).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{answering, diagnose, healthy_db, no_finding, opts, the};
+    use super::super::Severity;
+    use crate::platform::packages::Row;
+    use crate::ports::fakes::{FakeDb, FakeDocker, FakeStore};
+
+    fn telegraf(db: &FakeDb) {
+        db.rows.lock().unwrap().push(Row {
+            id: 1,
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            object: "Telegraf".into(),
+            version: "1.0.0".into(),
+            name: "telegraf".into(),
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_package_list_is_an_error() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        let store = FakeStore::new("bklite");
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), Some(&store), None).await;
+        let f = the(&r, "packages", Severity::Error, "node_mgmt_packageversion");
+        assert_eq!(
+            f.message,
+            "the probe package list is empty: nothing uploaded the packages nor created their rows"
+        );
+        assert_eq!(f.evidence, ["SELECT count(*) FROM node_mgmt_packageversion = 0"]);
+        assert_eq!(
+            f.fix.as_deref(),
+            Some("bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_whose_object_is_missing_is_an_error_that_fix_needs_a_bundle_for() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        telegraf(&db);
+        let store = FakeStore::new("bklite");
+        let mut fix = opts();
+        fix.fix = true;
+        let r = diagnose(&fix, &FakeDocker::default(), Some(&db), Some(&store), None).await;
+        let f = the(
+            &r,
+            "packages",
+            Severity::Error,
+            "package row 1 (Telegraf 1.0.0 telegraf)",
+        );
+        assert_eq!(
+            f.message,
+            "its object is missing from the store: downloads of this package return 404"
+        );
+        assert_eq!(
+            f.evidence[0],
+            "node_mgmt_packageversion row id=1 os=linux arch=x86_64 object=Telegraf version=1.0.0 name=telegraf"
+        );
+        assert!(
+            f.evidence[1].starts_with("no object under linux/x86_64/Telegraf/1.0.0/telegraf"),
+            "{f:#?}"
+        );
+        assert!(!f.fixed);
+        let f = the(&r, "packages", Severity::Info, "--fix");
+        assert_eq!(
+            f.message,
+            "missing objects can only be re-uploaded from a bundle: give --bundle"
+        );
+        assert!(db.writes.lock().unwrap().is_empty() && store.keys().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_object_without_a_row_is_a_warning() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        telegraf(&db);
+        let stray = "linux/x86_64/Stray/1.0.0/stray.bin";
+        let store = FakeStore::new("bklite")
+            .with_object("linux/x86_64/Telegraf/1.0.0/telegraf", b"t")
+            .with_object(stray, b"s");
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), Some(&store), None).await;
+        let f = the(&r, "packages", Severity::Warning, &format!("object {stray}"));
+        assert_eq!(
+            f.message,
+            "no node_mgmt_packageversion row points at this object: it is not offered for download"
+        );
+        assert_eq!(f.evidence, ["bucket \"bklite\" on nats://fake.invalid:4222"]);
+        assert!(
+            f.fix
+                .as_deref()
+                .unwrap_or("")
+                .ends_with(&format!("nats object rm bklite {stray:?}")),
+            "{f:#?}"
+        );
+        no_finding(&r, "packages", "package row");
+    }
+}

@@ -573,3 +573,291 @@ async fn probe(host: &str, port: u16) -> Result<(), String> {
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{answering, closed_port, diagnose, healthy_db, no_finding, opts, the};
+    use super::super::Severity;
+    use crate::platform::release::Release;
+    use crate::ports::fakes::{container, FakeCache, FakeDb, FakeDocker};
+    use std::collections::BTreeMap;
+
+    fn set(db: &FakeDb, region: i64, key: &str, value: &str) {
+        let mut c = db.current.lock().unwrap();
+        match c.env.iter_mut().find(|e| e.region_id == region && e.key == key) {
+            Some(e) => e.value = value.into(),
+            None => panic!("no row {key} in region {region}"),
+        }
+    }
+
+    fn writes(db: &FakeDb) -> Vec<String> {
+        db.writes.lock().unwrap().clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_key_is_an_error_and_fix_adds_it_from_region_default() {
+        let (_server, url) = answering();
+        let mut db = healthy_db(&url);
+        db.release.cache_table = true;
+        db.current
+            .lock()
+            .unwrap()
+            .env
+            .retain(|e| !(e.region_id == 2 && e.key == "NODE_SERVER_URL"));
+        let docker = FakeDocker::default();
+        let r = diagnose(&opts(), &docker, Some(&db), None, None).await;
+        let f = the(&r, "regions", Severity::Error, "region \"east\" (id 2) NODE_SERVER_URL");
+        assert_eq!(f.message, "needed by agents and missing");
+        assert_eq!(
+            f.evidence[0],
+            "no row for NODE_SERVER_URL in node_mgmt_sidecarenv with cloud_region_id = 2"
+        );
+        assert_eq!(
+            f.fix.as_deref(),
+            Some("bkbundle doctor --fix (adds it from region default)")
+        );
+        assert!(!f.fixed && writes(&db).is_empty(), "{:?}", writes(&db));
+
+        let mut fix = opts();
+        fix.fix = true;
+        let r = diagnose(&fix, &docker, Some(&db), None, None).await;
+        let f = the(&r, "regions", Severity::Error, "region \"east\" (id 2) NODE_SERVER_URL");
+        assert!(f.fixed, "{f:#?}");
+        assert_eq!(
+            f.evidence.last().map(String::as_str),
+            Some("fixed: the row was added from region default (id 1)")
+        );
+        assert_eq!(
+            writes(&db),
+            [
+                "insert sidecarenv 2/NODE_SERVER_URL from region 1",
+                "delete cache entries of regions {2}"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_null_value_is_an_error_that_fix_leaves_to_the_operator() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        set(&db, 2, "NODE_SERVER_URL", "null");
+        let mut fix = opts();
+        fix.fix = true;
+        let r = diagnose(&fix, &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "regions", Severity::Error, "region \"east\" (id 2) NODE_SERVER_URL");
+        assert!(
+            f.message.starts_with("the stored value: ") && f.message.contains("\"null\""),
+            "{f:#?}"
+        );
+        assert_eq!(f.evidence[0], "row: NODE_SERVER_URL = \"null\"");
+        assert!(f.fix.as_deref().unwrap_or("").contains("regions apply"), "{f:#?}");
+        assert!(!f.fixed && writes(&db).is_empty(), "{:?}", writes(&db));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_url_that_does_not_answer_is_a_warning() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        let port = closed_port();
+        let closed = format!("http://127.0.0.1:{port}");
+        set(&db, 2, "NODE_SERVER_URL", &closed);
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(
+            &r,
+            "regions",
+            Severity::Warning,
+            "region \"east\" (id 2) NODE_SERVER_URL",
+        );
+        assert!(
+            f.message.starts_with(&format!(
+                "the server URL does not answer from this host: TCP connect to 127.0.0.1:{port}: "
+            )),
+            "{f:#?}"
+        );
+        assert_eq!(f.evidence, [format!("row: NODE_SERVER_URL = {closed:?}")]);
+        no_finding(&r, "regions", "region \"default\" (id 1) NODE_SERVER_URL");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_service_rows_are_a_warning_and_fix_adds_them() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        db.current.lock().unwrap().services.clear();
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "regions", Severity::Warning, "region \"east\" (id 2) services");
+        assert_eq!(
+            f.evidence,
+            ["no node_mgmt_cloudregionservice row named stargazer, nats-executor with cloud_region_id = 2"]
+        );
+        assert!(!f.fixed);
+
+        let mut fix = opts();
+        fix.fix = true;
+        let r = diagnose(&fix, &FakeDocker::default(), Some(&db), None, None).await;
+        assert!(the(&r, "regions", Severity::Warning, "region \"east\" (id 2) services").fixed);
+        assert_eq!(
+            writes(&db),
+            [
+                "insert cloudregionservice east/stargazer",
+                "insert cloudregionservice east/nats-executor"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn region_default_rows_that_differ_from_the_servers_environment_are_warnings() {
+        let (_server, url) = answering();
+        let key = crate::platform::crypto::SecretKey::from_django("django-key");
+        let old = crate::platform::crypto::encrypt(&key, "old-password").unwrap();
+        let db = healthy_db(&url);
+        db.current
+            .lock()
+            .unwrap()
+            .env
+            .push(crate::platform::regions::CurrentEnv {
+                id: 99,
+                region_id: 1,
+                key: "NATS_PASSWORD".into(),
+                value: old,
+                env_type: "secret".into(),
+                is_pre: true,
+            });
+        let mut docker = FakeDocker {
+            containers: vec![container("p", "server", "running", Some("healthy"))],
+            ..Default::default()
+        };
+        docker.env.insert(
+            "p-server-1-id".into(),
+            BTreeMap::from([
+                ("SECRET_KEY".to_string(), "django-key".to_string()),
+                (
+                    "DEFAULT_ZONE_VAR_NODE_SERVER_URL".to_string(),
+                    "http://10.0.0.9:80".to_string(),
+                ),
+                ("DEFAULT_ZONE_VAR_NATS_PASSWORD".to_string(), "new-password".to_string()),
+            ]),
+        );
+        let r = diagnose(&opts(), &docker, Some(&db), None, None).await;
+        let f = the(
+            &r,
+            "regions",
+            Severity::Warning,
+            "region \"default\" (id 1) NODE_SERVER_URL",
+        );
+        assert_eq!(
+            f.message,
+            format!("the row holds {url:?}, but the server's environment sets \"http://10.0.0.9:80\": at the next server restart the environment wins and rewrites the row")
+        );
+        assert_eq!(
+            f.evidence,
+            ["container p-server-1: DEFAULT_ZONE_VAR_NODE_SERVER_URL = \"http://10.0.0.9:80\""]
+        );
+        let f = the(
+            &r,
+            "regions",
+            Severity::Warning,
+            "region \"default\" (id 1) NATS_PASSWORD",
+        );
+        assert!(
+            f.message
+                .starts_with("the row holds another secret, but the server's environment sets (secret, not shown)"),
+            "{f:#?}"
+        );
+        assert!(!format!("{:?}", r.findings).contains("new-password"));
+        // A server without REDIS_CACHE_URL caches in its own memory.
+        let f = the(&r, "regions", Severity::Info, "server cache");
+        assert!(f.message.contains("process memory"), "{f:#?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_entry_in_redis_is_a_warning_and_fix_removes_it() {
+        let (_server, url) = answering();
+        let db = healthy_db(&url);
+        let mut o = opts();
+        o.site.insert("REDIS_PASSWORD".into(), "pw".into());
+        let current = format!("{url} 127.0.0.1:4222 nats");
+        let redis = FakeCache::default();
+        redis.entries.lock().unwrap().extend([
+            (":1:sidecar_env_cache_1".to_string(), current.into_bytes()),
+            (":1:sidecar_env_cache_2".to_string(), b"old-pickle".to_vec()),
+        ]);
+        let r = diagnose(&o, &FakeDocker::default(), Some(&db), None, Some(&redis)).await;
+        let label = "Redis redis://fake.invalid:6379/0";
+        let f = the(
+            &r,
+            "regions",
+            Severity::Warning,
+            &format!("region \"east\" (id 2) cached env in {label}"),
+        );
+        assert_eq!(
+            f.evidence,
+            [format!("{label}: \":1:sidecar_env_cache_2\" lacks the current value of NATS_PROTOCOL, NATS_SERVERS, NODE_SERVER_URL")]
+        );
+        assert!(!f.fixed);
+        no_finding(&r, "regions", "region \"default\" (id 1) cached env");
+
+        o.fix = true;
+        let r = diagnose(&o, &FakeDocker::default(), Some(&db), None, Some(&redis)).await;
+        assert!(the(&r, "regions", Severity::Warning, "cached env in Redis").fixed);
+        let left: Vec<String> = redis.entries.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, [":1:sidecar_env_cache_1"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_entry_in_the_database_cache_and_a_redis_that_does_not_answer() {
+        let (_server, url) = answering();
+        let mut db = healthy_db(&url);
+        db.release.cache_table = true;
+        db.cache = vec![(":1:sidecar_env_cache_1".into(), b"stale".to_vec())];
+        let mut o = opts();
+        o.site.insert("REDIS_PASSWORD".into(), "pw".into());
+        o.fix = true;
+        let redis = FakeCache {
+            down: Some("connection refused".into()),
+            ..Default::default()
+        };
+        let r = diagnose(&o, &FakeDocker::default(), Some(&db), None, Some(&redis)).await;
+        let f = the(
+            &r,
+            "regions",
+            Severity::Warning,
+            "region \"default\" (id 1) cached env in django_cache",
+        );
+        assert!(f.fixed, "{f:#?}");
+        assert_eq!(writes(&db), ["delete cache entries of regions {1}"]);
+        let f = the(&r, "regions", Severity::Warning, "Redis redis://fake.invalid:6379/0");
+        assert_eq!(
+            f.message,
+            "the server's Redis cache could not be read: connection refused"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_without_regions_is_an_error() {
+        let db = FakeDb::new(Release::newest_known());
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "regions", Severity::Error, "node_mgmt_cloudregion");
+        assert!(f.message.starts_with("no cloud region exists"), "{f:#?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_that_is_down_is_an_error_and_its_checks_are_skipped() {
+        let mut db = FakeDb::new(Release::newest_known());
+        db.down = Some("connection refused".into());
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(
+            &r,
+            "regions",
+            Severity::Error,
+            "database bklite@fake.invalid:5432/bklite",
+        );
+        assert!(f.message.contains("connection refused"), "{f:#?}");
+        let f = the(&r, "packages", Severity::Info, "node_mgmt_packageversion");
+        assert_eq!(
+            f.message,
+            "not checked: the database is not reachable (see the regions finding)"
+        );
+        assert_eq!(r.release, None);
+        assert!(r.has_errors());
+    }
+}
