@@ -262,6 +262,11 @@ mod tests {
             f.fix.as_deref(),
             Some("bkbundle init-packages --auto --bundle BUNDLE --env-file TARGET/.env")
         );
+        // The rows alone tell it when the bucket was not reached.
+        let r = diagnose(&opts(), &FakeDocker::default(), Some(&db), None, None).await;
+        let f = the(&r, "packages", Severity::Error, "node_mgmt_packageversion");
+        assert!(f.message.starts_with("the probe package list is empty"), "{f:#?}");
+        no_finding(&r, "packages", "package objects");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
