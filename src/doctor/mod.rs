@@ -11,7 +11,7 @@
 //!   server URL's host resolving and its port accepting TCP from this host, and the server's
 //!   cached env (`django_cache`, and Redis when known) differing from the rows;
 //! - **nats**: resolution → TCP → TLS → authentication → JetStream → bucket, stopping at the first
-//!   broken link ([`crate::platform::nats::connect`], [`crate::packages::open_store`]);
+//!   broken link ([`crate::platform::nats::connect`], [`crate::platform::nats::open_store`]);
 //! - **packages**: an empty package list, rows whose object is missing (either key layout),
 //!   objects without rows, and with `--bundle` stored objects that differ from the bundle's;
 //! - **agents**: install tasks that succeeded for hosts whose agent never registered a node.
@@ -155,7 +155,7 @@ impl Finding {
 pub type Link<T> = Result<T, Vec<Finding>>;
 
 /// The systems a run reaches, each connected once by the caller ([`run_with_env`], or a test
-/// with the fakes of [`crate::ports::fakes`]).
+/// with the in-memory fakes of `crate::ports::fakes`).
 pub struct Seams<'a> {
     /// The Docker engine.
     pub docker: Link<&'a dyn Docker>,
