@@ -403,13 +403,7 @@ pub async fn run_connected(
     let (_bucket_lock, pending) = if opts.dry_run {
         (None, None)
     } else {
-        let guard = crate::lock::acquire_bucket_async(&nt.display(), &bucket, BUCKET_LOCK_WAIT)
-            .await
-            .map_err(PackagesError::Bundle)?;
-        report.notes.extend(guard.takeover_note());
-        let pending = crate::lock::bucket_pending_file(&nt.display(), &bucket)
-            .map(Pending)
-            .map_err(PackagesError::Bundle)?;
+        let (guard, pending) = lock_bucket(&nt.display(), &bucket, &mut report.notes).await?;
         (Some(guard), Some(pending))
     };
     let store = NatsBucket::open_on(&nc, &nt, &bucket, !opts.dry_run).await?;
@@ -428,6 +422,24 @@ pub async fn run_connected(
         reporter,
     };
     run_on(&run, &seams, report, t0).await
+}
+
+/// Take bucket `bucket`'s upload lock on NATS server `server` (waiting for another upload to
+/// finish), and the holder's list of uploads begun: what [`run_on`] needs before it writes. Keep
+/// the guard until the last write is done. A lock taken over from a killed run is noted.
+pub async fn lock_bucket(
+    server: &str,
+    bucket: &str,
+    notes: &mut Vec<String>,
+) -> Result<(crate::lock::LockGuard, Pending), PackagesError> {
+    let guard = crate::lock::acquire_bucket_async(server, bucket, BUCKET_LOCK_WAIT)
+        .await
+        .map_err(PackagesError::Bundle)?;
+    notes.extend(guard.takeover_note());
+    let pending = crate::lock::bucket_pending_file(server, bucket)
+        .map(Pending)
+        .map_err(PackagesError::Bundle)?;
+    Ok((guard, pending))
 }
 
 /// The systems a run reaches, connected once by the caller.

@@ -176,6 +176,10 @@ impl PlatformDb for FakeDb {
         self.up()?;
         Ok(self.release.clone())
     }
+    async fn detect_release(&self) -> std::result::Result<Release, DbError> {
+        self.up()?;
+        Ok(self.release.clone())
+    }
     async fn regions(&self, _release: &Release) -> std::result::Result<Current, DbError> {
         self.up()?;
         Ok(self.current.lock().unwrap().clone())

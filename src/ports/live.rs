@@ -2,7 +2,7 @@
 //! one opened bucket, Redis. Each holds what it connected once; the SQL and the wire formats
 //! stay in [`crate::platform`].
 
-use super::{Cache, Docker, ObjectStore, PlatformDb, RegionPlan, SilentAgent};
+use super::{Cache, Docker, ObjectStore, PlatformDb, RegionPlan, SilentAgent, INSTALLER_TABLES};
 use crate::engine::{ContainerState, Engine, LocalImage};
 use crate::error::Result;
 use crate::platform::cache::{self, RedisTarget};
@@ -62,6 +62,11 @@ impl PlatformDb for Postgres {
     async fn release(&self, wait: Option<Duration>) -> std::result::Result<Release, DbError> {
         let client = self.client.lock().await;
         release::detect_when_migrated(&*client, &self.target, wait).await
+    }
+
+    async fn detect_release(&self) -> std::result::Result<Release, DbError> {
+        let client = self.client.lock().await;
+        release::detect(&*client, &self.target).await
     }
 
     async fn regions(&self, release: &Release) -> std::result::Result<Current, DbError> {
@@ -180,11 +185,7 @@ impl PlatformDb for Postgres {
     }
 
     async fn silent_agents(&self, grace_minutes: i64) -> std::result::Result<Option<Vec<SilentAgent>>, DbError> {
-        let tables = [
-            "node_mgmt_controllertask",
-            "node_mgmt_controllertasknode",
-            "node_mgmt_node",
-        ];
+        let tables = INSTALLER_TABLES;
         let client = self.client.lock().await;
         let present: i64 = client
             .query_one(

@@ -51,6 +51,14 @@ pub trait Docker: Send + Sync {
 /// How a region-plan function answers: the plan, or every problem that stops it.
 pub type RegionPlan = std::result::Result<Vec<PlannedRegion>, Vec<Problem>>;
 
+/// The installer's tables that [`PlatformDb::silent_agents`] reads: a server without them has
+/// no install tasks to check.
+pub const INSTALLER_TABLES: [&str; 3] = [
+    "node_mgmt_controllertask",
+    "node_mgmt_controllertasknode",
+    "node_mgmt_node",
+];
+
 /// An agent install task that reported success for a host that never registered a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SilentAgent {
@@ -70,6 +78,9 @@ pub trait PlatformDb: Send + Sync {
     /// Which release it is (the features bkbundle uses); with `wait`, waits up to that long for
     /// the server's migrations to create the tables.
     async fn release(&self, wait: Option<Duration>) -> std::result::Result<Release, DbError>;
+    /// Which release it is, as found: unlike [`PlatformDb::release`], a release whose schema
+    /// bkbundle could not write to is returned, not refused (diagnosis only reads).
+    async fn detect_release(&self) -> std::result::Result<Release, DbError>;
     /// The regions, their env rows and service rows, read in one snapshot.
     async fn regions(&self, release: &Release) -> std::result::Result<Current, DbError>;
     /// In one transaction: read the regions, ask `plan` what to change, write it (secrets
@@ -115,7 +126,7 @@ pub trait PlatformDb: Send + Sync {
     /// Point row `id` at file `name` (object `key`), as the upstream rule overwrites `latest`.
     async fn update_package_row_name(&self, id: i64, name: &str, key: &str) -> std::result::Result<(), DbError>;
     /// Install tasks older than `grace_minutes` that reported success for an IP that never
-    /// registered a node; `None` when the release has no installer tables.
+    /// registered a node; `None` when the release has no [`INSTALLER_TABLES`].
     async fn silent_agents(&self, grace_minutes: i64) -> std::result::Result<Option<Vec<SilentAgent>>, DbError>;
 }
 
