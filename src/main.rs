@@ -73,7 +73,7 @@ fn dispatch(command: Command, reporter: Arc<dyn Reporter>) -> Result<Output, Err
         Command::Install(a) => install(a, reporter),
         Command::Regions(a) => regions(a, &*reporter),
         Command::InitPackages(a) => init_packages(a, &*reporter),
-        Command::Doctor(a) => doctor(a),
+        Command::Doctor(a) => doctor(a, &*reporter),
         Command::Completions { shell } => Ok(completions(shell)),
     }
 }
@@ -186,7 +186,7 @@ fn init_packages(a: cli::InitPackagesArgs, reporter: &dyn Reporter) -> Result<Ou
     Output::of(&packages::run(&opts, reporter)?)
 }
 
-fn doctor(a: cli::DoctorArgs) -> Result<Output, Error> {
+fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
     // The stack's .env: --env-file, else the install's own beside its journal.
     let (config, site) = site(a.site.config.as_deref(), |config| {
         a.site.env_file.clone().or_else(|| {
@@ -213,7 +213,7 @@ fn doctor(a: cli::DoctorArgs) -> Result<Output, Error> {
         bucket: a.site.bucket,
         fix: a.fix,
     };
-    Output::of(&block_on(doctor::run(&opts))?)
+    Output::of(&doctor::run(&opts, reporter)?)
 }
 
 fn completions(shell: clap_complete::Shell) -> Output {

@@ -42,6 +42,7 @@ use crate::manifest::Manifest;
 use crate::platform::cache::{self, ServerContainer};
 use crate::platform::release::Release;
 use crate::ports::{Cache, Docker, ObjectStore, PlatformDb};
+use crate::progress::Reporter;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -262,22 +263,30 @@ fn process_env(name: &str) -> Option<String> {
 }
 
 /// Diagnose the live install. See the module documentation.
-pub async fn run(opts: &DoctorOptions) -> DoctorReport {
-    run_with_env(opts, &process_env).await
+pub fn run(opts: &DoctorOptions, reporter: &dyn Reporter) -> crate::Result<DoctorReport> {
+    crate::runtime::block_on(diagnose(opts, &process_env, reporter))
 }
 
-/// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`.
-/// Connects each system once, then runs the checks on them ([`run_on`]).
+/// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`,
+/// and nothing shown: for tests, which must not change their own process's environment.
 pub async fn run_with_env(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<String>) -> DoctorReport {
+    diagnose(opts, env, &crate::progress::Silent).await
+}
+
+/// Connect each system once (saying which), then run the checks on them ([`run_on`]).
+async fn diagnose(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<String>, reporter: &dyn Reporter) -> DoctorReport {
     let t0 = Instant::now();
     let ctx = Ctx::new(opts, env);
+    reporter.note("doctor: asking the Docker engine for the stack's containers");
     let engine = containers::connect(&ctx).await;
+    reporter.note("doctor: reading the platform's database (release, regions, install tasks, packages)");
     let postgres = regions::connect(&ctx).await;
     let db = match &postgres {
         Ok(p) => database(p).await,
         Err(why) => Err(why.clone()),
     };
     // The release names the default bucket.
+    reporter.note("doctor: checking NATS link by link and the packages' bucket");
     let bucket = nats::open(&ctx, db.as_ref().ok().map(|(_, r)| r)).await;
     let seams = Seams {
         docker: engine.as_ref().map(|e| e as &dyn Docker).map_err(Clone::clone),

@@ -218,6 +218,7 @@ async fn upload_from_bundle(
         inputs: &inputs,
         release,
         pending: Some(&pending),
+        reporter: &crate::progress::Silent,
     };
     let seams = upload::Seams {
         db,
