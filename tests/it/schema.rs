@@ -79,6 +79,92 @@ fn install_dry_run_on_a_fresh_target() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!p.target().exists(), "a dry run creates nothing");
     assert_schema("install-dry-run", &r);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let nats_port = fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_PORT = ").map(|v| v.trim_matches('"').to_string()))
+        .unwrap();
+    assert_snapshot(
+        "demo-plan.txt",
+        &plan_text(&v["plan"]).replace(&nats_port, "<NATS_PORT>"),
+    );
+}
+
+/// The demo's plan, one line per thing it would do, without what differs between machines and
+/// runs (image ids and sizes, the target's path, object digests, free ports).
+fn plan_text(plan: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let each = |key: &str| plan[key].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    for i in each("images") {
+        let refs: Vec<String> = i["refs"].as_array().unwrap().iter().map(s).collect();
+        out.push(format!("image  {} {}", s(&i["action"]), refs.join(", ")));
+    }
+    for f in each("files") {
+        out.push(format!("file   {} {}", s(&f["action"]), s(&f["path"])));
+    }
+    for k in each("env_generated") {
+        out.push(format!("secret generated {}", s(&k)));
+    }
+    let platform = &plan["platform"];
+    out.push(format!(
+        "platform {} assumed={}",
+        s(&platform["release"]),
+        platform["assumed"]
+    ));
+    for r in platform["rows"].as_array().unwrap() {
+        let value = r["value"]
+            .as_str()
+            .map(|v| format!("= {v}"))
+            .unwrap_or_else(|| "(secret)".into());
+        out.push(format!(
+            "row    {} {}/{} {} {value}",
+            s(&r["action"]),
+            s(&r["region"]),
+            s(&r["key"]),
+            s(&r["env_type"])
+        ));
+    }
+    for sv in platform["services"].as_array().unwrap() {
+        out.push(format!("service create {}", s(sv)));
+    }
+    for o in platform["packages"].as_array().unwrap() {
+        let row = &o["row"];
+        out.push(format!(
+            "object {} {}/{} row {} {}/{} {} {} {}",
+            s(&o["action"]),
+            s(&platform["bucket"]),
+            s(&o["key"]),
+            s(&row["type"]),
+            s(&row["os"]),
+            s(&row["arch"]),
+            s(&row["object"]),
+            s(&row["version"]),
+            s(&row["name"])
+        ));
+    }
+    for st in each("steps_to_run") {
+        out.push(format!("step   {}", s(&st)));
+    }
+    out.join("\n") + "\n"
+}
+
+/// Compare `got` with `tests/snapshots/{name}` (or write it, blessed).
+fn assert_snapshot(name: &str, got: &str) {
+    let path = repo_root().join("tests/snapshots").join(name);
+    let want = fs::read_to_string(&path).unwrap_or_default();
+    if got == want {
+        return;
+    }
+    if std::env::var_os("BKBUNDLE_BLESS").is_some_and(|v| v == "1") {
+        fs::write(&path, got).unwrap();
+        return;
+    }
+    panic!(
+        "{} differs:\n--- snapshot\n{want}--- now\n{got}\nif the change is meant, run the test with BKBUNDLE_BLESS=1 and commit the snapshot",
+        path.display()
+    );
 }
 
 #[test]
