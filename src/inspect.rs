@@ -1,9 +1,14 @@
-//! `bkbundle inspect`: what a bundle holds, from its manifest and tar index (no hashing; run
-//! `verify` for that). The report is data; `render` makes the human text.
+//! `bkbundle inspect`: what a bundle holds, from its manifest. The bundle is opened with
+//! [`Check::Structure`]: framing, manifest, signature and the list of entries are checked, the
+//! content is not hashed (run `verify` for that). The report is data; [`Report::render`] makes
+//! the human text.
 
-use crate::bundle::BundleReader;
+use crate::bundle::layout::{self, Section};
+use crate::bundle::{open_verified, Check, OpenOptions, VerifiedBundle};
 use crate::error::Result;
-use crate::manifest::{Manifest, Regions};
+use crate::manifest::Regions;
+use crate::progress::Reporter;
+use crate::report::Report;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -62,13 +67,17 @@ pub struct Sizes {
     pub total: u64,
 }
 
-pub fn run(path: &Path) -> Result<InspectReport> {
-    let reader = BundleReader::open(path)?;
-    let (m, _) = reader.manifest()?;
-    Ok(report(&reader, &m))
+pub fn run(path: &Path, reporter: &dyn Reporter) -> Result<InspectReport> {
+    let open = OpenOptions {
+        check: Check::Structure,
+        ..Default::default()
+    };
+    let bundle = open_verified(path, &open, reporter)?;
+    Ok(report(&bundle))
 }
 
-fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
+fn report(bundle: &VerifiedBundle) -> InspectReport {
+    let m = bundle.manifest();
     let size_of = |p: &str| m.file(p).map(|f| f.size).unwrap_or(0);
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for i in &m.images {
@@ -116,36 +125,32 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
         })
         .collect();
     let mut sizes = Sizes {
-        total: reader.src.len,
+        total: bundle.bytes(),
         ..Default::default()
     };
     for f in &m.files {
         // Sizes come from the manifest, which inspect reads without checking every byte: add
         // them without overflowing whatever they claim.
-        let slot = if f.path.starts_with("images/") {
-            &mut sizes.images
-        } else if f.path.starts_with("packages/") {
-            &mut sizes.packages
-        } else if f.path.starts_with("stack/") {
-            &mut sizes.stack
-        } else if f.path == crate::manifest::BINARY_PATH {
-            &mut sizes.binary
-        } else {
-            continue;
+        let slot = match layout::section(&f.path) {
+            Some(Section::Images) => &mut sizes.images,
+            Some(Section::Packages) => &mut sizes.packages,
+            Some(Section::Stack) => &mut sizes.stack,
+            Some(Section::Binary) => &mut sizes.binary,
+            None => continue,
         };
         *slot = slot.saturating_add(f.size);
     }
     sizes.images_uncompressed = m.layers.iter().map(|l| l.size).fold(0, u64::saturating_add);
     InspectReport {
-        bundle: reader.src.display_name(),
+        bundle: bundle.display_name(),
         name: m.bundle.name.clone(),
         version: m.bundle.version.clone(),
         description: m.bundle.description.clone(),
         created: m.bundle.created.clone(),
         created_by: m.bundle.created_by.clone(),
         compression: m.bundle.compression.as_str().into(),
-        signed: reader.entry(crate::manifest::SIGNATURE_PATH).is_some(),
-        parts: reader.src.parts.len(),
+        signed: bundle.is_signed(),
+        parts: bundle.parts(),
         images,
         packages,
         stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
@@ -171,8 +176,8 @@ pub fn human(n: u64) -> String {
     }
 }
 
-impl InspectReport {
-    pub fn render(&self) -> String {
+impl Report for InspectReport {
+    fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
         if !self.description.is_empty() {
@@ -267,6 +272,6 @@ impl InspectReport {
             human(z.binary),
             human(z.total)
         );
-        s
+        s.trim_end().to_string()
     }
 }

@@ -5,6 +5,7 @@ mod cli;
 use bkbundle::error::{Error, Kind};
 use bkbundle::manifest::Compression;
 use bkbundle::progress::{Reporter, Terminal};
+use bkbundle::report::Report;
 use bkbundle::site::{config::InstallConfig, envfile};
 use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
@@ -111,32 +112,11 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 threads: a.threads,
             };
             let r = verify::run(&opts, &*reporter)?;
-            let sig = match &r.signature {
-                verify::SignatureStatus::Unsigned => "unsigned".to_string(),
-                verify::SignatureStatus::Verified { key_id, .. } => {
-                    format!("signature verified with trusted key {key_id}")
-                }
-                verify::SignatureStatus::SelfSigned { key_id, .. } => {
-                    format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
-                }
-            };
-            let rate = r.bytes as f64 / r.seconds.max(1e-9);
-            let text = format!(
-                "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
-                r.name,
-                r.version,
-                r.bundle,
-                r.files,
-                inspect::human(r.bytes),
-                r.seconds,
-                inspect::human(rate as u64)
-            );
-            Ok(output(&r, text))
+            Ok(output(&r, r.render()))
         }
         Command::Inspect(a) => {
-            let r = inspect::run(&a.bundle)?;
-            let text = r.render();
-            Ok(output(&r, text.trim_end().to_string()))
+            let r = inspect::run(&a.bundle, &*reporter)?;
+            Ok(output(&r, r.render()))
         }
         Command::Install(a) => {
             let opts = install::InstallOptions {
@@ -175,7 +155,12 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                     (mode, a.common, a.database_url)
                 }
             };
-            let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
+            let open = bkbundle::bundle::OpenOptions {
+                check: bkbundle::bundle::Check::Structure,
+                ..Default::default()
+            };
+            let bundle = bkbundle::bundle::open_verified(&common.bundle, &open, &*reporter)?;
+            let manifest = bundle.manifest();
             let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
             let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
             opts.database_url = database_url;

@@ -5,6 +5,7 @@
 //! bkbundle supports" rather than a confusing serde error about a field it does not know. Unknown
 //! fields are rejected (serde `deny_unknown_fields`); the toml parser's message carries the line.
 
+use crate::bundle::layout;
 use crate::digest::is_sha256_hex;
 use crate::error::{Error, Kind};
 use serde::{Deserialize, Serialize};
@@ -527,13 +528,6 @@ pub struct Stack {
     pub files: Vec<String>,
 }
 
-/// Files that describe the bundle rather than being payload: not listed in `files`.
-pub const MANIFEST_PATH: &str = "bundle.toml";
-pub const SIGNATURE_PATH: &str = "bundle.toml.minisig";
-pub const PUBKEY_PATH: &str = "bundle.pub";
-pub const SUMS_PATH: &str = "SHA256SUMS";
-pub const BINARY_PATH: &str = "bin/bkbundle";
-
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
         check_format(text, origin, "bundle")?;
@@ -573,7 +567,8 @@ impl Manifest {
             if !is_safe_bundle_path(&f.path) {
                 p.push(format!("files: path {:?} is not a plain relative path", f.path));
             }
-            if [MANIFEST_PATH, SIGNATURE_PATH, PUBKEY_PATH, SUMS_PATH].contains(&f.path.as_str()) {
+            // Files that describe the bundle rather than being payload are never listed in `files`.
+            if layout::DESCRIPTIVE.contains(&f.path.as_str()) {
                 p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
             }
             if !is_sha256_hex(&f.sha256) {
@@ -649,19 +644,6 @@ impl Manifest {
             }
         }
         p
-    }
-
-    /// The `SHA256SUMS` text: one `<hex>  <path>` line per payload file, then the manifest's.
-    pub fn sha256sums(&self, manifest_sha256: &str, extra: &[(&str, String)]) -> String {
-        let mut out = String::new();
-        for f in &self.files {
-            out.push_str(&format!("{}  {}\n", f.sha256, f.path));
-        }
-        out.push_str(&format!("{manifest_sha256}  {MANIFEST_PATH}\n"));
-        for (path, sha) in extra {
-            out.push_str(&format!("{sha}  {path}\n"));
-        }
-        out
     }
 }
 

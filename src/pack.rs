@@ -7,8 +7,7 @@
 //! staging copy, memory bounded by buffers. The bundle is written under a temporary name and
 //! renamed at the end.
 
-use crate::bundle::{self, BundleWriter};
-use crate::digest::sha256_hex;
+use crate::bundle::{layout, BundleWriter};
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::manifest::{
@@ -246,7 +245,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             continue;
         }
         let hex = img.id.trim_start_matches("sha256:");
-        let config = bundle::config_path(hex);
+        let config = layout::config_path(hex);
         if !writer.contains(&config) {
             writer.add_bytes(&config, 0o644, &img.config)?;
         }
@@ -297,7 +296,8 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
                 let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let task = reporter.task(&format!("package {name}"), Some(size));
                 let mut f = fs::File::open(path).io_ctx("cannot open package", path)?;
-                let entry = writer.add_reader(&format!("packages/{name}"), 0o644, &mut ProgressRead(&mut f, &*task))?;
+                let entry =
+                    writer.add_reader(&layout::package_path(&name), 0o644, &mut ProgressRead(&mut f, &*task))?;
                 task.finish();
                 (Some(entry.path), Some((entry.sha256, entry.size)))
             }
@@ -332,13 +332,13 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
             let src = dir.join(rel);
             let mode = file_mode(&src);
             let mut f = fs::File::open(&src).io_ctx("cannot open stack file", &src)?;
-            let e = writer.add_reader(&format!("stack/{rel}"), mode, &mut f)?;
+            let e = writer.add_reader(&layout::stack_path(rel), mode, &mut f)?;
             paths.push(e.path);
         }
         stack = Some(Stack {
             project: s.project.clone().unwrap_or_else(|| recipe.bundle.name.clone()),
-            compose: format!("stack/{}", s.compose),
-            env_template: s.env_template.as_ref().map(|t| format!("stack/{t}")),
+            compose: layout::stack_path(&s.compose),
+            env_template: s.env_template.as_deref().map(layout::stack_path),
             files: paths,
         });
     }
@@ -346,7 +346,7 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
     let exe = std::env::current_exe()
         .map_err(|e| Error::internal(format!("cannot locate the running bkbundle binary: {e}")))?;
     let mut f = fs::File::open(&exe).io_ctx("cannot read the bkbundle binary", &exe)?;
-    writer.add_reader(manifest::BINARY_PATH, 0o755, &mut f)?;
+    writer.add_reader(layout::BINARY, 0o755, &mut f)?;
     steps.push(("packages and stack".to_string(), t.elapsed().as_secs_f64()));
 
     // 4. Manifest, signature, sums; then commit.
@@ -375,25 +375,22 @@ pub async fn run(opts: PackOptions, reporter: Arc<dyn Reporter>) -> Result<PackR
         )));
     }
     let text = m.to_toml();
-    writer.add_meta(manifest::MANIFEST_PATH, text.as_bytes())?;
-    let mut extra = Vec::new();
     let mut signed_by = None;
-    if let Some(signer) = &signer {
-        let comment = format!(
-            "timestamp:{now}\tfile:{}\tbundle:{} {}",
-            manifest::MANIFEST_PATH,
-            m.bundle.name,
-            m.bundle.version
-        );
-        let (sig, pubkey) = signer.sign(text.as_bytes(), &comment)?;
-        writer.add_meta(manifest::SIGNATURE_PATH, sig.as_bytes())?;
-        writer.add_meta(manifest::PUBKEY_PATH, pubkey.as_bytes())?;
-        extra.push((manifest::SIGNATURE_PATH, sha256_hex(sig.as_bytes())));
-        extra.push((manifest::PUBKEY_PATH, sha256_hex(pubkey.as_bytes())));
-        signed_by = sign::parse_public_key(&pubkey).ok().map(|pk| sign::key_id(pk.keynum()));
-    }
-    let sums = m.sha256sums(&sha256_hex(text.as_bytes()), &extra);
-    writer.add_meta(manifest::SUMS_PATH, sums.as_bytes())?;
+    let signature = match &signer {
+        Some(signer) => {
+            let comment = format!(
+                "timestamp:{now}\tfile:{}\tbundle:{} {}",
+                layout::MANIFEST,
+                m.bundle.name,
+                m.bundle.version
+            );
+            let (sig, pubkey) = signer.sign(text.as_bytes(), &comment)?;
+            signed_by = sign::parse_public_key(&pubkey).ok().map(|pk| sign::key_id(pk.keynum()));
+            Some((sig, pubkey))
+        }
+        None => None,
+    };
+    writer.add_descriptive(&m, &text, signature.as_ref().map(|(s, p)| (s.as_str(), p.as_str())))?;
     let bytes = writer.position()? + 1024;
     let output = writer.commit()?;
 
