@@ -25,6 +25,7 @@ pub mod regions;
 pub mod report;
 pub mod runtime;
 pub mod savefile;
+pub mod schema;
 pub mod sign;
 pub mod site;
 pub mod verify;
