@@ -85,24 +85,8 @@ fn run(cli: Cli, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
                 sign_key: a.sign,
                 threads: a.threads,
             };
-            let rt = runtime()?;
-            let r = rt.block_on(pack::run(opts, reporter))?;
-            let text = format!(
-                "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
-                r.bundle,
-                r.version,
-                r.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                r.images,
-                r.layers,
-                inspect::human(r.image_bytes_uncompressed),
-                inspect::human(r.image_bytes_stored),
-                r.packages,
-                r.stack_files,
-                r.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
-                inspect::human(r.bytes),
-                r.seconds
-            );
-            Ok(output(&r, text))
+            let r = pack::run(&opts, &*reporter)?;
+            Ok(output(&r, r.render()))
         }
         Command::Verify(a) => {
             let opts = verify::VerifyOptions {
