@@ -6,7 +6,7 @@
 use crate::bundle::layout::{self, Section};
 use crate::bundle::{open_verified, Check, OpenOptions, VerifiedBundle};
 use crate::error::Result;
-use crate::manifest::Regions;
+use crate::manifest::{Manifest, Regions};
 use crate::progress::Reporter;
 use crate::report::Report;
 use serde::Serialize;
@@ -78,69 +78,6 @@ pub fn run(path: &Path, reporter: &dyn Reporter) -> Result<InspectReport> {
 
 fn report(bundle: &VerifiedBundle) -> InspectReport {
     let m = bundle.manifest();
-    let size_of = |p: &str| m.file(p).map(|f| f.size).unwrap_or(0);
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for i in &m.images {
-        for l in &i.layers {
-            *uses.entry(l.as_str()).or_default() += 1;
-        }
-    }
-    let images = m
-        .images
-        .iter()
-        .map(|i| ImageRow {
-            refs: i.refs.clone(),
-            id: i.id.clone(),
-            platform: format!("{}/{}", i.os, i.arch),
-            size: i.size,
-            stored: i
-                .layers
-                .iter()
-                .filter_map(|l| m.layer(l))
-                .map(|l| size_of(&l.file))
-                .fold(size_of(&i.config), u64::saturating_add),
-            layers: i.layers.len(),
-            shared_layers: i
-                .layers
-                .iter()
-                .filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1)
-                .count(),
-        })
-        .collect();
-    let packages = m
-        .packages
-        .iter()
-        .map(|p| PackageRow {
-            name: p.name.clone(),
-            kind: p.kind.as_str().into(),
-            os: p.os.as_str().into(),
-            arch: p.arch.clone(),
-            object: p.object.clone(),
-            version: p.version.clone(),
-            size: p.file.as_deref().map(size_of),
-            inside: p
-                .from
-                .as_ref()
-                .map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
-        })
-        .collect();
-    let mut sizes = Sizes {
-        total: bundle.bytes(),
-        ..Default::default()
-    };
-    for f in &m.files {
-        // Sizes come from the manifest, which inspect reads without checking every byte: add
-        // them without overflowing whatever they claim.
-        let slot = match layout::section(&f.path) {
-            Some(Section::Images) => &mut sizes.images,
-            Some(Section::Packages) => &mut sizes.packages,
-            Some(Section::Stack) => &mut sizes.stack,
-            Some(Section::Binary) => &mut sizes.binary,
-            None => continue,
-        };
-        *slot = slot.saturating_add(f.size);
-    }
-    sizes.images_uncompressed = m.layers.iter().map(|l| l.size).fold(0, u64::saturating_add);
     InspectReport {
         bundle: bundle.display_name(),
         name: m.bundle.name.clone(),
@@ -151,13 +88,88 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         compression: m.bundle.compression.as_str().into(),
         signed: bundle.is_signed(),
         parts: bundle.parts(),
-        images,
-        packages,
+        images: image_rows(m),
+        packages: package_rows(m),
         stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
         project: m.stack.as_ref().map(|s| s.project.clone()),
         regions: m.regions.clone(),
-        sizes,
+        sizes: sizes(m, bundle.bytes()),
     }
+}
+
+/// A payload's size as the manifest lists it (0 when it does not).
+fn size_of(m: &Manifest, path: &str) -> u64 {
+    m.file(path).map(|f| f.size).unwrap_or(0)
+}
+
+fn image_rows(m: &Manifest) -> Vec<ImageRow> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for i in &m.images {
+        for l in &i.layers {
+            *uses.entry(l.as_str()).or_default() += 1;
+        }
+    }
+    m.images
+        .iter()
+        .map(|i| ImageRow {
+            refs: i.refs.clone(),
+            id: i.id.clone(),
+            platform: format!("{}/{}", i.os, i.arch),
+            size: i.size,
+            stored: i
+                .layers
+                .iter()
+                .filter_map(|l| m.layer(l))
+                .map(|l| size_of(m, &l.file))
+                .fold(size_of(m, &i.config), u64::saturating_add),
+            layers: i.layers.len(),
+            shared_layers: i
+                .layers
+                .iter()
+                .filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1)
+                .count(),
+        })
+        .collect()
+}
+
+fn package_rows(m: &Manifest) -> Vec<PackageRow> {
+    m.packages
+        .iter()
+        .map(|p| PackageRow {
+            name: p.name.clone(),
+            kind: p.kind.as_str().into(),
+            os: p.os.as_str().into(),
+            arch: p.arch.clone(),
+            object: p.object.clone(),
+            version: p.version.clone(),
+            size: p.file.as_deref().map(|f| size_of(m, f)),
+            inside: p
+                .from
+                .as_ref()
+                .map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
+        })
+        .collect()
+}
+
+/// Payload sizes by section. They come from the manifest, which inspect reads without checking
+/// every byte: added without overflowing whatever they claim.
+fn sizes(m: &Manifest, total: u64) -> Sizes {
+    let mut sizes = Sizes {
+        total,
+        ..Default::default()
+    };
+    for f in &m.files {
+        let slot = match layout::section(&f.path) {
+            Some(Section::Images) => &mut sizes.images,
+            Some(Section::Packages) => &mut sizes.packages,
+            Some(Section::Stack) => &mut sizes.stack,
+            Some(Section::Binary) => &mut sizes.binary,
+            None => continue,
+        };
+        *slot = slot.saturating_add(f.size);
+    }
+    sizes.images_uncompressed = m.layers.iter().map(|l| l.size).fold(0, u64::saturating_add);
+    sizes
 }
 
 /// Byte counts as operators read them (binary units, one decimal).
@@ -179,6 +191,29 @@ pub fn human(n: u64) -> String {
 impl Report for InspectReport {
     fn render(&self) -> String {
         let mut s = String::new();
+        self.render_header(&mut s);
+        self.render_images(&mut s);
+        self.render_packages(&mut s);
+        self.render_stack(&mut s);
+        self.render_regions(&mut s);
+        let z = &self.sizes;
+        let _ = writeln!(
+            s,
+            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
+            human(z.images),
+            human(z.images_uncompressed),
+            human(z.packages),
+            human(z.stack),
+            human(z.binary),
+            human(z.total)
+        );
+        s.trim_end().to_string()
+    }
+}
+
+/// The sections of the human rendering, in order.
+impl InspectReport {
+    fn render_header(&self, s: &mut String) {
         let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
         if !self.description.is_empty() {
             let _ = writeln!(s, "         {}", self.description);
@@ -192,6 +227,9 @@ impl Report for InspectReport {
             if self.signed { "signed" } else { "unsigned" },
             self.parts
         );
+    }
+
+    fn render_images(&self, s: &mut String) {
         let _ = writeln!(s, "\nimages ({})", self.images.len());
         let _ = writeln!(
             s,
@@ -212,6 +250,9 @@ impl Report for InspectReport {
                 i.shared_layers
             );
         }
+    }
+
+    fn render_packages(&self, s: &mut String) {
         let _ = writeln!(s, "\npackages ({})", self.packages.len());
         for p in &self.packages {
             let where_ = match (&p.size, &p.inside) {
@@ -225,6 +266,9 @@ impl Report for InspectReport {
                 p.kind, p.os, p.arch, p.object, p.version, p.name, where_
             );
         }
+    }
+
+    fn render_stack(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "\nstack ({} files{})",
@@ -237,6 +281,9 @@ impl Report for InspectReport {
         for f in &self.stack {
             let _ = writeln!(s, "  {f}");
         }
+    }
+
+    fn render_regions(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "\nregions: required keys {}",
@@ -261,17 +308,5 @@ impl Report for InspectReport {
                 }
             );
         }
-        let z = &self.sizes;
-        let _ = writeln!(
-            s,
-            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
-            human(z.images),
-            human(z.images_uncompressed),
-            human(z.packages),
-            human(z.stack),
-            human(z.binary),
-            human(z.total)
-        );
-        s.trim_end().to_string()
     }
 }
