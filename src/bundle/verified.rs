@@ -743,4 +743,28 @@ mod tests {
             e.message
         );
     }
+
+    #[test]
+    fn an_altered_sums_file_or_a_missing_key_fails_even_the_structure_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = bundle(dir.path(), false);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.windows(14).position(|w| w == b"  stack/a.yml\n").unwrap() - 1;
+        bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+        std::fs::write(&p, bytes).unwrap();
+        let e = open_verified(&p, &structure(), &Silent).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Bundle);
+        assert!(
+            e.message.contains("SHA256SUMS: does not match the manifest"),
+            "{}",
+            e.message
+        );
+        let opts = OpenOptions {
+            require_signature: true,
+            ..structure()
+        };
+        let e = open_verified(&p, &opts, &Silent).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Input);
+        assert!(e.message.contains("--require-signature needs --key"), "{}", e.message);
+    }
 }
