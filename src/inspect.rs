@@ -1,9 +1,14 @@
-//! `bkbundle inspect`: what a bundle holds, from its manifest and tar index (no hashing; run
-//! `verify` for that). The report is data; `render` makes the human text.
+//! `bkbundle inspect`: what a bundle holds, from its manifest. The bundle is opened with
+//! [`Check::Structure`]: framing, manifest, signature and the list of entries are checked, the
+//! content is not hashed (run `verify` for that). The report is data; [`Report::render`] makes
+//! the human text.
 
-use crate::bundle::BundleReader;
+use crate::bundle::layout::{self, Section};
+use crate::bundle::{open_verified, Check, OpenOptions, VerifiedBundle};
 use crate::error::Result;
 use crate::manifest::{Manifest, Regions};
+use crate::progress::Reporter;
+use crate::report::Report;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -62,22 +67,49 @@ pub struct Sizes {
     pub total: u64,
 }
 
-pub fn run(path: &Path) -> Result<InspectReport> {
-    let reader = BundleReader::open(path)?;
-    let (m, _) = reader.manifest()?;
-    Ok(report(&reader, &m))
+pub fn run(path: &Path, reporter: &dyn Reporter) -> Result<InspectReport> {
+    let open = OpenOptions {
+        check: Check::Structure,
+        ..Default::default()
+    };
+    let bundle = open_verified(path, &open, reporter)?;
+    Ok(report(&bundle))
 }
 
-fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
-    let size_of = |p: &str| m.file(p).map(|f| f.size).unwrap_or(0);
+fn report(bundle: &VerifiedBundle) -> InspectReport {
+    let m = bundle.manifest();
+    InspectReport {
+        bundle: bundle.display_name(),
+        name: m.bundle.name.clone(),
+        version: m.bundle.version.clone(),
+        description: m.bundle.description.clone(),
+        created: m.bundle.created.clone(),
+        created_by: m.bundle.created_by.clone(),
+        compression: m.bundle.compression.as_str().into(),
+        signed: bundle.is_signed(),
+        parts: bundle.parts(),
+        images: image_rows(m),
+        packages: package_rows(m),
+        stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
+        project: m.stack.as_ref().map(|s| s.project.clone()),
+        regions: m.regions.clone(),
+        sizes: sizes(m, bundle.bytes()),
+    }
+}
+
+/// A payload's size as the manifest lists it (0 when it does not).
+fn size_of(m: &Manifest, path: &str) -> u64 {
+    m.file(path).map(|f| f.size).unwrap_or(0)
+}
+
+fn image_rows(m: &Manifest) -> Vec<ImageRow> {
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for i in &m.images {
         for l in &i.layers {
             *uses.entry(l.as_str()).or_default() += 1;
         }
     }
-    let images = m
-        .images
+    m.images
         .iter()
         .map(|i| ImageRow {
             refs: i.refs.clone(),
@@ -88,8 +120,8 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
                 .layers
                 .iter()
                 .filter_map(|l| m.layer(l))
-                .map(|l| size_of(&l.file))
-                .fold(size_of(&i.config), u64::saturating_add),
+                .map(|l| size_of(m, &l.file))
+                .fold(size_of(m, &i.config), u64::saturating_add),
             layers: i.layers.len(),
             shared_layers: i
                 .layers
@@ -97,9 +129,11 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
                 .filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1)
                 .count(),
         })
-        .collect();
-    let packages = m
-        .packages
+        .collect()
+}
+
+fn package_rows(m: &Manifest) -> Vec<PackageRow> {
+    m.packages
         .iter()
         .map(|p| PackageRow {
             name: p.name.clone(),
@@ -108,51 +142,34 @@ fn report(reader: &BundleReader, m: &Manifest) -> InspectReport {
             arch: p.arch.clone(),
             object: p.object.clone(),
             version: p.version.clone(),
-            size: p.file.as_deref().map(size_of),
+            size: p.file.as_deref().map(|f| size_of(m, f)),
             inside: p
                 .from
                 .as_ref()
                 .map(|f| format!("{f}:{}", p.entry.as_deref().unwrap_or(""))),
         })
-        .collect();
+        .collect()
+}
+
+/// Payload sizes by section. They come from the manifest, which inspect reads without checking
+/// every byte: added without overflowing whatever they claim.
+fn sizes(m: &Manifest, total: u64) -> Sizes {
     let mut sizes = Sizes {
-        total: reader.src.len,
+        total,
         ..Default::default()
     };
     for f in &m.files {
-        // Sizes come from the manifest, which inspect reads without checking every byte: add
-        // them without overflowing whatever they claim.
-        let slot = if f.path.starts_with("images/") {
-            &mut sizes.images
-        } else if f.path.starts_with("packages/") {
-            &mut sizes.packages
-        } else if f.path.starts_with("stack/") {
-            &mut sizes.stack
-        } else if f.path == crate::manifest::BINARY_PATH {
-            &mut sizes.binary
-        } else {
-            continue;
+        let slot = match layout::section(&f.path) {
+            Some(Section::Images) => &mut sizes.images,
+            Some(Section::Packages) => &mut sizes.packages,
+            Some(Section::Stack) => &mut sizes.stack,
+            Some(Section::Binary) => &mut sizes.binary,
+            None => continue,
         };
         *slot = slot.saturating_add(f.size);
     }
     sizes.images_uncompressed = m.layers.iter().map(|l| l.size).fold(0, u64::saturating_add);
-    InspectReport {
-        bundle: reader.src.display_name(),
-        name: m.bundle.name.clone(),
-        version: m.bundle.version.clone(),
-        description: m.bundle.description.clone(),
-        created: m.bundle.created.clone(),
-        created_by: m.bundle.created_by.clone(),
-        compression: m.bundle.compression.as_str().into(),
-        signed: reader.entry(crate::manifest::SIGNATURE_PATH).is_some(),
-        parts: reader.src.parts.len(),
-        images,
-        packages,
-        stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
-        project: m.stack.as_ref().map(|s| s.project.clone()),
-        regions: m.regions.clone(),
-        sizes,
-    }
+    sizes
 }
 
 /// Byte counts as operators read them (binary units, one decimal).
@@ -171,9 +188,32 @@ pub fn human(n: u64) -> String {
     }
 }
 
-impl InspectReport {
-    pub fn render(&self) -> String {
+impl Report for InspectReport {
+    fn render(&self) -> String {
         let mut s = String::new();
+        self.render_header(&mut s);
+        self.render_images(&mut s);
+        self.render_packages(&mut s);
+        self.render_stack(&mut s);
+        self.render_regions(&mut s);
+        let z = &self.sizes;
+        let _ = writeln!(
+            s,
+            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
+            human(z.images),
+            human(z.images_uncompressed),
+            human(z.packages),
+            human(z.stack),
+            human(z.binary),
+            human(z.total)
+        );
+        s.trim_end().to_string()
+    }
+}
+
+/// The sections of the human rendering, in order.
+impl InspectReport {
+    fn render_header(&self, s: &mut String) {
         let _ = writeln!(s, "bundle   {} {} ({})", self.name, self.version, self.bundle);
         if !self.description.is_empty() {
             let _ = writeln!(s, "         {}", self.description);
@@ -187,6 +227,9 @@ impl InspectReport {
             if self.signed { "signed" } else { "unsigned" },
             self.parts
         );
+    }
+
+    fn render_images(&self, s: &mut String) {
         let _ = writeln!(s, "\nimages ({})", self.images.len());
         let _ = writeln!(
             s,
@@ -207,6 +250,9 @@ impl InspectReport {
                 i.shared_layers
             );
         }
+    }
+
+    fn render_packages(&self, s: &mut String) {
         let _ = writeln!(s, "\npackages ({})", self.packages.len());
         for p in &self.packages {
             let where_ = match (&p.size, &p.inside) {
@@ -220,6 +266,9 @@ impl InspectReport {
                 p.kind, p.os, p.arch, p.object, p.version, p.name, where_
             );
         }
+    }
+
+    fn render_stack(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "\nstack ({} files{})",
@@ -232,6 +281,9 @@ impl InspectReport {
         for f in &self.stack {
             let _ = writeln!(s, "  {f}");
         }
+    }
+
+    fn render_regions(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "\nregions: required keys {}",
@@ -256,17 +308,5 @@ impl InspectReport {
                 }
             );
         }
-        let z = &self.sizes;
-        let _ = writeln!(
-            s,
-            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
-            human(z.images),
-            human(z.images_uncompressed),
-            human(z.packages),
-            human(z.stack),
-            human(z.binary),
-            human(z.total)
-        );
-        s
     }
 }

@@ -67,9 +67,9 @@ fn peak_memory() -> Option<String> {
 /// Run one command to its result (printed by the caller).
 fn dispatch(command: Command, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
     match command {
-        Command::Pack(a) => pack(a, reporter),
+        Command::Pack(a) => pack(a, &*reporter),
         Command::Verify(a) => verify(a, &*reporter),
-        Command::Inspect(a) => inspect(a),
+        Command::Inspect(a) => inspect(a, &*reporter),
         Command::Install(a) => install(a, reporter),
         Command::Regions(a) => regions(a, &*reporter),
         Command::InitPackages(a) => init_packages(a, &*reporter),
@@ -78,60 +78,16 @@ fn dispatch(command: Command, reporter: Arc<dyn Reporter>) -> Result<Output, Err
     }
 }
 
-fn pack(a: cli::PackArgs, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
-    let r = block_on(pack::run(a.into(), reporter))??;
-    Output::new(&r, pack_text(&r))
-}
-
-fn pack_text(r: &pack::PackReport) -> String {
-    format!(
-        "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
-        r.bundle,
-        r.version,
-        r.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        r.images,
-        r.layers,
-        inspect::human(r.image_bytes_uncompressed),
-        inspect::human(r.image_bytes_stored),
-        r.packages,
-        r.stack_files,
-        r.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
-        inspect::human(r.bytes),
-        r.seconds
-    )
+fn pack(a: cli::PackArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    Output::of(&pack::run(&a.into(), reporter)?)
 }
 
 fn verify(a: cli::VerifyArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
-    let r = verify::run(&a.into(), reporter)?;
-    Output::new(&r, verify_text(&r))
+    Output::of(&verify::run(&a.into(), reporter)?)
 }
 
-fn verify_text(r: &verify::VerifyReport) -> String {
-    let sig = match &r.signature {
-        verify::SignatureStatus::Unsigned => "unsigned".to_string(),
-        verify::SignatureStatus::Verified { key_id, .. } => {
-            format!("signature verified with trusted key {key_id}")
-        }
-        verify::SignatureStatus::SelfSigned { key_id, .. } => {
-            format!("signed by key {key_id}, NOT verified by a trusted key (checked only against the key inside the bundle; pass --key PUBKEY to check who signed it)")
-        }
-    };
-    let rate = r.bytes as f64 / r.seconds.max(1e-9);
-    format!(
-        "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
-        r.name,
-        r.version,
-        r.bundle,
-        r.files,
-        inspect::human(r.bytes),
-        r.seconds,
-        inspect::human(rate as u64)
-    )
-}
-
-fn inspect(a: cli::InspectArgs) -> Result<Output, Error> {
-    let r = inspect::run(&a.bundle)?;
-    Output::new(&r, r.render().trim_end().to_string())
+fn inspect(a: cli::InspectArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    Output::of(&inspect::run(&a.bundle, reporter)?)
 }
 
 fn install(a: cli::InstallArgs, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
@@ -159,9 +115,14 @@ fn regions(a: cli::RegionsArgs, reporter: &dyn Reporter) -> Result<Output, Error
             (mode, a.common, a.database_url)
         }
     };
-    let (manifest, _) = bkbundle::bundle::BundleReader::open(&common.bundle)?.manifest()?;
+    // Only the manifest is read: checked whole, every other entry left unread.
+    let open = bkbundle::bundle::OpenOptions {
+        check: bkbundle::bundle::Check::Structure,
+        ..Default::default()
+    };
+    let bundle = bkbundle::bundle::open_verified(&common.bundle, &open, reporter)?;
     let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
-    let mut opts = regions::RegionsOptions::new(mode, &manifest.regions, &config, site);
+    let mut opts = regions::RegionsOptions::new(mode, &bundle.manifest().regions, &config, site);
     opts.database_url = database_url;
     Output::of(&regions::run(&opts, reporter)?)
 }

@@ -5,6 +5,7 @@
 //! bkbundle supports" rather than a confusing serde error about a field it does not know. Unknown
 //! fields are rejected (serde `deny_unknown_fields`); the toml parser's message carries the line.
 
+use crate::bundle::layout;
 use crate::digest::is_sha256_hex;
 use crate::error::{Error, Kind};
 use serde::{Deserialize, Serialize};
@@ -527,13 +528,6 @@ pub struct Stack {
     pub files: Vec<String>,
 }
 
-/// Files that describe the bundle rather than being payload: not listed in `files`.
-pub const MANIFEST_PATH: &str = "bundle.toml";
-pub const SIGNATURE_PATH: &str = "bundle.toml.minisig";
-pub const PUBKEY_PATH: &str = "bundle.pub";
-pub const SUMS_PATH: &str = "SHA256SUMS";
-pub const BINARY_PATH: &str = "bin/bkbundle";
-
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
         check_format(text, origin, "bundle")?;
@@ -573,7 +567,8 @@ impl Manifest {
             if !is_safe_bundle_path(&f.path) {
                 p.push(format!("files: path {:?} is not a plain relative path", f.path));
             }
-            if [MANIFEST_PATH, SIGNATURE_PATH, PUBKEY_PATH, SUMS_PATH].contains(&f.path.as_str()) {
+            // Files that describe the bundle rather than being payload are never listed in `files`.
+            if layout::DESCRIPTIVE.contains(&f.path.as_str()) {
                 p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
             }
             if !is_sha256_hex(&f.sha256) {
@@ -649,19 +644,6 @@ impl Manifest {
             }
         }
         p
-    }
-
-    /// The `SHA256SUMS` text: one `<hex>  <path>` line per payload file, then the manifest's.
-    pub fn sha256sums(&self, manifest_sha256: &str, extra: &[(&str, String)]) -> String {
-        let mut out = String::new();
-        for f in &self.files {
-            out.push_str(&format!("{}  {}\n", f.sha256, f.path));
-        }
-        out.push_str(&format!("{manifest_sha256}  {MANIFEST_PATH}\n"));
-        for (path, sha) in extra {
-            out.push_str(&format!("{sha}  {path}\n"));
-        }
-        out
     }
 }
 
@@ -786,5 +768,91 @@ NODE_SERVER_URL = "${SERVER_URL}"
         let mut ok = m.clone();
         ok.images[0].layers.clear();
         assert_eq!(Manifest::parse(&ok.to_toml(), "bundle.toml").unwrap(), ok);
+    }
+
+    /// Every field of the manifest populated, so that its schema lists them all.
+    fn complete() -> Manifest {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let file = |path: String, sha: &str| FileEntry {
+            path,
+            size: 1,
+            sha256: sha.to_string(),
+        };
+        Manifest {
+            format: FORMAT,
+            bundle: BundleInfo {
+                name: "demo".into(),
+                version: "1".into(),
+                description: "d".into(),
+                created: "2026-01-01T00:00:00Z".into(),
+                created_by: "bkbundle".into(),
+                compression: Compression::Zstd,
+            },
+            files: vec![
+                file(layout::config_path(&a), &a),
+                file(layout::layer_path(&b, "zst"), &b),
+                file(layout::package_path("c.zip"), &a),
+                file(layout::stack_path("compose.yml"), &a),
+                file(layout::stack_path("env.template"), &a),
+            ],
+            layers: vec![Layer {
+                diff_id: format!("sha256:{b}"),
+                file: layout::layer_path(&b, "zst"),
+                size: 2,
+            }],
+            images: vec![Image {
+                refs: vec!["a:1".into()],
+                id: format!("sha256:{a}"),
+                config: layout::config_path(&a),
+                os: "linux".into(),
+                arch: "amd64".into(),
+                layers: vec![format!("sha256:{b}")],
+                size: 2,
+            }],
+            packages: vec![Package {
+                file: Some(layout::package_path("c.zip")),
+                name: "c.zip".into(),
+                kind: PackageType::Collector,
+                os: Os::Linux,
+                arch: "x86_64".into(),
+                object: "Telegraf".into(),
+                version: "1".into(),
+                description: "d".into(),
+                from: Some("c.zip".into()),
+                entry: Some("bin/telegraf".into()),
+                sha256: Some(a.clone()),
+                size: Some(1),
+            }],
+            stack: Some(Stack {
+                project: "demo".into(),
+                compose: layout::stack_path("compose.yml"),
+                env_template: Some(layout::stack_path("env.template")),
+                files: vec![layout::stack_path("compose.yml"), layout::stack_path("env.template")],
+            }),
+            regions: Regions {
+                required: vec!["NODE_SERVER_URL".into()],
+                env: BTreeMap::from([("NODE_SERVER_URL".into(), "${SERVER_URL}".into())]),
+                region: vec![RegionDef {
+                    name: "east".into(),
+                    introduction: "i".into(),
+                    proxy_address: "10.0.0.1".into(),
+                    env: BTreeMap::from([("NATS_URL".into(), "nats://x".into())]),
+                }],
+            },
+        }
+    }
+
+    /// The manifest's format as a committed schema (tests/snapshots/manifest.schema): a change
+    /// of a field shows in review. `BKBUNDLE_BLESS=1` rewrites the file.
+    #[test]
+    fn manifest_schema_matches_the_snapshot() {
+        let m = complete();
+        // The complete example is a valid manifest, and one that survives its own writer.
+        assert_eq!(Manifest::parse(&m.to_toml(), "bundle.toml").unwrap(), m);
+        let value = serde_json::to_value(&m).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/manifest.schema");
+        if let Err(e) = crate::schema::compare_snapshot(&path, &crate::schema::schema_lines(&value)) {
+            panic!("{e}");
+        }
     }
 }

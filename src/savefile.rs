@@ -234,7 +234,7 @@ fn store_layer<R: Read>(
         Box::new(src)
     };
     let ext = s.compression.extension();
-    let mut entry = out.begin(&bundle::layer_path("incoming", ext), 0o644)?;
+    let mut entry = out.begin(&bundle::layout::layer_path("incoming", ext), 0o644)?;
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let write_err = |e: io::Error| Error::io("cannot write bundle", std::path::Path::new("(layer)"), e);
@@ -267,7 +267,7 @@ fn store_layer<R: Read>(
     if stored.contains_key(&diff_id) {
         entry.discard()?;
     } else {
-        let f = entry.finish(Some(&bundle::layer_path(&hex, ext)))?;
+        let f = entry.finish(Some(&bundle::layout::layer_path(&hex, ext)))?;
         stored.insert(
             diff_id.clone(),
             StoredLayer {

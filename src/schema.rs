@@ -17,6 +17,11 @@
 
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::path::Path;
+
+/// The environment variable that makes [`compare_snapshot`] rewrite the snapshot instead of
+/// comparing with it (`BKBUNDLE_BLESS=1 cargo test`).
+pub const BLESS_ENV: &str = "BKBUNDLE_BLESS";
 
 /// More keys than this and an object is a map: no report struct has that many fields.
 pub const MAX_FIELDS: usize = 40;
@@ -27,6 +32,28 @@ pub fn schema_lines(v: &Value) -> String {
     let mut lines = BTreeSet::new();
     walk(v, ".", &mut lines);
     lines.into_iter().map(|(path, ty)| format!("{path}: {ty}\n")).collect()
+}
+
+pub fn compare_snapshot(path: &Path, actual: &str) -> Result<(), String> {
+    if std::env::var(BLESS_ENV).is_ok_and(|v| v == "1") {
+        return std::fs::write(path, actual).map_err(|e| format!("cannot write {}: {e}", path.display()));
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    if expected == actual {
+        return Ok(());
+    }
+    let (old, new): (BTreeSet<&str>, BTreeSet<&str>) = (expected.lines().collect(), actual.lines().collect());
+    let mut diff = String::new();
+    for l in old.difference(&new) {
+        diff.push_str(&format!("\n  - {l}"));
+    }
+    for l in new.difference(&old) {
+        diff.push_str(&format!("\n  + {l}"));
+    }
+    Err(format!(
+        "{} differs from what is produced now:{diff}\nif the change is intended, run the test again with {BLESS_ENV}=1 and commit the file",
+        path.display()
+    ))
 }
 
 /// Lines as (path, type), so that a path sorts right before the paths inside it.

@@ -308,10 +308,11 @@ impl PartSource {
         Ok(())
     }
 
-    /// A `Read` over `len` bytes starting at `offset`.
+    /// A `Read` (and `Seek`, for zip's central directory) over `len` bytes starting at `offset`.
     pub fn range(&self, offset: u64, len: u64) -> RangeReader<'_> {
         RangeReader {
             src: self,
+            start: offset,
             pos: offset,
             end: offset + len,
         }
@@ -320,13 +321,31 @@ impl PartSource {
 
 pub struct RangeReader<'a> {
     src: &'a PartSource,
+    start: u64,
     pos: u64,
     end: u64,
 }
 
+impl Seek for RangeReader<'_> {
+    /// Positions are relative to the range; seeking past its end is allowed (reads there return
+    /// nothing), before its start is not.
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let len = (self.end - self.start) as i128;
+        let at = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::End(d) => len + d as i128,
+            SeekFrom::Current(d) => (self.pos - self.start) as i128 + d as i128,
+        };
+        let at = u64::try_from(at)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of a bundle entry"))?;
+        self.pos = self.start.saturating_add(at);
+        Ok(at)
+    }
+}
+
 impl Read for RangeReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = ((self.end - self.pos) as usize).min(buf.len());
+        let want = (self.end.saturating_sub(self.pos) as usize).min(buf.len());
         if want == 0 {
             return Ok(0);
         }

@@ -2,13 +2,15 @@
 //! index of entries, and hands out readers over any entry without extracting anything.
 //!
 //! Opening checks the framing completely: every header's checksum, every entry inside the file,
-//! zero padding, the end-of-archive blocks and nothing after them. Content digests are checked by
-//! `verify`, which reads every byte.
+//! zero padding, the end-of-archive blocks and nothing after them. Content is checked against the
+//! manifest by [`super::verified`]: commands get a bundle only through
+//! [`super::open_verified`], so this index and its unchecked readers stay inside `bundle/`.
 
+use super::layout::MANIFEST as MANIFEST_PATH;
 use super::parts::{PartSource, RangeReader};
 use super::tarfmt::{self, BLOCK};
 use crate::error::{Error, Kind, Result};
-use crate::manifest::{is_safe_bundle_path, Manifest, MANIFEST_PATH};
+use crate::manifest::{is_safe_bundle_path, Manifest};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -22,8 +24,8 @@ pub struct Entry {
 }
 
 pub struct BundleReader {
-    pub src: PartSource,
-    pub entries: Vec<Entry>,
+    src: PartSource,
+    entries: Vec<Entry>,
     index: HashMap<String, usize>,
 }
 
@@ -46,12 +48,38 @@ impl BundleReader {
         self.index.get(path).map(|&i| &self.entries[i])
     }
 
-    pub fn reader(&self, e: &Entry) -> RangeReader<'_> {
+    /// Every regular file of the archive, in archive order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The bundle's length in bytes (all parts).
+    pub fn len(&self) -> u64 {
+        self.src.len
+    }
+
+    /// Whether the bundle has no bytes (never true of an opened one: opening refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.src.len == 0
+    }
+
+    /// How many files the bundle is (1, or its numbered parts).
+    pub fn parts(&self) -> usize {
+        self.src.parts.len()
+    }
+
+    /// Human name of the bundle for messages: the single file or its first part and the count.
+    pub fn display_name(&self) -> String {
+        self.src.display_name()
+    }
+
+    /// An unchecked reader over an entry's bytes: for `verified` only, which checks them.
+    pub(super) fn reader(&self, e: &Entry) -> RangeReader<'_> {
         self.src.range(e.offset, e.size)
     }
 
-    /// Read a small descriptive file whole.
-    pub fn read_small(&self, path: &str) -> Result<Option<Vec<u8>>> {
+    /// Read a small descriptive file whole (unchecked: `verified` checks it).
+    pub(super) fn read_small(&self, path: &str) -> Result<Option<Vec<u8>>> {
         let Some(e) = self.entry(path) else {
             return Ok(None);
         };
@@ -70,7 +98,7 @@ impl BundleReader {
     }
 
     /// Parse `bundle.toml` (format checked first).
-    pub fn manifest(&self) -> Result<(Manifest, Vec<u8>)> {
+    pub(super) fn manifest(&self) -> Result<(Manifest, Vec<u8>)> {
         let name = self.src.display_name();
         let bytes = self.read_small(MANIFEST_PATH)?.ok_or_else(|| {
             Error::bundle(format!(
@@ -360,6 +388,6 @@ mod tests {
         // The scan itself is fine with the valid remainder.
         let mut ok = crafted("images/", b'5', 0);
         ok.drain(..512);
-        assert_eq!(open_within(&ok).unwrap().entries.len(), 1);
+        assert_eq!(open_within(&ok).unwrap().entries().len(), 1);
     }
 }

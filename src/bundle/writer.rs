@@ -1,11 +1,13 @@
 //! Writes a bundle: payload entries streamed into the tar with their digests recorded, then the
-//! manifest, signature and `SHA256SUMS`, then the end of the archive.
+//! descriptive files (manifest, signature and public key, `SHA256SUMS`; see [`super::layout`]),
+//! then the end of the archive.
 
+use super::layout;
 use super::parts::PartSink;
 use super::tarfmt::{self, BLOCK};
-use crate::digest::Hasher;
+use crate::digest::{sha256_hex, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::{is_safe_bundle_path, FileEntry};
+use crate::manifest::{is_safe_bundle_path, FileEntry, Manifest};
 use std::collections::BTreeSet;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -103,10 +105,32 @@ impl BundleWriter {
     }
 
     /// Write a descriptive (non-payload) file such as `bundle.toml`: not recorded in `files`.
-    pub fn add_meta(&mut self, path: &str, data: &[u8]) -> Result<()> {
+    fn add_meta(&mut self, path: &str, data: &[u8]) -> Result<()> {
         self.add_bytes(path, 0o644, data)?;
         self.files.pop();
         Ok(())
+    }
+
+    /// Write the files that describe the payload: the manifest (`manifest_text`, the one
+    /// serialisation of `manifest`), its minisign signature and the signer's public key when
+    /// `signature` is `Some((signature, public key))`, and `SHA256SUMS` over the manifest's files
+    /// and those. Call once, after the last payload and before [`BundleWriter::commit`].
+    pub fn add_descriptive(
+        &mut self,
+        manifest: &Manifest,
+        manifest_text: &str,
+        signature: Option<(&str, &str)>,
+    ) -> Result<()> {
+        self.add_meta(layout::MANIFEST, manifest_text.as_bytes())?;
+        let mut extra = Vec::new();
+        if let Some((sig, pubkey)) = signature {
+            self.add_meta(layout::SIGNATURE, sig.as_bytes())?;
+            self.add_meta(layout::PUBKEY, pubkey.as_bytes())?;
+            extra.push((layout::SIGNATURE, sha256_hex(sig.as_bytes())));
+            extra.push((layout::PUBKEY, sha256_hex(pubkey.as_bytes())));
+        }
+        let sums = layout::sha256sums(&manifest.files, &sha256_hex(manifest_text.as_bytes()), &extra);
+        self.add_meta(layout::SUMS, sums.as_bytes())
     }
 
     /// End the archive and move it to its final name(s).

@@ -196,8 +196,12 @@ impl<'a> Ctx<'a> {
             findings: vec![],
         };
         if let Some(b) = &opts.bundle {
-            match crate::bundle::BundleReader::open(b).and_then(|r| r.manifest()) {
-                Ok((m, _)) => ctx.manifest = Some(m),
+            let open = crate::bundle::OpenOptions {
+                check: crate::bundle::Check::Structure,
+                ..Default::default()
+            };
+            match crate::bundle::open_verified(b, &open, &crate::progress::Silent) {
+                Ok(bundle) => ctx.manifest = Some(bundle.manifest().clone()),
                 Err(e) => ctx.add_error("bundle", b.display().to_string(), e),
             }
         }

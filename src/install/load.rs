@@ -7,7 +7,7 @@
 //! other end is the request body. All images that need loading go in one stream, so a layer
 //! shared by several images is sent once. Memory: a few 1 MiB chunks in flight.
 
-use crate::bundle::{tarfmt, BundleReader};
+use crate::bundle::{tarfmt, VerifiedBundle};
 use crate::error::{Error, Result};
 use crate::manifest::{Compression, Image, Manifest};
 use crate::progress::Task;
@@ -60,13 +60,13 @@ fn hex(digest: &str) -> &str {
 
 /// Write the `docker load` tar of `images` to `w`.
 pub fn write_load_tar(
-    reader: &BundleReader,
+    reader: &VerifiedBundle,
     m: &Manifest,
     images: &[&Image],
     w: &mut dyn Write,
     task: &dyn Task,
 ) -> Result<()> {
-    let name = reader.src.display_name();
+    let name = reader.display_name();
     let werr = |e: io::Error| Error::external(format!("streaming images to the Docker engine: {e}"));
     let put = |w: &mut dyn Write, path: &str, size: u64, data: &mut dyn Read, what: &str| -> Result<()> {
         w.write_all(&tarfmt::file_header(path, 0o644, size, 0)).map_err(werr)?;
@@ -101,16 +101,14 @@ pub fn write_load_tar(
     let mut sent = BTreeSet::new();
     let mut items = Vec::new();
     for img in images {
-        let cfg = reader
-            .entry(&img.config)
-            .ok_or_else(|| Error::bundle(format!("{name}: config of {} is missing", img.refs.join(", "))))?;
+        let mut cfg = reader.config(img)?;
         let cfg_path = format!("{}.json", hex(&img.id));
         if sent.insert(cfg_path.clone()) {
             put(
                 w,
                 &cfg_path,
-                cfg.size,
-                &mut reader.reader(cfg),
+                cfg.size(),
+                &mut cfg,
                 &format!("config of {}", img.refs.join(", ")),
             )?;
         }
@@ -121,10 +119,7 @@ pub fn write_load_tar(
                 .ok_or_else(|| Error::bundle(format!("{name}: layer {diff} is not in the manifest")))?;
             let path = format!("layers/{}.tar", hex(diff));
             if sent.insert(path.clone()) {
-                let entry = reader
-                    .entry(&layer.file)
-                    .ok_or_else(|| Error::bundle(format!("{name}: {} is missing", layer.file)))?;
-                let raw = reader.reader(entry);
+                let raw = reader.layer(layer)?;
                 let mut plain: Box<dyn Read> = match m.bundle.compression {
                     Compression::Zstd => Box::new(
                         zstd::stream::read::Decoder::new(raw).map_err(|e| Error::internal(format!("zstd: {e}")))?,
@@ -152,7 +147,7 @@ pub fn write_load_tar(
 
 /// Spawn the writer thread; returns the body stream for the engine and the thread's handle.
 pub fn spawn_load_stream(
-    reader: std::sync::Arc<BundleReader>,
+    reader: std::sync::Arc<VerifiedBundle>,
     manifest: std::sync::Arc<Manifest>,
     images: Vec<Image>,
     task: std::sync::Arc<dyn Task>,

@@ -14,7 +14,7 @@ pub mod offline;
 pub mod platform;
 pub mod staging;
 
-use crate::bundle::BundleReader;
+use crate::bundle::{self, layout, VerifiedBundle};
 use crate::digest::sha256_hex;
 use crate::engine::Engine;
 use crate::error::{Error, Kind, Result};
@@ -22,7 +22,6 @@ use crate::manifest::{Image, Manifest};
 use crate::progress::Reporter;
 use crate::site::config::InstallConfig;
 use crate::site::envfile;
-use crate::verify::{self, VerifyOptions};
 use compose::Compose;
 use journal::{BundleId, Journal};
 use serde::Serialize;
@@ -122,7 +121,7 @@ pub struct InstallReport {
 }
 
 struct Ctx {
-    reader: Arc<BundleReader>,
+    reader: Arc<VerifiedBundle>,
     manifest: Arc<Manifest>,
     config: InstallConfig,
     target: PathBuf,
@@ -137,27 +136,30 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
 
     // 1. Verify: a bundle that fails changes nothing.
     let t = Instant::now();
-    let vopts = VerifyOptions {
-        bundle: opts.bundle.clone(),
+    let vopts = bundle::OpenOptions {
         require_signature: opts.require_signature,
         key: opts.key.clone(),
         threads: None,
+        check: bundle::Check::Full,
     };
-    let (reader, manifest, vreport) = {
-        let r = reporter.clone();
-        tokio::task::spawn_blocking(move || verify::open_verified(&vopts, &*r))
+    let reader = {
+        let (r, path) = (reporter.clone(), opts.bundle.clone());
+        tokio::task::spawn_blocking(move || bundle::open_verified(&path, &vopts, &*r))
             .await
             .map_err(|e| Error::internal(format!("verify task: {e}")))??
     };
+    let manifest = reader.manifest().clone();
     steps.push(Step {
         name: "verify".into(),
         seconds: t.elapsed().as_secs_f64(),
-        detail: format!("{} files, {} bytes", vreport.files, vreport.bytes),
+        detail: format!("{} files, {} bytes", reader.files(), reader.bytes()),
     });
-    let stack = manifest
-        .stack
-        .clone()
-        .ok_or_else(|| Error::input(format!("bundle {} has no compose stack to install", vreport.bundle)))?;
+    let stack = manifest.stack.clone().ok_or_else(|| {
+        Error::input(format!(
+            "bundle {} has no compose stack to install",
+            reader.display_name()
+        ))
+    })?;
 
     let mut config = match &opts.config {
         Some(p) => InstallConfig::load(p)?,
@@ -177,7 +179,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         std::env::current_dir().map(|d| d.join(&target)).unwrap_or(target)
     };
     let project = config.project.clone().unwrap_or(stack.project.clone());
-    let strip = |p: &str| p.strip_prefix("stack/").unwrap_or(p).to_string();
+    let strip = |p: &str| layout::stack_relative(p).to_string();
     let ctx = Ctx {
         compose_file: target.join(strip(&stack.compose)),
         env_file: target.join(".env"),
@@ -190,12 +192,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     let id = BundleId {
         name: ctx.manifest.bundle.name.clone(),
         version: ctx.manifest.bundle.version.clone(),
-        manifest_sha256: sha256_hex(
-            ctx.reader
-                .read_small(crate::manifest::MANIFEST_PATH)?
-                .unwrap_or_default()
-                .as_slice(),
-        ),
+        manifest_sha256: ctx.reader.manifest_sha256().to_string(),
     };
     // Plan and preflight without the target's lock (a dry run never takes it); the lock is taken
     // before the first change, and when another run changed the target meanwhile, the plan is
@@ -419,6 +416,7 @@ async fn plan(
             regions: &ctx.manifest.regions,
             has_packages,
             bundle: &opts.bundle,
+            opened: Some(ctx.reader.clone()),
             config: &ctx.config,
             site,
             env: &env,
@@ -810,6 +808,8 @@ async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
 async fn upload_packages(x: &mut Exec<'_>) -> Result<String> {
     let (ctx, reporter) = (x.ctx, x.reporter);
     let mut popts = crate::packages::PackagesOptions::new(x.opts.bundle.clone(), &ctx.config, x.site.clone());
+    // The bundle install verified, not opened again.
+    popts.opened = Some(ctx.reader.clone());
     popts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
     reporter.note("uploading the agent packages to the NATS object store and recording their rows");
     let failed = |e: Error| {
@@ -1007,19 +1007,15 @@ fn plan_files(
 ) -> Result<(Vec<PlannedFile>, Option<envfile::Rendered>)> {
     let mut files = Vec::new();
     for path in &stack.files {
-        let entry = ctx
-            .reader
-            .entry(path)
-            .ok_or_else(|| Error::bundle(format!("stack file {path} is missing from the bundle")))?;
-        let content = ctx.reader.read_small(path)?.unwrap_or_default();
-        let rel = path.strip_prefix("stack/").unwrap_or(path).to_string();
-        let mode = if entry.mode & 0o111 != 0 { 0o755 } else { 0o644 };
+        let bundle::StackFile { content, mode } = ctx.reader.stack_file(path)?;
+        let rel = layout::stack_relative(path).to_string();
+        let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
         files.push(decide(&ctx.target, rel, content, mode, journal));
     }
     // .env: rendered from the template, merged with what is there.
     let mut env = None;
     if let Some(t) = &stack.env_template {
-        let template = String::from_utf8_lossy(&ctx.reader.read_small(t)?.unwrap_or_default()).into_owned();
+        let template = String::from_utf8_lossy(&ctx.reader.stack_file(t)?.content).into_owned();
         let existing = std::fs::read_to_string(&ctx.env_file).ok();
         let mut secret_err = None;
         let rendered = envfile::render(&template, existing.as_deref(), &ctx.config.env, || {

@@ -85,9 +85,11 @@ pub struct PlatformPlan {
 pub struct Inputs<'a> {
     /// The bundle's `[regions]`.
     pub regions: &'a Regions,
-    /// Whether the bundle has packages (read from `bundle`).
+    /// Whether the bundle has packages (read from `opened`, else `bundle`).
     pub has_packages: bool,
     pub bundle: &'a Path,
+    /// The bundle as install verified it.
+    pub opened: Option<std::sync::Arc<crate::bundle::VerifiedBundle>>,
     pub config: &'a InstallConfig,
     pub site: &'a BTreeMap<String, String>,
     pub env: &'a (dyn Fn(&str) -> Option<String> + Sync),
@@ -140,7 +142,7 @@ pub struct Seams<'a> {
 pub async fn plan_on(
     i: &Inputs<'_>,
     seams: &Seams<'_>,
-    bundle: Option<&std::sync::Arc<crate::bundle::BundleReader>>,
+    bundle: Option<&std::sync::Arc<crate::bundle::VerifiedBundle>>,
     inputs: &[packages::Input],
 ) -> (PlatformPlan, Vec<String>) {
     let mut out = PlatformPlan::default();
@@ -196,6 +198,7 @@ fn bucket_name(i: &Inputs<'_>, release: &Release) -> String {
 
 fn package_options(i: &Inputs<'_>) -> PackagesOptions {
     let mut opts = PackagesOptions::new(i.bundle.to_path_buf(), i.config, i.site.clone());
+    opts.opened = i.opened.clone();
     opts.dry_run = true;
     opts
 }
@@ -279,7 +282,7 @@ async fn objects(
     release: &Release,
     store: Option<&dyn ObjectStore>,
     bucket: &str,
-    bundle: Option<&std::sync::Arc<crate::bundle::BundleReader>>,
+    bundle: Option<&std::sync::Arc<crate::bundle::VerifiedBundle>>,
     inputs: &[packages::Input],
 ) -> Result<Vec<PlannedObject>, packages::PackagesError> {
     let opts = package_options(i);
@@ -392,6 +395,7 @@ mod tests {
             regions: &regions,
             has_packages: true,
             bundle: dir.path(),
+            opened: None,
             config: &config,
             site: &site,
             env: &no_env,
@@ -462,6 +466,7 @@ mod tests {
             regions: &regions,
             has_packages: true,
             bundle: dir.path(),
+            opened: None,
             config: &config,
             site: &site,
             env: &no_env,
@@ -499,6 +504,7 @@ mod tests {
             regions: &regions,
             has_packages: false,
             bundle: dir.path(),
+            opened: None,
             config: &config,
             site: &site,
             env: &no_env,

@@ -24,7 +24,7 @@
 pub mod dir;
 pub mod source;
 
-use crate::bundle::BundleReader;
+use crate::bundle::{open_verified, Check, OpenOptions, VerifiedBundle};
 use crate::error::{Error, Kind};
 use crate::manifest::{normalize_arch, Package, PackageType};
 use crate::platform::db::DbError;
@@ -49,8 +49,11 @@ const LATEST: &str = "latest";
 
 #[derive(Debug, Clone)]
 pub struct PackagesOptions {
-    /// The bundle holding the packages (`--bundle`).
+    /// The bundle holding the packages (`--bundle`), opened with [`Check::Structure`].
     pub bundle: Option<PathBuf>,
+    /// Or the bundle already opened (and verified) by the caller: install hands the one it
+    /// checked, so that it is neither opened nor checked twice. Wins over `bundle`.
+    pub opened: Option<Arc<VerifiedBundle>>,
     /// Or a directory of package files recognised by name (`--dir`), with `overrides`.
     pub dir: Option<PathBuf>,
     pub overrides: dir::Overrides,
@@ -74,6 +77,7 @@ impl PackagesOptions {
     pub fn new(bundle: PathBuf, config: &InstallConfig, site: BTreeMap<String, String>) -> PackagesOptions {
         PackagesOptions {
             bundle: Some(bundle),
+            opened: None,
             dir: None,
             overrides: dir::Overrides::default(),
             force: false,
@@ -271,78 +275,91 @@ fn label(p: &Package) -> String {
 
 /// The packages to upload: the bundle's (opened, its manifest read; collectors inside the
 /// controller package located) or the directory's (recognised by name). Every problem at once.
-pub fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<BundleReader>>, Vec<Input>), PackagesError> {
-    match (&opts.bundle, &opts.dir) {
-        (Some(_), Some(_)) => Err(PackagesError::Input("give either --bundle or --dir, not both".into())),
-        (None, None) => Err(PackagesError::Input(
-            "no packages to upload: give --bundle BUNDLE or --dir DIR".into(),
-        )),
-        (None, Some(d)) => {
-            let found = dir::scan(d, &opts.overrides).map_err(PackagesError::Dir)?;
-            let inputs = found
-                .into_iter()
-                .map(|(pkg, source)| Input {
-                    pkg,
-                    source,
-                    known: None,
-                })
-                .collect();
-            Ok((None, inputs))
+pub fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<VerifiedBundle>>, Vec<Input>), PackagesError> {
+    let from_bundle = opts.opened.is_some() || opts.bundle.is_some();
+    if let Some(d) = &opts.dir {
+        if from_bundle {
+            return Err(PackagesError::Input("give either --bundle or --dir, not both".into()));
         }
-        (Some(path), None) => {
-            let bundle = Arc::new(BundleReader::open(path).map_err(PackagesError::Bundle)?);
-            let (manifest, _) = bundle.manifest().map_err(PackagesError::Bundle)?;
-            let files: BTreeMap<&str, &crate::manifest::FileEntry> =
-                manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
-            let controllers: BTreeMap<&str, &Package> = manifest
-                .packages
-                .iter()
-                .filter(|p| p.kind == PackageType::Controller)
-                .map(|p| (p.name.as_str(), p))
-                .collect();
-            let mut inputs = Vec::new();
-            let mut problems = Vec::new();
-            for p in &manifest.packages {
-                let source = match (&p.file, &p.from, &p.entry) {
-                    (Some(f), _, _) => Source::Entry(f.clone()),
-                    (None, Some(from), Some(entry)) => {
-                        match controllers.get(from.as_str()).and_then(|c| c.file.clone()) {
-                            Some(c) => Source::Inner {
-                                container: c,
-                                entry: entry.clone(),
-                            },
-                            None => {
-                                problems.push(format!(
-                                    "package {}: its controller package {from} is not in the bundle",
-                                    label(p)
-                                ));
-                                continue;
-                            }
-                        }
-                    }
-                    _ => {
-                        problems.push(format!("package {}: neither a file nor from/entry", label(p)));
-                        continue;
-                    }
-                };
-                let recorded = match (&p.sha256, p.size, &p.file) {
-                    (Some(h), Some(sz), _) => Some((h.as_str(), sz)),
-                    (_, _, Some(f)) => files.get(f.as_str()).map(|e| (e.sha256.as_str(), e.size)),
-                    _ => None,
-                };
-                let known = recorded.and_then(|(h, sz)| crate::digest::sha256_from_hex(h).map(|b| (b, sz)));
-                inputs.push(Input {
-                    pkg: p.clone(),
-                    source,
-                    known,
-                });
-            }
-            if !problems.is_empty() {
-                return Err(PackagesError::Input(problems.join("\n")));
-            }
-            Ok((Some(bundle), inputs))
-        }
+        let found = dir::scan(d, &opts.overrides).map_err(PackagesError::Dir)?;
+        let inputs = found
+            .into_iter()
+            .map(|(pkg, source)| Input {
+                pkg,
+                source,
+                known: None,
+            })
+            .collect();
+        return Ok((None, inputs));
     }
+    let bundle = match (&opts.opened, &opts.bundle) {
+        (Some(b), _) => b.clone(),
+        (None, Some(path)) => {
+            let open = OpenOptions {
+                check: Check::Structure,
+                ..Default::default()
+            };
+            Arc::new(open_verified(path, &open, &crate::progress::Silent).map_err(PackagesError::Bundle)?)
+        }
+        (None, None) => {
+            return Err(PackagesError::Input(
+                "no packages to upload: give --bundle BUNDLE or --dir DIR".into(),
+            ))
+        }
+    };
+    bundle_inputs(bundle)
+}
+
+/// The bundle's packages, collectors inside the controller package located. Every problem at once.
+fn bundle_inputs(bundle: Arc<VerifiedBundle>) -> Result<(Option<Arc<VerifiedBundle>>, Vec<Input>), PackagesError> {
+    let manifest = bundle.manifest();
+    let files: BTreeMap<&str, &crate::manifest::FileEntry> =
+        manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let controllers: BTreeMap<&str, &Package> = manifest
+        .packages
+        .iter()
+        .filter(|p| p.kind == PackageType::Controller)
+        .map(|p| (p.name.as_str(), p))
+        .collect();
+    let mut inputs = Vec::new();
+    let mut problems = Vec::new();
+    for p in &manifest.packages {
+        let source = match (&p.file, &p.from, &p.entry) {
+            (Some(f), _, _) => Source::Entry(f.clone()),
+            (None, Some(from), Some(entry)) => match controllers.get(from.as_str()).and_then(|c| c.file.clone()) {
+                Some(c) => Source::Inner {
+                    container: c,
+                    entry: entry.clone(),
+                },
+                None => {
+                    problems.push(format!(
+                        "package {}: its controller package {from} is not in the bundle",
+                        label(p)
+                    ));
+                    continue;
+                }
+            },
+            _ => {
+                problems.push(format!("package {}: neither a file nor from/entry", label(p)));
+                continue;
+            }
+        };
+        let recorded = match (&p.sha256, p.size, &p.file) {
+            (Some(h), Some(sz), _) => Some((h.as_str(), sz)),
+            (_, _, Some(f)) => files.get(f.as_str()).map(|e| (e.sha256.as_str(), e.size)),
+            _ => None,
+        };
+        let known = recorded.and_then(|(h, sz)| crate::digest::sha256_from_hex(h).map(|b| (b, sz)));
+        inputs.push(Input {
+            pkg: p.clone(),
+            source,
+            known,
+        });
+    }
+    if !problems.is_empty() {
+        return Err(PackagesError::Input(problems.join("\n")));
+    }
+    Ok((Some(bundle), inputs))
 }
 
 fn process_env(name: &str) -> Option<String> {
@@ -379,7 +396,7 @@ pub async fn run_with_env(
 /// the bucket's lock and run [`run_on`].
 pub async fn run_connected(
     opts: &PackagesOptions,
-    bundle: Option<&Arc<BundleReader>>,
+    bundle: Option<&Arc<VerifiedBundle>>,
     inputs: &[Input],
     db: &dyn PlatformDb,
     env: &dyn Fn(&str) -> Option<String>,
@@ -455,7 +472,7 @@ pub struct Seams<'a> {
 /// What one run works on: its options, the packages and where their bytes are, the release.
 pub struct Run<'a> {
     pub opts: &'a PackagesOptions,
-    pub bundle: Option<&'a Arc<BundleReader>>,
+    pub bundle: Option<&'a Arc<VerifiedBundle>>,
     pub inputs: &'a [Input],
     pub release: &'a Release,
     /// The bucket lock holder's list of uploads begun (none in a dry run).
@@ -857,7 +874,7 @@ enum PutFailure {
 /// size read.
 async fn put(
     s: &dyn ObjectStore,
-    bundle: Option<&Arc<BundleReader>>,
+    bundle: Option<&Arc<VerifiedBundle>>,
     pl: &Planned,
     chunk: usize,
     pending: Option<&Pending>,
@@ -877,7 +894,7 @@ async fn put(
 
 async fn put_chunks(
     s: &dyn ObjectStore,
-    bundle: Option<&Arc<BundleReader>>,
+    bundle: Option<&Arc<VerifiedBundle>>,
     pl: &Planned,
     chunk: usize,
     nuid: &str,

@@ -1,10 +1,10 @@
 //! Reading a package's bytes straight from the bundle, without extracting anything: a bundle
 //! entry, or a file inside a controller package (zip or tar.gz) that is itself a bundle entry;
-//! or, for `init-packages --dir`, a plain file on disk.
+//! or, for `init-packages --dir`, a plain file on disk. The bundle's bytes come through
+//! [`VerifiedBundle`]'s checked readers: a damaged package fails its read, naming both digests.
 
-use crate::bundle::parts::PartSource;
-use crate::bundle::BundleReader;
-use std::io::{self, Read, Seek, SeekFrom};
+use crate::bundle::VerifiedBundle;
+use std::io::{self, Read};
 use std::path::PathBuf;
 
 /// Where a package's bytes are.
@@ -28,41 +28,6 @@ impl Source {
     }
 }
 
-/// A seekable view of a bundle entry (zip needs to seek to its central directory).
-struct SeekRange<'a> {
-    src: &'a PartSource,
-    offset: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl Read for SeekRange<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = (self.len.saturating_sub(self.pos) as usize).min(buf.len());
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.src.read_at(self.offset + self.pos, &mut buf[..want])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for SeekRange<'_> {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let p = match to {
-            SeekFrom::Start(p) => p as i128,
-            SeekFrom::End(d) => self.len as i128 + d as i128,
-            SeekFrom::Current(d) => self.pos as i128 + d as i128,
-        };
-        if p < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"));
-        }
-        self.pos = p as u64;
-        Ok(self.pos)
-    }
-}
-
 /// Whether archive path `name` is `entry`, at the root or under one top-level directory.
 fn matches_entry(name: &str, entry: &str) -> bool {
     let name = name.trim_start_matches("./");
@@ -77,10 +42,15 @@ fn not_found(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, what.to_string())
 }
 
+/// The bundle's own error (entry not listed, digest differs) as the `io::Error` callers expect.
+fn bundle_error(e: crate::error::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.message)
+}
+
 /// Run `f` over a reader of the source's bytes (streamed: nothing is held whole in memory).
 /// `bundle` is needed for the bundle's sources only.
 pub fn with_reader<T>(
-    bundle: Option<&BundleReader>,
+    bundle: Option<&VerifiedBundle>,
     source: &Source,
     f: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> io::Result<T> {
@@ -91,26 +61,14 @@ pub fn with_reader<T>(
             f(&mut file)
         }
         Source::Entry(path) => {
-            let bundle = need_bundle()?;
-            let e = bundle
-                .entry(path)
-                .ok_or_else(|| not_found(format!("{path} is not in the bundle")))?;
-            let mut r = bundle.reader(e);
+            let mut r = need_bundle()?.package(path).map_err(bundle_error)?;
             f(&mut r)
         }
         Source::Inner { container, entry } => {
-            let bundle = need_bundle()?;
-            let e = bundle
-                .entry(container)
-                .ok_or_else(|| not_found(format!("{container} is not in the bundle")))?;
+            // The container is read as an archive, not front to back: checked whole first.
+            let r = need_bundle()?.package_archive(container).map_err(bundle_error)?;
             let lower = container.to_ascii_lowercase();
             if lower.ends_with(".zip") {
-                let r = SeekRange {
-                    src: &bundle.src,
-                    offset: e.offset,
-                    len: e.size,
-                    pos: 0,
-                };
                 let mut zip = zip::ZipArchive::new(r).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 let index = (0..zip.len())
                     .find(|&i| matches!(zip.name_for_index(i), Some(Ok(n)) if matches_entry(&n, entry)))
@@ -120,11 +78,10 @@ pub fn with_reader<T>(
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 f(&mut file)
             } else {
-                let raw = bundle.reader(e);
                 let inner: Box<dyn Read> = if lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
-                    Box::new(flate2::read::GzDecoder::new(raw))
+                    Box::new(flate2::read::GzDecoder::new(r))
                 } else {
-                    Box::new(raw)
+                    Box::new(r)
                 };
                 let mut ar = tar::Archive::new(inner);
                 for item in ar.entries()? {
@@ -141,7 +98,7 @@ pub fn with_reader<T>(
 }
 
 /// SHA-256 and size of a source, streamed.
-pub fn hash(bundle: Option<&BundleReader>, source: &Source) -> io::Result<([u8; 32], u64)> {
+pub fn hash(bundle: Option<&VerifiedBundle>, source: &Source) -> io::Result<([u8; 32], u64)> {
     let (hex, size) = with_reader(bundle, source, |r| crate::digest::sha256_reader(r))?;
     let sha = crate::digest::sha256_from_hex(&hex).ok_or_else(|| io::Error::other("internal: bad digest"))?;
     Ok((sha, size))

@@ -4,11 +4,7 @@
 
 use crate::harness::{bkbundle, free_port, random_alnum, NatsOpts, NatsServer, PgCluster};
 use bkbundle::bundle::{BundleReader, BundleWriter};
-use bkbundle::digest::sha256_hex;
-use bkbundle::manifest::{
-    BundleInfo, Compression, Manifest, Os, Package, PackageType, Stack, FORMAT, MANIFEST_PATH, PUBKEY_PATH,
-    SIGNATURE_PATH, SUMS_PATH,
-};
+use bkbundle::manifest::{BundleInfo, Compression, Manifest, Os, Package, PackageType, Stack, FORMAT};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -128,18 +124,12 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
     };
     edit(&mut m);
     let text = m.to_toml();
-    w.add_meta(MANIFEST_PATH, text.as_bytes()).unwrap();
-    let mut extra = Vec::new();
-    if let Some(key) = sign {
+    let signature = sign.map(|key| {
         let signer = bkbundle::sign::Signer::load(key).unwrap();
-        let (sig, pubkey) = signer.sign(text.as_bytes(), "timestamp:0\tfile:bundle.toml").unwrap();
-        w.add_meta(SIGNATURE_PATH, sig.as_bytes()).unwrap();
-        w.add_meta(PUBKEY_PATH, pubkey.as_bytes()).unwrap();
-        extra.push((SIGNATURE_PATH, sha256_hex(sig.as_bytes())));
-        extra.push((PUBKEY_PATH, sha256_hex(pubkey.as_bytes())));
-    }
-    let sums = m.sha256sums(&sha256_hex(text.as_bytes()), &extra);
-    w.add_meta(SUMS_PATH, sums.as_bytes()).unwrap();
+        signer.sign(text.as_bytes(), "timestamp:0\tfile:bundle.toml").unwrap()
+    });
+    w.add_descriptive(&m, &text, signature.as_ref().map(|(s, p)| (s.as_str(), p.as_str())))
+        .unwrap();
     w.commit().unwrap();
     path.to_path_buf()
 }
@@ -396,8 +386,8 @@ fn a_damaged_header_names_the_entries_around_it() {
     let b = small_bundle(&dir.path().join("b.bkb"), None);
     let reader = BundleReader::open(&b).unwrap();
     // The second entry's header: the block before its data.
-    let second = reader.entries[1].clone();
-    let first = reader.entries[0].path.clone();
+    let second = reader.entries()[1].clone();
+    let first = reader.entries()[0].path.clone();
     drop(reader);
     let mut bytes = fs::read(&b).unwrap();
     let at = (second.offset - 512) as usize;
@@ -738,11 +728,8 @@ fn fuzz_every_damaged_bundle_ends_in_a_verdict_within_bounds() {
                 let mut ok = 0;
                 if let Ok(r) = BundleReader::open(&b2) {
                     // The index hands out only ranges inside the bundle, under plain names.
-                    for e in &r.entries {
-                        assert!(
-                            e.offset.checked_add(e.size).is_some_and(|end| end <= r.src.len),
-                            "{e:?}"
-                        );
+                    for e in r.entries() {
+                        assert!(e.offset.checked_add(e.size).is_some_and(|end| end <= r.len()), "{e:?}");
                         assert!(bkbundle::manifest::is_safe_bundle_path(&e.path), "{e:?}");
                     }
                 }
@@ -759,7 +746,7 @@ fn fuzz_every_damaged_bundle_ends_in_a_verdict_within_bounds() {
                         Err(e) => assert!(!e.message.is_empty()),
                     }
                 }
-                if let Err(e) = bkbundle::inspect::run(&b2) {
+                if let Err(e) = bkbundle::inspect::run(&b2, &reporter) {
                     assert!(!e.message.is_empty());
                 }
                 ok

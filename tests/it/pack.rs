@@ -252,7 +252,7 @@ fn a_flipped_byte_anywhere_fails_verification() {
     // Every entry's header (name, checksum padding), first/middle/last data byte, padding,
     // the end-of-archive blocks, plus pseudo-random positions.
     let mut positions = vec![0u64, 155, 511, len - 1, len - 1024];
-    for e in &reader.entries {
+    for e in reader.entries() {
         let h = e.offset - 512;
         positions.extend([
             h + 10,

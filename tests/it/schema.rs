@@ -22,29 +22,10 @@ fn assert_schema(name: &str, r: &Run) {
             r.stdout, r.stderr
         )
     });
-    let got = bkbundle::schema::schema_lines(&v);
     let path = repo_root().join("tests/snapshots").join(format!("{name}.schema"));
-    let want = fs::read_to_string(&path).unwrap_or_default();
-    if got == want {
-        return;
+    if let Err(e) = bkbundle::schema::compare_snapshot(&path, &bkbundle::schema::schema_lines(&v)) {
+        panic!("the schema of `{name} --json`: {e}");
     }
-    if std::env::var_os("BKBUNDLE_BLESS").is_some_and(|v| v == "1") {
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, &got).unwrap();
-        return;
-    }
-    let (old, new) = (lines(&want), lines(&got));
-    panic!(
-        "the schema of `{name} --json` differs from {}:\n  gone: {:?}\n  new:  {:?}\n\
-         if the change is meant, run the test with BKBUNDLE_BLESS=1 and commit the snapshot",
-        path.display(),
-        old.difference(&new).collect::<Vec<_>>(),
-        new.difference(&old).collect::<Vec<_>>(),
-    );
-}
-
-fn lines(s: &str) -> std::collections::BTreeSet<&str> {
-    s.lines().collect()
 }
 
 fn arg(p: &Path) -> &str {
@@ -153,18 +134,9 @@ fn plan_text(plan: &serde_json::Value) -> String {
 /// Compare `got` with `tests/snapshots/{name}` (or write it, blessed).
 fn assert_snapshot(name: &str, got: &str) {
     let path = repo_root().join("tests/snapshots").join(name);
-    let want = fs::read_to_string(&path).unwrap_or_default();
-    if got == want {
-        return;
+    if let Err(e) = bkbundle::schema::compare_snapshot(&path, got) {
+        panic!("{e}");
     }
-    if std::env::var_os("BKBUNDLE_BLESS").is_some_and(|v| v == "1") {
-        fs::write(&path, got).unwrap();
-        return;
-    }
-    panic!(
-        "{} differs:\n--- snapshot\n{want}--- now\n{got}\nif the change is meant, run the test with BKBUNDLE_BLESS=1 and commit the snapshot",
-        path.display()
-    );
 }
 
 #[test]

@@ -1,0 +1,106 @@
+//! The manifest of what was written, checked, signed, and the bundle's descriptive files; the
+//! report from it.
+
+use super::images::Written;
+use super::inputs::Plan;
+use super::{rfc3339, PackReport};
+use crate::bundle::{layout, BundleWriter};
+use crate::error::{Error, Result};
+use crate::manifest::{BundleInfo, Manifest, Package, Stack, FORMAT};
+use crate::sign::{self, Signer};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The manifest for the payload `writer` holds; a manifest that fails its own cross-checks is a
+/// bug of pack, refused before it is written.
+pub(super) fn build(
+    plan: &Plan,
+    now: u64,
+    writer: &BundleWriter,
+    written: Written,
+    packages: Vec<Package>,
+    stack: Option<Stack>,
+) -> Result<Manifest> {
+    let recipe = &plan.recipe;
+    let m = Manifest {
+        format: FORMAT,
+        bundle: BundleInfo {
+            name: recipe.bundle.name.clone(),
+            version: recipe.bundle.version.clone(),
+            description: recipe.bundle.description.clone(),
+            created: rfc3339(now),
+            created_by: format!("bkbundle {}", env!("CARGO_PKG_VERSION")),
+            compression: plan.compression,
+        },
+        files: writer.files().to_vec(),
+        layers: written.layers,
+        images: written.images,
+        packages,
+        stack,
+        regions: recipe.regions.clone(),
+    };
+    let problems = m.problems();
+    if !problems.is_empty() {
+        return Err(Error::internal(format!(
+            "the manifest being written is inconsistent: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(m)
+}
+
+/// Write the manifest, its signature when there is a signer, and `SHA256SUMS`. Returns the
+/// signing key's id.
+pub(super) fn write(
+    m: &Manifest,
+    signer: Option<&Signer>,
+    now: u64,
+    writer: &mut BundleWriter,
+) -> Result<Option<String>> {
+    let text = m.to_toml();
+    let signature = match signer {
+        Some(signer) => {
+            let comment = format!(
+                "timestamp:{now}\tfile:{}\tbundle:{} {}",
+                layout::MANIFEST,
+                m.bundle.name,
+                m.bundle.version
+            );
+            Some(signer.sign(text.as_bytes(), &comment)?)
+        }
+        None => None,
+    };
+    writer.add_descriptive(m, &text, signature.as_ref().map(|(s, p)| (s.as_str(), p.as_str())))?;
+    Ok(signature
+        .and_then(|(_, pubkey)| sign::parse_public_key(&pubkey).ok())
+        .map(|pk| sign::key_id(pk.keynum())))
+}
+
+/// The report of a finished pack.
+pub(super) fn report(
+    m: &Manifest,
+    output: Vec<PathBuf>,
+    bytes: u64,
+    signed_by: Option<String>,
+    t0: Instant,
+    steps: Vec<(String, f64)>,
+) -> PackReport {
+    let stored = |path: &str| m.file(path).map(|f| f.size).unwrap_or(0);
+    let image_bytes_stored =
+        m.layers.iter().map(|l| stored(&l.file)).sum::<u64>() + m.images.iter().map(|i| stored(&i.config)).sum::<u64>();
+    PackReport {
+        bundle: m.bundle.name.clone(),
+        version: m.bundle.version.clone(),
+        output,
+        bytes,
+        images: m.images.len(),
+        layers: m.layers.len(),
+        image_bytes_uncompressed: m.layers.iter().map(|l| l.size).sum(),
+        image_bytes_stored,
+        packages: m.packages.len(),
+        stack_files: m.stack.as_ref().map(|s| s.files.len()).unwrap_or(0),
+        signed_by,
+        seconds: t0.elapsed().as_secs_f64(),
+        steps,
+    }
+}

@@ -1,0 +1,162 @@
+//! `bkbundle pack`: turn a recipe into a bundle.
+//!
+//! Everything that can be checked before writing is checked first (recipe, package archives,
+//! stack files, image availability), so a bad input fails in seconds and names the thing. Then
+//! images stream from the engine (`docker save` through the API, all engine images in one stream so
+//! the engine sends shared layers once) or from archives on disk straight into the bundle: no
+//! staging copy, memory bounded by buffers. The bundle is written under a temporary name and
+//! renamed at the end.
+//!
+//! One module per step, [`run`] the sequence of them:
+//! - [`inputs`]: the recipe and the checks of every input, all problems at once;
+//! - [`images`]: engine images and image archives into layers and configs;
+//! - [`packages`]: agent packages, stack files and the bkbundle binary;
+//! - [`manifest`]: the manifest built from what was written, signed, and the bundle closed.
+
+mod images;
+mod inputs;
+mod manifest;
+mod packages;
+
+use crate::bundle::BundleWriter;
+use crate::error::Result;
+use crate::inspect::human;
+use crate::manifest::Compression;
+use crate::progress::Reporter;
+use crate::report::Report;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+pub use inputs::PackInputError;
+
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub recipe: PathBuf,
+    pub output: PathBuf,
+    pub compression: Compression,
+    /// zstd 1..19 (default 3) or gzip 1..9 (default 6).
+    pub level: Option<i32>,
+    pub split_size: Option<u64>,
+    pub sign_key: Option<PathBuf>,
+    /// Compression worker threads (zstd); default: the number of CPUs.
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PackReport {
+    pub bundle: String,
+    pub version: String,
+    pub output: Vec<PathBuf>,
+    pub bytes: u64,
+    pub images: usize,
+    pub layers: usize,
+    pub image_bytes_uncompressed: u64,
+    pub image_bytes_stored: u64,
+    pub packages: usize,
+    pub stack_files: usize,
+    pub signed_by: Option<String>,
+    pub seconds: f64,
+    pub steps: Vec<(String, f64)>,
+}
+
+/// Pack the recipe of `opts` into its bundle; progress through `reporter`.
+pub fn run(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport> {
+    crate::runtime::block_on(pack(opts, reporter))?
+}
+
+async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport> {
+    let t0 = Instant::now();
+    let mut steps = Vec::new();
+    let plan = inputs::read(opts)?;
+
+    // 1. Check every input before writing anything.
+    let t = Instant::now();
+    let checked = inputs::check(&plan, reporter).await?;
+    steps.push(("check inputs".to_string(), t.elapsed().as_secs_f64()));
+
+    // 2. Write: images, then packages, stack and the binary.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut writer = create_output(opts, now)?;
+    let t = Instant::now();
+    let written = images::write(&plan, checked.engine.as_ref(), &mut writer, reporter).await?;
+    steps.push(("images".to_string(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let packages = packages::write_packages(&checked, &mut writer, reporter)?;
+    let stack = packages::write_stack(&plan.recipe, &checked, &mut writer)?;
+    packages::write_binary(&mut writer)?;
+    steps.push(("packages and stack".to_string(), t.elapsed().as_secs_f64()));
+
+    // 3. Manifest, signature, sums; then commit.
+    let m = manifest::build(&plan, now, &writer, written, packages, stack)?;
+    let signed_by = manifest::write(&m, plan.signer.as_ref(), now, &mut writer)?;
+    let bytes = writer.position()? + 1024;
+    let output = writer.commit()?;
+    Ok(manifest::report(&m, output, bytes, signed_by, t0, steps))
+}
+
+/// The bundle writer at `opts.output` (temporary names until commit).
+fn create_output(opts: &PackOptions, now: u64) -> Result<BundleWriter> {
+    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(PackInputError::OutputDir(dir.to_path_buf()).into());
+        }
+    }
+    BundleWriter::create(&opts.output, opts.split_size, now)
+}
+
+impl Report for PackReport {
+    fn render(&self) -> String {
+        format!(
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
+            self.bundle,
+            self.version,
+            self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            self.images,
+            self.layers,
+            human(self.image_bytes_uncompressed),
+            human(self.image_bytes_stored),
+            self.packages,
+            self.stack_files,
+            self.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
+            human(self.bytes),
+            self.seconds
+        )
+    }
+}
+
+/// RFC 3339 UTC time from Unix seconds (civil-from-days, no date crate needed).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_316_645), "2026-11-22T03:04:05Z");
+    }
+}
