@@ -6,14 +6,12 @@ mod cli;
 use bkbundle::error::Error;
 use bkbundle::printer::{Output, Printer};
 use bkbundle::progress::{Reporter, Terminal};
-use bkbundle::runtime::block_on;
 use bkbundle::site::{config::InstallConfig, envfile};
 use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, RegionsCommand};
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -28,8 +26,8 @@ fn main() -> ExitCode {
     }
     bkbundle::logging::init(cli.global.verbose);
     let g = cli.global;
-    let reporter: Arc<dyn Reporter> = Arc::new(Terminal::new(!g.no_progress && !g.json, g.quiet));
-    let outcome = dispatch(cli.command, reporter);
+    let reporter = Terminal::new(!g.no_progress && !g.json, g.quiet);
+    let outcome = dispatch(cli.command, &reporter);
     let code = Printer::stdio(g.json, g.quiet).finish(outcome);
     if g.verbose > 0 {
         // Our own peak memory (not docker-compose's, which rusage of children would include).
@@ -65,15 +63,15 @@ fn peak_memory() -> Option<String> {
 }
 
 /// Run one command to its result (printed by the caller).
-fn dispatch(command: Command, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
+fn dispatch(command: Command, reporter: &dyn Reporter) -> Result<Output, Error> {
     match command {
-        Command::Pack(a) => pack(a, &*reporter),
-        Command::Verify(a) => verify(a, &*reporter),
-        Command::Inspect(a) => inspect(a, &*reporter),
+        Command::Pack(a) => pack(a, reporter),
+        Command::Verify(a) => verify(a, reporter),
+        Command::Inspect(a) => inspect(a, reporter),
         Command::Install(a) => install(a, reporter),
-        Command::Regions(a) => regions(a, &*reporter),
-        Command::InitPackages(a) => init_packages(a, &*reporter),
-        Command::Doctor(a) => doctor(a, &*reporter),
+        Command::Regions(a) => regions(a, reporter),
+        Command::InitPackages(a) => init_packages(a, reporter),
+        Command::Doctor(a) => doctor(a, reporter),
         Command::Completions { shell } => Ok(completions(shell)),
     }
 }
@@ -90,8 +88,8 @@ fn inspect(a: cli::InspectArgs, reporter: &dyn Reporter) -> Result<Output, Error
     Output::of(&inspect::run(&a.bundle, reporter)?)
 }
 
-fn install(a: cli::InstallArgs, reporter: Arc<dyn Reporter>) -> Result<Output, Error> {
-    Output::of(&block_on(install::run(a.into(), reporter))??)
+fn install(a: cli::InstallArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    Output::of(&install::run(&a.into(), reporter)?)
 }
 
 fn regions(a: cli::RegionsArgs, reporter: &dyn Reporter) -> Result<Output, Error> {

@@ -130,7 +130,13 @@ struct Ctx {
     env_file: PathBuf,
 }
 
-pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<InstallReport> {
+/// Verify, plan, preflight and (unless a dry run) install (`bkbundle install`). See the module
+/// documentation.
+pub fn run(opts: &InstallOptions, reporter: &dyn Reporter) -> Result<InstallReport> {
+    crate::runtime::block_on(install(opts, reporter))?
+}
+
+async fn install(opts: &InstallOptions, reporter: &dyn Reporter) -> Result<InstallReport> {
     let t0 = Instant::now();
     let mut steps = Vec::new();
 
@@ -142,12 +148,8 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
         threads: None,
         check: bundle::Check::Full,
     };
-    let reader = {
-        let (r, path) = (reporter.clone(), opts.bundle.clone());
-        tokio::task::spawn_blocking(move || bundle::open_verified(&path, &vopts, &*r))
-            .await
-            .map_err(|e| Error::internal(format!("verify task: {e}")))??
-    };
+    // Reading every byte blocks: off the async workers, borrowing the reporter.
+    let reader = tokio::task::block_in_place(|| bundle::open_verified(&opts.bundle, &vopts, reporter))?;
     let manifest = reader.manifest().clone();
     steps.push(Step {
         name: "verify".into(),
@@ -199,7 +201,7 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
     // made again under the lock (so that, e.g., a second run never writes its own secrets).
     let mut lock = None;
     loop {
-        match attempt(&opts, &reporter, &ctx, &stack, &id, steps.clone(), t0, &mut lock).await? {
+        match attempt(opts, reporter, &ctx, &stack, &id, steps.clone(), t0, &mut lock).await? {
             Attempt::Done(r) => return Ok(*r),
             Attempt::Replan => continue,
         }
@@ -209,14 +211,12 @@ pub async fn run(opts: InstallOptions, reporter: Arc<dyn Reporter>) -> Result<In
 /// The target's lock, waiting up to `--lock-wait` (on a blocking thread: the wait sleeps).
 async fn take_target_lock(
     opts: &InstallOptions,
-    reporter: &Arc<dyn Reporter>,
+    reporter: &dyn Reporter,
     target: &Path,
 ) -> Result<crate::lock::LockGuard> {
-    let (r, target) = (reporter.clone(), target.to_path_buf());
     let wait = opts.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
-    tokio::task::spawn_blocking(move || crate::lock::acquire_target(&target, wait, &|m| r.note(m)))
-        .await
-        .map_err(|e| Error::internal(format!("lock task: {e}")))?
+    // The wait sleeps: off the async workers.
+    tokio::task::block_in_place(|| crate::lock::acquire_target(target, wait, &|m| reporter.note(m)))
 }
 
 /// What another run changes in the target (journal, `.env`): compared before and after the lock.
@@ -290,7 +290,7 @@ enum Attempt {
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     opts: &InstallOptions,
-    reporter: &Arc<dyn Reporter>,
+    reporter: &dyn Reporter,
     ctx: &Ctx,
     stack: &crate::manifest::Stack,
     id: &BundleId,
@@ -357,7 +357,7 @@ async fn attempt(
         }
     }
     let notes: Vec<String> = lock.as_ref().and_then(|g| g.takeover_note()).into_iter().collect();
-    let r = execute(opts, &**reporter, ctx, id, p, journal, steps, notes, t0).await?;
+    let r = execute(opts, reporter, ctx, id, p, journal, steps, notes, t0).await?;
     Ok(Attempt::Done(Box::new(r)))
 }
 
