@@ -1,10 +1,14 @@
 //! bkbundle: pack BK-Lite into one verified offline bundle and install it on an air-gapped host.
 //!
-//! Each command is one module with one entry point taking plain options and returning a report:
-//! [`pack::run`], [`verify::run`], [`inspect::run`], [`install::run`], [`regions::run`], [`packages::run`], [`doctor::run`]. The
-//! bundle format lives in [`bundle`] and [`manifest`] only. External systems sit behind
-//! [`engine`]. The library never prints: progress goes through [`progress::Reporter`], results
-//! are returned and the binary prints them through [`printer`].
+//! Every command has one shape: a module with one entry point,
+//! `run(&Options, &dyn progress::Reporter) -> Result<Report>` ([`pack::run`], [`verify::run`],
+//! [`inspect::run`], [`install::run`], [`regions::run`], [`packages::run`], [`doctor::run`]),
+//! whose report implements [`report::Report`] (`--json` and text), printed by the binary through
+//! the one [`printer`]. Commands get a bundle only from [`bundle::open_verified`] (loading means
+//! verifying); its layout lives in [`bundle`] and [`manifest`] only. The systems a command reaches
+//! (the Docker engine, the platform's database, the object store, the server's cache) sit behind
+//! the small traits of [`ports`], connected once per run and passed down, with in-memory fakes
+//! for unit tests. The library never prints.
 
 pub mod bundle;
 pub mod digest;

@@ -171,21 +171,12 @@ mod tests {
     use super::super::testing::{answering, closed_port, healthy_db, no_env, opts, the};
     use super::super::{database, run_on, Ctx, Seams, Severity};
     use super::open;
-    use crate::platform::packages::Row;
     use crate::ports::fakes::{FakeDocker, FakeStore};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unreferenced_chunks_are_a_warning_and_fix_purges_them() {
         let (_server, url) = answering();
-        let db = healthy_db(&url);
-        db.rows.lock().unwrap().push(Row {
-            id: 1,
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            object: "Telegraf".into(),
-            version: "1.0.0".into(),
-            name: "telegraf".into(),
-        });
+        let db = healthy_db(&url).with_package_row(1, "Telegraf", "telegraf");
         // A bucket of this test's own: --fix takes its lock.
         let store =
             FakeStore::new("doctor-unit-unreferenced").with_object("linux/x86_64/Telegraf/1.0.0/telegraf", b"t");
@@ -235,15 +226,7 @@ mod tests {
         );
 
         let (_server, url) = answering();
-        let db = healthy_db(&url);
-        db.rows.lock().unwrap().push(Row {
-            id: 1,
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            object: "Telegraf".into(),
-            version: "1.0.0".into(),
-            name: "telegraf".into(),
-        });
+        let db = healthy_db(&url).with_package_row(1, "Telegraf", "telegraf");
         let docker = FakeDocker::default();
         let seams = Seams {
             docker: Ok(&docker),

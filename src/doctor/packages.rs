@@ -233,19 +233,7 @@ async fn upload_from_bundle(
 mod tests {
     use super::super::testing::{answering, diagnose, healthy_db, no_finding, opts, the};
     use super::super::Severity;
-    use crate::platform::packages::Row;
-    use crate::ports::fakes::{FakeDb, FakeDocker, FakeStore};
-
-    fn telegraf(db: &FakeDb) {
-        db.rows.lock().unwrap().push(Row {
-            id: 1,
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            object: "Telegraf".into(),
-            version: "1.0.0".into(),
-            name: "telegraf".into(),
-        });
-    }
+    use crate::ports::fakes::{FakeDocker, FakeStore};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_empty_package_list_is_an_error() {
@@ -273,8 +261,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_whose_object_is_missing_is_an_error_that_fix_needs_a_bundle_for() {
         let (_server, url) = answering();
-        let db = healthy_db(&url);
-        telegraf(&db);
+        let db = healthy_db(&url).with_package_row(1, "Telegraf", "telegraf");
         let store = FakeStore::new("bklite");
         let mut fix = opts();
         fix.fix = true;
@@ -309,8 +296,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_object_without_a_row_is_a_warning() {
         let (_server, url) = answering();
-        let db = healthy_db(&url);
-        telegraf(&db);
+        let db = healthy_db(&url).with_package_row(1, "Telegraf", "telegraf");
         let stray = "linux/x86_64/Stray/1.0.0/stray.bin";
         let store = FakeStore::new("bklite")
             .with_object("linux/x86_64/Telegraf/1.0.0/telegraf", b"t")

@@ -381,7 +381,7 @@ async fn plan(
         }
     };
     let images = match &engine {
-        Some(engine) => plan_images(engine, &ctx.manifest).await?,
+        Some(engine) => plan_images(engine, &ctx.manifest.images).await?,
         None => vec![],
     };
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
@@ -970,9 +970,11 @@ fn now() -> String {
     )
 }
 
-async fn plan_images(engine: &Engine, m: &Manifest) -> Result<Vec<PlannedImage>> {
+/// Each image: loaded (its id is not in the engine), tagged (it is, under another reference),
+/// or present.
+async fn plan_images(engine: &dyn crate::ports::Docker, images: &[Image]) -> Result<Vec<PlannedImage>> {
     let mut out = Vec::new();
-    for img in &m.images {
+    for img in images {
         let action = if engine.image(&img.id).await?.is_none() {
             ImageAction::Load
         } else {
@@ -1562,6 +1564,47 @@ fn render_platform(s: &mut String, p: &platform::PlatformPlan) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn images_are_loaded_tagged_or_present_as_the_engine_has_them() {
+        use crate::engine::LocalImage;
+        use crate::ports::fakes::FakeDocker;
+        let image = |reference: &str, id: &str| Image {
+            refs: vec![reference.into()],
+            id: id.into(),
+            config: String::new(),
+            os: "linux".into(),
+            arch: "amd64".into(),
+            layers: vec![],
+            size: 10,
+        };
+        let present = |id: &str| LocalImage {
+            id: id.into(),
+            size: 10,
+        };
+        let mut docker = FakeDocker::default();
+        // app: the id and its reference; web: the id under another tag only; db: nothing.
+        for (reference, id) in [
+            ("sha256:a", "sha256:a"),
+            ("demo/app:1", "sha256:a"),
+            ("sha256:w", "sha256:w"),
+        ] {
+            docker.images.insert(reference.into(), present(id));
+        }
+        docker.images.insert("demo/web:1".into(), present("sha256:old"));
+        let images = [
+            image("demo/app:1", "sha256:a"),
+            image("demo/web:1", "sha256:w"),
+            image("demo/db:1", "sha256:d"),
+        ];
+        let plan = plan_images(&docker, &images).await.unwrap();
+        let actions: Vec<ImageAction> = plan.iter().map(|p| p.action.clone()).collect();
+        assert_eq!(actions, vec![ImageAction::Present, ImageAction::Tag, ImageAction::Load]);
+
+        docker.down = Some("Cannot connect to the Docker daemon".into());
+        let e = plan_images(&docker, &images).await.unwrap_err();
+        assert_eq!(e.kind, Kind::External, "{e}");
+    }
 
     #[test]
     fn ports_from_both_compose_forms() {

@@ -327,8 +327,6 @@ async fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Os, Package, PackageType};
-    use crate::packages::source::Source;
     use crate::platform::release::catalog;
     use crate::ports::fakes::{FakeDb, FakeStore};
 
@@ -357,25 +355,25 @@ mod tests {
 
     /// One controller package, a file on disk.
     fn package(dir: &Path) -> packages::Input {
-        let path = dir.join("fusion-collectors-linux-amd64.zip");
-        std::fs::write(&path, b"PK\x05\x06 a controller package").unwrap();
-        packages::Input {
-            pkg: Package {
-                file: None,
-                name: "fusion-collectors-linux-amd64.zip".into(),
-                kind: PackageType::Controller,
-                os: Os::Linux,
-                arch: "x86_64".into(),
-                object: "Controller".into(),
-                version: "1.0.0".into(),
-                description: String::new(),
-                from: None,
-                entry: None,
-                sha256: None,
-                size: None,
-            },
-            source: Source::File(path),
-            known: None,
+        crate::ports::fakes::controller_package(dir, "1.0.0", b"PK\x05\x06 a controller package")
+    }
+
+    /// The inputs of a plan of the demo-like regions and site.
+    fn inputs<'a>(
+        regions: &'a Regions,
+        site: &'a BTreeMap<String, String>,
+        config: &'a InstallConfig,
+        dir: &'a Path,
+        has_packages: bool,
+    ) -> Inputs<'a> {
+        Inputs {
+            regions,
+            has_packages,
+            bundle: dir,
+            opened: None,
+            config,
+            site,
+            env: &no_env,
         }
     }
 
@@ -391,15 +389,7 @@ mod tests {
     fn a_first_install_plans_every_row_and_object_for_the_newest_release() {
         let dir = tempfile::tempdir().unwrap();
         let (regions, site, config) = (regions(), site(), InstallConfig::default());
-        let i = Inputs {
-            regions: &regions,
-            has_packages: true,
-            bundle: dir.path(),
-            opened: None,
-            config: &config,
-            site: &site,
-            env: &no_env,
-        };
+        let i = inputs(&regions, &site, &config, dir.path(), true);
         let seams = Seams {
             db: None,
             release: None,
@@ -462,15 +452,7 @@ mod tests {
         assert!(!key.contains("x86_64"), "{key}");
         let store = FakeStore::new("bk_lite").with_object(&key, b"PK\x05\x06 a controller package");
         let (regions, site, config) = (regions(), site(), InstallConfig::default());
-        let i = Inputs {
-            regions: &regions,
-            has_packages: true,
-            bundle: dir.path(),
-            opened: None,
-            config: &config,
-            site: &site,
-            env: &no_env,
-        };
+        let i = inputs(&regions, &site, &config, dir.path(), true);
         let seams = Seams {
             db: Some(&db),
             release: Some(release),
@@ -500,15 +482,7 @@ mod tests {
             .with_region(1, "default", &[("NODE_SERVER_URL", "http://192.0.2.10:18080")])
             .with_region(2, "west", &[("NODE_SERVER_URL", "null"), ("NATS_SERVERS", "null")]);
         let (regions, site, config) = (regions(), site(), InstallConfig::default());
-        let i = Inputs {
-            regions: &regions,
-            has_packages: false,
-            bundle: dir.path(),
-            opened: None,
-            config: &config,
-            site: &site,
-            env: &no_env,
-        };
+        let i = inputs(&regions, &site, &config, dir.path(), false);
         let seams = Seams {
             db: Some(&db),
             release: Some(Release::newest_known()),

@@ -1069,36 +1069,11 @@ pub fn render(r: &PackagesReport) -> String {
 mod tests {
     //! The plan and the writes on the seams, with fakes: no PostgreSQL, no NATS.
     use super::*;
-    use crate::manifest::Os;
     use crate::platform::release::catalog;
-    use crate::ports::fakes::{FakeDb, FakeStore};
+    use crate::ports::fakes::{controller_package, FakeDb, FakeStore};
     use crate::site::config::InstallConfig;
 
     const CONTENT: &[u8] = b"PK\x05\x06 the controller package, version 1";
-
-    fn input(dir: &std::path::Path, version: &str, content: &[u8]) -> Input {
-        let name = format!("fusion-collectors-{version}-linux-amd64.zip");
-        let path = dir.join(&name);
-        std::fs::write(&path, content).unwrap();
-        Input {
-            pkg: Package {
-                file: None,
-                name,
-                kind: PackageType::Controller,
-                os: Os::Linux,
-                arch: "amd64".into(),
-                object: "Controller".into(),
-                version: version.into(),
-                description: String::new(),
-                from: None,
-                entry: None,
-                sha256: None,
-                size: None,
-            },
-            source: Source::File(path),
-            known: None,
-        }
-    }
 
     async fn run_fake(
         opts: &PackagesOptions,
@@ -1131,7 +1106,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uploads_the_object_then_its_row_and_a_rerun_sends_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let inputs = [controller_package(dir.path(), "1.0.0", CONTENT)];
         let release = Release::newest_known();
         let (db, store) = (FakeDb::new(release.clone()), FakeStore::new("bklite"));
         let r = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap();
@@ -1155,7 +1130,7 @@ mod tests {
         let key = "linux/Controller/1.0.0/fusion-collectors-1.0.0-linux-amd64.zip";
         let store = FakeStore::new("bk_lite").with_object(key, b"another build");
         let db = FakeDb::new(release.clone());
-        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let inputs = [controller_package(dir.path(), "1.0.0", CONTENT)];
         let e = run_fake(&options(), &inputs, &release, &db, &store).await.unwrap_err();
         let PackagesError::Conflict(c) = e else { panic!("{e}") };
         assert_eq!(c[0].key, key);
@@ -1173,17 +1148,10 @@ mod tests {
     async fn a_row_whose_object_vanished_is_repaired_and_a_dry_run_only_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let release = Release::newest_known();
-        let db = FakeDb::new(release.clone());
-        db.rows.lock().unwrap().push(Row {
-            id: 7,
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            object: "Controller".into(),
-            version: "1.0.0".into(),
-            name: "fusion-collectors-1.0.0-linux-amd64.zip".into(),
-        });
+        let db =
+            FakeDb::new(release.clone()).with_package_row(7, "Controller", "fusion-collectors-1.0.0-linux-amd64.zip");
         let store = FakeStore::new("bklite");
-        let inputs = [input(dir.path(), "1.0.0", CONTENT)];
+        let inputs = [controller_package(dir.path(), "1.0.0", CONTENT)];
         let mut dry = options();
         dry.dry_run = true;
         let r = run_fake(&dry, &inputs, &release, &db, &store).await.unwrap();

@@ -152,6 +152,19 @@ impl FakeDb {
         self
     }
 
+    /// Add a `node_mgmt_packageversion` row of a `linux/x86_64` package, version 1.0.0.
+    pub fn with_package_row(self, id: i64, object: &str, name: &str) -> FakeDb {
+        self.rows.lock().unwrap().push(Row {
+            id,
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            object: object.into(),
+            version: "1.0.0".into(),
+            name: name.into(),
+        });
+        self
+    }
+
     fn up(&self) -> std::result::Result<(), DbError> {
         match &self.down {
             Some(m) => Err(DbError::Unreachable {
@@ -485,5 +498,32 @@ impl Cache for FakeCache {
         }
         let mut e = self.entries.lock().unwrap();
         Ok(keys.iter().filter(|k| e.remove(*k).is_some()).count() as u64)
+    }
+}
+
+/// A controller package of version `version` for linux/amd64, a file `dir/NAME` holding
+/// `content` (the manifest records no digest: it is hashed when planned).
+pub fn controller_package(dir: &std::path::Path, version: &str, content: &[u8]) -> crate::packages::Input {
+    use crate::manifest::{Os, Package, PackageType};
+    let name = format!("fusion-collectors-{version}-linux-amd64.zip");
+    let path = dir.join(&name);
+    std::fs::write(&path, content).expect("writing a package in the test's directory");
+    crate::packages::Input {
+        pkg: Package {
+            file: None,
+            name,
+            kind: PackageType::Controller,
+            os: Os::Linux,
+            arch: "amd64".into(),
+            object: "Controller".into(),
+            version: version.into(),
+            description: String::new(),
+            from: None,
+            entry: None,
+            sha256: None,
+            size: None,
+        },
+        source: crate::packages::source::Source::File(path),
+        known: None,
     }
 }

@@ -53,6 +53,21 @@ impl Postgres {
     }
 }
 
+/// A transaction (read-only ones write nothing even by mistake); dropped without commit, it is
+/// rolled back.
+async fn begin<'c>(
+    client: &'c mut tokio_postgres::Client,
+    target: &DbTarget,
+    read_only: bool,
+) -> std::result::Result<tokio_postgres::Transaction<'c>, DbError> {
+    client
+        .build_transaction()
+        .read_only(read_only)
+        .start()
+        .await
+        .map_err(|e| db::db_err(target, "starting a transaction", e))
+}
+
 #[async_trait]
 impl PlatformDb for Postgres {
     fn target(&self) -> &DbTarget {
@@ -71,12 +86,7 @@ impl PlatformDb for Postgres {
 
     async fn regions(&self, release: &Release) -> std::result::Result<Current, DbError> {
         let mut client = self.client.lock().await;
-        let tx = client
-            .build_transaction()
-            .read_only(true)
-            .start()
-            .await
-            .map_err(|e| db::db_err(&self.target, "starting a transaction", e))?;
+        let tx = begin(&mut client, &self.target, true).await?;
         regions::read_current(&tx, &self.target, release).await
         // dropped: rolled back, nothing was written
     }
@@ -88,10 +98,7 @@ impl PlatformDb for Postgres {
         plan: &(dyn for<'c> Fn(&'c Current) -> RegionPlan + Send + Sync),
     ) -> std::result::Result<RegionPlan, DbError> {
         let mut client = self.client.lock().await;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| db::db_err(&self.target, "starting a transaction", e))?;
+        let tx = begin(&mut client, &self.target, false).await?;
         let current = regions::read_current(&tx, &self.target, release).await?;
         let mut planned = match plan(&current) {
             Ok(p) => p,
@@ -114,10 +121,7 @@ impl PlatformDb for Postgres {
         services: &[&str],
     ) -> std::result::Result<(), DbError> {
         let mut client = self.client.lock().await;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| db::db_err(&self.target, "starting a transaction", e))?;
+        let tx = begin(&mut client, &self.target, false).await?;
         regions::add_services(&tx, &self.target, release, region_id, region, services).await?;
         tx.commit().await.map_err(|e| db::db_err(&self.target, "committing", e))
     }
@@ -130,10 +134,7 @@ impl PlatformDb for Postgres {
         keys: &[String],
     ) -> std::result::Result<(), DbError> {
         let mut client = self.client.lock().await;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| db::db_err(&self.target, "starting a transaction", e))?;
+        let tx = begin(&mut client, &self.target, false).await?;
         let current = regions::read_current(&tx, &self.target, release).await?;
         regions::copy_from_default(&tx, &self.target, &current, region_id, proxy, keys).await?;
         tx.commit().await.map_err(|e| db::db_err(&self.target, "committing", e))
