@@ -385,15 +385,7 @@ async fn plan(
         None => vec![],
     };
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
-    let site = match (&env, &stack.env_template) {
-        (Some(e), _) => Some(crate::regions::site_values(&e.values, &ctx.config.env)),
-        // No env template: the site values are the install config's (over an .env of the operator's own).
-        (None, None) => Some(crate::regions::site_values(
-            &offline::template_values(&std::fs::read_to_string(&ctx.env_file).unwrap_or_default()),
-            &ctx.config.env,
-        )),
-        (None, Some(_)) => None, // the template did not render: already a finding
-    };
+    let site = site_values(ctx, stack, env.as_ref());
     let (has_regions, has_packages) = (has_regions(&ctx.manifest.regions), !ctx.manifest.packages.is_empty());
     if let Some(site) = &site {
         check_site(
@@ -406,31 +398,10 @@ async fn plan(
             &mut hints,
         );
     }
-    // The rows and objects the platform steps write: planned against the live platform when it
-    // answers (a re-run, an upgrade: its regions are checked now too, so one that would hand
-    // agents `null` stops the install before anything changes), else against an empty one.
-    let mut platform_plan = platform::PlatformPlan::default();
-    if let Some(site) = &site {
-        let env = |n: &str| std::env::var(n).ok();
-        let inputs = platform::Inputs {
-            regions: &ctx.manifest.regions,
-            has_packages,
-            bundle: &opts.bundle,
-            opened: Some(ctx.reader.clone()),
-            config: &ctx.config,
-            site,
-            env: &env,
-        };
-        let (p, live_problems) = platform::plan(&inputs).await;
-        if !live_problems.is_empty() {
-            findings.extend(live_problems);
-            hints.push(
-                "fix the region in the UI, or declare it under [[regions]] with the missing keys (`bkbundle regions check --database-url ...` shows the same)"
-                    .into(),
-            );
-        }
-        platform_plan = p;
-    }
+    let platform_plan = match &site {
+        Some(site) => plan_platform(opts, ctx, site, has_packages, &mut findings, &mut hints).await,
+        None => platform::PlatformPlan::default(),
+    };
     if !has_regions {
         journal.mark(StepName::Regions.as_str());
     }
@@ -473,6 +444,56 @@ async fn plan(
         has_regions,
         has_packages,
     })
+}
+
+/// The site values: the rendered `.env` under the install config's `[env]`; without an env
+/// template, the install config's over an `.env` of the operator's own. `None` when the template
+/// did not render (already a finding).
+fn site_values(
+    ctx: &Ctx,
+    stack: &crate::manifest::Stack,
+    env: Option<&envfile::Rendered>,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    match (env, &stack.env_template) {
+        (Some(e), _) => Some(crate::regions::site_values(&e.values, &ctx.config.env)),
+        (None, None) => Some(crate::regions::site_values(
+            &offline::template_values(&std::fs::read_to_string(&ctx.env_file).unwrap_or_default()),
+            &ctx.config.env,
+        )),
+        (None, Some(_)) => None,
+    }
+}
+
+/// The rows and objects the platform steps write: planned against the live platform when it
+/// answers (a re-run, an upgrade: its regions are checked now too, so one that would hand agents
+/// `null` stops the install before anything changes), else against an empty one.
+async fn plan_platform(
+    opts: &InstallOptions,
+    ctx: &Ctx,
+    site: &std::collections::BTreeMap<String, String>,
+    has_packages: bool,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> platform::PlatformPlan {
+    let env = |n: &str| std::env::var(n).ok();
+    let inputs = platform::Inputs {
+        regions: &ctx.manifest.regions,
+        has_packages,
+        bundle: &opts.bundle,
+        opened: Some(ctx.reader.clone()),
+        config: &ctx.config,
+        site,
+        env: &env,
+    };
+    let (plan, live_problems) = platform::plan(&inputs).await;
+    if !live_problems.is_empty() {
+        findings.extend(live_problems);
+        hints.push(
+            "fix the region in the UI, or declare it under [[regions]] with the missing keys (`bkbundle regions check --database-url ...` shows the same)"
+                .into(),
+        );
+    }
+    plan
 }
 
 /// The site values against what the platform steps need: regions validated now, so a
@@ -1105,7 +1126,43 @@ async fn preflight(
     hints: &mut Vec<String>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<String>> {
-    // Free space: docker load unpacks through a temporary copy, so twice the images' size.
+    check_space(engine, ctx, plan, findings, hints).await?;
+    if !rendered {
+        return Ok(vec![]); // the env template did not render: already a finding
+    }
+    let yaml = match compose_config(compose, ctx, plan)? {
+        Ok(y) => Some(y),
+        Err(finding) => {
+            findings.push(finding);
+            None
+        }
+    };
+    let mut services = Vec::new();
+    if let Some(yaml) = &yaml {
+        match offline::services(yaml) {
+            Ok(s) => services = s,
+            Err(e) => findings.push(format!("cannot read `{} config` output: {e}", compose.name())),
+        }
+    }
+    check_offline(engine, ctx, &services, findings, hints).await?;
+    // `up --remove-orphans` removes the project's containers of services this stack lacks.
+    let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+    if let Some(yaml) = yaml {
+        orphan_warnings(engine, ctx, journal, &names, warnings).await?;
+        check_ports(engine, ctx, &yaml, findings, hints).await?;
+    }
+    Ok(names)
+}
+
+/// Free space: docker load unpacks through a temporary copy, so twice the images' size; the
+/// target needs the stack files.
+async fn check_space(
+    engine: &Engine,
+    ctx: &Ctx,
+    plan: &Plan,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<()> {
     let to_load: u64 = plan
         .images
         .iter()
@@ -1140,11 +1197,13 @@ async fn preflight(
             ));
         }
     }
-    // The rendered compose file, checked by compose itself in a private staging copy (it holds the
-    // secrets: see `staging`); then its images, build and pull settings, and ports.
-    if !rendered {
-        return Ok(vec![]); // the env template did not render: already a finding
-    }
+    Ok(())
+}
+
+/// The rendered compose file as compose itself reads it (`config`), from a private staging copy
+/// (it holds the secrets: see `staging`), removed when this returns. `Ok(Err(finding))` when
+/// compose refuses the file.
+fn compose_config(compose: &Compose, ctx: &Ctx, plan: &Plan) -> Result<std::result::Result<String, String>> {
     staging::remove_stale(&ctx.target);
     let staging = staging::Staging::new(&ctx.target)?;
     for f in &plan.files {
@@ -1164,25 +1223,24 @@ async fn preflight(
         .path()
         .join(ctx.compose_file.strip_prefix(&ctx.target).unwrap_or(&ctx.compose_file));
     let ef = staging.path().join(".env");
-    let yaml = match compose.config(&ctx.project, &cf, with_template.then_some(ef.as_path())) {
-        Ok(y) => Some(y),
-        Err(e) if e.kind == Kind::Input => {
-            findings.push(e.message);
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    drop(staging);
-    let mut services = Vec::new();
-    if let Some(yaml) = &yaml {
-        match offline::services(yaml) {
-            Ok(s) => services = s,
-            Err(e) => findings.push(format!("cannot read `{} config` output: {e}", compose.name())),
-        }
+    match compose.config(&ctx.project, &cf, with_template.then_some(ef.as_path())) {
+        Ok(y) => Ok(Ok(y)),
+        Err(e) if e.kind == Kind::Input => Ok(Err(e.message)),
+        Err(e) => Err(e),
     }
-    // The offline guarantee: nothing to build, nothing to pull.
+}
+
+/// The offline guarantee: every service's image is in the bundle or the engine; nothing to
+/// build, nothing to pull.
+async fn check_offline(
+    engine: &Engine,
+    ctx: &Ctx,
+    services: &[offline::ServiceSpec],
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<()> {
     let mut available = std::collections::BTreeSet::new();
-    for s in &services {
+    for s in services {
         let Some(image) = &s.image else { continue };
         let n = offline::normalize_ref(image);
         let in_bundle = ctx
@@ -1194,38 +1252,42 @@ async fn preflight(
             available.insert(image.clone());
         }
     }
-    for p in offline::problems(&services, &|i| available.contains(i)) {
+    for p in offline::problems(services, &|i| available.contains(i)) {
         findings.push(format!("offline: {}", p.message));
         hints.push(p.hint);
     }
-    // `up --remove-orphans` removes the project's containers of services this stack lacks.
-    let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
-    if yaml.is_some() {
-        orphan_warnings(engine, ctx, journal, &names, warnings).await?;
-    }
-    if let Some(yaml) = yaml {
-        let ours: Vec<(String, u16, String)> = engine
-            .project_containers(&ctx.project)
-            .await?
-            .into_iter()
-            .flat_map(|c| c.ports)
-            .collect();
-        for (service, ip, port, proto) in published_ports(&yaml) {
-            if ours.iter().any(|(_, p, pr)| *p == port && *pr == proto) {
-                continue; // held by this stack's own container (a re-run)
-            }
-            if let Err(e) = try_bind(&ip, port, &proto) {
-                findings.push(format!(
-                    "port {port}/{proto} (service {service}) on {} is already in use: {e}",
-                    if ip.is_empty() { "0.0.0.0" } else { &ip }
-                ));
-                hints.push(format!(
-                    "find what holds it (`ss -lntup | grep :{port}`) and stop it, or publish the service on another port via the install config's [env]"
-                ));
-            }
+    Ok(())
+}
+
+/// Every published port free, except those this stack's own containers hold (a re-run).
+async fn check_ports(
+    engine: &Engine,
+    ctx: &Ctx,
+    yaml: &str,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<()> {
+    let ours: Vec<(String, u16, String)> = engine
+        .project_containers(&ctx.project)
+        .await?
+        .into_iter()
+        .flat_map(|c| c.ports)
+        .collect();
+    for (service, ip, port, proto) in published_ports(yaml) {
+        if ours.iter().any(|(_, p, pr)| *p == port && *pr == proto) {
+            continue;
+        }
+        if let Err(e) = try_bind(&ip, port, &proto) {
+            findings.push(format!(
+                "port {port}/{proto} (service {service}) on {} is already in use: {e}",
+                if ip.is_empty() { "0.0.0.0" } else { &ip }
+            ));
+            hints.push(format!(
+                "find what holds it (`ss -lntup | grep :{port}`) and stop it, or publish the service on another port via the install config's [env]"
+            ));
         }
     }
-    Ok(names)
+    Ok(())
 }
 
 /// Warn about the containers of the compose project that bkbundle did not create here: `up

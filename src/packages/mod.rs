@@ -599,34 +599,16 @@ pub async fn plan(
             })?,
             None => None,
         };
-        let file_digest = nats_digest(&sha);
-        let latest = p.version == LATEST;
-        let same = stored
-            .as_ref()
-            .is_some_and(|(d, sz)| parse_digest(d).as_deref() == Some(&sha[..]) && *sz == size);
-        let (action, upload, note) = match (&stored, same) {
-            (Some(_), true) => (ObjectAction::Skipped, false, None),
-            (Some((d, _)), false) if !latest && !opts.force => {
+        let (action, upload, note) = match decide(p, &sha, size, stored.as_ref(), row.as_ref(), opts.force) {
+            Decision::Conflict(stored_digest) => {
                 conflicts.push(Conflict {
                     key: key.clone(),
-                    stored_digest: d.clone(),
-                    file_digest: file_digest.clone(),
+                    stored_digest,
+                    file_digest: nats_digest(&sha),
                 });
                 (ObjectAction::LeftAlone, false, None)
             }
-            (Some(_), false) => (ObjectAction::Replaced, true, None),
-            (None, _) => match &row {
-                Some(r) if r.name == p.name => (ObjectAction::Repaired, true, None),
-                Some(r) if !latest && !opts.force => (
-                    ObjectAction::LeftAlone,
-                    false,
-                    Some(format!(
-                        "row {} already holds version {} with file {}; left alone (upstream rule), --force replaces it",
-                        r.id, p.version, r.name
-                    )),
-                ),
-                _ => (ObjectAction::Uploaded, true, None),
-            },
+            Decision::Do(action, upload, note) => (action, upload, note),
         };
         plan.push(Planned {
             pkg: p.clone(),
@@ -646,6 +628,46 @@ pub async fn plan(
         return Err(PackagesError::Conflict(conflicts));
     }
     Ok(plan)
+}
+
+/// One package's action, from its stored object (digest, size) and its row.
+enum Decision {
+    /// (action, whether the bytes are sent, a note)
+    Do(ObjectAction, bool, Option<String>),
+    /// A different object under a fixed version, not forced: the stored digest.
+    Conflict(String),
+}
+
+/// The upstream rules: an equal object is skipped; a different one under a fixed version is a
+/// conflict unless forced (`latest` is always replaced); a row whose object is gone is repaired;
+/// a row of the same version with another file is left alone unless forced.
+fn decide(
+    p: &Package,
+    sha: &[u8; 32],
+    size: u64,
+    stored: Option<&(String, u64)>,
+    row: Option<&Row>,
+    force: bool,
+) -> Decision {
+    let latest = p.version == LATEST;
+    let same = stored.is_some_and(|(d, sz)| parse_digest(d).as_deref() == Some(&sha[..]) && *sz == size);
+    match (stored, same) {
+        (Some(_), true) => Decision::Do(ObjectAction::Skipped, false, None),
+        (Some((d, _)), false) if !latest && !force => Decision::Conflict(d.clone()),
+        (Some(_), false) => Decision::Do(ObjectAction::Replaced, true, None),
+        (None, _) => match row {
+            Some(r) if r.name == p.name => Decision::Do(ObjectAction::Repaired, true, None),
+            Some(r) if !latest && !force => Decision::Do(
+                ObjectAction::LeftAlone,
+                false,
+                Some(format!(
+                    "row {} already holds version {} with file {}; left alone (upstream rule), --force replaces it",
+                    r.id, p.version, r.name
+                )),
+            ),
+            _ => Decision::Do(ObjectAction::Uploaded, true, None),
+        },
+    }
 }
 
 /// Write one planned package (unless a dry run) and add it to the report.
