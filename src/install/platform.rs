@@ -377,16 +377,8 @@ mod tests {
         }
     }
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
-    #[test]
-    fn a_first_install_plans_every_row_and_object_for_the_newest_release() {
+    #[tokio::test]
+    async fn a_first_install_plans_every_row_and_object_for_the_newest_release() {
         let dir = tempfile::tempdir().unwrap();
         let (regions, site, config) = (regions(), site(), InstallConfig::default());
         let i = inputs(&regions, &site, &config, dir.path(), true);
@@ -395,7 +387,7 @@ mod tests {
             release: None,
             store: None,
         };
-        let (p, findings) = rt().block_on(plan_on(&i, &seams, None, &[package(dir.path())]));
+        let (p, findings) = plan_on(&i, &seams, None, &[package(dir.path())]).await;
         assert!(findings.is_empty(), "{findings:?}");
         assert!(p.assumed);
         assert_eq!(
@@ -431,8 +423,8 @@ mod tests {
         assert_eq!(o.size, 25);
     }
 
-    #[test]
-    fn the_live_platform_decides_rows_objects_and_their_layout() {
+    #[tokio::test]
+    async fn the_live_platform_decides_rows_objects_and_their_layout() {
         let dir = tempfile::tempdir().unwrap();
         let input = package(dir.path());
         // A 2025 release (no proxy_address, no cpu_architecture, varchar(200) values) whose
@@ -458,7 +450,7 @@ mod tests {
             release: Some(release),
             store: Some(&store),
         };
-        let (p, findings) = rt().block_on(plan_on(&i, &seams, None, &[input]));
+        let (p, findings) = plan_on(&i, &seams, None, &[input]).await;
         assert!(findings.is_empty(), "{findings:?}");
         assert!(!p.assumed);
         assert_eq!(
@@ -475,8 +467,8 @@ mod tests {
         assert!(db.writes.lock().unwrap().is_empty(), "planning wrote");
     }
 
-    #[test]
-    fn a_live_region_that_would_hand_agents_null_is_a_preflight_finding() {
+    #[tokio::test]
+    async fn a_live_region_that_would_hand_agents_null_is_a_preflight_finding() {
         let dir = tempfile::tempdir().unwrap();
         let db = FakeDb::new(Release::newest_known())
             .with_region(1, "default", &[("NODE_SERVER_URL", "http://192.0.2.10:18080")])
@@ -488,7 +480,7 @@ mod tests {
             release: Some(Release::newest_known()),
             store: None,
         };
-        let (p, findings) = rt().block_on(plan_on(&i, &seams, None, &[]));
+        let (p, findings) = plan_on(&i, &seams, None, &[]).await;
         assert!(
             findings
                 .iter()
@@ -502,7 +494,7 @@ mod tests {
             release: None,
             store: None,
         };
-        let (p, findings) = rt().block_on(plan_on(&i, &offline, None, &[]));
+        let (p, findings) = plan_on(&i, &offline, None, &[]).await;
         assert!(findings.is_empty() && p.assumed && !p.rows.is_empty());
     }
 }
