@@ -226,3 +226,21 @@ fn an_error_lists_its_problems() {
     );
     assert_schema("error", &r);
 }
+
+/// doctor's report with no link reachable (closed loopback ports): the findings' shape, `fix`
+/// both given and absent, no release.
+#[test]
+fn doctor_with_nothing_reachable() {
+    let r = bk(&[
+        "doctor",
+        "--project",
+        "bkbundle-schema-none",
+        "--database-url",
+        "postgres://bklite:pw@127.0.0.1:1/bklite",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--json",
+    ]);
+    assert_eq!(r.code, 10, "{}\n{}", r.stdout, r.stderr);
+    assert_schema("doctor", &r);
+}
