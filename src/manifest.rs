@@ -276,120 +276,11 @@ impl Recipe {
         check_format(text, origin, "recipe")?;
         let mut r: Recipe = toml::from_str(text).map_err(|e| syntax(origin, e))?;
         let mut problems = Vec::new();
-        if !is_name(&r.bundle.name) {
-            problems.push(format!(
-                "bundle.name {:?} must match [a-z0-9][a-z0-9._-]*",
-                r.bundle.name
-            ));
-        }
-        if r.bundle.version.is_empty() || r.bundle.version.contains(|c: char| c.is_whitespace() || c == '/') {
-            problems.push(format!(
-                "bundle.version {:?} must be non-empty without spaces or `/`",
-                r.bundle.version
-            ));
-        }
-        let mut refs = BTreeSet::new();
-        for (i, img) in r.images.iter().enumerate() {
-            if img.reference.trim().is_empty() || img.reference.contains(char::is_whitespace) {
-                problems.push(format!(
-                    "images[{i}]: ref {:?} is not an image reference",
-                    img.reference
-                ));
-            } else if !refs.insert(img.reference.clone()) {
-                problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
-            }
-        }
-        let mut keys = BTreeSet::new();
-        let mut names = BTreeSet::new();
-        let controllers: Vec<(String, Os, Option<&'static str>)> = r
-            .packages
-            .iter()
-            .filter(|p| p.kind == PackageType::Controller)
-            .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
-            .collect();
-        for (i, p) in r.packages.iter_mut().enumerate() {
-            let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
-            match normalize_arch(&p.arch) {
-                Some(a) => p.arch = a.to_string(),
-                None => problems.push(format!(
-                    "{what}: arch {:?} is not x86_64 or arm64 (amd64, aarch64 accepted)",
-                    p.arch
-                )),
-            }
-            for (field, v, max) in [("object", &p.object, 100), ("version", &p.version, 100)] {
-                if v.trim().is_empty() || v.len() > max || v.contains('/') {
-                    problems.push(format!(
-                        "{what}: {field} {v:?} must be 1 to {max} characters without `/`"
-                    ));
-                }
-            }
-            match (&p.file, &p.from, &p.entry) {
-                (Some(f), None, None) => match file_name(f) {
-                    Some(n) if n.len() <= 100 => {
-                        if !names.insert(n.clone()) {
-                            problems.push(format!("{what}: another package already has the file name {n:?}"));
-                        }
-                    }
-                    _ => problems.push(format!(
-                        "{what}: file {} needs a file name of at most 100 characters",
-                        f.display()
-                    )),
-                },
-                (None, Some(from), Some(entry)) => {
-                    if p.kind != PackageType::Collector {
-                        problems.push(format!(
-                            "{what}: only collector records may point into another package with `from`"
-                        ));
-                    }
-                    if !is_safe_bundle_path(entry) {
-                        problems.push(format!(
-                            "{what}: entry {entry:?} must be a relative path inside the package"
-                        ));
-                    }
-                    let arch = normalize_arch(&p.arch);
-                    if !controllers
-                        .iter()
-                        .any(|(n, os, a)| n == from && *os == p.os && *a == arch)
-                    {
-                        problems.push(format!(
-                            "{what}: `from = {from:?}` names no controller package of the recipe with os {} and arch {}",
-                            p.os.as_str(),
-                            p.arch
-                        ));
-                    }
-                }
-                _ => problems.push(format!(
-                    "{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)"
-                )),
-            }
-            if p.kind == PackageType::Controller && p.file.is_none() {
-                problems.push(format!("{what}: a controller package needs `file`"));
-            }
-            if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
-                problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
-            }
-        }
+        check_recipe_bundle(&r.bundle, &mut problems);
+        check_recipe_images(&r.images, &mut problems);
+        check_recipe_packages(&mut r.packages, &mut problems);
         if let Some(s) = &r.stack {
-            if !is_safe_bundle_path(&s.compose) {
-                problems.push(format!(
-                    "stack.compose {:?} must be a relative path inside stack.dir",
-                    s.compose
-                ));
-            }
-            if let Some(t) = &s.env_template {
-                if !is_safe_bundle_path(t) {
-                    problems.push(format!(
-                        "stack.env_template {t:?} must be a relative path inside stack.dir"
-                    ));
-                }
-            }
-            if let Some(p) = &s.project {
-                if !is_name(p) {
-                    problems.push(format!(
-                        "stack.project {p:?} must match [a-z0-9][a-z0-9._-]* (a compose project name)"
-                    ));
-                }
-            }
+            check_recipe_stack(s, &mut problems);
         }
         r.regions.validate(&mut problems);
         if problems.is_empty() {
@@ -399,6 +290,144 @@ impl Recipe {
                 origin: origin.into(),
                 problems,
             })
+        }
+    }
+}
+
+/// The bundle's name and version, which name the bundle file and its install.
+fn check_recipe_bundle(b: &RecipeBundle, problems: &mut Vec<String>) {
+    if !is_name(&b.name) {
+        problems.push(format!("bundle.name {:?} must match [a-z0-9][a-z0-9._-]*", b.name));
+    }
+    if b.version.is_empty() || b.version.contains(|c: char| c.is_whitespace() || c == '/') {
+        problems.push(format!(
+            "bundle.version {:?} must be non-empty without spaces or `/`",
+            b.version
+        ));
+    }
+}
+
+/// Each image reference: well-formed and listed once.
+fn check_recipe_images(images: &[RecipeImage], problems: &mut Vec<String>) {
+    let mut refs = BTreeSet::new();
+    for (i, img) in images.iter().enumerate() {
+        if img.reference.trim().is_empty() || img.reference.contains(char::is_whitespace) {
+            problems.push(format!(
+                "images[{i}]: ref {:?} is not an image reference",
+                img.reference
+            ));
+        } else if !refs.insert(img.reference.clone()) {
+            problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
+        }
+    }
+}
+
+/// Each package record (its arch normalized in place), and that no two are the same package or
+/// share a file name.
+fn check_recipe_packages(packages: &mut [RecipePackage], problems: &mut Vec<String>) {
+    let mut keys = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    let controllers: Vec<(String, Os, Option<&'static str>)> = packages
+        .iter()
+        .filter(|p| p.kind == PackageType::Controller)
+        .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
+        .collect();
+    for (i, p) in packages.iter_mut().enumerate() {
+        let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
+        match normalize_arch(&p.arch) {
+            Some(a) => p.arch = a.to_string(),
+            None => problems.push(format!(
+                "{what}: arch {:?} is not x86_64 or arm64 (amd64, aarch64 accepted)",
+                p.arch
+            )),
+        }
+        for (field, v, max) in [("object", &p.object, 100), ("version", &p.version, 100)] {
+            if v.trim().is_empty() || v.len() > max || v.contains('/') {
+                problems.push(format!(
+                    "{what}: {field} {v:?} must be 1 to {max} characters without `/`"
+                ));
+            }
+        }
+        check_package_source(p, &what, &controllers, &mut names, problems);
+        if p.kind == PackageType::Controller && p.file.is_none() {
+            problems.push(format!("{what}: a controller package needs `file`"));
+        }
+        if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
+            problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
+        }
+    }
+}
+
+/// Where a package's file comes from: its own `file` (a unique name), or `from` and `entry`
+/// inside one of the recipe's controller packages (`controllers`: file name, os, arch).
+fn check_package_source(
+    p: &RecipePackage,
+    what: &str,
+    controllers: &[(String, Os, Option<&'static str>)],
+    names: &mut BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
+    match (&p.file, &p.from, &p.entry) {
+        (Some(f), None, None) => match file_name(f) {
+            Some(n) if n.len() <= 100 => {
+                if !names.insert(n.clone()) {
+                    problems.push(format!("{what}: another package already has the file name {n:?}"));
+                }
+            }
+            _ => problems.push(format!(
+                "{what}: file {} needs a file name of at most 100 characters",
+                f.display()
+            )),
+        },
+        (None, Some(from), Some(entry)) => {
+            if p.kind != PackageType::Collector {
+                problems.push(format!(
+                    "{what}: only collector records may point into another package with `from`"
+                ));
+            }
+            if !is_safe_bundle_path(entry) {
+                problems.push(format!(
+                    "{what}: entry {entry:?} must be a relative path inside the package"
+                ));
+            }
+            let arch = normalize_arch(&p.arch);
+            if !controllers
+                .iter()
+                .any(|(n, os, a)| n == from && *os == p.os && *a == arch)
+            {
+                problems.push(format!(
+                    "{what}: `from = {from:?}` names no controller package of the recipe with os {} and arch {}",
+                    p.os.as_str(),
+                    p.arch
+                ));
+            }
+        }
+        _ => problems.push(format!(
+            "{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)"
+        )),
+    }
+}
+
+/// The stack's paths stay inside stack.dir, and its project is a compose project name.
+fn check_recipe_stack(s: &RecipeStack, problems: &mut Vec<String>) {
+    if !is_safe_bundle_path(&s.compose) {
+        problems.push(format!(
+            "stack.compose {:?} must be a relative path inside stack.dir",
+            s.compose
+        ));
+    }
+    if let Some(t) = &s.env_template {
+        if !is_safe_bundle_path(t) {
+            problems.push(format!(
+                "stack.env_template {t:?} must be a relative path inside stack.dir"
+            ));
+        }
+    }
+    if let Some(p) = &s.project {
+        if !is_name(p) {
+            problems.push(format!(
+                "stack.project {p:?} must match [a-z0-9][a-z0-9._-]* (a compose project name)"
+            ));
         }
     }
 }
@@ -562,6 +591,22 @@ impl Manifest {
     /// is a plain relative path, every digest is well-formed.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        let paths = self.file_problems(&mut p);
+        let diff_ids = self.layer_problems(&paths, &mut p);
+        self.image_problems(&paths, &diff_ids, &mut p);
+        self.package_problems(&paths, &mut p);
+        if let Some(s) = &self.stack {
+            for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
+                if !paths.contains(f.as_str()) {
+                    p.push(format!("stack: {f:?} is not in files"));
+                }
+            }
+        }
+        p
+    }
+
+    /// The problems of `files`, and the paths it lists, which every other reference must name.
+    fn file_problems(&self, p: &mut Vec<String>) -> BTreeSet<&str> {
         let mut paths = BTreeSet::new();
         for f in &self.files {
             if !is_safe_bundle_path(&f.path) {
@@ -578,10 +623,14 @@ impl Manifest {
                 p.push(format!("files: {:?} is listed twice", f.path));
             }
         }
-        let has = |path: &str| paths.contains(path);
+        paths
+    }
+
+    /// The problems of `layers`, and the diff ids it lists, which every image's layers must name.
+    fn layer_problems(&self, paths: &BTreeSet<&str>, p: &mut Vec<String>) -> BTreeSet<&str> {
         let mut diff_ids = BTreeSet::new();
         for l in &self.layers {
-            if !has(&l.file) {
+            if !paths.contains(l.file.as_str()) {
                 p.push(format!(
                     "layers: {} points at {:?}, which is not in files",
                     l.diff_id, l.file
@@ -592,9 +641,14 @@ impl Manifest {
             }
             diff_ids.insert(l.diff_id.as_str());
         }
+        diff_ids
+    }
+
+    /// Each image's config is a listed file whose digest is the image id, and its layers are listed.
+    fn image_problems(&self, paths: &BTreeSet<&str>, diff_ids: &BTreeSet<&str>, p: &mut Vec<String>) {
         for i in &self.images {
             let name = i.refs.first().cloned().unwrap_or_else(|| i.id.clone());
-            if !has(&i.config) {
+            if !paths.contains(i.config.as_str()) {
                 p.push(format!("images: {name} config {:?} is not in files", i.config));
             }
             match i.id.strip_prefix("sha256:") {
@@ -614,9 +668,13 @@ impl Manifest {
                 p.push(format!("images: {name} needs layer {l}, which is not in layers"));
             }
         }
+    }
+
+    /// Each package's file is listed, and its digest and size are well-formed and given together.
+    fn package_problems(&self, paths: &BTreeSet<&str>, p: &mut Vec<String>) {
         for pk in &self.packages {
             if let Some(f) = &pk.file {
-                if !has(f) {
+                if !paths.contains(f.as_str()) {
                     p.push(format!(
                         "packages: {} {} file {f:?} is not in files",
                         pk.object, pk.version
@@ -636,14 +694,6 @@ impl Manifest {
                 ));
             }
         }
-        if let Some(s) = &self.stack {
-            for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
-                if !has(f) {
-                    p.push(format!("stack: {f:?} is not in files"));
-                }
-            }
-        }
-        p
     }
 }
 

@@ -62,6 +62,44 @@ pub fn ingest<R: Read>(
     stored: &mut HashMap<String, StoredLayer>,
     s: &Settings,
 ) -> Result<Vec<SavedImage>> {
+    let streamed = stream_entries(src, out, stored, s)?;
+    let items = if let Some(m) = streamed.meta.get("manifest.json") {
+        let items: Vec<DockerItem> =
+            serde_json::from_slice(m).map_err(|e| bad(s.source, format!("manifest.json: {e}")))?;
+        items
+            .into_iter()
+            .map(|i| (i.repo_tags.unwrap_or_default(), i.config, i.layers))
+            .collect::<Vec<_>>()
+    } else if let Some(idx) = streamed.meta.get("index.json") {
+        oci_items(idx, &streamed.meta, s.source)?
+    } else {
+        return Err(bad(s.source, "it has neither manifest.json nor index.json"));
+    };
+    let mut images = Vec::new();
+    for (tags, config_path, layer_paths) in items {
+        images.push(streamed.image(tags, &config_path, &layer_paths, s.source)?);
+    }
+    Ok(images)
+}
+
+/// What one pass over the archive leaves: which image is which is only known at its end.
+struct Streamed {
+    /// Small JSON files (manifests, configs, index) by path.
+    meta: HashMap<String, Vec<u8>>,
+    /// The diff id of each layer stored, by its path in the archive.
+    layer_of: HashMap<String, String>,
+    /// Symbolic and hard links, path to target.
+    links: HashMap<String, String>,
+}
+
+/// The archive read once, front to back: links noted, small JSON kept, every other file stored
+/// as a layer as it streams by.
+fn stream_entries<R: Read>(
+    src: R,
+    out: &mut BundleWriter,
+    stored: &mut HashMap<String, StoredLayer>,
+    s: &Settings,
+) -> Result<Streamed> {
     let mut archive = tar::Archive::new(src);
     // One compression context for every layer of the archive: a fresh multi-threaded context per
     // layer starts new worker threads and buffers each time, and peak memory crept up with the
@@ -70,10 +108,12 @@ pub fn ingest<R: Read>(
         Compression::Zstd => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
         Compression::Gzip => None,
     };
-    let mut meta: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut streamed = Streamed {
+        meta: HashMap::new(),
+        layer_of: HashMap::new(),
+        links: HashMap::new(),
+    };
     let mut meta_bytes = 0usize;
-    let mut layer_of: HashMap<String, String> = HashMap::new();
-    let mut links: HashMap<String, String> = HashMap::new();
     let read_err = |e: io::Error| Error::external(format!("reading images from {}: {e}", s.source));
     for entry in archive.entries().map_err(read_err)? {
         let mut e = entry.map_err(read_err)?;
@@ -86,7 +126,7 @@ pub fn ingest<R: Read>(
             } else {
                 String::new()
             };
-            links.insert(path, normalize(&format!("{base}/{target}")));
+            streamed.links.insert(path, normalize(&format!("{base}/{target}")));
             continue;
         }
         if !(kind.is_file() || kind.is_contiguous()) {
@@ -106,7 +146,7 @@ pub fn ingest<R: Read>(
             let mut data = peek;
             e.read_to_end(&mut data).map_err(read_err)?;
             (s.progress)(size);
-            meta.insert(path, data);
+            streamed.meta.insert(path, data);
             continue;
         }
         let layer = store_layer(Cursor::new(peek).chain(&mut e), out, stored, zctx.as_mut(), s).map_err(|err| {
@@ -116,47 +156,44 @@ pub fn ingest<R: Read>(
                 Error::new(err.kind, format!("{} (layer {path})", err.message))
             }
         })?;
-        layer_of.insert(path, layer);
+        streamed.layer_of.insert(path, layer);
     }
-    let resolve = |p: &str| -> String {
+    Ok(streamed)
+}
+
+impl Streamed {
+    /// A path with its links followed (bounded, so a link cycle cannot hang the read).
+    fn resolve(&self, p: &str) -> String {
         let mut p = normalize(p);
         for _ in 0..16 {
-            match links.get(&p) {
+            match self.links.get(&p) {
                 Some(t) => p = t.clone(),
                 None => break,
             }
         }
         p
-    };
-    let items = if let Some(m) = meta.get("manifest.json") {
-        let items: Vec<DockerItem> =
-            serde_json::from_slice(m).map_err(|e| bad(s.source, format!("manifest.json: {e}")))?;
-        items
-            .into_iter()
-            .map(|i| (i.repo_tags.unwrap_or_default(), i.config, i.layers))
-            .collect::<Vec<_>>()
-    } else if let Some(idx) = meta.get("index.json") {
-        oci_items(idx, &meta, s.source)?
-    } else {
-        return Err(bad(s.source, "it has neither manifest.json nor index.json"));
-    };
-    let mut images = Vec::new();
-    for (tags, config_path, layer_paths) in items {
-        let config = meta
-            .get(&resolve(&config_path))
-            .ok_or_else(|| bad(s.source, format!("image config {config_path} is missing")))?
+    }
+
+    /// One image of the archive's manifest, its layers checked against its config's diff ids so
+    /// a damaged image is refused at pack time.
+    fn image(&self, tags: Vec<String>, config_path: &str, layer_paths: &[String], source: &str) -> Result<SavedImage> {
+        let config = self
+            .meta
+            .get(&self.resolve(config_path))
+            .ok_or_else(|| bad(source, format!("image config {config_path} is missing")))?
             .clone();
         let mut layers = Vec::new();
-        for p in &layer_paths {
-            let diff = layer_of
-                .get(&resolve(p))
-                .ok_or_else(|| bad(s.source, format!("layer {p} is missing")))?;
+        for p in layer_paths {
+            let diff = self
+                .layer_of
+                .get(&self.resolve(p))
+                .ok_or_else(|| bad(source, format!("layer {p} is missing")))?;
             layers.push(diff.clone());
         }
         let id = format!("sha256:{}", sha256_hex(&config));
         let name = tags.first().cloned().unwrap_or_else(|| id.clone());
         let cfg: ImageConfig =
-            serde_json::from_slice(&config).map_err(|e| bad(s.source, format!("config of {name}: {e}")))?;
+            serde_json::from_slice(&config).map_err(|e| bad(source, format!("config of {name}: {e}")))?;
         if let Some(rootfs) = &cfg.rootfs {
             if rootfs.diff_ids != layers {
                 let detail = rootfs
@@ -173,20 +210,19 @@ pub fn ingest<R: Read>(
                             layers.len()
                         )
                     });
-                return Err(Error::input(format!("{}: image {name}: {detail}", s.source))
+                return Err(Error::input(format!("{}: image {name}: {detail}", source))
                     .hint("the image in the engine or archive is damaged: remove and pull/load it again"));
             }
         }
-        images.push(SavedImage {
+        Ok(SavedImage {
             tags,
             id,
             config,
             os: cfg.os.unwrap_or_default(),
             arch: cfg.architecture.unwrap_or_default(),
             layers,
-        });
+        })
     }
-    Ok(images)
 }
 
 fn zstd_context(s: &Settings) -> io::Result<zstd::zstd_safe::CCtx<'static>> {

@@ -173,29 +173,7 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
     // The last entry read (whatever its type), to say where damage is.
     let mut prev: Option<String> = None;
     let mut block = [0u8; 512];
-    let rd = |at: u64, buf: &mut [u8]| {
-        src.read_exact_at(at, buf)
-            .map_err(|e| Error::io("cannot read", src.part_at(at), e))
-    };
-    // Not a tar at all: say what it is rather than "bad tar header".
-    if src.len == 0 {
-        return Err(
-            Error::bundle(format!("{} is empty (0 bytes): it is not a bundle", src.display_name()))
-                .hint("copy the bundle again from the original media; `bkbundle pack` writes it"),
-        );
-    }
-    let mut head = [0u8; 8];
-    let n = (src.len as usize).min(head.len());
-    rd(0, &mut head[..n])?;
-    if let Some((what, how)) = sniff(&head[..n]) {
-        return Err(Error::bundle(format!(
-            "{} is a {what}, not a bkbundle bundle (a bundle is a plain, uncompressed tar written by `bkbundle pack`)",
-            src.display_name()
-        ))
-        .hint(format!(
-            "if the bundle was compressed or archived for transport, unpack it first (`{how}`) and give the .bkb file; otherwise give the .bkb file itself"
-        )));
-    }
+    check_is_tar(src)?;
     loop {
         let block_end = pos.checked_add(BLOCK).filter(|&e| e <= src.len);
         let Some(data) = block_end else {
@@ -208,108 +186,24 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
                 ),
             ));
         };
-        rd(pos, &mut block)?;
+        read_at(src, pos, &mut block)?;
         if tarfmt::is_zero_block(&block) {
-            // End of archive: a second zero block, then nothing but zeros.
-            if data + BLOCK > src.len {
-                return Err(truncated(src, "the end-of-archive marker is cut short".into()));
-            }
-            let mut rest = vec![0u8; (src.len - pos).min(1 << 20) as usize];
-            let mut at = pos;
-            while at < src.len {
-                let n = ((src.len - at) as usize).min(rest.len());
-                rd(at, &mut rest[..n])?;
-                if let Some(i) = rest[..n].iter().position(|&b| b != 0) {
-                    return Err(damaged(
-                        src,
-                        at + i as u64,
-                        format!(
-                            "unexpected bytes after the end of the archive{}",
-                            prev.as_ref().map(|p| format!(" (last entry {p})")).unwrap_or_default()
-                        ),
-                    ));
-                }
-                at += n as u64;
-            }
+            check_end_of_archive(src, pos, data, &prev)?;
             break;
         }
         let h = tarfmt::parse_header(&block)
             .map_err(|e| damaged(src, pos, format!("bad tar header {}: {e}", around(&prev, &block))))?;
         let name = pax_path.take().unwrap_or(h.name.clone());
-        // Every size and offset read from the archive is checked: a size beyond the file's end is
-        // refused before any arithmetic on it, so the scan always advances and never wraps.
-        let remaining = src.len - data;
-        if h.size > CRAFTED_SIZE {
-            return Err(damaged(
-                src,
-                pos,
-                format!(
-                    "entry {name} has a size field of {} bytes, more than any bundle holds (this one has {} bytes): the header is damaged or crafted",
-                    h.size, src.len
-                ),
-            ));
-        }
-        let pad = tarfmt::padding(h.size);
-        let end = match h.size.checked_add(pad).filter(|&n| n <= remaining) {
-            Some(n) => data + n,
-            None => {
-                return Err(truncated(
-                    src,
-                    format!(
-                        "entry {name} needs {} bytes (size field) from byte {data} but the bundle ends at byte {}",
-                        h.size, src.len
-                    ),
-                ))
-            }
-        };
-        // Padding must be zeros: a flipped byte there changes nothing else we could detect.
-        if pad > 0 {
-            let mut p = [0u8; 512];
-            rd(data + h.size, &mut p[..pad as usize])?;
-            if let Some(i) = p[..pad as usize].iter().position(|&b| b != 0) {
-                return Err(damaged(
-                    src,
-                    data + h.size + i as u64,
-                    format!("non-zero padding after entry {name}"),
-                ));
-            }
-        }
+        let end = entry_end(src, pos, data, &h, &name)?;
         match h.typeflag {
-            b'x' => {
-                if h.size > 64 << 10 {
-                    return Err(damaged(
-                        src,
-                        pos,
-                        format!(
-                            "oversized PAX header ({} bytes, size field) {}",
-                            h.size,
-                            around(&prev, &block)
-                        ),
-                    ));
-                }
-                let mut d = vec![0u8; h.size as usize];
-                rd(data, &mut d)?;
-                pax_path = tarfmt::pax_path(&d);
-            }
+            b'x' => pax_path = pax_record(src, pos, data, &h, &prev, &block)?,
             b'g' | b'5' => {}
             b'0' | 0 => {
-                let name = name.trim_start_matches("./").to_string();
-                if !is_safe_bundle_path(&name) {
-                    return Err(damaged(
-                        src,
-                        pos,
-                        format!("entry name {name:?} is not a plain relative path"),
-                    ));
+                let entry = file_entry(src, pos, data, &h, &name)?;
+                if index.insert(entry.path.clone(), entries.len()).is_some() {
+                    return Err(damaged(src, pos, format!("entry {} appears twice", entry.path)));
                 }
-                if index.insert(name.clone(), entries.len()).is_some() {
-                    return Err(damaged(src, pos, format!("entry {name} appears twice")));
-                }
-                entries.push(Entry {
-                    path: name,
-                    offset: data,
-                    size: h.size,
-                    mode: h.mode,
-                });
+                entries.push(entry);
             }
             t => {
                 return Err(damaged(
@@ -332,6 +226,149 @@ fn scan(src: &PartSource) -> Result<(Vec<Entry>, HashMap<String, usize>)> {
         pos = end;
     }
     Ok((entries, index))
+}
+
+/// `buf.len()` bytes of the bundle from `at`, a failure naming the part that holds them.
+fn read_at(src: &PartSource, at: u64, buf: &mut [u8]) -> Result<()> {
+    src.read_exact_at(at, buf)
+        .map_err(|e| Error::io("cannot read", src.part_at(at), e))
+}
+
+/// Not a tar at all (empty, or a known compressed or archive format): say what it is rather
+/// than "bad tar header".
+fn check_is_tar(src: &PartSource) -> Result<()> {
+    if src.len == 0 {
+        return Err(
+            Error::bundle(format!("{} is empty (0 bytes): it is not a bundle", src.display_name()))
+                .hint("copy the bundle again from the original media; `bkbundle pack` writes it"),
+        );
+    }
+    let mut head = [0u8; 8];
+    let n = (src.len as usize).min(head.len());
+    read_at(src, 0, &mut head[..n])?;
+    if let Some((what, how)) = sniff(&head[..n]) {
+        return Err(Error::bundle(format!(
+            "{} is a {what}, not a bkbundle bundle (a bundle is a plain, uncompressed tar written by `bkbundle pack`)",
+            src.display_name()
+        ))
+        .hint(format!(
+            "if the bundle was compressed or archived for transport, unpack it first (`{how}`) and give the .bkb file; otherwise give the .bkb file itself"
+        )));
+    }
+    Ok(())
+}
+
+/// End of archive at the zero block at `pos`: a second zero block, then nothing but zeros, so
+/// bytes appended to a bundle are found.
+fn check_end_of_archive(src: &PartSource, pos: u64, data: u64, prev: &Option<String>) -> Result<()> {
+    if data + BLOCK > src.len {
+        return Err(truncated(src, "the end-of-archive marker is cut short".into()));
+    }
+    let mut rest = vec![0u8; (src.len - pos).min(1 << 20) as usize];
+    let mut at = pos;
+    while at < src.len {
+        let n = ((src.len - at) as usize).min(rest.len());
+        read_at(src, at, &mut rest[..n])?;
+        if let Some(i) = rest[..n].iter().position(|&b| b != 0) {
+            return Err(damaged(
+                src,
+                at + i as u64,
+                format!(
+                    "unexpected bytes after the end of the archive{}",
+                    prev.as_ref().map(|p| format!(" (last entry {p})")).unwrap_or_default()
+                ),
+            ));
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Where the entry whose header is at `pos` (data at `data`) ends, its size checked against the
+/// bundle's and its padding checked to be zeros.
+fn entry_end(src: &PartSource, pos: u64, data: u64, h: &tarfmt::Header, name: &str) -> Result<u64> {
+    // Every size and offset read from the archive is checked: a size beyond the file's end is
+    // refused before any arithmetic on it, so the scan always advances and never wraps.
+    let remaining = src.len - data;
+    if h.size > CRAFTED_SIZE {
+        return Err(damaged(
+            src,
+            pos,
+            format!(
+                "entry {name} has a size field of {} bytes, more than any bundle holds (this one has {} bytes): the header is damaged or crafted",
+                h.size, src.len
+            ),
+        ));
+    }
+    let pad = tarfmt::padding(h.size);
+    let end = match h.size.checked_add(pad).filter(|&n| n <= remaining) {
+        Some(n) => data + n,
+        None => {
+            return Err(truncated(
+                src,
+                format!(
+                    "entry {name} needs {} bytes (size field) from byte {data} but the bundle ends at byte {}",
+                    h.size, src.len
+                ),
+            ))
+        }
+    };
+    // Padding must be zeros: a flipped byte there changes nothing else we could detect.
+    if pad > 0 {
+        let mut p = [0u8; 512];
+        read_at(src, data + h.size, &mut p[..pad as usize])?;
+        if let Some(i) = p[..pad as usize].iter().position(|&b| b != 0) {
+            return Err(damaged(
+                src,
+                data + h.size + i as u64,
+                format!("non-zero padding after entry {name}"),
+            ));
+        }
+    }
+    Ok(end)
+}
+
+/// The path a PAX extended header gives the next entry, its size bounded first.
+fn pax_record(
+    src: &PartSource,
+    pos: u64,
+    data: u64,
+    h: &tarfmt::Header,
+    prev: &Option<String>,
+    block: &[u8; 512],
+) -> Result<Option<String>> {
+    if h.size > 64 << 10 {
+        return Err(damaged(
+            src,
+            pos,
+            format!(
+                "oversized PAX header ({} bytes, size field) {}",
+                h.size,
+                around(prev, block)
+            ),
+        ));
+    }
+    let mut d = vec![0u8; h.size as usize];
+    read_at(src, data, &mut d)?;
+    Ok(tarfmt::pax_path(&d))
+}
+
+/// A regular file's entry, its name refused unless it is a plain relative path.
+fn file_entry(src: &PartSource, pos: u64, data: u64, h: &tarfmt::Header, name: &str) -> Result<Entry> {
+    let name = name.trim_start_matches("./").to_string();
+    if !is_safe_bundle_path(&name) {
+        return Err(damaged(
+            src,
+            pos,
+            format!("entry name {name:?} is not a plain relative path"),
+        ));
+    }
+    Ok(Entry {
+        path: name,
+        offset: data,
+        size: h.size,
+        mode: h.mode,
+    })
 }
 
 #[cfg(test)]

@@ -125,26 +125,7 @@ pub async fn wait(engine: &Engine, opts: &WaitOptions, note: &dyn Fn(&str)) -> R
             ))
             .hint("check the compose file's services (a profile may exclude them all)"));
         }
-        let mut failures = Vec::new();
-        let mut waiting = Vec::new();
-        for c in &containers {
-            let first = *first_restarts.entry(c.id.clone()).or_insert(c.restart_count);
-            match judge(c, first, running_for(&c.started_at), opts.steady) {
-                Verdict::Ready(state) => {
-                    ready.entry(c.id.clone()).or_insert_with(|| ServiceHealth {
-                        service: c.service.clone(),
-                        container: c.name.clone(),
-                        state: state.to_string(),
-                        ready_after_secs: t0.elapsed().as_secs_f64(),
-                    });
-                }
-                Verdict::Waiting(why) => {
-                    ready.remove(&c.id);
-                    waiting.push(format!("{} ({why})", c.service));
-                }
-                Verdict::Failed(reason) => failures.push((c.clone(), reason)),
-            }
-        }
+        let (mut failures, waiting) = judge_round(&containers, &mut first_restarts, &mut ready, t0, opts.steady);
         let timed_out = Instant::now() >= deadline;
         if failures.is_empty() && timed_out {
             for c in &containers {
@@ -159,25 +140,7 @@ pub async fn wait(engine: &Engine, opts: &WaitOptions, note: &dyn Fn(&str)) -> R
             }
         }
         if !failures.is_empty() {
-            let mut out = Vec::new();
-            for (c, reason) in failures {
-                let logs = engine
-                    .logs(&c.id, 30)
-                    .await
-                    .unwrap_or_else(|e| vec![format!("(logs unavailable: {e})")]);
-                let hint = hint_for(&logs, c.oom_killed);
-                out.push(Failure {
-                    service: c.service.clone(),
-                    container: c.name.clone(),
-                    reason,
-                    status: c.status.clone(),
-                    health: c.health.clone(),
-                    exit_code: c.exit_code,
-                    restart_count: c.restart_count,
-                    logs,
-                    hint,
-                });
-            }
+            let out = with_evidence(engine, failures).await;
             return Err(failure_error(&opts.project, &out));
         }
         if waiting.is_empty() {
@@ -197,6 +160,63 @@ pub async fn wait(engine: &Engine, opts: &WaitOptions, note: &dyn Fn(&str)) -> R
         )
         .await;
     }
+}
+
+/// One poll's verdicts: `ready` updated (a container that falls back to waiting leaves it), and
+/// the failed containers with their reasons and the services still waiting returned.
+fn judge_round(
+    containers: &[ContainerState],
+    first_restarts: &mut BTreeMap<String, i64>,
+    ready: &mut BTreeMap<String, ServiceHealth>,
+    t0: Instant,
+    steady: Duration,
+) -> (Vec<(ContainerState, String)>, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut waiting = Vec::new();
+    for c in containers {
+        let first = *first_restarts.entry(c.id.clone()).or_insert(c.restart_count);
+        match judge(c, first, running_for(&c.started_at), steady) {
+            Verdict::Ready(state) => {
+                ready.entry(c.id.clone()).or_insert_with(|| ServiceHealth {
+                    service: c.service.clone(),
+                    container: c.name.clone(),
+                    state: state.to_string(),
+                    ready_after_secs: t0.elapsed().as_secs_f64(),
+                });
+            }
+            Verdict::Waiting(why) => {
+                ready.remove(&c.id);
+                waiting.push(format!("{} ({why})", c.service));
+            }
+            Verdict::Failed(reason) => failures.push((c.clone(), reason)),
+        }
+    }
+    (failures, waiting)
+}
+
+/// Each failed container with its last log lines and the hint they suggest, the evidence the
+/// operator needs without running `docker logs`.
+async fn with_evidence(engine: &Engine, failures: Vec<(ContainerState, String)>) -> Vec<Failure> {
+    let mut out = Vec::new();
+    for (c, reason) in failures {
+        let logs = engine
+            .logs(&c.id, 30)
+            .await
+            .unwrap_or_else(|e| vec![format!("(logs unavailable: {e})")]);
+        let hint = hint_for(&logs, c.oom_killed);
+        out.push(Failure {
+            service: c.service.clone(),
+            container: c.name.clone(),
+            reason,
+            status: c.status.clone(),
+            health: c.health.clone(),
+            exit_code: c.exit_code,
+            restart_count: c.restart_count,
+            logs,
+            hint,
+        });
+    }
+    out
 }
 
 fn failure_error(project: &str, failures: &[Failure]) -> Error {

@@ -66,10 +66,62 @@ pub fn write_load_tar(
     w: &mut dyn Write,
     task: &dyn Task,
 ) -> Result<()> {
-    let name = reader.display_name();
-    let werr = |e: io::Error| Error::external(format!("streaming images to the Docker engine: {e}"));
-    let put = |w: &mut dyn Write, path: &str, size: u64, data: &mut dyn Read, what: &str| -> Result<()> {
-        w.write_all(&tarfmt::file_header(path, 0o644, size, 0)).map_err(werr)?;
+    let mut out = LoadTar {
+        name: reader.display_name(),
+        w,
+        task,
+        sent: BTreeSet::new(),
+    };
+    let mut items = Vec::new();
+    for img in images {
+        let mut cfg = reader.config(img)?;
+        let cfg_path = format!("{}.json", hex(&img.id));
+        if out.sent.insert(cfg_path.clone()) {
+            out.put(
+                &cfg_path,
+                cfg.size(),
+                &mut cfg,
+                &format!("config of {}", img.refs.join(", ")),
+            )?;
+        }
+        let layer_paths = out.put_layers(reader, m, img)?;
+        items.push(serde_json::json!({ "Config": cfg_path, "RepoTags": img.refs, "Layers": layer_paths }));
+    }
+    let manifest = serde_json::to_vec(&items).map_err(|e| Error::internal(format!("manifest.json: {e}")))?;
+    out.put(
+        "manifest.json",
+        manifest.len() as u64,
+        &mut &manifest[..],
+        "manifest.json",
+    )?;
+    out.w.write_all(&[0u8; 1024]).map_err(stream_err)?;
+    out.w.flush().map_err(stream_err)?;
+    Ok(())
+}
+
+/// A failed write to the engine's stream.
+fn stream_err(e: io::Error) -> Error {
+    Error::external(format!("streaming images to the Docker engine: {e}"))
+}
+
+/// The `docker load` tar being written: each file (config or layer) shared by images goes in once.
+struct LoadTar<'a> {
+    /// The bundle's name, for messages.
+    name: String,
+    w: &'a mut dyn Write,
+    task: &'a dyn Task,
+    /// The tar paths already written.
+    sent: BTreeSet<String>,
+}
+
+impl LoadTar<'_> {
+    /// One file of `size` bytes from `data`, refused if the bundle gives more or fewer bytes than
+    /// the manifest says.
+    fn put(&mut self, path: &str, size: u64, data: &mut dyn Read, what: &str) -> Result<()> {
+        let name = &self.name;
+        self.w
+            .write_all(&tarfmt::file_header(path, 0o644, size, 0))
+            .map_err(stream_err)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut left = size;
         loop {
@@ -84,8 +136,8 @@ pub fn write_load_tar(
                     "{name}: {what} is longer than the manifest says ({size} bytes)"
                 )));
             }
-            w.write_all(&buf[..n]).map_err(werr)?;
-            task.advance(n as u64);
+            self.w.write_all(&buf[..n]).map_err(stream_err)?;
+            self.task.advance(n as u64);
             left -= n as u64;
         }
         if left != 0 {
@@ -94,31 +146,22 @@ pub fn write_load_tar(
                 left
             )));
         }
-        w.write_all(&[0u8; 512][..tarfmt::padding(size) as usize])
-            .map_err(werr)?;
+        self.w
+            .write_all(&[0u8; 512][..tarfmt::padding(size) as usize])
+            .map_err(stream_err)?;
         Ok(())
-    };
-    let mut sent = BTreeSet::new();
-    let mut items = Vec::new();
-    for img in images {
-        let mut cfg = reader.config(img)?;
-        let cfg_path = format!("{}.json", hex(&img.id));
-        if sent.insert(cfg_path.clone()) {
-            put(
-                w,
-                &cfg_path,
-                cfg.size(),
-                &mut cfg,
-                &format!("config of {}", img.refs.join(", ")),
-            )?;
-        }
+    }
+
+    /// The layers of `img` not yet written, decompressed as the engine takes them; returns the
+    /// tar paths of all its layers, for its `manifest.json` item.
+    fn put_layers(&mut self, reader: &VerifiedBundle, m: &Manifest, img: &Image) -> Result<Vec<String>> {
         let mut layer_paths = Vec::new();
         for diff in &img.layers {
             let layer = m
                 .layer(diff)
-                .ok_or_else(|| Error::bundle(format!("{name}: layer {diff} is not in the manifest")))?;
+                .ok_or_else(|| Error::bundle(format!("{}: layer {diff} is not in the manifest", self.name)))?;
             let path = format!("layers/{}.tar", hex(diff));
-            if sent.insert(path.clone()) {
+            if self.sent.insert(path.clone()) {
                 let raw = reader.layer(layer)?;
                 let mut plain: Box<dyn Read> = match m.bundle.compression {
                     Compression::Zstd => Box::new(
@@ -126,23 +169,12 @@ pub fn write_load_tar(
                     ),
                     Compression::Gzip => Box::new(flate2::read::GzDecoder::new(raw)),
                 };
-                put(w, &path, layer.size, &mut plain, &layer.file)?;
+                self.put(&path, layer.size, &mut plain, &layer.file)?;
             }
             layer_paths.push(path);
         }
-        items.push(serde_json::json!({ "Config": cfg_path, "RepoTags": img.refs, "Layers": layer_paths }));
+        Ok(layer_paths)
     }
-    let manifest = serde_json::to_vec(&items).map_err(|e| Error::internal(format!("manifest.json: {e}")))?;
-    put(
-        w,
-        "manifest.json",
-        manifest.len() as u64,
-        &mut &manifest[..],
-        "manifest.json",
-    )?;
-    w.write_all(&[0u8; 1024]).map_err(werr)?;
-    w.flush().map_err(werr)?;
-    Ok(())
 }
 
 /// Spawn the writer thread; returns the body stream for the engine and the thread's handle.

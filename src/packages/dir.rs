@@ -145,6 +145,30 @@ const NAMING_HINT: &str = "name package files as the server parses them (NAME-1.
 /// package enters the object store only after the same check whichever way it comes. Every file
 /// the name does not fully describe or the check refuses is one problem; all are reported at once.
 pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Error> {
+    let files = package_files(dir)?;
+    let mut out = Vec::new();
+    let mut problems: Vec<Error> = Vec::new();
+    for path in files {
+        if let Some(found) = package_of(path, o, &mut problems) {
+            out.push(found);
+        }
+    }
+    if problems.is_empty() {
+        return Ok(out);
+    }
+    Err(Error::all(
+        format!(
+            "{} problem(s) with the package directory {}; nothing was written",
+            problems.len(),
+            dir.display()
+        ),
+        problems,
+    ))
+}
+
+/// The files directly in `dir`, sorted, hidden ones passed over; none is an error, since an
+/// empty directory is more likely the wrong one than a request to do nothing.
+fn package_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
@@ -168,90 +192,86 @@ pub fn scan(dir: &Path, o: &Overrides) -> Result<Vec<(Package, Source)>, Error> 
         ))
         .hint("put the package files (not directories) directly in it; hidden files are passed over"));
     }
-    let mut out = Vec::new();
-    let mut problems: Vec<Error> = Vec::new();
-    for path in files {
-        let file = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let p = parse_name(&file);
-        let (object, kind) = object_of(&p.name);
-        let mut missing = Vec::new();
-        let version = o.version.clone().or(p.version.clone());
-        if version.is_none() {
-            missing.push("its version (NAME-1.2.3...): give --version");
-        }
-        let os = o.os.or(p.os);
-        if os.is_none() {
-            missing.push("its OS (linux or windows in the name): give --os");
-        }
-        let arch = match &o.arch {
-            Some(a) => match normalize_arch(a) {
-                Some(a) => Some(a.to_string()),
-                None => {
-                    problems.push(
-                        Error::input(format!("--arch {a:?}: expected x86_64 (amd64) or arm64 (aarch64)"))
-                            .hint("give --arch x86_64 or --arch arm64"),
-                    );
-                    None
-                }
-            },
-            None => p.arch.map(str::to_string),
-        };
-        if arch.is_none() && o.arch.is_none() {
-            missing.push("its architecture (amd64/x86_64 or arm64/aarch64 in the name): give --arch");
-        }
-        if !missing.is_empty() {
-            problems.push(
-                Error::input(format!(
-                    "{}: the file name does not tell {}",
-                    path.display(),
-                    missing.join("; nor ")
-                ))
-                .hint(NAMING_HINT),
-            );
-            continue;
-        }
-        let (Some(version), Some(os), Some(arch)) = (version, os, arch) else {
-            continue;
-        };
-        let kind = o.kind.unwrap_or(kind);
-        let object = o.object.clone().unwrap_or(object);
-        // The one check every package passes, as in `pack`.
-        if let Err(e) = crate::package_check::check(&path, kind, os) {
-            problems.push(e);
-            continue;
-        }
-        out.push((
-            Package {
-                file: None,
-                name: file,
-                kind,
-                os,
-                arch,
-                object,
-                version,
-                description: String::new(),
-                from: None,
-                entry: None,
-                sha256: None,
-                size: None,
-            },
-            Source::File(path),
-        ));
+    Ok(files)
+}
+
+/// One file as a package, from its name and the overrides, once checked; `None` (its problems
+/// in `problems`) when the name does not tell enough or the check refuses it.
+fn package_of(path: PathBuf, o: &Overrides, problems: &mut Vec<Error>) -> Option<(Package, Source)> {
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let p = parse_name(&file);
+    let (object, kind) = object_of(&p.name);
+    let mut missing = Vec::new();
+    let version = o.version.clone().or(p.version.clone());
+    if version.is_none() {
+        missing.push("its version (NAME-1.2.3...): give --version");
     }
-    if problems.is_empty() {
-        return Ok(out);
+    let os = o.os.or(p.os);
+    if os.is_none() {
+        missing.push("its OS (linux or windows in the name): give --os");
     }
-    Err(Error::all(
-        format!(
-            "{} problem(s) with the package directory {}; nothing was written",
-            problems.len(),
-            dir.display()
-        ),
-        problems,
+    let arch = arch_of(o, p.arch, problems);
+    if arch.is_none() && o.arch.is_none() {
+        missing.push("its architecture (amd64/x86_64 or arm64/aarch64 in the name): give --arch");
+    }
+    if !missing.is_empty() {
+        problems.push(
+            Error::input(format!(
+                "{}: the file name does not tell {}",
+                path.display(),
+                missing.join("; nor ")
+            ))
+            .hint(NAMING_HINT),
+        );
+        return None;
+    }
+    let (Some(version), Some(os), Some(arch)) = (version, os, arch) else {
+        return None;
+    };
+    let kind = o.kind.unwrap_or(kind);
+    let object = o.object.clone().unwrap_or(object);
+    // The one check every package passes, as in `pack`.
+    if let Err(e) = crate::package_check::check(&path, kind, os) {
+        problems.push(e);
+        return None;
+    }
+    Some((
+        Package {
+            file: None,
+            name: file,
+            kind,
+            os,
+            arch,
+            object,
+            version,
+            description: String::new(),
+            from: None,
+            entry: None,
+            sha256: None,
+            size: None,
+        },
+        Source::File(path),
     ))
+}
+
+/// The architecture: `--arch` (normalized; an unknown one is a problem) over the name's.
+fn arch_of(o: &Overrides, from_name: Option<&'static str>, problems: &mut Vec<Error>) -> Option<String> {
+    match &o.arch {
+        Some(a) => match normalize_arch(a) {
+            Some(a) => Some(a.to_string()),
+            None => {
+                problems.push(
+                    Error::input(format!("--arch {a:?}: expected x86_64 (amd64) or arm64 (aarch64)"))
+                        .hint("give --arch x86_64 or --arch arm64"),
+                );
+                None
+            }
+        },
+        None => from_name.map(str::to_string),
+    }
 }
 
 #[cfg(test)]

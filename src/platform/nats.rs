@@ -130,16 +130,40 @@ fn backoff(attempt: u32) -> Duration {
 /// retries with backoff on transient failures (refused/timed out).
 pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
     let display = t.display();
-    // Stages 1 and 2, per URL: one that answers is enough (the client then tries them all).
+    probe_reachable(t, &display).await?;
+    let (opts, addrs) = connect_options(t).await?;
+    let mut attempt = 0;
+    loop {
+        match async_nats::connect_with_options(addrs.clone(), opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let err = handshake_error(&e, &display);
+                // Only a failure that is neither TLS nor authentication is worth another try.
+                if matches!(err, NatsError::Connect { .. }) {
+                    attempt += 1;
+                    if attempt < ATTEMPTS {
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                }
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// Stages 1 and 2, per URL: name resolution and TCP, so an unreachable server is reported as such
+/// rather than as a handshake failure. One URL that answers is enough (the client then tries
+/// them all).
+async fn probe_reachable(t: &NatsTarget, display: &str) -> Result<(), NatsError> {
     let mut last = None;
-    let mut reachable = false;
-    'urls: for url in &t.urls {
+    for url in &t.urls {
         let (host, port) = host_port(url);
         let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
             Ok(a) => a.collect::<Vec<_>>(),
             Err(e) => {
                 last = Some(NatsError::Resolve {
-                    nats: display.clone(),
+                    nats: display.to_string(),
                     host: host.clone(),
                     message: e.to_string(),
                 });
@@ -150,16 +174,13 @@ pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
             let mut err = None;
             for a in &addrs {
                 match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(a)).await {
-                    Ok(Ok(_)) => {
-                        reachable = true;
-                        break 'urls;
-                    }
+                    Ok(Ok(_)) => return Ok(()),
                     Ok(Err(e)) => err = Some(format!("{a}: {e}")),
                     Err(_) => err = Some(format!("{a}: timed out after 5 s")),
                 }
             }
             last = Some(NatsError::Connect {
-                nats: display.clone(),
+                nats: display.to_string(),
                 message: err.unwrap_or_else(|| format!("{host} resolved to no address")),
             });
             if attempt + 1 < ATTEMPTS {
@@ -167,9 +188,14 @@ pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
             }
         }
     }
-    if !reachable {
-        return Err(last.unwrap_or(NatsError::NoNats));
-    }
+    Err(last.unwrap_or(NatsError::NoNats))
+}
+
+/// The client's options (credentials, user, token, TLS) and server addresses from the target,
+/// checked before the handshake so a bad setting is a configuration error.
+async fn connect_options(
+    t: &NatsTarget,
+) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), NatsError> {
     let mut opts = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(10))
         .name("bkbundle");
@@ -219,55 +245,47 @@ pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
         (None, None) => {}
         _ => return Err(NatsError::BadConfig("[nats] cert_file and key_file go together".into())),
     }
-    let mut attempt = 0;
-    loop {
-        match async_nats::connect_with_options(addrs.clone(), opts.clone()).await {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                use async_nats::ConnectErrorKind as K;
-                let message = chain(&e);
-                let err = match e.kind() {
-                    K::Tls => NatsError::Tls {
-                        nats: display.clone(),
-                        message,
-                    },
-                    K::Authentication | K::AuthorizationViolation => NatsError::Auth {
-                        nats: display.clone(),
-                        message,
-                    },
-                    K::Dns => NatsError::Resolve {
-                        nats: display.clone(),
-                        host: display.clone(),
-                        message,
-                    },
-                    K::ServerParse => NatsError::BadConfig(message),
-                    K::TimedOut | K::Io | K::MaxReconnects => {
-                        // A TLS problem can surface as an I/O error from the handshake.
-                        let lower = message.to_ascii_lowercase();
-                        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-                            NatsError::Tls {
-                                nats: display.clone(),
-                                message,
-                            }
-                        } else if lower.contains("authorization") {
-                            NatsError::Auth {
-                                nats: display.clone(),
-                                message,
-                            }
-                        } else {
-                            attempt += 1;
-                            if attempt < ATTEMPTS {
-                                tokio::time::sleep(backoff(attempt)).await;
-                                continue;
-                            }
-                            NatsError::Connect {
-                                nats: display.clone(),
-                                message,
-                            }
-                        }
-                    }
-                };
-                return Err(err);
+    Ok((opts, addrs))
+}
+
+/// The handshake's failure in the operator's terms (TLS, authentication, name, configuration);
+/// anything else is a `Connect` failure, the one kind worth retrying.
+fn handshake_error(e: &async_nats::ConnectError, display: &str) -> NatsError {
+    use async_nats::ConnectErrorKind as K;
+    let message = chain(e);
+    match e.kind() {
+        K::Tls => NatsError::Tls {
+            nats: display.to_string(),
+            message,
+        },
+        K::Authentication | K::AuthorizationViolation => NatsError::Auth {
+            nats: display.to_string(),
+            message,
+        },
+        K::Dns => NatsError::Resolve {
+            nats: display.to_string(),
+            host: display.to_string(),
+            message,
+        },
+        K::ServerParse => NatsError::BadConfig(message),
+        K::TimedOut | K::Io | K::MaxReconnects => {
+            // A TLS problem can surface as an I/O error from the handshake.
+            let lower = message.to_ascii_lowercase();
+            if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                NatsError::Tls {
+                    nats: display.to_string(),
+                    message,
+                }
+            } else if lower.contains("authorization") {
+                NatsError::Auth {
+                    nats: display.to_string(),
+                    message,
+                }
+            } else {
+                NatsError::Connect {
+                    nats: display.to_string(),
+                    message,
+                }
             }
         }
     }

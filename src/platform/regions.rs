@@ -13,8 +13,8 @@ use super::crypto::{self, SecretKey};
 use super::db::{db_err, DbError, DbTarget};
 use super::release::{Release, CACHE_TABLE, ENV_TABLE, REGION_TABLE, SERVICE_TABLE};
 use super::rules::{
-    check_stored_region, replace_host, stored_len, DesiredRegion, EnvType, Problem, Source, DEFAULT_REGION_ID,
-    DEFAULT_REGION_INTRODUCTION, DEFAULT_REGION_NAME, PROXIED_KEYS,
+    check_stored_region, replace_host, stored_len, DesiredRegion, DesiredValue, EnvType, Problem, Source,
+    DEFAULT_REGION_ID, DEFAULT_REGION_INTRODUCTION, DEFAULT_REGION_NAME, PROXIED_KEYS,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -228,138 +228,21 @@ pub fn diff(
     required: &[String],
 ) -> Result<Vec<PlannedRegion>, Vec<Problem>> {
     let mut problems = Vec::new();
-    for r in unmanaged(desired, current) {
-        let stored: BTreeMap<String, (String, Option<EnvType>)> = current
-            .env
-            .iter()
-            .filter(|e| e.region_id == r.id)
-            .map(|e| (e.key.clone(), (e.value.clone(), EnvType::parse(&e.env_type))))
-            .collect();
-        problems.extend(check_stored_region(&r.name, r.id, &stored, required));
-    }
+    check_unmanaged(desired, current, required, &mut problems);
     let mut plan = Vec::new();
     let value_max = release.env_value_max();
     for d in desired {
-        let existing = if d.is_default() {
-            if let Some(other) = current
-                .regions
-                .iter()
-                .find(|r| r.name == DEFAULT_REGION_NAME && r.id != DEFAULT_REGION_ID)
-            {
-                problems.push(Problem {
-                    region: d.name.clone(),
-                    key: None,
-                    message: format!(
-                        "a region named \"default\" exists with id {}, but the server's default region is id 1: rename or remove that region in the UI first",
-                        other.id
-                    ),
-                });
-            }
-            current.regions.iter().find(|r| r.id == DEFAULT_REGION_ID)
-        } else {
-            current.regions.iter().find(|r| r.name == d.name)
-        };
-        let (action, introduction, proxy_address) = match existing {
-            None if d.is_default() => (Action::Create, DEFAULT_REGION_INTRODUCTION.to_string(), String::new()),
-            None => (
-                Action::Create,
-                d.introduction.clone().unwrap_or_default(),
-                d.proxy_address.clone().unwrap_or_default(),
-            ),
-            // Region 1 keeps what the server gave it: the server resets it at every start.
-            Some(r) if d.is_default() => (Action::Unchanged, r.introduction.clone(), r.proxy_address.clone()),
-            Some(r) => {
-                let intro = d.introduction.clone().unwrap_or_else(|| r.introduction.clone());
-                // A release without the column keeps the proxy host in the env rows only.
-                let proxy = match release.has_proxy_address() {
-                    true => d.proxy_address.clone().unwrap_or_else(|| r.proxy_address.clone()),
-                    false => r.proxy_address.clone(),
-                };
-                let action = if intro != r.introduction || proxy != r.proxy_address {
-                    Action::Update
-                } else {
-                    Action::Unchanged
-                };
-                (action, intro, proxy)
-            }
-        };
-        for (what, v, col) in [
-            ("name", &d.name, "name"),
-            ("proxy_address", &proxy_address, "proxy_address"),
-        ] {
-            if let Some(max) = release.region.max_len(col) {
-                if v.chars().count() > max {
-                    problems.push(Problem {
-                        region: d.name.clone(),
-                        key: None,
-                        message: format!("the {what} is longer than the {max} characters {REGION_TABLE}.{col} takes"),
-                    });
-                }
-            }
-        }
+        let existing = existing_region(d, current, &mut problems);
+        let (action, introduction, proxy_address) = region_action(d, existing, release);
+        check_region_lengths(d, &proxy_address, release, &mut problems);
         let region_id = existing.map(|r| r.id);
         let mut keys = Vec::new();
         for (k, v) in &d.env {
             let row = region_id.and_then(|id| current.env.iter().find(|e| e.region_id == id && e.key == *k));
-            let mut pk = PlannedKey {
-                key: k.clone(),
-                env_type: v.env_type,
-                source: v.source,
-                action: Action::Create,
-                row_id: row.map(|r| r.id),
-                value: v.value.clone(),
-                old_value: None,
-                old_type: None,
-            };
-            if let Some(row) = row {
-                let stored_type = EnvType::parse(&row.env_type);
-                let same_value = match (stored_type, v.env_type) {
-                    (Some(EnvType::Secret), EnvType::Secret) => match key.map(|key| crypto::decrypt(key, &row.value)) {
-                        Some(Ok(plain)) => plain == v.value,
-                        Some(Err(e)) => {
-                            problems.push(Problem {
-                                region: d.name.clone(),
-                                key: Some(k.clone()),
-                                message: format!(
-                                    "the stored secret (row id {}) cannot be compared: {e}; expected the SECRET_KEY the server runs with",
-                                    row.id
-                                ),
-                            });
-                            false
-                        }
-                        None => false,
-                    },
-                    (Some(EnvType::Secret), _) => false,
-                    _ => row.value == v.value,
-                };
-                pk.action = if same_value && stored_type == Some(v.env_type) {
-                    Action::Unchanged
-                } else {
-                    Action::Update
-                };
-                if pk.action == Action::Update {
-                    if stored_type != Some(EnvType::Secret) && v.env_type != EnvType::Secret {
-                        pk.old_value = Some(row.value.clone());
-                    }
-                    if stored_type != Some(v.env_type) {
-                        pk.old_type = Some(row.env_type.clone());
-                    }
-                }
-            }
+            let pk = plan_key(&d.name, k, v, row, key, &mut problems);
             if pk.action != Action::Unchanged {
                 if let Some(max) = value_max {
-                    let len = stored_len(v);
-                    if len > max {
-                        problems.push(Problem {
-                            region: d.name.clone(),
-                            key: Some(k.clone()),
-                            message: format!(
-                                "the value is {len} characters{} but {ENV_TABLE}.value takes at most {max} in this release ({}); expected a shorter value, or upgrade the server to one with migration 0022 or later (value becomes text)",
-                                if v.env_type == EnvType::Secret { " once encrypted" } else { "" },
-                                release.label()
-                            ),
-                        });
-                    }
+                    check_value_length(&d.name, k, v, max, release, &mut problems);
                 }
             }
             keys.push(pk);
@@ -387,6 +270,179 @@ pub fn diff(
         Ok(plan)
     } else {
         Err(problems)
+    }
+}
+
+/// The problems of the regions bkbundle does not manage, from their stored rows: they are not
+/// seeded, but their agents still break on a bad stored value.
+fn check_unmanaged(desired: &[DesiredRegion], current: &Current, required: &[String], problems: &mut Vec<Problem>) {
+    for r in unmanaged(desired, current) {
+        let stored: BTreeMap<String, (String, Option<EnvType>)> = current
+            .env
+            .iter()
+            .filter(|e| e.region_id == r.id)
+            .map(|e| (e.key.clone(), (e.value.clone(), EnvType::parse(&e.env_type))))
+            .collect();
+        problems.extend(check_stored_region(&r.name, r.id, &stored, required));
+    }
+}
+
+/// The stored region a desired one is: region 1 for the default (another region named "default"
+/// is a problem), otherwise the one with the same name.
+fn existing_region<'a>(
+    d: &DesiredRegion,
+    current: &'a Current,
+    problems: &mut Vec<Problem>,
+) -> Option<&'a CurrentRegion> {
+    if d.is_default() {
+        if let Some(other) = current
+            .regions
+            .iter()
+            .find(|r| r.name == DEFAULT_REGION_NAME && r.id != DEFAULT_REGION_ID)
+        {
+            problems.push(Problem {
+                region: d.name.clone(),
+                key: None,
+                message: format!(
+                    "a region named \"default\" exists with id {}, but the server's default region is id 1: rename or remove that region in the UI first",
+                    other.id
+                ),
+            });
+        }
+        current.regions.iter().find(|r| r.id == DEFAULT_REGION_ID)
+    } else {
+        current.regions.iter().find(|r| r.name == d.name)
+    }
+}
+
+/// The region row's action and the introduction and proxy address it ends up with, which
+/// depend on whether it exists, is region 1, and whether the release has the proxy column.
+fn region_action(d: &DesiredRegion, existing: Option<&CurrentRegion>, release: &Release) -> (Action, String, String) {
+    match existing {
+        None if d.is_default() => (Action::Create, DEFAULT_REGION_INTRODUCTION.to_string(), String::new()),
+        None => (
+            Action::Create,
+            d.introduction.clone().unwrap_or_default(),
+            d.proxy_address.clone().unwrap_or_default(),
+        ),
+        // Region 1 keeps what the server gave it: the server resets it at every start.
+        Some(r) if d.is_default() => (Action::Unchanged, r.introduction.clone(), r.proxy_address.clone()),
+        Some(r) => {
+            let intro = d.introduction.clone().unwrap_or_else(|| r.introduction.clone());
+            // A release without the column keeps the proxy host in the env rows only.
+            let proxy = match release.has_proxy_address() {
+                true => d.proxy_address.clone().unwrap_or_else(|| r.proxy_address.clone()),
+                false => r.proxy_address.clone(),
+            };
+            let action = if intro != r.introduction || proxy != r.proxy_address {
+                Action::Update
+            } else {
+                Action::Unchanged
+            };
+            (action, intro, proxy)
+        }
+    }
+}
+
+/// The region's name and proxy address against this release's column widths, so a too long
+/// one is a problem before anything is written.
+fn check_region_lengths(d: &DesiredRegion, proxy_address: &str, release: &Release, problems: &mut Vec<Problem>) {
+    for (what, v, col) in [
+        ("name", d.name.as_str(), "name"),
+        ("proxy_address", proxy_address, "proxy_address"),
+    ] {
+        if let Some(max) = release.region.max_len(col) {
+            if v.chars().count() > max {
+                problems.push(Problem {
+                    region: d.name.clone(),
+                    key: None,
+                    message: format!("the {what} is longer than the {max} characters {REGION_TABLE}.{col} takes"),
+                });
+            }
+        }
+    }
+}
+
+/// One key's action against its stored row (if any), comparing a stored secret by decrypting
+/// it; the old value and type are kept only where the plan may show them.
+fn plan_key(
+    region: &str,
+    k: &str,
+    v: &DesiredValue,
+    row: Option<&CurrentEnv>,
+    key: Option<&SecretKey>,
+    problems: &mut Vec<Problem>,
+) -> PlannedKey {
+    let mut pk = PlannedKey {
+        key: k.to_string(),
+        env_type: v.env_type,
+        source: v.source,
+        action: Action::Create,
+        row_id: row.map(|r| r.id),
+        value: v.value.clone(),
+        old_value: None,
+        old_type: None,
+    };
+    let Some(row) = row else {
+        return pk;
+    };
+    let stored_type = EnvType::parse(&row.env_type);
+    let same_value = match (stored_type, v.env_type) {
+        (Some(EnvType::Secret), EnvType::Secret) => match key.map(|key| crypto::decrypt(key, &row.value)) {
+            Some(Ok(plain)) => plain == v.value,
+            Some(Err(e)) => {
+                problems.push(Problem {
+                    region: region.to_string(),
+                    key: Some(k.to_string()),
+                    message: format!(
+                        "the stored secret (row id {}) cannot be compared: {e}; expected the SECRET_KEY the server runs with",
+                        row.id
+                    ),
+                });
+                false
+            }
+            None => false,
+        },
+        (Some(EnvType::Secret), _) => false,
+        _ => row.value == v.value,
+    };
+    pk.action = if same_value && stored_type == Some(v.env_type) {
+        Action::Unchanged
+    } else {
+        Action::Update
+    };
+    if pk.action == Action::Update {
+        if stored_type != Some(EnvType::Secret) && v.env_type != EnvType::Secret {
+            pk.old_value = Some(row.value.clone());
+        }
+        if stored_type != Some(v.env_type) {
+            pk.old_type = Some(row.env_type.clone());
+        }
+    }
+    pk
+}
+
+/// A value to write against the release's `value` column width (`max`), which older releases
+/// limit: too long a value is a problem rather than a failed write.
+fn check_value_length(
+    region: &str,
+    k: &str,
+    v: &DesiredValue,
+    max: usize,
+    release: &Release,
+    problems: &mut Vec<Problem>,
+) {
+    let len = stored_len(v);
+    if len > max {
+        problems.push(Problem {
+            region: region.to_string(),
+            key: Some(k.to_string()),
+            message: format!(
+                "the value is {len} characters{} but {ENV_TABLE}.value takes at most {max} in this release ({}); expected a shorter value, or upgrade the server to one with migration 0022 or later (value becomes text)",
+                if v.env_type == EnvType::Secret { " once encrypted" } else { "" },
+                release.label()
+            ),
+        });
     }
 }
 
@@ -502,69 +558,14 @@ pub async fn execute(
     key: Option<&SecretKey>,
 ) -> Result<(), DbError> {
     let creates_regions = plan.iter().any(|r| r.action == Action::Create);
-    let proxy = release.has_proxy_address();
-    // The default region first, with its explicit id.
-    if let Some(def) = plan
-        .iter_mut()
-        .find(|r| r.name == DEFAULT_REGION_NAME && r.action == Action::Create)
-    {
-        let sql = region_insert(release, true);
-        let res = if proxy {
-            tx.query_opt(&sql, &[&DEFAULT_REGION_NAME, &DEFAULT_REGION_INTRODUCTION, &""])
-                .await
-        } else {
-            tx.query_opt(&sql, &[&DEFAULT_REGION_NAME, &DEFAULT_REGION_INTRODUCTION])
-                .await
-        };
-        res.map_err(|e| db_err(t, "creating the default region (id 1)", e))?;
-        def.id = Some(DEFAULT_REGION_ID);
-    }
+    create_default_region(tx, t, release, plan).await?;
     if creates_regions {
         advance_sequence(tx, t, REGION_TABLE).await?;
     }
     for r in plan.iter_mut() {
         match (r.action, r.id) {
-            (Action::Create, None) => {
-                let sql = region_insert(release, false);
-                let row = if proxy {
-                    tx.query_opt(&sql, &[&r.name, &r.introduction, &r.proxy_address]).await
-                } else {
-                    tx.query_opt(&sql, &[&r.name, &r.introduction]).await
-                }
-                .map_err(|e| db_err(t, &format!("creating region {:?}", r.name), e))?;
-                let id: i64 = match row {
-                    Some(row) => row.get(0),
-                    // Created meanwhile by someone else (the UI): use that one.
-                    None => tx
-                        .query_one(
-                            &format!("SELECT id::bigint FROM {REGION_TABLE} WHERE name = $1::text"),
-                            &[&r.name],
-                        )
-                        .await
-                        .map_err(|e| db_err(t, &format!("finding region {:?}", r.name), e))?
-                        .get(0),
-                };
-                r.id = Some(id);
-            }
-            (Action::Update, Some(id)) => {
-                let set = format!("updated_at = now(), updated_by = '{MAINTAINER}', updated_by_domain = '{DOMAIN}'");
-                let res = if proxy {
-                    tx.execute(
-                        &format!(
-                            "UPDATE {REGION_TABLE} SET introduction = $2::text, proxy_address = $3::text, {set} WHERE id = $1::bigint"
-                        ),
-                        &[&id, &r.introduction, &r.proxy_address],
-                    )
-                    .await
-                } else {
-                    tx.execute(
-                        &format!("UPDATE {REGION_TABLE} SET introduction = $2::text, {set} WHERE id = $1::bigint"),
-                        &[&id, &r.introduction],
-                    )
-                    .await
-                };
-                res.map_err(|e| db_err(t, &format!("updating region {:?} (id {id})", r.name), e))?;
-            }
+            (Action::Create, None) => r.id = Some(create_region(tx, t, release, r).await?),
+            (Action::Update, Some(id)) => update_region(tx, t, release, r, id).await?,
             _ => {}
         }
     }
@@ -578,42 +579,134 @@ pub async fn execute(
                 r.name
             )));
         };
-        // Region 1's rows are the server's own (`is_pre`, rewritten from DEFAULT_ZONE_VAR_* at
-        // its start); another region's are editable copies.
-        let is_pre = region_id == DEFAULT_REGION_ID;
-        for k in r.keys.iter().filter(|k| k.action != Action::Unchanged) {
-            let stored = match k.env_type {
-                EnvType::Secret => {
-                    let key =
-                        key.ok_or_else(|| DbError::Internal(format!("no SECRET_KEY to encrypt {} with", k.key)))?;
-                    crypto::encrypt(key, &k.value)
-                        .map_err(|e| DbError::Internal(format!("cannot read /dev/urandom for an IV: {e}")))?
-                }
-                _ => k.value.clone(),
-            };
-            let what = format!("writing {} of region {:?}", k.key, r.name);
-            match k.row_id {
-                Some(id) => tx
-                    .execute(
-                        &format!("UPDATE {ENV_TABLE} SET value = $2::text, type = $3::text WHERE id = $1::bigint"),
-                        &[&id, &stored, &k.env_type.as_str()],
-                    )
-                    .await
-                    .map_err(|e| db_err(t, &what, e))?,
-                None => tx
-                    .execute(
-                        &format!(
-                            "INSERT INTO {ENV_TABLE} (key, value, type, description, cloud_region_id, is_pre) \
-                             VALUES ($1::text, $2::text, $3::text, '', $4::bigint, $5::bool) \
-                             ON CONFLICT (key, cloud_region_id) DO UPDATE SET value = EXCLUDED.value, type = EXCLUDED.type"
-                        ),
-                        &[&k.key, &stored, &k.env_type.as_str(), &region_id, &is_pre],
-                    )
-                    .await
-                    .map_err(|e| db_err(t, &what, e))?,
-            };
-        }
+        write_env_rows(tx, t, r, region_id, key).await?;
         add_services(tx, t, release, region_id, &r.name, &r.services).await?;
+    }
+    Ok(())
+}
+
+/// The default region first, with its explicit id (1), before the sequence is advanced past it.
+async fn create_default_region(
+    tx: &impl GenericClient,
+    t: &DbTarget,
+    release: &Release,
+    plan: &mut [PlannedRegion],
+) -> Result<(), DbError> {
+    if let Some(def) = plan
+        .iter_mut()
+        .find(|r| r.name == DEFAULT_REGION_NAME && r.action == Action::Create)
+    {
+        let sql = region_insert(release, true);
+        let res = if release.has_proxy_address() {
+            tx.query_opt(&sql, &[&DEFAULT_REGION_NAME, &DEFAULT_REGION_INTRODUCTION, &""])
+                .await
+        } else {
+            tx.query_opt(&sql, &[&DEFAULT_REGION_NAME, &DEFAULT_REGION_INTRODUCTION])
+                .await
+        };
+        res.map_err(|e| db_err(t, "creating the default region (id 1)", e))?;
+        def.id = Some(DEFAULT_REGION_ID);
+    }
+    Ok(())
+}
+
+/// A new region's row, and its id: the one created, or the one someone else created meanwhile.
+async fn create_region(
+    tx: &impl GenericClient,
+    t: &DbTarget,
+    release: &Release,
+    r: &PlannedRegion,
+) -> Result<i64, DbError> {
+    let sql = region_insert(release, false);
+    let row = if release.has_proxy_address() {
+        tx.query_opt(&sql, &[&r.name, &r.introduction, &r.proxy_address]).await
+    } else {
+        tx.query_opt(&sql, &[&r.name, &r.introduction]).await
+    }
+    .map_err(|e| db_err(t, &format!("creating region {:?}", r.name), e))?;
+    Ok(match row {
+        Some(row) => row.get(0),
+        // Created meanwhile by someone else (the UI): use that one.
+        None => tx
+            .query_one(
+                &format!("SELECT id::bigint FROM {REGION_TABLE} WHERE name = $1::text"),
+                &[&r.name],
+            )
+            .await
+            .map_err(|e| db_err(t, &format!("finding region {:?}", r.name), e))?
+            .get(0),
+    })
+}
+
+/// An existing region's introduction (and proxy address, where the release has the column).
+async fn update_region(
+    tx: &impl GenericClient,
+    t: &DbTarget,
+    release: &Release,
+    r: &PlannedRegion,
+    id: i64,
+) -> Result<(), DbError> {
+    let set = format!("updated_at = now(), updated_by = '{MAINTAINER}', updated_by_domain = '{DOMAIN}'");
+    let res = if release.has_proxy_address() {
+        tx.execute(
+            &format!(
+                "UPDATE {REGION_TABLE} SET introduction = $2::text, proxy_address = $3::text, {set} WHERE id = $1::bigint"
+            ),
+            &[&id, &r.introduction, &r.proxy_address],
+        )
+        .await
+    } else {
+        tx.execute(
+            &format!("UPDATE {REGION_TABLE} SET introduction = $2::text, {set} WHERE id = $1::bigint"),
+            &[&id, &r.introduction],
+        )
+        .await
+    };
+    res.map_err(|e| db_err(t, &format!("updating region {:?} (id {id})", r.name), e))?;
+    Ok(())
+}
+
+/// The changed env rows of one region, a secret encrypted just before its write.
+async fn write_env_rows(
+    tx: &impl GenericClient,
+    t: &DbTarget,
+    r: &PlannedRegion,
+    region_id: i64,
+    key: Option<&SecretKey>,
+) -> Result<(), DbError> {
+    // Region 1's rows are the server's own (`is_pre`, rewritten from DEFAULT_ZONE_VAR_* at
+    // its start); another region's are editable copies.
+    let is_pre = region_id == DEFAULT_REGION_ID;
+    for k in r.keys.iter().filter(|k| k.action != Action::Unchanged) {
+        let stored = match k.env_type {
+            EnvType::Secret => {
+                let key = key.ok_or_else(|| DbError::Internal(format!("no SECRET_KEY to encrypt {} with", k.key)))?;
+                crypto::encrypt(key, &k.value)
+                    .map_err(|e| DbError::Internal(format!("cannot read /dev/urandom for an IV: {e}")))?
+            }
+            _ => k.value.clone(),
+        };
+        let what = format!("writing {} of region {:?}", k.key, r.name);
+        match k.row_id {
+            Some(id) => tx
+                .execute(
+                    &format!("UPDATE {ENV_TABLE} SET value = $2::text, type = $3::text WHERE id = $1::bigint"),
+                    &[&id, &stored, &k.env_type.as_str()],
+                )
+                .await
+                .map_err(|e| db_err(t, &what, e))?,
+            None => tx
+                .execute(
+                    &format!(
+                        "INSERT INTO {ENV_TABLE} (key, value, type, description, cloud_region_id, is_pre) \
+                         VALUES ($1::text, $2::text, $3::text, '', $4::bigint, $5::bool) \
+                         ON CONFLICT (key, cloud_region_id) DO UPDATE SET value = EXCLUDED.value, type = EXCLUDED.type"
+                    ),
+                    &[&k.key, &stored, &k.env_type.as_str(), &region_id, &is_pre],
+                )
+                .await
+                .map_err(|e| db_err(t, &what, e))?,
+        };
     }
     Ok(())
 }

@@ -201,8 +201,44 @@ pub fn desired(
     site: &BTreeMap<String, String>,
 ) -> Result<Desired, Vec<Problem>> {
     let mut problems = Vec::new();
+    let specs = merge_specs(bundle, config);
+    for s in &specs {
+        check_spec(s, &mut problems);
+    }
+    let (substituted, unresolved) = substitute_site(&specs, site, &mut problems);
 
-    // 1. Merge the specs by name: default first, then the bundle's, then the site's new ones.
+    // 4. Inheritance, types, and the checks of each final value.
+    let default_env = substituted[0].clone();
+    let default_local = specs[0].local;
+    let mut regions = Vec::with_capacity(specs.len());
+    for (i, (s, own)) in specs.iter().zip(substituted).enumerate() {
+        let env = final_env(s, &own, &default_env);
+        check_required(&bundle.required, s, &env, &mut problems);
+        let protocol = env.get("NATS_PROTOCOL").map(|(v, _)| v.trim().to_string());
+        let at_default = DefaultRegion {
+            env: &default_env,
+            local: default_local,
+        };
+        check_final_values(i, s, &env, protocol.as_deref(), &unresolved, at_default, &mut problems);
+        if protocol.as_deref() == Some("tls") && !env.contains_key("NATS_TLS_CA") {
+            problems.push(Problem {
+                region: s.name.clone(),
+                key: Some("NATS_TLS_CA".into()),
+                message: "NATS_PROTOCOL is tls, so agents need the CA certificate: expected a PEM certificate (-----BEGIN CERTIFICATE-----), found none".into(),
+            });
+        }
+        regions.push(desired_region(s, env));
+    }
+    if problems.is_empty() {
+        Ok(Desired { regions })
+    } else {
+        Err(problems)
+    }
+}
+
+/// Stage 1, the specs merged by name: default first, then the bundle's, then the site's new ones, so
+/// every later stage sees one spec per region.
+fn merge_specs(bundle: &Regions, config: &[RegionConfig]) -> Vec<Spec> {
     let mut specs: Vec<Spec> = vec![Spec {
         name: DEFAULT_REGION_NAME.into(),
         introduction: None,
@@ -230,52 +266,64 @@ pub fn desired(
         s.local = r.local;
         s.env.extend(r.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
+    specs
+}
 
-    // 2. Region-level checks.
-    for s in &specs {
-        let name = &s.name;
-        let mut region_problem = |message: String| {
-            problems.push(Problem {
-                region: name.clone(),
-                key: None,
-                message,
-            })
-        };
-        if name.trim().is_empty() || name.chars().count() > 100 {
-            region_problem(format!("the name must be 1 to 100 characters, found {name:?}"));
-        }
-        if s.name == DEFAULT_REGION_NAME {
-            if let Some(i) = s.introduction.as_deref().filter(|i| *i != DEFAULT_REGION_INTRODUCTION) {
-                region_problem(format!(
-                    "the default region's introduction is the server's ({DEFAULT_REGION_INTRODUCTION:?}; it resets it at every start), found {i:?}: remove `introduction`"
-                ));
-            }
-            if let Some(p) = s.proxy_address.as_deref().filter(|p| !p.is_empty()) {
-                region_problem(format!(
-                    "the default region is the server's own and has no proxy address, found {p:?}: declare another region for agents behind a proxy"
-                ));
-            }
+/// Stage 2, the region-level checks of one spec (name, default region's fixed fields, proxy host, env
+/// keys), which do not depend on any value.
+fn check_spec(s: &Spec, problems: &mut Vec<Problem>) {
+    let name = &s.name;
+    let mut region_problem = |message: String| {
+        problems.push(Problem {
+            region: name.clone(),
+            key: None,
+            message,
+        })
+    };
+    if name.trim().is_empty() || name.chars().count() > 100 {
+        region_problem(format!("the name must be 1 to 100 characters, found {name:?}"));
+    }
+    if s.name == DEFAULT_REGION_NAME {
+        if let Some(i) = s.introduction.as_deref().filter(|i| *i != DEFAULT_REGION_INTRODUCTION) {
+            region_problem(format!(
+                "the default region's introduction is the server's ({DEFAULT_REGION_INTRODUCTION:?}; it resets it at every start), found {i:?}: remove `introduction`"
+            ));
         }
         if let Some(p) = s.proxy_address.as_deref().filter(|p| !p.is_empty()) {
-            if p.len() > 255 || !valid_host(p.trim_start_matches('[').trim_end_matches(']')) {
-                region_problem(format!(
-                    "proxy_address must be a host only (an IP address or a name, no scheme, no port: the ports of NODE_SERVER_URL and NATS_SERVERS are kept), found {p:?}"
-                ));
-            }
-        }
-        for k in s.env.keys() {
-            if !crate::manifest::is_env_key(k) || k.len() > 100 {
-                problems.push(Problem {
-                    region: name.clone(),
-                    key: Some(k.clone()),
-                    message: "expected an env key of upper-case letters, digits and `_` (at most 100)".into(),
-                });
-            }
+            region_problem(format!(
+                "the default region is the server's own and has no proxy address, found {p:?}: declare another region for agents behind a proxy"
+            ));
         }
     }
+    if let Some(p) = s.proxy_address.as_deref().filter(|p| !p.is_empty()) {
+        if p.len() > 255 || !valid_host(p.trim_start_matches('[').trim_end_matches(']')) {
+            region_problem(format!(
+                "proxy_address must be a host only (an IP address or a name, no scheme, no port: the ports of NODE_SERVER_URL and NATS_SERVERS are kept), found {p:?}"
+            ));
+        }
+    }
+    for k in s.env.keys() {
+        if !crate::manifest::is_env_key(k) || k.len() > 100 {
+            problems.push(Problem {
+                region: name.clone(),
+                key: Some(k.clone()),
+                message: "expected an env key of upper-case letters, digits and `_` (at most 100)".into(),
+            });
+        }
+    }
+}
 
-    // 3. Substitute the site values. A key with an unset placeholder is reported once, here.
-    let mut unresolved: BTreeSet<(usize, String)> = BTreeSet::new();
+/// The `(spec index, key)` pairs whose value has an unset placeholder.
+type Unresolved = BTreeSet<(usize, String)>;
+
+/// Stage 3, every spec's env with the site values substituted, and the `(spec index, key)` pairs left
+/// with an unset placeholder: such a key is reported once, here, and skipped by the value checks.
+fn substitute_site(
+    specs: &[Spec],
+    site: &BTreeMap<String, String>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<BTreeMap<String, String>>, Unresolved) {
+    let mut unresolved: Unresolved = BTreeSet::new();
     let mut substituted: Vec<BTreeMap<String, String>> = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
         let mut env = BTreeMap::new();
@@ -299,107 +347,131 @@ pub fn desired(
         }
         substituted.push(env);
     }
+    (substituted, unresolved)
+}
 
-    // 4. Inheritance, types, and the checks of each final value.
-    let default_env = substituted[0].clone();
-    let default_local = specs[0].local;
-    let mut regions = Vec::with_capacity(specs.len());
-    for (i, (s, own)) in specs.iter().zip(substituted).enumerate() {
-        let proxy = s.proxy_address.as_deref().filter(|p| !p.is_empty());
-        let mut env = BTreeMap::new();
-        for (k, v) in &own {
-            env.insert(k.clone(), (v.clone(), Source::Own));
-        }
-        if !s.name.eq(DEFAULT_REGION_NAME) {
-            for (k, v) in &default_env {
-                if env.contains_key(k) {
-                    continue;
-                }
-                let replaced = match proxy {
-                    Some(p) if PROXIED_KEYS.contains(&k.as_str()) => replace_host(k, v, p),
-                    _ => None,
-                };
-                match replaced {
-                    Some(nv) => env.insert(k.clone(), (nv, Source::Proxied)),
-                    None => env.insert(k.clone(), (v.clone(), Source::Inherited)),
-                };
-            }
-        }
-        // The server gives a region it creates a PROXY_ADDRESS row holding its proxy host.
-        if let (false, Some(p)) = (s.name == DEFAULT_REGION_NAME, proxy) {
-            env.entry(PROXY_ADDRESS_KEY.to_string())
-                .or_insert_with(|| (p.to_string(), Source::Own));
-        }
-        for req in &bundle.required {
-            match env.get(req) {
-                None => problems.push(Problem {
-                    region: s.name.clone(),
-                    key: Some(req.clone()),
-                    message: "required by the bundle and missing: give it under [regions.env] of the install config (for every region) or under [[regions]] env for this one".into(),
-                }),
-                Some((v, _)) if v.trim().is_empty() => problems.push(Problem {
-                    region: s.name.clone(),
-                    key: Some(req.clone()),
-                    message: "required by the bundle and empty".into(),
-                }),
-                _ => {}
-            }
-        }
-        let protocol = env.get("NATS_PROTOCOL").map(|(v, _)| v.trim().to_string());
-        for (k, (v, source)) in &env {
-            let from = if *source == Source::Own { i } else { 0 };
-            if unresolved.contains(&(from, k.clone())) {
+/// Stage 4a, a region's final env: its own values, then (for any region but the default) the default
+/// region's, with the proxied keys' host replaced by the region's proxy address.
+fn final_env(
+    s: &Spec,
+    own: &BTreeMap<String, String>,
+    default_env: &BTreeMap<String, String>,
+) -> BTreeMap<String, (String, Source)> {
+    let proxy = s.proxy_address.as_deref().filter(|p| !p.is_empty());
+    let mut env = BTreeMap::new();
+    for (k, v) in own {
+        env.insert(k.clone(), (v.clone(), Source::Own));
+    }
+    if !s.name.eq(DEFAULT_REGION_NAME) {
+        for (k, v) in default_env {
+            if env.contains_key(k) {
                 continue;
             }
-            let mut found = check_value(k, v, s.local, protocol.as_deref());
-            if *source == Source::Inherited {
-                // The default region's own problems are reported once, for the default region.
-                let at_default = check_value(k, v, default_local, default_env_protocol(&default_env).as_deref());
-                found.retain(|m| !at_default.contains(m));
-            }
-            let suffix = match source {
-                Source::Own => "",
-                Source::Inherited => " (inherited from region \"default\")",
-                Source::Proxied => " (inherited from region \"default\", host replaced by proxy_address)",
+            let replaced = match proxy {
+                Some(p) if PROXIED_KEYS.contains(&k.as_str()) => replace_host(k, v, p),
+                _ => None,
             };
-            problems.extend(found.into_iter().map(|m| Problem {
-                region: s.name.clone(),
-                key: Some(k.clone()),
-                message: format!("{m}{suffix}"),
-            }));
+            match replaced {
+                Some(nv) => env.insert(k.clone(), (nv, Source::Proxied)),
+                None => env.insert(k.clone(), (v.clone(), Source::Inherited)),
+            };
         }
-        if protocol.as_deref() == Some("tls") && !env.contains_key("NATS_TLS_CA") {
-            problems.push(Problem {
-                region: s.name.clone(),
-                key: Some("NATS_TLS_CA".into()),
-                message: "NATS_PROTOCOL is tls, so agents need the CA certificate: expected a PEM certificate (-----BEGIN CERTIFICATE-----), found none".into(),
-            });
-        }
-        regions.push(DesiredRegion {
-            name: s.name.clone(),
-            introduction: s.introduction.clone(),
-            proxy_address: s.proxy_address.clone(),
-            local: s.local,
-            env: env
-                .into_iter()
-                .map(|(k, (value, source))| {
-                    let env_type = EnvType::for_key(&k);
-                    (
-                        k,
-                        DesiredValue {
-                            value,
-                            env_type,
-                            source,
-                        },
-                    )
-                })
-                .collect(),
-        });
     }
-    if problems.is_empty() {
-        Ok(Desired { regions })
-    } else {
-        Err(problems)
+    // The server gives a region it creates a PROXY_ADDRESS row holding its proxy host.
+    if let (false, Some(p)) = (s.name == DEFAULT_REGION_NAME, proxy) {
+        env.entry(PROXY_ADDRESS_KEY.to_string())
+            .or_insert_with(|| (p.to_string(), Source::Own));
+    }
+    env
+}
+
+/// Stage 4b, the keys the bundle requires, missing or empty in a region's final env.
+fn check_required(
+    required: &[String],
+    s: &Spec,
+    env: &BTreeMap<String, (String, Source)>,
+    problems: &mut Vec<Problem>,
+) {
+    for req in required {
+        match env.get(req) {
+            None => problems.push(Problem {
+                region: s.name.clone(),
+                key: Some(req.clone()),
+                message: "required by the bundle and missing: give it under [regions.env] of the install config (for every region) or under [[regions]] env for this one".into(),
+            }),
+            Some((v, _)) if v.trim().is_empty() => problems.push(Problem {
+                region: s.name.clone(),
+                key: Some(req.clone()),
+                message: "required by the bundle and empty".into(),
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// The default region's final env and locality, against which an inherited value is checked.
+#[derive(Clone, Copy)]
+struct DefaultRegion<'a> {
+    env: &'a BTreeMap<String, String>,
+    local: bool,
+}
+
+/// Stage 4c, the checks of each final value of region `i`, skipping a key whose placeholder is unset
+/// (reported in stage 3) and an inherited problem already reported for the default region.
+fn check_final_values(
+    i: usize,
+    s: &Spec,
+    env: &BTreeMap<String, (String, Source)>,
+    protocol: Option<&str>,
+    unresolved: &Unresolved,
+    default: DefaultRegion<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    for (k, (v, source)) in env {
+        let from = if *source == Source::Own { i } else { 0 };
+        if unresolved.contains(&(from, k.clone())) {
+            continue;
+        }
+        let mut found = check_value(k, v, s.local, protocol);
+        if *source == Source::Inherited {
+            // The default region's own problems are reported once, for the default region.
+            let at_default = check_value(k, v, default.local, default_env_protocol(default.env).as_deref());
+            found.retain(|m| !at_default.contains(m));
+        }
+        let suffix = match source {
+            Source::Own => "",
+            Source::Inherited => " (inherited from region \"default\")",
+            Source::Proxied => " (inherited from region \"default\", host replaced by proxy_address)",
+        };
+        problems.extend(found.into_iter().map(|m| Problem {
+            region: s.name.clone(),
+            key: Some(k.clone()),
+            message: format!("{m}{suffix}"),
+        }));
+    }
+}
+
+/// Stage 4d, the region as the plan carries it, each value with its env type.
+fn desired_region(s: &Spec, env: BTreeMap<String, (String, Source)>) -> DesiredRegion {
+    DesiredRegion {
+        name: s.name.clone(),
+        introduction: s.introduction.clone(),
+        proxy_address: s.proxy_address.clone(),
+        local: s.local,
+        env: env
+            .into_iter()
+            .map(|(k, (value, source))| {
+                let env_type = EnvType::for_key(&k);
+                (
+                    k,
+                    DesiredValue {
+                        value,
+                        env_type,
+                        source,
+                    },
+                )
+            })
+            .collect(),
     }
 }
 

@@ -522,54 +522,11 @@ async fn invalidate(
     match crate::site::targets::server_cache(&opts.database, &opts.site, server.as_ref().map(|s| &s.env)) {
         ServerCache::Redis { from, target } => {
             report.cache.backend = Some("redis".into());
-            let result = match target {
-                Ok(t) => {
-                    report.cache.redis = Some(format!("{} (from {from})", t.display()));
-                    let live = Redis(t);
-                    let redis = seams.cache.unwrap_or(&live);
-                    redis
-                        .del(&report.cache.keys, Duration::from_secs(5))
-                        .await
-                        .map_err(|e| format!("{}: {e}", redis.display()))
-                }
-                Err(e) => Err(format!("{from}: {e}")),
-            };
-            match result {
-                Ok(n) => {
-                    report.cache.redis_entries = Some(n);
-                    report.cache.cleared = true;
-                }
-                Err(e) => report.notes.push(format!(
-                    "the new values are written, but the server's cached env could not be removed from Redis ({e}): {stale}"
-                )),
-            }
+            clear_redis(seams, &from, target, &stale, report).await;
         }
         ServerCache::ProcessMemory { from } => {
             report.cache.backend = Some("process_memory".into());
-            match server {
-                Some(cache::ServerContainer { name, .. }) if opts.restart_server && seams.docker.is_some() => {
-                    let docker = seams.docker.expect("checked above");
-                    match docker.restart(&name, Duration::from_secs(30)).await {
-                        Ok(()) => {
-                            report.cache.cleared = true;
-                            report.notes.push(format!(
-                                "the server caches in process memory ({from}): restarted container {name} so that it serves the new values"
-                            ));
-                            report.cache.restarted = Some(name);
-                        }
-                        Err(e) => report.notes.push(format!(
-                            "the server caches in process memory ({from}) and restarting container {name} failed ({}): {stale}; restart it with `docker restart {name}`",
-                            e.message
-                        )),
-                    }
-                }
-                Some(cache::ServerContainer { name, .. }) => report.notes.push(format!(
-                    "the server caches in process memory ({from}), which nothing outside it can clear: {stale}, or restart it now with `docker restart {name}`"
-                )),
-                None => report.notes.push(format!(
-                    "the server caches in process memory ({from}): {stale}, or restart the server container"
-                )),
-            }
+            restart_server(seams, opts, server, &from, &stale, report).await;
         }
         ServerCache::Unknown => {
             report.cache.backend = Some("unknown".into());
@@ -581,11 +538,120 @@ async fn invalidate(
     }
 }
 
+/// The touched keys deleted from the server's Redis (`target`, learnt `from`), or a note saying
+/// why they could not be.
+async fn clear_redis(
+    seams: &Seams<'_>,
+    from: &str,
+    target: Result<cache::RedisTarget, String>,
+    stale: &str,
+    report: &mut RegionsReport,
+) {
+    let result = match target {
+        Ok(t) => {
+            report.cache.redis = Some(format!("{} (from {from})", t.display()));
+            let live = Redis(t);
+            let redis = seams.cache.unwrap_or(&live);
+            redis
+                .del(&report.cache.keys, Duration::from_secs(5))
+                .await
+                .map_err(|e| format!("{}: {e}", redis.display()))
+        }
+        Err(e) => Err(format!("{from}: {e}")),
+    };
+    match result {
+        Ok(n) => {
+            report.cache.redis_entries = Some(n);
+            report.cache.cleared = true;
+        }
+        Err(e) => report.notes.push(format!(
+            "the new values are written, but the server's cached env could not be removed from Redis ({e}): {stale}"
+        )),
+    }
+}
+
+/// A server caching in process memory restarted when the operator asked for it (nothing else
+/// clears that cache); otherwise a note saying how to.
+async fn restart_server(
+    seams: &Seams<'_>,
+    opts: &RegionsOptions,
+    server: Option<cache::ServerContainer>,
+    from: &str,
+    stale: &str,
+    report: &mut RegionsReport,
+) {
+    match server {
+        Some(cache::ServerContainer { name, .. }) if opts.restart_server && seams.docker.is_some() => {
+            let docker = seams.docker.expect("checked above");
+            match docker.restart(&name, Duration::from_secs(30)).await {
+                Ok(()) => {
+                    report.cache.cleared = true;
+                    report.notes.push(format!(
+                        "the server caches in process memory ({from}): restarted container {name} so that it serves the new values"
+                    ));
+                    report.cache.restarted = Some(name);
+                }
+                Err(e) => report.notes.push(format!(
+                    "the server caches in process memory ({from}) and restarting container {name} failed ({}): {stale}; restart it with `docker restart {name}`",
+                    e.message
+                )),
+            }
+        }
+        Some(cache::ServerContainer { name, .. }) => report.notes.push(format!(
+            "the server caches in process memory ({from}), which nothing outside it can clear: {stale}, or restart it now with `docker restart {name}`"
+        )),
+        None => report.notes.push(format!(
+            "the server caches in process memory ({from}): {stale}, or restart the server container"
+        )),
+    }
+}
+
 /// The human rendering of a report.
 pub fn render(r: &RegionsReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let head = match r.mode {
+    let _ = writeln!(s, "{}", headline(r));
+    for reg in &r.regions {
+        let id = reg.id.map(|i| format!(" (id {i})")).unwrap_or_default();
+        let action = reg.action.map(|a| format!(" [{}]", a.as_str())).unwrap_or_default();
+        let proxy = reg
+            .proxy_address
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(|p| format!(", proxy {p}"))
+            .unwrap_or_default();
+        let local = if reg.local { ", local" } else { "" };
+        let _ = writeln!(s, "region {}{id}{action}{proxy}{local}", reg.name);
+        for k in &reg.keys {
+            let a = k.action.map(|a| a.as_str()).unwrap_or("ok");
+            let src = match k.source {
+                Source::Own => "",
+                Source::Inherited => "  (from default)",
+                Source::Proxied => "  (from default, proxy host)",
+            };
+            let _ = writeln!(s, "  {a:<9} {:<32} {}{src}", k.key, shown_value(k));
+        }
+    }
+    if !r.services_added.is_empty() {
+        let _ = writeln!(s, "service rows added: {}", r.services_added.join(", "));
+    }
+    if !r.cache.keys.is_empty() && r.cache.cleared {
+        let how = match (&r.cache.restarted, r.cache.redis_entries) {
+            (Some(c), _) => format!("restarted container {c}"),
+            (None, Some(n)) => format!("{n} key(s) deleted in Redis"),
+            (None, None) => String::new(),
+        };
+        let _ = writeln!(s, "server cache cleared for: {} ({how})", r.cache.keys.join(", "));
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    s.trim_end().to_string()
+}
+
+/// The report's first line: what was run, on which database, and the counts.
+fn headline(r: &RegionsReport) -> String {
+    match r.mode {
         Mode::Check => "regions check: the sidecar env of every region is valid".to_string(),
         Mode::CheckDatabase => format!(
             "regions check on {} ({}): the sidecar env of every region, configured and stored, is valid; `regions apply` would create {}, update {}, leave {} unchanged",
@@ -611,58 +677,26 @@ pub fn render(r: &RegionsReport) -> String {
             r.updated,
             r.unchanged
         ),
-    };
-    let _ = writeln!(s, "{head}");
-    for reg in &r.regions {
-        let id = reg.id.map(|i| format!(" (id {i})")).unwrap_or_default();
-        let action = reg.action.map(|a| format!(" [{}]", a.as_str())).unwrap_or_default();
-        let proxy = reg
-            .proxy_address
-            .as_deref()
-            .filter(|p| !p.is_empty())
-            .map(|p| format!(", proxy {p}"))
-            .unwrap_or_default();
-        let local = if reg.local { ", local" } else { "" };
-        let _ = writeln!(s, "region {}{id}{action}{proxy}{local}", reg.name);
-        for k in &reg.keys {
-            let a = k.action.map(|a| a.as_str()).unwrap_or("ok");
-            let shown = match (&k.value, k.env_type) {
-                (_, EnvType::Secret) => "(secret, not shown)".to_string(),
-                (Some(v), _) => {
-                    let one_line = v.lines().next().unwrap_or("");
-                    let more = if v.lines().count() > 1 { " ..." } else { "" };
-                    match &k.old_value {
-                        Some(old) if k.action == Some(Action::Update) => {
-                            format!("{:?} -> {one_line:?}{more}", old.lines().next().unwrap_or(""))
-                        }
-                        _ => format!("{one_line:?}{more}"),
-                    }
+    }
+}
+
+/// A key's value as shown: a secret never, a multi-line value by its first line, an update as
+/// old -> new.
+fn shown_value(k: &KeyReport) -> String {
+    match (&k.value, k.env_type) {
+        (_, EnvType::Secret) => "(secret, not shown)".to_string(),
+        (Some(v), _) => {
+            let one_line = v.lines().next().unwrap_or("");
+            let more = if v.lines().count() > 1 { " ..." } else { "" };
+            match &k.old_value {
+                Some(old) if k.action == Some(Action::Update) => {
+                    format!("{:?} -> {one_line:?}{more}", old.lines().next().unwrap_or(""))
                 }
-                (None, _) => String::new(),
-            };
-            let src = match k.source {
-                Source::Own => "",
-                Source::Inherited => "  (from default)",
-                Source::Proxied => "  (from default, proxy host)",
-            };
-            let _ = writeln!(s, "  {a:<9} {:<32} {shown}{src}", k.key);
+                _ => format!("{one_line:?}{more}"),
+            }
         }
+        (None, _) => String::new(),
     }
-    if !r.services_added.is_empty() {
-        let _ = writeln!(s, "service rows added: {}", r.services_added.join(", "));
-    }
-    if !r.cache.keys.is_empty() && r.cache.cleared {
-        let how = match (&r.cache.restarted, r.cache.redis_entries) {
-            (Some(c), _) => format!("restarted container {c}"),
-            (None, Some(n)) => format!("{n} key(s) deleted in Redis"),
-            (None, None) => String::new(),
-        };
-        let _ = writeln!(s, "server cache cleared for: {} ({how})", r.cache.keys.join(", "));
-    }
-    for n in &r.notes {
-        let _ = writeln!(s, "note: {n}");
-    }
-    s.trim_end().to_string()
 }
 
 #[cfg(test)]

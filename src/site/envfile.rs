@@ -107,24 +107,14 @@ pub fn render(
         if raw == GENERATE {
             r.secret_keys.insert(key.to_string());
         }
-        let value = if let Some(v) = site.get(key) {
-            v.clone()
-        } else if let Some(v) = old.get(key) {
-            v.clone()
-        } else if raw == GENERATE {
-            r.generated.push(key.to_string());
-            secret()
-        } else {
-            let mut names = Vec::new();
-            let v = substitute(raw, site, &mut names);
-            for name in names {
-                missing.push(Missing {
-                    key: key.to_string(),
-                    name,
-                    line: i + 1,
-                });
+        // The install config first, then the operator's file, then the template.
+        let value = match site.get(key).or_else(|| old.get(key)) {
+            Some(v) => v.clone(),
+            None if raw == GENERATE => {
+                r.generated.push(key.to_string());
+                secret()
             }
-            v
+            None => template_value(key, raw, i + 1, site, &mut missing),
         };
         if existing.is_some() {
             match old.get(key) {
@@ -142,31 +132,56 @@ pub fn render(
     }
     r.text = match existing {
         None => template_text,
-        Some(text) => {
-            // Keep the operator's file: change only keys the config sets, append new keys.
-            let mut out = String::new();
-            for line in text.lines() {
-                match parse_line(line) {
-                    Some((k, _)) if r.updated.iter().any(|u| u == k) => out.push_str(&format!("{k}={}\n", r.values[k])),
-                    _ => {
-                        out.push_str(line);
-                        out.push('\n');
-                    }
-                }
-            }
-            if !r.added.is_empty() {
-                out.push_str("\n# added by bkbundle install (new in this bundle)\n");
-                for (k, v) in fresh.iter().filter(|(k, _)| r.added.contains(k)) {
-                    out.push_str(&format!("{k}={v}\n"));
-                }
-            }
-            for (k, v) in old {
-                r.values.entry(k).or_insert(v);
-            }
-            out
-        }
+        Some(text) => merge_existing(text, &mut r, &fresh, old),
     };
     Ok(r)
+}
+
+/// The template's value of `key` (template line `line`) with the site values substituted; each
+/// unset placeholder is a `Missing`, so all are reported together.
+fn template_value(
+    key: &str,
+    raw: &str,
+    line: usize,
+    site: &BTreeMap<String, String>,
+    missing: &mut Vec<Missing>,
+) -> String {
+    let mut names = Vec::new();
+    let v = substitute(raw, site, &mut names);
+    for name in names {
+        missing.push(Missing {
+            key: key.to_string(),
+            name,
+            line,
+        });
+    }
+    v
+}
+
+/// The operator's existing file with only the keys the config changed rewritten and the new keys
+/// (`fresh`, in template order) appended; the file's other keys join `r.values`.
+fn merge_existing(text: &str, r: &mut Rendered, fresh: &[(String, String)], old: BTreeMap<String, String>) -> String {
+    // Keep the operator's file: change only keys the config sets, append new keys.
+    let mut out = String::new();
+    for line in text.lines() {
+        match parse_line(line) {
+            Some((k, _)) if r.updated.iter().any(|u| u == k) => out.push_str(&format!("{k}={}\n", r.values[k])),
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    if !r.added.is_empty() {
+        out.push_str("\n# added by bkbundle install (new in this bundle)\n");
+        for (k, v) in fresh.iter().filter(|(k, _)| r.added.contains(k)) {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    for (k, v) in old {
+        r.values.entry(k).or_insert(v);
+    }
+    out
 }
 
 /// A random secret of letters and digits (usable unquoted in URLs, YAML and nats.conf), from the
