@@ -821,9 +821,11 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
                 && fs::metadata(e.path()).map(|m| m.len() > 0).unwrap_or(false)
         })
     };
-    let mut kills = 0;
+    // Three kills, the last of which left chunks (each run removes what the one before left, and
+    // on a loaded machine a kill can land before the first chunk: then kill once more).
+    let (mut kills, mut messages) = (0, 0);
     for _ in 0..20 {
-        if kills == 3 {
+        if kills >= 3 && messages > 0 {
             break;
         }
         let mut child = cmd(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -836,6 +838,7 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
             child.kill().unwrap();
             child.wait().unwrap();
             kills += 1;
+            messages = stream_state(&nats.url(), "bklite");
         } else {
             assert_eq!(
                 pg.psql(&name, "SELECT count(*) FROM node_mgmt_packageversion"),
@@ -844,8 +847,7 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
             );
         }
     }
-    assert_eq!(kills, 3, "could not kill three uploads part-way");
-    let messages = stream_state(&nats.url(), "bklite");
+    assert!(kills >= 3, "could not kill three uploads part-way");
     assert!(messages > 0, "the kills left chunks behind: {messages}");
     // The next run completes and removes what the killed ones left: one object of 64 chunks and
     // its meta remain.
