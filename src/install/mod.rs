@@ -421,16 +421,7 @@ async fn plan(
         platform: platform_plan,
         warnings: vec![],
     };
-    let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
-        && plan
-            .files
-            .iter()
-            .all(|f| matches!(f.action, FileAction::Unchanged | FileAction::KeepEdited));
-    plan.steps_to_run = StepName::ALL
-        .iter()
-        .filter(|s| !journal.is_done(s.as_str()) || !nothing_to_change)
-        .map(|s| s.as_str().to_string())
-        .collect();
+    plan.steps_to_run = steps_to_run(&plan, journal);
     Ok(Planned {
         plan,
         engine,
@@ -444,6 +435,21 @@ async fn plan(
         has_regions,
         has_packages,
     })
+}
+
+/// The steps still to run: those the journal has not recorded for this bundle, or all of them
+/// when any image or file is to change.
+fn steps_to_run(plan: &Plan, journal: &Journal) -> Vec<String> {
+    let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
+        && plan
+            .files
+            .iter()
+            .all(|f| matches!(f.action, FileAction::Unchanged | FileAction::KeepEdited));
+    StepName::ALL
+        .iter()
+        .filter(|s| !journal.is_done(s.as_str()) || !nothing_to_change)
+        .map(|s| s.as_str().to_string())
+        .collect()
 }
 
 /// The site values: the rendered `.env` under the install config's `[env]`; without an env

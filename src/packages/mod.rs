@@ -566,22 +566,7 @@ pub async fn plan(
             continue;
         }
         seen.insert(ident, label.clone());
-        // The manifest's digest when it has one (no byte read: the re-run stays fast whatever
-        // the package sizes); else hashed, streamed. Uploads confirm the digest either way.
-        let (sha, size) = match known {
-            Some(k) => *k,
-            None => {
-                let (b, s2) = (run.bundle.cloned(), source.clone());
-                tokio::task::spawn_blocking(move || source::hash(b.as_deref(), &s2))
-                    .await
-                    .map_err(|e| PackagesError::Internal(format!("hashing task: {e}")))?
-                    .map_err(|e| PackagesError::Read {
-                        package: label.clone(),
-                        source_desc: source.describe(),
-                        message: e.to_string(),
-                    })?
-            }
-        };
+        let (sha, size) = digest_of(run, source, known.as_ref(), &label).await?;
         let row = rows
             .iter()
             .find(|r| {
@@ -628,6 +613,29 @@ pub async fn plan(
         return Err(PackagesError::Conflict(conflicts));
     }
     Ok(plan)
+}
+
+/// A package's SHA-256 and size: the manifest's when it records them (no byte read: a re-run
+/// stays fast whatever the package sizes), else hashed, streamed. Uploads confirm the digest
+/// either way.
+async fn digest_of(
+    run: &Run<'_>,
+    source: &Source,
+    known: Option<&([u8; 32], u64)>,
+    label: &str,
+) -> Result<([u8; 32], u64), PackagesError> {
+    if let Some(k) = known {
+        return Ok(*k);
+    }
+    let (b, s2) = (run.bundle.cloned(), source.clone());
+    tokio::task::spawn_blocking(move || source::hash(b.as_deref(), &s2))
+        .await
+        .map_err(|e| PackagesError::Internal(format!("hashing task: {e}")))?
+        .map_err(|e| PackagesError::Read {
+            package: label.to_string(),
+            source_desc: source.describe(),
+            message: e.to_string(),
+        })
 }
 
 /// One package's action, from its stored object (digest, size) and its row.
