@@ -271,6 +271,8 @@ impl PlatformDb for FakeDb {
         }
         Ok(())
     }
+    /// Copies region 1's rows; the proxy host replaces only `127.0.0.1` (the real substitution is
+    /// [`crate::platform::rules`]'s, tested there).
     async fn copy_env_from_default(
         &self,
         _release: &Release,
