@@ -307,8 +307,22 @@ async fn attempt(
     // 2. Plan and preflight (all findings together; nothing changes before this passes).
     let t = Instant::now();
     let mut p = plan(opts, ctx, stack, id, &mut journal).await?;
-    if let Some(r) = already_installed(opts, ctx, &mut p, &mut steps, t, t0).await? {
-        return Ok(Attempt::Done(Box::new(r)));
+    if already_installed(opts, ctx, &mut p).await? {
+        steps.push(Step {
+            name: "check".into(),
+            seconds: t.elapsed().as_secs_f64(),
+            detail: "already installed".into(),
+        });
+        return Ok(Attempt::Done(Box::new(report(
+            ctx,
+            p.plan,
+            steps,
+            vec![],
+            true,
+            false,
+            vec![],
+            t0,
+        ))));
     }
     preflight_stack(ctx, &journal, &mut p).await?;
     steps.push(Step {
@@ -539,20 +553,14 @@ fn check_site(
 
 /// Already installed: the journal says so and the engine agrees (images there, stack healthy),
 /// and nothing found so far (a live region that would hand agents `null` is reported by the
-/// preflight, as in a dry run). Otherwise, when only the stack is down, the steps from `start`.
-async fn already_installed(
-    opts: &InstallOptions,
-    ctx: &Ctx,
-    p: &mut Planned,
-    steps: &mut Vec<Step>,
-    t: Instant,
-    t0: Instant,
-) -> Result<Option<InstallReport>> {
+/// preflight, as in a dry run). Otherwise, when only the stack is down, the steps from `start`
+/// are to run.
+async fn already_installed(opts: &InstallOptions, ctx: &Ctx, p: &mut Planned) -> Result<bool> {
     if !p.plan.steps_to_run.is_empty() || opts.dry_run || !p.findings.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
     let Some(engine) = &p.engine else {
-        return Ok(None);
+        return Ok(false);
     };
     let containers = engine.project_containers(&ctx.project).await?;
     let healthy = !containers.is_empty()
@@ -562,40 +570,13 @@ async fn already_installed(
                 health::Verdict::Ready(_)
             ) || (c.status == "running" && c.health.is_none())
         });
-    if healthy {
-        steps.push(Step {
-            name: "check".into(),
-            seconds: t.elapsed().as_secs_f64(),
-            detail: "already installed".into(),
-        });
-        let plan = std::mem::replace(&mut p.plan, empty_plan(ctx));
-        return Ok(Some(report(ctx, plan, steps.clone(), vec![], true, false, vec![], t0)));
+    if !healthy {
+        p.plan.steps_to_run = [StepName::Start, StepName::Health, StepName::Regions, StepName::Packages]
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect();
     }
-    p.plan.steps_to_run = [StepName::Start, StepName::Health, StepName::Regions, StepName::Packages]
-        .iter()
-        .map(|s| s.as_str().to_string())
-        .collect();
-    Ok(None)
-}
-
-fn empty_plan(ctx: &Ctx) -> Plan {
-    Plan {
-        bundle: BundleId {
-            name: String::new(),
-            version: String::new(),
-            manifest_sha256: String::new(),
-        },
-        target: ctx.target.clone(),
-        project: ctx.project.clone(),
-        images: vec![],
-        files: vec![],
-        env_generated: vec![],
-        env_added: vec![],
-        env_updated: vec![],
-        steps_to_run: vec![],
-        platform: platform::PlatformPlan::default(),
-        warnings: vec![],
-    }
+    Ok(healthy)
 }
 
 /// Compose, and the stack's own preflight (ports, space, names) when the engine answers.
@@ -774,19 +755,25 @@ async fn wait_healthy(x: &mut Exec<'_>) -> Result<String> {
     Ok(format!("{} service(s) ready", x.services.len()))
 }
 
-/// The platform's database, connected once for the regions and packages steps.
-async fn platform_db<'a>(x: &'a mut Exec<'_>, step: &str) -> Result<&'a crate::ports::live::Postgres> {
-    if x.db.is_none() {
-        let env = |n: &str| std::env::var(n).ok();
-        let target = crate::site::targets::database(None, &x.ctx.config.database, &x.site, &env)
-            .map_err(|e| after_start(Error::from(e), step, x.ctx))?;
-        let db = crate::ports::live::Postgres::connect(target)
-            .await
-            .map_err(|e| after_start(Error::from(e), step, x.ctx))?;
-        x.db = Some(db);
-    }
-    x.db.as_ref()
-        .ok_or_else(|| Error::internal("no database after connecting"))
+/// The platform's database, connected once for the regions and packages steps (`slot` keeps it).
+async fn platform_db<'a>(
+    slot: &'a mut Option<crate::ports::live::Postgres>,
+    ctx: &Ctx,
+    site: &std::collections::BTreeMap<String, String>,
+    step: &str,
+) -> Result<&'a crate::ports::live::Postgres> {
+    let db = match slot.take() {
+        Some(db) => db,
+        None => {
+            let env = |n: &str| std::env::var(n).ok();
+            let target = crate::site::targets::database(None, &ctx.config.database, site, &env)
+                .map_err(|e| after_start(Error::from(e), step, ctx))?;
+            crate::ports::live::Postgres::connect(target)
+                .await
+                .map_err(|e| after_start(Error::from(e), step, ctx))?
+        }
+    };
+    Ok(slot.insert(db))
 }
 
 async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
@@ -804,12 +791,10 @@ async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
     reporter.note("seeding the cloud regions' sidecar env (waiting for the server's tables if needed)");
     let env = |n: &str| std::env::var(n).ok();
     let v = crate::regions::validate(&ropts, &env).map_err(|e| after_start(e.into(), "regions", ctx))?;
-    platform_db(x, "regions").await?;
-    let (db, engine) = (x.db.as_ref(), &x.engine);
-    let db = db.ok_or_else(|| Error::internal("no database after connecting"))?;
+    let db = platform_db(&mut x.db, ctx, &x.site, "regions").await?;
     let seams = crate::regions::Seams {
         db,
-        docker: Some(engine),
+        docker: Some(&x.engine),
         cache: None,
     };
     let r = crate::regions::run_on(&ropts, &v, &seams, reporter, Instant::now())
@@ -845,7 +830,7 @@ async fn upload_packages(x: &mut Exec<'_>) -> Result<String> {
         )
     };
     let (bundle, inputs) = crate::packages::inputs(&popts).map_err(|e| failed(e.into()))?;
-    let db = platform_db(x, "packages").await.map_err(failed)?;
+    let db = platform_db(&mut x.db, ctx, &x.site, "packages").await.map_err(failed)?;
     let env = |n: &str| std::env::var(n).ok();
     let r = crate::packages::run_connected(&popts, bundle.as_ref(), &inputs, db, &env, reporter)
         .await
@@ -1586,7 +1571,7 @@ pub fn render(r: &InstallReport) -> String {
 /// The platform part of a dry run's plan: the rows and objects the steps would write.
 fn render_platform(s: &mut String, p: &platform::PlatformPlan) {
     use std::fmt::Write as _;
-    if p.rows.is_empty() && p.packages.is_empty() && p.services.is_empty() {
+    if p.rows.is_empty() && p.packages.is_empty() && p.services.is_empty() && p.notes.is_empty() {
         return;
     }
     let release = p.release.as_deref().unwrap_or("release unknown");
@@ -1626,6 +1611,9 @@ fn render_platform(s: &mut String, p: &platform::PlatformPlan) {
             crate::inspect::human(o.size),
             o.digest
         );
+    }
+    for n in &p.notes {
+        let _ = writeln!(s, "  note: {n}");
     }
 }
 

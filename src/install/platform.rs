@@ -79,6 +79,8 @@ pub struct PlatformPlan {
     pub packages: Vec<PlannedObject>,
     /// Installer programs (no row): none until bundles carry them.
     pub installers: Vec<PlannedObject>,
+    /// What the plan could not see, and what the steps then do.
+    pub notes: Vec<String>,
 }
 
 /// The inputs: the bundle's manifest and path, the install config, the site values.
@@ -104,30 +106,30 @@ pub async fn plan(i: &Inputs<'_>) -> (PlatformPlan, Vec<String>) {
         Some((db, r)) => (Some(db as &dyn PlatformDb), Some(r.clone())),
         None => (None, None),
     };
-    let store = match (&release, !i.has_packages) {
-        (Some(r), false) => open_bucket(i, &bucket_name(i, r)).await,
+    let mut notes = Vec::new();
+    let store = match (&release, i.has_packages) {
+        (Some(r), true) => open_bucket(i, &bucket_name(i, r))
+            .await
+            .map_err(|why| notes.push(format!("the object store was not read ({why}): every package is shown as to upload; the packages step compares each digest and skips the objects already there")))
+            .ok(),
         _ => None,
     };
-    let packages = match !i.has_packages {
-        true => Ok((None, vec![])),
-        false => {
-            let opts = package_options(i);
-            packages::inputs(&opts)
-        }
-    };
-    let (bundle, inputs) = match packages {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::debug!("packages not planned: {e}");
+    let (bundle, inputs) = if i.has_packages {
+        packages::inputs(&package_options(i)).unwrap_or_else(|e| {
+            notes.push(format!("the bundle's packages were not planned: {e}"));
             (None, vec![])
-        }
+        })
+    } else {
+        (None, vec![])
     };
     let seams = Seams {
         db,
         release,
         store: store.as_ref().map(|s| s as &dyn ObjectStore),
     };
-    plan_on(i, &seams, bundle.as_ref(), &inputs).await
+    let (mut plan, findings) = plan_on(i, &seams, bundle.as_ref(), &inputs).await;
+    plan.notes.splice(0..0, notes);
+    (plan, findings)
 }
 
 /// The platform as the plan sees it: the live database and its release, and the bucket, each
@@ -173,7 +175,7 @@ pub async fn plan_on(
                     .iter()
                     .map(|p| format!("cloud regions in the live database: {p}")),
             ),
-            Err(e) => tracing::debug!("regions not planned: {e}"),
+            Err(e) => out.notes.push(format!("the cloud regions' rows were not planned: {e}")),
         }
     }
     if !inputs.is_empty() {
@@ -181,7 +183,7 @@ pub async fn plan_on(
         let store = db.and(seams.store);
         match objects(i, db, &release, store, &bucket, bundle, inputs).await {
             Ok(p) => out.packages = p,
-            Err(e) => tracing::debug!("packages not planned: {e}"),
+            Err(e) => out.notes.push(format!("the bundle's packages were not planned: {e}")),
         }
         out.bucket = Some(bucket);
     }
@@ -222,15 +224,14 @@ async fn connect(i: &Inputs<'_>) -> Option<(Postgres, Release)> {
     Some((db, release))
 }
 
-async fn open_bucket(i: &Inputs<'_>, bucket: &str) -> Option<NatsBucket> {
-    let nt = crate::site::targets::nats(None, &i.config.nats, i.site, i.env).ok()?;
+/// The bucket, or why the plan cannot look into it.
+async fn open_bucket(i: &Inputs<'_>, bucket: &str) -> Result<NatsBucket, String> {
+    let nt = crate::site::targets::nats(None, &i.config.nats, i.site, i.env).map_err(|e| e.to_string())?;
     match tokio::time::timeout(PROBE, NatsBucket::open(&nt, bucket, false)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            tracing::debug!("object store not planned against: {e}");
-            None
-        }
-        Err(_) => None,
+        Ok(Ok(Some(b))) => Ok(b),
+        Ok(Ok(None)) => Err(format!("bucket {bucket:?} does not exist yet on {}", nt.display())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("{} did not answer within {} s", nt.display(), PROBE.as_secs())),
     }
 }
 

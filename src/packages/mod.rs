@@ -369,14 +369,7 @@ fn process_env(name: &str) -> Option<String> {
 /// Upload the packages and upsert their rows (`bkbundle init-packages`). See the module
 /// documentation.
 pub fn run(opts: &PackagesOptions, reporter: &dyn Reporter) -> crate::Result<PackagesReport> {
-    crate::runtime::block_on(async {
-        let (bundle, inputs) = inputs(opts)?;
-        let target =
-            crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, &process_env)?;
-        let db = Postgres::connect(target).await?;
-        run_connected(opts, bundle.as_ref(), &inputs, &db, &process_env, reporter).await
-    })?
-    .map_err(Error::from)
+    crate::runtime::block_on(run_reporting(opts, &process_env, reporter))?.map_err(Error::from)
 }
 
 /// [`run`] with the environment (`DATABASE_URL`, `PG*`, `NATS_URL`) looked up through `env`,
@@ -385,11 +378,19 @@ pub async fn run_with_env(
     opts: &PackagesOptions,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PackagesReport, PackagesError> {
-    // Every input problem first, before any connection.
+    run_reporting(opts, env, &crate::progress::Silent).await
+}
+
+/// Every input problem first, before any connection; then the database, once.
+async fn run_reporting(
+    opts: &PackagesOptions,
+    env: &dyn Fn(&str) -> Option<String>,
+    reporter: &dyn Reporter,
+) -> Result<PackagesReport, PackagesError> {
     let (bundle, inputs) = inputs(opts)?;
     let target = crate::site::targets::database(opts.database_url.as_deref(), &opts.database, &opts.site, env)?;
     let db = Postgres::connect(target).await?;
-    run_connected(opts, bundle.as_ref(), &inputs, &db, env, &crate::progress::Silent).await
+    run_connected(opts, bundle.as_ref(), &inputs, &db, env, reporter).await
 }
 
 /// On a database already connected (install's, doctor's): find its release, connect NATS, take
