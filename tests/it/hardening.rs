@@ -815,30 +815,47 @@ fn killed_uploads_leave_no_chunks_and_doctor_reclaims_strays() {
     };
     // Kill runs part-way through their upload: once one has listed an upload as begun (its
     // bucket lock's `.pending` file), and a moment later, when chunks are on their way.
-    let upload_begun = || {
-        fs::read_dir(locks.path()).unwrap().flatten().any(|e| {
-            e.file_name().to_string_lossy().ends_with(".pending")
-                && fs::metadata(e.path()).map(|m| m.len() > 0).unwrap_or(false)
-        })
+    let pending = || -> Vec<String> {
+        fs::read_dir(locks.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pending"))
+            .flat_map(|e| {
+                fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| !l.trim().is_empty())
+            .collect()
     };
+    // This run listed an upload of its own (the list may still hold the killed run's before this
+    // run reclaims them).
+    let upload_begun = |before: &[String]| pending().iter().any(|n| !before.contains(n));
     // Three kills, the last of which left chunks (each run removes what the one before left, and
-    // on a loaded machine a kill can land before the first chunk: then kill once more).
-    let (mut kills, mut messages) = (0, 0);
+    // on a loaded machine a kill can land before the first chunk: then kill once more, later).
+    // The wait after an upload began grows each time a kill came too early (a loaded machine).
+    let (mut kills, mut messages, mut wait_ms) = (0, 0, 30);
     for _ in 0..20 {
         if kills >= 3 && messages > 0 {
             break;
         }
+        let before = pending();
         let mut child = cmd(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline && child.try_wait().unwrap().is_none() && !upload_begun() {
+        while Instant::now() < deadline && child.try_wait().unwrap().is_none() && !upload_begun(&before) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(wait_ms));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             child.wait().unwrap();
             kills += 1;
             messages = stream_state(&nats.url(), "bklite");
+            if messages == 0 {
+                wait_ms = (wait_ms + 25).min(200);
+            }
         } else {
             assert_eq!(
                 pg.psql(&name, "SELECT count(*) FROM node_mgmt_packageversion"),
