@@ -452,9 +452,27 @@ pub struct Manifest {
     pub images: Vec<Image>,
     #[serde(default)]
     pub packages: Vec<Package>,
+    /// Controller installer programs (issue 12): objects without a database row.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installers: Vec<Installer>,
     pub stack: Option<Stack>,
     #[serde(default)]
     pub regions: Regions,
+}
+
+/// A controller installer program in the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Installer {
+    /// The file name the platform reads (`bklite-controller-installer`, `...installer.exe`,
+    /// `bklite-controller-bootstrap.exe`).
+    pub name: String,
+    pub os: Os,
+    pub arch: String,
+    /// Its bundle entry.
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -809,6 +827,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 size: 0,
             }],
             packages: vec![],
+            installers: Vec::new(),
             stack: None,
             regions: Regions::default(),
         };
@@ -873,6 +892,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 sha256: Some(a.clone()),
                 size: Some(1),
             }],
+            installers: Vec::new(),
             stack: Some(Stack {
                 project: "demo".into(),
                 compose: layout::stack_path("compose.yml"),

@@ -651,6 +651,7 @@ mod tests {
             layers: vec![],
             images: vec![],
             packages: vec![],
+            installers: Vec::new(),
             stack: Some(Stack {
                 project: "t".into(),
                 compose: a.path.clone(),
@@ -731,6 +732,7 @@ mod tests {
             layers: vec![],
             images: vec![],
             packages: vec![],
+            installers: Vec::new(),
             stack: None,
             regions: Default::default(),
         };

@@ -400,7 +400,10 @@ async fn plan(
     };
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
     let site = site_values(ctx, stack, env.as_ref());
-    let (has_regions, has_packages) = (has_regions(&ctx.manifest.regions), !ctx.manifest.packages.is_empty());
+    let (has_regions, has_packages) = (
+        has_regions(&ctx.manifest.regions),
+        !ctx.manifest.packages.is_empty() || !ctx.manifest.installers.is_empty(),
+    );
     if let Some(site) = &site {
         check_site(
             ctx,

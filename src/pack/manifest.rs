@@ -36,6 +36,7 @@ pub(super) fn build(
         layers: written.layers,
         images: written.images,
         packages,
+        installers: Vec::new(),
         stack,
         regions: recipe.regions.clone(),
     };
