@@ -262,6 +262,11 @@ pub struct RecipeStack {
     pub compose: String,
     pub env_template: Option<String>,
     pub project: Option<String>,
+    /// The stack's NATS serves TLS from the target's `certs/` (`ca.crt`, `nats-server.crt`,
+    /// `nats-server.key`, which install writes): agents are then given `NATS_PROTOCOL = tls` and
+    /// the CA.
+    #[serde(default)]
+    pub nats_tls: bool,
 }
 
 fn is_name(s: &str) -> bool {
@@ -573,6 +578,9 @@ pub struct Stack {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env_template: Option<String>,
     pub files: Vec<String>,
+    /// The recipe's `[stack] nats_tls`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nats_tls: bool,
 }
 
 impl Manifest {
@@ -898,6 +906,7 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 compose: layout::stack_path("compose.yml"),
                 env_template: Some(layout::stack_path("env.template")),
                 files: vec![layout::stack_path("compose.yml"), layout::stack_path("env.template")],
+                nats_tls: false,
             }),
             regions: Regions {
                 required: vec!["NODE_SERVER_URL".into()],
