@@ -2,7 +2,7 @@
 //! suspect. Each test starts its own servers, so they run in parallel.
 
 use crate::harness::{
-    bkbundle, AgentHost, docker_lock, ensure_demo_images, free_port, random_alnum, repo_root, require_docker, NatsOpts,
+    bkbundle, docker_lock, ensure_demo_images, free_port, random_alnum, repo_root, require_docker, AgentHost, NatsOpts,
     NatsServer, PgCluster, DEMO_IMAGES,
 };
 use std::io::{BufRead, BufReader, Read, Write};

@@ -136,7 +136,11 @@ fn random_tag() -> String {
 /// A random /30 of 198.18.0.0/15 (its network address) that this process has not handed out
 /// and no IPv4 address on this host falls into (another test process's agent host).
 fn pick_subnet() -> u32 {
-    let out = run_ok(Command::new("ip").args(["-4", "-o", "addr", "show"]), "ip addr show", IP_HINT);
+    let out = run_ok(
+        Command::new("ip").args(["-4", "-o", "addr", "show"]),
+        "ip addr show",
+        IP_HINT,
+    );
     let in_use: Vec<u32> = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter_map(|w| w.split('/').next()?.parse::<Ipv4Addr>().ok())
