@@ -1,0 +1,303 @@
+//! The site's TLS material: a CA bkbundle generates once per install target, the NATS server
+//! certificate it issues from that CA for every address agents use, or an operator's own CA,
+//! certificate and key checked before anything is written.
+//!
+//! Everything here is pure (PEM text in, values and reasons out) except [`store`], the one place
+//! that reads and writes files. The install step is expected to run:
+//!
+//! 1. operator files named in `[tls]` → [`store::read_operator`], [`check_operator`] (every
+//!    problem at once; nothing written when there is one), then [`store::save`] copies them in;
+//! 2. otherwise [`store::load`] → [`decide`]: [`Decision::Generate`] ([`generate_ca`] then
+//!    [`issue_server`]), [`Decision::Reissue`] ([`issue_server`] from the same CA, the reasons
+//!    reported), [`Decision::Keep`], or [`Decision::Operator`] (the target holds certificates
+//!    bkbundle did not make: check them, never replace them).
+//!
+//! Compromises, and why:
+//! - The CA key and the CA certificate live together in `.bkbundle/tls/ca.key` (two PEM blocks),
+//!   written in one atomic rename: a killed run never leaves a CA certificate without its key or
+//!   a key without its certificate. `certs/ca.crt` is the copy published for the stack and the
+//!   agents; when it differs from the generated CA, the operator put their own there.
+//! - Certificates start one day before they are made: air-gapped hosts often run without a time
+//!   source, and an agent whose clock is a few hours behind must not see "not yet valid".
+//! - A server certificate never outlives its CA (its end is clamped to the CA's).
+//! - Name coverage follows what TLS clients check today (Go, rustls, OpenSSL's host check): the
+//!   subject alternative names only, never the subject CN.
+
+mod cert;
+mod issue;
+mod keys;
+pub mod store;
+
+pub use cert::{inspect, signed_by, uncovered, CertInfo};
+pub use issue::{generate_ca, issue_server, Material, SiteCa, CA_CN};
+pub use keys::key_matches;
+pub use store::{Existing, OperatorFiles};
+
+use crate::error::Error;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+/// One name a certificate must cover: an IP address or a DNS name (lower case, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Name {
+    Ip(IpAddr),
+    Dns(String),
+}
+
+impl Name {
+    /// The host of an address as operators and the env write it: `10.0.0.5`, `10.0.0.5:4222`,
+    /// `[fd00::5]:4222`, `fd00::5`, `nats.example.com`, `tls://user:pw@nats:4222`,
+    /// `https://10.0.0.5:443/path`. The error says what is wrong with it.
+    pub fn parse(address: &str) -> Result<Name, String> {
+        let s = address.trim();
+        let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+        let s = s.split(['/', '?', '#']).next().unwrap_or_default();
+        let s = s.rsplit_once('@').map_or(s, |(_, host)| host);
+        let host = if let Some(rest) = s.strip_prefix('[') {
+            let (inside, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{address:?}: `[` without `]`"))?;
+            if !(after.is_empty() || is_port(after)) {
+                return Err(format!("{address:?}: {after:?} after `]` is not a port"));
+            }
+            inside
+        } else if s.parse::<IpAddr>().is_ok() {
+            s
+        } else {
+            match s.split_once(':') {
+                Some((host, port)) if is_port(&format!(":{port}")) => host,
+                Some(_) => return Err(format!("{address:?}: not a host, host:port or URL")),
+                None => s,
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{address:?}: no host"));
+        }
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(Name::Ip(ip));
+        }
+        let dns = host.trim_end_matches('.').to_ascii_lowercase();
+        if dns.contains('*') || rustls_pki_types::DnsName::try_from(dns.as_str()).is_err() {
+            return Err(format!("{address:?}: {host:?} is neither an IP address nor a DNS name"));
+        }
+        Ok(Name::Dns(dns))
+    }
+}
+
+fn is_port(s: &str) -> bool {
+    s.strip_prefix(':')
+        .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Name::Ip(ip) => write!(f, "{ip}"),
+            Name::Dns(d) => f.write_str(d),
+        }
+    }
+}
+
+/// How long a certificate bkbundle issues lives, and when it is issued again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Validity of the server certificate (default 825 days, as upstream's installer).
+    pub validity_days: u32,
+    /// A certificate that ends within this many days is issued again.
+    pub renew_within_days: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            validity_days: 825,
+            renew_within_days: 30,
+        }
+    }
+}
+
+/// What install does with the server certificate, decided by [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No site CA yet: generate it, then issue the server certificate.
+    Generate,
+    /// The certificate on disk is signed by the site CA, matches its key, covers every name and
+    /// does not end within the renewal window.
+    Keep,
+    /// Issue the server certificate again from the same CA, for these reasons (to report).
+    Reissue { reasons: Vec<String> },
+    /// The target holds certificates bkbundle did not make (an operator's): check, never replace.
+    Operator,
+}
+
+/// What to do with the certificates found in the target (`existing`, from [`store::load`]) so
+/// that the server certificate covers `wanted` at `now`. Pure.
+pub fn decide(existing: Option<&Existing>, wanted: &[Name], policy: &Policy, now: SystemTime) -> Decision {
+    let Some(ex) = existing else {
+        return Decision::Generate;
+    };
+    let Some(ca) = &ex.site_ca else {
+        // Files in certs/ that bkbundle did not write are an operator's: never replace them.
+        let any = ex.ca_pem.is_some() || ex.cert_pem.is_some() || ex.key_pem.is_some();
+        return if any { Decision::Operator } else { Decision::Generate };
+    };
+    if let Some(published) = &ex.ca_pem {
+        if !cert::same_certificate(published, &ca.cert_pem) {
+            return Decision::Operator;
+        }
+    }
+    let mut reasons = Vec::new();
+    if ex.ca_pem.is_none() {
+        reasons.push(format!("{} is missing", store::CA_CERT));
+    }
+    match (&ex.cert_pem, &ex.key_pem) {
+        (Some(cert), Some(key)) => reasons.extend(server_problems(ca, cert, key, wanted, policy, now)),
+        (None, _) => reasons.push(format!("{} is missing", store::SERVER_CERT)),
+        (Some(_), None) => reasons.push(format!("{} is missing", store::SERVER_KEY)),
+    }
+    if reasons.is_empty() {
+        Decision::Keep
+    } else {
+        Decision::Reissue { reasons }
+    }
+}
+
+/// Why the server certificate bkbundle issued earlier no longer serves (empty: it does).
+fn server_problems(
+    ca: &SiteCa,
+    cert_pem: &str,
+    key_pem: &str,
+    wanted: &[Name],
+    policy: &Policy,
+    now: SystemTime,
+) -> Vec<String> {
+    let info = match inspect(cert_pem) {
+        Ok(i) => i,
+        Err(e) => return vec![format!("{} cannot be read: {e}", store::SERVER_CERT)],
+    };
+    let mut reasons = Vec::new();
+    // Expiry is judged below, with the renewal window; the chain is checked inside the validity.
+    if let Err(e) = cert::verify_chain(cert_pem, &ca.cert_pem, info.not_before) {
+        reasons.push(format!("{}: {e}", store::SERVER_CERT));
+    }
+    match key_matches(cert_pem, key_pem) {
+        Ok(true) => {}
+        Ok(false) => reasons.push(format!("{} does not match the certificate", store::SERVER_KEY)),
+        Err(e) => reasons.push(format!("{}: {e}", store::SERVER_KEY)),
+    }
+    reasons.extend(uncovered(&info, wanted).iter().map(|n| format!("does not cover {n}")));
+    reasons.extend(expiry_problem(&info, policy, now));
+    reasons
+}
+
+/// "expired on DATE" or "expires DATE (within N days)", when the certificate ends too soon.
+fn expiry_problem(info: &CertInfo, policy: &Policy, now: SystemTime) -> Option<String> {
+    let window = Duration::from_secs(u64::from(policy.renew_within_days) * 86_400);
+    let end = date(info.not_after);
+    if info.not_after <= now {
+        Some(format!("expired on {end}"))
+    } else if now.checked_add(window).is_none_or(|limit| info.not_after <= limit) {
+        Some(format!("expires {end} (within {} days)", policy.renew_within_days))
+    } else {
+        None
+    }
+}
+
+/// Every problem with an operator's own CA, certificate and key (empty: they serve `wanted`):
+/// each names the file, what was expected and found, and what to do. Names a certificate does not
+/// cover are errors here, since bkbundle cannot issue the operator's certificate again.
+pub fn check_operator(files: &OperatorFiles, wanted: &[Name], policy: &Policy, now: SystemTime) -> Vec<Error> {
+    const REPLACE: &str = "or remove ca_file, cert_file and key_file from [tls] to let bkbundle issue one";
+    let (ca_file, cert_file, key_file) = (
+        files.ca_file.display(),
+        files.cert_file.display(),
+        files.key_file.display(),
+    );
+    let mut problems = Vec::new();
+    let ca = match inspect(&files.ca_pem) {
+        Ok(ca) if ca.is_ca => Some(ca),
+        Ok(ca) => {
+            problems.push(
+                Error::input(format!(
+                    "{ca_file}: CN={} is not a CA certificate (no basicConstraints CA:TRUE)",
+                    ca.subject_cn
+                ))
+                .hint(format!("give the certificate of the CA that issued {cert_file}")),
+            );
+            None
+        }
+        Err(e) => {
+            problems.push(Error::input(format!("{ca_file}: {e}")).hint("give the CA certificate in PEM form"));
+            None
+        }
+    };
+    let cert = match inspect(&files.cert_pem) {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(Error::input(format!("{cert_file}: {e}")).hint("give the server certificate in PEM form"));
+            return problems;
+        }
+    };
+    if let Some(ca) = &ca {
+        if let Err(e) = cert::verify_chain(&files.cert_pem, &files.ca_pem, cert.not_before) {
+            problems.push(
+                Error::input(format!(
+                    "{cert_file}: not signed by the CA in {ca_file} ({e}; issuer CN={}, expected CN={})",
+                    cert.issuer_cn, ca.subject_cn
+                ))
+                .hint(format!("give the certificate that CA issued, {REPLACE}")),
+            );
+        }
+    }
+    if let Some(e) = expiry_problem(&cert, policy, now) {
+        problems.push(Error::input(format!("{cert_file}: {e}")).hint(format!("renew the certificate, {REPLACE}")));
+    }
+    match key_matches(&files.cert_pem, &files.key_pem) {
+        Ok(true) => {}
+        Ok(false) => problems.push(
+            Error::input(format!(
+                "{key_file}: does not match the certificate in {cert_file} (its public key differs)"
+            ))
+            .hint("give the private key the certificate was issued for"),
+        ),
+        Err(e) => problems.push(Error::input(format!("{key_file}: {e}")).hint("give the private key in PEM form")),
+    }
+    let missing = uncovered(&cert, wanted);
+    if !missing.is_empty() {
+        problems.push(
+            Error::input(format!(
+                "{cert_file}: does not cover {} (it covers: {})",
+                join(&missing),
+                if cert.names.is_empty() {
+                    "no subject alternative names".into()
+                } else {
+                    join(&cert.names)
+                }
+            ))
+            .hint(format!(
+                "issue a certificate naming every address agents use, {REPLACE}"
+            )),
+        );
+    }
+    problems
+}
+
+fn join(names: &[Name]) -> String {
+    names.iter().map(Name::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// A day as `YYYY-MM-DD` (UTC), for messages.
+pub fn date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    match i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+    {
+        Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        None => format!("{secs} s after 1970"),
+    }
+}
