@@ -220,3 +220,103 @@ pub(super) fn public_key(cert_pem: &str) -> Result<PublicKey, String> {
         bits: spki.subject_public_key.raw_bytes().to_vec(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::{day, names, openssl_rsa, site};
+    use crate::tls::{generate_ca, issue_server, Policy, CA_CN};
+
+    #[test]
+    fn generated_ca_and_server_certificate_read_back() {
+        let (ca, m) = site(&["10.0.0.5", "nats.example.com", "fd00::5"], 825);
+        let info = inspect(&ca.cert_pem).unwrap();
+        assert_eq!((info.subject_cn.as_str(), info.issuer_cn.as_str()), (CA_CN, CA_CN));
+        assert!(info.is_ca && info.names.is_empty());
+        // Ten years from day 0, started a day early.
+        assert_eq!(info.not_after, day(3650));
+        assert_eq!(info.not_before, day(0) - Duration::from_secs(86_400));
+        let s = inspect(&m.cert_pem).unwrap();
+        assert_eq!((s.subject_cn.as_str(), s.issuer_cn.as_str()), ("10.0.0.5", CA_CN));
+        assert_eq!(s.names, names(&["10.0.0.5", "nats.example.com", "fd00::5"]));
+        assert!(!s.is_ca);
+        assert_eq!(s.not_after, day(825));
+        assert_eq!(s.sha256_fingerprint.len(), 64);
+        assert_ne!(s.sha256_fingerprint, info.sha256_fingerprint);
+        assert_eq!(m.ca_pem, ca.cert_pem);
+        signed_by(&m.cert_pem, &ca.cert_pem, day(1)).unwrap();
+        assert!(uncovered(&s, &names(&["10.0.0.5", "NATS.example.com.", "fd00::5"])).is_empty());
+        assert_eq!(
+            uncovered(&s, &names(&["10.0.0.7", "nats.example.com", "other.example.com"])),
+            names(&["10.0.0.7", "other.example.com"])
+        );
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_with_both_names() {
+        let (_, m) = site(&["10.0.0.5"], 825);
+        let other = generate_ca("Other CA", day(0)).unwrap();
+        let e = signed_by(&m.cert_pem, &other.cert_pem, day(1)).unwrap_err();
+        assert_eq!(e, format!("issued by CN={CA_CN}, not by CN=Other CA"));
+        // Same name, another key: the signature does not verify.
+        let twin = generate_ca(CA_CN, day(0)).unwrap();
+        let e = signed_by(&m.cert_pem, &twin.cert_pem, day(1)).unwrap_err();
+        assert!(e.starts_with("bad signature"), "{e}");
+        // A CA is not a server certificate.
+        let e = signed_by(&twin.cert_pem, &twin.cert_pem, day(1)).unwrap_err();
+        assert!(e.contains("CA certificate"), "{e}");
+    }
+
+    #[test]
+    fn dates_are_checked_for_the_certificate_and_the_ca() {
+        let (ca, m) = site(&["10.0.0.5"], 40);
+        let e = signed_by(&m.cert_pem, &ca.cert_pem, day(41)).unwrap_err();
+        assert_eq!(e, format!("expired on {}", crate::tls::date(day(40))));
+        let e = signed_by(&m.cert_pem, &ca.cert_pem, day(0) - Duration::from_secs(3 * 86_400)).unwrap_err();
+        assert!(e.starts_with("the CA CN=BK-Lite site CA is not valid before"), "{e}");
+        let e = signed_by(&m.cert_pem, &ca.cert_pem, day(3651)).unwrap_err();
+        assert!(e.starts_with("the CA CN=BK-Lite site CA expired on"), "{e}");
+        // A certificate asked to outlive its CA ends with it.
+        let policy = Policy {
+            validity_days: 3650,
+            ..Policy::default()
+        };
+        let late = issue_server(&ca, &names(&["10.0.0.5"]), &policy, day(3000)).unwrap();
+        assert_eq!(inspect(&late.cert_pem).unwrap().not_after, day(3650));
+    }
+
+    #[test]
+    fn wildcards_cover_one_label_and_ips_only_ips() {
+        let cert = CertInfo {
+            subject_cn: String::new(),
+            issuer_cn: String::new(),
+            names: vec![Name::Dns("*.example.com".into()), Name::Ip("10.0.0.5".parse().unwrap())],
+            not_before: day(0),
+            not_after: day(1),
+            sha256_fingerprint: String::new(),
+            is_ca: false,
+        };
+        assert!(uncovered(&cert, &names(&["nats.example.com", "10.0.0.5", "A.EXAMPLE.COM"])).is_empty());
+        assert_eq!(
+            uncovered(&cert, &names(&["example.com", "a.b.example.com", "10.0.0.6"])),
+            names(&["example.com", "a.b.example.com", "10.0.0.6"])
+        );
+        // An IP written as a DNS SAN does not cover the IP (clients compare IP SANs only).
+        let dns_ip = CertInfo {
+            names: vec![Name::Dns("10.0.0.5".into())],
+            ..cert
+        };
+        assert_eq!(uncovered(&dns_ip, &names(&["10.0.0.5"])), names(&["10.0.0.5"]));
+    }
+
+    #[test]
+    fn reads_an_openssl_made_rsa_certificate_and_refuses_what_is_not_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, _) = openssl_rsa(dir.path(), "Upstream CA");
+        let info = inspect(&crt).unwrap();
+        assert_eq!((info.subject_cn.as_str(), info.is_ca), ("Upstream CA", true));
+        assert!(inspect("hello").unwrap_err().contains("no PEM certificate"));
+        let broken = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(inspect(broken).unwrap_err().contains("not a valid X.509 certificate"));
+    }
+}

@@ -174,3 +174,168 @@ fn san(name: &Name) -> Result<SanType> {
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::{names, openssl, site};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig, ServerConnection};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    #[test]
+    fn debug_never_prints_a_private_key() {
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        for (printed, key) in [
+            (format!("{m:?}"), m.key_pem.as_str()),
+            (format!("{ca:?}"), ca.key_pem.as_str()),
+            (format!("{m:#?}"), m.key_pem.as_str()),
+        ] {
+            assert!(
+                printed.contains("<redacted>") && printed.contains("BEGIN CERTIFICATE"),
+                "{printed}"
+            );
+            assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+            let body: String = key.lines().nth(1).unwrap().into();
+            assert!(!printed.contains(&body), "a line of the key is printed: {printed}");
+        }
+    }
+
+    /// Move everything `from` wants to send into `to`.
+    fn pump(from: &mut Connection, to: &mut Connection) -> Result<(), rustls::Error> {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// A TLS handshake in memory between a rustls server holding `m`'s certificate and key and a
+    /// rustls client trusting only `m`'s CA and asking for `server_name`; then one message each way.
+    fn handshake(m: &Material, server_name: &str) -> Result<(), rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = vec![CertificateDer::from_pem_slice(m.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(m.key_pem.as_bytes()).unwrap();
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(m.ca_pem.as_bytes()).unwrap())?;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(server_name.to_string()).unwrap();
+        let mut c = Connection::from(ClientConnection::new(Arc::new(client), name)?);
+        let mut s = Connection::from(ServerConnection::new(Arc::new(server))?);
+        for _ in 0..10 {
+            pump(&mut c, &mut s)?;
+            pump(&mut s, &mut c)?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        assert!(
+            !c.is_handshaking() && !s.is_handshaking(),
+            "the handshake did not finish"
+        );
+        c.writer().write_all(b"PING\r\n").unwrap();
+        pump(&mut c, &mut s)?;
+        let mut got = [0u8; 6];
+        s.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"PING\r\n");
+        Ok(())
+    }
+
+    #[test]
+    fn rustls_accepts_the_generated_chain_for_an_ip_and_a_dns_name() {
+        let ca = generate_ca(CA_CN, SystemTime::now()).unwrap();
+        let wanted = names(&["10.0.0.5", "nats.example.com", "fd00::5"]);
+        let m = issue_server(&ca, &wanted, &Policy::default(), SystemTime::now()).unwrap();
+        for name in ["10.0.0.5", "nats.example.com", "fd00::5"] {
+            handshake(&m, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        // A name the certificate does not cover, and another CA: the client refuses.
+        let e = handshake(&m, "10.0.0.7").unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e}");
+        let other = generate_ca("Other CA", SystemTime::now()).unwrap();
+        let mixed = Material {
+            ca_pem: other.cert_pem.clone(),
+            cert_pem: m.cert_pem.clone(),
+            key_pem: m.key_pem.clone(),
+        };
+        let e = handshake(&mixed, "10.0.0.5").unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e}");
+    }
+
+    #[test]
+    fn openssl_strict_verification_accepts_the_generated_chain() {
+        // OpenSSL's X.509 strict mode (Python 3.13's ssl default, so nats-py's) wants the key
+        // identifiers and constraints RFC 5280 asks for.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = generate_ca(CA_CN, SystemTime::now()).unwrap();
+        let m = issue_server(
+            &ca,
+            &names(&["10.0.0.5", "nats"]),
+            &Policy::default(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        std::fs::write(d.join("ca.crt"), &m.ca_pem).unwrap();
+        std::fs::write(d.join("server.crt"), &m.cert_pem).unwrap();
+        let ok = openssl(
+            d,
+            &[
+                "verify",
+                "-x509_strict",
+                "-purpose",
+                "sslserver",
+                "-verify_ip",
+                "10.0.0.5",
+                "-CAfile",
+                "ca.crt",
+                "server.crt",
+            ],
+        );
+        assert!(ok.contains("server.crt: OK"), "{ok}");
+        openssl(
+            d,
+            &[
+                "verify",
+                "-x509_strict",
+                "-verify_hostname",
+                "nats",
+                "-CAfile",
+                "ca.crt",
+                "server.crt",
+            ],
+        );
+        let text = openssl(d, &["x509", "-noout", "-text", "-in", "server.crt"]);
+        for needle in ["TLS Web Server Authentication", "Authority Key Identifier", "CA:FALSE"] {
+            assert!(text.contains(needle), "{needle} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn nothing_to_issue_for_and_an_expired_ca_are_refused() {
+        let (ca, _) = site(&["10.0.0.5"], 825);
+        let now = crate::tls::test_support::day(1);
+        assert!(issue_server(&ca, &[], &Policy::default(), now).is_err());
+        let late = crate::tls::test_support::day(3651);
+        let e = issue_server(&ca, &names(&["10.0.0.5"]), &Policy::default(), late).unwrap_err();
+        assert!(
+            e.message.contains("expired on") && e.kind == crate::Kind::Input,
+            "{}",
+            e.message
+        );
+    }
+}

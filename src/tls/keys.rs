@@ -31,6 +31,11 @@ pub fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, String> {
         other => format!("not a readable PEM private key ({other})"),
     })?;
     let cert_key = cert::public_key(cert_pem)?;
+    if let PrivateKeyDer::Pkcs8(k) = &key {
+        if pkcs8_algorithm(k.secret_pkcs8_der()) != Some(cert_key.algorithm) {
+            return Ok(false);
+        }
+    }
     let found = match (&key, cert_key.algorithm) {
         (PrivateKeyDer::Pkcs1(k), RSA) => rsa_public(signature::RsaKeyPair::from_der(k.secret_pkcs1_der()))?,
         (PrivateKeyDer::Pkcs8(k), RSA) => rsa_public(signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()))?,
@@ -52,6 +57,17 @@ pub fn key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, String> {
         _ => None,
     };
     Ok(found.is_some_and(|k| k == cert_key.bits))
+}
+
+/// The key algorithm a PKCS#8 `PrivateKeyInfo { version, algorithm, ... }` names.
+fn pkcs8_algorithm(der: &[u8]) -> Option<ObjectIdentifier> {
+    use x509_cert::der::asn1::AnyRef;
+    use x509_cert::der::{Decode, SliceReader};
+    let outer = AnyRef::from_der(der).ok()?;
+    let mut fields = SliceReader::new(outer.value()).ok()?;
+    let _version = AnyRef::decode(&mut fields).ok()?;
+    let algorithm = x509_cert::spki::AlgorithmIdentifierRef::decode(&mut fields).ok()?;
+    Some(algorithm.oid)
 }
 
 fn rsa_public(pair: Result<signature::RsaKeyPair, ring::error::KeyRejected>) -> Result<Option<Vec<u8>>, String> {
@@ -106,4 +122,115 @@ fn tlv(tag: u8, content: &[u8]) -> Zeroizing<Vec<u8>> {
     }
     out.extend_from_slice(content);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::{openssl, openssl_rsa, read, site};
+
+    #[test]
+    fn generated_ec_key_matches_its_certificate_only() {
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        assert_eq!(key_matches(&m.cert_pem, &m.key_pem), Ok(true));
+        assert_eq!(key_matches(&ca.cert_pem, &ca.key_pem), Ok(true));
+        assert_eq!(key_matches(&m.cert_pem, &ca.key_pem), Ok(false));
+        assert_eq!(key_matches(&ca.cert_pem, &m.key_pem), Ok(false));
+    }
+
+    #[test]
+    fn openssl_rsa_pkcs1_key_from_genrsa_matches_and_another_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, key) = openssl_rsa(dir.path(), "upstream");
+        let (other_crt, other_key) = openssl_rsa(dir.path(), "other");
+        assert_eq!(key_matches(&crt, &key), Ok(true));
+        assert_eq!(key_matches(&other_crt, &other_key), Ok(true));
+        assert_eq!(key_matches(&crt, &other_key), Ok(false));
+        // The same RSA key as PKCS#8 (`BEGIN PRIVATE KEY`).
+        openssl(
+            dir.path(),
+            &["pkcs8", "-topk8", "-nocrypt", "-in", "upstream.key", "-out", "p8.key"],
+        );
+        let p8 = read(dir.path(), "p8.key");
+        assert!(p8.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(key_matches(&crt, &p8), Ok(true));
+        // An EC key for an RSA certificate, and the reverse: not the key.
+        let (_, m) = site(&["10.0.0.5"], 825);
+        assert_eq!(key_matches(&crt, &m.key_pem), Ok(false));
+        assert_eq!(key_matches(&m.cert_pem, &key), Ok(false));
+    }
+
+    #[test]
+    fn openssl_sec1_p384_and_ed25519_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let selfsigned = |key: &str, crt: &str| {
+            openssl(
+                d,
+                &[
+                    "req", "-x509", "-new", "-key", key, "-days", "30", "-subj", "/CN=t", "-out", crt,
+                ],
+            );
+            read(d, crt)
+        };
+        for (curve, key) in [("prime256v1", "p256.key"), ("secp384r1", "p384.key")] {
+            openssl(d, &["ecparam", "-name", curve, "-genkey", "-noout", "-out", key]);
+            let sec1 = read(d, key);
+            assert!(
+                sec1.starts_with("-----BEGIN EC PRIVATE KEY-----"),
+                "{curve}: SEC1 expected"
+            );
+            let crt = selfsigned(key, &format!("{curve}.crt"));
+            assert_eq!(key_matches(&crt, &sec1), Ok(true), "{curve} SEC1");
+            openssl(d, &["pkcs8", "-topk8", "-nocrypt", "-in", key, "-out", "p8.key"]);
+            assert_eq!(key_matches(&crt, &read(d, "p8.key")), Ok(true), "{curve} PKCS#8");
+        }
+        // A P-256 SEC1 key against the P-384 certificate: not its key.
+        assert_eq!(key_matches(&read(d, "secp384r1.crt"), &read(d, "p256.key")), Ok(false));
+        openssl(
+            d,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "other.key",
+            ],
+        );
+        assert_eq!(
+            key_matches(&read(d, "prime256v1.crt"), &read(d, "other.key")),
+            Ok(false)
+        );
+        openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ed.key"]);
+        openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ed2.key"]);
+        let crt = selfsigned("ed.key", "ed.crt");
+        assert_eq!(key_matches(&crt, &read(d, "ed.key")), Ok(true));
+        assert_eq!(key_matches(&crt, &read(d, "ed2.key")), Ok(false));
+    }
+
+    #[test]
+    fn unreadable_and_encrypted_keys_are_errors_that_print_no_key() {
+        let (_, m) = site(&["10.0.0.5"], 825);
+        let e = key_matches(&m.cert_pem, "not a key").unwrap_err();
+        assert!(e.starts_with("no PEM private key"), "{e}");
+        let e = key_matches(
+            &m.cert_pem,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("encrypted"), "{e}");
+        // A certificate instead of a key.
+        assert!(key_matches(&m.cert_pem, &m.cert_pem).is_err());
+    }
+
+    #[test]
+    fn long_der_lengths_are_encoded_in_long_form() {
+        assert_eq!(tlv(0x04, &[1, 2]).as_slice(), [0x04, 2, 1, 2]);
+        let long = tlv(0x04, &[0; 300]);
+        assert_eq!(&long[..4], [0x04, 0x82, 0x01, 0x2c]);
+        assert_eq!(long.len(), 304);
+        assert_eq!(&tlv(0x30, &[0; 128])[..3], [0x30, 0x81, 0x80]);
+    }
 }

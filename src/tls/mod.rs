@@ -27,6 +27,8 @@ mod cert;
 mod issue;
 mod keys;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use cert::{inspect, signed_by, uncovered, CertInfo};
 pub use issue::{generate_ca, issue_server, Material, SiteCa, CA_CN};
@@ -51,8 +53,12 @@ impl Name {
     /// `https://10.0.0.5:443/path`. The error says what is wrong with it.
     pub fn parse(address: &str) -> Result<Name, String> {
         let s = address.trim();
-        let s = s.split_once("://").map_or(s, |(_, rest)| rest);
-        let s = s.split(['/', '?', '#']).next().unwrap_or_default();
+        let s = match s.split_once("://") {
+            Some((_, rest)) => rest.split(['/', '?', '#']).next().unwrap_or_default(),
+            // A path without a scheme is no address (the field's `null/api/v1/...`).
+            None if s.contains('/') => return Err(format!("{address:?}: a path without a scheme (scheme://host)")),
+            None => s,
+        };
         let s = s.rsplit_once('@').map_or(s, |(_, host)| host);
         let host = if let Some(rest) = s.strip_prefix('[') {
             let (inside, after) = rest
@@ -208,30 +214,13 @@ fn expiry_problem(info: &CertInfo, policy: &Policy, now: SystemTime) -> Option<S
 /// each names the file, what was expected and found, and what to do. Names a certificate does not
 /// cover are errors here, since bkbundle cannot issue the operator's certificate again.
 pub fn check_operator(files: &OperatorFiles, wanted: &[Name], policy: &Policy, now: SystemTime) -> Vec<Error> {
-    const REPLACE: &str = "or remove ca_file, cert_file and key_file from [tls] to let bkbundle issue one";
     let (ca_file, cert_file, key_file) = (
         files.ca_file.display(),
         files.cert_file.display(),
         files.key_file.display(),
     );
     let mut problems = Vec::new();
-    let ca = match inspect(&files.ca_pem) {
-        Ok(ca) if ca.is_ca => Some(ca),
-        Ok(ca) => {
-            problems.push(
-                Error::input(format!(
-                    "{ca_file}: CN={} is not a CA certificate (no basicConstraints CA:TRUE)",
-                    ca.subject_cn
-                ))
-                .hint(format!("give the certificate of the CA that issued {cert_file}")),
-            );
-            None
-        }
-        Err(e) => {
-            problems.push(Error::input(format!("{ca_file}: {e}")).hint("give the CA certificate in PEM form"));
-            None
-        }
-    };
+    let ca_ok = check_operator_ca(files, policy, now, &mut problems);
     let cert = match inspect(&files.cert_pem) {
         Ok(c) => c,
         Err(e) => {
@@ -239,19 +228,17 @@ pub fn check_operator(files: &OperatorFiles, wanted: &[Name], policy: &Policy, n
             return problems;
         }
     };
-    if let Some(ca) = &ca {
+    if ca_ok {
         if let Err(e) = cert::verify_chain(&files.cert_pem, &files.ca_pem, cert.not_before) {
             problems.push(
-                Error::input(format!(
-                    "{cert_file}: not signed by the CA in {ca_file} ({e}; issuer CN={}, expected CN={})",
-                    cert.issuer_cn, ca.subject_cn
-                ))
-                .hint(format!("give the certificate that CA issued, {REPLACE}")),
+                Error::input(format!("{cert_file}: not signed by the CA in {ca_file} ({e})"))
+                    .hint(format!("give the certificate that CA issued, {OWN_OR_ISSUED}")),
             );
         }
     }
     if let Some(e) = expiry_problem(&cert, policy, now) {
-        problems.push(Error::input(format!("{cert_file}: {e}")).hint(format!("renew the certificate, {REPLACE}")));
+        problems
+            .push(Error::input(format!("{cert_file}: {e}")).hint(format!("renew the certificate, {OWN_OR_ISSUED}")));
     }
     match key_matches(&files.cert_pem, &files.key_pem) {
         Ok(true) => {}
@@ -265,22 +252,59 @@ pub fn check_operator(files: &OperatorFiles, wanted: &[Name], policy: &Policy, n
     }
     let missing = uncovered(&cert, wanted);
     if !missing.is_empty() {
+        let covers = if cert.names.is_empty() {
+            "no subject alternative names".to_string()
+        } else {
+            join(&cert.names)
+        };
         problems.push(
             Error::input(format!(
-                "{cert_file}: does not cover {} (it covers: {})",
-                join(&missing),
-                if cert.names.is_empty() {
-                    "no subject alternative names".into()
-                } else {
-                    join(&cert.names)
-                }
+                "{cert_file}: does not cover {} (it covers: {covers})",
+                join(&missing)
             ))
             .hint(format!(
-                "issue a certificate naming every address agents use, {REPLACE}"
+                "issue a certificate naming every address agents use, {OWN_OR_ISSUED}"
             )),
         );
     }
     problems
+}
+
+/// The end of the hints about an operator's files: the other way out.
+const OWN_OR_ISSUED: &str = "or remove ca_file, cert_file and key_file from [tls] to let bkbundle issue one";
+
+/// The operator's CA: a CA certificate, not ending within the renewal window. True when the
+/// chain can be checked against it.
+fn check_operator_ca(files: &OperatorFiles, policy: &Policy, now: SystemTime, problems: &mut Vec<Error>) -> bool {
+    let ca_file = files.ca_file.display();
+    match inspect(&files.ca_pem) {
+        Ok(ca) if ca.is_ca => {
+            if let Some(e) = expiry_problem(&ca, policy, now) {
+                problems.push(
+                    Error::input(format!("{ca_file}: the CA CN={} {e}", ca.subject_cn))
+                        .hint("agents stop trusting the server when the CA ends: renew the CA and its certificates"),
+                );
+            }
+            true
+        }
+        Ok(ca) => {
+            problems.push(
+                Error::input(format!(
+                    "{ca_file}: CN={} is not a CA certificate (no basicConstraints CA:TRUE)",
+                    ca.subject_cn
+                ))
+                .hint(format!(
+                    "give the certificate of the CA that issued {}",
+                    files.cert_file.display()
+                )),
+            );
+            false
+        }
+        Err(e) => {
+            problems.push(Error::input(format!("{ca_file}: {e}")).hint("give the CA certificate in PEM form"));
+            false
+        }
+    }
 }
 
 fn join(names: &[Name]) -> String {
@@ -299,5 +323,239 @@ pub fn date(t: SystemTime) -> String {
     {
         Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
         None => format!("{secs} s after 1970"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{day, names, openssl, openssl_rsa, read, site};
+    use super::*;
+
+    #[test]
+    fn names_from_every_way_an_address_is_written() {
+        let cases = [
+            ("10.0.0.5", "10.0.0.5"),
+            (" 10.0.0.5:4222 ", "10.0.0.5"),
+            ("fd00::5", "fd00::5"),
+            ("[fd00::5]:4222", "fd00::5"),
+            ("tls://user:pw@[fd00::5]:4222", "fd00::5"),
+            ("https://10.0.0.5:443/api/v1/node", "10.0.0.5"),
+            ("nats://NATS.Example.com.:4222", "nats.example.com"),
+            ("nats", "nats"),
+            ("http://server?x=1", "server"),
+        ];
+        for (address, want) in cases {
+            assert_eq!(
+                Name::parse(address).map(|n| n.to_string()),
+                Ok(want.to_string()),
+                "{address}"
+            );
+        }
+        assert!(matches!(Name::parse("10.0.0.5:1"), Ok(Name::Ip(_))));
+        assert!(matches!(Name::parse("nats"), Ok(Name::Dns(_))));
+        for bad in [
+            "",
+            "http://",
+            "a b",
+            "host:port",
+            "*.example.com",
+            "[fd00::5",
+            "[fd00::5]x",
+            "null/api",
+        ] {
+            assert!(Name::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(Name::parse("").unwrap_err(), "\"\": no host");
+    }
+
+    fn existing(ca: &SiteCa, m: &Material) -> Existing {
+        Existing {
+            site_ca: Some(SiteCa {
+                cert_pem: ca.cert_pem.clone(),
+                key_pem: ca.key_pem.clone(),
+            }),
+            ca_pem: Some(m.ca_pem.clone()),
+            cert_pem: Some(m.cert_pem.clone()),
+            key_pem: Some(m.key_pem.clone()),
+        }
+    }
+
+    #[test]
+    fn decide_generate_keep_and_reissue_with_reasons() {
+        let policy = Policy::default();
+        let want = names(&["10.0.0.5", "nats"]);
+        assert_eq!(decide(None, &want, &policy, day(1)), Decision::Generate);
+        let (ca, m) = site(&["10.0.0.5", "nats"], 825);
+        let ex = existing(&ca, &m);
+        assert_eq!(decide(Some(&ex), &want, &policy, day(1)), Decision::Keep);
+        assert_eq!(decide(Some(&ex), &names(&["nats"]), &policy, day(1)), Decision::Keep);
+        assert_eq!(
+            decide(Some(&ex), &names(&["10.0.0.5", "10.0.0.7"]), &policy, day(1)),
+            Decision::Reissue {
+                reasons: vec!["does not cover 10.0.0.7".into()]
+            }
+        );
+        // 825 days: day 795 is the last day outside the 30-day window.
+        assert_eq!(decide(Some(&ex), &want, &policy, day(794)), Decision::Keep);
+        assert_eq!(
+            decide(Some(&ex), &want, &policy, day(800)),
+            Decision::Reissue {
+                reasons: vec![format!("expires {} (within 30 days)", date(day(825)))]
+            }
+        );
+        assert_eq!(
+            decide(Some(&ex), &want, &policy, day(900)),
+            Decision::Reissue {
+                reasons: vec![format!("expired on {}", date(day(825)))]
+            }
+        );
+    }
+
+    #[test]
+    fn decide_reissues_a_short_lived_certificate_and_a_broken_pair() {
+        let policy = Policy::default();
+        let want = names(&["10.0.0.5"]);
+        let (ca, m) = site(&["10.0.0.5"], 20);
+        let Decision::Reissue { reasons } = decide(Some(&existing(&ca, &m)), &want, &policy, day(0)) else {
+            panic!("a 20-day certificate must be re-issued")
+        };
+        assert_eq!(reasons, [format!("expires {} (within 30 days)", date(day(20)))]);
+        // Another key in place, another CA's certificate, files missing.
+        let (other_ca, other) = site(&["10.0.0.5"], 825);
+        let mut ex = existing(&ca, &m);
+        ex.key_pem = Some(other.key_pem.clone());
+        ex.cert_pem = Some(other.cert_pem.clone());
+        let Decision::Reissue { reasons } = decide(
+            Some(&ex),
+            &want,
+            &Policy {
+                renew_within_days: 1,
+                ..policy
+            },
+            day(0),
+        ) else {
+            panic!("another CA's certificate must be re-issued")
+        };
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("certs/nats-server.crt: bad signature"),
+            "{reasons:?}"
+        );
+        ex.key_pem = None;
+        ex.ca_pem = None;
+        let Decision::Reissue { reasons } = decide(Some(&ex), &want, &policy, day(0)) else {
+            panic!("missing files must be re-issued")
+        };
+        assert_eq!(reasons, ["certs/ca.crt is missing", "certs/nats-server.key is missing"]);
+        // A published CA that is not the generated one is the operator's: never replaced.
+        let mut ex = existing(&ca, &m);
+        ex.ca_pem = Some(other_ca.cert_pem.clone());
+        assert_eq!(decide(Some(&ex), &want, &policy, day(0)), Decision::Operator);
+        // Files bkbundle did not write, without a generated CA: the operator's.
+        let ex = Existing {
+            site_ca: None,
+            ca_pem: None,
+            cert_pem: Some(m.cert_pem.clone()),
+            key_pem: None,
+        };
+        assert_eq!(decide(Some(&ex), &want, &policy, day(0)), Decision::Operator);
+    }
+
+    fn operator(ca_pem: &str, cert_pem: &str, key_pem: &str) -> OperatorFiles {
+        OperatorFiles {
+            ca_file: "/site/ca.crt".into(),
+            cert_file: "/site/nats.crt".into(),
+            key_file: "/site/nats.key".into(),
+            ca_pem: ca_pem.into(),
+            cert_pem: cert_pem.into(),
+            key_pem: zeroize::Zeroizing::new(key_pem.into()),
+        }
+    }
+
+    #[test]
+    fn operator_files_that_belong_together_pass() {
+        let (ca, m) = site(&["10.0.0.5", "nats"], 825);
+        let files = operator(&ca.cert_pem, &m.cert_pem, &m.key_pem);
+        let problems = check_operator(&files, &names(&["nats", "10.0.0.5"]), &Policy::default(), day(1));
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn operator_files_every_problem_named_with_file_expected_found_and_hint() {
+        let (_, m) = site(&["10.0.0.5"], 40);
+        let other = generate_ca("Other CA", day(0)).unwrap();
+        let (_, stranger) = site(&["10.0.0.5"], 825);
+        let files = operator(&other.cert_pem, &m.cert_pem, &stranger.key_pem);
+        let problems = check_operator(&files, &names(&["10.0.0.5", "10.0.0.7"]), &Policy::default(), day(20));
+        let text: Vec<&str> = problems.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            text,
+            [
+                format!(
+                    "/site/nats.crt: not signed by the CA in /site/ca.crt (issued by CN={CA_CN}, not by CN=Other CA)"
+                )
+                .as_str(),
+                format!("/site/nats.crt: expires {} (within 30 days)", date(day(40))).as_str(),
+                "/site/nats.key: does not match the certificate in /site/nats.crt (its public key differs)",
+                "/site/nats.crt: does not cover 10.0.0.7 (it covers: 10.0.0.5)",
+            ]
+        );
+        assert!(problems
+            .iter()
+            .all(|e| e.kind == crate::Kind::Input && !e.hints.is_empty()));
+        assert!(problems[0].hints[0].starts_with("give the certificate that CA issued"));
+        assert!(!format!("{problems:?}").contains(stranger.key_pem.as_str()));
+    }
+
+    #[test]
+    fn operator_upstream_style_rsa_ca_and_a_server_certificate_it_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (ca_crt, _) = openssl_rsa(d, "ca");
+        openssl(d, &["genrsa", "-traditional", "-out", "nats.key", "2048"]);
+        openssl(
+            d,
+            &[
+                "req", "-new", "-key", "nats.key", "-subj", "/CN=nats", "-out", "nats.csr",
+            ],
+        );
+        std::fs::write(d.join("ext"), "subjectAltName=IP:10.0.0.5,DNS:nats\n").unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "nats.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                "ext",
+                "-out",
+                "nats.crt",
+            ],
+        );
+        let files = operator(&ca_crt, &read(d, "nats.crt"), &read(d, "nats.key"));
+        let now = SystemTime::now();
+        let policy = Policy {
+            renew_within_days: 7,
+            ..Policy::default()
+        };
+        let problems = check_operator(&files, &names(&["10.0.0.5", "nats"]), &policy, now);
+        assert!(problems.is_empty(), "{problems:?}");
+        // The CA itself given as the server certificate: not a server certificate.
+        let files = operator(&read(d, "nats.crt"), &ca_crt, &read(d, "ca.key"));
+        let problems = check_operator(&files, &names(&["10.0.0.5"]), &policy, now);
+        assert!(
+            problems[0]
+                .message
+                .contains("/site/ca.crt: CN=nats is not a CA certificate"),
+            "{problems:?}"
+        );
     }
 }
