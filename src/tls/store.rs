@@ -295,3 +295,164 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         Error::io("cannot write", path, e)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::{day, names, site};
+    use crate::tls::{decide, issue_server, Decision, Policy};
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn save_then_load_round_trip_with_private_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("bklite");
+        assert!(load(&target).unwrap().is_none());
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        save(&target, &m, Some(&ca)).unwrap();
+        assert_eq!(mode(&target.join(".bkbundle")), 0o700);
+        assert_eq!(mode(&target.join(".bkbundle/tls")), 0o700);
+        assert_eq!(mode(&target.join(CA_KEY)), 0o600);
+        assert_eq!(mode(&target.join("certs")), 0o755);
+        assert_eq!(mode(&target.join(CA_CERT)), 0o644);
+        assert_eq!(mode(&target.join(SERVER_CERT)), 0o644);
+        assert_eq!(mode(&target.join(SERVER_KEY)), 0o600);
+        let ex = load(&target).unwrap().unwrap();
+        let site_ca = ex.site_ca.as_ref().unwrap();
+        assert_eq!(
+            (site_ca.cert_pem.as_str(), site_ca.key_pem.as_str()),
+            (ca.cert_pem.as_str(), ca.key_pem.as_str())
+        );
+        assert_eq!(ex.ca_pem.as_deref(), Some(m.ca_pem.as_str()));
+        assert_eq!(ex.cert_pem.as_deref(), Some(m.cert_pem.as_str()));
+        assert_eq!(ex.key_pem.as_deref().map(String::as_str), Some(m.key_pem.as_str()));
+        assert_eq!(
+            decide(Some(&ex), &names(&["10.0.0.5"]), &Policy::default(), day(1)),
+            Decision::Keep
+        );
+        assert!(!format!("{ex:?}").contains("PRIVATE KEY"), "{ex:?}");
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(target.join("certs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains("tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn reissue_keeps_the_ca_and_a_different_ca_key_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path();
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        save(target, &m, Some(&ca)).unwrap();
+        let key_before = std::fs::read(target.join(CA_KEY)).unwrap();
+        let ex = load(target).unwrap().unwrap();
+        let want = names(&["10.0.0.5", "10.0.0.7"]);
+        assert!(matches!(
+            decide(Some(&ex), &want, &Policy::default(), day(1)),
+            Decision::Reissue { .. }
+        ));
+        let site_ca = ex.site_ca.unwrap();
+        let again = issue_server(&site_ca, &want, &Policy::default(), day(1)).unwrap();
+        save(target, &again, Some(&site_ca)).unwrap();
+        assert_eq!(
+            std::fs::read(target.join(CA_KEY)).unwrap(),
+            key_before,
+            "the CA key is untouched"
+        );
+        let ex = load(target).unwrap().unwrap();
+        assert_eq!(ex.cert_pem.as_deref(), Some(again.cert_pem.as_str()));
+        assert_eq!(decide(Some(&ex), &want, &Policy::default(), day(2)), Decision::Keep);
+        // Another CA offered for the same target: refused, nothing changed.
+        let (other_ca, other) = site(&["10.0.0.5"], 825);
+        assert!(save(target, &other, Some(&other_ca)).is_err());
+        assert_eq!(std::fs::read(target.join(CA_KEY)).unwrap(), key_before);
+        assert_eq!(std::fs::read_to_string(target.join(CA_CERT)).unwrap(), ca.cert_pem);
+    }
+
+    #[test]
+    fn operator_files_are_copied_in_and_then_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (site_dir, target) = (dir.path().join("site"), dir.path().join("t"));
+        std::fs::create_dir(&site_dir).unwrap();
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        for (name, text) in [("ca.crt", &ca.cert_pem), ("n.crt", &m.cert_pem), ("n.key", &*m.key_pem)] {
+            std::fs::write(site_dir.join(name), text).unwrap();
+        }
+        let files = read_operator(
+            &site_dir.join("ca.crt"),
+            &site_dir.join("n.crt"),
+            &site_dir.join("n.key"),
+        )
+        .unwrap();
+        assert!(!format!("{files:?}").contains("PRIVATE KEY"));
+        save(&target, &files.material(), None).unwrap();
+        assert_eq!(mode(&target.join(SERVER_KEY)), 0o600);
+        assert!(!target.join(CA_KEY).exists(), "no CA key for an operator's CA");
+        let ex = load(&target).unwrap().unwrap();
+        assert_eq!(
+            decide(Some(&ex), &names(&["10.0.0.5"]), &Policy::default(), day(1)),
+            Decision::Operator
+        );
+        // A generated CA may not replace the operator's published one.
+        let (gen_ca, gen) = site(&["10.0.0.5"], 825);
+        let e = save(&target, &gen, Some(&gen_ca)).unwrap_err();
+        assert!(
+            e.message.contains("holds a CA bkbundle did not generate"),
+            "{}",
+            e.message
+        );
+        assert_eq!(std::fs::read_to_string(target.join(CA_CERT)).unwrap(), ca.cert_pem);
+        let e = read_operator(
+            &site_dir.join("none.crt"),
+            &site_dir.join("n.crt"),
+            &site_dir.join("n.key"),
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("[tls] ca_file") && e.message.contains("none.crt"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn writes_never_widen_a_key_and_fix_a_widened_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        // A leftover temporary file readable by all must not lend its mode to the key.
+        let tmp = dir.path().join(".k.key.bkbundle-tmp");
+        std::fs::write(&tmp, "old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_if_changed(&path, b"secret", 0o600).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert!(!tmp.exists());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_if_changed(&path, b"secret", 0o600).unwrap();
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn a_damaged_site_ca_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, m) = site(&["10.0.0.5"], 825);
+        save(dir.path(), &m, Some(&ca)).unwrap();
+        let (other, _) = site(&["10.0.0.5"], 825);
+        let path = dir.path().join(CA_KEY);
+        std::fs::write(&path, format!("{}{}", other.key_pem.as_str(), ca.cert_pem)).unwrap();
+        let e = load(dir.path()).unwrap_err();
+        assert!(
+            e.message
+                .contains("ca.key: its key and certificate do not belong together"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("PRIVATE KEY") && e.hints[0].contains("restore it"));
+        std::fs::write(&path, other.key_pem.as_str()).unwrap();
+        assert!(load(dir.path()).unwrap_err().message.contains("no CA certificate"));
+    }
+}
