@@ -166,7 +166,11 @@ pub(super) fn verify_chain(cert_pem: &str, ca_pem: &str, at: SystemTime) -> Resu
     );
     let Err(e) = result.map(|_| ()) else { return Ok(()) };
     let cn = |c: &x509_cert::Certificate| common_name(&c.tbs_certificate.subject);
-    let from_epoch = |t: UnixTime| date(SystemTime::UNIX_EPOCH + Duration::from_secs(t.as_secs()));
+    let from_epoch = |t: UnixTime| {
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(t.as_secs()))
+            .map_or_else(|| format!("{} s after 1970", t.as_secs()), date)
+    };
     Err(match e {
         webpki::Error::CertExpired { not_after, .. } => format!("expired on {}", from_epoch(not_after)),
         webpki::Error::CertNotValidYet { not_before, .. } => format!("not valid before {}", from_epoch(not_before)),

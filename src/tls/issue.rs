@@ -67,6 +67,11 @@ fn datetime(t: SystemTime) -> Result<OffsetDateTime> {
     secs.ok_or_else(|| Error::internal("the clock is outside the dates a certificate can hold"))
 }
 
+fn backdated(t: OffsetDateTime) -> Result<OffsetDateTime> {
+    t.checked_sub(BACKDATE)
+        .ok_or_else(|| Error::internal("the clock is outside the dates a certificate can hold"))
+}
+
 fn days_after(t: OffsetDateTime, days: i64) -> Result<OffsetDateTime> {
     t.checked_add(time::Duration::days(days)).ok_or_else(|| {
         Error::input(format!(
@@ -96,7 +101,7 @@ fn ca_params(cn: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) ->
 /// path length 0, keyCertSign).
 pub fn generate_ca(cn: &str, now: SystemTime) -> Result<SiteCa> {
     let start = datetime(now)?;
-    let params = ca_params(cn, start - BACKDATE, days_after(start, CA_DAYS)?);
+    let params = ca_params(cn, backdated(start)?, days_after(start, CA_DAYS)?);
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| rcgen_error("CA key", e))?;
     let cert = params.self_signed(&key).map_err(|e| rcgen_error("CA certificate", e))?;
     Ok(SiteCa {
@@ -142,7 +147,7 @@ pub fn issue_server(ca: &SiteCa, names: &[Name], policy: &Policy, now: SystemTim
         if cn.len() <= 64 { cn.as_str() } else { "nats-server" },
     );
     params.distinguished_name = dn;
-    params.not_before = start - BACKDATE;
+    params.not_before = backdated(start)?;
     params.not_after = days_after(start, i64::from(policy.validity_days))?.min(ca_end);
     params.subject_alt_names = names.iter().map(san).collect::<Result<_>>()?;
     params.is_ca = IsCa::ExplicitNoCa;
