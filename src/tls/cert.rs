@@ -147,25 +147,46 @@ pub fn signed_by(cert_pem: &str, ca_pem: &str, at: SystemTime) -> Result<(), Str
     verify_chain(cert_pem, ca_pem, at)
 }
 
+/// Every certificate of a PEM text, in order (at least one).
+fn all_ders(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let all = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate ({e})"))?;
+    if all.is_empty() {
+        return Err("no PEM certificate (`-----BEGIN CERTIFICATE-----`) in it".into());
+    }
+    Ok(all)
+}
+
 /// The chain check alone (the CA's own dates aside): webpki, as rustls runs it for a server.
+/// Every certificate in `ca_pem` is trusted (a CA bundle); certificates after the first in
+/// `cert_pem` are intermediates (a server certificate file with its chain, as NATS reads it).
 pub(super) fn verify_chain(cert_pem: &str, ca_pem: &str, at: SystemTime) -> Result<(), String> {
-    let ca_der = first_der(ca_pem).map_err(|e| format!("the CA: {e}"))?;
-    let cert_der = first_der(cert_pem)?;
-    let (ca, cert) = (parse(&ca_der)?, parse(&cert_der)?);
-    let anchors = [webpki::anchor_from_trusted_cert(&ca_der).map_err(|e| format!("the CA is unusable ({e})"))?];
+    let ca_ders = all_ders(ca_pem).map_err(|e| format!("the CA: {e}"))?;
+    let mut chain = all_ders(cert_pem)?;
+    let cert_der = chain.remove(0);
+    let cert = parse(&cert_der)?;
+    let anchors = ca_ders
+        .iter()
+        .map(|der| webpki::anchor_from_trusted_cert(der).map_err(|e| format!("the CA is unusable ({e})")))
+        .collect::<Result<Vec<_>, _>>()?;
     let ee = webpki::EndEntityCert::try_from(&cert_der).map_err(|e| format!("unusable ({e})"))?;
     let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let result = ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &anchors,
-        &[],
+        &chain,
         UnixTime::since_unix_epoch(since),
         webpki::KeyUsage::server_auth(),
         None,
         None,
     );
     let Err(e) = result.map(|_| ()) else { return Ok(()) };
-    let cn = |c: &x509_cert::Certificate| common_name(&c.tbs_certificate.subject);
+    let ca_names = ca_ders
+        .iter()
+        .map(|der| parse(der).map(|c| format!("CN={}", common_name(&c.tbs_certificate.subject))))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(" or ");
     let from_epoch = |t: UnixTime| {
         SystemTime::UNIX_EPOCH
             .checked_add(Duration::from_secs(t.as_secs()))
@@ -175,13 +196,12 @@ pub(super) fn verify_chain(cert_pem: &str, ca_pem: &str, at: SystemTime) -> Resu
         webpki::Error::CertExpired { not_after, .. } => format!("expired on {}", from_epoch(not_after)),
         webpki::Error::CertNotValidYet { not_before, .. } => format!("not valid before {}", from_epoch(not_before)),
         webpki::Error::UnknownIssuer => format!(
-            "issued by CN={}, not by CN={}",
-            common_name(&cert.tbs_certificate.issuer),
-            cn(&ca)
+            "issued by CN={}, not by {ca_names}",
+            common_name(&cert.tbs_certificate.issuer)
         ),
         webpki::Error::InvalidSignatureForPublicKey => format!(
             "bad signature: it names CN={} as its issuer but that CA's key did not sign it",
-            cn(&ca)
+            common_name(&cert.tbs_certificate.issuer)
         ),
         webpki::Error::RequiredEkuNotFoundContext(_) => {
             "not for servers (its extended key usage lacks serverAuth)".into()

@@ -33,7 +33,7 @@ mod test_support;
 pub use cert::{inspect, signed_by, uncovered, CertInfo};
 pub use issue::{generate_ca, issue_server, Material, SiteCa, CA_CN};
 pub use keys::key_matches;
-pub use store::{Existing, OperatorFiles};
+pub use store::{load, read_operator, save, Existing, OperatorFiles};
 
 use crate::error::Error;
 use std::fmt;
@@ -557,5 +557,98 @@ mod tests {
                 .contains("/site/ca.crt: CN=nats is not a CA certificate"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn operator_chain_through_an_intermediate_and_a_ca_near_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (root, _) = openssl_rsa(d, "root");
+        std::fs::write(
+            d.join("ca.ext"),
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=keyCertSign\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("srv.ext"),
+            "subjectAltName=DNS:nats\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let sign = |csr: &str, ca: &str, ext: &str, out: &str| {
+            let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    csr,
+                    "-CA",
+                    &ca_crt,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "20",
+                    "-extfile",
+                    ext,
+                    "-out",
+                    out,
+                ],
+            );
+        };
+        openssl(d, &["genrsa", "-out", "inter.key", "2048"]);
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "inter.key",
+                "-subj",
+                "/CN=inter",
+                "-out",
+                "inter.csr",
+            ],
+        );
+        sign("inter.csr", "root", "ca.ext", "inter.crt");
+        openssl(d, &["genrsa", "-out", "leaf.key", "2048"]);
+        openssl(
+            d,
+            &[
+                "req", "-new", "-key", "leaf.key", "-subj", "/CN=nats", "-out", "leaf.csr",
+            ],
+        );
+        sign("leaf.csr", "inter", "srv.ext", "leaf.crt");
+        let policy = Policy {
+            renew_within_days: 7,
+            ..Policy::default()
+        };
+        let now = SystemTime::now();
+        let chain = format!("{}{}", read(d, "leaf.crt"), read(d, "inter.crt"));
+        let files = operator(&root, &chain, &read(d, "leaf.key"));
+        let problems = check_operator(&files, &names(&["nats"]), &policy, now);
+        assert!(problems.is_empty(), "{problems:?}");
+        // Without the intermediate the root did not sign it.
+        let files = operator(&root, &read(d, "leaf.crt"), &read(d, "leaf.key"));
+        let problems = check_operator(&files, &names(&["nats"]), &policy, now);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].message.contains("(issued by CN=inter, not by CN=root)"),
+            "{problems:?}"
+        );
+        // The CA (30 days) and the certificate (20) both end within a 60-day window.
+        let policy = Policy {
+            renew_within_days: 60,
+            ..Policy::default()
+        };
+        let files = operator(&root, &chain, &read(d, "leaf.key"));
+        let text: Vec<String> = check_operator(&files, &names(&["nats"]), &policy, now)
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(text[0].starts_with("/site/ca.crt: the CA CN=root expires") && text[0].ends_with("(within 60 days)"));
+        assert!(text[1].starts_with("/site/nats.crt: expires"), "{text:?}");
     }
 }
