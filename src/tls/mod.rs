@@ -10,7 +10,11 @@
 //! 2. otherwise [`store::load`] → [`decide`]: [`Decision::Generate`] ([`generate_ca`] then
 //!    [`issue_server`]), [`Decision::Reissue`] ([`issue_server`] from the same CA, the reasons
 //!    reported), [`Decision::Keep`], or [`Decision::Operator`] (the target holds certificates
-//!    bkbundle did not make: check them, never replace them).
+//!    bkbundle did not make: check them with [`store::read_operator`] on the target's
+//!    [`store::CA_CERT`], [`store::SERVER_CERT`] and [`store::SERVER_KEY`] and
+//!    [`check_operator`], never replace them).
+//!
+//! `doctor` needs only the pure half: [`inspect`], [`signed_by`], [`uncovered`], [`key_matches`].
 //!
 //! Compromises, and why:
 //! - The CA key and the CA certificate live together in `.bkbundle/tls/ca.key` (two PEM blocks),
