@@ -191,13 +191,18 @@ fn site(
         Some(p) => InstallConfig::load(p)?,
         None => InstallConfig::default(),
     };
-    let values = match env_file(&config) {
+    let path = env_file(&config);
+    let values = match &path {
         Some(p) => envfile::parse(
-            &std::fs::read_to_string(&p).map_err(|e| Error::io("cannot read the stack's env file", &p, e))?,
+            &std::fs::read_to_string(p).map_err(|e| Error::io("cannot read the stack's env file", p, e))?,
         ),
         None => Default::default(),
     };
-    let site = regions::site_values(&values, &config.env);
+    let mut site = regions::site_values(&values, &config.env);
+    // The stack's .env beside the install's certificates: its NATS serves TLS with the site CA.
+    if let Some(target) = path.as_deref().and_then(|p| p.parent()) {
+        install::tls::installed_site_values(target, &mut site, &config);
+    }
     // Before anything connects: the site's passwords and tokens never appear in a log line.
     for (k, v) in &site {
         if bkbundle::logging::is_secret_name(k) {

@@ -13,6 +13,7 @@ pub mod load;
 pub mod offline;
 pub mod platform;
 pub mod staging;
+pub mod tls;
 
 use crate::bundle::{self, layout, VerifiedBundle};
 use crate::digest::sha256_hex;
@@ -93,6 +94,9 @@ pub struct Plan {
     pub steps_to_run: Vec<String>,
     /// What the regions and packages steps write into the platform: rows and objects.
     pub platform: platform::PlatformPlan,
+    /// The NATS certificates (the bundle's stack serves TLS): generated, kept or issued again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<tls::TlsPlan>,
     /// Preflight's warnings: what will happen that the operator may not expect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -399,7 +403,11 @@ async fn plan(
         None => vec![],
     };
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
-    let site = site_values(ctx, stack, env.as_ref());
+    let mut site = site_values(ctx, stack, env.as_ref());
+    let tls_plan = match site.as_mut() {
+        Some(site) if stack.nats_tls => plan_tls(ctx, site, &mut findings, &mut hints),
+        _ => None,
+    };
     let (has_regions, has_packages) = (
         has_regions(&ctx.manifest.regions),
         !ctx.manifest.packages.is_empty() || !ctx.manifest.installers.is_empty(),
@@ -419,6 +427,22 @@ async fn plan(
         Some(site) => plan_platform(opts, ctx, site, has_packages, &mut findings, &mut hints).await,
         None => platform::PlatformPlan::default(),
     };
+    let mut platform_plan = platform_plan;
+    if tls_plan.as_ref().is_some_and(|t| t.action == tls::TlsAction::Generate) {
+        // This plan's CA exists in memory only: a dry run's would never be the one installed.
+        for r in platform_plan
+            .rows
+            .iter_mut()
+            .filter(|r| r.key == crate::platform::regions::TLS_CA_KEY)
+        {
+            r.value = Some(tls::GENERATED_CA.into());
+        }
+    }
+    if let (Some(t), Some(max)) = (&tls_plan, platform_plan.value_max) {
+        if t.ca_pem.len() > max && has_regions {
+            narrow_release_ca(&ctx.target, &mut files, &mut platform_plan, max);
+        }
+    }
     if !has_regions {
         journal.mark(StepName::Regions.as_str());
     }
@@ -436,6 +460,7 @@ async fn plan(
         env_updated: env.as_ref().map(|e| e.updated.clone()).unwrap_or_default(),
         steps_to_run: vec![],
         platform: platform_plan,
+        tls: tls_plan,
         warnings: vec![],
     };
     plan.steps_to_run = steps_to_run(&plan, journal);
@@ -454,10 +479,74 @@ async fn plan(
     })
 }
 
+/// The NATS certificates planned (nothing written), and the site values they add (agents get
+/// `NATS_PROTOCOL = tls` and the CA; bkbundle verifies NATS with it). A problem is a finding.
+fn plan_tls(
+    ctx: &Ctx,
+    site: &mut std::collections::BTreeMap<String, String>,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Option<tls::TlsPlan> {
+    match tls::plan(&ctx.target, &ctx.config, site) {
+        Ok(Some(t)) => {
+            let ca_file = ctx.target.join(crate::tls::store::CA_CERT);
+            tls::site_values(site, &ctx.config, &t.ca_pem, &ca_file);
+            Some(t)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            findings.push(format!("NATS TLS: {}", e.message));
+            hints.extend(e.hints);
+            None
+        }
+    }
+}
+
+/// A release whose env values take at most `max` characters (before migration 0022) cannot hold
+/// the CA: it is left out of region 1's server environment too (the server would fail writing it
+/// and stop seeding the rest), and agents take it from their controller package.
+fn narrow_release_ca(target: &Path, files: &mut [PlannedFile], platform: &mut platform::PlatformPlan, max: usize) {
+    let key = format!(
+        "{}{}=",
+        crate::platform::rules::DEFAULT_ZONE_VAR_PREFIX,
+        crate::platform::regions::TLS_CA_KEY
+    );
+    for f in files.iter_mut().filter(|f| f.path == DEFAULT_ZONE_FILE) {
+        let text = String::from_utf8_lossy(&f.content).to_string();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&key))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        f.content = kept.into_bytes();
+        f.action = rendered_action(&target.join(DEFAULT_ZONE_FILE), &f.content);
+    }
+    platform.notes.push(format!(
+        "this release stores env values of at most {max} characters: the site CA is not written to the regions' {} (agents take it from their controller package's certs/ca.crt)",
+        crate::platform::regions::TLS_CA_KEY
+    ));
+}
+
+/// The bundle's `[regions]` as install seeds them: when the stack's NATS serves TLS (the site
+/// values carry the CA), every region gets `NATS_PROTOCOL` and `NATS_TLS_CA` from the site values,
+/// whatever the bundle says (region 1 through the server's environment too).
+fn bundle_regions(ctx: &Ctx, site: &std::collections::BTreeMap<String, String>) -> crate::manifest::Regions {
+    let mut r = ctx.manifest.regions.clone();
+    if site.contains_key(tls::CA_FILE_VALUE) && has_regions(&r) {
+        for k in ["NATS_PROTOCOL", "NATS_TLS_CA"] {
+            if site.contains_key(k) {
+                r.env.insert(k.to_string(), format!("${{{k}}}"));
+            }
+        }
+    }
+    r
+}
+
 /// The steps still to run: those the journal has not recorded for this bundle, or all of them
 /// when any image or file is to change.
 fn steps_to_run(plan: &Plan, journal: &Journal) -> Vec<String> {
     let nothing_to_change = plan.images.iter().all(|i| i.action == ImageAction::Present)
+        && plan.tls.as_ref().is_none_or(|t| !t.writes())
         && plan
             .files
             .iter()
@@ -499,8 +588,9 @@ async fn plan_platform(
     hints: &mut Vec<String>,
 ) -> platform::PlatformPlan {
     let env = |n: &str| std::env::var(n).ok();
+    let regions = bundle_regions(ctx, site);
     let inputs = platform::Inputs {
-        regions: &ctx.manifest.regions,
+        regions: &regions,
         has_packages,
         bundle: &opts.bundle,
         opened: Some(ctx.reader.clone()),
@@ -533,7 +623,7 @@ fn check_site(
     hints: &mut Vec<String>,
 ) {
     if has_regions {
-        match crate::platform::rules::desired(&ctx.manifest.regions, &ctx.config.regions, site) {
+        match crate::platform::rules::desired(&bundle_regions(ctx, site), &ctx.config.regions, site) {
             // Region 1's one source: the same values go to the server's environment.
             Ok(desired) => files.push(default_zone_file(&ctx.target, &desired)),
             Err(problems) => {
@@ -650,6 +740,8 @@ struct Exec<'a> {
     site: std::collections::BTreeMap<String, String>,
     /// The platform's database, connected at the first step that needs it.
     db: Option<crate::ports::live::Postgres>,
+    /// The NATS certificate was written anew: a running NATS restarts to serve it.
+    tls_changed: bool,
 }
 
 /// 3. Execute, journaling each step: a kill after a step resumes past it.
@@ -690,6 +782,7 @@ async fn execute(
         services: vec![],
         site: p.site.unwrap_or_default(),
         db: None,
+        tls_changed: false,
     };
     for step in StepName::ALL {
         if (step == StepName::Regions && !p.has_regions) || (step == StepName::Packages && !p.has_packages) {
@@ -698,8 +791,11 @@ async fn execute(
         let t = Instant::now();
         let done = match step {
             StepName::Images => load_images(&x.engine, ctx, &p.plan, reporter).await,
-            StepName::Layout => lay_out(ctx, &p.plan, &mut x.journal, &mut x.notes),
-            StepName::Start => start(&mut x),
+            StepName::Layout => lay_out(ctx, &p.plan, &mut x.journal, &mut x.notes).and_then(|d| {
+                x.tls_changed = apply_tls(ctx, &p.plan, &mut x.notes)?;
+                Ok(d)
+            }),
+            StepName::Start => start(&mut x).await,
             StepName::Health => wait_healthy(&mut x).await,
             StepName::Regions => seed_regions(&mut x).await,
             StepName::Packages => upload_packages(&mut x).await,
@@ -725,7 +821,7 @@ async fn execute(
     Ok(report(ctx, p.plan, steps, x.services, false, false, x.notes, t0))
 }
 
-fn start(x: &mut Exec<'_>) -> Result<String> {
+async fn start(x: &mut Exec<'_>) -> Result<String> {
     let ctx = x.ctx;
     x.reporter.note(&format!(
         "starting compose project {} in {}",
@@ -740,7 +836,38 @@ fn start(x: &mut Exec<'_>) -> Result<String> {
     let env_file = stack.env_template.as_ref().map(|_| ctx.env_file.as_path());
     x.journal.services = x.planned_services.clone();
     x.compose.up(&ctx.project, &ctx.compose_file, env_file)?;
+    if x.tls_changed {
+        restart_nats(x).await?;
+    }
     Ok(format!("{} -p {} up -d", x.compose.argv.join(" "), ctx.project))
+}
+
+/// Write the planned NATS certificates (before the stack starts); whether the server's changed.
+fn apply_tls(ctx: &Ctx, plan: &Plan, notes: &mut Vec<String>) -> Result<bool> {
+    let Some(t) = &plan.tls else { return Ok(false) };
+    let changed = tls::apply(&ctx.target, t)?;
+    if t.action == tls::TlsAction::Reissue {
+        notes.push(format!(
+            "the NATS certificate was issued again from the site CA ({}); valid until {}",
+            t.reasons.join("; "),
+            t.not_after
+        ));
+    }
+    Ok(changed)
+}
+
+/// `compose up` does not restart a service whose mounted files changed: the running `nats`
+/// containers restart to load the new certificate.
+async fn restart_nats(x: &mut Exec<'_>) -> Result<()> {
+    let running = x.engine.project_containers(&x.ctx.project).await?;
+    for c in running.iter().filter(|c| c.service == "nats" && c.status == "running") {
+        x.reporter
+            .note(&format!("restarting {} to serve its new TLS certificate", c.name));
+        x.engine.restart(&c.id, Duration::from_secs(10)).await?;
+        x.notes
+            .push(format!("{} restarted to serve its new TLS certificate", c.name));
+    }
+    Ok(())
 }
 
 fn wait_options(ctx: &Ctx) -> health::WaitOptions {
@@ -781,12 +908,9 @@ async fn platform_db<'a>(
 
 async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
     let (ctx, reporter) = (x.ctx, x.reporter);
-    let mut ropts = crate::regions::RegionsOptions::new(
-        crate::regions::Mode::Apply,
-        &ctx.manifest.regions,
-        &ctx.config,
-        x.site.clone(),
-    );
+    let regions = bundle_regions(ctx, &x.site);
+    let mut ropts =
+        crate::regions::RegionsOptions::new(crate::regions::Mode::Apply, &regions, &ctx.config, x.site.clone());
     ropts.wait_for_migrations = Some(Duration::from_secs(ctx.config.database.migrations_timeout_secs));
     // The stack being installed: its server may be restarted to drop an in-memory cache.
     ropts.project = Some(ctx.project.clone());
@@ -930,16 +1054,21 @@ fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -
         }
     }
     let content = text.into_bytes();
-    let action = match std::fs::read(target.join(DEFAULT_ZONE_FILE)) {
-        Err(_) => FileAction::Create,
-        Ok(old) if old == content => FileAction::Unchanged,
-        Ok(_) => FileAction::Update,
-    };
+    let action = rendered_action(&target.join(DEFAULT_ZONE_FILE), &content);
     PlannedFile {
         path: DEFAULT_ZONE_FILE.into(),
         action,
         content,
         mode: 0o600,
+    }
+}
+
+/// What writing `content` to a file bkbundle renders (always rewritten) does.
+fn rendered_action(path: &Path, content: &[u8]) -> FileAction {
+    match std::fs::read(path) {
+        Err(_) => FileAction::Create,
+        Ok(old) if old == content => FileAction::Unchanged,
+        Ok(_) => FileAction::Update,
     }
 }
 

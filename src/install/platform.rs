@@ -46,6 +46,10 @@ pub struct PlannedObject {
     pub digest: String,
     pub size: u64,
     pub action: ObjectAction,
+    /// The site CA is added to the package at upload: the stored object's digest and size are
+    /// then the new archive's (recorded in its meta beside `digest`, the bundle file's).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ca_added: bool,
     /// The package's row; `None` for an installer program (no row).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row: Option<PlannedPackageRow>,
@@ -83,6 +87,9 @@ pub struct PlatformPlan {
     pub installers: Vec<PlannedObject>,
     /// What the plan could not see, and what the steps then do.
     pub notes: Vec<String>,
+    /// The widest env value the release's column takes (`None`: text).
+    #[serde(skip)]
+    pub value_max: Option<usize>,
 }
 
 /// The inputs: the bundle's manifest and path, the install config, the site values.
@@ -159,6 +166,7 @@ pub async fn plan_on(
         }
     };
     out.release = Some(release.label());
+    out.value_max = release.env_value_max();
 
     if has_regions(i.regions) {
         // An invalid configuration is preflight's own finding (checked without a database).
@@ -312,6 +320,7 @@ async fn objects(
             digest: nats_digest(&p.sha),
             size: p.size,
             action: p.action,
+            ca_added: p.inject.is_some(),
             row: (!p.installer).then(|| PlannedPackageRow {
                 kind: p.pkg.kind.as_str().to_string(),
                 os: p.pkg.os.as_str().to_string(),

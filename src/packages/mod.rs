@@ -91,11 +91,21 @@ impl PackagesOptions {
             nats: config.nats.clone(),
             nats_url: None,
             bucket: None,
+            ca: site_ca(&site),
             site,
             wait_for_migrations: None,
-            ca: None,
         }
     }
+}
+
+/// The CA controller packages carry: the site's, when its NATS serves TLS (`NATS_PROTOCOL = tls`
+/// and `NATS_TLS_CA` in the site values, as install sets them; see [`crate::install::tls`]).
+fn site_ca(site: &BTreeMap<String, String>) -> Option<inject::SiteCa> {
+    let tls = site.get("NATS_PROTOCOL").is_some_and(|p| p.trim() == "tls");
+    let pem = site
+        .get("NATS_TLS_CA")
+        .filter(|p| p.contains("-----BEGIN CERTIFICATE-----"))?;
+    tls.then(|| inject::SiteCa::new(pem.clone()))
 }
 
 #[derive(Debug, Clone, Serialize)]

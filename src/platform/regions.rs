@@ -238,6 +238,11 @@ pub fn diff(
         let region_id = existing.map(|r| r.id);
         let mut keys = Vec::new();
         for (k, v) in &d.env {
+            if k == TLS_CA_KEY && value_max.is_some_and(|max| stored_len(v) > max) {
+                // The release's value column cannot hold a certificate: its agents take the CA
+                // from their controller package (certs/ca.crt) instead. Not a row to write.
+                continue;
+            }
             let row = region_id.and_then(|id| current.env.iter().find(|e| e.region_id == id && e.key == *k));
             let pk = plan_key(&d.name, k, v, row, key, &mut problems);
             if pk.action != Action::Unchanged {
@@ -421,6 +426,10 @@ fn plan_key(
     }
     pk
 }
+
+/// The key of the CA agents verify NATS with (PEM): left out on releases whose `value` column is
+/// too narrow for a certificate (before migration 0022).
+pub const TLS_CA_KEY: &str = "NATS_TLS_CA";
 
 /// A value to write against the release's `value` column width (`max`), which older releases
 /// limit: too long a value is a problem rather than a failed write.

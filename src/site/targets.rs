@@ -231,8 +231,10 @@ pub fn nats(
     {
         let port = site.get("NATS_PORT").map(String::as_str).unwrap_or("4222");
         let host = stack_host(site);
+        // The stack's NATS on TLS (install wrote its certificates): verified against the site CA.
+        let scheme = if tls_site(site) { "tls" } else { "nats" };
         (
-            format!("nats://{host}:{port}"),
+            format!("{scheme}://{host}:{port}"),
             "the stack's .env (NATS_PORT, INTERNAL_BIND_IP)".to_string(),
         )
     } else {
@@ -269,10 +271,20 @@ pub fn nats(
         password,
         token: sub(&cfg.token, "token")?.filter(|t| !t.is_empty()),
         credentials: cfg.credentials.clone(),
-        ca_file: cfg.ca_file.clone(),
+        ca_file: cfg.ca_file.clone().or_else(|| {
+            site.get(crate::install::tls::CA_FILE_VALUE)
+                .filter(|_| tls_site(site))
+                .map(std::path::PathBuf::from)
+        }),
         cert_file: cfg.cert_file.clone(),
         key_file: cfg.key_file.clone(),
     })
+}
+
+/// Whether the site's NATS serves TLS from the target's certificates (see [`crate::install::tls`]).
+fn tls_site(site: &BTreeMap<String, String>) -> bool {
+    site.get("NATS_PROTOCOL").is_some_and(|p| p.trim() == "tls")
+        && site.contains_key(crate::install::tls::CA_FILE_VALUE)
 }
 
 /// The key that encrypts secrets: `[database] secret_key`, else the site value (then process

@@ -6,7 +6,7 @@
 use crate::harness::{ensure_demo_images, free_port, RedisServer};
 use crate::install::Project;
 use crate::pack::{bk, demo_bundle, run, Run};
-use crate::packages::{python, PY_DEL};
+use crate::packages::{python_with, PY_DEL};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,16 +96,22 @@ impl Live {
         r.stdout.trim().to_string()
     }
 
+    /// The stack's NATS serves TLS with the site CA install wrote into the target.
     fn nats_url(&self) -> String {
         format!(
-            "nats://{}:{}@127.0.0.1:{}",
+            "tls://{}:{}@127.0.0.1:{}",
             self.env["NATS_USER"], self.env["NATS_PASSWORD"], self.env["NATS_PORT"]
         )
     }
 
     /// Put (`data`) or delete (`None`) an object in the stack's bucket with nats-py.
     fn object(&self, key: &str, data: Option<&str>) {
-        python(PY_DEL, &[&self.nats_url(), "bklite", key, data.unwrap_or("-")]);
+        let ca = self.p.target().join("certs/ca.crt");
+        python_with(
+            PY_DEL,
+            &[&self.nats_url(), "bklite", key, data.unwrap_or("-")],
+            Some(&ca),
+        );
     }
 
     fn container(&self, service: &str) -> String {

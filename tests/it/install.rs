@@ -4,6 +4,7 @@
 
 use crate::harness::{ensure_demo_images, free_port, random_alnum, repo_root};
 use crate::pack::{bk, demo_bundle, run, xor_byte, Run};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -392,7 +393,9 @@ fn the_dry_run_planned_what_the_install_wrote(
     rows.sort();
     let mut written: Vec<String> = p
         .stack_psql(
-            "select r.name, e.key, case when e.type = 'secret' then '(secret)' else e.value end \
+            "select r.name, e.key, case when e.type = 'secret' then '(secret)' \
+             when e.key = 'NATS_TLS_CA' then 'sha256:' || encode(sha256(convert_to(e.value, 'UTF8')), 'hex') \
+             else e.value end \
              from node_mgmt_sidecarenv e join node_mgmt_cloudregion r on r.id = e.cloud_region_id",
         )
         .lines()
@@ -400,6 +403,16 @@ fn the_dry_run_planned_what_the_install_wrote(
         .collect();
     written.sort();
     assert!(!rows.is_empty());
+    // The CA a first install generates is not known to its dry run; the one written is the
+    // target's certs/ca.crt, which the stack's NATS certificate chains to.
+    let ca = fs::read(p.target().join("certs/ca.crt")).expect("install wrote certs/ca.crt");
+    let ca_row = format!("default|NATS_TLS_CA|sha256:{}", bkbundle::digest::sha256_hex(&ca));
+    for r in rows.iter_mut().filter(|r| r.starts_with("default|NATS_TLS_CA|")) {
+        assert_eq!(r, "default|NATS_TLS_CA|(the site CA install generates)");
+        *r = ca_row.clone();
+    }
+    assert!(written.contains(&ca_row), "{written:?}");
+    assert!(rows.contains(&"default|NATS_PROTOCOL|tls".to_string()), "{rows:?}");
     assert_eq!(rows, written, "planned env rows vs written");
 
     let mut services: Vec<String> = plan["services"]
@@ -442,24 +455,66 @@ fn the_dry_run_planned_what_the_install_wrote(
 
     // The objects, read back by an independent client: key, digest and size as planned.
     let bucket = plan["bucket"].as_str().unwrap();
-    let url = format!("nats://bklite:{nats_password}@127.0.0.1:{nats_port}");
-    let listed = crate::packages::python(
+    // The stack's NATS serves TLS: verified against the site CA install wrote.
+    let url = format!("tls://bklite:{nats_password}@127.0.0.1:{nats_port}");
+    let ca = p.target().join("certs/ca.crt");
+    let listed = crate::packages::python_with(
         "import asyncio,sys,nats\nasync def m():\n    nc=await nats.connect(sys.argv[1]); o=await nc.jetstream().object_store(sys.argv[2])\n    for i in sorted(await o.list(), key=lambda i: i.name): print(i.name, i.digest, i.size)\n    await nc.close()\nasyncio.run(m())",
         &[&url, bucket],
+        Some(&ca),
     );
-    let mut expected: Vec<String> = objects
-        .iter()
-        .map(|o| {
-            format!(
-                "{} {} {}",
-                o["key"].as_str().unwrap(),
-                o["digest"].as_str().unwrap(),
-                o["size"]
-            )
+    let listed: BTreeMap<&str, (&str, &str)> = listed
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0], (f[1], f[2]))
         })
         .collect();
-    expected.sort();
-    assert_eq!(expected.join("\n"), listed, "planned objects vs stored");
+    assert_eq!(listed.len(), objects.len(), "planned objects vs stored: {listed:?}");
+    for o in objects {
+        let key = o["key"].as_str().unwrap();
+        let stored = listed
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} was planned but is not stored"));
+        if o["ca_added"] == true {
+            // The controller package carries the site CA: a new archive, whose bytes are checked.
+            the_package_carries_the_ca(&url, bucket, key, &ca);
+        } else {
+            assert_eq!(
+                *stored,
+                (o["digest"].as_str().unwrap(), o["size"].to_string().as_str()),
+                "{key}"
+            );
+        }
+    }
+}
+
+/// The stored controller package, downloaded by nats-py: its digest is the object's, and it holds
+/// `certs/ca.crt` equal to the target's CA.
+fn the_package_carries_the_ca(url: &str, bucket: &str, key: &str, ca: &std::path::Path) {
+    let out = crate::packages::python_with(
+        r#"
+import asyncio, base64, hashlib, io, sys, zipfile, nats
+async def m():
+    nc = await nats.connect(sys.argv[1])
+    o = await nc.jetstream().object_store(sys.argv[2])
+    r = await o.get(sys.argv[3])
+    d = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(r.data).digest()).decode()
+    assert d == r.info.digest, (d, r.info.digest)
+    z = zipfile.ZipFile(io.BytesIO(r.data))
+    name = [n for n in z.namelist() if n == "certs/ca.crt" or n.endswith("/certs/ca.crt")]
+    print(z.read(name[0]).decode() if name else "NO CA")
+    await nc.close()
+asyncio.run(m())
+"#,
+        &[url, bucket, key],
+        Some(ca),
+    );
+    assert_eq!(
+        out.trim(),
+        fs::read_to_string(ca).unwrap().trim(),
+        "certs/ca.crt in {key}"
+    );
 }
 
 #[test]

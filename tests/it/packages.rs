@@ -85,12 +85,33 @@ fn key(release: &str, object: &str, name: &str) -> String {
 }
 
 pub(crate) fn python(script: &str, args: &[&str]) -> String {
-    let o = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3");
+    python_with(script, args, None)
+}
+
+/// Prepended to every nats-py script: connections give up instead of waiting forever (a plain
+/// client of a TLS server otherwise hangs), and with `BKBUNDLE_TEST_NATS_CA` set they verify the
+/// server against that CA (the install target's certs/ca.crt).
+const PY_PRELUDE: &str = r#"
+import os as _os, ssl as _ssl, nats as _nats
+_connect = _nats.connect
+async def _bounded_connect(*a, **k):
+    ca = _os.environ.get("BKBUNDLE_TEST_NATS_CA")
+    if ca and "tls" not in k:
+        k["tls"] = _ssl.create_default_context(cafile=ca)
+    k.setdefault("connect_timeout", 10)
+    k.setdefault("allow_reconnect", False)
+    return await _connect(*a, **k)
+_nats.connect = _bounded_connect
+"#;
+
+/// [`python`] whose nats-py connections verify TLS against `ca`.
+pub(crate) fn python_with(script: &str, args: &[&str], ca: Option<&std::path::Path>) -> String {
+    let mut c = Command::new("python3");
+    c.arg("-c").arg(format!("{PY_PRELUDE}\n{script}")).args(args);
+    if let Some(ca) = ca {
+        c.env("BKBUNDLE_TEST_NATS_CA", ca);
+    }
+    let o = c.output().expect("python3");
     assert!(
         o.status.success(),
         "python failed: {}{}",
