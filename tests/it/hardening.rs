@@ -114,6 +114,8 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
             sha256: Some(pkg.sha256.clone()),
             size: Some(pkg.size),
         }],
+        installers: Vec::new(),
+        provenance: Vec::new(),
         stack: Some(Stack {
             project: "fuzz".into(),
             compose: "stack/docker-compose.yml".into(),
