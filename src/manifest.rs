@@ -585,7 +585,12 @@ pub fn is_image_path(p: &str) -> bool {
 fn check_recipe_installers(installers: &mut [RecipeInstaller], problems: &mut Vec<String>) {
     let mut keys = BTreeSet::new();
     for (i, inst) in installers.iter_mut().enumerate() {
-        let what = format!("installers[{i}] ({})", inst.describe());
+        let source = match (&inst.image, &inst.path, &inst.file) {
+            (Some(image), Some(path), _) => format!(", {path} in image {image}"),
+            (_, _, Some(file)) => format!(", file {}", file.display()),
+            _ => String::new(),
+        };
+        let what = format!("installers[{i}] ({}{source})", inst.describe());
         match normalize_installer_arch(&inst.arch) {
             Some(a) => inst.arch = a.to_string(),
             None => problems.push(format!(
