@@ -1272,6 +1272,31 @@ file = "packages/bklite-controller-bootstrap.exe"
         assert_eq!(Manifest::parse(&ok.to_toml(), "bundle.toml").unwrap(), ok);
     }
 
+    /// An installer read from an image (image id `a`, content digest `b`).
+    fn installer(a: &str, b: &str) -> Installer {
+        Installer {
+            name: "bklite-controller-installer".into(),
+            os: Os::Linux,
+            arch: "x86_64".into(),
+            file: layout::installer_path("linux", "x86_64", "bklite-controller-installer"),
+            size: 1,
+            sha256: b.to_string(),
+            image: Some("bklite/fusion-collector:latest".into()),
+            image_id: Some(format!("sha256:{a}")),
+            path: Some("/opt/release/linux/fusion-collectors/bklite-controller-installer".into()),
+        }
+    }
+
+    /// The image a package was built from (image id `a`).
+    fn provenance_of(a: &str) -> Provenance {
+        Provenance {
+            file: String::new(),
+            image: "bklite/fusion-collector:latest".into(),
+            image_id: format!("sha256:{a}"),
+            paths: vec![],
+        }
+    }
+
     /// Every field of the manifest populated, so that its schema lists them all.
     fn complete() -> Manifest {
         let (a, b) = ("a".repeat(64), "b".repeat(64));
@@ -1331,21 +1356,10 @@ file = "packages/bklite-controller-bootstrap.exe"
             }],
             provenance: vec![Provenance {
                 file: layout::package_path("c.zip"),
-                image: "bklite/fusion-collector:latest".into(),
-                image_id: format!("sha256:{a}"),
                 paths: vec!["/opt/fusion-collectors".into()],
+                ..provenance_of(&a)
             }],
-            installers: vec![Installer {
-                name: "bklite-controller-installer".into(),
-                os: Os::Linux,
-                arch: "x86_64".into(),
-                file: layout::installer_path("linux", "x86_64", "bklite-controller-installer"),
-                size: 1,
-                sha256: b.clone(),
-                image: Some("bklite/fusion-collector:latest".into()),
-                image_id: Some(format!("sha256:{a}")),
-                path: Some("/opt/release/linux/fusion-collectors/bklite-controller-installer".into()),
-            }],
+            installers: vec![installer(&a, &b)],
             stack: Some(Stack {
                 project: "demo".into(),
                 compose: layout::stack_path("compose.yml"),

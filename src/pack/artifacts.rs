@@ -349,6 +349,57 @@ fn installer_files(plan: &Plan, ex: &mut Extracted, problems: &mut Vec<Error>) {
     }
 }
 
+/// An image's export stream: from its archive, or from the engine (the image looked up first).
+struct Opened {
+    reader: Box<dyn Read>,
+    /// Bytes expected, for progress: the archive's size, or the engine's size of the image.
+    total: u64,
+    /// The engine's id of the image (the export must contain it); None for an archive.
+    want_id: Option<String>,
+    /// How messages name the source.
+    name: String,
+}
+
+async fn open_source(
+    src: &Source,
+    artifacts: &str,
+    engine: Option<&EngineImages>,
+    own_engine: &mut Option<Engine>,
+) -> Result<Opened> {
+    if let Some(path) = &src.archive {
+        let file = fs::File::open(path).map_err(|_| ArtifactError::ArchiveMissing {
+            image: src.image.clone(),
+            path: path.clone(),
+            artifacts: artifacts.to_string(),
+        })?;
+        return Ok(Opened {
+            total: file.metadata().map(|m| m.len()).unwrap_or(0),
+            reader: Box::new(io::BufReader::with_capacity(1 << 20, file)),
+            want_id: None,
+            name: path.display().to_string(),
+        });
+    }
+    let engine = match engine {
+        Some(e) => &e.engine,
+        None => own_engine.insert(Engine::connect().await?),
+    };
+    let found = engine
+        .image(&src.image)
+        .await?
+        .ok_or_else(|| ArtifactError::NotInEngine {
+            image: src.image.clone(),
+            engine: engine.address().to_string(),
+            artifacts: artifacts.to_string(),
+        })?;
+    let stream = engine.export(std::slice::from_ref(&src.image));
+    Ok(Opened {
+        reader: Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream)))),
+        total: found.size,
+        want_id: Some(found.id),
+        name: "the Docker engine".to_string(),
+    })
+}
+
 /// Export (or open) one image, read its layers once, and return its merged view at the
 /// requested paths.
 async fn read_source(
@@ -366,40 +417,12 @@ async fn read_source(
         .collect::<Vec<_>>()
         .join(", ");
     let wanted = Wanted::new(src.targets.iter().flat_map(|t| t.paths(plan)));
-    let (reader, total, want_id, name): (Box<dyn Read>, u64, Option<String>, String) = match &src.archive {
-        Some(path) => {
-            let file = fs::File::open(path).map_err(|_| ArtifactError::ArchiveMissing {
-                image: src.image.clone(),
-                path: path.clone(),
-                artifacts: artifacts.clone(),
-            })?;
-            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let reader = Box::new(io::BufReader::with_capacity(1 << 20, file));
-            (reader, size, None, path.display().to_string())
-        }
-        None => {
-            let engine = match engine {
-                Some(e) => &e.engine,
-                None => own_engine.insert(Engine::connect().await?),
-            };
-            let found = engine
-                .image(&src.image)
-                .await?
-                .ok_or_else(|| ArtifactError::NotInEngine {
-                    image: src.image.clone(),
-                    engine: engine.address().to_string(),
-                    artifacts: artifacts.clone(),
-                })?;
-            let stream = engine.export(std::slice::from_ref(&src.image));
-            let reader = Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))));
-            (reader, found.size, Some(found.id), "the Docker engine".to_string())
-        }
-    };
-    let task = reporter.task(&format!("reading files from {}", src.image), Some(total));
-    let scanned = tokio::task::block_in_place(|| extract::scan(reader, &name, &wanted, dir, &*task));
+    let opened = open_source(src, &artifacts, engine, own_engine).await?;
+    let task = reporter.task(&format!("reading files from {}", src.image), Some(opened.total));
+    let scanned = tokio::task::block_in_place(|| extract::scan(opened.reader, &opened.name, &wanted, dir, &*task));
     task.finish();
     let scanned = scanned?;
-    let image = match &want_id {
+    let image = match &opened.want_id {
         Some(id) => scanned.images.iter().find(|i| &i.id == id).cloned().ok_or_else(|| {
             Error::external(format!(
                 "the Docker engine's export did not contain image {} ({id})",

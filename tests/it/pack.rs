@@ -663,6 +663,79 @@ fn an_unreachable_registry_fails_once_and_names_every_image() {
 // ---------------------------------------------------------------------------------------------
 // Issue 12: packages and installers taken from an image's layers.
 
+/// The test image's first layer: path, content, mode.
+const FC_FILES: &[(&str, &str, u32)] = &[
+    ("opt/fusion-collectors/bin/telegraf", "telegraf v1\n", 0o755),
+    ("opt/fusion-collectors/bin/vector", "vector\n", 0o755),
+    ("opt/fusion-collectors/bin/nats-executor", "nats-executor\n", 0o755),
+    ("opt/fusion-collectors/collector-sidecar", "sidecar\n", 0o755),
+    ("opt/fusion-collectors/sidecar.yml", "the container's\n", 0o644),
+    ("opt/fusion-collectors/stale.txt", "deleted by layer 2\n", 0o644),
+    ("opt/fusion-collectors/misc/VERSION", "1.0.1\n", 0o644),
+    (
+        "opt/fusion-collectors/misc/linux/install.sh",
+        "#!/bin/sh\necho install\n",
+        0o755,
+    ),
+    ("opt/fusion-collectors/misc/linux/uninstall.sh", "#!/bin/sh\n", 0o755),
+    (
+        "opt/fusion-collectors/misc/linux/sidecar.yml",
+        "server_url: __SERVER__URL__\n",
+        0o640,
+    ),
+    (
+        "opt/fusion-collectors/misc/olddir/x",
+        "deleted with its directory\n",
+        0o644,
+    ),
+    (
+        "opt/release/linux/fusion-collectors/bklite-controller-installer",
+        "#!/bin/sh\necho installer\n",
+        0o755,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bklite-controller-installer.exe",
+        "MZ installer\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/install.ps1",
+        "Write-Host install\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/sidecar.yml",
+        "server_url: x\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bin/telegraf.exe",
+        "exe1\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bin/nats-executor.exe",
+        "gone in layer 2\n",
+        0o644,
+    ),
+    ("opt/empty/bklite-controller-installer", "", 0o755),
+    ("opt/bad/fusion-collectors/sidecar.yml", "x\n", 0o644),
+    ("opt/bad/fusion-collectors/bin/telegraf", "t\n", 0o755),
+    ("opt/nosidecar/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
+    ("opt/linky/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
+    ("opt/linky/fusion-collectors/sidecar.yml", "x\n", 0o644),
+];
+
+/// The second layer overrides a file, deletes a file and a directory, adds symlinks (one that
+/// leaves its tree) and recreates a directory with one of its files.
+const FC_DOCKERFILE: &str = "FROM bkbundle-demo/base:1\nCOPY opt /opt\n\
+     RUN rm /opt/fusion-collectors/stale.txt && rm -r /opt/fusion-collectors/misc/olddir \
+     && echo 'telegraf v2' > /opt/fusion-collectors/bin/telegraf \
+     && ln -s telegraf /opt/fusion-collectors/bin/telegraf-link \
+     && mkdir -p /opt/linky/fusion-collectors/bin && ln -s /etc/passwd /opt/linky/fusion-collectors/bin/x \
+     && rm -r /opt/release/windows/fusion-collectors/bin && mkdir /opt/release/windows/fusion-collectors/bin \
+     && echo exe2 > /opt/release/windows/fusion-collectors/bin/telegraf.exe\n";
+
 /// The test image: `bkbundle-demo/base:1` plus two layers, built once per test process with the
 /// classic builder (offline). The first layer (COPY) lays out upstream's paths; the second (RUN)
 /// overrides a file, deletes a file and a directory, and replaces a directory with a new one, so
@@ -672,85 +745,14 @@ fn fc_image() -> &'static (String, PathBuf) {
     let (r, c, _) = IMG.get_or_init(|| {
         ensure_demo_images();
         let ctx = tempfile::tempdir().unwrap();
-        let files: &[(&str, &str, u32)] = &[
-            ("opt/fusion-collectors/bin/telegraf", "telegraf v1\n", 0o755),
-            ("opt/fusion-collectors/bin/vector", "vector\n", 0o755),
-            ("opt/fusion-collectors/bin/nats-executor", "nats-executor\n", 0o755),
-            ("opt/fusion-collectors/collector-sidecar", "sidecar\n", 0o755),
-            ("opt/fusion-collectors/sidecar.yml", "the container's\n", 0o644),
-            ("opt/fusion-collectors/stale.txt", "deleted by layer 2\n", 0o644),
-            ("opt/fusion-collectors/misc/VERSION", "1.0.1\n", 0o644),
-            (
-                "opt/fusion-collectors/misc/linux/install.sh",
-                "#!/bin/sh\necho install\n",
-                0o755,
-            ),
-            ("opt/fusion-collectors/misc/linux/uninstall.sh", "#!/bin/sh\n", 0o755),
-            (
-                "opt/fusion-collectors/misc/linux/sidecar.yml",
-                "server_url: __SERVER__URL__\n",
-                0o640,
-            ),
-            (
-                "opt/fusion-collectors/misc/olddir/x",
-                "deleted with its directory\n",
-                0o644,
-            ),
-            (
-                "opt/release/linux/fusion-collectors/bklite-controller-installer",
-                "#!/bin/sh\necho installer\n",
-                0o755,
-            ),
-            (
-                "opt/release/windows/fusion-collectors/bklite-controller-installer.exe",
-                "MZ installer\n",
-                0o644,
-            ),
-            (
-                "opt/release/windows/fusion-collectors/install.ps1",
-                "Write-Host install\n",
-                0o644,
-            ),
-            (
-                "opt/release/windows/fusion-collectors/sidecar.yml",
-                "server_url: x\n",
-                0o644,
-            ),
-            (
-                "opt/release/windows/fusion-collectors/bin/telegraf.exe",
-                "exe1\n",
-                0o644,
-            ),
-            (
-                "opt/release/windows/fusion-collectors/bin/nats-executor.exe",
-                "gone in layer 2\n",
-                0o644,
-            ),
-            ("opt/empty/bklite-controller-installer", "", 0o755),
-            ("opt/bad/fusion-collectors/sidecar.yml", "x\n", 0o644),
-            ("opt/bad/fusion-collectors/bin/telegraf", "t\n", 0o755),
-            ("opt/nosidecar/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
-            ("opt/linky/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
-            ("opt/linky/fusion-collectors/sidecar.yml", "x\n", 0o644),
-        ];
-        for (path, content, mode) in files {
+        for (path, content, mode) in FC_FILES {
             use std::os::unix::fs::PermissionsExt;
             let p = ctx.path().join(path);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(&p, content).unwrap();
             fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
         }
-        fs::write(
-            ctx.path().join("Dockerfile"),
-            "FROM bkbundle-demo/base:1\nCOPY opt /opt\n\
-             RUN rm /opt/fusion-collectors/stale.txt && rm -r /opt/fusion-collectors/misc/olddir \
-             && echo 'telegraf v2' > /opt/fusion-collectors/bin/telegraf \
-             && ln -s telegraf /opt/fusion-collectors/bin/telegraf-link \
-             && mkdir -p /opt/linky/fusion-collectors/bin && ln -s /etc/passwd /opt/linky/fusion-collectors/bin/x \
-             && rm -r /opt/release/windows/fusion-collectors/bin && mkdir /opt/release/windows/fusion-collectors/bin \
-             && echo exe2 > /opt/release/windows/fusion-collectors/bin/telegraf.exe\n",
-        )
-        .unwrap();
+        fs::write(ctx.path().join("Dockerfile"), FC_DOCKERFILE).unwrap();
         let reference = "bkbundle-test/fusion-collector:1".to_string();
         sh(&format!(
             "DOCKER_BUILDKIT=0 docker build -q -t {reference} {} >/dev/null",
@@ -863,35 +865,9 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
-    let (img, ctx) = fc_image();
-    let d = tempfile::tempdir().unwrap();
-    let r = recipe(d.path(), "", &image_artifacts(img));
-    let out = d.path().join("fc.bkb");
-    let v = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
-    assert_eq!(v.code, 0, "{}", v.stderr);
-    let j = json(&v);
-    assert_eq!(j["installers"], 2, "{j}");
-    assert_eq!(leftovers(d.path()), ["fc.bkb"], "the staging directory is gone");
-
-    // One image, six artifacts, one export: every layer read once, and nothing but its layers.
-    let reads = j["image_reads"].as_array().unwrap();
-    assert_eq!(reads.len(), 1, "{j}");
-    let layers = run(Command::new("docker").args(["image", "inspect", "-f", "{{len .RootFS.Layers}}", img]));
-    assert_eq!(reads[0]["layers_read"].to_string(), layers.stdout.trim(), "{j}");
-    assert_eq!(reads[0]["bytes_read"], reads[0]["image_bytes"], "{j}");
-    assert_eq!(reads[0]["artifacts"], 4, "{j}");
-    eprintln!(
-        "layer bytes read {} of the image's {}",
-        reads[0]["bytes_read"], reads[0]["image_bytes"]
-    );
-
-    assert_eq!(bk(&["verify", out.to_str().unwrap()]).code, 0);
-    let x = d.path().join("x");
-    fs::create_dir(&x).unwrap();
-    sh(&format!("tar -xf {} -C {}", out.display(), x.display()));
-
+/// The archives built from the test image: upstream's layout, layer 2's changes applied, modes
+/// kept, entries sorted.
+fn check_archives(x: &Path) {
     // The linux archive: upstream's layout, layer 2's changes applied, modes kept.
     let z = zip_entries(&x.join("packages/fusion-collectors-linux-amd64.zip"));
     let names: Vec<&String> = z.as_object().unwrap().keys().collect();
@@ -937,8 +913,12 @@ fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
         w.get("fusion-collectors/bklite-controller-installer.exe").is_none(),
         "{w}"
     );
+}
 
-    // The manifest's sizes and digests are those of the files, and the installers are the image's.
+/// The manifest's sizes and digests are those of the files, and the installers are the image's.
+fn check_manifest(x: &Path, img: &str, ctx: &Path) {
+    let z = zip_entries(&x.join("packages/fusion-collectors-linux-amd64.zip"));
+    let telegraf = z["fusion-collectors/bin/telegraf"][2].as_str().unwrap().to_string();
     let m = bkbundle::manifest::Manifest::parse(&fs::read_to_string(x.join("bundle.toml")).unwrap(), "bundle.toml")
         .unwrap();
     for p in m.packages.iter().filter(|p| p.file.is_some()) {
@@ -947,17 +927,14 @@ fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
         assert_eq!(p.size, Some(fs::metadata(&f).unwrap().len()), "{}", p.name);
     }
     assert_eq!(m.provenance.len(), 2);
-    assert_eq!(m.provenance[0].image, *img);
+    assert_eq!(m.provenance[0].image, img);
     assert!(m.provenance[0].image_id.starts_with("sha256:"));
     let collector = m
         .packages
         .iter()
         .find(|p| p.object == "Telegraf" && p.os.as_str() == "linux")
         .unwrap();
-    assert_eq!(
-        collector.sha256.as_deref(),
-        Some(e("bin/telegraf")[2].as_str().unwrap())
-    );
+    assert_eq!(collector.sha256.as_deref(), Some(telegraf.as_str()));
     assert_eq!(m.installers.len(), 2);
     for i in &m.installers {
         let f = x.join(&i.file);
@@ -965,12 +942,46 @@ fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
         assert_eq!(i.size, fs::metadata(&f).unwrap().len());
         let in_ctx = ctx.join(i.path.as_ref().unwrap().trim_start_matches('/'));
         assert_eq!(i.sha256, sha256sum(&in_ctx), "{} is the image's file", i.name);
-        assert_eq!(i.image.as_deref(), Some(img.as_str()));
+        assert_eq!(i.image.as_deref(), Some(img));
     }
     assert_eq!(
         m.installers[0].file,
         "installers/linux/x86_64/bklite-controller-installer"
     );
+}
+
+#[test]
+fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
+    let (img, ctx) = fc_image();
+    let d = tempfile::tempdir().unwrap();
+    let r = recipe(d.path(), "", &image_artifacts(img));
+    let out = d.path().join("fc.bkb");
+    let v = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    let j = json(&v);
+    assert_eq!(j["installers"], 2, "{j}");
+    assert_eq!(leftovers(d.path()), ["fc.bkb"], "the staging directory is gone");
+
+    // One image, six artifacts, one export: every layer read once, and nothing but its layers.
+    let reads = j["image_reads"].as_array().unwrap();
+    assert_eq!(reads.len(), 1, "{j}");
+    let layers = run(Command::new("docker").args(["image", "inspect", "-f", "{{len .RootFS.Layers}}", img]));
+    assert_eq!(reads[0]["layers_read"].to_string(), layers.stdout.trim(), "{j}");
+    assert_eq!(reads[0]["bytes_read"], reads[0]["image_bytes"], "{j}");
+    assert_eq!(reads[0]["artifacts"], 4, "{j}");
+    eprintln!(
+        "layer bytes read {} of the image's {}",
+        reads[0]["bytes_read"], reads[0]["image_bytes"]
+    );
+
+    assert_eq!(bk(&["verify", out.to_str().unwrap()]).code, 0);
+    let x = d.path().join("x");
+    fs::create_dir(&x).unwrap();
+    sh(&format!("tar -xf {} -C {}", out.display(), x.display()));
+
+    check_archives(&x);
+
+    check_manifest(&x, img, ctx);
 
     // inspect and verify show them; the same image packs to the same archive bytes.
     let i = json(&bk(&["--json", "inspect", out.to_str().unwrap()]));
@@ -993,9 +1004,8 @@ fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
     );
 }
 
-#[test]
-fn bad_image_artifacts_are_refused_before_anything_is_written() {
-    let (img, _) = fc_image();
+/// One bad input per case: what it is, the recipe's artifacts, what the message must name.
+fn bad_cases(img: &str) -> Vec<(&'static str, String, Vec<String>)> {
     let installer = |os: &str, path: &str| {
         format!("[[installers]]\nos = \"{os}\"\narch = \"x86_64\"\nimage = \"{img}\"\npath = \"{path}\"\n")
     };
@@ -1004,7 +1014,7 @@ fn bad_image_artifacts_are_refused_before_anything_is_written() {
             "[[packages]]\ntype = \"controller\"\nos = \"{os}\"\narch = \"x86_64\"\nobject = \"Controller\"\nversion = \"1\"\nimage = \"{img}\"\nname = \"{name}\"\ntree = [{tree}]\n{extra}"
         )
     };
-    let cases: Vec<(&str, String, Vec<String>)> = vec![
+    vec![
         (
             "missing path",
             installer("linux", "/opt/release/linux/nope/bklite-controller-installer"),
@@ -1053,18 +1063,23 @@ fn bad_image_artifacts_are_refused_before_anything_is_written() {
             installer("linux", "/opt/release/windows/fusion-collectors/bklite-controller-installer.exe"),
             vec![
                 "installers[0] (installer linux/x86_64 bklite-controller-installer.exe, /opt/release/windows/fusion-collectors/bklite-controller-installer.exe in image".into(),
-                img.clone(),
+                img.to_string(),
                 "a linux installer must be named \"bklite-controller-installer\", found \"bklite-controller-installer.exe\"".into(),
             ],
         ),
         (
             "image absent",
             installer("linux", "/opt/release/linux/fusion-collectors/bklite-controller-installer")
-                .replace(img.as_str(), "bkbundle-test/absent:1"),
+                .replace(img, "bkbundle-test/absent:1"),
             vec!["image bkbundle-test/absent:1 is not in the local Docker engine".into(), "needed by installer linux/x86_64 bklite-controller-installer".into()],
         ),
-    ];
-    for (what, artifacts, needles) in cases {
+    ]
+}
+
+#[test]
+fn bad_image_artifacts_are_refused_before_anything_is_written() {
+    let (img, _) = fc_image();
+    for (what, artifacts, needles) in bad_cases(img) {
         let d = tempfile::tempdir().unwrap();
         let r = recipe(d.path(), "", &artifacts);
         let out = d.path().join("o.bkb");
