@@ -1222,6 +1222,34 @@ file = "packages/bklite-controller-bootstrap.exe"
             .contains("other.zip"));
     }
 
+    /// The BK-Lite recipe stays valid as it changes: packages and installers from the image.
+    #[test]
+    fn the_bklite_recipe_parses() {
+        let r = Recipe::parse(include_str!("../manifests/bklite.toml"), "manifests/bklite.toml").unwrap();
+        let built: Vec<String> = r
+            .packages
+            .iter()
+            .filter(|p| p.image.is_some())
+            .filter_map(|p| p.file_name())
+            .collect();
+        assert_eq!(
+            built,
+            [
+                "fusion-collectors-linux-amd64.zip",
+                "fusion-collectors-linux-arm64.zip",
+                "fusion-collectors-windows-amd64.zip"
+            ]
+        );
+        let installers: Vec<String> = r.installers.iter().map(|i| i.describe()).collect();
+        assert_eq!(
+            installers,
+            [
+                "installer linux/x86_64 bklite-controller-installer",
+                "installer windows/x86_64 bklite-controller-installer.exe"
+            ]
+        );
+    }
+
     #[test]
     fn unsafe_paths_are_refused() {
         for bad in ["../x", "/etc/passwd", "a/../b", "a//b", "./a", "a\\b", ""] {
