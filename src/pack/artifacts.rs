@@ -54,6 +54,8 @@ pub(super) struct Built {
 
 /// An installer ready to be written: a file on disk (next to the recipe, or staged).
 pub(super) struct ReadyInstaller {
+    /// Its index in the recipe: the manifest lists installers in recipe order.
+    pub index: usize,
     pub name: String,
     pub os: Os,
     pub arch: String,
@@ -314,13 +316,14 @@ pub(super) async fn run(
         }
     }
     check_collectors(plan, &ex, problems);
+    ex.installers.sort_by_key(|i| i.index);
     ex.staging = Some(staging);
     Ok(ex)
 }
 
 /// Installers given as files next to the recipe: present, regular, not empty.
 fn installer_files(plan: &Plan, ex: &mut Extracted, problems: &mut Vec<Error>) {
-    for inst in &plan.recipe.installers {
+    for (index, inst) in plan.recipe.installers.iter().enumerate() {
         let Some(file) = &inst.file else { continue };
         let path = plan.base.join(file);
         let why = match fs::metadata(&path) {
@@ -339,6 +342,7 @@ fn installer_files(plan: &Plan, ex: &mut Extracted, problems: &mut Vec<Error>) {
                 .into(),
             ),
             None => ex.installers.push(ReadyInstaller {
+                index,
                 name: inst.name(),
                 os: inst.os,
                 arch: inst.arch.clone(),
@@ -485,6 +489,7 @@ fn take(
             let path = inst.path.clone().unwrap_or_default();
             match ctx.single_file(view, &path) {
                 Ok(staged) => ex.installers.push(ReadyInstaller {
+                    index: i,
                     name: inst.name(),
                     os: inst.os,
                     arch: inst.arch.clone(),

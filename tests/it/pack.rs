@@ -935,8 +935,8 @@ fn check_manifest(x: &Path, img: &str, ctx: &Path) {
         .find(|p| p.object == "Telegraf" && p.os.as_str() == "linux")
         .unwrap();
     assert_eq!(collector.sha256.as_deref(), Some(telegraf.as_str()));
-    assert_eq!(m.installers.len(), 2);
-    for i in &m.installers {
+    assert_eq!(m.installers.len(), 3);
+    for i in &m.installers[..2] {
         let f = x.join(&i.file);
         assert_eq!(i.sha256, sha256sum(&f), "{}", i.name);
         assert_eq!(i.size, fs::metadata(&f).unwrap().len());
@@ -948,18 +948,28 @@ fn check_manifest(x: &Path, img: &str, ctx: &Path) {
         m.installers[0].file,
         "installers/linux/x86_64/bklite-controller-installer"
     );
+    let from_file = &m.installers[2];
+    assert_eq!(from_file.file, "installers/linux/generic/bklite-controller-installer");
+    assert_eq!(from_file.sha256, m.installers[0].sha256);
+    assert!(from_file.image.is_none() && from_file.path.is_none());
 }
 
 #[test]
 fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
     let (img, ctx) = fc_image();
     let d = tempfile::tempdir().unwrap();
-    let r = recipe(d.path(), "", &image_artifacts(img));
+    // A third installer given as a file keeps working beside those from the image.
+    let file_installer = format!(
+        "[[installers]]\nos = \"linux\"\narch = \"generic\"\nfile = \"{}\"\n",
+        ctx.join("opt/release/linux/fusion-collectors/bklite-controller-installer")
+            .display()
+    );
+    let r = recipe(d.path(), "", &(image_artifacts(img) + &file_installer));
     let out = d.path().join("fc.bkb");
     let v = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_eq!(v.code, 0, "{}", v.stderr);
     let j = json(&v);
-    assert_eq!(j["installers"], 2, "{j}");
+    assert_eq!(j["installers"], 3, "{j}");
     assert_eq!(leftovers(d.path()), ["fc.bkb"], "the staging directory is gone");
 
     // One image, six artifacts, one export: every layer read once, and nothing but its layers.
@@ -1066,6 +1076,17 @@ fn bad_cases(img: &str) -> Vec<(&'static str, String, Vec<String>)> {
                 img.to_string(),
                 "a linux installer must be named \"bklite-controller-installer\", found \"bklite-controller-installer.exe\"".into(),
             ],
+        ),
+        (
+            "empty installer file",
+            format!(
+                "[[installers]]\nos = \"linux\"\narch = \"x86_64\"\nfile = \"{}\"\n",
+                fc_image().1.join("opt/empty/bklite-controller-installer").display()
+            ),
+            vec![format!(
+                "installer linux/x86_64 bklite-controller-installer: file {} is empty",
+                fc_image().1.join("opt/empty/bklite-controller-installer").display()
+            )],
         ),
         (
             "image absent",
