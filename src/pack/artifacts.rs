@@ -904,3 +904,130 @@ fn check_collectors(plan: &Plan, ex: &Extracted, problems: &mut Vec<Error>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::TreeRule;
+
+    fn file(dir: &Path, name: &str, content: &str, mode: u32) -> Node {
+        let path = dir.join(name.replace('/', "_"));
+        fs::write(&path, content).unwrap();
+        Node::File(Staged {
+            path,
+            size: content.len() as u64,
+            mode,
+        })
+    }
+
+    fn package(os: Os, tree: Vec<TreeRule>) -> RecipePackage {
+        RecipePackage {
+            file: None,
+            kind: PackageType::Controller,
+            os,
+            arch: "x86_64".into(),
+            object: "Controller".into(),
+            version: "1".into(),
+            description: String::new(),
+            from: None,
+            entry: None,
+            image: Some("img:1".into()),
+            image_archive: None,
+            name: Some("p.zip".into()),
+            tree,
+        }
+    }
+
+    fn rule(from: &str, to: &str, exclude: &[&str]) -> TreeRule {
+        TreeRule {
+            from: from.into(),
+            to: to.into(),
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn rules_apply_in_order_with_excludes_and_links_inside_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let mut view = View::default();
+        for (p, c, m) in [
+            ("opt/fc/install.sh", "old", 0o755),
+            ("opt/fc/sidecar.yml", "s", 0o644),
+            ("opt/fc/misc/linux/install.sh", "new", 0o700),
+            ("opt/fc/misc/VERSION", "1.0.1", 0o644),
+            ("opt/fc/bin/t", "t", 0o755),
+        ] {
+            view.nodes.insert(p.into(), file(d.path(), p, c, m));
+        }
+        view.nodes
+            .insert("opt/fc/bin/l".into(), Node::Symlink { target: "t".into() });
+        let p = package(
+            Os::Linux,
+            vec![
+                rule("/opt/fc", "", &["misc"]),
+                rule("/opt/fc/misc/linux", "", &[]),
+                rule("/opt/fc/misc/VERSION", "VERSION", &[]),
+            ],
+        );
+        let ctx = Ctx {
+            image: "img:1",
+            artifact: describe_package(&p),
+        };
+        let items = assemble(&ctx, &p, &view).unwrap_or_else(|e| panic!("{e:?}"));
+        let keys: Vec<&str> = items.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["VERSION", "bin/l", "bin/t", "install.sh", "sidecar.yml"]);
+        match &items["install.sh"] {
+            Item::File { staged, .. } => assert_eq!(staged.mode, 0o700, "the later rule's file"),
+            Item::Dir(_) => panic!("a file"),
+        }
+        match &items["bin/l"] {
+            Item::File { staged, .. } => assert_eq!(fs::read_to_string(&staged.path).unwrap(), "t"),
+            Item::Dir(_) => panic!("a file"),
+        }
+        assert!(check_tree(&ctx, &p, &items).is_empty());
+        // The same tree is not a windows package: it has no bin/*.exe.
+        let w = package(Os::Windows, p.tree.clone());
+        let e = check_tree(&ctx, &w, &items);
+        assert!(e[0].message.contains("has no bin/*.exe"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn links_leaving_the_tree_and_links_above_it_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut view = View::default();
+        view.nodes
+            .insert("etc/passwd".into(), file(d.path(), "p", "root", 0o644));
+        view.nodes
+            .insert("opt/fc/sidecar.yml".into(), file(d.path(), "s", "s", 0o644));
+        view.nodes.insert(
+            "opt/fc/x".into(),
+            Node::Symlink {
+                target: "../../etc/passwd".into(),
+            },
+        );
+        view.nodes.insert("srv".into(), Node::Symlink { target: "opt".into() });
+        let ctx = Ctx {
+            image: "img:1",
+            artifact: "package p.zip".into(),
+        };
+        let e = assemble(&ctx, &package(Os::Linux, vec![rule("/opt/fc", "", &[])]), &view)
+            .err()
+            .unwrap();
+        assert!(
+            e[0].message
+                .contains("/opt/fc/x is a symlink to \"../../etc/passwd\", which is outside /opt/fc"),
+            "{}",
+            e[0].message
+        );
+        let e = assemble(&ctx, &package(Os::Linux, vec![rule("/srv/fc", "", &[])]), &view)
+            .err()
+            .unwrap();
+        assert!(
+            e[0].message.contains("image img:1: /srv is a symlink to \"opt\""),
+            "{}",
+            e[0].message
+        );
+        let e = ctx.single_file(&view, "/opt/fc").err().unwrap().to_string();
+        assert!(e.contains("/opt/fc is a directory, expected a regular file"), "{e}");
+    }
+}
