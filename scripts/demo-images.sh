@@ -6,21 +6,35 @@
 #   bkbundle-demo/web:1   FROM base + /www (served by busybox httpd on port 8080)
 #   bkbundle-demo/postgres:15  FROM base + this host's Debian PostgreSQL 15 server (binaries, the
 #                         shared libraries ldd reports, share/, zoneinfo) and pg-entrypoint.sh
-#   bkbundle-demo/nats:2  FROM base + this host's Debian nats-server with JetStream on /data
+#   bkbundle-demo/nats:2  FROM base + this host's Debian nats-server with JetStream on /data; TLS on
+#                         4222 and the leafnode port 7422 when /etc/nats/certs holds a certificate
+#   bkbundle-demo/fusion-collector:1  FROM base + the agent artifacts laid out like upstream's
+#                         bklite/fusion-collector (controller trees, installers, arm64 prestage), in
+#                         two layers: the second replaces bin/telegraf and deletes bin/debug-dump
 #   examples/demo/packages/fusion-collectors-linux-amd64.zip   the demo controller package
 #
-# Idempotent: an image that already exists is skipped unless --force is given; the package is
-# rewritten only when its (deterministic) content changes. The base root filesystem tarball is
+# Idempotent: an image that already exists is skipped unless --force (all) or --rebuild IMAGE (that
+# one) is given; the package is rewritten only when its (deterministic) content changes. The base root filesystem tarball is
 # deterministic (sorted, fixed mtimes, numeric owner 0), so re-importing it yields the same layer.
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--force]   (needs docker, python3, busybox-static, postgresql and nats-server: scripts/setup.sh)"
+    echo "usage: $0 [--force | --rebuild IMAGE...]   (needs docker, python3, busybox-static, postgresql and nats-server: scripts/setup.sh)"
+    echo "  --force          rebuild every image"
+    echo "  --rebuild IMAGE  rebuild this one (e.g. bkbundle-demo/nats:2), keep the others; repeatable"
 }
 force=0
+rebuild=" "
+expect_image=0
 for arg in "$@"; do
+    if [ "$expect_image" = 1 ]; then
+        rebuild="$rebuild$arg "
+        expect_image=0
+        continue
+    fi
     case "$arg" in
     --force) force=1 ;;
+    --rebuild) expect_image=1 ;;
     -h | --help)
         usage
         exit 0
@@ -31,6 +45,10 @@ for arg in "$@"; do
         ;;
     esac
 done
+if [ "$expect_image" = 1 ]; then
+    usage >&2
+    exit 2
+fi
 
 log() { printf 'demo-images: %s\n' "$*"; }
 die() {
@@ -47,7 +65,14 @@ APP=bkbundle-demo/app:1
 WEB=bkbundle-demo/web:1
 PG=bkbundle-demo/postgres:15
 NATS=bkbundle-demo/nats:2
+FUSION=bkbundle-demo/fusion-collector:1
 PG_MAJOR=15
+for image in $rebuild; do
+    case " $BASE $APP $WEB $PG $NATS $FUSION " in
+    *" $image "*) ;;
+    *) die "--rebuild $image: not an image this script builds ($BASE $APP $WEB $PG $NATS $FUSION)" ;;
+    esac
+done
 # Fixed timestamp for every file we generate (2024-01-01T00:00:00Z).
 EPOCH=1704067200
 
@@ -132,8 +157,8 @@ docker info >/dev/null 2>&1 || die "the Docker daemon does not answer 'docker in
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 want() { # want IMAGE: 0 when it must be built
-    if [ "$force" = 1 ] || ! image_exists "$1"; then return 0; fi
-    log "skipped $1 (exists; --force rebuilds)"
+    if [ "$force" = 1 ] || [ "${rebuild#* "$1" }" != "$rebuild" ] || ! image_exists "$1"; then return 0; fi
+    log "skipped $1 (exists; --rebuild $1 rebuilds it)"
     return 1
 }
 
@@ -454,8 +479,8 @@ if want "$NATS"; then
     add_libs "$r" "$r/usr/sbin/nats-server"
     write_passwd "$r" "nats:998:998:NATS server:/data"
     cat >"$r/etc/nats/nats.conf" <<'CONF'
-# bkbundle demo NATS server: clients on 4222, monitoring (/healthz, /varz) on 8222, JetStream
-# (object store included) kept in /data, a volume.
+# bkbundle demo NATS server: clients on 4222, leafnodes (region proxies) on 7422, monitoring
+# (/healthz, /varz) on 8222 in plain HTTP, JetStream (object store included) kept in /data, a volume.
 server_name: bkdemo_nats
 listen: 0.0.0.0:4222
 http: 0.0.0.0:8222
@@ -469,14 +494,30 @@ jetstream {
 # variables here: nats.conf parses a `$VAR` value as a config token, so a password such as
 # 12345, true or 0E7kf... (a number) fails to load.
 include ./auth.conf
+
+# Client TLS (a `tls` block) when /etc/nats/certs holds nats-server.crt and nats-server.key, a
+# comment otherwise; and the leafnode listener with the same credentials and the same TLS. Both
+# written by nats-entrypoint.sh at every start, so mounting or removing the certificates and
+# restarting the container is all it takes.
+include ./tls.conf
+include ./leafnodes.conf
 CONF
     ln -s /run/nats/auth.conf "$r/etc/nats/auth.conf"
+    ln -s /run/nats/tls.conf "$r/etc/nats/tls.conf"
+    ln -s /run/nats/leafnodes.conf "$r/etc/nats/leafnodes.conf"
+    mkdir -p "$r/etc/nats/certs"
     cat >"$r/usr/local/bin/nats-entrypoint.sh" <<'SH'
 #!/bin/sh
 # bkbundle demo NATS entrypoint (busybox sh): writes the client credentials from $NATS_USER and
-# $NATS_PASSWORD to /run/nats/auth.conf (included by /etc/nats/nats.conf), then execs
-# nats-server in the foreground as the user nats. Arguments starting with "-" go to nats-server;
-# any other command is run as is.
+# $NATS_PASSWORD to /run/nats/auth.conf, and the TLS and leafnode settings to
+# /run/nats/tls.conf and /run/nats/leafnodes.conf (all included by /etc/nats/nats.conf), then
+# execs nats-server in the foreground as the user nats. Arguments starting with "-" go to
+# nats-server; any other command is run as is.
+#
+# TLS: when /etc/nats/certs (the install target's certs/, mounted read-only) holds
+# nats-server.crt and nats-server.key, clients on 4222 and leafnodes on 7422 must use TLS with
+# them; without either file both listen in plain text. The key is root's, mode 0600, on the
+# host: it is copied to /run/nats/certs, owned by nats, before privileges are dropped.
 set -eu
 log() { echo "nats-entrypoint: $*" >&2; }
 die() {
@@ -506,6 +547,43 @@ umask 077
 printf 'authorization {\n  user: %s\n  password: %s\n}\n' "$user" "$password" >/run/nats/auth.conf.tmp
 mv /run/nats/auth.conf.tmp /run/nats/auth.conf
 
+certs=/etc/nats/certs
+crt="$certs/nats-server.crt"
+key="$certs/nats-server.key"
+# Last start's copies go first: certificates removed from the host mean plain text now.
+rm -rf /run/nats/certs
+tls=""
+if [ -e "$crt" ] || [ -e "$key" ]; then
+    [ -s "$crt" ] || die "$key is there but $crt is missing or empty: give both files (TLS) or neither (plain text)"
+    [ -s "$key" ] || die "$crt is there but $key is missing or empty: give both files (TLS) or neither (plain text)"
+    [ -r "$key" ] || die "$key is not readable by uid $(id -u): run the container as root (the default)"
+    mkdir -p /run/nats/certs
+    cp "$crt" /run/nats/certs/nats-server.crt
+    cp "$key" /run/nats/certs/nats-server.key
+    chmod 0644 /run/nats/certs/nats-server.crt
+    chmod 0600 /run/nats/certs/nats-server.key
+    tls='tls {
+  cert_file: "/run/nats/certs/nats-server.crt"
+  key_file: "/run/nats/certs/nats-server.key"
+  timeout: 5
+}'
+    log "TLS on 4222 (clients) and 7422 (leafnodes) with $crt"
+else
+    log "no $crt and $key: clients (4222) and leafnodes (7422) in plain text"
+fi
+if [ -n "$tls" ]; then
+    printf '# written by nats-entrypoint.sh at start: TLS with the certificate in %s\n%s\n' "$certs" "$tls"
+else
+    printf '# written by nats-entrypoint.sh at start: no certificate in %s, plain text\n' "$certs"
+fi >/run/nats/tls.conf.tmp
+mv /run/nats/tls.conf.tmp /run/nats/tls.conf
+{
+    printf 'leafnodes {\n  listen: 0.0.0.0:7422\n  authorization {\n    user: %s\n    password: %s\n  }\n' "$user" "$password"
+    [ -z "$tls" ] || printf '%s\n' "$tls" | sed -e 's/^/  /'
+    echo '}'
+} >/run/nats/leafnodes.conf.tmp
+mv /run/nats/leafnodes.conf.tmp /run/nats/leafnodes.conf
+
 if [ "$(id -u)" = 0 ]; then
     mkdir -p /data
     find /data /run/nats \! -user nats -exec chown nats:nats {} +
@@ -519,9 +597,223 @@ FROM $BASE
 COPY root/ /
 ENV PATH=/usr/sbin:/usr/local/bin:/bin
 VOLUME /data
-EXPOSE 4222 8222
+EXPOSE 4222 7422 8222
 HEALTHCHECK --interval=2s --timeout=3s --retries=30 --start-period=2s CMD ["/bin/wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8222/healthz"]
 ENTRYPOINT ["/usr/local/bin/nats-entrypoint.sh"]
 DF
     build "$NATS" "$ctx"
+fi
+
+# ---- the agent artifacts, laid out like upstream's bklite/fusion-collector --------------------
+# Made without `docker build`: the image is written as a `docker save` archive (base's layer, two
+# layers of our own, a config, a manifest) and loaded with `docker load`, so every byte is ours
+# and fixed: the image id is the same at every run. A `RUN rm` step would be the only other way to
+# get a deletion into a layer, and its whiteout and directory carry the time of the build.
+#   layer 1  the trees of the 1.0.0 release candidate: /opt/fusion-collectors (linux controller),
+#            /opt/release/linux/fusion-collectors/bklite-controller-installer,
+#            /opt/release/windows/fusion-collectors (windows tree and installer),
+#            /opt/release/linux/prestage/arm64 (arm64 binaries)
+#   layer 2  the 1.0.0 fix: bin/telegraf replaced, bin/debug-dump deleted (a whiteout), so that a
+#            pack which reads the layers without applying them ships the wrong telegraf and a file
+#            that is not in the image.
+# Every file is a small demo stand-in that says what it stands for (the .exe files are text).
+if want "$FUSION"; then
+    ctx="$work/fusion"
+    mkdir -p "$ctx/base"
+    docker save "$BASE" | tar -C "$ctx/base" -xf -
+    base_diff="$(docker image inspect -f '{{index .RootFS.Layers 0}}' "$BASE")"
+    old="$(docker image inspect -f '{{.Id}}' "$FUSION" 2>/dev/null || true)"
+    python3 - "$ctx" "$base_diff" "$FUSION" "$EPOCH" <<'PY'
+import hashlib, io, json, os, sys, tarfile
+
+ctx, base_diff, ref, epoch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+def sh(what, body):
+    return "#!/bin/sh\n# bkbundle demo stand-in for %s (not the real program)\n%s" % (what, body)
+
+def exe(what):
+    return "bkbundle demo stand-in for %s: text, not a Windows program\n" % what
+
+FC = "opt/fusion-collectors/"
+WIN = "opt/release/windows/fusion-collectors/"
+ARM = "opt/release/linux/prestage/arm64/"
+# Upstream's agents/fusion-collector/misc/linux/sidecar.yml, its placeholders as they are.
+SIDECAR_LINUX = """server_url: "__SERVER__URL__"
+server_api_token: "__SERVER__API__TOKEN__"
+node_id: "file:/opt/fusion-collectors/node-id"
+node_name: "__NODE__NAME__"
+update_interval: 10
+tls_skip_verify: true
+send_status: true
+list_log_files: []
+cache_path: "/opt/fusion-collectors/cache"
+log_path: "/opt/fusion-collectors/log"
+log_rotate_max_file_size: "10MiB"
+log_rotate_keep_files: 10
+collector_validation_timeout: "1m"
+collector_shutdown_timeout: "10s"
+collector_configuration_directory: "/opt/fusion-collectors/generated"
+
+tags: [__TAGS__]
+
+collector_binaries_accesslist:
+  - "/opt/fusion-collectors/bin/*"
+  - "/opt/fusion-collectors/bin/*/*"
+"""
+# Upstream's misc/windows/sidecar.yml (its placeholders differ from linux's: one underscore).
+SIDECAR_WINDOWS = """server_url: "__SERVER_URL__"
+server_api_token: "__SERVER_API_TOKEN__"
+node_id: "__NODE_ID__"
+update_interval: 10
+tls_skip_verify: true
+send_status: true
+list_log_files: []
+cache_path: "c:\\\\fusion-collectors\\\\cache"
+log_path: "c:\\\\fusion-collectors\\\\logs"
+collector_configuration_directory: "c:\\\\fusion-collectors\\\\generated"
+tags: __TAGS__
+collector_binaries_accesslist:
+- "c:\\\\fusion-collectors\\\\bin\\\\*"
+"""
+INSTALL_SH = sh("install.sh (upstream: misc/linux/install.sh)", r"""set -eu
+# usage: install.sh SERVER_URL SERVER_API_TOKEN ZONE GROUPS [NODE_NAME] [NODE_ID] [CPU_ARCHITECTURE]
+# Renders sidecar.yml beside it as upstream's does (no systemd here: a demo).
+[ $# -ge 4 ] && [ $# -le 7 ] || { echo "usage: $0 server_url server_api_token zone groups [node_name] [node_id] [cpu_architecture]" >&2; exit 1; }
+cd "$(dirname "$0")"
+esc() { printf '%s' "$1" | sed -e 's/[&|\\]/\\&/g'; }
+tags="\"zone:$(esc "$3")\", \"group:$(esc "$4")\""
+[ -z "${7:-}" ] || tags="$tags, \"cpu_architecture:$(esc "$7")\""
+[ -z "${6:-}" ] || echo "$6" >./node-id
+sed -i -e "s|__SERVER__URL__|$(esc "$1")|g" -e "s|__SERVER__API__TOKEN__|$(esc "$2")|g" \
+    -e "s|__TAGS__|$tags|g" -e "s|__NODE__NAME__|$(esc "${5:-}")|g" sidecar.yml
+echo "installed collector-sidecar in $(pwd) (demo)"
+""")
+VERSION = 'LINUX_SIDECAR_VERSION="1.0.0"\nWINDOWS_SIDECAR_VERSION="1.0.0"\n'
+
+# path -> (content, mode); a path ending in "/" is a directory.
+layer1 = {
+    FC + "collector-sidecar": (sh("collector-sidecar 1.0.0", 'echo "collector-sidecar 1.0.0 (demo)"\nexec sleep 3600\n'), 0o755),
+    FC + "bin/telegraf": (sh("telegraf 1.0.0-rc1", 'echo "Telegraf 1.0.0-rc1 (demo)"\n'), 0o755),
+    FC + "bin/vector": (sh("vector 1.0.0", 'echo "vector 1.0.0 (demo)"\n'), 0o755),
+    FC + "bin/nats-executor": (sh("nats-executor 1.0.0", 'echo "nats-executor 1.0.0 (demo)"\n'), 0o755),
+    FC + "bin/debug-dump": (sh("a debugging tool the release deletes", 'echo "must not ship"\n'), 0o755),
+    FC + "cache/": (None, 0o755),
+    FC + "generated/": (None, 0o755),
+    FC + "log/": (None, 0o755),
+    FC + "misc/VERSION": (VERSION, 0o644),
+    FC + "misc/linux/install.sh": (INSTALL_SH, 0o755),
+    FC + "misc/linux/uninstall.sh": (sh("uninstall.sh", 'echo "uninstalled collector-sidecar (demo)"\n'), 0o755),
+    FC + "misc/linux/sidecar.yml": (SIDECAR_LINUX, 0o644),
+    FC + "misc/linux/sidecar.service": ("""# bkbundle demo copy of upstream's misc/linux/sidecar.service
+[Unit]
+Description=Fusion Collector BK Sidecar
+After=network.target
+
+[Service]
+Type=simple
+EnvironmentFile=-/etc/fusion-collectors/environment
+ExecStart=/opt/fusion-collectors/collector-sidecar -c /opt/fusion-collectors/sidecar.yml
+User=root
+Group=root
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+""", 0o644),
+    "opt/release/linux/fusion-collectors/bklite-controller-installer": (sh("bklite-controller-installer (linux)",
+        'echo "bklite-controller-installer 1.0.0 (demo): would fetch the installer session and the controller package"\n'), 0o755),
+    WIN + "bklite-controller-installer.exe": (exe("bklite-controller-installer.exe"), 0o644),
+    WIN + "collector-sidecar.exe": (exe("collector-sidecar.exe"), 0o644),
+    WIN + "bin/telegraf.exe": (exe("bin/telegraf.exe"), 0o644),
+    WIN + "bin/vector.exe": (exe("bin/vector.exe"), 0o644),
+    WIN + "bin/nats-executor.exe": (exe("bin/nats-executor.exe"), 0o644),
+    WIN + "sidecar.yml": (SIDECAR_WINDOWS, 0o644),
+    WIN + "install.ps1": ("# bkbundle demo stand-in for upstream's misc/windows/install.ps1\nWrite-Output 'installed (demo)'\n", 0o644),
+    ARM + "collector-sidecar": (sh("collector-sidecar 1.0.0 (arm64)", 'echo "collector-sidecar 1.0.0 arm64 (demo)"\n'), 0o755),
+    ARM + "telegraf": (sh("telegraf 1.0.0 (arm64)", 'echo "Telegraf 1.0.0 arm64 (demo)"\n'), 0o755),
+    ARM + "vector": (sh("vector 1.0.0 (arm64)", 'echo "vector 1.0.0 arm64 (demo)"\n'), 0o755),
+    ARM + "nats-executor": (sh("nats-executor 1.0.0 (arm64)", 'echo "nats-executor 1.0.0 arm64 (demo)"\n'), 0o755),
+}
+layer2 = {
+    FC + "bin/telegraf": (sh("telegraf 1.0.0", 'echo "Telegraf 1.0.0 (demo)"\n'), 0o755),
+    # A whiteout: the file of this name in the layers below is deleted.
+    FC + "bin/.wh.debug-dump": ("", 0o644),
+}
+
+def layer_tar(files):
+    # Every parent directory gets its own entry (as docker's own layers have), all sorted,
+    # owner 0, the fixed mtime.
+    entries = dict(files)
+    for path in list(files):
+        parts = path.rstrip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            entries.setdefault("/".join(parts[:i]) + "/", (None, 0o755))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for path in sorted(entries):
+            content, mode = entries[path]
+            info = tarfile.TarInfo(path.rstrip("/"))
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = epoch, 0, 0, "", "", mode
+            if path.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                data = content.encode()
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+with open(os.path.join(ctx, "base", "manifest.json")) as f:
+    base_layer_path = json.load(f)[0]["Layers"][0]
+with open(os.path.join(ctx, "base", base_layer_path), "rb") as f:
+    base_layer = f.read()
+if "sha256:" + hashlib.sha256(base_layer).hexdigest() != base_diff:
+    sys.exit("the base layer docker save wrote is not the base image's layer %s" % base_diff)
+
+out = os.path.join(ctx, "image")
+os.makedirs(out)
+layers = [base_layer, layer_tar(layer1), layer_tar(layer2)]
+paths, diff_ids = [], []
+for data in layers:
+    h = hashlib.sha256(data).hexdigest()
+    os.makedirs(os.path.join(out, h))
+    with open(os.path.join(out, h, "layer.tar"), "wb") as f:
+        f.write(data)
+    paths.append(h + "/layer.tar")
+    diff_ids.append("sha256:" + h)
+created = "2024-01-01T00:00:00Z"
+config = {
+    "architecture": "amd64",
+    "os": "linux",
+    "created": created,
+    "config": {
+        "Env": ["PATH=/bin"],
+        "Cmd": ["/bin/sh"],
+        "Labels": {
+            "org.opencontainers.image.title": "bkbundle demo fusion-collector (agent artifacts, like bklite/fusion-collector)",
+            "org.opencontainers.image.version": "1.0.0",
+        },
+    },
+    "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    "history": [
+        {"created": created, "created_by": "bkbundle demo base (busybox-static)"},
+        {"created": created, "created_by": "demo-images.sh: fusion-collector trees, 1.0.0 release candidate"},
+        {"created": created, "created_by": "demo-images.sh: 1.0.0 fix: bin/telegraf replaced, bin/debug-dump deleted"},
+    ],
+}
+config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+with open(os.path.join(out, config_name), "wb") as f:
+    f.write(config_bytes)
+with open(os.path.join(out, "manifest.json"), "w") as f:
+    json.dump([{"Config": config_name, "RepoTags": [ref], "Layers": paths}], f)
+PY
+    tar -C "$ctx/image" --sort=name --mtime="@$EPOCH" --owner=0 --group=0 --numeric-owner -cf "$ctx/image.tar" .
+    docker load -q -i "$ctx/image.tar" >/dev/null || die "docker load of $FUSION failed"
+    log "built $FUSION ($(docker image inspect -f '{{.Id}}' "$FUSION"))"
+    if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$FUSION")" ] &&
+        [ -z "$(docker image inspect -f '{{join .RepoTags ","}}' "$old" 2>/dev/null)" ]; then
+        docker image rm "$old" >/dev/null 2>&1 || true
+    fi
 fi

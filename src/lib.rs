@@ -34,6 +34,7 @@ pub mod savefile;
 pub mod schema;
 pub mod sign;
 pub mod site;
+pub mod tls;
 pub mod verify;
 
 pub use error::{Error, Kind, Result};

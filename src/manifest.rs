@@ -358,6 +358,11 @@ pub struct RecipeStack {
     pub compose: String,
     pub env_template: Option<String>,
     pub project: Option<String>,
+    /// The stack's NATS serves TLS from the target's `certs/` (`ca.crt`, `nats-server.crt`,
+    /// `nats-server.key`, which install writes): agents are then given `NATS_PROTOCOL = tls` and
+    /// the CA.
+    #[serde(default)]
+    pub nats_tls: bool,
 }
 
 fn is_name(s: &str) -> bool {
@@ -697,7 +702,7 @@ pub struct Manifest {
     #[serde(default)]
     pub packages: Vec<Package>,
     /// Controller installer programs (no database row). Absent in bundles packed before them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub installers: Vec<Installer>,
     /// Packages built from an image, and from which (absent for packages given as files).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -842,6 +847,9 @@ pub struct Stack {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env_template: Option<String>,
     pub files: Vec<String>,
+    /// The recipe's `[stack] nats_tls`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nats_tls: bool,
 }
 
 impl Manifest {
@@ -1393,6 +1401,7 @@ file = "packages/bklite-controller-bootstrap.exe"
                 compose: layout::stack_path("compose.yml"),
                 env_template: Some(layout::stack_path("env.template")),
                 files: vec![layout::stack_path("compose.yml"), layout::stack_path("env.template")],
+                nats_tls: false,
             }),
             regions: Regions {
                 required: vec!["NODE_SERVER_URL".into()],

@@ -664,6 +664,7 @@ mod tests {
                 compose: a.path.clone(),
                 env_template: None,
                 files: vec![a.path, b.path],
+                nats_tls: false,
             }),
             regions: Default::default(),
         };

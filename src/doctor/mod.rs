@@ -31,6 +31,7 @@
 
 mod agents;
 mod containers;
+mod installers;
 mod nats;
 mod packages;
 mod regions;

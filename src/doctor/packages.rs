@@ -69,6 +69,7 @@ async fn objects(ctx: &mut Ctx<'_>, db: &dyn PlatformDb, release: &Release, stor
     };
     let (missing, orphans) = keys::consistency(&rows, release, &names);
     let missing_subjects = missing_objects(ctx, &rows, release, &missing);
+    super::installers::check(ctx, release, &rows, store, &names).await;
     let bundle = ctx.bundle_arg();
     for o in &orphans {
         ctx.add("packages", Severity::Warning, format!("object {o}"), format!("no {} row points at this object: it is not offered for download", PACKAGE_TABLE))
@@ -131,7 +132,9 @@ async fn differ_from_bundle(ctx: &mut Ctx<'_>, release: &Release, store: &dyn Ob
         let arch = crate::manifest::normalize_arch(&p.arch).unwrap_or(p.arch.as_str());
         let key = keys::object_key(release, p.os.as_str(), arch, &p.object, &p.version, &p.name);
         if let Ok(Some((d, sz))) = store.info(&key).await {
-            if keys::parse_digest(&d).as_deref() != Some(&sha[..]) || sz != size {
+            if (keys::parse_digest(&d).as_deref() != Some(&sha[..]) || sz != size)
+                && !made_from(store, &key, &sha).await
+            {
                 differ.push((key, d, sz, keys::nats_digest(&sha), size));
             }
         }
@@ -151,6 +154,18 @@ async fn differ_from_bundle(ctx: &mut Ctx<'_>, release: &Release, store: &dyn Ob
             "if the bundle's is the one to serve: bkbundle init-packages --auto --bundle {bundle} --force"
         ));
     }
+}
+
+/// Whether the stored object was made from the bundle's file `sha` (the site CA added to it at
+/// upload: its meta records the file's digest).
+async fn made_from(store: &dyn ObjectStore, key: &str, sha: &[u8; 32]) -> bool {
+    let Ok(Some(meta)) = store.meta(key).await else {
+        return false;
+    };
+    meta.get("metadata")
+        .and_then(|m| m.get(upload::inject::SOURCE_KEY))
+        .and_then(|v| v.as_str())
+        .is_some_and(|s| s == crate::digest::hex(sha))
 }
 
 /// `--fix`: upload the missing objects again from the bundle (init-packages' own repair, on the

@@ -400,7 +400,10 @@ async fn plan(
     };
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
     let site = site_values(ctx, stack, env.as_ref());
-    let (has_regions, has_packages) = (has_regions(&ctx.manifest.regions), !ctx.manifest.packages.is_empty());
+    let (has_regions, has_packages) = (
+        has_regions(&ctx.manifest.regions),
+        !ctx.manifest.packages.is_empty() || !ctx.manifest.installers.is_empty(),
+    );
     if let Some(site) = &site {
         check_site(
             ctx,
@@ -919,12 +922,10 @@ fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -
     );
     if let Some(default) = desired.regions.iter().find(|r| r.is_default()) {
         for (k, v) in &default.env {
-            // compose reads one line per variable: a multi-line value (a PEM CA) is written with
-            // its newlines escaped, as the server's env-var parser reads them back.
             text.push_str(&format!(
                 "{}{k}={}\n",
                 crate::platform::rules::DEFAULT_ZONE_VAR_PREFIX,
-                v.value.replace('\n', "\\n")
+                env_file_value(&v.value)
             ));
         }
     }
@@ -940,6 +941,19 @@ fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -
         content,
         mode: 0o600,
     }
+}
+
+/// A value as an env_file line holds it. The server takes `DEFAULT_ZONE_VAR_*` from its process
+/// environment as is (no unescaping), so a multi-line value (a PEM CA) must reach it with real
+/// newlines: written double-quoted with `\n` escapes, which both compose v1 (python-dotenv) and
+/// compose v2 turn back into newlines (checked with docker-compose 1.29 here). Single-line values
+/// stay unquoted, as before.
+fn env_file_value(v: &str) -> String {
+    if !v.contains('\n') {
+        return v.to_string();
+    }
+    let escaped = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    format!("\"{escaped}\"")
 }
 
 fn has_regions(r: &crate::manifest::Regions) -> bool {
@@ -1619,6 +1633,17 @@ fn render_platform(s: &mut String, p: &platform::PlatformPlan) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_multi_line_value_reaches_the_server_with_its_newlines() {
+        assert_eq!(env_file_value("nats"), "nats");
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        assert_eq!(
+            env_file_value(pem),
+            "\"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\""
+        );
+        assert_eq!(env_file_value("a\"b\\\nc"), "\"a\\\"b\\\\\\nc\"");
+    }
     use super::*;
 
     #[tokio::test]

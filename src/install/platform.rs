@@ -46,7 +46,9 @@ pub struct PlannedObject {
     pub digest: String,
     pub size: u64,
     pub action: ObjectAction,
-    pub row: PlannedPackageRow,
+    /// The package's row; `None` for an installer program (no row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row: Option<PlannedPackageRow>,
 }
 
 /// The `node_mgmt_packageversion` row of a planned object.
@@ -77,7 +79,7 @@ pub struct PlatformPlan {
     pub services: Vec<String>,
     pub bucket: Option<String>,
     pub packages: Vec<PlannedObject>,
-    /// Installer programs (no row): none until bundles carry them.
+    /// Controller installer programs (no row).
     pub installers: Vec<PlannedObject>,
     /// What the plan could not see, and what the steps then do.
     pub notes: Vec<String>,
@@ -182,7 +184,9 @@ pub async fn plan_on(
         let bucket = bucket_name(i, &release);
         let store = db.and(seams.store);
         match objects(i, db, &release, store, &bucket, bundle, inputs).await {
-            Ok(p) => out.packages = p,
+            Ok(p) => {
+                (out.installers, out.packages) = p.into_iter().partition(|o| o.row.is_none());
+            }
             Err(e) => out.notes.push(format!("the bundle's packages were not planned: {e}")),
         }
         out.bucket = Some(bucket);
@@ -308,7 +312,7 @@ async fn objects(
             digest: nats_digest(&p.sha),
             size: p.size,
             action: p.action,
-            row: PlannedPackageRow {
+            row: (!p.installer).then(|| PlannedPackageRow {
                 kind: p.pkg.kind.as_str().to_string(),
                 os: p.pkg.os.as_str().to_string(),
                 arch: if release.has_package_arch() {
@@ -320,7 +324,7 @@ async fn objects(
                 version: p.pkg.version.clone(),
                 name: p.pkg.name.clone(),
                 id: p.row.as_ref().map(|r| r.id),
-            },
+            }),
         })
         .collect())
 }
@@ -419,8 +423,8 @@ mod tests {
         let o = &p.packages[0];
         assert_eq!(o.action, ObjectAction::Uploaded);
         assert!(o.key.contains("x86_64"), "{}", o.key);
-        assert_eq!(o.row.arch, "x86_64");
-        assert_eq!(o.row.id, None);
+        assert_eq!(o.row.as_ref().unwrap().arch, "x86_64");
+        assert_eq!(o.row.as_ref().unwrap().id, None);
         assert_eq!(o.size, 25);
     }
 
@@ -464,7 +468,7 @@ mod tests {
         assert_eq!(p.bucket.as_deref(), Some("bk_lite"));
         assert_eq!(p.packages[0].key, key);
         assert_eq!(p.packages[0].action, ObjectAction::Skipped);
-        assert_eq!(p.packages[0].row.arch, "");
+        assert_eq!(p.packages[0].row.as_ref().unwrap().arch, "");
         assert!(db.writes.lock().unwrap().is_empty(), "planning wrote");
     }
 

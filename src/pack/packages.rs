@@ -131,6 +131,7 @@ pub(super) fn write_stack(recipe: &Recipe, checked: &Checked, writer: &mut Bundl
         compose: layout::stack_path(&s.compose),
         env_template: s.env_template.as_deref().map(layout::stack_path),
         files: paths,
+        nats_tls: s.nats_tls,
     }))
 }
 

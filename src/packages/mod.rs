@@ -22,6 +22,7 @@
 //! bundle) as the collector's object named by the manifest `name` (the binary's file name).
 
 pub mod dir;
+pub mod inject;
 pub mod source;
 
 use crate::bundle::{open_verified, Check, OpenOptions, VerifiedBundle};
@@ -71,6 +72,9 @@ pub struct PackagesOptions {
     pub site: BTreeMap<String, String>,
     /// Wait up to this long for the server's tables (install); `None` fails at once.
     pub wait_for_migrations: Option<Duration>,
+    /// The site's CA, added to each controller package as `certs/ca.crt` at upload (the site's
+    /// NATS runs TLS); `None`: packages are uploaded as the bundle has them.
+    pub ca: Option<inject::SiteCa>,
 }
 
 impl PackagesOptions {
@@ -89,6 +93,7 @@ impl PackagesOptions {
             bucket: None,
             site,
             wait_for_migrations: None,
+            ca: None,
         }
     }
 }
@@ -182,18 +187,42 @@ pub enum RowAction {
     Unchanged,
 }
 
+/// What an uploaded artifact is: a package (with its row) or a controller installer (no row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    Controller,
+    Collector,
+    Installer,
+}
+
+impl ArtifactKind {
+    pub fn of(p: &Package, installer: bool) -> ArtifactKind {
+        match (installer, p.kind) {
+            (true, _) => ArtifactKind::Installer,
+            (false, PackageType::Controller) => ArtifactKind::Controller,
+            (false, PackageType::Collector) => ArtifactKind::Collector,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PackageReport {
     pub package: String,
     #[serde(rename = "type")]
-    pub kind: PackageType,
+    pub kind: ArtifactKind,
     pub os: String,
     pub arch: String,
     pub object: String,
     pub version: String,
     pub key: String,
+    /// The bundle's file: its size and digest.
     pub size: u64,
     pub digest: String,
+    /// The stored object's digest when it differs from the file's (the site CA added to a
+    /// controller package); `None` when the object is the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_digest: Option<String>,
     pub action: ObjectAction,
     pub row: Option<RowAction>,
     pub row_id: Option<i64>,
@@ -246,11 +275,16 @@ pub struct PackagesReport {
 #[derive(Debug, Clone)]
 pub struct Planned {
     pub pkg: Package,
+    /// A controller installer: an object without a row.
+    pub installer: bool,
     pub arch: String,
     pub source: Source,
     pub key: String,
+    /// The bundle file's digest and size.
     pub sha: [u8; 32],
     pub size: u64,
+    /// The site CA to add on the way (a controller package, the site's NATS on TLS).
+    pub inject: Option<inject::SiteCa>,
     /// The row already there, if any.
     pub row: Option<Row>,
     /// The stored object's digest, if any.
@@ -267,9 +301,18 @@ pub struct Input {
     pub pkg: Package,
     pub source: Source,
     pub known: Option<([u8; 32], u64)>,
+    /// A controller installer (`pkg.name` its file name, `object` [`INSTALLER_OBJECT`]): uploaded
+    /// at the release's installer key, no row.
+    pub installer: bool,
 }
 
+/// The `object` an installer's [`Input`] carries (installers have no row, so it names them only).
+pub const INSTALLER_OBJECT: &str = "installer";
+
 fn label(p: &Package) -> String {
+    if p.object == INSTALLER_OBJECT && p.version.is_empty() {
+        return format!("installer {} ({}/{})", p.name, p.os.as_str(), p.arch);
+    }
     format!("{} {} ({}/{})", p.object, p.version, p.os.as_str(), p.arch)
 }
 
@@ -288,6 +331,7 @@ pub fn inputs(opts: &PackagesOptions) -> Result<(Option<Arc<VerifiedBundle>>, Ve
                 pkg,
                 source,
                 known: None,
+                installer: false,
             })
             .collect();
         return Ok((None, inputs));
@@ -354,12 +398,41 @@ fn bundle_inputs(bundle: Arc<VerifiedBundle>) -> Result<(Option<Arc<VerifiedBund
             pkg: p.clone(),
             source,
             known,
+            installer: false,
         });
     }
+    inputs.extend(installer_inputs(manifest));
     if !problems.is_empty() {
         return Err(PackagesError::Input(problems.join("\n")));
     }
     Ok((Some(bundle), inputs))
+}
+
+/// The bundle's controller installers, as inputs without rows.
+fn installer_inputs(manifest: &crate::manifest::Manifest) -> Vec<Input> {
+    manifest
+        .installers
+        .iter()
+        .map(|i| Input {
+            pkg: Package {
+                file: Some(i.file.clone()),
+                name: i.name.clone(),
+                kind: PackageType::Controller,
+                os: i.os,
+                arch: i.arch.clone(),
+                object: INSTALLER_OBJECT.into(),
+                version: String::new(),
+                description: i.name.clone(),
+                from: None,
+                entry: None,
+                sha256: Some(i.sha256.clone()),
+                size: Some(i.size),
+            },
+            source: Source::Entry(i.file.clone()),
+            known: crate::digest::sha256_from_hex(&i.sha256).map(|b| (b, i.size)),
+            installer: true,
+        })
+        .collect()
 }
 
 fn process_env(name: &str) -> Option<String> {
@@ -549,16 +622,25 @@ pub async fn plan(
     bucket: &str,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Planned>, PackagesError> {
-    let (opts, release) = (run.opts, run.release);
+    let release = run.release;
     let mut plan: Vec<Planned> = Vec::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    for Input { pkg: p, source, known } in run.inputs {
+    for input in run.inputs {
+        let p = &input.pkg;
         let label = label(p);
         let arch = normalize_arch(&p.arch).unwrap_or(p.arch.as_str()).to_string();
-        let key = keys::object_key(release, p.os.as_str(), &arch, &p.object, &p.version, &p.name);
+        let key = if input.installer {
+            keys::installer_key(release, p.os.as_str(), &arch, &p.name)
+        } else {
+            keys::object_key(release, p.os.as_str(), &arch, &p.object, &p.version, &p.name)
+        };
         // Releases whose UNIQUE constraint has no architecture hold one per (os, object, version).
-        let ident = keys::row_identity(release, p.os.as_str(), &arch, &p.object, &p.version);
+        let ident = if input.installer {
+            key.clone()
+        } else {
+            keys::row_identity(release, p.os.as_str(), &arch, &p.object, &p.version)
+        };
         if let Some(first) = seen.get(&ident) {
             notes.push(format!(
                 "package {label} was left alone: it collides with {first} on (os, object, version) = ({}, {}, {}); this release ({}) holds one architecture per version (its {PACKAGE_TABLE} is unique on those three columns)",
@@ -567,25 +649,30 @@ pub async fn plan(
             continue;
         }
         seen.insert(ident, label.clone());
-        let (sha, size) = digest_of(run, source, known.as_ref(), &label).await?;
-        let row = rows
-            .iter()
-            .find(|r| {
-                r.os == p.os.as_str()
-                    && r.object == p.object
-                    && r.version == p.version
-                    && (!release.has_package_arch() || r.arch == arch)
-            })
-            .cloned();
-        let stored = match store {
-            Some(s) => s.info(&key).await.map_err(|m| NatsError::Bucket {
-                nats: s.server().to_string(),
-                bucket: bucket.to_string(),
-                message: format!("reading the info of {key}: {m}"),
-            })?,
-            None => None,
+        let (sha, size) = digest_of(run, &input.source, input.known.as_ref(), &label).await?;
+        let row = if input.installer {
+            None
+        } else {
+            rows.iter()
+                .find(|r| {
+                    r.os == p.os.as_str()
+                        && r.object == p.object
+                        && r.version == p.version
+                        && (!release.has_package_arch() || r.arch == arch)
+                })
+                .cloned()
         };
-        let (action, upload, note) = match decide(p, &sha, size, stored.as_ref(), row.as_ref(), opts.force) {
+        let inject =
+            run.opts.ca.clone().filter(|_| {
+                !input.installer && p.kind == PackageType::Controller && inject::format_of(&p.name).is_some()
+            });
+        let stored = stored_object(store, bucket, &key, inject.is_some()).await?;
+        let existing = Existing {
+            stored: stored.as_ref(),
+            row: row.as_ref(),
+            installer: input.installer,
+        };
+        let (action, upload, note) = match decide(p, &sha, size, &existing, inject.as_ref(), run.opts.force) {
             Decision::Conflict(stored_digest) => {
                 conflicts.push(Conflict {
                     key: key.clone(),
@@ -598,13 +685,15 @@ pub async fn plan(
         };
         plan.push(Planned {
             pkg: p.clone(),
+            installer: input.installer,
             arch,
-            source: source.clone(),
+            source: input.source.clone(),
             key,
             sha,
             size,
+            inject,
             row,
-            stored: stored.map(|(d, _)| d),
+            stored: stored.map(|s| s.digest),
             action,
             upload,
             note,
@@ -614,6 +703,52 @@ pub async fn plan(
         return Err(PackagesError::Conflict(conflicts));
     }
     Ok(plan)
+}
+
+/// An object in the store: its digest, size, and the bundle file and CA it was made from when
+/// bkbundle added the site CA to it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub digest: String,
+    pub size: u64,
+    /// `(source sha256 hex, CA sha256 hex)` from the object's meta.
+    pub made_from: Option<(String, String)>,
+}
+
+/// The stored object under `key`, with what it was made from when `with_meta` (a package the CA
+/// is added to: its digest alone cannot say whether it is this bundle's file plus this CA).
+async fn stored_object(
+    store: Option<&dyn ObjectStore>,
+    bucket: &str,
+    key: &str,
+    with_meta: bool,
+) -> Result<Option<Stored>, PackagesError> {
+    let Some(s) = store else { return Ok(None) };
+    let err = |what: &str, m: String| {
+        PackagesError::Nats(NatsError::Bucket {
+            nats: s.server().to_string(),
+            bucket: bucket.to_string(),
+            message: format!("reading the {what} of {key}: {m}"),
+        })
+    };
+    let Some((digest, size)) = s.info(key).await.map_err(|m| err("info", m))? else {
+        return Ok(None);
+    };
+    let made_from = if with_meta {
+        s.meta(key).await.map_err(|m| err("meta", m))?.and_then(|m| {
+            let md = m.get("metadata")?;
+            let src = md.get(inject::SOURCE_KEY)?.as_str()?.to_string();
+            let ca = md.get(inject::CA_KEY)?.as_str()?.to_string();
+            Some((src, ca))
+        })
+    } else {
+        None
+    };
+    Ok(Some(Stored {
+        digest,
+        size,
+        made_from,
+    }))
 }
 
 /// A package's SHA-256 and size: the manifest's when it records them (no byte read: a re-run
@@ -647,24 +782,42 @@ enum Decision {
     Conflict(String),
 }
 
+/// What is there for one package: its stored object and its row.
+struct Existing<'a> {
+    stored: Option<&'a Stored>,
+    row: Option<&'a Row>,
+    installer: bool,
+}
+
 /// The upstream rules: an equal object is skipped; a different one under a fixed version is a
 /// conflict unless forced (`latest` is always replaced); a row whose object is gone is repaired;
-/// a row of the same version with another file is left alone unless forced.
-fn decide(
-    p: &Package,
-    sha: &[u8; 32],
-    size: u64,
-    stored: Option<&(String, u64)>,
-    row: Option<&Row>,
-    force: bool,
-) -> Decision {
-    let latest = p.version == LATEST;
-    let same = stored.is_some_and(|(d, sz)| parse_digest(d).as_deref() == Some(&sha[..]) && *sz == size);
-    match (stored, same) {
+/// a row of the same version with another file is left alone unless forced. An installer (no
+/// version, no row) is replaced whenever it differs: it must match the bundle's controller. A
+/// package that gets the site CA is "equal" when its meta says it was made from this file and
+/// this CA; made from this file with another CA, it is replaced (the site's CA changed).
+fn decide(p: &Package, sha: &[u8; 32], size: u64, e: &Existing, ca: Option<&inject::SiteCa>, force: bool) -> Decision {
+    let latest = p.version == LATEST || e.installer;
+    let file_hex = crate::digest::hex(sha);
+    let same_file = |s: &Stored| parse_digest(&s.digest).as_deref() == Some(&sha[..]) && s.size == size;
+    let (same, ours) = match (e.stored, ca) {
+        (Some(s), Some(ca)) => match &s.made_from {
+            Some((src, c)) if *src == file_hex => (*c == ca.sha256, true),
+            // The bundle's own file, stored without the CA (before the site ran TLS): ours too.
+            _ => (false, same_file(s)),
+        },
+        (Some(s), None) => (same_file(s), false),
+        (None, _) => (false, false),
+    };
+    match (e.stored, same) {
         (Some(_), true) => Decision::Do(ObjectAction::Skipped, false, None),
-        (Some((d, _)), false) if !latest && !force => Decision::Conflict(d.clone()),
+        (Some(_), false) if ours => Decision::Do(
+            ObjectAction::Replaced,
+            true,
+            Some("stored without the site's current CA: uploaded again with it in certs/ca.crt".into()),
+        ),
+        (Some(s), false) if !latest && !force => Decision::Conflict(s.digest.clone()),
         (Some(_), false) => Decision::Do(ObjectAction::Replaced, true, None),
-        (None, _) => match row {
+        (None, _) => match e.row {
             Some(r) if r.name == p.name => Decision::Do(ObjectAction::Repaired, true, None),
             Some(r) if !latest && !force => Decision::Do(
                 ObjectAction::LeftAlone,
@@ -690,15 +843,22 @@ async fn execute_one(
     let t = Instant::now();
     let mut row_action = None;
     let mut row_id = pl.row.as_ref().map(|r| r.id);
+    // Skipped with the CA: the stored digest is the object's.
+    let mut object_digest = pl
+        .inject
+        .as_ref()
+        .and_then(|_| pl.stored.clone())
+        .filter(|_| !pl.upload);
     if !opts.dry_run {
         if pl.upload {
             let s = seams
                 .store
                 .ok_or_else(|| PackagesError::Internal("no object store after planning".into()))?;
-            upload(s, run, pl, report.chunk_size).await?;
-            report.bytes_sent += pl.size;
+            let sent = upload(s, run, pl, report.chunk_size).await?;
+            report.bytes_sent += sent.1;
+            object_digest = pl.inject.as_ref().map(|_| nats_digest(&sent.0));
         }
-        if pl.action != ObjectAction::LeftAlone {
+        if pl.action != ObjectAction::LeftAlone && !pl.installer {
             let (a, id) = upsert_row(seams.db, run.release, pl, opts.force).await?;
             row_action = Some(a);
             row_id = Some(id);
@@ -728,7 +888,7 @@ async fn execute_one(
     let secs = t.elapsed().as_secs_f64();
     report.packages.push(PackageReport {
         package: pl.pkg.name.clone(),
-        kind: pl.pkg.kind,
+        kind: ArtifactKind::of(&pl.pkg, pl.installer),
         os: pl.pkg.os.as_str().to_string(),
         arch: pl.arch.clone(),
         object: pl.pkg.object.clone(),
@@ -736,6 +896,7 @@ async fn execute_one(
         key: pl.key.clone(),
         size: pl.size,
         digest: nats_digest(&pl.sha),
+        object_digest,
         action: pl.action,
         row: row_action,
         row_id,
@@ -828,9 +989,14 @@ async fn reclaim_interrupted(s: &dyn ObjectStore, pending: &Pending, report: &mu
 
 /// Stream one package into the object store (bounded memory: a few chunks in flight), then
 /// confirm the stored digest and size. Bounded retries; on a failed first attempt the chunk
-/// size drops below the server's max payload.
-async fn upload(s: &dyn ObjectStore, run: &Run<'_>, pl: &Planned, chunk: usize) -> Result<(), PackagesError> {
-    let expected = nats_digest(&pl.sha);
+/// size drops below the server's max payload. Returns the object's digest and size (the file's,
+/// or with the site CA added, the new archive's).
+async fn upload(
+    s: &dyn ObjectStore,
+    run: &Run<'_>,
+    pl: &Planned,
+    chunk: usize,
+) -> Result<([u8; 32], u64), PackagesError> {
     let mut chunk = chunk;
     let mut last = String::new();
     for attempt in 0..3u32 {
@@ -841,37 +1007,7 @@ async fn upload(s: &dyn ObjectStore, run: &Run<'_>, pl: &Planned, chunk: usize) 
         let task = run.reporter.task(&format!("upload {}", pl.key), Some(pl.size));
         let result = put(s, run.bundle, pl, chunk, run.pending, task).await;
         match result {
-            Ok((sha, size)) if sha == pl.sha && size == pl.size => {
-                let found = s.info(&pl.key).await.map_err(|m| PackagesError::Upload {
-                    key: pl.key.clone(),
-                    bucket: s.bucket().into(),
-                    message: format!("confirming: {m}"),
-                })?;
-                let (d, sz) = found.unwrap_or_default();
-                if parse_digest(&d).as_deref() != Some(&pl.sha[..]) || sz != pl.size {
-                    return Err(PackagesError::Confirm {
-                        key: pl.key.clone(),
-                        expected,
-                        expected_size: pl.size,
-                        found: d,
-                        found_size: sz,
-                    });
-                }
-                return Ok(());
-            }
-            // The bytes read are not the ones planned (a damaged bundle or a file changed under
-            // us): no meta was published, so the stored object (if any) is untouched.
-            Ok((sha, size)) => {
-                return Err(PackagesError::Read {
-                    package: pl.pkg.name.clone(),
-                    source_desc: pl.source.describe(),
-                    message: format!(
-                        "read {size} bytes with digest {}, but {} bytes with digest {expected} were expected; the stored object was left as it was",
-                        nats_digest(&sha),
-                        pl.size
-                    ),
-                })
-            }
+            Ok(sent) => return confirm(s, pl, sent).await.map(|_| sent),
             Err(PutFailure::Read(message)) => {
                 return Err(PackagesError::Read {
                     package: pl.pkg.name.clone(),
@@ -892,6 +1028,26 @@ async fn upload(s: &dyn ObjectStore, run: &Run<'_>, pl: &Planned, chunk: usize) 
     })
 }
 
+/// The stored object's digest and size are the ones sent.
+async fn confirm(s: &dyn ObjectStore, pl: &Planned, (sha, size): ([u8; 32], u64)) -> Result<(), PackagesError> {
+    let found = s.info(&pl.key).await.map_err(|m| PackagesError::Upload {
+        key: pl.key.clone(),
+        bucket: s.bucket().into(),
+        message: format!("confirming: {m}"),
+    })?;
+    let (d, sz) = found.unwrap_or_default();
+    if parse_digest(&d).as_deref() != Some(&sha[..]) || sz != size {
+        return Err(PackagesError::Confirm {
+            key: pl.key.clone(),
+            expected: nats_digest(&sha),
+            expected_size: size,
+            found: d,
+            found_size: sz,
+        });
+    }
+    Ok(())
+}
+
 enum PutFailure {
     Read(String),
     Nats(String),
@@ -901,8 +1057,8 @@ enum PutFailure {
 /// upload id, listed in `pending` first so that a kill leaves nothing the next run cannot
 /// remove), then the meta message, which replaces the previous version. The content is read
 /// and hashed on a blocking thread; the meta is published only when the whole content was read
-/// and matches the plan, so a failure leaves the previous object in place. Returns the digest and
-/// size read.
+/// and the file's bytes match the plan, so a failure leaves the previous object in place.
+/// Returns the digest and size sent.
 async fn put(
     s: &dyn ObjectStore,
     bundle: Option<&Arc<VerifiedBundle>>,
@@ -923,6 +1079,94 @@ async fn put(
     result
 }
 
+/// Cuts what is written into `chunk`-sized messages for the store, hashing and counting them.
+struct ChunkSink<'a> {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+    chunk: usize,
+    hasher: crate::digest::Hasher,
+    task: &'a dyn Task,
+}
+
+impl ChunkSink<'_> {
+    fn flush_chunk(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
+        self.hasher.update(&full);
+        if self.tx.blocking_send(Bytes::from(full)).is_err() {
+            // The store stopped: it reports its own error.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the object store stopped",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for ChunkSink<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(self.chunk - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        self.task.advance(n as u64);
+        if self.buf.len() == self.chunk {
+            self.flush_chunk()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write the package's bytes, or the archive with the site CA added, into `sink`.
+fn produce(bundle: Option<&VerifiedBundle>, pl: &Planned, sink: &mut ChunkSink<'_>) -> std::io::Result<()> {
+    let Some(ca) = &pl.inject else {
+        return source::with_reader(bundle, &pl.source, |r| std::io::copy(r, sink).map(|_| ()));
+    };
+    let other = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    // `package_archive` checked the whole entry against the manifest: these are the planned bytes.
+    match (&pl.source, bundle) {
+        (Source::Entry(path), Some(b)) => add_ca(b.package_archive(path).map_err(source::bundle_error)?, pl, ca, sink),
+        (Source::File(path), _) => add_ca(std::fs::File::open(path)?, pl, ca, sink),
+        _ => Err(other(format!(
+            "{}: the site CA can only be added to a whole package",
+            pl.source.describe()
+        ))),
+    }
+}
+
+fn add_ca<R: std::io::Read + std::io::Seek>(
+    file: R,
+    pl: &Planned,
+    ca: &inject::SiteCa,
+    sink: &mut ChunkSink<'_>,
+) -> std::io::Result<()> {
+    match inject::format_of(&pl.pkg.name) {
+        Some(inject::Format::Zip) => inject::zip_with_ca(file, ca, sink).map(|_| ()),
+        Some(inject::Format::TarGz) => inject::tar_gz_with_ca(file, ca, sink).map(|_| ()),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a zip or tar.gz", pl.pkg.name),
+        )),
+    }
+}
+
+/// The bytes sent are the file planned (else a damaged bundle or a file changed under us).
+fn check_sent(pl: &Planned, sha: &[u8; 32], size: u64) -> Result<(), String> {
+    if pl.inject.is_some() || (*sha == pl.sha && size == pl.size) {
+        return Ok(());
+    }
+    Err(format!(
+        "read {size} bytes with digest {}, but {} bytes with digest {} were expected; the stored object was left as it was",
+        nats_digest(sha),
+        pl.size,
+        nats_digest(&pl.sha)
+    ))
+}
+
 async fn put_chunks(
     s: &dyn ObjectStore,
     bundle: Option<&Arc<VerifiedBundle>>,
@@ -932,31 +1176,24 @@ async fn put_chunks(
     task: Box<dyn Task>,
 ) -> Result<([u8; 32], u64), PutFailure> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let (b, src) = (bundle.cloned(), pl.source.clone());
+    let (b, planned) = (bundle.cloned(), pl.clone());
     let reader = tokio::task::spawn_blocking(move || {
-        source::with_reader(b.as_deref(), &src, |r| {
-            let mut h = crate::digest::Hasher::new();
-            loop {
-                let mut buf = vec![0u8; chunk];
-                let n = source::read_full(r, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                h.update(&buf);
-                task.advance(n as u64);
-                if tx.blocking_send(Bytes::from(buf)).is_err() {
-                    break; // the store stopped (it reports its own error)
-                }
-            }
-            task.finish();
-            Ok(h)
-        })
+        let mut sink = ChunkSink {
+            tx,
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            hasher: crate::digest::Hasher::new(),
+            task: &*task,
+        };
+        let made = produce(b.as_deref(), &planned, &mut sink).and_then(|_| sink.flush_chunk());
+        task.finish();
+        made.map(|_| sink.hasher)
     });
     let sent = s.send_chunks(nuid, &mut rx).await;
     drop(rx);
-    let read = reader.await;
-    let read = read.map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
+    let read = reader
+        .await
+        .map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
     let (chunks, sent) = sent.map_err(PutFailure::Nats)?;
     let hasher = match read {
         Ok(h) => h,
@@ -968,14 +1205,44 @@ async fn put_chunks(
     let size = hasher.len();
     let sha = crate::digest::sha256_from_hex(&hasher.finish().0)
         .ok_or_else(|| PutFailure::Read("internal: malformed digest".into()))?;
-    if size != sent || sha != pl.sha || size != pl.size {
+    if let Err(m) = check_sent(pl, &sha, size) {
         let _ = s.purge_chunks(nuid).await;
-        return Ok((sha, size));
+        return Err(PutFailure::Read(m));
     }
-    let meta = serde_json::json!({
+    if size != sent {
+        let _ = s.purge_chunks(nuid).await;
+        return Err(PutFailure::Nats(format!("the store took {sent} of {size} bytes")));
+    }
+    let meta = object_meta(s, pl, nuid, chunk, chunks, size, &sha);
+    if let Err(e) = s.publish_meta(&pl.key, &meta).await {
+        let _ = s.purge_chunks(nuid).await;
+        return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
+    }
+    Ok((sha, size))
+}
+
+/// The object's meta message (the object store's JSON); with the CA added, `metadata` records
+/// the bundle file's digest and the CA's, so a re-run can tell the object is up to date.
+fn object_meta(
+    s: &dyn ObjectStore,
+    pl: &Planned,
+    nuid: &str,
+    chunk: usize,
+    chunks: usize,
+    size: u64,
+    sha: &[u8; 32],
+) -> serde_json::Value {
+    let metadata = match &pl.inject {
+        Some(ca) => serde_json::json!({
+            inject::SOURCE_KEY: crate::digest::hex(&pl.sha),
+            inject::CA_KEY: ca.sha256,
+        }),
+        None => serde_json::json!({}),
+    };
+    serde_json::json!({
         "name": pl.key,
         "description": pl.pkg.name,
-        "metadata": {},
+        "metadata": metadata,
         "headers": null,
         "options": { "link": null, "max_chunk_size": chunk },
         "bucket": s.bucket(),
@@ -988,13 +1255,8 @@ async fn put_chunks(
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         ),
-        "digest": nats_digest(&sha),
-    });
-    if let Err(e) = s.publish_meta(&pl.key, &meta).await {
-        let _ = s.purge_chunks(nuid).await;
-        return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
-    }
-    Ok((sha, size))
+        "digest": nats_digest(sha),
+    })
 }
 
 /// Insert the row, or per the upstream rule overwrite `name` and `updated_at` (`latest`, or forced).
@@ -1194,5 +1456,106 @@ mod tests {
         assert!(r.missing_objects[0].repaired);
         assert_eq!(r.rows_unchanged, 1, "the row was right: only its object was gone");
         assert_eq!(store.keys().len(), 1);
+    }
+
+    /// A real zip controller package (the CA goes into zips and tar.gz only).
+    fn zip_package(dir: &std::path::Path, content: &[u8]) -> Input {
+        use std::io::Write as _;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        w.start_file("fusion-collectors/install.sh", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(content).unwrap();
+        let bytes = w.finish().unwrap().into_inner();
+        controller_package(dir, "1.0.0", &bytes)
+    }
+
+    fn installer(dir: &std::path::Path, name: &str, content: &[u8]) -> Input {
+        let mut i = controller_package(dir, "", content);
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        i.pkg.name = name.into();
+        i.pkg.object = INSTALLER_OBJECT.into();
+        i.source = Source::File(path);
+        i.installer = true;
+        i
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn installers_go_to_the_release_key_without_a_row_and_are_replaced_when_they_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = [installer(dir.path(), "bklite-controller-installer", b"#!/bin/sh\n")];
+        let newest = Release::newest_known();
+        let (db, store) = (FakeDb::new(newest.clone()), FakeStore::new("bklite"));
+        let r = run_fake(&options(), &inputs, &newest, &db, &store).await.unwrap();
+        let key = "installer/linux/x86_64/bklite-controller-installer";
+        assert_eq!(store.keys(), vec![key.to_string()]);
+        assert_eq!((r.uploaded, r.rows_created), (1, 0));
+        assert_eq!(r.packages[0].kind, ArtifactKind::Installer);
+        assert!(db.writes.lock().unwrap().is_empty(), "an installer has no row");
+        assert!(r.orphan_objects.is_empty(), "an installer is no orphan package");
+        let again = run_fake(&options(), &inputs, &newest, &db, &store).await.unwrap();
+        assert_eq!((again.skipped, again.bytes_sent), (1, 0));
+        // A different installer under the same key replaces it without --force.
+        let newer = [installer(
+            dir.path(),
+            "bklite-controller-installer",
+            b"#!/bin/sh\n# 2\n",
+        )];
+        let r = run_fake(&options(), &newer, &newest, &db, &store).await.unwrap();
+        assert_eq!(r.replaced, 1);
+        // Releases before 2026-04-27 (no cpu_architecture) read installer/{os}/{file}.
+        let old = catalog(true, false, true, None, Some("0027_x"));
+        let store = FakeStore::new("bklite");
+        run_fake(&options(), &inputs, &old, &FakeDb::new(old.clone()), &store)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.keys(),
+            vec!["installer/linux/bklite-controller-installer".to_string()]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_site_ca_goes_into_controller_packages_and_a_rerun_sends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = [zip_package(dir.path(), b"#!/bin/sh\n")];
+        let release = Release::newest_known();
+        let (db, store) = (FakeDb::new(release.clone()), FakeStore::new("bklite"));
+        let mut opts = options();
+        opts.ca = Some(inject::SiteCa::new(
+            "-----BEGIN CERTIFICATE-----\nCA1\n-----END CERTIFICATE-----\n".into(),
+        ));
+        let r = run_fake(&opts, &inputs, &release, &db, &store).await.unwrap();
+        let key = "linux/x86_64/Controller/1.0.0/fusion-collectors-1.0.0-linux-amd64.zip";
+        let (bytes, meta) = store.objects.lock().unwrap()[key].clone();
+        let ca = inject::ca_in_zip(std::io::Cursor::new(&bytes)).unwrap();
+        assert_eq!(ca.as_deref(), Some(opts.ca.as_ref().unwrap().pem.as_str()));
+        // Both digests recorded: the report's, and the object's meta.
+        let p = &r.packages[0];
+        assert_eq!(p.object_digest.as_deref(), meta["digest"].as_str());
+        assert_ne!(p.object_digest.as_deref(), Some(p.digest.as_str()));
+        assert_eq!(r.bytes_sent, bytes.len() as u64);
+        assert_eq!(
+            meta["metadata"][inject::SOURCE_KEY].as_str().unwrap(),
+            crate::digest::sha256_hex(&std::fs::read(dir.path().join(&p.package)).unwrap())
+        );
+        let again = run_fake(&opts, &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!((again.skipped, again.bytes_sent), (1, 0));
+        assert_eq!(again.packages[0].object_digest, p.object_digest);
+        // Another CA (the operator's own, say): the same package is uploaded again with it,
+        // without --force although the version is fixed.
+        opts.ca = Some(inject::SiteCa::new("CA2".into()));
+        let r = run_fake(&opts, &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!(r.replaced, 1, "{:?}", r.packages[0]);
+        let bytes = store.objects.lock().unwrap()[key].0.clone();
+        assert_eq!(
+            inject::ca_in_zip(std::io::Cursor::new(&bytes)).unwrap().as_deref(),
+            Some("CA2")
+        );
+        // A package stored without the CA (the site before TLS) gets it the same way.
+        let (db, store) = (FakeDb::new(release.clone()), FakeStore::new("bklite"));
+        run_fake(&options(), &inputs, &release, &db, &store).await.unwrap();
+        let r = run_fake(&opts, &inputs, &release, &db, &store).await.unwrap();
+        assert_eq!(r.replaced, 1);
     }
 }

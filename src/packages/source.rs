@@ -43,7 +43,7 @@ fn not_found(what: impl std::fmt::Display) -> io::Error {
 }
 
 /// The bundle's own error (entry not listed, digest differs) as the `io::Error` callers expect.
-fn bundle_error(e: crate::error::Error) -> io::Error {
+pub(crate) fn bundle_error(e: crate::error::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.message)
 }
 

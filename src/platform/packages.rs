@@ -32,6 +32,19 @@ pub fn object_key(release: &Release, os: &str, arch: &str, object: &str, version
     }
 }
 
+/// The object key of a controller installer program (BKLITE.md): `installer/{os}/{arch}/{file}`
+/// (an empty arch is `generic`) on releases from 2026-04-27, which are the ones whose package rows
+/// have an architecture (migration 0032, the same day); `installer/{os}/{file}` before. Releases
+/// older than 2026-04-08 read no installer at all: the key without arch is harmless there.
+pub fn installer_key(release: &Release, os: &str, arch: &str, file: &str) -> String {
+    if release.has_package_arch() {
+        let arch = if arch.is_empty() { "generic" } else { arch };
+        format!("installer/{os}/{arch}/{file}")
+    } else {
+        format!("installer/{os}/{file}")
+    }
+}
+
 fn arch_key(os: &str, arch: &str, object: &str, version: &str, name: &str) -> String {
     let arch = if arch.is_empty() { "generic" } else { arch };
     format!("{os}/{arch}/{object}/{version}/{name}")

@@ -527,5 +527,6 @@ pub fn controller_package(dir: &std::path::Path, version: &str, content: &[u8]) 
         },
         source: crate::packages::source::Source::File(path),
         known: None,
+        installer: false,
     }
 }

@@ -29,6 +29,15 @@
 //! local = false                 # true: agents run on this host, so loopback URLs are allowed
 //! [regions.env]                 # this region's own values (others are inherited from `default`)
 //! STARGAZER_URL = "http://10.1.0.9:8083"
+//!
+//! [tls]                         # NATS over TLS (agents verify the server against the site CA)
+//! enabled = true                # default true; false runs NATS in plain text
+//! validity_days = 825           # of the server certificate bkbundle issues (1 to 3650)
+//! names = ["nats.example.com"]  # extra names or addresses the certificate must cover
+//! # The site's own CA and certificate instead of the ones bkbundle generates (all three or none):
+//! # ca_file = "/etc/pki/site/ca.crt"
+//! # cert_file = "/etc/pki/site/nats.crt"
+//! # key_file = "/etc/pki/site/nats.key"
 //! ```
 
 use crate::error::{Error, Kind, Result};
@@ -56,6 +65,113 @@ pub struct InstallConfig {
     /// `[nats]`: how to reach the platform's NATS for the agent packages (`init-packages`).
     #[serde(default)]
     pub nats: NatsConfig,
+    /// `[tls]`: the stack's NATS over TLS, with the CA bkbundle generates or the site's own.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`. By default install generates a site CA once and issues the NATS server certificate
+/// from it for every address agents use (see [`crate::tls`]); `ca_file`, `cert_file` and
+/// `key_file` (all three or none) give the site's own instead, checked before anything is
+/// written and never re-issued by bkbundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Validity of the server certificate bkbundle issues (1 to 3650 days).
+    #[serde(default = "default_validity_days")]
+    pub validity_days: u32,
+    /// Names or addresses (host, host:port or URL) the certificate must cover besides those
+    /// install derives (HOST_IP, the server URL's host, the regions' proxy addresses, the service).
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: true,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            validity_days: default_validity_days(),
+            names: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_validity_days() -> u32 {
+    crate::tls::Policy::default().validity_days
+}
+
+/// The longest server certificate validity accepted: ten years, the generated CA's own.
+const MAX_VALIDITY_DAYS: u32 = 3650;
+
+impl TlsConfig {
+    /// The operator's own files, when all three are given.
+    pub fn operator_files(&self) -> Option<(&Path, &Path, &Path)> {
+        match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+            _ => None,
+        }
+    }
+
+    /// The renewal policy for the certificates bkbundle issues.
+    pub fn policy(&self) -> crate::tls::Policy {
+        crate::tls::Policy {
+            validity_days: self.validity_days,
+            ..crate::tls::Policy::default()
+        }
+    }
+
+    /// The extra names, parsed (checked at parse time, so this cannot fail afterwards).
+    pub fn extra_names(&self) -> Vec<crate::tls::Name> {
+        self.names
+            .iter()
+            .filter_map(|n| crate::tls::Name::parse(n).ok())
+            .collect()
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let files = [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ];
+        let given: Vec<&str> = files.iter().filter(|(_, f)| f.is_some()).map(|(n, _)| *n).collect();
+        if !given.is_empty() && given.len() < files.len() {
+            let missing: Vec<&str> = files.iter().filter(|(_, f)| f.is_none()).map(|(n, _)| *n).collect();
+            problems.push(format!(
+                "[tls] gives {} but not {}: the site's own CA, certificate and key go together (all three or none)",
+                given.join(" and "),
+                missing.join(" and ")
+            ));
+        }
+        if !self.enabled && !given.is_empty() {
+            problems.push(format!("[tls] enabled = false, yet {} given", given.join(", ")));
+        }
+        if self.validity_days == 0 || self.validity_days > MAX_VALIDITY_DAYS {
+            problems.push(format!(
+                "[tls] validity_days = {}: must be 1 to {MAX_VALIDITY_DAYS} (the site CA's own ten years)",
+                self.validity_days
+            ));
+        }
+        for n in &self.names {
+            if let Err(e) = crate::tls::Name::parse(n) {
+                problems.push(format!("[tls] names: {e}"));
+            }
+        }
+        problems
+    }
 }
 
 /// `[nats]`. Every field is optional; `${NAME}` placeholders in `url`, `user`, `password` and
@@ -232,6 +348,7 @@ impl InstallConfig {
                 }
             }
         }
+        problems.extend(c.tls.problems());
         if c.health.timeout_secs == 0 {
             problems.push("[health] timeout_secs must be at least 1".into());
         }
@@ -299,5 +416,91 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    fn tls_error(text: &str) -> String {
+        InstallConfig::parse(text, "i.toml").unwrap_err().message
+    }
+
+    #[test]
+    fn tls_defaults_on_with_825_days_and_no_files() {
+        let c = InstallConfig::parse("format = 1\n", "i.toml").unwrap();
+        assert!(c.tls.enabled);
+        assert_eq!(c.tls.validity_days, 825);
+        assert!(c.tls.operator_files().is_none() && c.tls.names.is_empty());
+        assert_eq!(c.tls.policy(), crate::tls::Policy::default());
+        let c = InstallConfig::parse("[tls]\nenabled = false\nvalidity_days = 3650\n", "i.toml").unwrap();
+        assert!(!c.tls.enabled);
+        assert_eq!(c.tls.policy().validity_days, 3650);
+    }
+
+    #[test]
+    fn tls_operator_files_all_three_or_none_naming_what_is_missing() {
+        let c = InstallConfig::parse(
+            "[tls]\nca_file = \"/p/ca.crt\"\ncert_file = \"/p/n.crt\"\nkey_file = \"/p/n.key\"\n",
+            "i.toml",
+        )
+        .unwrap();
+        let (ca, cert, key) = c.tls.operator_files().unwrap();
+        assert_eq!(
+            (ca, cert, key),
+            (Path::new("/p/ca.crt"), Path::new("/p/n.crt"), Path::new("/p/n.key"))
+        );
+        let e = tls_error("[tls]\ncert_file = \"/p/n.crt\"\n");
+        assert!(
+            e.contains("i.toml") && e.contains("gives cert_file but not ca_file and key_file"),
+            "{e}"
+        );
+        let e = tls_error("[tls]\nca_file = \"/p/ca.crt\"\ncert_file = \"/p/n.crt\"\n");
+        assert!(e.contains("gives ca_file and cert_file but not key_file"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_with_tls_disabled_are_refused() {
+        let e = tls_error("[tls]\nenabled = false\nca_file = \"a\"\ncert_file = \"b\"\nkey_file = \"c\"\n");
+        assert!(
+            e.contains("enabled = false, yet ca_file, cert_file, key_file given"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_validity_days_zero_or_over_ten_years_refused() {
+        for (days, ok) in [(0, false), (1, true), (3650, true), (3651, false)] {
+            let r = InstallConfig::parse(&format!("[tls]\nvalidity_days = {days}\n"), "i.toml");
+            assert_eq!(r.is_ok(), ok, "{days}: {:?}", r.err().map(|e| e.message));
+            if let Err(e) = r {
+                assert!(
+                    e.message
+                        .contains(&format!("validity_days = {days}: must be 1 to 3650")),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+        // Negative or huge numbers do not fit: serde's own message, with the line.
+        assert!(tls_error("[tls]\nvalidity_days = -1\n").contains("line 2"));
+    }
+
+    #[test]
+    fn tls_names_parsed_bad_ones_named() {
+        let c = InstallConfig::parse(
+            "[tls]\nnames = [\"nats.example.com\", \"10.0.0.7:4222\", \"tls://[fd00::1]:4222\"]\n",
+            "i.toml",
+        )
+        .unwrap();
+        let names: Vec<String> = c.tls.extra_names().iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, ["nats.example.com", "10.0.0.7", "fd00::1"]);
+        let e = tls_error("[tls]\nnames = [\"ok.example\", \"bad name!\", \"\"]\n");
+        assert!(
+            e.contains("[tls] names: \"bad name!\"") && e.contains("\"\": no host"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_unknown_field_refused_with_the_line() {
+        let e = tls_error("[tls]\nenabled = true\nca = \"x\"\n");
+        assert!(e.contains("unknown field `ca`") && e.contains("line 3"), "{e}");
     }
 }

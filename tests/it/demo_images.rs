@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 const PG_IMAGE: &str = "bkbundle-demo/postgres:15";
 const NATS_IMAGE: &str = "bkbundle-demo/nats:2";
+const FUSION_IMAGE: &str = "bkbundle-demo/fusion-collector:1";
 const PG_HINT: &str = "install PostgreSQL's client with `apt-get install postgresql` (or run scripts/setup.sh)";
 
 fn docker(args: &[&str]) -> Output {
@@ -36,7 +37,7 @@ fn image_exists(image: &str) -> bool {
 /// `ensure_demo_images` (which checks app/web/base only) left one of ours missing.
 fn ensure_images() {
     ensure_demo_images();
-    if image_exists(PG_IMAGE) && image_exists(NATS_IMAGE) {
+    if image_exists(PG_IMAGE) && image_exists(NATS_IMAGE) && image_exists(FUSION_IMAGE) {
         return;
     }
     let out = Command::new("bash")
@@ -44,7 +45,7 @@ fn ensure_images() {
         .current_dir(repo_root())
         .output()
         .expect("run scripts/demo-images.sh");
-    for image in [PG_IMAGE, NATS_IMAGE] {
+    for image in [PG_IMAGE, NATS_IMAGE, FUSION_IMAGE] {
         assert!(
             out.status.success() && image_exists(image),
             "{image} is missing and scripts/demo-images.sh did not build it ({}); run scripts/setup.sh first\n\
@@ -67,6 +68,17 @@ impl Container {
     /// `docker run -d` of `image` with `env`, its `container_port` (if any) published on a free
     /// 127.0.0.1 port; retries on a new port when the chosen one was taken meanwhile.
     fn run(what: &str, image: &str, env: &[(&str, &str)], container_port: Option<u16>) -> (Container, u16) {
+        Container::run_with(what, image, env, container_port, &[])
+    }
+
+    /// [`Container::run`] with more `docker run` options (volumes) before the image.
+    fn run_with(
+        what: &str,
+        image: &str,
+        env: &[(&str, &str)],
+        container_port: Option<u16>,
+        options: &[String],
+    ) -> (Container, u16) {
         for _ in 0..5 {
             let port = container_port.map(|_| free_port()).unwrap_or(0);
             let mut c = Container {
@@ -81,6 +93,7 @@ impl Container {
             for (k, v) in env {
                 cmd.arg("-e").arg(format!("{k}={v}"));
             }
+            cmd.args(options);
             cmd.arg(image);
             let out = cmd.output().expect("run docker run");
             if out.status.success() {
@@ -395,4 +408,226 @@ fn nats_image_refuses_to_start_without_credentials() {
     let logs = c.logs();
     assert_ne!(code, 0, "{logs}");
     assert!(logs.contains("NATS_PASSWORD is not set"), "{logs}");
+}
+
+/// A CA and a NATS server certificate for 127.0.0.1 in a new directory `certs/` as install lays
+/// it out (`nats-server.crt`, `nats-server.key` mode 0600 owned by root), with the CA beside it.
+fn site_certs(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca = dir.join("ca.crt");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (apt-get install openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bkbundle-it CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "certs/nats-server.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=nats",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:nats\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "certs/nats-server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(certs.join("nats-server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    (certs, ca)
+}
+
+/// With the target's certs/ mounted, clients must use TLS (verified against the site CA, here
+/// with nats-py), the leafnode listener gets the same certificate, the root-only key reaches the
+/// nats user through a private copy, and monitoring (the healthcheck) stays plain HTTP.
+#[test]
+fn nats_image_serves_tls_with_the_mounted_certificate() {
+    let _lock = docker_lock();
+    ensure_images();
+    let dir = tempfile::Builder::new()
+        .prefix("bkbundle-it-certs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (certs, ca) = site_certs(dir.path());
+    let password = random_alnum(24);
+    let (c, port) = Container::run_with(
+        "nats-tls",
+        NATS_IMAGE,
+        &[("NATS_USER", "bklite"), ("NATS_PASSWORD", &password)],
+        Some(4222),
+        &["-v".into(), format!("{}:/etc/nats/certs:ro", certs.display())],
+    );
+    c.wait_healthy("nats with TLS", Duration::from_secs(60));
+    let info = nats_info(port);
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    let script = "import asyncio, ssl, sys, nats\n\
+        async def main():\n\
+        \x20   ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        \x20   nc = await nats.connect(sys.argv[1], user='bklite', password=sys.argv[3], tls=ctx, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)\n\
+        \x20   info = await nc.jetstream().account_info()\n\
+        \x20   print('tls ok', info.streams)\n\
+        \x20   await nc.close()\n\
+        asyncio.run(main())\n";
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &format!("tls://127.0.0.1:{port}"),
+            ca.to_str().unwrap(),
+            &password,
+        ])
+        .output()
+        .expect("run python3 (scripts/setup.sh installs nats-py)");
+    assert!(
+        out.status.success() && text(&out.stdout).starts_with("tls ok"),
+        "nats-py over TLS with the site CA: {}\n{}\n--- logs ---\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        c.logs()
+    );
+    let inside = docker(&[
+        "exec",
+        c.target(),
+        "sh",
+        "-c",
+        "stat -c '%U %a' /run/nats/certs/nats-server.key; grep -c cert_file /run/nats/leafnodes.conf; wget -q -O- http://127.0.0.1:8222/healthz",
+    ]);
+    assert_eq!(
+        text(&inside.stdout),
+        "nats 600\n1\n{\"status\":\"ok\"}",
+        "{}",
+        text(&inside.stderr)
+    );
+    assert!(
+        c.logs().contains("Listening for leafnode connections on 0.0.0.0:7422"),
+        "{}",
+        c.logs()
+    );
+}
+
+/// A certificate without its key (or the reverse) is a mistake to name, not plain text.
+#[test]
+fn nats_image_refuses_half_a_certificate() {
+    let _lock = docker_lock();
+    ensure_images();
+    let dir = tempfile::Builder::new()
+        .prefix("bkbundle-it-certs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (certs, _) = site_certs(dir.path());
+    std::fs::remove_file(certs.join("nats-server.key")).unwrap();
+    let (c, _) = Container::run_with(
+        "nats-halfcert",
+        NATS_IMAGE,
+        &[("NATS_USER", "bklite"), ("NATS_PASSWORD", "pw")],
+        None,
+        &["-v".into(), format!("{}:/etc/nats/certs:ro", certs.display())],
+    );
+    let code = c.wait_exit("nats with a certificate but no key", Duration::from_secs(30));
+    let logs = c.logs();
+    assert_ne!(code, 0, "{logs}");
+    assert!(logs.contains("/etc/nats/certs/nats-server.key is missing"), "{logs}");
+}
+
+/// The fusion-collector image carries every artifact upstream's release runbook exports, non-empty,
+/// in three layers (base, the trees, a fix); the fix's replaced telegraf is what the image shows,
+/// and the file it deletes is gone (a whiteout in its layer).
+#[test]
+fn fusion_collector_image_has_upstreams_layout_and_a_deleting_layer() {
+    ensure_images();
+    let files = [
+        "/opt/fusion-collectors/collector-sidecar",
+        "/opt/fusion-collectors/bin/telegraf",
+        "/opt/fusion-collectors/bin/vector",
+        "/opt/fusion-collectors/bin/nats-executor",
+        "/opt/fusion-collectors/misc/VERSION",
+        "/opt/fusion-collectors/misc/linux/install.sh",
+        "/opt/fusion-collectors/misc/linux/uninstall.sh",
+        "/opt/fusion-collectors/misc/linux/sidecar.yml",
+        "/opt/fusion-collectors/misc/linux/sidecar.service",
+        "/opt/release/linux/fusion-collectors/bklite-controller-installer",
+        "/opt/release/windows/fusion-collectors/bklite-controller-installer.exe",
+        "/opt/release/windows/fusion-collectors/bin/telegraf.exe",
+        "/opt/release/windows/fusion-collectors/bin/vector.exe",
+        "/opt/release/windows/fusion-collectors/bin/nats-executor.exe",
+        "/opt/release/windows/fusion-collectors/sidecar.yml",
+        "/opt/release/linux/prestage/arm64/collector-sidecar",
+        "/opt/release/linux/prestage/arm64/telegraf",
+        "/opt/release/linux/prestage/arm64/vector",
+        "/opt/release/linux/prestage/arm64/nats-executor",
+    ];
+    let mut check = String::from("for f in \"$@\"; do test -s \"$f\" || echo \"missing or empty: $f\"; done; ");
+    check.push_str("test -e /opt/fusion-collectors/bin/debug-dump && echo 'debug-dump not deleted'; ");
+    check.push_str(
+        "grep -q 'Telegraf 1.0.0 (demo)' /opt/fusion-collectors/bin/telegraf || echo 'telegraf not replaced'; ",
+    );
+    check.push_str("grep -c __SERVER__URL__ /opt/fusion-collectors/misc/linux/sidecar.yml");
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/sh",
+        FUSION_IMAGE,
+        "-c",
+        &check,
+        "sh",
+    ];
+    args.extend(files);
+    let out = docker(&args);
+    assert_eq!(text(&out.stdout), "1", "{}", text(&out.stderr));
+    let layers = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{range .RootFS.Layers}}{{println .}}{{end}}",
+        FUSION_IMAGE,
+    ]);
+    let base = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{index .RootFS.Layers 0}}",
+        "bkbundle-demo/base:1",
+    ]);
+    let layers = text(&layers.stdout);
+    let layers: Vec<&str> = layers.lines().collect();
+    assert_eq!(layers.len(), 3, "{layers:?}");
+    assert_eq!(layers[0], text(&base.stdout), "the first layer is the base's");
 }

@@ -121,6 +121,7 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
             compose: "stack/docker-compose.yml".into(),
             env_template: None,
             files: vec!["stack/docker-compose.yml".into(), long],
+            nats_tls: false,
         }),
         regions: Default::default(),
     };

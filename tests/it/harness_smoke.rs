@@ -2,7 +2,7 @@
 //! suspect. Each test starts its own servers, so they run in parallel.
 
 use crate::harness::{
-    bkbundle, docker_lock, ensure_demo_images, free_port, random_alnum, repo_root, require_docker, NatsOpts,
+    bkbundle, docker_lock, ensure_demo_images, free_port, random_alnum, repo_root, require_docker, AgentHost, NatsOpts,
     NatsServer, PgCluster, DEMO_IMAGES,
 };
 use std::io::{BufRead, BufReader, Read, Write};
@@ -162,6 +162,38 @@ fn nats_tls_certificate_verifies_against_the_ca() {
     let other_ca = ca.with_file_name("server.pem");
     let bad = s_client(nats.port, &other_ca, &["-verify_ip", "127.0.0.1"]);
     assert!(!bad.0, "the server certificate is not its own CA:\n{}", bad.1);
+}
+
+/// An agent host reaches a listener on its host side address, and nothing on the host's loopback:
+/// what runs in it sees the stack only as agents on another machine would.
+#[test]
+fn an_agent_host_reaches_its_host_address_and_not_the_hosts_loopback() {
+    let host = AgentHost::create();
+    let other = AgentHost::create();
+    assert_ne!(host.host_ip, other.host_ip, "two agent hosts share a subnet");
+    let on_host_ip = TcpListener::bind((host.host_ip, 0)).expect("bind the agent host's HOST_IP");
+    let on_loopback = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1");
+    let connect = |ip: String, port: u16| {
+        let out = host.run(Command::new("python3").args([
+            "-c",
+            "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); print('connected')",
+            &ip,
+            &port.to_string(),
+        ]));
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = connect(host.host_ip.to_string(), on_host_ip.local_addr().unwrap().port());
+    assert!(ok, "the agent host cannot reach {}: {err}", host.host_ip);
+    let (ok, _) = connect("127.0.0.1".into(), on_loopback.local_addr().unwrap().port());
+    assert!(!ok, "the agent host reached the host's loopback");
+    // The namespace's address is its own and its route goes through the host side only.
+    let route = host.run(Command::new("ip").args(["-4", "route", "show"]));
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(route.contains(&format!("default via {}", host.host_ip)), "{route}");
+    let ns = host.ns.clone();
+    drop(host);
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(&ns), "{ns} left behind");
 }
 
 #[test]

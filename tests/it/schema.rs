@@ -146,6 +146,7 @@ fn regions_check_without_a_database() {
     fs::write(
         &config,
         "format = 1\n[env]\nHOST_IP = \"10.0.0.5\"\nSERVER_URL = \"https://10.0.0.5:443\"\nNATS_PORT = \"4222\"\n\
+         NATS_USER = \"bklite\"\nNATS_PASSWORD = \"example-password\"\nSECRET_KEY = \"example-secret-key\"\n\
          [[regions]]\nname = \"east\"\nproxy_address = \"10.1.0.9\"\n",
     )
     .unwrap();

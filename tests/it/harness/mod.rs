@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: the bkbundle binary, the Docker engine and demo
-//! images, and throwaway PostgreSQL and NATS servers.
+//! images, throwaway PostgreSQL and NATS servers, and agent hosts (network namespaces).
 //!
 //! Rules every helper follows:
 //! - A missing prerequisite is a panic that says how to install it (`scripts/setup.sh`), never a
@@ -7,17 +7,21 @@
 //! - Servers listen on 127.0.0.1 only, on free ports, so tests run in parallel; each lives in its
 //!   own temporary directory that its `Drop` removes after stopping it; the one shared
 //!   PostgreSQL cluster ([`PgCluster::shared`]) is stopped and removed when the process exits.
+//!   The one exception is an [`AgentHost`]: a network namespace whose host side address (in
+//!   198.18.0.0/15) is where a test publishes what agents must reach.
 //! - Every wait is bounded and a timeout panics with the server's log.
 //! - Only std, `tempfile` and `libc` (for the shared cluster's exit hook).
 
 #![allow(dead_code)] // not every test module uses every helper
 
+mod agent_host;
 mod docker;
 mod nats;
 mod pg;
 mod redis;
 mod releases;
 
+pub use agent_host::AgentHost;
 pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
 pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
