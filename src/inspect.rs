@@ -27,6 +27,7 @@ pub struct InspectReport {
     pub parts: usize,
     pub images: Vec<ImageRow>,
     pub packages: Vec<PackageRow>,
+    pub installers: Vec<InstallerRow>,
     pub stack: Vec<String>,
     pub project: Option<String>,
     pub regions: Regions,
@@ -57,11 +58,56 @@ pub struct PackageRow {
     pub inside: Option<String>,
 }
 
+/// A controller installer program of the bundle (verify shows them too).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstallerRow {
+    pub name: String,
+    pub os: String,
+    pub arch: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The image it was read from, when it was.
+    pub image: Option<String>,
+}
+
+/// The manifest's installers as rows.
+pub fn installer_rows(m: &Manifest) -> Vec<InstallerRow> {
+    m.installers
+        .iter()
+        .map(|i| InstallerRow {
+            name: i.name.clone(),
+            os: i.os.as_str().into(),
+            arch: i.arch.clone(),
+            size: i.size,
+            sha256: i.sha256.clone(),
+            image: i.image.clone(),
+        })
+        .collect()
+}
+
+/// The installers' lines of the human rendering (inspect and verify).
+pub fn render_installers(s: &mut String, rows: &[InstallerRow]) {
+    let _ = writeln!(s, "\ninstallers ({})", rows.len());
+    for i in rows {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<8} {:<34} {:>10}  sha256 {}{}",
+            i.os,
+            i.arch,
+            i.name,
+            human(i.size),
+            i.sha256,
+            i.image.as_ref().map(|r| format!("  from {r}")).unwrap_or_default()
+        );
+    }
+}
+
 #[derive(Debug, Serialize, Default)]
 pub struct Sizes {
     pub images: u64,
     pub images_uncompressed: u64,
     pub packages: u64,
+    pub installers: u64,
     pub stack: u64,
     pub binary: u64,
     pub total: u64,
@@ -90,6 +136,7 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         parts: bundle.parts(),
         images: image_rows(m),
         packages: package_rows(m),
+        installers: installer_rows(m),
         stack: m.stack.as_ref().map(|s| s.files.clone()).unwrap_or_default(),
         project: m.stack.as_ref().map(|s| s.project.clone()),
         regions: m.regions.clone(),
@@ -162,6 +209,7 @@ fn sizes(m: &Manifest, total: u64) -> Sizes {
         let slot = match layout::section(&f.path) {
             Some(Section::Images) => &mut sizes.images,
             Some(Section::Packages) => &mut sizes.packages,
+            Some(Section::Installers) => &mut sizes.installers,
             Some(Section::Stack) => &mut sizes.stack,
             Some(Section::Binary) => &mut sizes.binary,
             None => continue,
@@ -194,15 +242,17 @@ impl Report for InspectReport {
         self.render_header(&mut s);
         self.render_images(&mut s);
         self.render_packages(&mut s);
+        render_installers(&mut s, &self.installers);
         self.render_stack(&mut s);
         self.render_regions(&mut s);
         let z = &self.sizes;
         let _ = writeln!(
             s,
-            "\nsizes: images {} (uncompressed {}), packages {}, stack {}, bkbundle {}, total {}",
+            "\nsizes: images {} (uncompressed {}), packages {}, installers {}, stack {}, bkbundle {}, total {}",
             human(z.images),
             human(z.images_uncompressed),
             human(z.packages),
+            human(z.installers),
             human(z.stack),
             human(z.binary),
             human(z.total)

@@ -128,6 +128,37 @@ pub fn normalize_arch(arch: &str) -> Option<&'static str> {
     }
 }
 
+/// An installer's architecture: the platform's names, or `generic` for a program that runs on
+/// every architecture of its OS (the key upstream uses when it has no arch, BKLITE.md).
+pub fn normalize_installer_arch(arch: &str) -> Option<&'static str> {
+    normalize_arch(arch).or_else(|| arch.eq_ignore_ascii_case("generic").then_some("generic"))
+}
+
+/// The installer program names the platform serves per OS (BKLITE.md): agents' bootstraps
+/// download them by these names, so another name would never be found.
+pub fn installer_names(os: Os) -> &'static [&'static str] {
+    match os {
+        Os::Linux => &["bklite-controller-installer"],
+        Os::Windows => &["bklite-controller-installer.exe", "bklite-controller-bootstrap.exe"],
+    }
+}
+
+/// Why `name` cannot be an installer for `os` (expected and found), or None when it can.
+pub fn installer_name_problem(os: Os, name: &str) -> Option<String> {
+    let expected = installer_names(os);
+    (!expected.contains(&name)).then(|| {
+        format!(
+            "a {} installer must be named {}, found {name:?}",
+            os.as_str(),
+            expected
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )
+    })
+}
+
 /// Cloud regions' default sidecar env, carried from the recipe into the manifest unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,6 +242,8 @@ pub struct Recipe {
     pub images: Vec<RecipeImage>,
     #[serde(default)]
     pub packages: Vec<RecipePackage>,
+    #[serde(default)]
+    pub installers: Vec<RecipeInstaller>,
     pub stack: Option<RecipeStack>,
     #[serde(default)]
     pub regions: Regions,
@@ -253,6 +286,69 @@ pub struct RecipePackage {
     pub description: String,
     pub from: Option<String>,
     pub entry: Option<String>,
+    /// Build the (controller) package from files inside this image, read from its layers.
+    pub image: Option<String>,
+    /// Read `image` from this `docker save` / OCI archive rather than the local engine.
+    pub image_archive: Option<PathBuf>,
+    /// The file name of the archive built from the image (`fusion-collectors-linux-amd64.zip`).
+    pub name: Option<String>,
+    /// What goes into the archive built from the image, applied in order (later wins).
+    #[serde(default)]
+    pub tree: Vec<TreeRule>,
+}
+
+/// One step of an image-built package: the file or directory `from` (an absolute path in the
+/// image) placed at `to` (relative to the package's top-level directory; "" is the top itself,
+/// or for a file its own name there), without the paths under `from` listed in `exclude`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeRule {
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl RecipePackage {
+    /// The package's file name: its `file`'s, or `name` of one built from an image.
+    pub fn file_name(&self) -> Option<String> {
+        match (&self.file, &self.name) {
+            (Some(f), _) => file_name(f),
+            (None, Some(n)) if self.image.is_some() => Some(n.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A controller installer program (a third kind of artifact, with no database row): a file next
+/// to the recipe, or a file inside an image.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeInstaller {
+    pub os: Os,
+    pub arch: String,
+    pub file: Option<PathBuf>,
+    pub image: Option<String>,
+    pub image_archive: Option<PathBuf>,
+    /// The installer's absolute path inside `image`.
+    pub path: Option<String>,
+}
+
+impl RecipeInstaller {
+    /// The program's file name: its `file`'s or its image `path`'s last component.
+    pub fn name(&self) -> String {
+        match (&self.file, &self.path) {
+            (Some(f), _) => file_name(f).unwrap_or_default(),
+            (None, Some(p)) => p.rsplit('/').next().unwrap_or_default().to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// How messages name it: `installer linux/x86_64 bklite-controller-installer`.
+    pub fn describe(&self) -> String {
+        format!("installer {}/{} {}", self.os.as_str(), self.arch, self.name())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +380,8 @@ impl Recipe {
         check_recipe_bundle(&r.bundle, &mut problems);
         check_recipe_images(&r.images, &mut problems);
         check_recipe_packages(&mut r.packages, &mut problems);
+        check_recipe_installers(&mut r.installers, &mut problems);
+        check_image_archives(&r, &mut problems);
         if let Some(s) = &r.stack {
             check_recipe_stack(s, &mut problems);
         }
@@ -335,7 +433,7 @@ fn check_recipe_packages(packages: &mut [RecipePackage], problems: &mut Vec<Stri
     let controllers: Vec<(String, Os, Option<&'static str>)> = packages
         .iter()
         .filter(|p| p.kind == PackageType::Controller)
-        .filter_map(|p| Some((file_name(p.file.as_ref()?)?, p.os, normalize_arch(&p.arch))))
+        .filter_map(|p| Some((p.file_name()?, p.os, normalize_arch(&p.arch))))
         .collect();
     for (i, p) in packages.iter_mut().enumerate() {
         let what = format!("packages[{i}] ({} {} {})", p.object, p.version, p.os.as_str());
@@ -354,8 +452,10 @@ fn check_recipe_packages(packages: &mut [RecipePackage], problems: &mut Vec<Stri
             }
         }
         check_package_source(p, &what, &controllers, &mut names, problems);
-        if p.kind == PackageType::Controller && p.file.is_none() {
-            problems.push(format!("{what}: a controller package needs `file`"));
+        if p.kind == PackageType::Controller && p.file.is_none() && p.image.is_none() {
+            problems.push(format!(
+                "{what}: a controller package needs `file`, or `image`, `name` and `tree`"
+            ));
         }
         if !keys.insert((p.os, p.arch.clone(), p.object.clone(), p.version.clone())) {
             problems.push(format!("{what}: the same os, arch, object and version is listed twice"));
@@ -372,6 +472,16 @@ fn check_package_source(
     names: &mut BTreeSet<String>,
     problems: &mut Vec<String>,
 ) {
+    let image_fields = p.image.is_some() || p.name.is_some() || !p.tree.is_empty() || p.image_archive.is_some();
+    if image_fields && (p.file.is_some() || p.from.is_some() || p.entry.is_some()) {
+        problems.push(format!(
+            "{what}: give either `file`, or `from` and `entry`, or `image`, `name` and `tree`, not several"
+        ));
+        return;
+    }
+    if image_fields {
+        return check_image_package(p, what, names, problems);
+    }
     match (&p.file, &p.from, &p.entry) {
         (Some(f), None, None) => match file_name(f) {
             Some(n) if n.len() <= 100 => {
@@ -408,8 +518,142 @@ fn check_package_source(
             }
         }
         _ => problems.push(format!(
-            "{what}: give either `file`, or `from` and `entry` (a collector inside a controller package)"
+            "{what}: give either `file`, or `from` and `entry` (a collector inside a controller package), or `image`, `name` and `tree`"
         )),
+    }
+}
+
+/// A controller package built from an image: its image, its archive's name (a unique `.zip`
+/// file name) and its tree rules (absolute paths in the image, relative places in the package).
+fn check_image_package(p: &RecipePackage, what: &str, names: &mut BTreeSet<String>, problems: &mut Vec<String>) {
+    if p.kind != PackageType::Controller {
+        problems.push(format!(
+            "{what}: only controller packages are built from an image; a collector points into one with `from` and `entry`"
+        ));
+    }
+    check_image_ref(p.image.as_deref(), what, "image, name and tree", problems);
+    match p.name.as_deref() {
+        Some(n) if n.len() <= 100 && n.ends_with(".zip") && is_safe_bundle_path(n) && !n.contains('/') => {
+            if !names.insert(n.to_string()) {
+                problems.push(format!("{what}: another package already has the file name {n:?}"));
+            }
+        }
+        Some(n) => problems.push(format!(
+            "{what}: name {n:?} must be a file name ending in .zip of at most 100 characters (the archive is built as a zip)"
+        )),
+        None => problems.push(format!("{what}: a package built from an image needs `name`, the archive's file name")),
+    }
+    if p.tree.is_empty() {
+        problems.push(format!(
+            "{what}: a package built from an image needs `tree`, e.g. [{{ from = \"/opt/fusion-collectors\", to = \"\" }}]"
+        ));
+    }
+    for (i, rule) in p.tree.iter().enumerate() {
+        if !is_image_path(&rule.from) {
+            problems.push(format!(
+                "{what}: tree[{i}].from {:?} must be an absolute path in the image without `.` or `..`",
+                rule.from
+            ));
+        }
+        if !rule.to.is_empty() && !is_safe_bundle_path(&rule.to) {
+            problems.push(format!(
+                "{what}: tree[{i}].to {:?} must be \"\" or a relative path inside the package",
+                rule.to
+            ));
+        }
+        for x in rule.exclude.iter().filter(|x| !is_safe_bundle_path(x)) {
+            problems.push(format!(
+                "{what}: tree[{i}].exclude {x:?} must be a relative path under {:?}",
+                rule.from
+            ));
+        }
+    }
+}
+
+/// An image reference an artifact is read from.
+fn check_image_ref(image: Option<&str>, what: &str, needs: &str, problems: &mut Vec<String>) {
+    match image {
+        Some(r) if !r.trim().is_empty() && !r.contains(char::is_whitespace) => {}
+        Some(r) => problems.push(format!("{what}: image {r:?} is not an image reference")),
+        None => problems.push(format!("{what}: `image_archive` needs `image` (and {needs})")),
+    }
+}
+
+/// An absolute path inside an image, with plain components only.
+pub fn is_image_path(p: &str) -> bool {
+    p.strip_prefix('/').is_some_and(is_safe_bundle_path)
+}
+
+/// Each installer: a valid arch (normalised in place, `generic` allowed), a name its OS serves,
+/// one source (a file next to the recipe, or a path in an image), and no two for the same OS,
+/// arch and name.
+fn check_recipe_installers(installers: &mut [RecipeInstaller], problems: &mut Vec<String>) {
+    let mut keys = BTreeSet::new();
+    for (i, inst) in installers.iter_mut().enumerate() {
+        let source = match (&inst.image, &inst.path, &inst.file) {
+            (Some(image), Some(path), _) => format!(", {path} in image {image}"),
+            (_, _, Some(file)) => format!(", file {}", file.display()),
+            _ => String::new(),
+        };
+        let what = format!("installers[{i}] ({}{source})", inst.describe());
+        match normalize_installer_arch(&inst.arch) {
+            Some(a) => inst.arch = a.to_string(),
+            None => problems.push(format!(
+                "{what}: arch {:?} is not x86_64, arm64 or generic (amd64, aarch64 accepted)",
+                inst.arch
+            )),
+        }
+        match (&inst.file, &inst.image, &inst.path) {
+            (Some(_), None, None) if inst.image_archive.is_none() => {}
+            (None, Some(_), Some(path)) => {
+                check_image_ref(inst.image.as_deref(), &what, "path", problems);
+                if !is_image_path(path) {
+                    problems.push(format!(
+                        "{what}: path {path:?} must be an absolute path in the image without `.` or `..`"
+                    ));
+                }
+            }
+            _ => problems.push(format!(
+                "{what}: give either `file` (next to the recipe), or `image` and `path` (inside the image)"
+            )),
+        }
+        if let Some(why) = installer_name_problem(inst.os, &inst.name()) {
+            problems.push(format!("{what}: {why}"));
+        }
+        if !keys.insert((inst.os, inst.arch.clone(), inst.name())) {
+            problems.push(format!("{what}: the same os, arch and name is listed twice"));
+        }
+    }
+}
+
+/// An artifact's `image_archive` and the `[[images]]` entry of the same reference agree: one
+/// image, one source.
+fn check_image_archives(r: &Recipe, problems: &mut Vec<String>) {
+    let sources = r
+        .packages
+        .iter()
+        .map(|p| (p.image.as_ref(), p.image_archive.as_ref()))
+        .chain(
+            r.installers
+                .iter()
+                .map(|i| (i.image.as_ref(), i.image_archive.as_ref())),
+        );
+    for (image, archive) in sources {
+        let (Some(image), Some(archive)) = (image, archive) else {
+            continue;
+        };
+        let listed = r
+            .images
+            .iter()
+            .find(|i| &i.reference == image)
+            .and_then(|i| i.archive.as_ref());
+        if listed.is_some_and(|l| l != archive) {
+            problems.push(format!(
+                "image {image}: image_archive {} differs from the archive {} its [[images]] entry reads; give it once",
+                archive.display(),
+                listed.map(|l| l.display().to_string()).unwrap_or_default()
+            ));
+        }
     }
 }
 
@@ -457,27 +701,15 @@ pub struct Manifest {
     pub images: Vec<Image>,
     #[serde(default)]
     pub packages: Vec<Package>,
-    /// Controller installer programs (issue 12): objects without a database row.
+    /// Controller installer programs (no database row). Absent in bundles packed before them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub installers: Vec<Installer>,
+    /// Packages built from an image, and from which (absent for packages given as files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provenance: Vec<Provenance>,
     pub stack: Option<Stack>,
     #[serde(default)]
     pub regions: Regions,
-}
-
-/// A controller installer program in the bundle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Installer {
-    /// The file name the platform reads (`bklite-controller-installer`, `...installer.exe`,
-    /// `bklite-controller-bootstrap.exe`).
-    pub name: String,
-    pub os: Os,
-    pub arch: String,
-    /// Its bundle entry.
-    pub file: String,
-    pub size: u64,
-    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -570,6 +802,43 @@ pub struct Package {
     pub size: Option<u64>,
 }
 
+/// Where a package built from an image came from. A list of its own rather than fields of
+/// [`Package`], so that code building `Package` values elsewhere is unaffected: keyed by the
+/// package's bundle file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// The package's bundle path (a [`Package::file`]).
+    pub file: String,
+    /// The recipe's image reference, and the id of the image read.
+    pub image: String,
+    pub image_id: String,
+    /// The paths in the image the package's tree took, in the recipe's order.
+    pub paths: Vec<String>,
+}
+
+/// A controller installer program, stored as it was found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Installer {
+    /// The program's file name, one its OS serves ([`installer_names`]).
+    pub name: String,
+    pub os: Os,
+    /// x86_64, arm64 or generic.
+    pub arch: String,
+    /// Its bundle path.
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Provenance when read from an image: the recipe's reference, the image id, the path in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stack {
@@ -621,6 +890,16 @@ impl Manifest {
         let diff_ids = self.layer_problems(&paths, &mut p);
         self.image_problems(&paths, &diff_ids, &mut p);
         self.package_problems(&paths, &mut p);
+        self.installer_problems(&mut p);
+        for pv in &self.provenance {
+            if !self
+                .packages
+                .iter()
+                .any(|pk| pk.file.as_deref() == Some(pv.file.as_str()))
+            {
+                p.push(format!("provenance: {:?} is not the file of a package", pv.file));
+            }
+        }
         if let Some(s) = &self.stack {
             for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
                 if !paths.contains(f.as_str()) {
@@ -723,6 +1002,34 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Each installer's name fits its OS, its arch is known, it is listed once, and its file is a
+    /// listed payload of the same size and digest (installers are stored as they are).
+    fn installer_problems(&self, p: &mut Vec<String>) {
+        let mut keys = BTreeSet::new();
+        for i in &self.installers {
+            let what = format!("installers: {}/{} {}", i.os.as_str(), i.arch, i.name);
+            if let Some(why) = installer_name_problem(i.os, &i.name) {
+                p.push(format!("{what}: {why}"));
+            }
+            if normalize_installer_arch(&i.arch) != Some(i.arch.as_str()) {
+                p.push(format!("{what}: arch must be x86_64, arm64 or generic"));
+            }
+            if !keys.insert((i.os, &i.arch, &i.name)) {
+                p.push(format!("{what}: listed twice"));
+            }
+            match self.file(&i.file) {
+                None => p.push(format!("{what}: file {:?} is not in files", i.file)),
+                Some(f) if f.sha256 != i.sha256 || f.size != i.size => p.push(format!(
+                    "{what}: size {} and sha256 {} differ from its file's ({} bytes, {})",
+                    i.size, i.sha256, f.size, f.sha256
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,6 +1105,159 @@ NODE_SERVER_URL = "${SERVER_URL}"
         assert!(e.contains("other.zip") && e.contains("Telegraf"), "{e}");
     }
 
+    const IMAGE_RECIPE: &str = r#"
+format = 1
+[bundle]
+name = "demo"
+version = "1"
+
+[[packages]]
+type = "controller"
+os = "linux"
+arch = "amd64"
+object = "Controller"
+version = "1.0.1"
+image = "bklite/fusion-collector:latest"
+name = "fusion-collectors-linux-amd64.zip"
+tree = [
+  { from = "/opt/fusion-collectors", to = "", exclude = ["misc"] },
+  { from = "/opt/fusion-collectors/misc/VERSION", to = "VERSION" },
+]
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "Telegraf"
+version = "latest"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/telegraf"
+
+[[installers]]
+os = "linux"
+arch = "aarch64"
+image = "bklite/fusion-collector:latest"
+path = "/opt/release/linux/fusion-collectors/bklite-controller-installer"
+
+[[installers]]
+os = "windows"
+arch = "generic"
+file = "packages/bklite-controller-bootstrap.exe"
+"#;
+
+    #[test]
+    fn image_packages_and_installers_parse() {
+        let r = Recipe::parse(IMAGE_RECIPE, "r.toml").unwrap();
+        assert_eq!(
+            r.packages[0].file_name().as_deref(),
+            Some("fusion-collectors-linux-amd64.zip")
+        );
+        assert_eq!(r.packages[0].tree[0].exclude, ["misc"]);
+        assert_eq!(r.installers[0].arch, "arm64");
+        assert_eq!(r.installers[0].name(), "bklite-controller-installer");
+        assert_eq!(r.installers[1].arch, "generic");
+    }
+
+    #[test]
+    fn installer_names_must_match_their_os() {
+        let bad = IMAGE_RECIPE.replace("os = \"windows\"", "os = \"linux\"");
+        let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("installers[1]")
+                && e.contains("a linux installer must be named \"bklite-controller-installer\", found \"bklite-controller-bootstrap.exe\""),
+            "{e}"
+        );
+        let bad = IMAGE_RECIPE.replace("bklite-controller-bootstrap.exe", "setup.exe");
+        let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "\"bklite-controller-installer.exe\" or \"bklite-controller-bootstrap.exe\", found \"setup.exe\""
+            ),
+            "{e}"
+        );
+        let bad = IMAGE_RECIPE.replace("arch = \"generic\"", "arch = \"mips\"");
+        assert!(Recipe::parse(&bad, "r.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("not x86_64, arm64 or generic"));
+        // generic is for installers only.
+        let bad = IMAGE_RECIPE.replace("arch = \"amd64\"", "arch = \"generic\"");
+        assert!(Recipe::parse(&bad, "r.toml").is_err());
+    }
+
+    #[test]
+    fn image_package_fields_are_checked() {
+        for (from, to, needle) in [
+            (
+                "name = \"fusion-collectors-linux-amd64.zip\"",
+                "name = \"x.tar.gz\"",
+                "ending in .zip",
+            ),
+            (
+                "from = \"/opt/fusion-collectors\", to",
+                "from = \"opt/../etc\", to",
+                "must be an absolute path",
+            ),
+            (
+                "to = \"VERSION\"",
+                "to = \"../VERSION\"",
+                "relative path inside the package",
+            ),
+            ("exclude = [\"misc\"]", "exclude = [\"/misc\"]", "tree[0].exclude"),
+            (
+                "image = \"bklite/fusion-collector:latest\"\nname",
+                "file = \"a.zip\"\nimage = \"x\"\nname",
+                "not several",
+            ),
+            ("colour", "colour", ""),
+        ] {
+            if needle.is_empty() {
+                let bad = IMAGE_RECIPE.replace("tree = [", "colour = 1\ntree = [");
+                let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+                assert!(e.contains("colour") && e.contains("line 15"), "{e}");
+                continue;
+            }
+            let bad = IMAGE_RECIPE.replace(from, to);
+            assert_ne!(bad, IMAGE_RECIPE, "{from}");
+            let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+            assert!(e.contains("packages[0]") && e.contains(needle), "{needle}: {e}");
+        }
+        // A collector may point into a package built from an image, by its name.
+        let bad = IMAGE_RECIPE.replace("from = \"fusion-collectors-linux-amd64.zip\"", "from = \"other.zip\"");
+        assert!(Recipe::parse(&bad, "r.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("other.zip"));
+    }
+
+    /// The BK-Lite recipe stays valid as it changes: packages and installers from the image.
+    #[test]
+    fn the_bklite_recipe_parses() {
+        let r = Recipe::parse(include_str!("../manifests/bklite.toml"), "manifests/bklite.toml").unwrap();
+        let built: Vec<String> = r
+            .packages
+            .iter()
+            .filter(|p| p.image.is_some())
+            .filter_map(|p| p.file_name())
+            .collect();
+        assert_eq!(
+            built,
+            [
+                "fusion-collectors-linux-amd64.zip",
+                "fusion-collectors-linux-arm64.zip",
+                "fusion-collectors-windows-amd64.zip"
+            ]
+        );
+        let installers: Vec<String> = r.installers.iter().map(|i| i.describe()).collect();
+        assert_eq!(
+            installers,
+            [
+                "installer linux/x86_64 bklite-controller-installer",
+                "installer windows/x86_64 bklite-controller-installer.exe"
+            ]
+        );
+    }
+
     #[test]
     fn unsafe_paths_are_refused() {
         for bad in ["../x", "/etc/passwd", "a/../b", "a//b", "./a", "a\\b", ""] {
@@ -835,7 +1295,8 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 size: 0,
             }],
             packages: vec![],
-            installers: Vec::new(),
+            installers: vec![],
+            provenance: vec![],
             stack: None,
             regions: Regions::default(),
         };
@@ -845,6 +1306,31 @@ NODE_SERVER_URL = "${SERVER_URL}"
         let mut ok = m.clone();
         ok.images[0].layers.clear();
         assert_eq!(Manifest::parse(&ok.to_toml(), "bundle.toml").unwrap(), ok);
+    }
+
+    /// An installer read from an image (image id `a`, content digest `b`).
+    fn installer(a: &str, b: &str) -> Installer {
+        Installer {
+            name: "bklite-controller-installer".into(),
+            os: Os::Linux,
+            arch: "x86_64".into(),
+            file: layout::installer_path("linux", "x86_64", "bklite-controller-installer"),
+            size: 1,
+            sha256: b.to_string(),
+            image: Some("bklite/fusion-collector:latest".into()),
+            image_id: Some(format!("sha256:{a}")),
+            path: Some("/opt/release/linux/fusion-collectors/bklite-controller-installer".into()),
+        }
+    }
+
+    /// The image a package was built from (image id `a`).
+    fn provenance_of(a: &str) -> Provenance {
+        Provenance {
+            file: String::new(),
+            image: "bklite/fusion-collector:latest".into(),
+            image_id: format!("sha256:{a}"),
+            paths: vec![],
+        }
     }
 
     /// Every field of the manifest populated, so that its schema lists them all.
@@ -869,6 +1355,10 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 file(layout::config_path(&a), &a),
                 file(layout::layer_path(&b, "zst"), &b),
                 file(layout::package_path("c.zip"), &a),
+                file(
+                    layout::installer_path("linux", "x86_64", "bklite-controller-installer"),
+                    &b,
+                ),
                 file(layout::stack_path("compose.yml"), &a),
                 file(layout::stack_path("env.template"), &a),
             ],
@@ -900,7 +1390,12 @@ NODE_SERVER_URL = "${SERVER_URL}"
                 sha256: Some(a.clone()),
                 size: Some(1),
             }],
-            installers: Vec::new(),
+            provenance: vec![Provenance {
+                file: layout::package_path("c.zip"),
+                paths: vec!["/opt/fusion-collectors".into()],
+                ..provenance_of(&a)
+            }],
+            installers: vec![installer(&a, &b)],
             stack: Some(Stack {
                 project: "demo".into(),
                 compose: layout::stack_path("compose.yml"),

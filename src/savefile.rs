@@ -62,22 +62,45 @@ pub fn ingest<R: Read>(
     stored: &mut HashMap<String, StoredLayer>,
     s: &Settings,
 ) -> Result<Vec<SavedImage>> {
-    let streamed = stream_entries(src, out, stored, s)?;
+    // One compression context for every layer of the archive: a fresh multi-threaded context per
+    // layer starts new worker threads and buffers each time, and peak memory crept up with the
+    // number of layers.
+    let mut zctx = match s.compression {
+        Compression::Zstd => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
+        Compression::Gzip => None,
+    };
+    let mut on_layer = |_: &str, layer: &mut dyn Read| store_layer(layer, out, stored, zctx.as_mut(), s);
+    read_archive(src, s.source, s.progress, &mut on_layer)
+}
+
+/// One pass over a `docker save` or OCI archive: every layer blob is handed to `on_layer` (with
+/// its path in the archive) as it streams by, which reads it and returns its diff id (the SHA-256
+/// of its uncompressed content); the images are known at the end, from `manifest.json` or
+/// `index.json`. `progress` is called with the metadata bytes read (`on_layer` reports its own).
+/// Pack's image ingest and its extraction of files from images (`pack::extract`) both read
+/// archives through it, so they understand the same layouts.
+pub fn read_archive<R: Read>(
+    src: R,
+    source: &str,
+    progress: &(dyn Fn(u64) + Sync),
+    on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
+) -> Result<Vec<SavedImage>> {
+    let streamed = stream_entries(src, source, progress, on_layer)?;
     let items = if let Some(m) = streamed.meta.get("manifest.json") {
         let items: Vec<DockerItem> =
-            serde_json::from_slice(m).map_err(|e| bad(s.source, format!("manifest.json: {e}")))?;
+            serde_json::from_slice(m).map_err(|e| bad(source, format!("manifest.json: {e}")))?;
         items
             .into_iter()
             .map(|i| (i.repo_tags.unwrap_or_default(), i.config, i.layers))
             .collect::<Vec<_>>()
     } else if let Some(idx) = streamed.meta.get("index.json") {
-        oci_items(idx, &streamed.meta, s.source)?
+        oci_items(idx, &streamed.meta, source)?
     } else {
-        return Err(bad(s.source, "it has neither manifest.json nor index.json"));
+        return Err(bad(source, "it has neither manifest.json nor index.json"));
     };
     let mut images = Vec::new();
     for (tags, config_path, layer_paths) in items {
-        images.push(streamed.image(tags, &config_path, &layer_paths, s.source)?);
+        images.push(streamed.image(tags, &config_path, &layer_paths, source)?);
     }
     Ok(images)
 }
@@ -92,29 +115,22 @@ struct Streamed {
     links: HashMap<String, String>,
 }
 
-/// The archive read once, front to back: links noted, small JSON kept, every other file stored
-/// as a layer as it streams by.
+/// The archive read once, front to back: links noted, small JSON kept, every other file handed
+/// to `on_layer` as it streams by.
 fn stream_entries<R: Read>(
     src: R,
-    out: &mut BundleWriter,
-    stored: &mut HashMap<String, StoredLayer>,
-    s: &Settings,
+    source: &str,
+    progress: &(dyn Fn(u64) + Sync),
+    on_layer: &mut dyn FnMut(&str, &mut dyn Read) -> Result<String>,
 ) -> Result<Streamed> {
     let mut archive = tar::Archive::new(src);
-    // One compression context for every layer of the archive: a fresh multi-threaded context per
-    // layer starts new worker threads and buffers each time, and peak memory crept up with the
-    // number of layers.
-    let mut zctx = match s.compression {
-        Compression::Zstd => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
-        Compression::Gzip => None,
-    };
     let mut streamed = Streamed {
         meta: HashMap::new(),
         layer_of: HashMap::new(),
         links: HashMap::new(),
     };
     let mut meta_bytes = 0usize;
-    let read_err = |e: io::Error| Error::external(format!("reading images from {}: {e}", s.source));
+    let read_err = |e: io::Error| Error::external(format!("reading images from {source}: {e}"));
     for entry in archive.entries().map_err(read_err)? {
         let mut e = entry.map_err(read_err)?;
         let path = normalize(&String::from_utf8_lossy(&e.path_bytes()));
@@ -136,27 +152,28 @@ fn stream_entries<R: Read>(
         let mut peek = Vec::with_capacity(512);
         (&mut e).take(512).read_to_end(&mut peek).map_err(read_err)?;
         if is_meta(&path, &peek, size) {
-            meta_bytes += size as usize;
+            meta_bytes = meta_bytes.saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
             if meta_bytes > META_BUDGET {
                 return Err(bad(
-                    s.source,
+                    source,
                     format!("more than {META_BUDGET} bytes of image metadata; is this an image archive?"),
                 ));
             }
             let mut data = peek;
             e.read_to_end(&mut data).map_err(read_err)?;
-            (s.progress)(size);
+            progress(size);
             streamed.meta.insert(path, data);
             continue;
         }
-        let layer = store_layer(Cursor::new(peek).chain(&mut e), out, stored, zctx.as_mut(), s).map_err(|err| {
+        let mut layer = Cursor::new(peek).chain(&mut e);
+        let diff_id = on_layer(&path, &mut layer).map_err(|err| {
             if err.kind == crate::error::Kind::Io {
                 err
             } else {
                 Error::new(err.kind, format!("{} (layer {path})", err.message))
             }
         })?;
-        streamed.layer_of.insert(path, layer);
+        streamed.layer_of.insert(path, diff_id);
     }
     Ok(streamed)
 }
@@ -253,22 +270,9 @@ fn store_layer<R: Read>(
     zctx: Option<&mut zstd::zstd_safe::CCtx<'static>>,
     s: &Settings,
 ) -> Result<String> {
-    let mut src = io::BufReader::with_capacity(1 << 16, src);
-    let magic = {
-        use io::BufRead;
-        src.fill_buf()
-            .map_err(|e| Error::external(format!("reading images from {}: {e}", s.source)))?
-            .to_vec()
-    };
     // A compressed layer (containerd image store, OCI archives) is stored uncompressed-then-
     // recompressed so that its name is its diff id and install can hand the engine a plain tar.
-    let mut plain: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(src))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::new(src).map_err(|e| Error::internal(format!("zstd: {e}")))?)
-    } else {
-        Box::new(src)
-    };
+    let mut plain = plain_layer(src, s.source)?;
     let ext = s.compression.extension();
     let mut entry = out.begin(&bundle::layout::layer_path("incoming", ext), 0o644)?;
     let mut hasher = Hasher::new();
@@ -316,6 +320,25 @@ fn store_layer<R: Read>(
     Ok(diff_id)
 }
 
+/// A layer blob's uncompressed tar: gzip and zstd layers (OCI archives, the containerd image
+/// store) are decompressed, a plain tar passes through.
+pub fn plain_layer<'r, R: Read + 'r>(src: R, source: &str) -> Result<Box<dyn Read + 'r>> {
+    let mut src = io::BufReader::with_capacity(1 << 16, src);
+    let magic = {
+        use io::BufRead;
+        src.fill_buf()
+            .map_err(|e| Error::external(format!("reading images from {source}: {e}")))?
+            .to_vec()
+    };
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(src))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::new(src).map_err(|e| Error::internal(format!("zstd: {e}")))?)
+    } else {
+        Box::new(src)
+    })
+}
+
 /// Both encoders, finished through one call.
 trait Encoder: Write {
     fn finish_box(self: Box<Self>) -> io::Result<()>;
@@ -353,7 +376,7 @@ fn parent(p: &str) -> &str {
 }
 
 /// Collapse `.`, `..` and empty components; archive paths are always relative.
-fn normalize(p: &str) -> String {
+pub(crate) fn normalize(p: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     for c in p.split('/') {
         match c {

@@ -6,7 +6,7 @@
 
 use crate::bundle::{open_verified, Check, OpenOptions};
 use crate::error::Result;
-use crate::inspect::human;
+use crate::inspect::{human, installer_rows, render_installers, InstallerRow};
 use crate::progress::Reporter;
 use crate::report::Report;
 use serde::Serialize;
@@ -33,6 +33,8 @@ pub struct VerifyReport {
     pub files: usize,
     pub bytes: u64,
     pub signature: SignatureStatus,
+    /// The controller installer programs, each checked with the rest.
+    pub installers: Vec<InstallerRow>,
     pub seconds: f64,
 }
 
@@ -53,6 +55,7 @@ pub fn run(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<VerifyReport
         files: bundle.files(),
         bytes: bundle.bytes(),
         signature: bundle.signature().clone(),
+        installers: installer_rows(m),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -67,15 +70,20 @@ impl Report for VerifyReport {
             }
         };
         let rate = self.bytes as f64 / self.seconds.max(1e-9);
+        let mut installers = String::new();
+        if !self.installers.is_empty() {
+            render_installers(&mut installers, &self.installers);
+        }
         format!(
-            "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}",
+            "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}{}",
             self.name,
             self.version,
             self.bundle,
             self.files,
             human(self.bytes),
             self.seconds,
-            human(rate as u64)
+            human(rate as u64),
+            installers.trim_end()
         )
     }
 }

@@ -1,8 +1,9 @@
 //! Where things sit inside a bundle (docs/FORMAT.md): the one place that names the entries.
 //!
-//! Payload paths are built here (`stack/...`, `packages/...`, `images/...`, `bin/bkbundle`), and
-//! so are the descriptive files that describe the payload rather than being part of it: the
-//! manifest, its signature and public key, and the `SHA256SUMS` that `sha256sum -c` accepts.
+//! Payload paths are built here (`stack/...`, `packages/...`, `installers/...`, `images/...`,
+//! `bin/bkbundle`), and so are the descriptive files that describe the payload rather than being
+//! part of it: the manifest, its signature and public key, and the `SHA256SUMS` that
+//! `sha256sum -c` accepts.
 
 use crate::manifest::FileEntry;
 
@@ -22,6 +23,7 @@ pub const DESCRIPTIVE: [&str; 4] = [MANIFEST, SIGNATURE, PUBKEY, SUMS];
 
 const STACK: &str = "stack/";
 const PACKAGES: &str = "packages/";
+const INSTALLERS: &str = "installers/";
 const IMAGES: &str = "images/";
 
 /// Bundle path of a layer's payload, named by its diff id's hex.
@@ -39,6 +41,12 @@ pub fn package_path(file_name: &str) -> String {
     format!("{PACKAGES}{file_name}")
 }
 
+/// Bundle path of a controller installer program: per OS and arch, since the same file name
+/// (`bklite-controller-installer`) exists for several architectures.
+pub fn installer_path(os: &str, arch: &str, file_name: &str) -> String {
+    format!("{INSTALLERS}{os}/{arch}/{file_name}")
+}
+
 /// Bundle path of a stack file, `rel` relative to the stack directory.
 pub fn stack_path(rel: &str) -> String {
     format!("{STACK}{rel}")
@@ -54,6 +62,7 @@ pub fn stack_relative(path: &str) -> &str {
 pub enum Section {
     Images,
     Packages,
+    Installers,
     Stack,
     Binary,
 }
@@ -64,6 +73,8 @@ pub fn section(path: &str) -> Option<Section> {
         Some(Section::Images)
     } else if path.starts_with(PACKAGES) {
         Some(Section::Packages)
+    } else if path.starts_with(INSTALLERS) {
+        Some(Section::Installers)
     } else if path.starts_with(STACK) {
         Some(Section::Stack)
     } else if path == BINARY {
@@ -98,6 +109,14 @@ mod tests {
         assert_eq!(section(&config_path("ab")), Some(Section::Images));
         assert_eq!(section(&package_path("a.zip")), Some(Section::Packages));
         assert_eq!(section(&stack_path("docker-compose.yml")), Some(Section::Stack));
+        assert_eq!(
+            installer_path("linux", "x86_64", "bklite-controller-installer"),
+            "installers/linux/x86_64/bklite-controller-installer"
+        );
+        assert_eq!(
+            section(&installer_path("windows", "generic", "a.exe")),
+            Some(Section::Installers)
+        );
         assert_eq!(section(BINARY), Some(Section::Binary));
         assert_eq!(section(MANIFEST), None);
         assert_eq!(stack_relative(&stack_path("conf/a.env")), "conf/a.env");

@@ -23,7 +23,7 @@ use super::parts::RangeReader;
 use super::reader::{BundleReader, Entry};
 use crate::digest::{sha256_hex, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::{FileEntry, Image, Layer, Manifest};
+use crate::manifest::{FileEntry, Image, Installer, Layer, Manifest};
 use crate::progress::Reporter;
 use crate::sign;
 use serde::Serialize;
@@ -488,6 +488,12 @@ impl VerifiedBundle {
         self.payload(path)
     }
 
+    /// A controller installer program's bytes (a manifest installer's `file`), checked as they
+    /// are read: a damaged installer fails the read that would return its last bytes.
+    pub fn installer(&self, installer: &Installer) -> Result<EntryReader<'_>> {
+        self.payload(&installer.file)
+    }
+
     /// A package file that is read as an archive (zip needs to seek): checked whole first, unless
     /// it was already, then handed out seekable.
     pub fn package_archive(&self, path: &str) -> Result<EntryReader<'_>> {
@@ -651,7 +657,8 @@ mod tests {
             layers: vec![],
             images: vec![],
             packages: vec![],
-            installers: Vec::new(),
+            installers: vec![],
+            provenance: vec![],
             stack: Some(Stack {
                 project: "t".into(),
                 compose: a.path.clone(),
@@ -733,7 +740,8 @@ mod tests {
             layers: vec![],
             images: vec![],
             packages: vec![],
-            installers: Vec::new(),
+            installers: vec![],
+            provenance: vec![],
             stack: None,
             regions: Default::default(),
         };

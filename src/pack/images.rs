@@ -173,7 +173,7 @@ fn configs(saved: &[(String, SavedImage)], stored: &Stored, writer: &mut BundleW
 }
 
 /// Pick the archive image a recipe ref names; a lone image is taken whatever its tag.
-fn pick_from_archive(reference: &str, images: &[SavedImage]) -> Option<SavedImage> {
+pub(super) fn pick_from_archive(reference: &str, images: &[SavedImage]) -> Option<SavedImage> {
     let norm = crate::install::offline::normalize_ref;
     let want = norm(reference);
     images

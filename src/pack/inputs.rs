@@ -161,8 +161,9 @@ pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
     })
 }
 
-/// Check every input the recipe names; one error listing every problem.
-pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<Checked> {
+/// Check every input the recipe names; the problems found are returned for one report with
+/// those of the artifacts taken from images ([`combine`] makes it).
+pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<(Checked, Vec<Error>)> {
     let mut problems = Vec::new();
     let (packages, listings) = check_packages(&plan.recipe, &plan.base, &mut problems);
     let stack = plan
@@ -185,17 +186,17 @@ pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<Checke
             }
         }
     }
-    combine(problems)?;
-    Ok(Checked {
+    let checked = Checked {
         packages,
         listings,
         stack,
         engine,
-    })
+    };
+    Ok((checked, problems))
 }
 
 /// One error for all problems found, so the operator fixes them in one round.
-fn combine(mut problems: Vec<Error>) -> Result<()> {
+pub(super) fn combine(mut problems: Vec<Error>) -> Result<()> {
     match problems.len() {
         0 => Ok(()),
         1 => Err(problems.remove(0)),

@@ -6,21 +6,30 @@ use super::inputs::Plan;
 use super::{rfc3339, PackReport};
 use crate::bundle::{layout, BundleWriter};
 use crate::error::{Error, Result};
-use crate::manifest::{BundleInfo, Manifest, Package, Stack, FORMAT};
+use crate::manifest::{BundleInfo, Installer, Manifest, Package, Provenance, Stack, FORMAT};
 use crate::sign::{self, Signer};
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// What the writing steps wrote, for the manifest.
+pub(super) struct Payload {
+    pub written: Written,
+    pub packages: Vec<Package>,
+    pub installers: Vec<Installer>,
+    pub provenance: Vec<Provenance>,
+    pub stack: Option<Stack>,
+}
+
 /// The manifest for the payload `writer` holds; a manifest that fails its own cross-checks is a
 /// bug of pack, refused before it is written.
-pub(super) fn build(
-    plan: &Plan,
-    now: u64,
-    writer: &BundleWriter,
-    written: Written,
-    packages: Vec<Package>,
-    stack: Option<Stack>,
-) -> Result<Manifest> {
+pub(super) fn build(plan: &Plan, now: u64, writer: &BundleWriter, payload: Payload) -> Result<Manifest> {
+    let Payload {
+        written,
+        packages,
+        installers,
+        provenance,
+        stack,
+    } = payload;
     let recipe = &plan.recipe;
     let m = Manifest {
         format: FORMAT,
@@ -36,7 +45,8 @@ pub(super) fn build(
         layers: written.layers,
         images: written.images,
         packages,
-        installers: Vec::new(),
+        installers,
+        provenance,
         stack,
         regions: recipe.regions.clone(),
     };
@@ -99,6 +109,8 @@ pub(super) fn report(
         image_bytes_uncompressed: m.layers.iter().map(|l| l.size).sum(),
         image_bytes_stored,
         packages: m.packages.len(),
+        installers: m.installers.len(),
+        image_reads: Vec::new(),
         stack_files: m.stack.as_ref().map(|s| s.files.len()).unwrap_or(0),
         signed_by,
         seconds: t0.elapsed().as_secs_f64(),

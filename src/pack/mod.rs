@@ -9,10 +9,14 @@
 //!
 //! One module per step, [`run`] the sequence of them:
 //! - [`inputs`]: the recipe and the checks of every input, all problems at once;
+//! - [`artifacts`] (with [`extract`]): packages and installers taken from images, read from the
+//!   images' layers and checked before anything is written;
 //! - [`images`]: engine images and image archives into layers and configs;
-//! - [`packages`]: agent packages, stack files and the bkbundle binary;
+//! - [`packages`]: agent packages, installers, stack files and the bkbundle binary;
 //! - [`manifest`]: the manifest built from what was written, signed, and the bundle closed.
 
+mod artifacts;
+mod extract;
 mod images;
 mod inputs;
 mod manifest;
@@ -28,6 +32,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
+pub use artifacts::{ArtifactError, ImageRead};
 pub use inputs::PackInputError;
 
 #[derive(Debug, Clone)]
@@ -54,6 +59,9 @@ pub struct PackReport {
     pub image_bytes_uncompressed: u64,
     pub image_bytes_stored: u64,
     pub packages: usize,
+    pub installers: usize,
+    /// Images packages or installers were read from: layer bytes read against the image's size.
+    pub image_reads: Vec<ImageRead>,
     pub stack_files: usize,
     pub signed_by: Option<String>,
     pub seconds: f64,
@@ -70,9 +78,16 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let mut steps = Vec::new();
     let plan = inputs::read(opts)?;
 
-    // 1. Check every input before writing anything.
+    // 1. Check every input before writing anything, artifacts taken from images included.
     let t = Instant::now();
-    let checked = inputs::check(&plan, reporter).await?;
+    let (mut checked, mut problems) = inputs::check(&plan, reporter).await?;
+    let mut extracted = artifacts::run(&plan, checked.engine.as_ref(), &opts.output, reporter, &mut problems).await?;
+    inputs::combine(problems)?;
+    // Built packages are written like package files; collectors find their entries in them.
+    for (i, built) in &extracted.built {
+        checked.packages[*i].1 = Some(built.path.clone());
+    }
+    checked.listings.append(&mut extracted.listings);
     steps.push(("check inputs".to_string(), t.elapsed().as_secs_f64()));
 
     // 2. Write: images, then packages, stack and the binary.
@@ -85,17 +100,27 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let written = images::write(&plan, checked.engine.as_ref(), &mut writer, reporter).await?;
     steps.push(("images".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let packages = packages::write_packages(&checked, &mut writer, reporter)?;
+    let (packages, provenance) = packages::write_packages(&checked, &extracted, &mut writer, reporter)?;
+    let installers = packages::write_installers(&extracted, &mut writer, reporter)?;
     let stack = packages::write_stack(&plan.recipe, &checked, &mut writer)?;
     packages::write_binary(&mut writer)?;
     steps.push(("packages and stack".to_string(), t.elapsed().as_secs_f64()));
 
     // 3. Manifest, signature, sums; then commit.
-    let m = manifest::build(&plan, now, &writer, written, packages, stack)?;
+    let payload = manifest::Payload {
+        written,
+        packages,
+        installers,
+        provenance,
+        stack,
+    };
+    let m = manifest::build(&plan, now, &writer, payload)?;
     let signed_by = manifest::write(&m, plan.signer.as_ref(), now, &mut writer)?;
     let bytes = writer.position()? + 1024;
     let output = writer.commit()?;
-    Ok(manifest::report(&m, output, bytes, signed_by, t0, steps))
+    let mut report = manifest::report(&m, output, bytes, signed_by, t0, steps);
+    report.image_reads = extracted.reads.clone();
+    Ok(report)
 }
 
 /// The bundle writer at `opts.output` (temporary names until commit).
@@ -110,8 +135,22 @@ fn create_output(opts: &PackOptions, now: u64) -> Result<BundleWriter> {
 
 impl Report for PackReport {
     fn render(&self) -> String {
+        let reads: String = self
+            .image_reads
+            .iter()
+            .map(|r| {
+                format!(
+                    "\n  {} artifact(s) from {}: {} layer(s) read once, {} read of the image's {}",
+                    r.artifacts,
+                    r.image,
+                    r.layers_read,
+                    human(r.bytes_read),
+                    human(r.image_bytes)
+                )
+            })
+            .collect();
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} stack files{}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} installers, {} stack files{}{reads}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
@@ -120,6 +159,7 @@ impl Report for PackReport {
             human(self.image_bytes_uncompressed),
             human(self.image_bytes_stored),
             self.packages,
+            self.installers,
             self.stack_files,
             self.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
             human(self.bytes),

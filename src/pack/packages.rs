@@ -1,23 +1,27 @@
-//! Agent packages, stack files and the bkbundle binary into the bundle.
+//! Agent packages, installers, stack files and the bkbundle binary into the bundle.
 
+use super::artifacts::Extracted;
 use super::inputs::Checked;
 use crate::bundle::{layout, BundleWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Package, Recipe, RecipePackage, Stack};
+use crate::manifest::{Installer, Package, Provenance, Recipe, RecipePackage, Stack};
 use crate::progress::{Reporter, Task};
 use std::fs;
 use std::io::Read;
 use std::path::Path;
 
 /// Every recipe package: its file written (with progress), or for a collector inside a
-/// controller package the entry's digest taken when the controller was checked.
+/// controller package the entry's digest taken when the controller was checked; and where the
+/// packages built from images came from.
 pub(super) fn write_packages(
     checked: &Checked,
+    extracted: &Extracted,
     writer: &mut BundleWriter,
     reporter: &dyn Reporter,
-) -> Result<Vec<Package>> {
+) -> Result<(Vec<Package>, Vec<Provenance>)> {
     let mut packages = Vec::new();
-    for (p, path) in &checked.packages {
+    let mut provenance = Vec::new();
+    for (i, (p, path)) in checked.packages.iter().enumerate() {
         let name = package_name(p);
         let (file, digest) = match path {
             Some(path) => {
@@ -37,6 +41,14 @@ pub(super) fn write_packages(
                 },
             ),
         };
+        if let (Some(built), Some(file)) = (extracted.built.get(&i), &file) {
+            provenance.push(Provenance {
+                file: file.clone(),
+                image: built.image.clone(),
+                image_id: built.image_id.clone(),
+                paths: built.paths.clone(),
+            });
+        }
         packages.push(Package {
             file,
             name,
@@ -52,17 +64,48 @@ pub(super) fn write_packages(
             size: digest.map(|d| d.1),
         });
     }
-    Ok(packages)
+    Ok((packages, provenance))
 }
 
-/// A package's name: its file's, or for a collector inside a controller package its binary's.
+/// Every installer, stored as it is under its OS and arch, with its provenance.
+pub(super) fn write_installers(
+    extracted: &Extracted,
+    writer: &mut BundleWriter,
+    reporter: &dyn Reporter,
+) -> Result<Vec<Installer>> {
+    let mut out = Vec::new();
+    for inst in &extracted.installers {
+        let size = fs::metadata(&inst.path).map(|m| m.len()).unwrap_or(0);
+        let task = reporter.task(&format!("installer {}", inst.name), Some(size));
+        let mut f = fs::File::open(&inst.path).io_ctx("cannot open installer", &inst.path)?;
+        let bundle_path = layout::installer_path(inst.os.as_str(), &inst.arch, &inst.name);
+        let entry = writer.add_reader(&bundle_path, 0o755, &mut ProgressRead(&mut f, &*task))?;
+        task.finish();
+        let (image, image_id, path) = match &inst.origin {
+            Some((image, id, path)) => (Some(image.clone()), Some(id.clone()), Some(path.clone())),
+            None => (None, None, None),
+        };
+        out.push(Installer {
+            name: inst.name.clone(),
+            os: inst.os,
+            arch: inst.arch.clone(),
+            file: entry.path,
+            size: entry.size,
+            sha256: entry.sha256,
+            image,
+            image_id,
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// A package's name: its file's (or the archive built from an image), or for a collector
+/// inside a controller package its binary's.
 fn package_name(p: &RecipePackage) -> String {
-    match (&p.file, &p.from) {
-        (Some(f), _) => f
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        _ => p
+    match p.file_name() {
+        Some(n) => n,
+        None => p
             .entry
             .as_deref()
             .and_then(|e| e.rsplit('/').next())

@@ -115,6 +115,7 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
             size: Some(pkg.size),
         }],
         installers: Vec::new(),
+        provenance: Vec::new(),
         stack: Some(Stack {
             project: "fuzz".into(),
             compose: "stack/docker-compose.yml".into(),

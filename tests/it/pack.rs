@@ -659,3 +659,512 @@ fn an_unreachable_registry_fails_once_and_names_every_image() {
     assert!(v.stderr.contains(&format!("image 127.0.0.1:{port}/b:1 is not in the local Docker engine (not pulled: pulling 127.0.0.1:{port}/a:1 already failed)")), "{}", v.stderr);
     assert!(!d.path().join("o.bkb").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12: packages and installers taken from an image's layers.
+
+/// The test image's first layer: path, content, mode.
+const FC_FILES: &[(&str, &str, u32)] = &[
+    ("opt/fusion-collectors/bin/telegraf", "telegraf v1\n", 0o755),
+    ("opt/fusion-collectors/bin/vector", "vector\n", 0o755),
+    ("opt/fusion-collectors/bin/nats-executor", "nats-executor\n", 0o755),
+    ("opt/fusion-collectors/collector-sidecar", "sidecar\n", 0o755),
+    ("opt/fusion-collectors/sidecar.yml", "the container's\n", 0o644),
+    ("opt/fusion-collectors/stale.txt", "deleted by layer 2\n", 0o644),
+    ("opt/fusion-collectors/misc/VERSION", "1.0.1\n", 0o644),
+    (
+        "opt/fusion-collectors/misc/linux/install.sh",
+        "#!/bin/sh\necho install\n",
+        0o755,
+    ),
+    ("opt/fusion-collectors/misc/linux/uninstall.sh", "#!/bin/sh\n", 0o755),
+    (
+        "opt/fusion-collectors/misc/linux/sidecar.yml",
+        "server_url: __SERVER__URL__\n",
+        0o640,
+    ),
+    (
+        "opt/fusion-collectors/misc/olddir/x",
+        "deleted with its directory\n",
+        0o644,
+    ),
+    (
+        "opt/release/linux/fusion-collectors/bklite-controller-installer",
+        "#!/bin/sh\necho installer\n",
+        0o755,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bklite-controller-installer.exe",
+        "MZ installer\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/install.ps1",
+        "Write-Host install\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/sidecar.yml",
+        "server_url: x\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bin/telegraf.exe",
+        "exe1\n",
+        0o644,
+    ),
+    (
+        "opt/release/windows/fusion-collectors/bin/nats-executor.exe",
+        "gone in layer 2\n",
+        0o644,
+    ),
+    ("opt/empty/bklite-controller-installer", "", 0o755),
+    ("opt/bad/fusion-collectors/sidecar.yml", "x\n", 0o644),
+    ("opt/bad/fusion-collectors/bin/telegraf", "t\n", 0o755),
+    ("opt/nosidecar/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
+    ("opt/linky/fusion-collectors/install.sh", "#!/bin/sh\n", 0o755),
+    ("opt/linky/fusion-collectors/sidecar.yml", "x\n", 0o644),
+];
+
+/// The second layer overrides a file, deletes a file and a directory, adds symlinks (one that
+/// leaves its tree) and recreates a directory with one of its files.
+const FC_DOCKERFILE: &str = "FROM bkbundle-demo/base:1\nCOPY opt /opt\n\
+     RUN rm /opt/fusion-collectors/stale.txt && rm -r /opt/fusion-collectors/misc/olddir \
+     && echo 'telegraf v2' > /opt/fusion-collectors/bin/telegraf \
+     && ln -s telegraf /opt/fusion-collectors/bin/telegraf-link \
+     && mkdir -p /opt/linky/fusion-collectors/bin && ln -s /etc/passwd /opt/linky/fusion-collectors/bin/x \
+     && rm -r /opt/release/windows/fusion-collectors/bin && mkdir /opt/release/windows/fusion-collectors/bin \
+     && echo exe2 > /opt/release/windows/fusion-collectors/bin/telegraf.exe\n";
+
+/// The test image: `bkbundle-demo/base:1` plus two layers, built once per test process with the
+/// classic builder (offline). The first layer (COPY) lays out upstream's paths; the second (RUN)
+/// overrides a file, deletes a file and a directory, and replaces a directory with a new one, so
+/// that whiteouts and layer order decide what pack reads. Returns (reference, build context).
+fn fc_image() -> &'static (String, PathBuf) {
+    static IMG: OnceLock<(String, PathBuf, tempfile::TempDir)> = OnceLock::new();
+    let (r, c, _) = IMG.get_or_init(|| {
+        ensure_demo_images();
+        let ctx = tempfile::tempdir().unwrap();
+        for (path, content, mode) in FC_FILES {
+            use std::os::unix::fs::PermissionsExt;
+            let p = ctx.path().join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, content).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
+        }
+        fs::write(ctx.path().join("Dockerfile"), FC_DOCKERFILE).unwrap();
+        let reference = "bkbundle-test/fusion-collector:1".to_string();
+        sh(&format!(
+            "DOCKER_BUILDKIT=0 docker build -q -t {reference} {} >/dev/null",
+            ctx.path().display()
+        ));
+        (reference, ctx.path().to_path_buf(), ctx)
+    });
+    // The tuple without the guard: the context lives as long as the process.
+    static VIEW: OnceLock<(String, PathBuf)> = OnceLock::new();
+    VIEW.get_or_init(|| (r.clone(), c.clone()))
+}
+
+/// The BK-Lite shape of a recipe's image-sourced artifacts, for image `img`.
+fn image_artifacts(img: &str) -> String {
+    format!(
+        r#"
+[[packages]]
+type = "controller"
+os = "linux"
+arch = "x86_64"
+object = "Controller"
+version = "1.0.1"
+image = "{img}"
+name = "fusion-collectors-linux-amd64.zip"
+tree = [
+  {{ from = "/opt/fusion-collectors", to = "", exclude = ["misc"] }},
+  {{ from = "/opt/fusion-collectors/misc/linux", to = "" }},
+  {{ from = "/opt/fusion-collectors/misc/VERSION", to = "VERSION" }},
+]
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "Telegraf"
+version = "latest"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/telegraf"
+
+[[packages]]
+type = "controller"
+os = "windows"
+arch = "x86_64"
+object = "Controller"
+version = "1.0.1"
+image = "{img}"
+name = "fusion-collectors-windows-amd64.zip"
+tree = [
+  {{ from = "/opt/release/windows/fusion-collectors", to = "", exclude = ["bklite-controller-installer.exe"] }},
+  {{ from = "/opt/fusion-collectors/misc/VERSION", to = "VERSION" }},
+]
+
+[[packages]]
+type = "collector"
+os = "windows"
+arch = "x86_64"
+object = "Telegraf"
+version = "latest"
+from = "fusion-collectors-windows-amd64.zip"
+entry = "bin/telegraf.exe"
+
+[[installers]]
+os = "linux"
+arch = "amd64"
+image = "{img}"
+path = "/opt/release/linux/fusion-collectors/bklite-controller-installer"
+
+[[installers]]
+os = "windows"
+arch = "x86_64"
+image = "{img}"
+path = "/opt/release/windows/fusion-collectors/bklite-controller-installer.exe"
+"#
+    )
+}
+
+/// Every entry of a zip as Python's zipfile sees it: name -> (unix mode, size, sha256, text).
+fn zip_entries(zip: &Path) -> serde_json::Value {
+    let r = run(Command::new("python3").args([
+        "-c",
+        r#"
+import hashlib, json, sys, zipfile
+out = {}
+with zipfile.ZipFile(sys.argv[1]) as z:
+    assert z.testzip() is None
+    for i in z.infolist():
+        data = z.read(i)
+        out[i.filename] = [(i.external_attr >> 16) & 0o7777, len(data), hashlib.sha256(data).hexdigest(),
+                           data.decode("utf-8", "replace") if len(data) < 200 else "", list(i.date_time)]
+print(json.dumps(out))
+"#,
+        zip.to_str().unwrap(),
+    ]));
+    assert_eq!(r.code, 0, "python zipfile: {}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+/// sha256sum's digest of a file.
+fn sha256sum(p: &Path) -> String {
+    let r = sh(&format!("sha256sum {}", p.display()));
+    r.stdout.split_whitespace().next().unwrap().to_string()
+}
+
+/// What a pack left in `dir` besides the recipe and its stack.
+fn leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n != "stack" && n != "recipe.toml")
+        .collect()
+}
+
+/// The archives built from the test image: upstream's layout, layer 2's changes applied, modes
+/// kept, entries sorted.
+fn check_archives(x: &Path) {
+    // The linux archive: upstream's layout, layer 2's changes applied, modes kept.
+    let z = zip_entries(&x.join("packages/fusion-collectors-linux-amd64.zip"));
+    let names: Vec<&String> = z.as_object().unwrap().keys().collect();
+    assert!(names.iter().all(|n| n.starts_with("fusion-collectors/")), "{names:?}");
+    for gone in ["stale.txt", "misc/", "misc/olddir/x", "misc/VERSION"] {
+        assert!(
+            z.get(format!("fusion-collectors/{gone}")).is_none(),
+            "{gone} must not be there: {names:?}"
+        );
+    }
+    let e = |n: &str| {
+        z.get(format!("fusion-collectors/{n}"))
+            .unwrap_or_else(|| panic!("{n} missing: {names:?}"))
+    };
+    assert_eq!(e("bin/telegraf")[3], "telegraf v2\n", "the upper layer wins");
+    assert_eq!(
+        e("bin/telegraf-link")[3],
+        "telegraf v2\n",
+        "a symlink inside the tree is followed"
+    );
+    assert_eq!(e("bin/telegraf")[0], 0o755);
+    assert_eq!(e("install.sh")[0], 0o755);
+    assert_eq!(
+        e("sidecar.yml")[3],
+        "server_url: __SERVER__URL__\n",
+        "the later rule wins"
+    );
+    assert_eq!(e("sidecar.yml")[0], 0o640);
+    assert_eq!(e("VERSION")[3], "1.0.1\n");
+    assert_eq!(e("bin/")[0], 0o755);
+    let sorted = {
+        let mut s = names.clone();
+        s.sort();
+        s
+    };
+    assert_eq!(names, sorted, "entries are sorted");
+
+    // The windows archive: the directory layer 2 recreated holds only what it put there.
+    let w = zip_entries(&x.join("packages/fusion-collectors-windows-amd64.zip"));
+    assert_eq!(w["fusion-collectors/bin/telegraf.exe"][3], "exe2\n");
+    assert!(w.get("fusion-collectors/bin/nats-executor.exe").is_none(), "{w}");
+    assert!(
+        w.get("fusion-collectors/bklite-controller-installer.exe").is_none(),
+        "{w}"
+    );
+}
+
+/// The manifest's sizes and digests are those of the files, and the installers are the image's.
+fn check_manifest(x: &Path, img: &str, ctx: &Path) {
+    let z = zip_entries(&x.join("packages/fusion-collectors-linux-amd64.zip"));
+    let telegraf = z["fusion-collectors/bin/telegraf"][2].as_str().unwrap().to_string();
+    let m = bkbundle::manifest::Manifest::parse(&fs::read_to_string(x.join("bundle.toml")).unwrap(), "bundle.toml")
+        .unwrap();
+    for p in m.packages.iter().filter(|p| p.file.is_some()) {
+        let f = x.join(p.file.as_ref().unwrap());
+        assert_eq!(p.sha256.as_deref(), Some(sha256sum(&f).as_str()), "{}", p.name);
+        assert_eq!(p.size, Some(fs::metadata(&f).unwrap().len()), "{}", p.name);
+    }
+    assert_eq!(m.provenance.len(), 2);
+    assert_eq!(m.provenance[0].image, img);
+    assert!(m.provenance[0].image_id.starts_with("sha256:"));
+    let collector = m
+        .packages
+        .iter()
+        .find(|p| p.object == "Telegraf" && p.os.as_str() == "linux")
+        .unwrap();
+    assert_eq!(collector.sha256.as_deref(), Some(telegraf.as_str()));
+    assert_eq!(m.installers.len(), 3);
+    for i in &m.installers[..2] {
+        let f = x.join(&i.file);
+        assert_eq!(i.sha256, sha256sum(&f), "{}", i.name);
+        assert_eq!(i.size, fs::metadata(&f).unwrap().len());
+        let in_ctx = ctx.join(i.path.as_ref().unwrap().trim_start_matches('/'));
+        assert_eq!(i.sha256, sha256sum(&in_ctx), "{} is the image's file", i.name);
+        assert_eq!(i.image.as_deref(), Some(img));
+    }
+    assert_eq!(
+        m.installers[0].file,
+        "installers/linux/x86_64/bklite-controller-installer"
+    );
+    let from_file = &m.installers[2];
+    assert_eq!(from_file.file, "installers/linux/generic/bklite-controller-installer");
+    assert_eq!(from_file.sha256, m.installers[0].sha256);
+    assert!(from_file.image.is_none() && from_file.path.is_none());
+}
+
+#[test]
+fn packages_and_installers_are_taken_from_an_image_in_one_pass() {
+    let (img, ctx) = fc_image();
+    let d = tempfile::tempdir().unwrap();
+    // A third installer given as a file keeps working beside those from the image.
+    let file_installer = format!(
+        "[[installers]]\nos = \"linux\"\narch = \"generic\"\nfile = \"{}\"\n",
+        ctx.join("opt/release/linux/fusion-collectors/bklite-controller-installer")
+            .display()
+    );
+    let r = recipe(d.path(), "", &(image_artifacts(img) + &file_installer));
+    let out = d.path().join("fc.bkb");
+    let v = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    let j = json(&v);
+    assert_eq!(j["installers"], 3, "{j}");
+    assert_eq!(leftovers(d.path()), ["fc.bkb"], "the staging directory is gone");
+
+    // One image, six artifacts, one export: every layer read once, and nothing but its layers.
+    let reads = j["image_reads"].as_array().unwrap();
+    assert_eq!(reads.len(), 1, "{j}");
+    let layers = run(Command::new("docker").args(["image", "inspect", "-f", "{{len .RootFS.Layers}}", img]));
+    assert_eq!(reads[0]["layers_read"].to_string(), layers.stdout.trim(), "{j}");
+    assert_eq!(reads[0]["bytes_read"], reads[0]["image_bytes"], "{j}");
+    assert_eq!(reads[0]["artifacts"], 4, "{j}");
+    eprintln!(
+        "layer bytes read {} of the image's {}",
+        reads[0]["bytes_read"], reads[0]["image_bytes"]
+    );
+
+    assert_eq!(bk(&["verify", out.to_str().unwrap()]).code, 0);
+    let x = d.path().join("x");
+    fs::create_dir(&x).unwrap();
+    sh(&format!("tar -xf {} -C {}", out.display(), x.display()));
+
+    check_archives(&x);
+
+    check_manifest(&x, img, ctx);
+
+    // inspect and verify show them; the same image packs to the same archive bytes.
+    let i = json(&bk(&["--json", "inspect", out.to_str().unwrap()]));
+    assert_eq!(i["installers"][1]["name"], "bklite-controller-installer.exe", "{i}");
+    let vr = bk(&["verify", out.to_str().unwrap()]);
+    assert!(vr.stdout.contains("bklite-controller-installer.exe"), "{}", vr.stdout);
+    let again = d.path().join("again.bkb");
+    assert_eq!(
+        bk(&["pack", r.to_str().unwrap(), "-o", again.to_str().unwrap()]).code,
+        0
+    );
+    let y = d.path().join("y");
+    fs::create_dir(&y).unwrap();
+    sh(&format!("tar -xf {} -C {}", again.display(), y.display()));
+    let zip = "packages/fusion-collectors-linux-amd64.zip";
+    assert_eq!(
+        sha256sum(&x.join(zip)),
+        sha256sum(&y.join(zip)),
+        "deterministic archives"
+    );
+}
+
+/// One bad input per case: what it is, the recipe's artifacts, what the message must name.
+fn bad_cases(img: &str) -> Vec<(&'static str, String, Vec<String>)> {
+    let installer = |os: &str, path: &str| {
+        format!("[[installers]]\nos = \"{os}\"\narch = \"x86_64\"\nimage = \"{img}\"\npath = \"{path}\"\n")
+    };
+    let package = |os: &str, name: &str, tree: &str, extra: &str| {
+        format!(
+            "[[packages]]\ntype = \"controller\"\nos = \"{os}\"\narch = \"x86_64\"\nobject = \"Controller\"\nversion = \"1\"\nimage = \"{img}\"\nname = \"{name}\"\ntree = [{tree}]\n{extra}"
+        )
+    };
+    vec![
+        (
+            "missing path",
+            installer("linux", "/opt/release/linux/nope/bklite-controller-installer"),
+            vec![
+                format!("image {img}: /opt/release/linux/nope/bklite-controller-installer not found"),
+                "installer linux/x86_64 bklite-controller-installer".into(),
+            ],
+        ),
+        (
+            "empty file",
+            installer("linux", "/opt/empty/bklite-controller-installer"),
+            vec![format!("image {img}: /opt/empty/bklite-controller-installer is empty (needed by installer linux/x86_64 bklite-controller-installer)")],
+        ),
+        (
+            "no install.sh",
+            package("linux", "l.zip", "{ from = \"/opt/bad/fusion-collectors\" }", ""),
+            vec![format!("image {img}: package l.zip (controller linux/x86_64): its tree (/opt/bad/fusion-collectors) has no install.sh")],
+        ),
+        (
+            "no sidecar.yml",
+            package("linux", "s.zip", "{ from = \"/opt/nosidecar/fusion-collectors\" }", ""),
+            vec![format!("image {img}: package s.zip (controller linux/x86_64): its tree (/opt/nosidecar/fusion-collectors) has no sidecar.yml")],
+        ),
+        (
+            "windows without exe",
+            package("windows", "w.zip", "{ from = \"/opt/release/windows/fusion-collectors\", exclude = [\"bin\"] }", ""),
+            vec![format!("image {img}: package w.zip (controller windows/x86_64): its tree (/opt/release/windows/fusion-collectors) has no bin/*.exe")],
+        ),
+        (
+            "windows collector exe missing",
+            package(
+                "windows",
+                "w.zip",
+                "{ from = \"/opt/release/windows/fusion-collectors\" }",
+                "[[packages]]\ntype = \"collector\"\nos = \"windows\"\narch = \"x86_64\"\nobject = \"NATS-Executor\"\nversion = \"latest\"\nfrom = \"w.zip\"\nentry = \"bin/nats-executor.exe\"\n",
+            ),
+            vec![format!("image {img}: package w.zip (controller windows/x86_64) has no bin/nats-executor.exe, which collector NATS-Executor windows/x86_64 names")],
+        ),
+        (
+            "symlink out of the tree",
+            package("linux", "k.zip", "{ from = \"/opt/linky/fusion-collectors\" }", ""),
+            vec![format!("image {img}: /opt/linky/fusion-collectors/bin/x is a symlink to \"/etc/passwd\", which is outside /opt/linky/fusion-collectors (needed by package k.zip (controller linux/x86_64))")],
+        ),
+        (
+            "installer name",
+            installer("linux", "/opt/release/windows/fusion-collectors/bklite-controller-installer.exe"),
+            vec![
+                "installers[0] (installer linux/x86_64 bklite-controller-installer.exe, /opt/release/windows/fusion-collectors/bklite-controller-installer.exe in image".into(),
+                img.to_string(),
+                "a linux installer must be named \"bklite-controller-installer\", found \"bklite-controller-installer.exe\"".into(),
+            ],
+        ),
+        (
+            "empty installer file",
+            format!(
+                "[[installers]]\nos = \"linux\"\narch = \"x86_64\"\nfile = \"{}\"\n",
+                fc_image().1.join("opt/empty/bklite-controller-installer").display()
+            ),
+            vec![format!(
+                "installer linux/x86_64 bklite-controller-installer: file {} is empty",
+                fc_image().1.join("opt/empty/bklite-controller-installer").display()
+            )],
+        ),
+        (
+            "image absent",
+            installer("linux", "/opt/release/linux/fusion-collectors/bklite-controller-installer")
+                .replace(img, "bkbundle-test/absent:1"),
+            vec!["image bkbundle-test/absent:1 is not in the local Docker engine".into(), "needed by installer linux/x86_64 bklite-controller-installer".into()],
+        ),
+    ]
+}
+
+#[test]
+fn bad_image_artifacts_are_refused_before_anything_is_written() {
+    let (img, _) = fc_image();
+    for (what, artifacts, needles) in bad_cases(img) {
+        let d = tempfile::tempdir().unwrap();
+        let r = recipe(d.path(), "", &artifacts);
+        let out = d.path().join("o.bkb");
+        let v = bk(&["pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_eq!(v.code, 3, "{what}: {}", v.stderr);
+        for n in &needles {
+            assert!(
+                v.stderr.contains(n.as_str()),
+                "{what}: expected {n:?} in:\n{}",
+                v.stderr
+            );
+        }
+        assert!(v.stderr.contains("hint: "), "{what}: {}", v.stderr);
+        assert_eq!(
+            leftovers(d.path()),
+            Vec::<String>::new(),
+            "{what}: nothing may be left behind"
+        );
+    }
+}
+
+#[test]
+fn an_oci_archive_with_compressed_layers_gives_the_same_artifacts() {
+    let (img, _) = fc_image();
+    let d = tempfile::tempdir().unwrap();
+    let archive = d.path().join("fc-oci.tar");
+    sh(&format!(
+        "skopeo copy --quiet docker-daemon:{img} oci-archive:{}:{img}",
+        archive.display()
+    ));
+    let from_archive = image_artifacts(img).replace(
+        &format!("image = \"{img}\"\n"),
+        &format!("image = \"{img}\"\nimage_archive = \"{}\"\n", archive.display()),
+    );
+    let sub = d.path().join("a");
+    fs::create_dir(&sub).unwrap();
+    let r = recipe(&sub, "", &from_archive);
+    let out = sub.join("a.bkb");
+    let v = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert_eq!(json(&v)["image_reads"][0]["layers_read"], 3, "{}", v.stdout);
+    let sub2 = d.path().join("e");
+    fs::create_dir(&sub2).unwrap();
+    let r2 = recipe(&sub2, "", &image_artifacts(img));
+    let out2 = sub2.join("e.bkb");
+    assert_eq!(
+        bk(&["pack", r2.to_str().unwrap(), "-o", out2.to_str().unwrap()]).code,
+        0
+    );
+    let m = |b: &Path| {
+        let x = b.with_extension("x");
+        fs::create_dir(&x).unwrap();
+        sh(&format!("tar -xf {} -C {}", b.display(), x.display()));
+        bkbundle::manifest::Manifest::parse(&fs::read_to_string(x.join("bundle.toml")).unwrap(), "b").unwrap()
+    };
+    let (a, e) = (m(&out), m(&out2));
+    let digests = |m: &bkbundle::manifest::Manifest| {
+        let mut v: Vec<Option<String>> = m.packages.iter().map(|p| p.sha256.clone()).collect();
+        v.extend(m.installers.iter().map(|i| Some(i.sha256.clone())));
+        v
+    };
+    assert_eq!(
+        digests(&a),
+        digests(&e),
+        "the archive's layers (gzip, OCI) give the engine's bytes"
+    );
+}
