@@ -14,7 +14,10 @@
 //!   broken link ([`crate::platform::nats::connect`], [`crate::platform::nats::open_store`]);
 //! - **packages**: an empty package list, rows whose object is missing (either key layout),
 //!   objects without rows, and with `--bundle` stored objects that differ from the bundle's;
-//! - **agents**: install tasks that succeeded for hosts whose agent never registered a node.
+//! - **agents**: install tasks that succeeded for hosts whose agent never registered a node;
+//! - **tls** (regions told `NATS_PROTOCOL = tls`): the NATS certificate's expiry and names against
+//!   the regions' `NATS_SERVERS`, the CA of the env rows and packages against it, and a NATS that
+//!   answers in plain text.
 //!
 //! `--fix` applies only safe repairs and reports each: re-upload missing objects from the bundle
 //! (init-packages' own repair), add a region's missing keys from the default region's rows (the
@@ -35,6 +38,7 @@ mod installers;
 mod nats;
 mod packages;
 mod regions;
+mod tls;
 
 pub use regions::AGENT_KEYS;
 
@@ -327,6 +331,11 @@ async fn checks(mut ctx: Ctx<'_>, seams: &Seams<'_>, t0: Instant) -> DoctorRepor
         agents::check(&mut ctx, db).await;
     }
     let store = ctx.reached(&seams.store);
+    if let Some((db, release)) = db {
+        if let Ok(current) = db.regions(release).await {
+            tls::check(&mut ctx, &current, store).await;
+        }
+    }
     packages::check(&mut ctx, db, store).await;
     report(ctx.findings, db.map(|(_, r)| r.label()), t0)
 }

@@ -104,13 +104,12 @@ pub fn zip_with_ca<R: Read + Seek, W: Write>(src: R, ca: &SiteCa, out: W) -> io:
     let certs_dir = format!("{top}certs/");
     let mut has_dir = false;
     let mut w = zip::ZipWriter::new_stream(out);
-    for i in 0..archive.len() {
-        let f = archive.by_index_raw(i).map_err(bad)?;
-        let name = names[i].clone();
-        if is_ca_entry(&name, &top) {
+    for (i, name) in names.iter().enumerate() {
+        if is_ca_entry(name, &top) {
             continue;
         }
         has_dir |= name.trim_start_matches("./") == certs_dir;
+        let f = archive.by_index_raw(i).map_err(bad)?;
         w.raw_copy_file(f).map_err(bad)?;
     }
     let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);

@@ -175,7 +175,7 @@ fn two_demo_installs_started_together_seed_with_the_one_generated_password() {
         .arg("select count(*) from node_mgmt_packageversion")
         .env("PGPASSWORD", env_value(&p, "POSTGRES_PASSWORD")));
     assert_eq!(rows.code, 0, "{}", rows.stderr);
-    assert_eq!(rows.stdout.trim(), "4", "every package row exists once");
+    assert_eq!(rows.stdout.trim(), "6", "every package row exists once");
     assert_eq!(p.containers().len(), 5, "{:?}", p.containers());
 }
 

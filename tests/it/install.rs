@@ -312,6 +312,8 @@ fn demo_installs_healthy_seeds_its_region_then_reruns_as_a_no_op() {
     assert_eq!(
         p.stack_psql("select type, object, version, name from node_mgmt_packageversion order by id"),
         "controller|Controller|1.0.0|fusion-collectors-linux-amd64.zip\n\
+         controller|Controller|1.0.0|fusion-collectors-linux-arm64.zip\n\
+         controller|Controller|1.0.0|fusion-collectors-windows-amd64.zip\n\
          collector|Telegraf|1.0.0|telegraf\n\
          collector|Vector|1.0.0|vector\n\
          collector|NATS-Executor|1.0.0|nats-executor",
@@ -428,7 +430,7 @@ fn the_dry_run_planned_what_the_install_wrote(
     assert_eq!(services.join("\n"), written, "planned service rows vs written");
 
     let objects = plan["packages"].as_array().unwrap();
-    assert_eq!(objects.len(), 4, "{plan}");
+    assert_eq!(objects.len(), 6, "{plan}");
     let mut planned_rows: Vec<String> = objects
         .iter()
         .map(|o| {
@@ -470,8 +472,14 @@ fn the_dry_run_planned_what_the_install_wrote(
             (f[0], (f[1], f[2]))
         })
         .collect();
-    assert_eq!(listed.len(), objects.len(), "planned objects vs stored: {listed:?}");
-    for o in objects {
+    let installers = plan["installers"].as_array().unwrap();
+    assert_eq!(installers.len(), 2, "{plan}");
+    assert_eq!(
+        listed.len(),
+        objects.len() + installers.len(),
+        "planned objects vs stored: {listed:?}"
+    );
+    for o in objects.iter().chain(installers) {
         let key = o["key"].as_str().unwrap();
         let stored = listed
             .get(key)
@@ -864,10 +872,16 @@ fn the_demo_installs_on_the_oldest_release() {
         psql("SELECT e.key || '=' || e.value || '|' || e.is_pre FROM node_mgmt_sidecarenv e JOIN node_mgmt_cloudregion r ON r.id = e.cloud_region_id WHERE r.name = 'east' AND e.key IN ('NODE_SERVER_URL', 'PROXY_ADDRESS') ORDER BY e.key"),
         "NODE_SERVER_URL=http://192.0.2.77:18080|false\nPROXY_ADDRESS=192.0.2.77|false"
     );
-    // Packages: the key without architecture, in the release's default bucket.
+    // Packages: the key without architecture, in the release's default bucket; one architecture
+    // per (os, object, version) on this release, so the arm64 controller is left alone (noted).
+    assert!(
+        r.stdout.contains("Controller 1.0.0 (linux/arm64) was left alone"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(
         psql("SELECT count(*) FROM node_mgmt_packageversion"),
-        "4",
+        "5",
         "{}",
         r.stdout
     );

@@ -111,10 +111,12 @@ fn demo_packs_verifies_inspects_and_extracts_with_plain_tools() {
     assert_eq!(i.code, 0, "{}", i.stderr);
     let j = json(&i);
     let images = j["images"].as_array().unwrap();
-    assert_eq!(images.len(), 4);
-    // app, web, postgres and nats share the base layer: each has 2 layers, 1 shared, 5 distinct.
+    assert_eq!(images.len(), 5);
+    // app, web, postgres, nats and fusion-collector share the base layer: each has 2 layers (the
+    // fusion-collector 3), 1 shared, 7 distinct.
     for img in images {
-        assert_eq!(img["layers"], 2, "{img}");
+        let fc = img["refs"][0] == "bkbundle-demo/fusion-collector:1";
+        assert_eq!(img["layers"], if fc { 3 } else { 2 }, "{img}");
         assert_eq!(img["shared_layers"], 1, "{img}");
         let id =
             run(Command::new("docker").args(["image", "inspect", "-f", "{{.Id}}", img["refs"][0].as_str().unwrap()]));
@@ -124,7 +126,10 @@ fn demo_packs_verifies_inspects_and_extracts_with_plain_tools() {
             "image id must be the engine's"
         );
     }
-    assert_eq!(j["packages"].as_array().unwrap().len(), 4);
+    // Three controllers built from the fusion-collector image's layers, three collectors inside
+    // the linux one, two installers.
+    assert_eq!(j["packages"].as_array().unwrap().len(), 6);
+    assert_eq!(j["installers"].as_array().unwrap().len(), 2, "{}", i.stdout);
     assert_eq!(j["stack"].as_array().unwrap().len(), 3);
     assert_eq!(j["regions"]["required"].as_array().unwrap().len(), 3);
     let human = bk(&["inspect", b.to_str().unwrap()]);
@@ -145,7 +150,7 @@ fn demo_packs_verifies_inspects_and_extracts_with_plain_tools() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(layers.len(), 5, "shared layer stored once");
+    assert_eq!(layers.len(), 7, "shared layer stored once");
     for l in layers {
         let name = l.file_name().unwrap().to_string_lossy().to_string();
         let got = sh(&format!("zstd -dc {} | sha256sum", l.display()));

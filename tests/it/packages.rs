@@ -21,18 +21,52 @@ fn demo_zip() -> PathBuf {
     repo_root().join("examples/demo/packages/fusion-collectors-linux-amd64.zip")
 }
 
+/// The demo's agent package given as a file (the form recipes had before packages could come
+/// from an image's layers, which keeps working): a controller and three collectors inside it.
+const FILE_PACKAGES: &str = r#"
+[[packages]]
+file = "ZIP"
+type = "controller"
+os = "linux"
+arch = "x86_64"
+object = "Controller"
+version = "1.0.0"
+description = "demo controller (collector-sidecar)"
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "Telegraf"
+version = "1.0.0"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/telegraf"
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "Vector"
+version = "1.0.0"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/vector"
+
+[[packages]]
+type = "collector"
+os = "linux"
+arch = "x86_64"
+object = "NATS-Executor"
+version = "1.0.0"
+from = "fusion-collectors-linux-amd64.zip"
+entry = "bin/nats-executor"
+"#;
+
 /// A bundle with the demo's packages (controller + three collectors inside it), no images.
 pub(crate) fn bundle() -> &'static Path {
     static B: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, p) = B.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let demo = std::fs::read_to_string(repo_root().join("examples/demo/recipe.toml")).unwrap();
-        let start = demo.find("[[packages]]").unwrap();
-        let end = demo.find("[stack]").unwrap();
-        let pkgs = demo[start..end].replace(
-            "file = \"packages/fusion-collectors-linux-amd64.zip\"",
-            &format!("file = \"{}\"", demo_zip().display()),
-        );
+        let pkgs = FILE_PACKAGES.replace("ZIP", &demo_zip().display().to_string());
         let text = format!(
             "format = 1\n[bundle]\nname = \"p\"\nversion = \"1\"\n{pkgs}\n[stack]\ndir = \"{}\"\ncompose = \"docker-compose.yml\"\n",
             repo_root().join("examples/demo/stack").display()

@@ -113,16 +113,38 @@ fn plan_text(plan: &serde_json::Value) -> String {
     for o in platform["packages"].as_array().unwrap() {
         let row = &o["row"];
         out.push(format!(
-            "object {} {}/{} row {} {}/{} {} {} {}",
+            "object {} {}/{}{} row {} {}/{} {} {} {}",
             s(&o["action"]),
             s(&platform["bucket"]),
             s(&o["key"]),
+            if o["ca_added"] == true { " +ca" } else { "" },
             s(&row["type"]),
             s(&row["os"]),
             s(&row["arch"]),
             s(&row["object"]),
             s(&row["version"]),
             s(&row["name"])
+        ));
+    }
+    for o in platform["installers"].as_array().unwrap() {
+        out.push(format!(
+            "object {} {}/{} (installer, no row)",
+            s(&o["action"]),
+            s(&platform["bucket"]),
+            s(&o["key"])
+        ));
+    }
+    if let Some(t) = plan.get("tls").filter(|t| !t.is_null()) {
+        out.push(format!(
+            "tls    {} names {}",
+            s(&t["action"]),
+            t["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(",")
         ));
     }
     for st in each("steps_to_run") {
