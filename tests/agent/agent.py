@@ -5,6 +5,10 @@ Starts from what a real bootstrap gets, the server's address and the cloud regio
 what the real agent does with the rows and objects bkbundle wrote:
 
   fetch_session      GET {server}/api/v1/node_mgmt/open_api/installer_session?region=..&os=..&arch=..
+  ca_from_server     only when the env says tls but holds no CA (releases whose env column cannot
+                     hold one): the controller package downloaded from the server
+                     (GET {server}/api/v1/node_mgmt/open_api/download?key=..), its certs/ca.crt
+                     then the CA NATS is verified against
   connect_nats       NATS_SERVERS with the scheme NATS_PROTOCOL names; TLS verified against the CA
                      PEM of the region env (NATS_TLS_CA) and the server's name or address in
                      NATS_SERVERS; the env's user and password
@@ -79,6 +83,26 @@ def fetch_session(server, region, os_name, arch):
     if missing or not (session.get("installer") or {}).get("file_key") or "server_url" not in session:
         raise StepFailed("fetch_session", "the session lacks %s" % (", ".join("storage." + k for k in missing) or "installer.file_key or server_url"))
     return session
+
+
+def ca_from_server(server, key):
+    """The controller package from the server (how agents got it before installers existed), and
+    the CA in its certs/ca.crt."""
+    url = "%s/api/v1/node_mgmt/open_api/download?%s" % (server.rstrip("/"), urllib.parse.urlencode({"key": key}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=30) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise StepFailed("ca_from_server", "GET %s: %s" % (url, getattr(e, "reason", e)))
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+        ca = z.read(TOP + "certs/ca.crt").decode()
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise StepFailed("ca_from_server", "%s: no %scerts/ca.crt in the package the server sent: %s" % (key, TOP, e))
+    if "BEGIN CERTIFICATE" not in ca:
+        raise StepFailed("ca_from_server", "%s: %scerts/ca.crt holds no PEM certificate" % (key, TOP))
+    return ca, nats_digest(data)
 
 
 def nats_urls(storage, allow_plain):
@@ -232,6 +256,11 @@ async def bootstrap(a, findings):
         "nats_protocol": storage["nats_protocol"],
         "credentials_from": session.get("credentials_from"),
     }
+    if storage["nats_protocol"].strip().lower() == "tls" and "BEGIN CERTIFICATE" not in (storage.get("nats_tls_ca") or ""):
+        storage["nats_tls_ca"], findings["package_from_server"] = ca_from_server(a.server, storage["file_key"])
+        findings["ca_from"] = "the package the server sent"
+    else:
+        findings["ca_from"] = "NATS_TLS_CA"
     nc, protocol, urls = await connect(storage, a.allow_plain)
     findings["nats"] = {"urls": urls, "tls": protocol == "tls", "connected_url": str(nc.connected_url.geturl()) if nc.connected_url else None}
     try:
@@ -244,6 +273,9 @@ async def bootstrap(a, findings):
             raise StepFailed("open_bucket", "bucket %r: %s: %s" % (storage["bucket"], type(e).__name__, e))
         installer, findings["installer"] = await get_object(obs, session["installer"]["file_key"], "get_installer")
         package, findings["package"] = await get_object(obs, storage["file_key"], "get_package")
+        sent = findings.get("package_from_server")
+        if sent and sent != findings["package"]["digest"]:
+            raise StepFailed("get_package", "the server sent %s with digest %s, the object store holds %s" % (storage["file_key"], sent, findings["package"]["digest"]))
     finally:
         await nc.close()
 
@@ -266,7 +298,7 @@ async def bootstrap(a, findings):
         with open(ca_file, encoding="utf-8") as f:
             packaged = f.read()
         if packaged.strip() != storage["nats_tls_ca"].strip():
-            raise StepFailed("check_ca", "%scerts/ca.crt of %s is not the NATS_TLS_CA of the region env" % (TOP, storage["file_key"]))
+            raise StepFailed("check_ca", "%scerts/ca.crt of %s is not the CA NATS was verified with (%s)" % (TOP, storage["file_key"], findings["ca_from"]))
         findings["ca_file"] = ca_file
     else:
         findings["ca_file"] = None

@@ -26,6 +26,15 @@ recipe seeds), and the answer says which in `credentials_from`. A region without
 gets upstream's error (HTTP 500) unless `--missing-server-url null` asks for what the October 2025
 field fork handed agents: the literal `null/api/v1/node_mgmt/open_api/node`.
 
+Releases before April 2026 had no installer: agents got the controller package from the server,
+which read it from the object store itself. With `--nats URL` (and `--nats-ca FILE`, the user
+and password in NATS_USER / NATS_PASSWORD) the stand-in serves that too:
+
+  GET /api/v1/node_mgmt/open_api/download?key=<object key>
+
+This is how an agent of a release whose env cannot hold the CA (`sidecarenv.value` varchar(200)
+before migration 0022) gets `certs/ca.crt` before it ever speaks to NATS.
+
 The server's SECRET_KEY comes from the environment variable SECRET_KEY or --secret-key-file (never
 the command line, which other users can read). Prints `listening on http://HOST:PORT` on stdout
 once it serves (port 0 picks a free one). Python stdlib and `cryptography` only.
@@ -45,6 +54,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SESSION_PATH = "/api/v1/node_mgmt/open_api/installer_session"
+DOWNLOAD_PATH = "/api/v1/node_mgmt/open_api/download"
 NODE_API_SUFFIX = "/api/v1/node_mgmt/open_api/node"
 ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "x64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 INSTALLER_FILES = {"linux": "bklite-controller-installer", "windows": "bklite-controller-installer.exe"}
@@ -228,13 +238,50 @@ class Standin:
         }
 
 
-def make_handler(standin):
+def download(nats_url, ca_file, bucket, key):
+    """The object's bytes, read from the object store as the server reads it (its own NATS
+    connection, TLS verified against the site CA)."""
+    import asyncio
+    import ssl
+
+    import nats
+
+    async def get():
+        tls = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        nc = await nats.connect(
+            nats_url, user=os.environ.get("NATS_USER"), password=os.environ.get("NATS_PASSWORD"),
+            tls=tls, connect_timeout=10, allow_reconnect=False, max_reconnect_attempts=0,
+        )
+        try:
+            obs = await nc.jetstream().object_store(bucket)
+            return (await obs.get(key)).data
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(get())
+    except Exception as e:
+        raise SessionError(404, "object %r in bucket %r: %s: %s" % (key, bucket, type(e).__name__, e))
+
+
+def make_handler(standin, nats_url=None, ca_file=None):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             url = urlparse(self.path)
+            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            if url.path.rstrip("/") == DOWNLOAD_PATH and nats_url:
+                try:
+                    data = download(nats_url, ca_file, standin.bucket, q.get("key", ""))
+                except SessionError as e:
+                    return self.answer(e.status, {"error": str(e)})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if url.path.rstrip("/") != SESSION_PATH:
                 return self.answer(404, {"error": "no such path %s (only %s)" % (url.path, SESSION_PATH)})
-            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
             try:
                 body = standin.session(q.get("region", ""), q.get("os", "linux"), q.get("arch", "x86_64"))
             except SessionError as e:
@@ -263,6 +310,8 @@ def main():
     p.add_argument("--secret-key-file", help="file holding the server's SECRET_KEY (default: $SECRET_KEY)")
     p.add_argument("--missing-server-url", choices=["error", "null"], default="error",
                    help="a region without NODE_SERVER_URL: upstream's error, or the field fork's literal null")
+    p.add_argument("--nats", help="the stack's NATS (tls://HOST:PORT) for the package download of releases before installers")
+    p.add_argument("--nats-ca", help="the CA file the stand-in verifies that NATS with")
     a = p.parse_args()
     host, _, port = a.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -273,7 +322,7 @@ def main():
     else:
         secret_key = os.environ.get("SECRET_KEY")
     standin = Standin(Database(a.db), a.bucket, secret_key, a.missing_server_url)
-    server = ThreadingHTTPServer((host, int(port)), make_handler(standin))
+    server = ThreadingHTTPServer((host, int(port)), make_handler(standin, a.nats, a.nats_ca))
     print("listening on http://%s:%d" % (host, server.server_address[1]), flush=True)
     try:
         server.serve_forever()

@@ -4,6 +4,7 @@
 //! free loopback ports. A missing prerequisite fails the test with the command that installs it
 //! (`scripts/setup.sh`); nothing is skipped silently.
 
+mod agent;
 mod concurrency;
 mod demo_images;
 mod doctor;
