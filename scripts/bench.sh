@@ -226,8 +226,60 @@ PY
   say "bkbundle init-packages (1 MiB chunks)        ${t_bk% *} s   $(python3 -c "print(f'{500/float(\"${t_bk% *}\"):.0f}')") MB/s   peak RSS $(( ${t_bk#* } / 1024 )) MiB (target <= 64)"
   say "throughput ratio bkbundle / nats-py          $(ratio "${t_py% *}" "${t_bk% *}")   (target >= 2)"
   say "re-run, nothing changed                      ${t_re% *} s   (target <= 1 s; bytes sent, objects skipped: $sent)   peak RSS $(( ${t_re#* } / 1024 )) MiB"
+  bench_artifacts "$db" "$nats"
   stop_servers
   rm -f "$WORK/pkg.bkb"
+}
+
+# issue 12: a 400 MB controller package that gets the site CA on the way (its zip entries copied
+# raw, certs/ca.crt appended) and a 100 MB installer (no row), against nats-py putting the same
+# two files as they are (128 KiB chunks, upstream's uploader). Target: >= 2x nats-py.
+bench_artifacts() {
+  local db=$1 nats=$2 dir="$WORK/artifacts"
+  mkdir -p "$dir"
+  local zipf="$dir/fusion-collectors-linux-amd64.zip" inst="$dir/bklite-controller-installer"
+  if [ ! -f "$zipf" ]; then
+    python3 - "$zipf" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    z.writestr("fusion-collectors/install.sh", "#!/bin/sh\n")
+    z.writestr("fusion-collectors/sidecar.yml", 'server_url: "__SERVER__URL__"\n')
+    for name in ("collector-sidecar", "bin/telegraf", "bin/vector", "bin/nats-executor"):
+        with z.open("fusion-collectors/" + name, "w", force_zip64=True) as f:
+            for _ in range(100):
+                f.write(os.urandom(1 << 20))
+PY
+  fi
+  [ "$(stat -c %s "$inst" 2>/dev/null || echo 0)" = 100000000 ] || head -c 100000000 /dev/urandom > "$inst"
+  printf 'format = 1\n[bundle]\nname = "artbench"\nversion = "1"\n[[packages]]\nfile = "%s"\ntype = "controller"\nos = "linux"\narch = "x86_64"\nobject = "Controller"\nversion = "9.9.9"\n[[installers]]\nfile = "%s"\nos = "linux"\narch = "x86_64"\n' "$zipf" "$inst" > "$dir/recipe.toml"
+  "$BK" --no-progress pack "$dir/recipe.toml" -o "$dir/art.bkb" >/dev/null
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$dir/ca.key" -out "$dir/ca.crt" -days 30 -subj "/CN=bench CA" 2>/dev/null
+  printf 'format = 1\n[env]\nNATS_PROTOCOL = "tls"\nNATS_TLS_CA = """%s"""\n' "$(cat "$dir/ca.crt")" > "$dir/install.toml"
+  local total; total=$(( $(stat -c %s "$zipf") + $(stat -c %s "$inst") ))
+  cat "$zipf" "$inst" "$dir/art.bkb" > /dev/null
+  say "== artifacts: a $(mb "$(stat -c %s "$zipf")") controller package given the site CA on the way, and a $(mb "$(stat -c %s "$inst")") installer"
+  local t_py t_bk t_re
+  time_rss t_py python3 - "$nats" "$zipf" "$inst" <<'PY'
+import asyncio, sys, nats
+from nats.js.api import ObjectMeta, ObjectMetaOptions
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    store = await nc.jetstream().create_object_store("pyart")
+    for key, path in (("linux/x86_64/Controller/9.9.9/fusion-collectors-linux-amd64.zip", sys.argv[2]),
+                      ("installer/linux/x86_64/bklite-controller-installer", sys.argv[3])):
+        with open(path, "rb") as f:
+            meta = ObjectMeta(name=key, description=key.rsplit("/", 1)[1], options=ObjectMetaOptions(max_chunk_size=128 * 1024))
+            await store.put(key, f, meta=meta)
+    await nc.close()
+asyncio.run(main())
+PY
+  time_rss t_bk "$BK" -v --no-progress init-packages --auto --bundle "$dir/art.bkb" --config "$dir/install.toml" --database-url "$db" --nats-url "$nats" --bucket artbench
+  time_rss t_re "$BK" -v --no-progress init-packages --auto --bundle "$dir/art.bkb" --config "$dir/install.toml" --database-url "$db" --nats-url "$nats" --bucket artbench
+  say "nats-py object put, as they are (128 KiB)   ${t_py% *} s   $(python3 -c "print(f'{$total/1e6/float(\"${t_py% *}\"):.0f}')") MB/s   peak RSS $(( ${t_py#* } / 1024 )) MiB"
+  say "bkbundle init-packages, CA added (1 MiB)    ${t_bk% *} s   $(python3 -c "print(f'{$total/1e6/float(\"${t_bk% *}\"):.0f}')") MB/s   peak RSS $(( ${t_bk#* } / 1024 )) MiB"
+  say "throughput ratio bkbundle / nats-py          $(ratio "${t_py% *}" "${t_bk% *}")   (target >= 2)"
+  say "re-run, nothing changed                      ${t_re% *} s"
+  rm -f "$dir/art.bkb"
 }
 
 # issue 10: `regions apply` of 50 regions x 15 keys in one transaction (target <= 2 s), on the
