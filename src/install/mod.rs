@@ -463,6 +463,11 @@ async fn plan(
         tls: tls_plan,
         warnings: vec![],
     };
+    if stack.nats_tls && !ctx.config.tls.enabled {
+        plan.warnings.push(
+            "[tls] enabled = false, but the bundle's stack serves NATS over TLS from certs/: install writes no certificates, so its NATS may not start and agents are told nats (plain text); remove enabled = false unless the stack was changed to run without TLS".into(),
+        );
+    }
     plan.steps_to_run = steps_to_run(&plan, journal);
     Ok(Planned {
         plan,
@@ -696,7 +701,7 @@ async fn preflight_stack(ctx: &Ctx, journal: &Journal, p: &mut Planned) -> Resul
             &mut warnings,
         )
         .await?;
-        p.plan.warnings = warnings;
+        p.plan.warnings.extend(warnings);
     }
     Ok(())
 }
