@@ -44,7 +44,7 @@ impl Project {
         p
     }
     /// A value of the installed stack's `.env`.
-    fn env_value(&self, key: &str) -> String {
+    pub(crate) fn env_value(&self, key: &str) -> String {
         let env = fs::read_to_string(self.target().join(".env")).unwrap();
         env.lines()
             .find_map(|l| l.strip_prefix(&format!("{key}=")))
@@ -52,7 +52,7 @@ impl Project {
             .to_string()
     }
     /// `psql -Atc SQL` on the installed stack's own PostgreSQL; panics unless it succeeds.
-    fn stack_psql(&self, sql: &str) -> String {
+    pub(crate) fn stack_psql(&self, sql: &str) -> String {
         let r = run(Command::new("psql")
             .args([
                 "-h",

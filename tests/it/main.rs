@@ -19,3 +19,4 @@ mod pack;
 mod packages;
 mod regions;
 mod schema;
+mod tls;
