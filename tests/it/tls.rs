@@ -359,3 +359,161 @@ fn demo_site_ca_generated_once_kept_reissued_for_a_new_proxy_and_diagnosed() {
     doctor_sees_a_region_given_another_ca(&p);
     reissued_for_a_new_proxy(&p, &before, &bucket);
 }
+
+/// An operator's PKI made with the OpenSSL CLI in `d`: an RSA CA (`ca`), a server key and a
+/// certificate it signed for 127.0.0.1, 192.0.2.10, nats and localhost (`nats`); and the bad
+/// variants: another CA (`other`), a key of no certificate (`stray.key`), and a certificate
+/// from `ca` that leaves out 192.0.2.10 (`narrow`).
+fn operator_pki(d: &Path) {
+    let ca = |name: &str| {
+        let subj = format!("/CN=Operator {name}");
+        let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+        openssl(
+            d,
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-days", "365", "-subj", &subj,
+                "-out", &crt,
+            ],
+        );
+    };
+    ca("ca");
+    ca("other");
+    openssl(d, &["genrsa", "-out", "stray.key", "2048"]);
+    for (name, san) in [
+        ("nats", "IP:127.0.0.1,IP:192.0.2.10,DNS:nats,DNS:localhost"),
+        ("narrow", "IP:127.0.0.1,DNS:nats,DNS:localhost"),
+    ] {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        openssl(d, &["genrsa", "-out", &key, "2048"]);
+        openssl(d, &["req", "-new", "-key", &key, "-subj", "/CN=nats", "-out", &csr]);
+        fs::write(
+            d.join(&ext),
+            format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "365",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ],
+        );
+    }
+}
+
+/// The install config of `p` (HOST_IP 192.0.2.10) naming `ca`, `cert` and `key` of `d` in [tls].
+fn operator_config(p: &Project, d: &Path, ca: &str, cert: &str, key: &str) -> PathBuf {
+    let web = free_port();
+    let f = |n: &str| d.join(n).display().to_string();
+    p.config(
+        180,
+        &format!(
+            "HOST_IP = \"192.0.2.10\"\nSERVER_URL = \"http://192.0.2.10:{web}\"\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            f(ca),
+            f(cert),
+            f(key)
+        ),
+    )
+}
+
+/// Each misfit refused by preflight (exit 8), naming the file, what was expected and found,
+/// before anything is written or started.
+fn operator_misfits_refused(p: &Project, d: &Path) {
+    let cases = [
+        (
+            ("other.crt", "nats.crt", "nats.key"),
+            format!(
+                "{}: not signed by the CA in {} (issued by CN=Operator ca, not by CN=Operator other)",
+                d.join("nats.crt").display(),
+                d.join("other.crt").display()
+            ),
+        ),
+        (
+            ("ca.crt", "nats.crt", "stray.key"),
+            format!(
+                "{}: does not match the certificate in {} (its public key differs)",
+                d.join("stray.key").display(),
+                d.join("nats.crt").display()
+            ),
+        ),
+        (
+            ("ca.crt", "narrow.crt", "narrow.key"),
+            format!(
+                "{}: does not cover 192.0.2.10 (it covers: 127.0.0.1, nats, localhost)",
+                d.join("narrow.crt").display()
+            ),
+        ),
+    ];
+    for ((ca, cert, key), want) in cases {
+        let config = operator_config(p, d, ca, cert, key);
+        let r = p.install(demo_bundle(), &config, &[]);
+        assert_eq!(r.code, 8, "{ca} {cert} {key}: {}\n{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(&want),
+            "{ca} {cert} {key}: want {want:?} in\n{}",
+            r.stderr
+        );
+        assert!(!p.target().exists(), "{ca} {cert} {key}: the target was written");
+        assert!(p.containers().is_empty(), "{ca} {cert} {key}: {:?}", p.containers());
+    }
+}
+
+#[test]
+fn operator_ca_and_certificate_are_used_as_given_and_misfits_refused_first() {
+    ensure_demo_images();
+    let p = Project::new();
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    operator_pki(d);
+    operator_misfits_refused(&p, d);
+
+    let config = operator_config(&p, d, "ca.crt", "nats.crt", "nats.key");
+    let r = p.install(demo_bundle(), &config, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let t = p.target();
+    let ca = fs::read(d.join("ca.crt")).unwrap();
+    assert_eq!(
+        fs::read(t.join("certs/ca.crt")).unwrap(),
+        ca,
+        "certs/ca.crt is not the operator's CA"
+    );
+    assert_eq!(
+        fs::read(t.join("certs/nats-server.crt")).unwrap(),
+        fs::read(d.join("nats.crt")).unwrap()
+    );
+    assert_eq!(mode(&t.join("certs/nats-server.key")), 0o600);
+    assert!(
+        !t.join(".bkbundle/tls/ca.key").exists(),
+        "a CA was generated beside the operator's"
+    );
+    assert_not_printed(
+        &r,
+        &fs::read_to_string(d.join("nats.key")).unwrap(),
+        "install (operator)",
+    );
+    let row = p.stack_psql(
+        "select encode(sha256(convert_to(value, 'UTF8')), 'hex') from node_mgmt_sidecarenv where key = 'NATS_TLS_CA' and cloud_region_id = 1",
+    );
+    assert_eq!(row, bkbundle::digest::sha256_hex(&ca), "region 1's NATS_TLS_CA row");
+    let (user, password, port) = nats_login(&p);
+    nats_serves(&port, &d.join("ca.crt"), &d.join("nats.crt"));
+    nats_py_tls(&user, &password, &port, &d.join("ca.crt"));
+}
