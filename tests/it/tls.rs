@@ -516,4 +516,10 @@ fn operator_ca_and_certificate_are_used_as_given_and_misfits_refused_first() {
     let (user, password, port) = nats_login(&p);
     nats_serves(&port, &d.join("ca.crt"), &d.join("nats.crt"));
     nats_py_tls(&user, &password, &port, &d.join("ca.crt"));
+    // A re-run with the same files has nothing to do.
+    let again = p.install(demo_bundle(), &config, &["--json"]);
+    assert_eq!(again.code, 0, "{}\n{}", again.stdout, again.stderr);
+    let j: Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(j["already_installed"], true, "{}", j["plan"]["tls"]);
+    assert_eq!(fs::read(t.join("certs/ca.crt")).unwrap(), ca);
 }
