@@ -131,7 +131,13 @@ pub fn plan(target: &Path, config: &InstallConfig, site: &BTreeMap<String, Strin
                 vec![],
             ));
         }
-        return finish(TlsAction::Operator, vec![], names, files.material(), None, true);
+        // Already copied in: nothing to write, so that a re-run can find the install complete.
+        let in_place = store::load(target)?.is_some_and(|e| {
+            e.ca_pem.as_deref() == Some(files.ca_pem.as_str())
+                && e.cert_pem.as_deref() == Some(files.cert_pem.as_str())
+                && e.key_pem.as_ref().map(|k| k.as_str()) == Some(files.key_pem.as_str())
+        });
+        return finish(TlsAction::Operator, vec![], names, files.material(), None, !in_place);
     }
     let existing = store::load(target)?;
     match tls::decide(existing.as_ref(), &wanted, &policy, now) {
@@ -227,5 +233,73 @@ pub fn installed_site_values(target: &Path, site: &mut BTreeMap<String, String>,
     }
     if let Ok(pem) = std::fs::read_to_string(&ca_file) {
         site_values(site, config, &pem, &ca_file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: [&str; 4] = ["10.0.0.5", "nats", "localhost", "127.0.0.1"];
+
+    fn site() -> BTreeMap<String, String> {
+        BTreeMap::from([("HOST_IP".to_string(), "10.0.0.5".to_string())])
+    }
+
+    /// An operator's CA, certificate and key for [`NAMES`] in `dir`, and a config naming them.
+    fn operator_config(dir: &Path) -> InstallConfig {
+        let now = SystemTime::now();
+        let ca = tls::generate_ca("Operator CA", now).unwrap();
+        let names: Vec<Name> = NAMES.iter().map(|n| Name::parse(n).unwrap()).collect();
+        let m = tls::issue_server(&ca, &names, &Policy::default(), now).unwrap();
+        for (file, pem) in [
+            ("ca.crt", &m.ca_pem),
+            ("nats.crt", &m.cert_pem),
+            ("nats.key", &*m.key_pem),
+        ] {
+            std::fs::write(dir.join(file), pem).unwrap();
+        }
+        let f = |n: &str| dir.join(n).display().to_string();
+        let text = format!(
+            "[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            f("ca.crt"),
+            f("nats.crt"),
+            f("nats.key")
+        );
+        InstallConfig::parse(&text, "install.toml").unwrap()
+    }
+
+    #[test]
+    fn a_generated_site_is_written_once_then_kept() {
+        let target = tempfile::tempdir().unwrap();
+        let config = InstallConfig::parse("", "install.toml").unwrap();
+        let first = plan(target.path(), &config, &site()).unwrap().unwrap();
+        assert_eq!((first.action, first.writes()), (TlsAction::Generate, true));
+        assert!(apply(target.path(), &first).unwrap());
+        let again = plan(target.path(), &config, &site()).unwrap().unwrap();
+        assert_eq!((again.action, again.writes()), (TlsAction::Keep, false));
+        assert_eq!(again.ca_sha256, first.ca_sha256);
+    }
+
+    #[test]
+    fn an_operators_files_are_copied_once_then_a_rerun_writes_nothing() {
+        let (pki, target) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let config = operator_config(pki.path());
+        let first = plan(target.path(), &config, &site()).unwrap().unwrap();
+        assert_eq!((first.action, first.writes()), (TlsAction::Operator, true));
+        assert!(apply(target.path(), &first).unwrap());
+        assert_eq!(
+            std::fs::read(target.path().join(store::CA_CERT)).unwrap(),
+            std::fs::read(pki.path().join("ca.crt")).unwrap()
+        );
+        // Nothing to write: a re-run must be able to find the install complete.
+        let again = plan(target.path(), &config, &site()).unwrap().unwrap();
+        assert_eq!((again.action, again.writes()), (TlsAction::Operator, false));
+        assert!(!apply(target.path(), &again).unwrap());
+        // The operator's renewed certificate is copied in again.
+        let renewed = operator_config(pki.path());
+        let third = plan(target.path(), &renewed, &site()).unwrap().unwrap();
+        assert!(third.writes());
+        assert!(apply(target.path(), &third).unwrap());
     }
 }

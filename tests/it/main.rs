@@ -20,3 +20,4 @@ mod pack;
 mod packages;
 mod regions;
 mod schema;
+mod tls;
