@@ -45,6 +45,8 @@ have docker-registry || missing+=(docker-registry)
 have redis-server || missing+=(redis-server)
 have zstd || missing+=(zstd)
 have openssl || missing+=(openssl)
+# The agent-host tests: a network namespace on a veth (ip netns, ip link).
+have ip || missing+=(iproute2)
 [ -x /usr/bin/time ] || missing+=(time) # GNU time: peak memory in scripts/bench.sh
 have python3 || missing+=(python3)
 # pip is only needed when the Python packages below are missing.

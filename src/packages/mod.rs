@@ -640,17 +640,7 @@ pub async fn plan(
         let p = &input.pkg;
         let label = label(p);
         let arch = normalize_arch(&p.arch).unwrap_or(p.arch.as_str()).to_string();
-        let key = if input.installer {
-            keys::installer_key(release, p.os.as_str(), &arch, &p.name)
-        } else {
-            keys::object_key(release, p.os.as_str(), &arch, &p.object, &p.version, &p.name)
-        };
-        // Releases whose UNIQUE constraint has no architecture hold one per (os, object, version).
-        let ident = if input.installer {
-            key.clone()
-        } else {
-            keys::row_identity(release, p.os.as_str(), &arch, &p.object, &p.version)
-        };
+        let (key, ident) = key_and_identity(release, input, &arch);
         if let Some(first) = seen.get(&ident) {
             notes.push(format!(
                 "package {label} was left alone: it collides with {first} on (os, object, version) = ({}, {}, {}); this release ({}) holds one architecture per version (its {PACKAGE_TABLE} is unique on those three columns)",
@@ -660,18 +650,7 @@ pub async fn plan(
         }
         seen.insert(ident, label.clone());
         let (sha, size) = digest_of(run, &input.source, input.known.as_ref(), &label).await?;
-        let row = if input.installer {
-            None
-        } else {
-            rows.iter()
-                .find(|r| {
-                    r.os == p.os.as_str()
-                        && r.object == p.object
-                        && r.version == p.version
-                        && (!release.has_package_arch() || r.arch == arch)
-                })
-                .cloned()
-        };
+        let row = row_of(rows, release, input, &arch);
         let inject =
             run.opts.ca.clone().filter(|_| {
                 !input.installer && p.kind == PackageType::Controller && inject::format_of(&p.name).is_some()
@@ -713,6 +692,36 @@ pub async fn plan(
         return Err(PackagesError::Conflict(conflicts));
     }
     Ok(plan)
+}
+
+/// An input's object key, and its identity under the release's UNIQUE constraint (releases whose
+/// constraint has no architecture hold one row per (os, object, version)); an installer's is its key.
+fn key_and_identity(release: &Release, input: &Input, arch: &str) -> (String, String) {
+    let p = &input.pkg;
+    if input.installer {
+        let key = keys::installer_key(release, p.os.as_str(), arch, &p.name);
+        return (key.clone(), key);
+    }
+    (
+        keys::object_key(release, p.os.as_str(), arch, &p.object, &p.version, &p.name),
+        keys::row_identity(release, p.os.as_str(), arch, &p.object, &p.version),
+    )
+}
+
+/// The row already there for a package (an installer has none).
+fn row_of(rows: &[Row], release: &Release, input: &Input, arch: &str) -> Option<Row> {
+    let p = &input.pkg;
+    if input.installer {
+        return None;
+    }
+    rows.iter()
+        .find(|r| {
+            r.os == p.os.as_str()
+                && r.object == p.object
+                && r.version == p.version
+                && (!release.has_package_arch() || r.arch == arch)
+        })
+        .cloned()
 }
 
 /// An object in the store: its digest, size, and the bundle file and CA it was made from when

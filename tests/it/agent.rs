@@ -11,11 +11,11 @@
 //! from the package the server sends, as agents of that release got packages from the server).
 
 use crate::harness::{ensure_demo_images, free_port, repo_root, AgentHost};
-use crate::install::Project;
-use crate::pack::{bk, demo_bundle};
+use crate::install::{oldest_release_demo_bundle, Project};
+use crate::pack::demo_bundle;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// The stand-in server, killed on drop.
@@ -26,31 +26,6 @@ impl Drop for Standin {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The demo bundle with the oldest release's schema as its server's migrations.
-fn oldest_release_bundle(p: &Project) -> PathBuf {
-    let demo = repo_root().join("examples/demo");
-    let copy = p.path("demo");
-    fs::create_dir_all(copy.join("stack")).unwrap();
-    for f in ["docker-compose.yml", "env.template"] {
-        fs::copy(demo.join("stack").join(f), copy.join("stack").join(f)).unwrap();
-    }
-    fs::copy(
-        repo_root().join("tests/fixtures/releases/0012.sql"),
-        copy.join("stack/server-schema.sql"),
-    )
-    .unwrap();
-    fs::copy(demo.join("recipe.toml"), copy.join("recipe.toml")).unwrap();
-    let bundle = p.path("old.bkb");
-    let packed = bk(&[
-        "pack",
-        copy.join("recipe.toml").to_str().unwrap(),
-        "-o",
-        bundle.to_str().unwrap(),
-    ]);
-    assert_eq!(packed.code, 0, "{}", packed.stderr);
-    bundle
 }
 
 /// Start the stand-in on the agent-facing address, reading the stack's database and NATS.
@@ -147,7 +122,7 @@ fn an_agent_host_bootstraps_from_what_install_wrote_on_the_newest_release() {
 fn an_agent_host_bootstraps_from_what_install_wrote_on_the_oldest_release() {
     ensure_demo_images();
     let p = Project::new();
-    let bundle = oldest_release_bundle(&p);
+    let bundle = oldest_release_demo_bundle(&p);
     let f = an_agent_bootstraps(&p, &bundle, "bk_lite");
     // varchar(200) holds no certificate: the env says tls, the CA comes in the package.
     assert_eq!(f["ca_from"], "the package the server sent", "{f}");

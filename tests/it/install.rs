@@ -473,7 +473,7 @@ fn the_dry_run_planned_what_the_install_wrote(
         })
         .collect();
     let installers = plan["installers"].as_array().unwrap();
-    assert_eq!(installers.len(), 2, "{plan}");
+    assert_eq!(installers.len(), 3, "{plan}");
     assert_eq!(
         listed.len(),
         objects.len() + installers.len(),
@@ -832,10 +832,8 @@ fn the_demo_stack_files_are_what_compose_accepts() {
 /// The demo stack whose server stand-in creates the tables of the oldest release in the field
 /// (the October 2025 fork, migration 0012): no proxy_address, no cpu_architecture, no service
 /// table, varchar(200) values, the `bk_lite` bucket.
-#[test]
-fn the_demo_installs_on_the_oldest_release() {
-    ensure_demo_images();
-    let p = Project::new();
+/// The demo bundle with the oldest release's schema (node_mgmt 0012) as its server's migrations.
+pub(crate) fn oldest_release_demo_bundle(p: &Project) -> PathBuf {
     let demo = repo_root().join("examples/demo");
     let copy = p.path("demo");
     fs::create_dir_all(copy.join("stack")).unwrap();
@@ -847,10 +845,7 @@ fn the_demo_installs_on_the_oldest_release() {
         copy.join("stack/server-schema.sql"),
     )
     .unwrap();
-    let recipe = fs::read_to_string(demo.join("recipe.toml"))
-        .unwrap()
-        .replace("packages/", &format!("{}/", demo.join("packages").display()));
-    fs::write(copy.join("recipe.toml"), recipe).unwrap();
+    fs::copy(demo.join("recipe.toml"), copy.join("recipe.toml")).unwrap();
     let bundle = p.path("old.bkb");
     let packed = bk(&[
         "pack",
@@ -859,6 +854,14 @@ fn the_demo_installs_on_the_oldest_release() {
         bundle.to_str().unwrap(),
     ]);
     assert_eq!(packed.code, 0, "{}", packed.stderr);
+    bundle
+}
+
+#[test]
+fn the_demo_installs_on_the_oldest_release() {
+    ensure_demo_images();
+    let p = Project::new();
+    let bundle = oldest_release_demo_bundle(&p);
     let cfg = p.config(
         120,
         "HOST_IP = \"192.0.2.10\"\nSERVER_URL = \"http://192.0.2.10:18080\"\n[[regions]]\nname = \"east\"\nproxy_address = \"192.0.2.77\"",

@@ -127,9 +127,9 @@ fn demo_packs_verifies_inspects_and_extracts_with_plain_tools() {
         );
     }
     // Three controllers built from the fusion-collector image's layers, three collectors inside
-    // the linux one, two installers.
+    // the linux one, three installers (linux x86_64 and arm64, windows).
     assert_eq!(j["packages"].as_array().unwrap().len(), 6);
-    assert_eq!(j["installers"].as_array().unwrap().len(), 2, "{}", i.stdout);
+    assert_eq!(j["installers"].as_array().unwrap().len(), 3, "{}", i.stdout);
     assert_eq!(j["stack"].as_array().unwrap().len(), 3);
     assert_eq!(j["regions"]["required"].as_array().unwrap().len(), 3);
     let human = bk(&["inspect", b.to_str().unwrap()]);
