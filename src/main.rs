@@ -120,7 +120,9 @@ fn regions(a: cli::RegionsArgs, reporter: &dyn Reporter) -> Result<Output, Error
     };
     let bundle = bkbundle::bundle::open_verified(&common.bundle, &open, reporter)?;
     let (config, site) = site(common.config.as_deref(), |_| common.env_file.clone())?;
-    let mut opts = regions::RegionsOptions::new(mode, &bundle.manifest().regions, &config, site);
+    // A target whose NATS serves TLS keeps NATS_PROTOCOL = tls and its CA, as install wrote them.
+    let bundle_regions = install::tls::regions_for(&bundle.manifest().regions, &site);
+    let mut opts = regions::RegionsOptions::new(mode, &bundle_regions, &config, site);
     opts.database_url = database_url;
     Output::of(&regions::run(&opts, reporter)?)
 }

@@ -549,15 +549,7 @@ fn narrow_release_ca(target: &Path, files: &mut [PlannedFile], platform: &mut pl
 /// values carry the CA), every region gets `NATS_PROTOCOL` and `NATS_TLS_CA` from the site values,
 /// whatever the bundle says (region 1 through the server's environment too).
 fn bundle_regions(ctx: &Ctx, site: &std::collections::BTreeMap<String, String>) -> crate::manifest::Regions {
-    let mut r = ctx.manifest.regions.clone();
-    if site.contains_key(tls::CA_FILE_VALUE) && has_regions(&r) {
-        for k in ["NATS_PROTOCOL", "NATS_TLS_CA"] {
-            if site.contains_key(k) {
-                r.env.insert(k.to_string(), format!("${{{k}}}"));
-            }
-        }
-    }
-    r
+    tls::regions_for(&ctx.manifest.regions, site)
 }
 
 /// The steps still to run: those the journal has not recorded for this bundle, or all of them

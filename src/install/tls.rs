@@ -223,6 +223,22 @@ pub fn site_values(site: &mut BTreeMap<String, String>, config: &InstallConfig, 
     set(CA_FILE_VALUE, ca_file.display().to_string());
 }
 
+/// A bundle's `[regions]` as a site whose NATS serves TLS seeds them (install, and `regions`
+/// run on an installed target): every region gets `NATS_PROTOCOL` and `NATS_TLS_CA` from the
+/// site values, whatever the bundle says, so a later `regions apply` keeps what install wrote.
+pub fn regions_for(regions: &crate::manifest::Regions, site: &BTreeMap<String, String>) -> crate::manifest::Regions {
+    let mut r = regions.clone();
+    let declares = !r.required.is_empty() || !r.env.is_empty() || !r.region.is_empty();
+    if site.contains_key(CA_FILE_VALUE) && declares {
+        for k in ["NATS_PROTOCOL", "NATS_TLS_CA"] {
+            if site.contains_key(k) {
+                r.env.insert(k.to_string(), format!("${{{k}}}"));
+            }
+        }
+    }
+    r
+}
+
 /// The site values of an installed target whose NATS serves TLS (its `certs/` holds the CA and
 /// the NATS certificate): for the commands run after install (`init-packages`, `doctor`,
 /// `regions`) with `--env-file TARGET/.env`.

@@ -7,7 +7,7 @@
 
 use crate::harness::{ensure_demo_images, free_port};
 use crate::install::Project;
-use crate::pack::{demo_bundle, run, Run};
+use crate::pack::{bk, demo_bundle, run, Run};
 use crate::packages::{python, python_with};
 use serde_json::Value;
 use std::fs;
@@ -357,7 +357,38 @@ fn demo_site_ca_generated_once_kept_reissued_for_a_new_proxy_and_diagnosed() {
     assert_not_printed(&second, &String::from_utf8_lossy(&before[0]), "install (re-run)");
 
     doctor_sees_a_region_given_another_ca(&p);
+    regions_apply_keeps_what_install_wrote(&p, &config);
     reissued_for_a_new_proxy(&p, &before, &bucket);
+}
+
+/// `regions apply` on the installed target (its .env beside certs/) keeps `NATS_PROTOCOL = tls`
+/// and the CA, although the demo bundle's own `[regions.env]` says `nats`.
+fn regions_apply_keeps_what_install_wrote(p: &Project, config: &Path) {
+    let rows = "select key || '=' || md5(value) from node_mgmt_sidecarenv where cloud_region_id = 1 and key in ('NATS_PROTOCOL', 'NATS_TLS_CA') order by key";
+    let before = p.stack_psql(rows);
+    assert!(before.starts_with("NATS_PROTOCOL="), "{before}");
+    let env_file = p.target().join(".env");
+    let r = bk(&[
+        "regions",
+        "apply",
+        "--bundle",
+        demo_bundle().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--env-file",
+        env_file.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        p.stack_psql(rows),
+        before,
+        "regions apply changed what install wrote: {}",
+        r.stdout
+    );
+    assert_eq!(
+        p.stack_psql("select value from node_mgmt_sidecarenv where cloud_region_id = 1 and key = 'NATS_PROTOCOL'"),
+        "tls"
+    );
 }
 
 /// An operator's PKI made with the OpenSSL CLI in `d`: an RSA CA (`ca`), a server key and a
