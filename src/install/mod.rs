@@ -845,9 +845,12 @@ async fn start(x: &mut Exec<'_>) -> Result<String> {
         .ok_or_else(|| Error::internal("no stack after planning"))?;
     let env_file = stack.env_template.as_ref().map(|_| ctx.env_file.as_path());
     x.journal.services = x.planned_services.clone();
+    // A NATS already running before `up` keeps its old certificate unless restarted (compose
+    // recreates a service only when its configuration changed); one `up` starts has the new one.
+    let running_before = if x.tls_changed { running_nats(x).await? } else { vec![] };
     x.compose.up(&ctx.project, &ctx.compose_file, env_file)?;
-    if x.tls_changed {
-        restart_nats(x).await?;
+    if !running_before.is_empty() {
+        restart_nats(x, &running_before).await?;
     }
     Ok(format!("{} -p {} up -d", x.compose.argv.join(" "), ctx.project))
 }
@@ -866,11 +869,26 @@ fn apply_tls(ctx: &Ctx, plan: &Plan, notes: &mut Vec<String>) -> Result<bool> {
     Ok(changed)
 }
 
-/// `compose up` does not restart a service whose mounted files changed: the running `nats`
-/// containers restart to load the new certificate.
-async fn restart_nats(x: &mut Exec<'_>) -> Result<()> {
+/// The project's running `nats` containers: (id, started at).
+async fn running_nats(x: &Exec<'_>) -> Result<Vec<(String, String)>> {
+    let all = x.engine.project_containers(&x.ctx.project).await?;
+    Ok(all
+        .into_iter()
+        .filter(|c| c.service == "nats" && c.status == "running")
+        .map(|c| (c.id, c.started_at))
+        .collect())
+}
+
+/// `compose up` does not restart a service whose mounted files changed: the `nats` containers
+/// that ran before it, and still run unrestarted, restart to load the new certificate.
+async fn restart_nats(x: &mut Exec<'_>, before: &[(String, String)]) -> Result<()> {
     let running = x.engine.project_containers(&x.ctx.project).await?;
-    for c in running.iter().filter(|c| c.service == "nats" && c.status == "running") {
+    let same = |c: &&crate::engine::ContainerState| before.iter().any(|(id, at)| *id == c.id && *at == c.started_at);
+    for c in running
+        .iter()
+        .filter(|c| c.service == "nats" && c.status == "running")
+        .filter(same)
+    {
         x.reporter
             .note(&format!("restarting {} to serve its new TLS certificate", c.name));
         x.engine.restart(&c.id, Duration::from_secs(10)).await?;
