@@ -94,12 +94,36 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
+        reclaim_stale(dir, &name);
         let path = dir.join(format!(".{name}.extract-{}", std::process::id()));
         // A directory of that name is a leftover of a killed run that had this process id.
         let _ = fs::remove_dir_all(&path);
         fs::create_dir(&path).io_ctx("cannot create the staging directory", &path)?;
         Ok(Staging(path))
     }
+}
+
+/// Remove the staging directories killed packs of the same output left (`.<name>.extract-<pid>`
+/// whose process is gone); a live pack's is left alone.
+fn reclaim_stale(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.extract-");
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid > 0 && !process_alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (signal 0: no signal is sent).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 impl Drop for Staging {
@@ -907,6 +931,36 @@ fn check_collectors(plan: &Plan, ex: &Extracted, problems: &mut Vec<Error>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_killed_packs_staging_is_removed_and_a_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("x.bkb");
+        // A process that has exited: its id is free (or another process's, which is then kept).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = d.path().join(format!(".x.bkb.extract-{dead}"));
+        let live = d
+            .path()
+            .join(format!(".x.bkb.extract-{}", std::os::unix::process::parent_id()));
+        let other = d.path().join(format!(".y.bkb.extract-{dead}"));
+        for p in [&stale, &live, &other] {
+            std::fs::create_dir_all(p.join("image0/layer0")).unwrap();
+        }
+        let staging = super::Staging::create(&out).unwrap();
+        assert_eq!(
+            !stale.exists(),
+            !super::process_alive(dead as i32),
+            "a dead pack's staging is removed"
+        );
+        assert!(live.exists(), "a live pack's staging is kept");
+        assert!(other.exists(), "another output's staging is not this pack's");
+        assert!(staging.0.is_dir());
+        let own = staging.0.clone();
+        drop(staging);
+        assert!(!own.exists());
+    }
+
     use super::*;
     use crate::manifest::TreeRule;
 
