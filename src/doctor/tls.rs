@@ -8,9 +8,9 @@ use super::{Ctx, Severity, PROBE};
 use crate::packages::inject;
 use crate::platform::regions::Current;
 use crate::ports::ObjectStore;
-use crate::tls::{self, Name};
+use crate::tls::{self, store, Name};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// A certificate that ends within this many days is a warning (install re-issues it then).
@@ -39,11 +39,12 @@ fn region_tls(current: &Current) -> Vec<(String, String, String, Option<String>)
         .collect()
 }
 
-/// The target's certificate files, found beside the CA bkbundle verifies NATS with.
+/// The target's CA and NATS certificate files: the CA bkbundle verifies NATS with is the
+/// target's `certs/ca.crt` ([`store::CA_CERT`]), the certificate beside it ([`store::SERVER_CERT`]).
 fn target_certs(ctx: &Ctx<'_>) -> Option<(PathBuf, PathBuf)> {
     let ca = PathBuf::from(ctx.opts.site.get(crate::install::tls::CA_FILE_VALUE)?);
-    let cert = ca.parent()?.join("nats-server.crt");
-    Some((ca, cert))
+    let target = ca.ancestors().nth(Path::new(store::CA_CERT).components().count())?;
+    Some((ca.clone(), target.join(store::SERVER_CERT)))
 }
 
 pub(super) async fn check(ctx: &mut Ctx<'_>, current: &Current, store: Option<&dyn ObjectStore>) {

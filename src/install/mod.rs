@@ -388,16 +388,8 @@ async fn plan(
     id: &BundleId,
     journal: &mut Journal,
 ) -> Result<Planned> {
-    let (mut findings, mut hints, mut engine_error) = (Vec::new(), Vec::new(), None);
-    let engine = match Engine::connect().await {
-        Ok(e) => Some(e),
-        Err(e) => {
-            findings.push(e.message.clone());
-            hints.extend(e.hints);
-            engine_error = Some(e.kind);
-            None
-        }
-    };
+    let (mut findings, mut hints) = (Vec::new(), Vec::new());
+    let (engine, engine_error) = connect_engine(&mut findings, &mut hints).await;
     let images = match &engine {
         Some(engine) => plan_images(engine, &ctx.manifest.images).await?,
         None => vec![],
@@ -428,7 +420,9 @@ async fn plan(
         None => platform::PlatformPlan::default(),
     };
     if let Some(t) = &tls_plan {
-        tls_in_platform_plan(ctx, t, &mut platform_plan, &mut files, has_regions);
+        if let Some(site) = &site {
+            tls_in_platform_plan(ctx, t, site, &mut platform_plan, &mut files, has_regions);
+        }
     }
     if !has_regions {
         journal.mark(StepName::Regions.as_str());
@@ -477,6 +471,7 @@ const TLS_DISABLED: &str = "[tls] enabled = false, but the bundle's stack serves
 fn tls_in_platform_plan(
     ctx: &Ctx,
     t: &tls::TlsPlan,
+    site: &std::collections::BTreeMap<String, String>,
     platform_plan: &mut platform::PlatformPlan,
     files: &mut [PlannedFile],
     has_regions: bool,
@@ -492,7 +487,7 @@ fn tls_in_platform_plan(
     }
     if let Some(max) = platform_plan.value_max {
         if t.ca_pem.len() > max && has_regions {
-            narrow_release_ca(&ctx.target, files, platform_plan, max);
+            narrow_release_ca(ctx, site, files, platform_plan, max);
         }
     }
 }
@@ -523,21 +518,18 @@ fn plan_tls(
 /// A release whose env values take at most `max` characters (before migration 0022) cannot hold
 /// the CA: it is left out of region 1's server environment too (the server would fail writing it
 /// and stop seeding the rest), and agents take it from their controller package.
-fn narrow_release_ca(target: &Path, files: &mut [PlannedFile], platform: &mut platform::PlatformPlan, max: usize) {
-    let key = format!(
-        "{}{}=",
-        crate::platform::rules::DEFAULT_ZONE_VAR_PREFIX,
-        crate::platform::regions::TLS_CA_KEY
-    );
-    for f in files.iter_mut().filter(|f| f.path == DEFAULT_ZONE_FILE) {
-        let text = String::from_utf8_lossy(&f.content).to_string();
-        let kept: String = text
-            .lines()
-            .filter(|l| !l.starts_with(&key))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        f.content = kept.into_bytes();
-        f.action = rendered_action(&target.join(DEFAULT_ZONE_FILE), &f.content);
+fn narrow_release_ca(
+    ctx: &Ctx,
+    site: &std::collections::BTreeMap<String, String>,
+    files: &mut [PlannedFile],
+    platform: &mut platform::PlatformPlan,
+    max: usize,
+) {
+    // Rendered again from the same values, now that the release is known.
+    if let Ok(desired) = crate::platform::rules::desired(&bundle_regions(ctx, site), &ctx.config.regions, site) {
+        for f in files.iter_mut().filter(|f| f.path == DEFAULT_ZONE_FILE) {
+            *f = default_zone_file(&ctx.target, &desired, Some(max));
+        }
     }
     platform.notes.push(format!(
         "this release stores env values of at most {max} characters: the site CA is not written to the regions' {} (agents take it from their controller package's certs/ca.crt)",
@@ -550,6 +542,18 @@ fn narrow_release_ca(target: &Path, files: &mut [PlannedFile], platform: &mut pl
 /// whatever the bundle says (region 1 through the server's environment too).
 fn bundle_regions(ctx: &Ctx, site: &std::collections::BTreeMap<String, String>) -> crate::manifest::Regions {
     tls::regions_for(&ctx.manifest.regions, site)
+}
+
+/// The Docker engine, or the finding (and the kind of failure) that it does not answer.
+async fn connect_engine(findings: &mut Vec<String>, hints: &mut Vec<String>) -> (Option<Engine>, Option<Kind>) {
+    match Engine::connect().await {
+        Ok(e) => (Some(e), None),
+        Err(e) => {
+            findings.push(e.message.clone());
+            hints.extend(e.hints);
+            (None, Some(e.kind))
+        }
+    }
 }
 
 /// The steps still to run: those the journal has not recorded for this bundle, or all of them
@@ -635,7 +639,7 @@ fn check_site(
     if has_regions {
         match crate::platform::rules::desired(&bundle_regions(ctx, site), &ctx.config.regions, site) {
             // Region 1's one source: the same values go to the server's environment.
-            Ok(desired) => files.push(default_zone_file(&ctx.target, &desired)),
+            Ok(desired) => files.push(default_zone_file(&ctx.target, &desired, None)),
             Err(problems) => {
                 findings.extend(problems.iter().map(|p| format!("cloud regions: {p}")));
                 hints.push(
@@ -956,6 +960,22 @@ async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
         .await
         .map_err(|e| after_start(e.into(), "regions", ctx))?;
     x.notes.extend(r.notes.iter().cloned());
+    let max = match x.site.contains_key(tls::CA_FILE_VALUE) {
+        true => crate::ports::PlatformDb::release(db, None)
+            .await
+            .ok()
+            .and_then(|r| r.env_value_max()),
+        false => None,
+    };
+    if let Some(max) = max {
+        if narrow_default_zone(x, max)? {
+            reporter
+                .note("recreating the server without the site CA in its environment (this release cannot store it)");
+            let env_file = Some(ctx.env_file.as_path());
+            x.compose.up(&ctx.project, &ctx.compose_file, env_file)?;
+            health::wait(&x.engine, &wait_options(ctx), &move |m| reporter.note(m)).await?;
+        }
+    }
     if let Some(name) = &r.cache.restarted {
         // The server was restarted to drop its in-memory cache: ready again before going on.
         reporter.note(&format!("waiting for {name} to be ready again after its restart"));
@@ -970,6 +990,24 @@ async fn seed_regions(x: &mut Exec<'_>) -> Result<String> {
         r.updated,
         r.unchanged
     ))
+}
+
+/// A first install plans region 1's server environment before the server has migrated, so for
+/// the newest release; once the release is known, one whose env column takes at most `max`
+/// characters gets it again without the CA (the server would fail writing it and stop seeding the
+/// rest). Whether the file changed (compose then recreates the server with it).
+fn narrow_default_zone(x: &Exec<'_>, max: usize) -> Result<bool> {
+    let ctx = x.ctx;
+    let Ok(desired) = crate::platform::rules::desired(&bundle_regions(ctx, &x.site), &ctx.config.regions, &x.site)
+    else {
+        return Ok(false);
+    };
+    let f = default_zone_file(&ctx.target, &desired, Some(max));
+    if f.action == FileAction::Unchanged {
+        return Ok(false);
+    }
+    journal::write_atomic(&ctx.target.join(DEFAULT_ZONE_FILE), &f.content, f.mode)?;
+    Ok(true)
 }
 
 async fn upload_packages(x: &mut Exec<'_>) -> Result<String> {
@@ -1066,14 +1104,25 @@ fn after_start(mut e: Error, step: &str, ctx: &Ctx) -> Error {
 /// is derived from the bundle and the install config alone. Mode 0600: it holds secrets.
 pub const DEFAULT_ZONE_FILE: &str = "default-zone.env";
 
-fn default_zone_file(target: &Path, desired: &crate::platform::rules::Desired) -> PlannedFile {
+/// `value_max`: the release's `value` column width, when known; a key it does not write
+/// ([`crate::platform::regions::left_out`]) is left out here too, or the server would fail writing
+/// it at start and stop seeding the rest.
+fn default_zone_file(
+    target: &Path,
+    desired: &crate::platform::rules::Desired,
+    value_max: Option<usize>,
+) -> PlannedFile {
     let mut text = String::from(
         "# Written by `bkbundle install` from the bundle's [regions.env] and the install config: region 1's\n\
          # sidecar env, which the BK-Lite server turns into region 1's rows at every start. Edit the\n\
          # install config and run `bkbundle install` again; changes made here are overwritten.\n",
     );
     if let Some(default) = desired.regions.iter().find(|r| r.is_default()) {
-        for (k, v) in &default.env {
+        for (k, v) in default
+            .env
+            .iter()
+            .filter(|(k, v)| !crate::platform::regions::left_out(k, v, value_max))
+        {
             text.push_str(&format!(
                 "{}{k}={}\n",
                 crate::platform::rules::DEFAULT_ZONE_VAR_PREFIX,

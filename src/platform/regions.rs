@@ -238,9 +238,7 @@ pub fn diff(
         let region_id = existing.map(|r| r.id);
         let mut keys = Vec::new();
         for (k, v) in &d.env {
-            if k == TLS_CA_KEY && value_max.is_some_and(|max| stored_len(v) > max) {
-                // The release's value column cannot hold a certificate: its agents take the CA
-                // from their controller package (certs/ca.crt) instead. Not a row to write.
+            if left_out(k, v, value_max) {
                 continue;
             }
             let row = region_id.and_then(|id| current.env.iter().find(|e| e.region_id == id && e.key == *k));
@@ -430,6 +428,13 @@ fn plan_key(
 /// The key of the CA agents verify NATS with (PEM): left out on releases whose `value` column is
 /// too narrow for a certificate (before migration 0022).
 pub const TLS_CA_KEY: &str = "NATS_TLS_CA";
+
+/// Whether a key is not written on a release whose `value` column takes at most `max` characters:
+/// the CA (PEM) where it does not fit; its agents take it from their controller package's
+/// `certs/ca.crt` instead. Every other value too long is a problem ([`diff`]).
+pub fn left_out(key: &str, v: &DesiredValue, max: Option<usize>) -> bool {
+    key == TLS_CA_KEY && max.is_some_and(|max| stored_len(v) > max)
+}
 
 /// A value to write against the release's `value` column width (`max`), which older releases
 /// limit: too long a value is a problem rather than a failed write.

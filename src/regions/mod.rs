@@ -651,31 +651,24 @@ pub fn render(r: &RegionsReport) -> String {
 
 /// The report's first line: what was run, on which database, and the counts.
 fn headline(r: &RegionsReport) -> String {
+    let on = format!(
+        "{} ({})",
+        r.database.as_deref().unwrap_or("?"),
+        r.release.as_deref().unwrap_or("release unknown")
+    );
     match r.mode {
         Mode::Check => "regions check: the sidecar env of every region is valid".to_string(),
         Mode::CheckDatabase => format!(
-            "regions check on {} ({}): the sidecar env of every region, configured and stored, is valid; `regions apply` would create {}, update {}, leave {} unchanged",
-            r.database.as_deref().unwrap_or("?"),
-            r.release.as_deref().unwrap_or("release unknown"),
-            r.created,
-            r.updated,
-            r.unchanged
+            "regions check on {on}: the sidecar env of every region, configured and stored, is valid; `regions apply` would create {}, update {}, leave {} unchanged",
+            r.created, r.updated, r.unchanged
         ),
         Mode::DryRun => format!(
-            "regions apply --dry-run on {} ({}): would create {}, update {}, leave {} unchanged",
-            r.database.as_deref().unwrap_or("?"),
-            r.release.as_deref().unwrap_or("release unknown"),
-            r.created,
-            r.updated,
-            r.unchanged
+            "regions apply --dry-run on {on}: would create {}, update {}, leave {} unchanged",
+            r.created, r.updated, r.unchanged
         ),
         Mode::Apply => format!(
-            "regions applied on {} ({}): {} created, {} updated, {} unchanged",
-            r.database.as_deref().unwrap_or("?"),
-            r.release.as_deref().unwrap_or("release unknown"),
-            r.created,
-            r.updated,
-            r.unchanged
+            "regions applied on {on}: {} created, {} updated, {} unchanged",
+            r.created, r.updated, r.unchanged
         ),
     }
 }

@@ -130,6 +130,10 @@ fn an_agent_host_bootstraps_from_what_install_wrote_on_the_oldest_release() {
         p.stack_psql("SELECT count(*) FROM node_mgmt_sidecarenv WHERE key = 'NATS_TLS_CA'"),
         "0"
     );
+    // Nor in the server's environment, which that release's server would fail to write.
+    let zone = fs::read_to_string(p.target().join("default-zone.env")).unwrap();
+    assert!(zone.contains("DEFAULT_ZONE_VAR_NATS_PROTOCOL=tls\n"), "{zone}");
+    assert!(!zone.contains("NATS_TLS_CA"), "{zone}");
     assert_eq!(
         f["session"]["package_key"], "linux/Controller/1.0.0/fusion-collectors-linux-amd64.zip",
         "{f}"
