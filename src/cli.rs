@@ -520,10 +520,22 @@ cache entry. Nothing else is changed.
 
 Where things are: --target (default [target] of --config) holds the stack's .env and the install
 journal (the compose project); the database and NATS are found as for init-packages.
+
+On an agent host (copy the tool there from the bundle: `tar -xf BUNDLE bin/bkbundle`), `doctor
+--agent [--install-dir /opt/fusion-collectors]` diagnoses why this node never appeared, read-only
+and with no configuration: the agent's config (server_url, node id, token, CA), the sidecar
+service (systemctl, journal), the server (DNS, TCP, HTTP, TLS, clock skew), NATS as the agent
+connects, and the host (disk, inodes, memory, collector binaries).
 Exit 0 when no error-severity finding remains, 10 otherwise (other codes: bkbundle itself failed).";
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
+    /// Diagnose this agent host instead of the platform (see below); reads only the agent's files.
+    #[arg(long, conflicts_with_all = ["bundle", "target", "project", "fix", "config", "env_file", "database_url", "nats_url", "bucket"])]
+    pub agent: bool,
+    /// With --agent: where the agent is installed.
+    #[arg(long, value_name = "DIR", requires = "agent", default_value = None)]
+    pub install_dir: Option<PathBuf>,
     /// The installed bundle: its required region keys, its packages (compared with the stored
     /// objects; re-uploaded by --fix), its compose project.
     #[arg(long, value_name = "BUNDLE")]

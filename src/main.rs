@@ -148,6 +148,12 @@ fn init_packages(a: cli::InitPackagesArgs, reporter: &dyn Reporter) -> Result<Ou
 }
 
 fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    if a.agent {
+        let opts = doctor::agent::AgentOptions {
+            install_dir: a.install_dir,
+        };
+        return Output::of(&doctor::agent::run(&opts, reporter)?);
+    }
     // The stack's .env: --env-file, else the install's own beside its journal.
     let (config, site) = site(a.site.config.as_deref(), |config| {
         a.site.env_file.clone().or_else(|| {

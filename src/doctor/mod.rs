@@ -32,6 +32,7 @@
 //! `packages.rs`) and reaches the systems only through the traits of [`crate::ports`], so every
 //! finding can be produced from the in-memory fakes in a unit test.
 
+pub mod agent;
 mod agents;
 mod containers;
 mod installers;
