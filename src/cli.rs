@@ -119,6 +119,10 @@ pub struct PackArgs {
     /// Compression threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<u32>,
+    /// The bkbundle to carry as bin/bkbundle (default: this one). It must start on any x86-64
+    /// Linux from glibc 2.17 on (static, as `cargo build` in the source tree makes it).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -317,6 +321,7 @@ impl From<PackArgs> for pack::PackOptions {
             split_size: a.split_size,
             sign_key: a.sign,
             threads: a.threads,
+            binary: a.binary,
         }
     }
 }

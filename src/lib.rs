@@ -24,6 +24,7 @@ pub mod pack;
 pub mod package_check;
 pub mod packages;
 pub mod platform;
+pub mod portable;
 pub mod ports;
 pub mod printer;
 pub mod progress;

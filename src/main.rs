@@ -14,6 +14,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread resolves a name: the static glibc's lookups use /etc/hosts and DNS only.
+    bkbundle::portable::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return exit_code(parse_failure(e)),

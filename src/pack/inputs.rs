@@ -458,6 +458,7 @@ mod tests {
             split_size: None,
             sign_key: None,
             threads: None,
+            binary: None,
         };
         let e = read(&opts(Compression::Gzip, 10)).err().unwrap();
         assert_eq!(e.message, "--level 10: gzip levels are 1 to 9");

@@ -113,6 +113,7 @@ pub(super) fn report(
         image_reads: Vec::new(),
         stack_files: m.stack.as_ref().map(|s| s.files.len()).unwrap_or(0),
         signed_by,
+        binary: String::new(),
         seconds: t0.elapsed().as_secs_f64(),
         steps,
     }

@@ -46,6 +46,9 @@ pub struct PackOptions {
     pub sign_key: Option<PathBuf>,
     /// Compression worker threads (zstd); default: the number of CPUs.
     pub threads: Option<u32>,
+    /// The bkbundle binary to carry as `bin/bkbundle` (default: the running one); it must start
+    /// on the offline hosts ([`crate::portable::check`]).
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +67,8 @@ pub struct PackReport {
     pub image_reads: Vec<ImageRead>,
     pub stack_files: usize,
     pub signed_by: Option<String>,
+    /// What the carried `bin/bkbundle` needs from its host (`static, needs no libc`).
+    pub binary: String,
     pub seconds: f64,
     pub steps: Vec<(String, f64)>,
 }
@@ -82,7 +87,13 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let t = Instant::now();
     let (mut checked, mut problems) = inputs::check(&plan, reporter).await?;
     let mut extracted = artifacts::run(&plan, checked.engine.as_ref(), &opts.output, reporter, &mut problems).await?;
+    // The carried binary must start on the offline hosts (old glibc): a problem like the others.
+    let carried = packages::carried_binary(opts).and_then(|b| crate::portable::check(&b).map(|n| (b, n)));
+    let carried = carried.map_err(|e| problems.push(e)).ok();
     inputs::combine(problems)?;
+    let Some((binary, needs)) = carried else {
+        return Err(crate::error::Error::internal("the carried binary was neither checked nor refused"));
+    };
     // Built packages are written like package files; collectors find their entries in them.
     for (i, built) in &extracted.built {
         checked.packages[*i].1 = Some(built.path.clone());
@@ -103,7 +114,7 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let (packages, provenance) = packages::write_packages(&checked, &extracted, &mut writer, reporter)?;
     let installers = packages::write_installers(&extracted, &mut writer, reporter)?;
     let stack = packages::write_stack(&plan.recipe, &checked, &mut writer)?;
-    packages::write_binary(&mut writer)?;
+    packages::write_binary(&binary, &mut writer)?;
     steps.push(("packages and stack".to_string(), t.elapsed().as_secs_f64()));
 
     // 3. Manifest, signature, sums; then commit.
@@ -120,6 +131,7 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let output = writer.commit()?;
     let mut report = manifest::report(&m, output, bytes, signed_by, t0, steps);
     report.image_reads = extracted.reads.clone();
+    report.binary = needs.describe();
     Ok(report)
 }
 
@@ -150,7 +162,7 @@ impl Report for PackReport {
             })
             .collect();
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} installers, {} stack files{}{reads}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} installers, {} stack files{}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
@@ -162,6 +174,7 @@ impl Report for PackReport {
             self.installers,
             self.stack_files,
             self.signed_by.as_ref().map(|k| format!(", signed by key {k}")).unwrap_or_default(),
+            self.binary,
             human(self.bytes),
             self.seconds
         )

@@ -135,11 +135,18 @@ pub(super) fn write_stack(recipe: &Recipe, checked: &Checked, writer: &mut Bundl
     }))
 }
 
-/// The tool itself, so the offline host needs nothing else.
-pub(super) fn write_binary(writer: &mut BundleWriter) -> Result<()> {
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::internal(format!("cannot locate the running bkbundle binary: {e}")))?;
-    let mut f = fs::File::open(&exe).io_ctx("cannot read the bkbundle binary", &exe)?;
+/// The bkbundle binary the bundle carries: `--binary`, else the running one.
+pub(super) fn carried_binary(opts: &super::PackOptions) -> Result<std::path::PathBuf> {
+    match &opts.binary {
+        Some(b) => Ok(b.clone()),
+        None => std::env::current_exe()
+            .map_err(|e| Error::internal(format!("cannot locate the running bkbundle binary: {e}"))),
+    }
+}
+
+/// The tool itself, so the offline host needs nothing else (checked portable by the caller).
+pub(super) fn write_binary(exe: &Path, writer: &mut BundleWriter) -> Result<()> {
+    let mut f = fs::File::open(exe).io_ctx("cannot read the bkbundle binary", exe)?;
     writer.add_reader(layout::BINARY, 0o755, &mut f)?;
     Ok(())
 }

@@ -84,7 +84,7 @@ impl std::fmt::Debug for AgentNats {
 
 /// Diagnose this agent host. See the module documentation.
 pub fn run(opts: &AgentOptions, reporter: &dyn crate::progress::Reporter) -> crate::Result<DoctorReport> {
-    crate::runtime::block_on(diagnose(opts, reporter))
+    crate::runtime::block_on(diagnose(opts, reporter))?
 }
 
 async fn diagnose(opts: &AgentOptions, reporter: &dyn crate::progress::Reporter) -> crate::Result<DoctorReport> {
