@@ -48,7 +48,7 @@ remove_images() {
 bash scripts/setup.sh
 bash scripts/demo-images.sh
 cargo build --release --locked
-BK=target/release/bkbundle
+BK=target/x86_64-unknown-linux-gnu/release/bkbundle   # static (.cargo/config.toml): the binary bundles carry
 mkdir -p target/demo
 
 echo "== bkbundle pack $RECIPE -o target/demo/demo.bkb"
