@@ -28,12 +28,14 @@ pub(super) async fn check(ctx: &mut Ctx<'_>, db: &dyn PlatformDb) {
             return;
         }
     };
-    let mut by_region: BTreeMap<(i64, String), Vec<String>> = BTreeMap::new();
+    let bundle = ctx.bundle_arg();
+    let mut by_region: BTreeMap<(i64, String), Vec<(String, String)>> = BTreeMap::new();
     for a in silent {
-        by_region.entry((a.region_id, a.region)).or_default().push(format!(
+        let line = format!(
             "task {} installed {} at {} UTC: status success, no node with that IP ever registered",
             a.task_id, a.ip, a.updated_at
-        ));
+        );
+        by_region.entry((a.region_id, a.region)).or_default().push((a.ip, line));
     }
     for ((id, name), hosts) in by_region {
         let f = ctx.add(
@@ -42,11 +44,16 @@ pub(super) async fn check(ctx: &mut Ctx<'_>, db: &dyn PlatformDb) {
             format!("region {name:?} (id {id}) agents"),
             format!("{} agent(s) installed successfully but never appeared", hosts.len()),
         );
-        for h in hosts {
-            f.evidence(h);
+        let mut ips: Vec<&str> = hosts.iter().map(|(ip, _)| ip.as_str()).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        for (_, line) in &hosts {
+            f.evidence(line.clone());
         }
+        // The diagnosis of why is on the agent host: the same tool, from the bundle.
         f.fix(format!(
-            "check region {name:?}'s NODE_SERVER_URL and NATS_SERVERS (findings above); on an agent host: the sidecar's log and `curl -v <NODE_SERVER_URL>`"
+            "check region {name:?}'s NODE_SERVER_URL and NATS_SERVERS (findings above); then on each host ({}) run the agent-side diagnosis: `tar -xf {bundle} bin/bkbundle && scp bin/bkbundle root@HOST:/tmp/ && ssh root@HOST /tmp/bkbundle doctor --agent` (it reads that agent's config and service, and reaches the server and NATS as that host does)",
+            ips.join(", ")
         ));
     }
 }
@@ -77,6 +84,12 @@ mod tests {
             ["task 7 installed 10.9.9.9 at 2026-11-29 10:00 UTC: status success, no node with that IP ever registered"]
         );
         assert!(!f.fixed);
+        let fix = f.fix.as_deref().unwrap();
+        assert!(
+            fix.contains("on each host (10.9.9.9)")
+                && fix.contains("tar -xf BUNDLE bin/bkbundle && scp bin/bkbundle root@HOST:/tmp/ && ssh root@HOST /tmp/bkbundle doctor --agent"),
+            "{fix}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
