@@ -279,7 +279,7 @@ mod tests {
         }
         let readelf_newest = text
             .split_whitespace()
-            .filter_map(|w| glibc_version(w))
+            .filter_map(glibc_version)
             .max()
             .unwrap();
         assert_eq!(readelf_newest, newest);
