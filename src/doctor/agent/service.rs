@@ -1,5 +1,5 @@
 //! See mod.rs.
-use super::AgentConfig;
+use super::{AgentConfig, Host};
 use crate::doctor::Finding;
 
-pub(super) async fn check(_cfg: &AgentConfig, _out: &mut Vec<Finding>) {}
+pub(super) async fn check(_cfg: &AgentConfig, _host: &Host, _out: &mut Vec<Finding>) {}
