@@ -25,7 +25,8 @@ need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh";
 need docker; need gzip; need sha256sum; [ -x /usr/bin/time ] || { say "missing /usr/bin/time: apt-get install time"; exit 1; }
 
 cargo build --release --quiet
-BK=$ROOT/target/release/bkbundle
+# .cargo/config.toml names the target explicitly (static glibc), so the outputs are under it.
+BK=$ROOT/target/x86_64-unknown-linux-gnu/release/bkbundle
 
 # time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR. For bkbundle (run with
 # -v) the peak is its own VmHWM as it reports it: GNU time's %M would include the largest waited-for
