@@ -8,23 +8,28 @@
 #                               file to the same nats-server; a re-run; memory
 #   scripts/bench.sh regions    issue 10: regions apply of 50 regions x 15 keys on releases 0012 and
 #                               0044 against psql running the same INSERTs; a re-run
+#   scripts/bench.sh agent-doctor  issue 13: doctor --agent on a clean agent host and on one with
+#                               every link broken (containers of the demo's busybox base, against
+#                               the demo installed for them); seconds and peak memory
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
 # memory-does-not-grow check. Building them takes a few minutes the first time; they are kept.
-# Needs: docker, GNU time (/usr/bin/time), gzip, sha256sum; run scripts/setup.sh first.
+# Needs: docker, GNU time (/usr/bin/time), gzip, sha256sum (agent-doctor: openssl, nsenter,
+# iptables); run scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions}
+SECTIONS=${*:-pack install packages regions agent-doctor}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
 need docker; need gzip; need sha256sum; [ -x /usr/bin/time ] || { say "missing /usr/bin/time: apt-get install time"; exit 1; }
 
 cargo build --release --quiet
+# .cargo/config.toml names the target explicitly (static glibc), so the outputs are under it.
 BK=$ROOT/target/x86_64-unknown-linux-gnu/release/bkbundle
 
 # time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR. For bkbundle (run with
@@ -343,12 +348,141 @@ PY
   stop_servers
 }
 
+# issue 13: `doctor --agent` on agent hosts that are containers of bkbundle-demo/base:1 (busybox, no
+# libc: the carried binary as the field runs it) on a Docker network of their own, against the demo
+# stack installed for them on the network's gateway (NATS over TLS from the site CA; the web stands
+# in for the server), as tests/it/agent_doctor.rs does. A clean host, and one with every link broken
+# where breaking costs the most time: the server's name asked of a resolver that never answers, NATS
+# traffic dropped (and behind the drop a CA that signed nothing and a wrong password). Each is
+# diagnosed AGENT_RUNS times (default 5): the median of doctor's own seconds (its report) and of the
+# `docker exec` around it, and the binary's peak memory (-v), against the issue's figures. Packets
+# are dropped in each container's own network namespace, never by this host's rules; nothing leaves
+# the machine (the resolver every host is given is 127.0.0.1, the name ends in .invalid).
+AGENT_NET=bktbenchagent
+AGENT_PROJECT=bktbenchagent
+agent_cleanup() {
+  docker rm -f bktbenchagent-clean bktbenchagent-broken >/dev/null 2>&1 || true
+  [ ! -f "$WORK/agent/target/docker-compose.yml" ] ||
+    docker-compose -p "$AGENT_PROJECT" -f "$WORK/agent/target/docker-compose.yml" down -v >/dev/null 2>&1 || true
+  docker network rm "$AGENT_NET" >/dev/null 2>&1 || true
+}
+
+# agent_tree DIR SERVER_URL NATS_URL CA: an agent's install dir as upstream's package and install.sh
+# leave it: tests/agent/sidecar.yml rendered (its header left out), node-id, the sidecar and the
+# collectors executable, CA as certs/ca.crt, the NATS-Executor config the server generates for TLS.
+# DIR.resolv.conf is the host's /etc/resolv.conf.
+agent_tree() {
+  local d=$1
+  rm -rf "$d"; mkdir -p "$d/bin" "$d/certs" "$d/generated" "$d/cache" "$d/log"
+  awk 'body || !/^#/ { body = 1; print }' tests/agent/sidecar.yml |
+    sed -e "s|__SERVER__URL__|$2|" -e 's|__SERVER__API__TOKEN__|benchToken0123456789abcdef|' \
+        -e 's|__TAGS__|"zone:1", "group:1"|' -e 's|__NODE__NAME__|bench-agent|' > "$d/sidecar.yml"
+  echo bench-node-1 > "$d/node-id"
+  local b
+  for b in collector-sidecar bin/telegraf bin/vector bin/nats-executor; do
+    printf '#!/bin/sh\nexec sleep 3600\n' > "$d/$b"; chmod 0755 "$d/$b"
+  done
+  cp "$4" "$d/certs/ca.crt"
+  printf 'nats_urls: "%s"\nnats_instanceId: "bench-node-1"\nnats_conn_timeout: 600\n\ntls_enabled: "true"\ntls_skip_verify: "false"\ntls_ca_file: "/opt/fusion-collectors/certs/ca.crt"\n' \
+    "$3" > "$d/generated/3b1f0c52-natsexecutor-linux.yaml"
+  printf 'nameserver 127.0.0.1\n' > "$d.resolv.conf"
+}
+
+# agent_host NAME TREE [MATCH...]: container NAME on $AGENT_NET with TREE at /opt/fusion-collectors
+# (read-only) and the binary at /bkbundle; each MATCH (iptables match arguments, one string) is
+# dropped in the container's own network namespace.
+agent_host() {
+  local name=$1 tree=$2; shift 2
+  docker run -d --rm --name "$name" --network "$AGENT_NET" -v "$tree:/opt/fusion-collectors:ro" \
+    -v "$BK:/bkbundle:ro" -v "$tree.resolv.conf:/etc/resolv.conf:ro" bkbundle-demo/base:1 sleep 3600 >/dev/null
+  local pid match; pid=$(docker inspect -f '{{.State.Pid}}' "$name")
+  for match in "$@"; do
+    # shellcheck disable=SC2086 # the match is several arguments
+    nsenter -t "$pid" -n iptables -A OUTPUT $match -j DROP
+  done
+}
+
+# agent_runs NAME: doctor --agent AGENT_RUNS times in container NAME; prints the medians of its own
+# seconds and of the docker exec's, the largest peak memory (MiB), and the last run's exit code,
+# errors and warnings.
+agent_runs() {
+  local name=$1 out="$WORK/agent/runs-$1.txt" i t0 t1 rc
+  : > "$out"
+  for i in $(seq "$AGENT_RUNS"); do
+    t0=$(date +%s.%N); rc=0
+    docker exec "$name" /bkbundle -v --json --no-progress doctor --agent >"$WORK/agent/report.json" 2>"$WORK/agent/stderr.txt" || rc=$?
+    t1=$(date +%s.%N)
+    python3 - "$WORK/agent/report.json" "$WORK/agent/stderr.txt" "$t0" "$t1" "$rc" >>"$out" <<'PY' || { cat "$WORK/agent/stderr.txt" >&2; return 1; }
+import json, re, sys
+report, stderr, t0, t1, rc = sys.argv[1:]
+r = json.load(open(report))
+peak = re.findall(r"^bkbundle: peak memory (\d+) kB$", open(stderr).read(), re.M)
+print(r["seconds"], float(t1) - float(t0), peak[-1] if peak else "nan", rc, r["errors"], r["warnings"])
+PY
+  done
+  python3 - "$out" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+med = lambda i: statistics.median(float(r[i]) for r in rows)
+peak = max(float(r[2]) for r in rows)
+peak = "?" if peak != peak else f"{peak / 1024:.1f}"  # no -v line: nan
+print(f"{med(0):.2f} {med(1):.2f} {peak} {rows[-1][3]} {rows[-1][4]} {rows[-1][5]}")
+PY
+}
+
+bench_agent_doctor() {
+  need openssl; need nsenter; need iptables; need docker-compose
+  AGENT_RUNS=${AGENT_RUNS:-5}
+  local dir="$WORK/agent"
+  mkdir -p "$dir"
+  bash scripts/demo-images.sh >/dev/null
+  agent_cleanup
+  trap agent_cleanup EXIT
+  docker network create "$AGENT_NET" >/dev/null
+  local gw; gw=$(docker network inspect -f '{{(index .IPAM.Config 0).Gateway}}' "$AGENT_NET")
+  local web nats pg; web=$(free_port); nats=$(free_port); pg=$(free_port)
+  "$BK" --no-progress pack examples/demo/recipe.toml -o "$dir/demo.bkb" >/dev/null
+  # NATS published on the gateway only (install reaches it there too); its certificate names the
+  # gateway (HOST_IP). The web is published on every address.
+  printf 'format = 1\nproject = "%s"\n[env]\nWEB_PORT = "%s"\nPOSTGRES_PORT = "%s"\nNATS_PORT = "%s"\nHOST_IP = "%s"\nSERVER_URL = "http://%s:%s"\nNATS_BIND_IP = "%s"\n[nats]\nurl = "tls://%s:%s"\n[health]\ntimeout_secs = 180\n' \
+    "$AGENT_PROJECT" "$web" "$pg" "$nats" "$gw" "$gw" "$web" "$gw" "$gw" "$nats" > "$dir/install.toml"
+  rm -rf "$dir/target"
+  "$BK" --no-progress install "$dir/demo.bkb" --target "$dir/target" --config "$dir/install.toml" >"$dir/install.log" 2>&1 ||
+    { cat "$dir/install.log" >&2; return 1; }
+  local user pw
+  user=$(sed -n 's/^NATS_USER=//p' "$dir/target/.env"); pw=$(sed -n 's/^NATS_PASSWORD=//p' "$dir/target/.env")
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$dir/stranger.key" \
+    -out "$dir/stranger.crt" -days 30 -subj "/CN=bench stranger CA" 2>/dev/null
+  agent_tree "$dir/clean" "http://$gw:$web/api/v1/node_mgmt/open_api/node" "tls://$user:$pw@$gw:$nats" "$dir/target/certs/ca.crt"
+  agent_tree "$dir/broken" "http://bklite-server.invalid:$web/api/v1/node_mgmt/open_api/node" \
+    "tls://$user:wrong-password@$gw:$nats" "$dir/stranger.crt"
+  agent_host bktbenchagent-clean "$dir/clean"
+  agent_host bktbenchagent-broken "$dir/broken" "-p udp --dport 53" "-p tcp --dport 53" "-p tcp -d $gw --dport $nats"
+
+  say "== doctor --agent in containers of bkbundle-demo/base:1 (busybox, no libc), $AGENT_RUNS runs each"
+  local clean broken
+  clean=$(agent_runs bktbenchagent-clean)
+  broken=$(agent_runs bktbenchagent-broken)
+  read -r c_own c_wall c_peak c_rc c_err c_warn <<<"$clean"
+  read -r b_own b_wall b_peak b_rc b_err b_warn <<<"$broken"
+  say "clean host                 ${c_own} s   (docker exec ${c_wall} s; exit $c_rc, $c_err errors, $c_warn warnings)   (target <= 3 s)"
+  say "every link broken          ${b_own} s   (docker exec ${b_wall} s; exit $b_rc, $b_err errors, $b_warn warnings)   (target <= 15 s)"
+  say "  (server name asked of a silent resolver, NATS traffic dropped, behind it a stranger CA and a wrong password)"
+  say "peak memory                clean $c_peak MiB, broken $b_peak MiB   (target <= 32 MiB)"
+  [ "$c_rc" = 0 ] && [ "$b_rc" = 10 ] && [ "$b_err" -ge 2 ] ||
+    say "NOTE: expected exit 0 for the clean host and exit 10 with an error per chain for the broken one: these figures do not measure a full diagnosis"
+  agent_cleanup
+  trap - EXIT
+  rm -f "$dir/demo.bkb"
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
     install) bench_install ;;
     packages) bench_packages ;;
     regions) bench_regions ;;
-    *) say "unknown section $s (known: pack install packages regions)"; exit 2 ;;
+    agent-doctor) bench_agent_doctor ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor)"; exit 2 ;;
   esac
 done

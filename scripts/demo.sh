@@ -48,7 +48,8 @@ remove_images() {
 bash scripts/setup.sh
 bash scripts/demo-images.sh
 cargo build --release --locked
-BK=target/x86_64-unknown-linux-gnu/release/bkbundle   # static (.cargo/config.toml): the binary bundles carry
+# .cargo/config.toml names the target explicitly (static glibc), so the outputs are under it.
+BK=target/x86_64-unknown-linux-gnu/release/bkbundle
 mkdir -p target/demo
 
 echo "== bkbundle pack $RECIPE -o target/demo/demo.bkb"

@@ -47,6 +47,10 @@ have zstd || missing+=(zstd)
 have openssl || missing+=(openssl)
 # The agent-host tests: a network namespace on a veth (ip netns, ip link).
 have ip || missing+=(iproute2)
+# doctor --agent's live tests and benchmark drop packets inside an agent container's own network
+# namespace (nsenter -n iptables), never in this host's rules.
+have iptables || missing+=(iptables)
+have nsenter || missing+=(util-linux)
 [ -x /usr/bin/time ] || missing+=(time) # GNU time: peak memory in scripts/bench.sh
 have python3 || missing+=(python3)
 # pip is only needed when the Python packages below are missing.

@@ -5,6 +5,7 @@
 //! (`scripts/setup.sh`); nothing is skipped silently.
 
 mod agent;
+mod agent_doctor;
 mod concurrency;
 mod demo_images;
 mod doctor;
