@@ -6,7 +6,8 @@
 //! without following symlinks. A value is judged on the text the agent itself reads: the NATS
 //! configs' `${VAR}` placeholders are expanded the way nats-executor expands them
 //! (`renderEnvVars`: `${NAME}` and `$NAME`, an unset or empty variable left as it is), from the
-//! unit's environment file and then this process's environment. The token and passwords are
+//! unit's environment file (the environment the collectors run with: the operator's shell is
+//! not theirs, so it is never consulted). The token and passwords are
 //! never shown: evidence names the token's length and masks passwords as `***`.
 
 use super::{add, read_bounded, AgentConfig, AgentNats, Host, ReadError, MAX_FILE, STEP};
@@ -933,7 +934,6 @@ fn nats(generated: &Path, host: &Host, out: &mut Vec<Finding>) -> Option<AgentNa
             .rev()
             .find(|(n, v)| n == k && !v.is_empty())
             .map(|(_, v)| v.clone())
-            .or_else(|| (host.env)(k))
     };
     let Some((files, skipped)) = generated_files(generated) else {
         not_registered(
@@ -1038,7 +1038,7 @@ fn nats_file(
             Severity::Error,
             subject,
             format!(
-                "{} not set in {} nor in this environment: nats-executor connects with the placeholder text instead",
+                "{} not set in {}: nats-executor connects with the placeholder text instead",
                 names.join(", "),
                 env_file.display()
             ),

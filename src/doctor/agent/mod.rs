@@ -96,7 +96,6 @@ impl std::fmt::Debug for AgentNats {
 }
 
 /// A variable of an environment, by name.
-pub(crate) type EnvLookup = dyn Fn(&str) -> Option<String> + Send + Sync;
 
 /// What the chains read of this machine beyond the install dir, in one place: the real paths
 /// and programs in [`Host::real`], a tempdir and canned command outputs in the tests (which so
@@ -109,8 +108,6 @@ pub(crate) struct Host {
     pub environment_file: PathBuf,
     /// `/proc/meminfo`.
     pub meminfo: PathBuf,
-    /// This process's environment, the second place a `${VAR}` is looked up.
-    pub env: Box<EnvLookup>,
     /// Runs `systemctl` and `journalctl`.
     pub commands: Box<dyn Commands>,
 }
@@ -129,7 +126,6 @@ impl Host {
             .collect(),
             environment_file: PathBuf::from("/etc/fusion-collectors/environment"),
             meminfo: PathBuf::from("/proc/meminfo"),
-            env: Box::new(|k| std::env::var(k).ok()),
             commands: Box::new(System),
         }
     }
@@ -348,7 +344,6 @@ pub(crate) mod testing {
             unit_dirs: vec![root.join("etc/systemd/system"), root.join("usr/lib/systemd/system")],
             environment_file: root.join("etc/fusion-collectors/environment"),
             meminfo: root.join("proc/meminfo"),
-            env: Box::new(|_| None),
             commands: Box::new(FakeCommands::default()),
         }
     }
