@@ -12,6 +12,7 @@
 //!
 //! The password is never shown: every finding is scrubbed of it before it is added.
 
+use super::dns::{self, Sources};
 use super::net;
 use super::{AgentConfig, AgentNats, STEP};
 use crate::doctor::{Finding, Severity};
@@ -28,8 +29,13 @@ const REGIONS_APPLY: &str = "bkbundle regions apply --bundle BUNDLE --config ins
 
 /// Reach NATS as the agent does; see the module documentation.
 pub(super) async fn chain(_cfg: &AgentConfig, n: &AgentNats, out: &mut Vec<Finding>) {
+    chain_with(&Sources::system(), n, out).await
+}
+
+/// [`chain`] with the resolver's files of `dns` (a test's own in tests).
+async fn chain_with(dns: &Sources, n: &AgentNats, out: &mut Vec<Finding>) {
     let mut found = Vec::new();
-    run(n, &mut found).await;
+    run(dns, n, &mut found).await;
     for mut f in found {
         if let Some(p) = n.password.as_deref() {
             scrub(&mut f, p);
@@ -64,7 +70,7 @@ fn target(n: &AgentNats) -> NatsTarget {
     }
 }
 
-async fn run(n: &AgentNats, out: &mut Vec<Finding>) {
+async fn run(dns: &Sources, n: &AgentNats, out: &mut Vec<Finding>) {
     let t = target(n);
     let display = t.display();
     if t.urls.is_empty() {
@@ -84,7 +90,7 @@ async fn run(n: &AgentNats, out: &mut Vec<Finding>) {
     let nc = match pnats::connect_bounded(&t, STEP).await {
         Ok(c) => c,
         Err(e) => {
-            let f = broken(n, &t, &e).await;
+            let f = broken(dns, n, &t, &e).await;
             out.push(f);
             return;
         }
@@ -97,12 +103,12 @@ async fn run(n: &AgentNats, out: &mut Vec<Finding>) {
         }),
     };
     if let Err(e) = js {
-        out.push(broken(n, &t, &e).await);
+        out.push(broken(dns, n, &t, &e).await);
     }
 }
 
 /// The finding of the stage `e` broke.
-async fn broken(n: &AgentNats, t: &NatsTarget, e: &NatsError) -> Finding {
+async fn broken(dns: &Sources, n: &AgentNats, t: &NatsTarget, e: &NatsError) -> Finding {
     let stage = e.stage();
     let source = n.source.display();
     let (host, port) = first_host_port(t);
@@ -121,25 +127,30 @@ async fn broken(n: &AgentNats, t: &NatsTarget, e: &NatsError) -> Finding {
         f.evidence(format!("CA file {}: {what}", ca.display()));
     }
     let apply = format!(
-        "on the platform host: `bkbundle doctor` (it checks the region's env), {REGIONS_APPLY}; the sidecar then regenerates {source}"
+        "on the platform host `bkbundle doctor` checks the region's env and `{REGIONS_APPLY}` sets it; the sidecar then regenerates {source}"
     );
     let fix = match e {
-        NatsError::Resolve { .. } => format!(
-            "on this agent host add a line `IP {host}` to /etc/hosts (IP: the platform host's address), or a DNS record for {host}; or make the region's NATS_SERVERS an address agents reach ({apply})"
-        ),
+        NatsError::Resolve { .. } => {
+            for line in dns::evidence(dns, &host).await {
+                f.evidence(line);
+            }
+            format!(
+                "on this agent host add a line `IP {host}` to /etc/hosts (IP: the platform host's address), or a DNS record for {host}; or make the region's NATS_SERVERS an address agents reach: {apply}"
+            )
+        }
         NatsError::Connect { .. } => format!(
-            "open TCP port {port} from this agent host to {host}: the platform host's firewall (`firewall-cmd --permanent --add-port={port}/tcp && firewall-cmd --reload`) and any in between; NATS must be published on an address agents reach (the region's NATS_SERVERS; {apply})"
+            "open TCP port {port} from this agent host to {host}: the platform host's firewall (`firewall-cmd --permanent --add-port={port}/tcp && firewall-cmd --reload`) and any in between; NATS must be published on the address of the region's NATS_SERVERS: {apply}"
         ),
         NatsError::Tls { .. } => tls_fix(n, t, &host, port, &mut f).await,
         NatsError::Auth { .. } => format!(
-            "the user {} and its password in {source} (written from the region's NATS_ADMIN_USERNAME and NATS_ADMIN_PASSWORD) are refused: {apply}",
+            "the user {} and its password in {source} (written from the region's NATS_ADMIN_USERNAME and NATS_ADMIN_PASSWORD) are refused; {apply}",
             n.user.as_deref().map(|u| format!("{u:?}")).unwrap_or_else(|| "(none)".into())
         ),
         NatsError::NoJetStream { .. } => {
             "NATS answers, but JetStream does not for this account (the agent downloads its packages from it): on the platform host, `bkbundle doctor` checks NATS and its JetStream".to_string()
         }
         NatsError::NoNats | NatsError::BadConfig(_) | NatsError::Bucket { .. } => {
-            format!("check the NATS settings in {source}; they come from the region's NATS_* values ({apply})")
+            format!("check the NATS settings in {source}; they come from the region's NATS_* values: {apply}")
         }
     };
     f.fix(fix);
@@ -209,7 +220,7 @@ async fn nats_certificate(host: &str, port: u16, ca_file: Option<&Path>, f: &mut
             f.evidence(format!("the NATS server's certificate: {}", v.presented()));
             f.evidence(match &v.error {
                 None => "against the agent's CA: verified (the failure is elsewhere: see the error)".to_string(),
-                Some(e) => format!("against the agent's CA: {e}"),
+                Some(e) => format!("against the agent's CA: {}", net::distrust(e, host, ca_file).0),
             });
             Some(v)
         }
@@ -369,7 +380,45 @@ mod tests {
                 .contains("did not sign the NATS server's certificate"),
             "{f:#?}"
         );
+        assert!(
+            f.evidence.iter().any(|e| e
+                == "against the agent's CA: unknown issuer: no CA this host trusts signed the server's certificate"),
+            "{f:#?}"
+        );
         assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_nats_host_shows_what_the_host_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        let src = Sources {
+            hosts: dir.path().join("hosts"),
+            resolv_conf: dir.path().join("resolv.conf"),
+            dns_port: dns::fake::nameserver("known.invalid").await,
+        };
+        let n = agent_nats(&["nats://bklite-nats.invalid:4222".into()], false, None);
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        chain_with(&src, &n, &mut out).await;
+        assert!(t0.elapsed() < STEP + Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert_eq!(out.len(), 1, "{out:#?}");
+        let f = &out[0];
+        assert_eq!(f.subject, "NATS nats://bklite-nats.invalid:4222 (name resolution)");
+        assert_eq!(
+            f.evidence[1..],
+            [
+                format!("{}/hosts: no entry for bklite-nats.invalid", dir.path().display()),
+                format!("{}/resolv.conf: nameserver 127.0.0.1", dir.path().display()),
+                "nameserver 127.0.0.1: bklite-nats.invalid → NXDOMAIN (no such name)".to_string(),
+            ]
+        );
+        assert!(f
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("`IP bklite-nats.invalid` to /etc/hosts"));
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub(super) struct HostFiles {
 }
 
 impl HostFiles {
-    fn system() -> HostFiles {
+    pub fn system() -> HostFiles {
         HostFiles {
             dns: Sources::system(),
             ca_bundles: CA_BUNDLES.iter().map(PathBuf::from).collect(),
@@ -607,8 +607,8 @@ fn handshake_failure(e: &std::io::Error) -> String {
     }
 }
 
-/// What is wrong with a certificate, in words, and its fix.
-fn distrust(e: &rustls::Error, u: &ServerUrl, ca_file: Option<&Path>) -> (String, String) {
+/// What is wrong with a certificate for `host`, in words, and its fix.
+pub(super) fn distrust(e: &rustls::Error, host: &str, ca_file: Option<&Path>) -> (String, String) {
     let ca_fix = format!(
         "give this agent the CA that signed the server's certificate: copy the platform host's TARGET/certs/ca.crt to {} (or add it to this host's trust store: `cp ca.crt /etc/pki/ca-trust/source/anchors/ && update-ca-trust`; Debian/Ubuntu: /usr/local/share/ca-certificates/ and `update-ca-certificates`)",
         ca_file.map(|p| p.display().to_string()).unwrap_or_else(|| "the agent's certs/ca.crt".into())
@@ -623,10 +623,10 @@ fn distrust(e: &rustls::Error, u: &ServerUrl, ca_file: Option<&Path>) -> (String
                 ca_fix,
             ),
             CertificateError::NotValidForName => (
-                format!("name mismatch: the certificate is not for {}", u.host),
+                format!("name mismatch: the certificate is not for {}", host),
                 format!(
                     "use a NODE_SERVER_URL whose host the certificate names, or issue the server's certificate for {}",
-                    u.host
+                    host
                 ),
             ),
             CertificateError::NotValidForNameContext { presented, .. } => (
@@ -641,11 +641,11 @@ fn distrust(e: &rustls::Error, u: &ServerUrl, ca_file: Option<&Path>) -> (String
                             .collect::<Vec<_>>()
                             .join(", ")
                     },
-                    u.host
+                    host
                 ),
                 format!(
                     "use a NODE_SERVER_URL whose host the certificate names, or issue the server's certificate for {}",
-                    u.host
+                    host
                 ),
             ),
             CertificateError::Expired => ("expired".into(), clock_fix.into()),
@@ -691,7 +691,7 @@ fn judge_tls(
         trail.push(format!("TLS verified: {}", verdict.presented()));
         return false;
     };
-    let (why, fix) = distrust(e, u, cfg.ca_file.as_deref());
+    let (why, fix) = distrust(e, &u.host, cfg.ca_file.as_deref());
     let (severity, message) = if cfg.tls_skip_verify {
         (
             Severity::Warning,
