@@ -239,10 +239,18 @@ async fn resolve(
     if let Ok(ip) = u.host.parse::<IpAddr>() {
         return Some(vec![SocketAddr::new(ip, u.port)]);
     }
-    let (looked, evidence) = tokio::join!(
-        crate::platform::nats::lookup_within(&u.host, u.port, STEP),
-        dns::evidence(&files.dns, &u.host)
-    );
+    // The stub asks beside the resolver, and is dropped unheard when the name resolves: a clean
+    // host does not wait on a dead nameserver for evidence nobody reads.
+    let lookup = crate::platform::nats::lookup_within(&u.host, u.port, STEP);
+    let stub = dns::evidence(&files.dns, &u.host);
+    tokio::pin!(lookup, stub);
+    let mut evidence = None;
+    let looked = loop {
+        tokio::select! {
+            r = &mut lookup => break r,
+            e = &mut stub, if evidence.is_none() => evidence = Some(e),
+        }
+    };
     let why = match looked {
         Ok(found) => {
             let mut addrs: Vec<SocketAddr> = Vec::new();
@@ -266,6 +274,10 @@ async fn resolve(
         format!("Could not resolve host: {}", u.host),
     );
     f.evidence(format!("this host's resolver (/etc/hosts, then DNS): {why}"));
+    let evidence = match evidence {
+        Some(e) => e,
+        None => stub.await,
+    };
     for e in evidence {
         f.evidence(e);
     }
@@ -302,28 +314,35 @@ fn tcp_failure(e: &std::io::Error) -> TcpFailure {
     }
 }
 
-/// A TCP connection to the first of `addrs` that accepts (all tried at once, each once, within
-/// [`STEP`]); the finding when none does.
+/// A TCP connection to the first of `addrs` to accept (all tried at once, each once, within
+/// [`STEP`]; the others are not waited for, as the agent's dialer does not); the finding when
+/// none does.
 async fn connect(
     u: &ServerUrl,
     addrs: &[SocketAddr],
     trail: &mut Vec<String>,
     out: &mut Vec<Finding>,
 ) -> Option<TcpStream> {
-    let attempts = addrs.iter().map(|&a| async move {
-        let r = match tokio::time::timeout(STEP, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(tcp_failure(&e)),
-            Err(_) => Err(TcpFailure::TimedOut),
-        };
-        (a, r)
-    });
+    use futures_util::StreamExt as _;
+    let mut attempts: futures_util::stream::FuturesUnordered<_> = addrs
+        .iter()
+        .map(|&a| async move {
+            let r = match tokio::time::timeout(STEP, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(tcp_failure(&e)),
+                Err(_) => Err(TcpFailure::TimedOut),
+            };
+            (a, r)
+        })
+        .collect();
     let mut connected = None;
     let mut failed = Vec::new();
-    for (a, r) in futures_util::future::join_all(attempts).await {
+    while let Some((a, r)) = attempts.next().await {
         match r {
-            Ok(s) if connected.is_none() => connected = Some((a, s)),
-            Ok(_) => {}
+            Ok(s) => {
+                connected = Some((a, s));
+                break;
+            }
             Err(why) => failed.push((a, why)),
         }
     }
@@ -1374,6 +1393,21 @@ mod tests {
             "{e:#?}"
         );
         assert!(took < STEP + Duration::from_secs(1), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_does_not_wait_on_a_silent_nameserver() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = files(dir.path()).await;
+        // Bound and never answering.
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        f.dns.dns_port = silent.local_addr().unwrap().port();
+        let (port, _got) = server(Some(answer("200 OK", Some(http_date(SystemTime::now()))))).await;
+        let (out, took) = run(&f, &AgentConfig::default(), &format!("http://localhost:{port}/")).await;
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].message, "HTTP 200: the server answers at this URL");
+        assert!(out[0].evidence[0].starts_with("localhost resolved to "), "{out:#?}");
+        assert!(took < dns::QUERY_TIMEOUT, "{took:?}");
     }
 
     /// A TLS server on loopback with a certificate for `names` from a new CA; answers one
