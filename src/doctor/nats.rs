@@ -24,7 +24,7 @@ pub(super) async fn open(ctx: &Ctx<'_>, release: Option<&Release>) -> Link<NatsB
     };
     let display = target.display();
     let broken = |e: NatsError| {
-        let stage = stage_of(&e);
+        let stage = e.stage();
         vec![Finding::from_error(
             "nats",
             format!("NATS {display} ({stage})"),
@@ -73,19 +73,6 @@ pub(super) async fn open(ctx: &Ctx<'_>, release: Option<&Release>) -> Link<NatsB
             format!("NATS {display} (JetStream)"),
             "JetStream did not answer within 9 s",
         )]),
-    }
-}
-
-/// The link of the chain an error broke.
-fn stage_of(e: &NatsError) -> &'static str {
-    match e {
-        NatsError::Resolve { .. } => "name resolution",
-        NatsError::Connect { .. } => "TCP",
-        NatsError::Tls { .. } => "TLS",
-        NatsError::Auth { .. } => "authentication",
-        NatsError::NoJetStream { .. } => "JetStream",
-        NatsError::Bucket { .. } => "bucket",
-        NatsError::NoNats | NatsError::BadConfig(_) => "configuration",
     }
 }
 

@@ -105,7 +105,7 @@ impl From<NatsError> for Error {
 }
 
 /// Host and port of a URL, for the name-resolution and TCP stages.
-fn host_port(url: &str) -> (String, u16) {
+pub(crate) fn host_port(url: &str) -> (String, u16) {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let rest = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
     let rest = rest.split('/').next().unwrap_or(rest);
@@ -126,12 +126,72 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(300 * (1u64 << attempt.min(4)))
 }
 
+/// How hard a connect tries: the commands' patient connect, or doctor --agent's bounded one.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// Of the TCP probe and of the handshake, each (only a failure that is neither TLS nor
+    /// authentication is tried again).
+    attempts: u32,
+    /// Of one name resolution; `None`: as long as the resolver takes.
+    resolve_timeout: Option<Duration>,
+    /// Of one TCP connect.
+    tcp_timeout: Duration,
+    /// Of the handshake (the client's connection timeout).
+    handshake_timeout: Duration,
+}
+
+/// [`connect`]'s: three tries, 5 s per TCP connect, 10 s per handshake.
+const PATIENT: Bounds = Bounds {
+    attempts: ATTEMPTS,
+    resolve_timeout: None,
+    tcp_timeout: Duration::from_secs(5),
+    handshake_timeout: Duration::from_secs(10),
+};
+
+impl NatsError {
+    /// The link of the chain it broke, as doctor names it.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            NatsError::Resolve { .. } => "name resolution",
+            NatsError::Connect { .. } => "TCP",
+            NatsError::Tls { .. } => "TLS",
+            NatsError::Auth { .. } => "authentication",
+            NatsError::NoJetStream { .. } => "JetStream",
+            NatsError::Bucket { .. } => "bucket",
+            NatsError::NoNats | NatsError::BadConfig(_) => "configuration",
+        }
+    }
+}
+
 /// Connect, staged: name resolution, TCP, then the NATS handshake (TLS, authentication). Bounded
 /// retries with backoff on transient failures (refused/timed out).
 pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
+    connect_within(t, &PATIENT).await
+}
+
+/// [`connect`] for a diagnosis that must end in seconds: one try of each stage, each bounded by
+/// `step` (name resolution, each TCP connect, the handshake), and the whole by four steps.
+pub async fn connect_bounded(t: &NatsTarget, step: Duration) -> Result<async_nats::Client, NatsError> {
+    let bounds = Bounds {
+        attempts: 1,
+        resolve_timeout: Some(step),
+        tcp_timeout: step,
+        handshake_timeout: step,
+    };
+    let whole = step.saturating_mul(4);
+    match tokio::time::timeout(whole, connect_within(t, &bounds)).await {
+        Ok(r) => r,
+        Err(_) => Err(NatsError::Connect {
+            nats: t.display(),
+            message: format!("no connection within {} ms", whole.as_millis()),
+        }),
+    }
+}
+
+async fn connect_within(t: &NatsTarget, b: &Bounds) -> Result<async_nats::Client, NatsError> {
     let display = t.display();
-    probe_reachable(t, &display).await?;
-    let (opts, addrs) = connect_options(t).await?;
+    probe_reachable(t, &display, b).await?;
+    let (opts, addrs) = connect_options(t, b.handshake_timeout).await?;
     let mut attempt = 0;
     loop {
         match async_nats::connect_with_options(addrs.clone(), opts.clone()).await {
@@ -141,7 +201,7 @@ pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
                 // Only a failure that is neither TLS nor authentication is worth another try.
                 if matches!(err, NatsError::Connect { .. }) {
                     attempt += 1;
-                    if attempt < ATTEMPTS {
+                    if attempt < b.attempts {
                         tokio::time::sleep(backoff(attempt)).await;
                         continue;
                     }
@@ -152,15 +212,62 @@ pub async fn connect(t: &NatsTarget) -> Result<async_nats::Client, NatsError> {
     }
 }
 
+/// `host:port` resolved by the system's resolver (as `tokio::net::lookup_host`), given up after
+/// `within`. The lookup runs on a thread of its own that nothing waits for: a resolver stuck on
+/// a nameserver that drops packets (glibc tries each for 5 s, twice) must not hold up the end of
+/// the run, as a runtime's blocking task would when the runtime shuts down.
+pub(crate) async fn lookup_within(
+    host: &str,
+    port: u16,
+    within: Duration,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs as _;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = host.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("bkbundle-resolve".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+        });
+    let answer = match spawned {
+        Ok(_) => {
+            tokio::time::timeout(within, async {
+                rx.await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the resolver thread ended without an answer")))
+            })
+            .await
+        }
+        // No thread to be had: the runtime's blocking pool then.
+        Err(_) => {
+            tokio::time::timeout(within, async {
+                tokio::net::lookup_host((host, port)).await.map(|a| a.collect())
+            })
+            .await
+        }
+    };
+    answer.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the resolver within {} ms", within.as_millis()),
+        ))
+    })
+}
+
 /// Stages 1 and 2, per URL: name resolution and TCP, so an unreachable server is reported as such
 /// rather than as a handshake failure. One URL that answers is enough (the client then tries
 /// them all).
-async fn probe_reachable(t: &NatsTarget, display: &str) -> Result<(), NatsError> {
+async fn probe_reachable(t: &NatsTarget, display: &str, b: &Bounds) -> Result<(), NatsError> {
     let mut last = None;
     for url in &t.urls {
         let (host, port) = host_port(url);
-        let addrs = match tokio::net::lookup_host((host.as_str(), port)).await {
-            Ok(a) => a.collect::<Vec<_>>(),
+        let resolved = match b.resolve_timeout {
+            None => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.collect::<Vec<_>>()),
+            Some(within) => lookup_within(&host, port, within).await,
+        };
+        let addrs = match resolved {
+            Ok(a) => a,
             Err(e) => {
                 last = Some(NatsError::Resolve {
                     nats: display.to_string(),
@@ -170,20 +277,20 @@ async fn probe_reachable(t: &NatsTarget, display: &str) -> Result<(), NatsError>
                 continue;
             }
         };
-        for attempt in 0..ATTEMPTS {
+        for attempt in 0..b.attempts {
             let mut err = None;
             for a in &addrs {
-                match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(a)).await {
+                match tokio::time::timeout(b.tcp_timeout, tokio::net::TcpStream::connect(a)).await {
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err(e)) => err = Some(format!("{a}: {e}")),
-                    Err(_) => err = Some(format!("{a}: timed out after 5 s")),
+                    Err(_) => err = Some(format!("{a}: timed out after {}", seconds(b.tcp_timeout))),
                 }
             }
             last = Some(NatsError::Connect {
                 nats: display.to_string(),
                 message: err.unwrap_or_else(|| format!("{host} resolved to no address")),
             });
-            if attempt + 1 < ATTEMPTS {
+            if attempt + 1 < b.attempts {
                 tokio::time::sleep(backoff(attempt)).await;
             }
         }
@@ -191,13 +298,23 @@ async fn probe_reachable(t: &NatsTarget, display: &str) -> Result<(), NatsError>
     Err(last.unwrap_or(NatsError::NoNats))
 }
 
+/// `5 s`, `1.5 s`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} s", d.as_secs_f64())
+    }
+}
+
 /// The client's options (credentials, user, token, TLS) and server addresses from the target,
 /// checked before the handshake so a bad setting is a configuration error.
 async fn connect_options(
     t: &NatsTarget,
+    handshake_timeout: Duration,
 ) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), NatsError> {
     let mut opts = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(10))
+        .connection_timeout(handshake_timeout)
         .name("bkbundle");
     if let Some(c) = &t.credentials {
         opts = opts
@@ -321,6 +438,23 @@ pub struct Store {
     pub bucket: String,
 }
 
+/// JetStream answers this connection's account: `$JS.API.INFO` gets a reply that is not an
+/// error; without JetStream nobody responds. (async-nats' own account-info call cannot parse
+/// nats-server 2.9's reply.)
+pub async fn jetstream_answers(nc: &async_nats::Client, nt: &NatsTarget) -> Result<(), NatsError> {
+    match nc.request("$JS.API.INFO", Bytes::new()).await {
+        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => Ok(()),
+        Ok(m) => Err(NatsError::NoJetStream {
+            nats: nt.display(),
+            message: String::from_utf8_lossy(&m.payload).to_string(),
+        }),
+        Err(e) => Err(NatsError::NoJetStream {
+            nats: nt.display(),
+            message: crate::error::chain(&e),
+        }),
+    }
+}
+
 /// Check that JetStream answers, then open the bucket; when it is absent, create it (`create`)
 /// or return `None`. Used by init-packages and doctor, so both name the same broken link.
 pub async fn open_store(
@@ -330,23 +464,7 @@ pub async fn open_store(
     create: bool,
 ) -> Result<Option<Store>, NatsError> {
     let js = async_nats::jetstream::new(nc.clone());
-    // JetStream answers `$JS.API.INFO`; without it nobody responds. (async-nats' own account-info
-    // call cannot parse nats-server 2.9's reply.)
-    match nc.request("$JS.API.INFO", Bytes::new()).await {
-        Ok(m) if !String::from_utf8_lossy(&m.payload).contains("\"error\"") => {}
-        Ok(m) => {
-            return Err(NatsError::NoJetStream {
-                nats: nt.display(),
-                message: String::from_utf8_lossy(&m.payload).to_string(),
-            })
-        }
-        Err(e) => {
-            return Err(NatsError::NoJetStream {
-                nats: nt.display(),
-                message: crate::error::chain(&e),
-            })
-        }
-    }
+    jetstream_answers(nc, nt).await?;
     let bucket_err = |message: String| NatsError::Bucket {
         nats: nt.display(),
         bucket: bucket.to_string(),
@@ -549,5 +667,38 @@ mod tests {
         assert_eq!(host_port("tls://u:p@h.example:4333"), ("h.example".to_string(), 4333));
         assert_eq!(host_port("[::1]:4"), ("::1".to_string(), 4));
         assert_eq!(host_port("h"), ("h".to_string(), 4222));
+    }
+
+    fn target(url: String) -> NatsTarget {
+        NatsTarget {
+            urls: vec![url],
+            source: "test".into(),
+            user: None,
+            password: None,
+            token: None,
+            credentials: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bounded_connect_tries_once_and_ends_within_its_steps() {
+        let step = Duration::from_millis(500);
+        // Refused: at once, no retries (connect's three tries with backoff take about a second).
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let t0 = std::time::Instant::now();
+        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step).await.unwrap_err();
+        assert_eq!(e.stage(), "TCP", "{e}");
+        assert!(t0.elapsed() < Duration::from_millis(300), "{:?}", t0.elapsed());
+        // A port that accepts and never says INFO: the handshake's step, not the client's 10 s.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let t0 = std::time::Instant::now();
+        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step).await.unwrap_err();
+        assert_eq!(e.stage(), "TCP", "{e}");
+        assert!(t0.elapsed() < step * 4, "{:?}", t0.elapsed());
+        drop(silent);
     }
 }
