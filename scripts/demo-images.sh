@@ -255,6 +255,11 @@ if want "$WEB"; then
 <html><head><title>bkbundle demo</title></head>
 <body><h1>bkbundle demo web</h1><p>served by busybox httpd</p></body></html>
 HTML
+    # The web entry answers at the agents' endpoint (server_url is NODE_SERVER_URL + this path),
+    # as the platform's does, so `doctor --agent` on a demo agent host finds the path served.
+    mkdir -p "$ctx/root/www/api/v1/node_mgmt/open_api"
+    printf '{"result": false, "message": "the bkbundle demo has no BK-Lite server: this stands in for its agent API"}\n' \
+        >"$ctx/root/www/api/v1/node_mgmt/open_api/node"
     cat >"$ctx/Dockerfile" <<'DF'
 FROM bkbundle-demo/base:1
 COPY root/ /
