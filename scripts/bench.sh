@@ -457,7 +457,10 @@ bench_agent_doctor() {
   agent_tree "$dir/broken" "http://bklite-server.invalid:$web/api/v1/node_mgmt/open_api/node" \
     "tls://$user:wrong-password@$gw:$nats" "$dir/stranger.crt"
   agent_host bktbenchagent-clean "$dir/clean"
-  agent_host bktbenchagent-broken "$dir/broken" "-p udp --dport 53" "-p tcp --dport 53" "-p tcp -d $gw --dport $nats"
+  # A nameserver that never answers: an address on the agents' network that no host holds (a
+  # DROP rule in the container itself would fail the query at once with EPERM, not silently).
+  printf 'nameserver %s\n' "${gw%.*}.254" > "$dir/broken.resolv.conf"
+  agent_host bktbenchagent-broken "$dir/broken" "-p tcp -d $gw --dport $nats"
 
   say "== doctor --agent in containers of bkbundle-demo/base:1 (busybox, no libc), $AGENT_RUNS runs each"
   local clean broken
