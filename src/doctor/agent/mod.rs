@@ -95,8 +95,6 @@ impl std::fmt::Debug for AgentNats {
     }
 }
 
-/// A variable of an environment, by name.
-
 /// What the chains read of this machine beyond the install dir, in one place: the real paths
 /// and programs in [`Host::real`], a tempdir and canned command outputs in the tests (which so
 /// never depend on the test machine's systemd).
