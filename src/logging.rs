@@ -84,16 +84,19 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// `scheme://user:password@host` → `scheme://user:******@host`.
-fn mask_url_passwords(text: &str) -> String {
+pub(crate) fn mask_url_passwords(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The authority ends at the first '/', whitespace, quote or bracket; its user information
-        // at the last '@' before that.
+        // The authority ends at the first character it cannot hold ('/', '?', '#', whitespace, a
+        // double quote, angle brackets); its user information at the last '@' before that. A
+        // password may hold what RFC 3986 allows in user information (`'(),;` and the rest of
+        // the sub-delims) or a `${VAR}` placeholder: none of those ends it, so none stops the
+        // mask early (masking a little too much is the safe side).
         let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || "\"'<>()[]{},;".contains(c))
+            .find(|c: char| c.is_whitespace() || "/?#\"<>`".contains(c))
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -257,6 +260,13 @@ mod tests {
         );
         // A long bare user is a token in disguise.
         assert_eq!(redact("nats://0123456789abcdef0123@h:4222"), "nats://******@h:4222");
+        // What RFC 3986 lets a password hold unencoded does not end the mask early.
+        assert_eq!(redact("tls://u:p,a;s(s)'w@h:1 next"), "tls://u:******@h:1 next");
+        assert_eq!(redact("(nats://u:pw@h:1)"), "(nats://u:******@h:1)");
+        assert_eq!(
+            redact(r#"nats_urls: "tls://${USER}:${PASSWORD}@${NATS_SERVERS}""#),
+            r#"nats_urls: "tls://${USER}:******@${NATS_SERVERS}""#
+        );
     }
 
     #[test]

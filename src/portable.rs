@@ -139,7 +139,10 @@ pub fn read_needs(path: &Path) -> Result<BinaryNeeds> {
         return Err(bad("header entry sizes too small"));
     }
     for i in 0..phnum {
-        let off = i.checked_mul(phentsize).and_then(|o| o.checked_add(phoff)).ok_or_else(|| bad("program header offset overflows"))?;
+        let off = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(|| bad("program header offset overflows"))?;
         let ph = elf.bytes(off, 56)?;
         if u32le(&ph, 0) == 3 {
             // PT_INTERP: a NUL-terminated path.
@@ -149,12 +152,17 @@ pub fn read_needs(path: &Path) -> Result<BinaryNeeds> {
     }
     let mut sections = Vec::new();
     for i in 0..shnum {
-        let off = i.checked_mul(shentsize).and_then(|o| o.checked_add(shoff)).ok_or_else(|| bad("section header offset overflows"))?;
+        let off = i
+            .checked_mul(shentsize)
+            .and_then(|o| o.checked_add(shoff))
+            .ok_or_else(|| bad("section header offset overflows"))?;
         let sh = elf.bytes(off, 64)?;
         sections.push((u32le(&sh, 4), u64le(&sh, 24), u64le(&sh, 32), u32le(&sh, 40)));
     }
     let strtab = |link: u32| -> Result<Vec<u8>> {
-        let (_, off, size, _) = *sections.get(link as usize).ok_or_else(|| bad("a string table index out of range"))?;
+        let (_, off, size, _) = *sections
+            .get(link as usize)
+            .ok_or_else(|| bad("a string table index out of range"))?;
         elf.bytes(off, size)
     };
     for &(kind, off, size, link) in &sections {
@@ -177,11 +185,17 @@ pub fn read_needs(path: &Path) -> Result<BinaryNeeds> {
                 let strs = strtab(link)?;
                 let mut at = 0u64;
                 for _ in 0..MAX_ENTRIES {
-                    let rec = data.get(at as usize..).filter(|r| r.len() >= 16).ok_or_else(|| bad("a Verneed record out of its section"))?;
+                    let rec = data
+                        .get(at as usize..)
+                        .filter(|r| r.len() >= 16)
+                        .ok_or_else(|| bad("a Verneed record out of its section"))?;
                     let (count, aux, next) = (u16le(rec, 2), u32le(rec, 8) as u64, u32le(rec, 12) as u64);
                     let mut a = at.checked_add(aux).ok_or_else(|| bad("Vernaux offset overflows"))?;
                     for _ in 0..count {
-                        let v = data.get(a as usize..).filter(|r| r.len() >= 16).ok_or_else(|| bad("a Vernaux record out of its section"))?;
+                        let v = data
+                            .get(a as usize..)
+                            .filter(|r| r.len() >= 16)
+                            .ok_or_else(|| bad("a Vernaux record out of its section"))?;
                         needs.versions.push(cstr(&strs, u32le(v, 8) as u64));
                         match u32le(v, 12) {
                             0 => break,
@@ -267,25 +281,32 @@ mod tests {
         // Debian's own tools link the host's glibc (2.36 on the build machines).
         let ls = Path::new("/bin/ls");
         let needs = read_needs(ls).unwrap();
-        assert!(needs.interpreter.as_deref().is_some_and(|i| i.contains("ld-linux")), "{needs:?}");
+        assert!(
+            needs.interpreter.as_deref().is_some_and(|i| i.contains("ld-linux")),
+            "{needs:?}"
+        );
         assert!(needs.libraries.iter().any(|l| l == "libc.so.6"), "{needs:?}");
         let newest = needs.newest_glibc().expect("a GLIBC_ version");
         assert!(newest >= (2, 3), "{needs:?}");
         // Cross-checked with binutils' own reading of the same file.
-        let out = std::process::Command::new("readelf").args(["-V", "-W"]).arg(ls).output().expect("readelf (binutils)");
+        let out = std::process::Command::new("readelf")
+            .args(["-V", "-W"])
+            .arg(ls)
+            .output()
+            .expect("readelf (binutils)");
         let text = String::from_utf8_lossy(&out.stdout);
         for v in &needs.versions {
             assert!(text.contains(v.as_str()), "readelf does not list {v}");
         }
-        let readelf_newest = text
-            .split_whitespace()
-            .filter_map(glibc_version)
-            .max()
-            .unwrap();
+        let readelf_newest = text.split_whitespace().filter_map(glibc_version).max().unwrap();
         assert_eq!(readelf_newest, newest);
         if newest > OLDEST_GLIBC {
             let e = check(ls).unwrap_err();
-            assert!(e.message.contains(&format!("needs GLIBC_{}.{}", newest.0, newest.1)), "{}", e.message);
+            assert!(
+                e.message.contains(&format!("needs GLIBC_{}.{}", newest.0, newest.1)),
+                "{}",
+                e.message
+            );
             assert!(e.message.contains("/bin/ls"), "{}", e.message);
         }
     }

@@ -92,7 +92,9 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let carried = carried.map_err(|e| problems.push(e)).ok();
     inputs::combine(problems)?;
     let Some((binary, needs)) = carried else {
-        return Err(crate::error::Error::internal("the carried binary was neither checked nor refused"));
+        return Err(crate::error::Error::internal(
+            "the carried binary was neither checked nor refused",
+        ));
     };
     // Built packages are written like package files; collectors find their entries in them.
     for (i, built) in &extracted.built {

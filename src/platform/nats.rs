@@ -687,16 +687,24 @@ mod tests {
     async fn the_bounded_connect_tries_once_and_ends_within_its_steps() {
         let step = Duration::from_millis(500);
         // Refused: at once, no retries (connect's three tries with backoff take about a second).
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let t0 = std::time::Instant::now();
-        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step).await.unwrap_err();
+        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step)
+            .await
+            .unwrap_err();
         assert_eq!(e.stage(), "TCP", "{e}");
         assert!(t0.elapsed() < Duration::from_millis(300), "{:?}", t0.elapsed());
         // A port that accepts and never says INFO: the handshake's step, not the client's 10 s.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = silent.local_addr().unwrap().port();
         let t0 = std::time::Instant::now();
-        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step).await.unwrap_err();
+        let e = connect_bounded(&target(format!("nats://127.0.0.1:{port}")), step)
+            .await
+            .unwrap_err();
         assert_eq!(e.stage(), "TCP", "{e}");
         assert!(t0.elapsed() < step * 4, "{:?}", t0.elapsed());
         drop(silent);

@@ -1207,26 +1207,45 @@ fn the_carried_binary_needs_no_glibc_above_2_17_and_runs_where_there_is_no_libc(
         })
         .collect();
     assert!(above.is_empty(), "readelf lists {above:?}");
-    assert!(!readelf.stdout.contains("Requesting program interpreter"), "{}", readelf.stdout);
+    assert!(
+        !readelf.stdout.contains("Requesting program interpreter"),
+        "{}",
+        readelf.stdout
+    );
 
     // Busybox only: no /lib, no libc, no NSS modules.
     let _g = docker_lock();
     let run_in_busybox = |args: &str| {
-        run(Command::new("docker").args(["run", "--rm", "--network", "none", "-v"]).arg(format!(
-            "{}:/bkbundle:ro",
-            bin.display()
-        )).args(["bkbundle-demo/base:1", "sh", "-c", args]))
+        run(Command::new("docker")
+            .args(["run", "--rm", "--network", "none", "-v"])
+            .arg(format!("{}:/bkbundle:ro", bin.display()))
+            .args(["bkbundle-demo/base:1", "sh", "-c", args]))
     };
     let v = run_in_busybox("ls /lib /lib64 /usr/lib 2>&1; /bkbundle --version");
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
-    assert!(v.stdout.contains(&format!("bkbundle {}", env!("CARGO_PKG_VERSION"))), "{}", v.stdout);
-    assert!(!v.stdout.contains("libc.so"), "the container was meant to have no libc: {}", v.stdout);
+    assert!(
+        v.stdout.contains(&format!("bkbundle {}", env!("CARGO_PKG_VERSION"))),
+        "{}",
+        v.stdout
+    );
+    assert!(
+        !v.stdout.contains("libc.so"),
+        "the container was meant to have no libc: {}",
+        v.stdout
+    );
     // doctor's NATS probe resolves names the static way: localhost from the container's
     // /etc/hosts (nothing listens: TCP refused), a `.invalid` name not at all.
-    let local = run_in_busybox("/bkbundle --json doctor --nats-url nats://localhost:1 --database-url postgres://u:p@127.0.0.1:1/x; true");
+    let local = run_in_busybox(
+        "/bkbundle --json doctor --nats-url nats://localhost:1 --database-url postgres://u:p@127.0.0.1:1/x; true",
+    );
     assert!(local.stdout.contains("(TCP)"), "{}{}", local.stdout, local.stderr);
     let invalid = run_in_busybox("/bkbundle --json doctor --nats-url nats://nats.bkbundle.invalid:4222 --database-url postgres://u:p@127.0.0.1:1/x; true");
-    assert!(invalid.stdout.contains("(name resolution)"), "{}{}", invalid.stdout, invalid.stderr);
+    assert!(
+        invalid.stdout.contains("(name resolution)"),
+        "{}{}",
+        invalid.stdout,
+        invalid.stderr
+    );
 }
 
 /// A binary that would not start on CentOS 7 is refused before anything is written, naming the
@@ -1236,14 +1255,28 @@ fn pack_refuses_to_carry_a_binary_that_needs_a_newer_glibc() {
     let dir = tempfile::tempdir().unwrap();
     let r = recipe(dir.path(), "", "");
     let out = dir.path().join("x.bkb");
-    let run = bk(&["--json", "pack", r.to_str().unwrap(), "-o", out.to_str().unwrap(), "--binary", "/bin/ls"]);
+    let run = bk(&[
+        "--json",
+        "pack",
+        r.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--binary",
+        "/bin/ls",
+    ]);
     assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
     let e: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     let message = e["error"]["message"].as_str().unwrap();
-    assert!(message.contains("/bin/ls") && message.contains("needs GLIBC_2."), "{message}");
+    assert!(
+        message.contains("/bin/ls") && message.contains("needs GLIBC_2."),
+        "{message}"
+    );
     assert!(message.contains("glibc 2.17"), "{message}");
     assert!(!out.exists());
-    let listing: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let listing: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(
         listing.iter().all(|n| !n.to_string_lossy().contains("x.bkb")),
         "{listing:?}"

@@ -315,30 +315,10 @@ fn mask_line(line: &str) -> String {
     mask_url_password(line)
 }
 
-/// `scheme://user:***@...`: the password part of every URL's user information hidden.
+/// `scheme://user:******@...`: the password of every URL's user information hidden, as the
+/// logs hide it.
 pub(crate) fn mask_url_password(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let end = tail.find(['/', '"', '\'', ' ', '?', '#']).unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.split_once(':') {
-                    Some((user, _)) => out.push_str(&format!("{user}:***")),
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
+    crate::logging::mask_url_passwords(s)
 }
 
 /// install.sh's `__NAME__` placeholders, left when it never ran.
@@ -1365,7 +1345,7 @@ mod tests {
     fn passwords_and_tokens_are_masked() {
         assert_eq!(
             mask_url_password("nats_urls: \"tls://u:secret@h:1\""),
-            "nats_urls: \"tls://u:***@h:1\""
+            "nats_urls: \"tls://u:******@h:1\""
         );
         assert_eq!(mask_url_password("http://h/a@b"), "http://h/a@b");
         assert_eq!(
@@ -1663,7 +1643,7 @@ mod tests {
         );
         assert!(f.message.contains(&h.environment_file.display().to_string()));
         assert!(
-            f.evidence[0].contains("nats_urls: \"tls://${NATS_ADMIN_USERNAME}:***@"),
+            f.evidence[0].contains("nats_urls: \"tls://${NATS_ADMIN_USERNAME}:******@"),
             "{:?}",
             f.evidence
         );
@@ -1680,7 +1660,7 @@ mod tests {
         let f = by_subject(&out, &format!("NATS config {}", dir.join("generated/a.yaml").display()));
         assert_eq!(f.severity, Severity::Error);
         assert!(f.message.contains("scheme \"https\""), "{}", f.message);
-        assert!(f.evidence[0].contains("u:***@h:1"));
+        assert!(f.evidence[0].contains("u:******@h:1"));
     }
 
     #[test]

@@ -664,7 +664,7 @@ mod tests {
         assert_eq!(f.severity, Severity::Warning);
         assert_eq!(
             f.evidence[0],
-            "journal: connect tls://admin:***@nats.site:4222: nats: Authorization Violation"
+            "journal: connect tls://admin:******@nats.site:4222: nats: Authorization Violation"
         );
     }
 
