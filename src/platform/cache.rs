@@ -78,23 +78,6 @@ pub async fn server_container(docker: &dyn crate::ports::Docker, project: &str) 
     Some(ServerContainer { name: c.name, env })
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or("a `%` escape is cut short")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("`%{hex}` is not a percent escape"))?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "a percent escape is not UTF-8".to_string())
-}
-
 /// Parse `redis://[[user]:password@]host[:port][/db]`.
 pub fn parse_url(url: &str) -> Result<RedisTarget, String> {
     let rest = match url.trim().split_once("://") {
@@ -115,10 +98,10 @@ pub fn parse_url(url: &str) -> Result<RedisTarget, String> {
         None => (None, None),
         Some(u) => match u.split_once(':') {
             Some((user, pw)) => (
-                Some(percent_decode(user)?).filter(|s| !s.is_empty()),
-                Some(percent_decode(pw)?),
+                Some(crate::site::percent_decode(user)?).filter(|s| !s.is_empty()),
+                Some(crate::site::percent_decode(pw)?),
             ),
-            None => (None, Some(percent_decode(u)?)),
+            None => (None, Some(crate::site::percent_decode(u)?)),
         },
     };
     let (host, port) = if let Some(h) = hostport.strip_prefix('[') {

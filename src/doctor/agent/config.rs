@@ -788,9 +788,9 @@ pub(crate) fn parse_nats_urls(v: &str) -> Result<NatsUrls, String> {
                 Some((a, b)) => (a, Some(b)),
                 None => (u, None),
             };
-            let user = percent_decode(user).map_err(|e| format!("its user name: {e}"))?;
+            let user = crate::site::percent_decode(user).map_err(|e| format!("its user name: {e}"))?;
             let pass = pass
-                .map(percent_decode)
+                .map(crate::site::percent_decode)
                 .transpose()
                 .map_err(|e| format!("its password: {e}"))?;
             (Some(user), pass)
@@ -837,35 +837,6 @@ pub(crate) fn parse_nats_urls(v: &str) -> Result<NatsUrls, String> {
         password,
         tls_scheme,
     })
-}
-
-/// `%XX` escapes decoded; a `%` not followed by two hex digits is an error (Go's url.Parse
-/// refuses it too).
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(v) if s.as_bytes()[i + 1].is_ascii_hexdigit() => {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
-                _ => {
-                    return Err(format!(
-                        "a `%` at character {} is not followed by two hex digits",
-                        i + 1
-                    ))
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| "its %-escapes are not UTF-8".to_string())
 }
 
 /// The regular files of the generated dir (and its direct subdirectories), in name order,
