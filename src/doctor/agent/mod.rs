@@ -383,7 +383,7 @@ pub(crate) mod testing {
     /// Upstream's `agents/fusion-collector/misc/linux/sidecar.yml`, with its install dir moved
     /// to `dir` and its placeholders replaced as install.sh replaces them.
     pub fn render_template(dir: &Path, server_url: &str, token: &str) -> String {
-        TEMPLATE
+        template()
             .replace("/opt/fusion-collectors", &dir.display().to_string())
             .replace("__SERVER__URL__", server_url)
             .replace("__SERVER__API__TOKEN__", token)
@@ -391,29 +391,14 @@ pub(crate) mod testing {
             .replace("__NODE__NAME__", "web-01")
     }
 
-    /// Upstream's template, verbatim.
-    pub const TEMPLATE: &str = r#"server_url: "__SERVER__URL__"
-server_api_token: "__SERVER__API__TOKEN__"
-node_id: "file:/opt/fusion-collectors/node-id"
-node_name: "__NODE__NAME__"
-update_interval: 10
-tls_skip_verify: true
-send_status: true
-list_log_files: []
-cache_path: "/opt/fusion-collectors/cache"
-log_path: "/opt/fusion-collectors/log"
-log_rotate_max_file_size: "10MiB"
-log_rotate_keep_files: 10
-collector_validation_timeout: "1m"
-collector_shutdown_timeout: "10s"
-collector_configuration_directory: "/opt/fusion-collectors/generated"
-
-tags: [__TAGS__]
-
-collector_binaries_accesslist:
-  - "/opt/fusion-collectors/bin/*"
-  - "/opt/fusion-collectors/bin/*/*"
-"#;
+    /// Upstream's template, verbatim: the copy the live tests use, its header comment left out.
+    pub fn template() -> String {
+        include_str!("../../../tests/agent/sidecar.yml")
+            .lines()
+            .skip_while(|l| l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
 
     /// The finding about `subject` (panics listing them all when there is none).
     pub fn by_subject<'a>(out: &'a [Finding], subject: &str) -> &'a Finding {
