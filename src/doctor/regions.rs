@@ -232,7 +232,7 @@ async fn probe_server_url(
         )
         .evidence(format!("row: NODE_SERVER_URL = {url:?}"))
         .fix(format!(
-            "make {host}:{port} reach the server (traefik/web published on it, firewall open); agents report `Could not resolve host` or connect timeouts otherwise. From an agent host: curl -v {url}"
+            "make {host}:{port} reach the server (traefik/web published on it, firewall open); agents report `Could not resolve host` or connect timeouts otherwise. From an agent host: `bkbundle doctor --agent` (the bundle's bin/bkbundle), or curl -v {url}"
         ));
     }
 }
