@@ -9,11 +9,13 @@
 //! [`init`] makes host name lookups use exactly those two, as musl-based tools do: `/etc/hosts`,
 //! then the nameservers of `/etc/resolv.conf`. A site whose host names come from LDAP or sssd
 //! gives bkbundle addresses, or `/etc/hosts` entries (README, "Host requirements").
+//! [`lookup_within`] bounds one lookup for the diagnoses that must end in seconds.
 
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 /// The oldest glibc of the field's hosts (CentOS 7): a binary may need no newer symbol version.
 pub const OLDEST_GLIBC: (u32, u32) = (2, 17);
@@ -33,6 +35,43 @@ pub fn init() {
             __nss_configure_lookup(c"hosts".as_ptr(), c"files dns".as_ptr());
         }
     }
+}
+
+/// `host:port` resolved by the system's resolver (as `tokio::net::lookup_host`), given up after
+/// `within`. The lookup runs on a thread of its own that nothing waits for: a resolver stuck on
+/// a nameserver that drops packets (glibc tries each for 5 s, twice) must not hold up the end of
+/// the run, as a runtime's blocking task would when the runtime shuts down.
+pub async fn lookup_within(host: &str, port: u16, within: Duration) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs as _;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let name = host.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("bkbundle-resolve".into())
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+        });
+    let answer = match spawned {
+        Ok(_) => {
+            tokio::time::timeout(within, async {
+                rx.await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the resolver thread ended without an answer")))
+            })
+            .await
+        }
+        // No thread to be had: the runtime's blocking pool then.
+        Err(_) => {
+            tokio::time::timeout(within, async {
+                tokio::net::lookup_host((host, port)).await.map(|a| a.collect())
+            })
+            .await
+        }
+    };
+    answer.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the resolver within {} ms", within.as_millis()),
+        ))
+    })
 }
 
 /// What a binary needs from the host that runs it.
@@ -83,7 +122,7 @@ fn glibc_version(v: &str) -> Option<(u32, u32)> {
 
 /// Refuse a binary that would not start on the field's hosts (see [`BinaryNeeds::portable`]).
 pub fn check(path: &Path) -> Result<BinaryNeeds> {
-    let needs = read_needs(path)?;
+    let needs = read_needs(path).map_err(|e| e.hint(BUILD_HINT).hint(BINARY_HINT))?;
     if needs.portable() {
         return Ok(needs);
     }
@@ -100,9 +139,12 @@ pub fn check(path: &Path) -> Result<BinaryNeeds> {
         OLDEST_GLIBC.0,
         OLDEST_GLIBC.1,
     ))
-    .hint("build bkbundle from its source tree (`cargo build --release`: .cargo/config.toml links glibc statically) and pack with that binary")
-    .hint("or give one with --binary PATH"))
+    .hint(BUILD_HINT)
+    .hint(BINARY_HINT))
 }
+
+const BUILD_HINT: &str = "build bkbundle from its source tree (`cargo build --release`: .cargo/config.toml links glibc statically) and pack with that binary";
+const BINARY_HINT: &str = "or give one with --binary PATH";
 
 // ---------------------------------------------------------------------------------------------
 // ELF reading: the program headers (PT_INTERP), and the sections `.dynamic` (DT_NEEDED) and
@@ -328,6 +370,9 @@ mod tests {
             std::fs::write(&p, c).unwrap();
             let e = read_needs(&p).unwrap_err();
             assert!(e.message.contains(&p.display().to_string()), "case {i}: {}", e.message);
+            // pack's check says what to carry instead.
+            let e = check(&p).unwrap_err();
+            assert_eq!(e.hints, [BUILD_HINT, BINARY_HINT], "case {i}");
         }
         assert_eq!(glibc_version("GLIBC_2.34"), Some((2, 34)));
         assert_eq!(glibc_version("GLIBC_PRIVATE"), None);

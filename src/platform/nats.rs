@@ -212,47 +212,6 @@ async fn connect_within(t: &NatsTarget, b: &Bounds) -> Result<async_nats::Client
     }
 }
 
-/// `host:port` resolved by the system's resolver (as `tokio::net::lookup_host`), given up after
-/// `within`. The lookup runs on a thread of its own that nothing waits for: a resolver stuck on
-/// a nameserver that drops packets (glibc tries each for 5 s, twice) must not hold up the end of
-/// the run, as a runtime's blocking task would when the runtime shuts down.
-pub(crate) async fn lookup_within(
-    host: &str,
-    port: u16,
-    within: Duration,
-) -> std::io::Result<Vec<std::net::SocketAddr>> {
-    use std::net::ToSocketAddrs as _;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let name = host.to_string();
-    let spawned = std::thread::Builder::new()
-        .name("bkbundle-resolve".into())
-        .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
-        });
-    let answer = match spawned {
-        Ok(_) => {
-            tokio::time::timeout(within, async {
-                rx.await
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the resolver thread ended without an answer")))
-            })
-            .await
-        }
-        // No thread to be had: the runtime's blocking pool then.
-        Err(_) => {
-            tokio::time::timeout(within, async {
-                tokio::net::lookup_host((host, port)).await.map(|a| a.collect())
-            })
-            .await
-        }
-    };
-    answer.unwrap_or_else(|_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from the resolver within {} ms", within.as_millis()),
-        ))
-    })
-}
-
 /// Stages 1 and 2, per URL: name resolution and TCP, so an unreachable server is reported as such
 /// rather than as a handshake failure. One URL that answers is enough (the client then tries
 /// them all).
@@ -264,7 +223,7 @@ async fn probe_reachable(t: &NatsTarget, display: &str, b: &Bounds) -> Result<()
             None => tokio::net::lookup_host((host.as_str(), port))
                 .await
                 .map(|a| a.collect::<Vec<_>>()),
-            Some(within) => lookup_within(&host, port, within).await,
+            Some(within) => crate::portable::lookup_within(&host, port, within).await,
         };
         let addrs = match resolved {
             Ok(a) => a,

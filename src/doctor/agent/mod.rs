@@ -334,8 +334,8 @@ pub(crate) mod testing {
         std::fs::write(path, text).unwrap();
     }
 
-    /// A host whose unit dirs, environment file and meminfo live under `dir/.host`, with an
-    /// empty process environment and no systemd (every command [`Ran::NotFound`]).
+    /// A host whose unit dirs, environment file and meminfo live under `dir/.host`, with no
+    /// systemd (every command [`Ran::NotFound`]).
     pub fn host(dir: &Path) -> Host {
         let root = dir.join(".host");
         Host {

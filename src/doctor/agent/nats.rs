@@ -195,7 +195,7 @@ async fn tls_fix(n: &AgentNats, t: &NatsTarget, host: &str, port: u16, f: &mut F
 /// sends its INFO line in the clear, then TLS is started. `None` when it could not be had.
 async fn nats_certificate(host: &str, port: u16, ca_file: Option<&Path>, f: &mut Finding) -> Option<net::Verdict> {
     let get = async {
-        let addrs = pnats::lookup_within(host, port, STEP)
+        let addrs = crate::portable::lookup_within(host, port, STEP)
             .await
             .map_err(|e| e.to_string())?;
         let addr = addrs.first().ok_or("no address")?;

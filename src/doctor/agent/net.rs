@@ -8,7 +8,7 @@
 //!
 //! Compromises, and why:
 //! - Resolution is the system resolver's (glibc's `files dns`, as the agent's own resolver reads
-//!   them, on a thread nothing waits for: [`crate::platform::nats::lookup_within`]); the stub of `dns.rs` runs beside it only for the evidence, so a name that
+//!   them, on a thread nothing waits for: [`crate::portable::lookup_within`]); the stub of `dns.rs` runs beside it only for the evidence, so a name that
 //!   resolves is never declared broken by the stub's view of it.
 //! - The TLS verifier records its verdict and lets the handshake finish: one connection then
 //!   shows both what is wrong with the certificate and, where the agent skips verification
@@ -241,7 +241,7 @@ async fn resolve(
     }
     // The stub asks beside the resolver, and is dropped unheard when the name resolves: a clean
     // host does not wait on a dead nameserver for evidence nobody reads.
-    let lookup = crate::platform::nats::lookup_within(&u.host, u.port, STEP);
+    let lookup = crate::portable::lookup_within(&u.host, u.port, STEP);
     let stub = dns::evidence(&files.dns, &u.host);
     tokio::pin!(lookup, stub);
     let mut evidence = None;
