@@ -10,6 +10,7 @@
 //! the small traits of [`ports`], connected once per run and passed down, with in-memory fakes
 //! for unit tests. The library never prints.
 
+pub mod backup;
 pub mod bundle;
 pub mod digest;
 pub mod doctor;
