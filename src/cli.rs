@@ -90,6 +90,13 @@ pub enum Command {
     /// evidence and the fix for each finding.
     #[command(after_help = DOCTOR_HELP)]
     Doctor(DoctorArgs),
+    /// Back a site up into one file: its databases, objects, stack files and secrets; or check
+    /// (`backup verify`) or show (`backup inspect`) a backup.
+    #[command(after_help = BACKUP_HELP, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Backup(BackupArgs),
+    /// Bring a site back from a backup, on this host or a new one, with the bundle it ran.
+    #[command(after_help = RESTORE_HELP)]
+    Restore(RestoreArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -182,6 +189,115 @@ pub struct InstallArgs {
     /// Health deadline in seconds (overrides the config's).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
+    #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
+    pub lock_wait: u64,
+    /// Upgrading a running site: do not back it up first (by default install writes a backup
+    /// into TARGET/backups, keeping the last [backup] keep of the config, 3 by default).
+    #[arg(long)]
+    pub no_backup: bool,
+}
+
+pub const BACKUP_HELP: &str = "\
+One file (mode 0600: it holds the site's secrets) with everything needed to bring the site back,
+here or on a new host: every database of the stack's PostgreSQL (dumped by the pg_dump of the
+image the stack runs, through the Docker Engine API, streamed and compressed with zstd), every
+object of every NATS object store bucket with its name, description and digest, the target's
+files (compose file, .env, certificates and the site CA's key, the install journal), and a
+manifest (backup.toml) with every member's size and SHA-256: `sha256sum -c SHA256SUMS` works
+after `tar -x`. The site keeps running while it is taken. Nothing is staged: the file is written
+under NAME.partial and renamed when complete.
+
+  bkbundle backup --target /opt/bklite -o /mnt/usb/site-2026-12-07.bkbak
+  bkbundle backup verify /mnt/usb/site-2026-12-07.bkbak
+  bkbundle backup inspect /mnt/usb/site-2026-12-07.bkbak
+
+The database service is `postgres` unless the install config says [backup] database_service.
+Install backs a running site up by itself before it upgrades it (see install --no-backup).";
+
+pub const RESTORE_HELP: &str = "\
+Restore needs the bundle the site ran when the backup was taken (the backup names it: `bkbundle
+backup inspect FILE`). Into an empty directory (a new host, or after `docker compose down -v`
+wiped the volumes) it runs without asking; over an existing site it says what it would replace
+and stops, unless --force (the site there is then backed up first into TARGET/backups, unless
+--no-backup). Order: verify the backup and the bundle; write the site files; load the bundle's
+images; stop a running stack (never `down -v`); start the database service alone and restore each
+database in one transaction; start the stack and wait on health; upload the objects (one already
+there with its digest is not sent); write the install journal; run doctor's checks. Killed at any
+point, the same command again completes it.
+
+  bkbundle restore site-2026-12-07.bkbak --bundle bklite-3.1.0.bkb --target /opt/bklite
+  bkbundle restore site-2026-12-07.bkbak --bundle bklite-3.1.0.bkb --target /opt/bklite2 --project bklite2";
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// The install's directory, e.g. /opt/bklite.
+    #[arg(long, value_name = "DIR", required = true)]
+    pub target: Option<PathBuf>,
+    /// The backup file (default: TARGET/backups/site-<time>.bkbak).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The install config (TOML): [nats], [backup] database_service, [env].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The compose project (default: the install journal's).
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+    /// NATS server(s) (default: NATS_URL, [nats] url, the stack's .env).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Sign the manifest with this minisign secret key (password from BKBUNDLE_SIGN_PASSWORD or a prompt).
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
+    /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
+    #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
+    pub lock_wait: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Check every member of a backup (and its signature) without changing anything.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
+        /// The trusted minisign public key (.pub): the backup must carry a signature by it.
+        #[arg(long, value_name = "PUBKEY")]
+        key: Option<PathBuf>,
+    },
+    /// Show what a backup holds: the site, the bundle it needs, databases, buckets, sizes.
+    Inspect {
+        /// The backup file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The backup file.
+    pub backup: PathBuf,
+    /// The bundle the backed-up site ran (the backup names it by id).
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// Where to restore the site (an empty directory, or the site's own with --force).
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// The compose project to run it as (default: the backup's).
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+    /// The install config (TOML): [health], [nats], [backup].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Replace the site at the target (its files, its stack's state, its databases).
+    #[arg(long)]
+    pub force: bool,
+    /// With --force: do not back the replaced site up first.
+    #[arg(long)]
+    pub no_backup: bool,
+    /// The trusted minisign public key (.pub): the backup must carry a signature by it.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Option<PathBuf>,
     /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
     #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
     pub lock_wait: u64,
@@ -357,6 +473,7 @@ impl From<InstallArgs> for install::InstallOptions {
             key: a.key,
             timeout_secs: a.timeout,
             lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
+            no_backup: a.no_backup,
         }
     }
 }

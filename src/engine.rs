@@ -237,6 +237,16 @@ impl Engine {
         }))
     }
 
+    /// The image a container was created from, as its configuration names it (`None`: no such
+    /// container).
+    pub async fn container_image(&self, id: &str) -> Result<Option<String>> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(c) => Ok(Some(c.config.and_then(|c| c.image).unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(unreachable(&self.address, e)),
+        }
+    }
+
     /// A container's environment as `NAME -> value` (`None`: no such container). Kept out of
     /// [`ContainerState`], whose `Debug` may be logged: the environment holds secrets.
     pub async fn container_env(&self, id: &str) -> Result<Option<std::collections::BTreeMap<String, String>>> {

@@ -73,8 +73,9 @@ pub const EXIT_CODES: &[ExitCodeDoc] = &[
     ExitCodeDoc {
         code: 8,
         name: "preflight",
-        meaning: "install's preflight found problems (every one listed; `problems` in `--json`); nothing \
-                  was changed",
+        meaning: "preflight found problems (every one listed; `problems` in `--json`): install's, or \
+                  restore's (it would replace an existing site: `--force`), or there is no room for a \
+                  backup; nothing was changed",
     },
     ExitCodeDoc {
         code: 9,

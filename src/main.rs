@@ -7,7 +7,7 @@ use bkbundle::error::Error;
 use bkbundle::printer::{Output, Printer};
 use bkbundle::progress::{Reporter, Terminal};
 use bkbundle::site::{config::InstallConfig, envfile};
-use bkbundle::{doctor, inspect, install, pack, packages, regions, verify};
+use bkbundle::{backup, doctor, inspect, install, pack, packages, regions, verify};
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command, RegionsCommand};
 use std::io::Write;
@@ -74,6 +74,8 @@ fn dispatch(command: Command, reporter: &dyn Reporter) -> Result<Output, Error> 
         Command::Regions(a) => regions(a, reporter),
         Command::InitPackages(a) => init_packages(a, reporter),
         Command::Doctor(a) => doctor(a, reporter),
+        Command::Backup(a) => backup(a, reporter),
+        Command::Restore(a) => restore(a, reporter),
         Command::Completions { shell } => Ok(completions(shell)),
     }
 }
@@ -183,6 +185,75 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         fix: a.fix,
     };
     Output::of(&doctor::run(&opts, reporter)?)
+}
+
+fn backup(a: cli::BackupArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    match a.command {
+        Some(cli::BackupCommand::Verify { file, key }) => {
+            let opts = bkbundle::bundle::OpenOptions {
+                require_signature: key.is_some(),
+                key,
+                ..Default::default()
+            };
+            return Output::of(&backup::verify(&file, &opts, reporter)?);
+        }
+        Some(cli::BackupCommand::Inspect { file }) => return Output::of(&backup::inspect(&file, reporter)?),
+        None => {}
+    }
+    let target = a
+        .target
+        .ok_or_else(|| Error::input("backup needs --target DIR: the install's directory"))?;
+    let (config, site) = site(a.config.as_deref(), |_| {
+        Some(target.join(".env")).filter(|p| p.is_file())
+    })?;
+    let keep = config.backup.keep;
+    let opts = backup::take::BackupOptions {
+        site: backup::SiteAccess {
+            target: absolute(&target),
+            config,
+            site,
+            project: a.project,
+            nats_url: a.nats_url,
+            lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
+        },
+        output: a.output,
+        sign_key: a.sign,
+        keep,
+    };
+    Output::of(&backup::take::run(&opts, reporter)?)
+}
+
+fn restore(a: cli::RestoreArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    let config = match &a.config {
+        Some(p) => InstallConfig::load(p)?,
+        None => InstallConfig::default(),
+    };
+    let opts = backup::restore::RestoreOptions {
+        backup: a.backup,
+        bundle: a.bundle,
+        site: backup::SiteAccess {
+            target: absolute(&a.target),
+            config,
+            site: Default::default(),
+            project: a.project,
+            nats_url: None,
+            lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
+        },
+        force: a.force,
+        no_backup: a.no_backup,
+        key: a.key,
+    };
+    Output::of(&backup::restore::run(&opts, reporter)?)
+}
+
+fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
 }
 
 fn completions(shell: clap_complete::Shell) -> Output {

@@ -56,7 +56,7 @@ impl ManifestError {
     }
 }
 
-fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), ManifestError> {
+pub(crate) fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), ManifestError> {
     #[derive(Deserialize)]
     struct Probe {
         format: Option<toml::Value>,
@@ -77,7 +77,7 @@ fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), Mani
     }
 }
 
-fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
+pub(crate) fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
     ManifestError::Syntax {
         origin: origin.into(),
         message: e.to_string().trim_end().to_string(),

@@ -53,6 +53,24 @@ impl Report for DoctorReport {
     }
 }
 
+impl Report for crate::backup::take::BackupReport {
+    fn render(&self) -> String {
+        crate::backup::take::render(self)
+    }
+}
+
+impl Report for crate::backup::restore::RestoreReport {
+    fn render(&self) -> String {
+        crate::backup::restore::render(self)
+    }
+}
+
+impl Report for crate::backup::BackupSummary {
+    fn render(&self) -> String {
+        crate::backup::render_summary(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

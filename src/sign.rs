@@ -63,6 +63,11 @@ impl Signer {
     }
 
     /// Sign `data`; returns (signature file text, public key file text).
+    /// The key's id, as `minisign -V` and signatures name it.
+    pub fn key_id(&self) -> String {
+        key_id(self.pk.keynum())
+    }
+
     pub fn sign(&self, data: &[u8], trusted_comment: &str) -> Result<(String, String)> {
         let sig = minisign::sign(
             Some(&self.pk),

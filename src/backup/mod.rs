@@ -1,5 +1,294 @@
 //! `bkbundle backup` and `bkbundle restore`: a site's data, objects, secrets and stack in one
 //! verified file (`.bkbak`), and the site brought back from it.
+//!
+//! - [`manifest`]: `backup.toml`, what a backup holds (the archive is the bundle's format: see
+//!   [`crate::bundle`], which writes and verifies both).
+//! - [`take`]: the backup, taken while the site runs.
+//! - [`restore`]: the site brought back, on its own host after a `down -v` or on a new one.
+//! - [`pg`]: the stack's PostgreSQL through its own container's tools; [`objects`]: the object
+//!   store's objects, streamed.
 
+pub mod manifest;
 pub mod objects;
 pub mod pg;
+pub mod restore;
+pub mod take;
+
+use crate::engine::{ContainerState, Engine};
+use crate::error::{Error, Result};
+use crate::install::journal::Journal;
+use crate::platform::nats::NatsTarget;
+use crate::ports::live::NatsBucket;
+use crate::site::config::InstallConfig;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use manifest::BackupManifest;
+
+/// Where a site is and how to reach its services: what backup and restore share.
+#[derive(Debug, Clone, Default)]
+pub struct SiteAccess {
+    /// The install's directory (its .env, certificates, journal).
+    pub target: PathBuf,
+    pub config: InstallConfig,
+    /// The stack's .env values under the install config's `[env]`.
+    pub site: BTreeMap<String, String>,
+    /// The compose project (default: the journal's, the config's).
+    pub project: Option<String>,
+    pub nats_url: Option<String>,
+    /// How long to wait for another run's lock on the target.
+    pub lock_wait: Option<Duration>,
+}
+
+impl SiteAccess {
+    /// The compose project: `--project`, the journal's, the config's, the target's name.
+    pub fn project(&self, journal: &Journal) -> String {
+        self.project
+            .clone()
+            .or_else(|| journal.project.clone())
+            .or_else(|| self.config.project.clone())
+            .unwrap_or_else(|| {
+                self.target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "bklite".into())
+            })
+    }
+
+    /// The database role and password the stack's PostgreSQL was created with (its .env).
+    pub fn database_login(&self) -> (String, Option<String>) {
+        let user = self
+            .site
+            .get("POSTGRES_USER")
+            .filter(|u| !u.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "postgres".into());
+        (user, self.site.get("POSTGRES_PASSWORD").cloned())
+    }
+
+    fn database_service(&self) -> &str {
+        &self.config.backup.database_service
+    }
+}
+
+/// `site` with the values of the target's .env (as restored) under the config's `[env]`.
+pub(crate) fn reload_site(mut site: SiteAccess, target: &Path) -> SiteAccess {
+    let env = target.join(".env");
+    if let Ok(text) = std::fs::read_to_string(&env) {
+        let values = crate::site::envfile::parse(&text);
+        let mut merged = crate::regions::site_values(&values, &site.config.env);
+        crate::install::tls::installed_site_values(target, &mut merged, &site.config);
+        for (k, v) in &merged {
+            if crate::logging::is_secret_name(k) {
+                crate::logging::register_secret(v);
+            }
+        }
+        site.site = merged;
+    }
+    site
+}
+
+/// The error for a target that bkbundle did not install.
+pub fn not_installed(target: &Path) -> Error {
+    Error::input(format!(
+        "{} is not a site bkbundle installed: it has no install journal ({})",
+        target.display(),
+        crate::install::journal::path(target).display()
+    ))
+    .hint("pass the directory `bkbundle install` laid the stack out in (--target), e.g. /opt/bklite")
+}
+
+/// The target exists and has an install journal naming a bundle.
+pub fn require_installed(target: &Path) -> Result<()> {
+    match Journal::load(target)?.bundle {
+        Some(_) => Ok(()),
+        None => Err(not_installed(target)),
+    }
+}
+
+/// The running container of the database service; `None` when the stack has no such service.
+async fn database_container(
+    engine: &Engine,
+    project: &str,
+    site: &SiteAccess,
+) -> Result<Option<(ContainerState, String)>> {
+    let service = site.database_service().to_string();
+    let all = engine.project_containers(project).await?;
+    if let Some(c) = all.iter().find(|c| c.service == service && c.status == "running") {
+        return Ok(Some((c.clone(), service)));
+    }
+    if all.is_empty() {
+        return Err(Error::external(format!(
+            "compose project {project} has no containers: the site in {} is not running",
+            site.target.display()
+        ))
+        .hint(format!(
+            "start it (docker compose -p {project} -f {}/docker-compose.yml up -d), or pass --project when it runs under another project",
+            site.target.display()
+        )));
+    }
+    if !all.iter().any(|c| c.service == service) {
+        return Ok(None);
+    }
+    Err(Error::external(format!(
+        "the database service {service} of compose project {project} is not running"
+    ))
+    .hint(format!(
+        "start it: docker compose -p {project} -f {}/docker-compose.yml up -d {service}",
+        site.target.display()
+    )))
+}
+
+/// A NATS connection to the site's server.
+pub(crate) struct Nats {
+    pub client: async_nats::Client,
+    pub target: NatsTarget,
+}
+
+/// The site's NATS, connected; `None` when the site has none (no `NATS_*` in its .env, no
+/// `[nats] url`).
+async fn connect_nats(site: &SiteAccess) -> Result<Option<Nats>> {
+    let env = |n: &str| std::env::var(n).ok();
+    let target = match crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env) {
+        Ok(t) => t,
+        Err(crate::platform::nats::NatsError::NoNats) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let client = crate::platform::nats::connect(&target).await?;
+    Ok(Some(Nats { client, target }))
+}
+
+/// Every object store bucket of the server (its `OBJ_*` streams), sorted.
+async fn object_buckets(nc: &async_nats::Client) -> Result<Vec<String>> {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(nc.clone());
+    let mut names = js.stream_names();
+    let mut out = Vec::new();
+    while let Some(n) = names.next().await {
+        let n = n.map_err(|e| {
+            Error::external(format!("cannot list the NATS streams: {}", crate::error::chain(&e)))
+                .hint("check the NATS account may use JetStream ($JS.API.STREAM.NAMES)")
+        })?;
+        if let Some(b) = n.strip_prefix("OBJ_") {
+            out.push(b.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+async fn open_bucket(nats: &Nats, bucket: &str) -> Result<NatsBucket> {
+    NatsBucket::open_on(&nats.client, &nats.target, bucket, true)
+        .await?
+        .ok_or_else(|| Error::internal(format!("bucket {bucket} was not opened")))
+}
+
+fn objects_error(nats: &Nats, bucket: &str, m: String) -> Error {
+    Error::external(format!("NATS {} bucket {bucket}: {m}", nats.target.display()))
+        .hint("check NATS with `bkbundle doctor --target DIR`, then re-run")
+}
+
+/// Check a backup (`bkbundle backup verify`): framing, manifest, signature, every byte.
+pub fn verify(
+    path: &Path,
+    opts: &crate::bundle::OpenOptions,
+    reporter: &dyn crate::progress::Reporter,
+) -> Result<BackupSummary> {
+    let b = crate::bundle::open_document::<BackupManifest>(path, opts, reporter)?;
+    Ok(BackupSummary::of(path, &b))
+}
+
+/// What `backup verify` and `backup inspect` say about a backup.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupSummary {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub manifest_sha256: String,
+    pub signature: crate::bundle::SignatureStatus,
+    pub manifest: BackupManifest,
+    /// Whether every byte was checked (verify), or only the structure (inspect).
+    pub verified: bool,
+}
+
+impl BackupSummary {
+    fn of(path: &Path, b: &crate::bundle::Verified<BackupManifest>) -> BackupSummary {
+        BackupSummary {
+            file: path.to_path_buf(),
+            bytes: b.bytes(),
+            manifest_sha256: b.manifest_sha256().to_string(),
+            signature: b.signature().clone(),
+            manifest: b.manifest().clone(),
+            verified: true,
+        }
+    }
+}
+
+/// What a backup holds (`bkbundle backup inspect`): its structure checked, no payload read.
+pub fn inspect(path: &Path, reporter: &dyn crate::progress::Reporter) -> Result<BackupSummary> {
+    let opts = crate::bundle::OpenOptions {
+        check: crate::bundle::Check::Structure,
+        ..Default::default()
+    };
+    let b = crate::bundle::open_document::<BackupManifest>(path, &opts, reporter)?;
+    let mut s = BackupSummary::of(path, &b);
+    s.verified = false;
+    Ok(s)
+}
+
+pub fn render_summary(s: &BackupSummary) -> String {
+    use crate::inspect::human;
+    let m = &s.manifest;
+    let mut out = format!(
+        "{} backup {} ({}): {} of {} (compose project {}), taken {} on {} by {}\n",
+        if s.verified { "verified" } else { "structure checked:" },
+        s.file.display(),
+        human(s.bytes),
+        m.backup.target,
+        m.bundle.name,
+        m.backup.project,
+        m.backup.created,
+        if m.backup.host.is_empty() { "?" } else { &m.backup.host },
+        m.backup.created_by
+    );
+    out.push_str(&format!(
+        "needs the bundle {} {} (id {}) to restore\n",
+        m.bundle.name, m.bundle.version, m.bundle.manifest_sha256
+    ));
+    out.push_str(&format!("  site files: {}\n", m.site.len()));
+    if let Some(d) = &m.database {
+        out.push_str(&format!(
+            "  database: service {} ({}, PostgreSQL {}), as {}\n",
+            d.service, d.image, d.server_version, d.user
+        ));
+        for dump in &d.dumps {
+            out.push_str(&format!(
+                "    {:<24} {:>6} table(s)  dump {:>10}  stored {:>10}\n",
+                dump.name,
+                dump.tables,
+                human(dump.size),
+                human(m.stored(&dump.file))
+            ));
+        }
+    }
+    let mut buckets: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for o in &m.objects {
+        let e = buckets.entry(o.bucket.as_str()).or_default();
+        e.0 += 1;
+        e.1 += o.size;
+    }
+    for (b, (n, bytes)) in buckets {
+        out.push_str(&format!("  bucket {b}: {n} object(s), {}\n", human(bytes)));
+    }
+    match &s.signature {
+        crate::bundle::SignatureStatus::Unsigned => out.push_str("unsigned\n"),
+        crate::bundle::SignatureStatus::Verified { key_id, .. } => {
+            out.push_str(&format!("signed by key {key_id} (verified with --key)\n"))
+        }
+        crate::bundle::SignatureStatus::SelfSigned { key_id, .. } => out.push_str(&format!(
+            "signed by key {key_id} (checked only against the key it carries: pass --key to verify who signed it)\n"
+        )),
+    }
+    out.push_str("it holds the site's secrets: keep it as you keep them");
+    out
+}

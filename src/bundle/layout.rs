@@ -88,11 +88,16 @@ pub fn section(path: &str) -> Option<Section> {
 /// the `extra` descriptive files' (signature and public key, when signed). Its one writer, used
 /// by pack and by verify (which compares the bundle's with it).
 pub fn sha256sums(files: &[FileEntry], manifest_sha256: &str, extra: &[(&str, String)]) -> String {
+    sha256sums_of(files, MANIFEST, manifest_sha256, extra)
+}
+
+/// [`sha256sums`] for an archive whose manifest is `manifest` (a backup's `backup.toml`).
+pub fn sha256sums_of(files: &[FileEntry], manifest: &str, manifest_sha256: &str, extra: &[(&str, String)]) -> String {
     let mut out = String::new();
     for f in files {
         out.push_str(&format!("{}  {}\n", f.sha256, f.path));
     }
-    out.push_str(&format!("{manifest_sha256}  {MANIFEST}\n"));
+    out.push_str(&format!("{manifest_sha256}  {manifest}\n"));
     for (path, sha) in extra {
         out.push_str(&format!("{sha}  {path}\n"));
     }

@@ -17,5 +17,8 @@ pub mod verified;
 pub mod writer;
 
 pub use reader::{BundleReader, Entry};
-pub use verified::{open_verified, Check, EntryReader, OpenOptions, SignatureStatus, StackFile, VerifiedBundle};
+pub use verified::{
+    open_document, open_verified, Check, Document, EntryReader, OpenOptions, SignatureStatus, StackFile, Verified,
+    VerifiedBundle,
+};
 pub use writer::BundleWriter;

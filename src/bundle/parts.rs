@@ -8,7 +8,7 @@
 use crate::error::{Error, IoContext, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The name of part `n` (1-based) of `base`.
@@ -27,6 +27,8 @@ fn partial_path(p: &Path) -> PathBuf {
 pub struct PartSink {
     base: PathBuf,
     split: Option<u64>,
+    /// Permission bits of the files written (0o600 for a backup, which holds secrets).
+    mode: u32,
     files: Vec<File>,
     pos: u64,
     len: u64,
@@ -36,12 +38,19 @@ pub struct PartSink {
 impl PartSink {
     /// Start writing `base` (or its parts of `split` bytes each).
     pub fn create(base: &Path, split: Option<u64>) -> Result<Self> {
+        Self::create_with_mode(base, split, 0o644)
+    }
+
+    /// [`PartSink::create`] with the files' permission bits: they are set before the first byte
+    /// is written, whatever the umask.
+    pub fn create_with_mode(base: &Path, split: Option<u64>, mode: u32) -> Result<Self> {
         if let Some(0) = split {
             return Err(Error::input("--split-size must be more than 0 bytes"));
         }
         let mut sink = PartSink {
             base: base.to_path_buf(),
             split,
+            mode,
             files: Vec::new(),
             pos: 0,
             len: 0,
@@ -70,7 +79,10 @@ impl PartSink {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(self.mode)
                 .open(&path)?;
+            // `mode` on open is masked by the umask and ignored for an existing file.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(self.mode))?;
             self.files.push(f);
         }
         Ok(())

@@ -6,11 +6,10 @@
 //! manifest by [`super::verified`]: commands get a bundle only through
 //! [`super::open_verified`], so this index and its unchecked readers stay inside `bundle/`.
 
-use super::layout::MANIFEST as MANIFEST_PATH;
 use super::parts::{PartSource, RangeReader};
 use super::tarfmt::{self, BLOCK};
-use crate::error::{Error, Kind, Result};
-use crate::manifest::{is_safe_bundle_path, Manifest};
+use crate::error::{Error, Result};
+use crate::manifest::is_safe_bundle_path;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -97,21 +96,22 @@ impl BundleReader {
         Ok(Some(buf))
     }
 
-    /// Parse `bundle.toml` (format checked first).
-    pub(super) fn manifest(&self) -> Result<(Manifest, Vec<u8>)> {
+    /// Parse the archive's manifest (`bundle.toml`, or a backup's `backup.toml`; format checked
+    /// first); its bytes too.
+    pub(super) fn document<D: super::verified::Document>(&self) -> Result<(D, Vec<u8>)> {
         let name = self.src.display_name();
-        let bytes = self.read_small(MANIFEST_PATH)?.ok_or_else(|| {
+        let (path, kind) = (D::MANIFEST, D::KIND);
+        let bytes = self.read_small(path)?.ok_or_else(|| {
             Error::bundle(format!(
-                "{name} has no {MANIFEST_PATH}: it is not a bkbundle bundle, or it was cut short"
+                "{name} has no {path}: it is not a bkbundle {kind}, or it was cut short"
             ))
-            .hint("check the file is the .bkb bundle (or its first part) and copy it again if it was truncated")
-        })?;
-        let text = std::str::from_utf8(&bytes).map_err(|_| {
-            Error::bundle(format!(
-                "{name}: {MANIFEST_PATH} is not UTF-8 text: the bundle is damaged"
+            .hint(format!(
+                "check the file is the {kind} (or its first part) and copy it again if it was truncated"
             ))
         })?;
-        let m = Manifest::parse(text, &format!("{name}: {MANIFEST_PATH}")).map_err(|e| e.into_error(Kind::Bundle))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| Error::bundle(format!("{name}: {path} is not UTF-8 text: the {kind} is damaged")))?;
+        let m = D::parse(text, &format!("{name}: {path}"))?;
         Ok((m, bytes))
     }
 }
@@ -418,7 +418,7 @@ mod tests {
                 let Err(e) = open_within(&crafted("images/", t, size)) else {
                     panic!("type {:?} size {size}: accepted", t as char)
                 };
-                assert_eq!(e.kind, Kind::Bundle, "{}", e.message);
+                assert_eq!(e.kind, crate::error::Kind::Bundle, "{}", e.message);
                 assert!(e.message.contains("images/"), "{}", e.message);
             }
         }

@@ -18,7 +18,7 @@
 //! read of it is a plain read. The compromise: a bundle changed on disk after that check is not
 //! caught again; bkbundle never writes to a bundle it reads.
 
-use super::layout::{self, DESCRIPTIVE, MANIFEST, PUBKEY, SIGNATURE, SUMS};
+use super::layout::{self, MANIFEST, PUBKEY, SIGNATURE, SUMS};
 use super::parts::RangeReader;
 use super::reader::{BundleReader, Entry};
 use crate::digest::{sha256_hex, Hasher};
@@ -87,19 +87,68 @@ enum SigTrouble {
     Damaged,
 }
 
-/// A bundle whose structure and signature were checked (and, after [`Check::Full`], every byte).
-pub struct VerifiedBundle {
+/// What a verified archive's manifest is: a bundle's `bundle.toml`, or a backup's `backup.toml`.
+/// The framing, the `SHA256SUMS`, the signature and the digests are the same for both; the
+/// manifest names its own file, its signature's and its public key's, and lists the payloads.
+pub trait Document: Sized {
+    /// What the archive is called in messages ("bundle", "backup").
+    const KIND: &'static str;
+    /// The manifest's path in the archive.
+    const MANIFEST: &'static str;
+    /// The minisign signature over the manifest's bytes.
+    const SIGNATURE: &'static str;
+    /// The signer's public key, carried so that an unkeyed check still catches damage.
+    const PUBKEY: &'static str;
+    /// The command that checks such a file, for hints ("bkbundle verify").
+    const VERIFY: &'static str;
+    /// Parse the manifest (format checked first); `origin` names it in errors.
+    fn parse(text: &str, origin: &str) -> Result<Self>;
+    /// Every payload file, in archive order.
+    fn files(&self) -> &[FileEntry];
+    /// The payload at `path`.
+    fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files().iter().find(|f| f.path == path)
+    }
+    /// The descriptive files (never listed in `files`).
+    fn descriptive() -> [&'static str; 4] {
+        [Self::MANIFEST, Self::SIGNATURE, Self::PUBKEY, SUMS]
+    }
+}
+
+impl Document for Manifest {
+    const KIND: &'static str = "bundle";
+    const MANIFEST: &'static str = MANIFEST;
+    const SIGNATURE: &'static str = SIGNATURE;
+    const PUBKEY: &'static str = PUBKEY;
+    const VERIFY: &'static str = "bkbundle verify";
+    fn parse(text: &str, origin: &str) -> Result<Self> {
+        Manifest::parse(text, origin).map_err(|e| e.into_error(crate::error::Kind::Bundle))
+    }
+    fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+    fn file(&self, path: &str) -> Option<&FileEntry> {
+        Manifest::file(self, path)
+    }
+}
+
+/// An archive whose structure and signature were checked (and, after [`Check::Full`], every byte).
+pub struct Verified<D: Document> {
     reader: BundleReader,
-    manifest: Manifest,
+    manifest: D,
     manifest_sha256: String,
     signature: SignatureStatus,
     /// Payload paths whose every byte was checked against the manifest.
     checked: Mutex<HashSet<String>>,
 }
 
-impl std::fmt::Debug for VerifiedBundle {
+/// A bundle whose structure and signature were checked (and, after [`Check::Full`], every byte).
+pub type VerifiedBundle = Verified<Manifest>;
+
+impl<D: Document> std::fmt::Debug for Verified<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifiedBundle")
+        f.debug_struct("Verified")
+            .field("kind", &D::KIND)
             .field("bundle", &self.reader.display_name())
             .field("manifest_sha256", &self.manifest_sha256)
             .field("signature", &self.signature)
@@ -118,13 +167,18 @@ pub struct StackFile {
 /// Open `path`, check it as `opts` says, and return it; see the module documentation. Any problem
 /// fails the open with every problem listed, and the bundle is not handed out.
 pub fn open_verified(path: &Path, opts: &OpenOptions, reporter: &dyn Reporter) -> Result<VerifiedBundle> {
+    open_document(path, opts, reporter)
+}
+
+/// [`open_verified`] for any archive of this format: a bundle, or a backup.
+pub fn open_document<D: Document>(path: &Path, opts: &OpenOptions, reporter: &dyn Reporter) -> Result<Verified<D>> {
     let trusted = trusted_key(opts)?;
     let reader = BundleReader::open(path)?;
-    let (manifest, manifest_bytes) = reader.manifest()?;
+    let (manifest, manifest_bytes) = reader.document::<D>()?;
     let manifest_sha256 = sha256_hex(&manifest_bytes);
     let mut problems = Vec::new();
     let work = compare_entries(&reader, &manifest, &mut problems);
-    let (sig, pubkey) = (reader.read_small(SIGNATURE)?, reader.read_small(PUBKEY)?);
+    let (sig, pubkey) = (reader.read_small(D::SIGNATURE)?, reader.read_small(D::PUBKEY)?);
     check_sums(&reader, &manifest, &manifest_sha256, [&sig, &pubkey], &mut problems)?;
     let before = problems.len();
     let mut trouble = None;
@@ -133,24 +187,29 @@ pub fn open_verified(path: &Path, opts: &OpenOptions, reporter: &dyn Reporter) -
         key_path: opts.key.as_ref().map(|k| k.display().to_string()).unwrap_or_default(),
         require: opts.require_signature,
     };
-    let signature = sig_opts.check(&sig, &pubkey, &manifest_bytes, &mut problems, &mut trouble);
+    let signature = sig_opts.check::<D>(&sig, &pubkey, &manifest_bytes, &mut problems, &mut trouble);
     let signature_problems = problems.len() - before;
     if opts.check == Check::Full {
         problems.extend(hash_all(&reader, &work, opts.threads, reporter));
     }
     if !problems.is_empty() {
-        return Err(failed(&reader.display_name(), problems, signature_problems, trouble));
+        return Err(failed::<D>(
+            &reader.display_name(),
+            problems,
+            signature_problems,
+            trouble,
+        ));
     }
     // The full check is what an operator runs before trusting a bundle (verify, install): it says
     // what a self-signed bundle proves. Opening to read a few entries stays quiet.
     if let (Check::Full, SignatureStatus::SelfSigned { warning, .. }) = (opts.check, &signature) {
-        reporter.note(&format!("WARNING: bundle {}: {warning}", reader.display_name()));
+        reporter.note(&format!("WARNING: {} {}: {warning}", D::KIND, reader.display_name()));
     }
     let checked = match opts.check {
-        Check::Full => manifest.files.iter().map(|f| f.path.clone()).collect(),
+        Check::Full => manifest.files().iter().map(|f| f.path.clone()).collect(),
         Check::Structure => HashSet::new(),
     };
-    Ok(VerifiedBundle {
+    Ok(Verified {
         reader,
         manifest,
         manifest_sha256,
@@ -176,15 +235,15 @@ fn trusted_key(opts: &OpenOptions) -> Result<Option<minisign::PublicKey>> {
 
 /// The archive's files against the manifest's list: what is missing, of another size, or not
 /// listed. Returns the entries to hash with their expected digests.
-fn compare_entries<'a>(
+fn compare_entries<'a, D: Document>(
     reader: &'a BundleReader,
-    manifest: &'a Manifest,
+    manifest: &'a D,
     problems: &mut Vec<String>,
 ) -> Vec<(&'a Entry, &'a str)> {
     let mut work = Vec::new();
-    for f in &manifest.files {
+    for f in manifest.files() {
         match reader.entry(&f.path) {
-            None => problems.push(format!("{}: missing from the bundle", f.path)),
+            None => problems.push(format!("{}: missing from the {}", f.path, D::KIND)),
             Some(e) if e.size != f.size => {
                 problems.push(format!("{}: size expected {} bytes, found {}", f.path, f.size, e.size))
             }
@@ -192,32 +251,33 @@ fn compare_entries<'a>(
         }
     }
     for e in reader.entries() {
-        if manifest.file(&e.path).is_none() && !DESCRIPTIVE.contains(&e.path.as_str()) {
-            problems.push(format!("{}: in the bundle but not listed in its manifest", e.path));
+        if manifest.file(&e.path).is_none() && !D::descriptive().contains(&e.path.as_str()) {
+            problems.push(format!("{}: in the {} but not listed in its manifest", e.path, D::KIND));
         }
     }
     work
 }
 
 /// `SHA256SUMS` against the one the manifest (and the signature files present) imply.
-fn check_sums(
+fn check_sums<D: Document>(
     reader: &BundleReader,
-    manifest: &Manifest,
+    manifest: &D,
     manifest_sha256: &str,
     [sig, pubkey]: [&Option<Vec<u8>>; 2],
     problems: &mut Vec<String>,
 ) -> Result<()> {
     let mut extra = Vec::new();
-    for (path, data) in [(SIGNATURE, sig), (PUBKEY, pubkey)] {
+    for (path, data) in [(D::SIGNATURE, sig), (D::PUBKEY, pubkey)] {
         if let Some(d) = data {
             extra.push((path, sha256_hex(d)));
         }
     }
-    let expected = layout::sha256sums(&manifest.files, manifest_sha256, &extra);
+    let expected = layout::sha256sums_of(manifest.files(), D::MANIFEST, manifest_sha256, &extra);
     match reader.read_small(SUMS)? {
-        None => problems.push(format!("{SUMS}: missing from the bundle")),
+        None => problems.push(format!("{SUMS}: missing from the {}", D::KIND)),
         Some(s) if s != expected.as_bytes() => problems.push(format!(
-            "{SUMS}: does not match the manifest ({MANIFEST} or {SUMS} was altered)"
+            "{SUMS}: does not match the manifest ({} or {SUMS} was altered)",
+            D::MANIFEST
         )),
         Some(_) => {}
     }
@@ -278,11 +338,17 @@ fn hash_all(
 
 /// The one error for a bundle that failed its check: every problem (the first 20 shown), and the
 /// hint that fits: another signer's key, a missing signature, or damage.
-fn failed(name: &str, problems: Vec<String>, signature_problems: usize, trouble: Option<SigTrouble>) -> Error {
+fn failed<D: Document>(
+    name: &str,
+    problems: Vec<String>,
+    signature_problems: usize,
+    trouble: Option<SigTrouble>,
+) -> Error {
     const SHOWN: usize = 20;
     let more = problems.len().saturating_sub(SHOWN);
     let mut msg = format!(
-        "bundle {name} failed verification ({} problem(s)):\n  - {}",
+        "{} {name} failed verification ({} problem(s)):\n  - {}",
+        D::KIND,
         problems.len(),
         problems[..problems.len().min(SHOWN)].join("\n  - ")
     );
@@ -310,9 +376,16 @@ fn failed(name: &str, problems: Vec<String>, signature_problems: usize, trouble:
         _ => {}
     }
     if !only_signature || matches!(trouble, None | Some(SigTrouble::Damaged)) {
-        e = e.hint(
-            "nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again",
-        );
+        e = e.hint(match D::KIND {
+            "bundle" => {
+                "nothing was changed; copy the bundle again from the original media (or re-run pack) and verify again"
+                    .to_string()
+            }
+            kind => format!(
+                "nothing was changed; copy the {kind} again from where it was kept and verify it again ({} FILE)",
+                D::VERIFY
+            ),
+        });
     }
     e
 }
@@ -326,7 +399,7 @@ struct SigCheck<'a> {
 }
 
 impl SigCheck<'_> {
-    fn check(
+    fn check<D: Document>(
         &self,
         sig: &Option<Vec<u8>>,
         pubkey: &Option<Vec<u8>>,
@@ -335,28 +408,29 @@ impl SigCheck<'_> {
         trouble: &mut Option<SigTrouble>,
     ) -> SignatureStatus {
         let key_path = self.key_path.clone();
+        let (sig_file, kind) = (D::SIGNATURE, D::KIND);
         let Some(sig) = sig else {
             // A trusted key means the signature is required, --require-signature or not.
             if self.trusted.is_some() {
                 problems.push(format!(
-                    "{SIGNATURE}: the bundle is not signed, but --key {key_path} was given: a trusted key requires a signature"
+                    "{sig_file}: the {kind} is not signed, but --key {key_path} was given: a trusted key requires a signature"
                 ));
                 *trouble = Some(SigTrouble::Unsigned { key: key_path });
             } else if self.require {
                 problems.push(format!(
-                    "{SIGNATURE}: the bundle is not signed, and --require-signature was given"
+                    "{sig_file}: the {kind} is not signed, and --require-signature was given"
                 ));
             }
             return SignatureStatus::Unsigned;
         };
         let sig_text = String::from_utf8_lossy(sig);
         match self.trusted {
-            Some(pk) => Self::trusted(pk, &sig_text, manifest, key_path, problems, trouble),
-            None => Self::self_signed(pubkey, &sig_text, manifest, problems),
+            Some(pk) => Self::trusted::<D>(pk, &sig_text, manifest, key_path, problems, trouble),
+            None => Self::self_signed::<D>(pubkey, &sig_text, manifest, problems),
         }
     }
 
-    fn trusted(
+    fn trusted<D: Document>(
         pk: &minisign::PublicKey,
         sig_text: &str,
         manifest: &[u8],
@@ -364,6 +438,7 @@ impl SigCheck<'_> {
         problems: &mut Vec<String>,
         trouble: &mut Option<SigTrouble>,
     ) -> SignatureStatus {
+        let sig_file = D::SIGNATURE;
         let id = sign::key_id(pk.keynum());
         let e = match sign::verify(pk, sig_text, manifest) {
             Ok(trusted_comment) => {
@@ -377,7 +452,7 @@ impl SigCheck<'_> {
         match sign::signature_key_id(sig_text) {
             Some(signer) if signer != id => {
                 problems.push(format!(
-                    "{SIGNATURE}: signed by key {signer}, not the key {id} given with --key {key_path}"
+                    "{sig_file}: signed by key {signer}, not the key {id} given with --key {key_path}"
                 ));
                 *trouble = Some(SigTrouble::OtherSigner {
                     signer,
@@ -387,7 +462,7 @@ impl SigCheck<'_> {
             }
             _ => {
                 problems.push(format!(
-                    "{SIGNATURE}: does not verify with the trusted key {id} ({key_path}): {e}"
+                    "{sig_file}: does not verify with the trusted key {id} ({key_path}): {e}"
                 ));
                 *trouble = Some(SigTrouble::Damaged);
             }
@@ -396,23 +471,24 @@ impl SigCheck<'_> {
     }
 
     /// No trusted key: check against the key the bundle carries, which catches damage, not forgery.
-    fn self_signed(
+    fn self_signed<D: Document>(
         pubkey: &Option<Vec<u8>>,
         sig_text: &str,
         manifest: &[u8],
         problems: &mut Vec<String>,
     ) -> SignatureStatus {
+        let (sig_file, pub_file, kind) = (D::SIGNATURE, D::PUBKEY, D::KIND);
         let pk = match pubkey
             .as_ref()
             .map(|p| sign::parse_public_key(&String::from_utf8_lossy(p)))
         {
             Some(Ok(pk)) => pk,
             Some(Err(e)) => {
-                problems.push(format!("{PUBKEY}: unreadable public key: {e}"));
+                problems.push(format!("{pub_file}: unreadable public key: {e}"));
                 return SignatureStatus::Unsigned;
             }
             None => {
-                problems.push(format!("{SIGNATURE}: present but {PUBKEY} is missing"));
+                problems.push(format!("{sig_file}: present but {pub_file} is missing"));
                 return SignatureStatus::Unsigned;
             }
         };
@@ -420,21 +496,21 @@ impl SigCheck<'_> {
         match sign::verify(&pk, sig_text, manifest) {
             Ok(_) => SignatureStatus::SelfSigned {
                 warning: format!(
-                    "the signature (key {key_id}) was checked only against the public key the bundle carries itself ({PUBKEY}): that shows the manifest is intact, but anyone can sign a bundle with a key of their own, so it is NOT verified by a trusted key; pass --key with the publisher's .pub file to check who signed it"
+                    "the signature (key {key_id}) was checked only against the public key the {kind} carries itself ({pub_file}): that shows the manifest is intact, but anyone can sign a {kind} with a key of their own, so it is NOT verified by a trusted key; pass --key with the publisher's .pub file to check who signed it"
                 ),
                 key_id,
                 trusted: false,
             },
             Err(e) => {
-                problems.push(format!("{SIGNATURE}: does not verify with the bundle's own key {key_id}: {e}"));
+                problems.push(format!("{sig_file}: does not verify with the {kind}'s own key {key_id}: {e}"));
                 SignatureStatus::Unsigned
             }
         }
     }
 }
 
-impl VerifiedBundle {
-    pub fn manifest(&self) -> &Manifest {
+impl<D: Document> Verified<D> {
+    pub fn manifest(&self) -> &D {
         &self.manifest
     }
 
@@ -455,12 +531,12 @@ impl VerifiedBundle {
 
     /// Whether the bundle carries a signature (it verified, or opening would have failed).
     pub fn is_signed(&self) -> bool {
-        self.reader.entry(SIGNATURE).is_some()
+        self.reader.entry(D::SIGNATURE).is_some()
     }
 
     /// Payload files the manifest lists.
     pub fn files(&self) -> usize {
-        self.manifest.files.len()
+        self.manifest.files().len()
     }
 
     /// The bundle's size in bytes, all parts.
@@ -472,7 +548,9 @@ impl VerifiedBundle {
     pub fn parts(&self) -> usize {
         self.reader.parts()
     }
+}
 
+impl Verified<Manifest> {
     /// The config of `image`, checked as it is read.
     pub fn config(&self, image: &Image) -> Result<EntryReader<'_>> {
         self.payload(&image.config)
@@ -493,10 +571,12 @@ impl VerifiedBundle {
     pub fn installer(&self, installer: &Installer) -> Result<EntryReader<'_>> {
         self.payload(&installer.file)
     }
+}
 
+impl<D: Document> Verified<D> {
     /// A package file that is read as an archive (zip needs to seek): checked whole first, unless
     /// it was already, then handed out seekable.
-    pub fn package_archive(&self, path: &str) -> Result<EntryReader<'_>> {
+    pub fn package_archive(&self, path: &str) -> Result<EntryReader<'_, D>> {
         let mut r = self.payload(path)?;
         if r.hasher.is_some() {
             io::copy(&mut r, &mut io::sink()).map_err(|e| self.read_error(path, e))?;
@@ -516,21 +596,27 @@ impl VerifiedBundle {
     fn read_error(&self, path: &str, e: io::Error) -> Error {
         if e.kind() == io::ErrorKind::InvalidData {
             // Our own digest message: it names the entry and both digests already.
-            return Error::bundle(e.to_string())
-                .hint("run `bkbundle verify` on the bundle, and copy it again from the original media");
+            return Error::bundle(e.to_string()).hint(self.damage_hint());
         }
-        Error::bundle(format!("{}: cannot read {path}: {e}", self.display_name()))
-            .hint("run `bkbundle verify` on the bundle, and copy it again from the original media")
+        Error::bundle(format!("{}: cannot read {path}: {e}", self.display_name())).hint(self.damage_hint())
+    }
+
+    fn damage_hint(&self) -> String {
+        format!(
+            "run `{} {}`, and copy it again from the original media",
+            D::VERIFY,
+            self.display_name()
+        )
     }
 
     /// A reader over payload `path`: hashing unless already checked.
-    fn payload(&self, path: &str) -> Result<EntryReader<'_>> {
+    pub fn payload(&self, path: &str) -> Result<EntryReader<'_, D>> {
         let file = self.manifest.file(path).ok_or_else(|| {
-            Error::bundle(format!(
-                "{}: {path} is not listed in its manifest",
-                self.display_name()
+            Error::bundle(format!("{}: {path} is not listed in its manifest", self.display_name())).hint(format!(
+                "the manifest refers to a file it does not list: the {} is damaged; copy it again and run `{}`",
+                D::KIND,
+                D::VERIFY
             ))
-            .hint("the manifest refers to a file it does not list: the bundle is damaged; copy it again and run `bkbundle verify`")
         })?;
         // Opening compared every listed file with the archive: the entry is there, this size.
         let entry = self.reader.entry(path).ok_or_else(|| {
@@ -555,8 +641,8 @@ impl VerifiedBundle {
 /// read that reaches the last byte fails (an [`io::ErrorKind::InvalidData`] naming the entry and
 /// the expected and found digests) instead of returning those bytes when the digest differs; the
 /// failure repeats on every later read. Seeking is possible only in an entry already checked.
-pub struct EntryReader<'a> {
-    bundle: &'a VerifiedBundle,
+pub struct EntryReader<'a, D: Document = Manifest> {
+    bundle: &'a Verified<D>,
     file: &'a FileEntry,
     mode: u32,
     inner: RangeReader<'a>,
@@ -565,7 +651,7 @@ pub struct EntryReader<'a> {
     failed: Option<String>,
 }
 
-impl EntryReader<'_> {
+impl<D: Document> EntryReader<'_, D> {
     /// The payload's size in bytes.
     pub fn size(&self) -> u64 {
         self.file.size
@@ -578,17 +664,18 @@ impl EntryReader<'_> {
 
     fn mismatch(&mut self, got: &str) -> io::Error {
         let m = format!(
-            "{} in {}: sha256 expected {}, found {got}: the bundle is damaged",
+            "{} in {}: sha256 expected {}, found {got}: the {} is damaged",
             self.file.path,
             self.bundle.display_name(),
-            self.file.sha256
+            self.file.sha256,
+            D::KIND
         );
         self.failed = Some(m.clone());
         io::Error::new(io::ErrorKind::InvalidData, m)
     }
 }
 
-impl Read for EntryReader<'_> {
+impl<D: Document> Read for EntryReader<'_, D> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(m) = &self.failed {
             return Err(io::Error::new(io::ErrorKind::InvalidData, m.clone()));
@@ -614,7 +701,7 @@ impl Read for EntryReader<'_> {
     }
 }
 
-impl Seek for EntryReader<'_> {
+impl<D: Document> Seek for EntryReader<'_, D> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         if self.hasher.is_some() {
             return Err(io::Error::other(format!(

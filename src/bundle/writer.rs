@@ -5,6 +5,7 @@
 use super::layout;
 use super::parts::PartSink;
 use super::tarfmt::{self, BLOCK};
+use super::verified::Document;
 use crate::digest::{sha256_hex, Hasher};
 use crate::error::{Error, Result};
 use crate::manifest::{is_safe_bundle_path, FileEntry, Manifest};
@@ -33,7 +34,13 @@ pub struct EntryWriter<'a> {
 
 impl BundleWriter {
     pub fn create(path: &Path, split: Option<u64>, mtime: u64) -> Result<Self> {
-        let sink = PartSink::create(path, split)?;
+        Self::create_with_mode(path, split, mtime, 0o644)
+    }
+
+    /// [`BundleWriter::create`] for a file that holds secrets: mode `mode` (0o600) from its first
+    /// byte on.
+    pub fn create_with_mode(path: &Path, split: Option<u64>, mtime: u64, mode: u32) -> Result<Self> {
+        let sink = PartSink::create_with_mode(path, split, mode)?;
         Ok(BundleWriter {
             out: BufWriter::with_capacity(1 << 20, sink),
             path: path.to_path_buf(),
@@ -121,15 +128,30 @@ impl BundleWriter {
         manifest_text: &str,
         signature: Option<(&str, &str)>,
     ) -> Result<()> {
-        self.add_meta(layout::MANIFEST, manifest_text.as_bytes())?;
+        self.add_document(manifest, manifest_text, signature)
+    }
+
+    /// [`BundleWriter::add_descriptive`] for any archive of this format (a backup's manifest).
+    pub fn add_document<D: Document>(
+        &mut self,
+        manifest: &D,
+        manifest_text: &str,
+        signature: Option<(&str, &str)>,
+    ) -> Result<()> {
+        self.add_meta(D::MANIFEST, manifest_text.as_bytes())?;
         let mut extra = Vec::new();
         if let Some((sig, pubkey)) = signature {
-            self.add_meta(layout::SIGNATURE, sig.as_bytes())?;
-            self.add_meta(layout::PUBKEY, pubkey.as_bytes())?;
-            extra.push((layout::SIGNATURE, sha256_hex(sig.as_bytes())));
-            extra.push((layout::PUBKEY, sha256_hex(pubkey.as_bytes())));
+            self.add_meta(D::SIGNATURE, sig.as_bytes())?;
+            self.add_meta(D::PUBKEY, pubkey.as_bytes())?;
+            extra.push((D::SIGNATURE, sha256_hex(sig.as_bytes())));
+            extra.push((D::PUBKEY, sha256_hex(pubkey.as_bytes())));
         }
-        let sums = layout::sha256sums(&manifest.files, &sha256_hex(manifest_text.as_bytes()), &extra);
+        let sums = layout::sha256sums_of(
+            manifest.files(),
+            D::MANIFEST,
+            &sha256_hex(manifest_text.as_bytes()),
+            &extra,
+        );
         self.add_meta(layout::SUMS, sums.as_bytes())
     }
 

@@ -126,6 +126,52 @@ impl Compose {
     }
 }
 
+impl Compose {
+    /// `up -d SERVICE...`: start only these services (and what they depend on), as restore does
+    /// to bring the database back before the server starts. Never builds or pulls.
+    pub fn up_services(
+        &self,
+        project: &str,
+        compose_file: &Path,
+        env_file: Option<&Path>,
+        services: &[&str],
+    ) -> Result<()> {
+        let mut c = self.command(project, compose_file, env_file);
+        c.args(["up", "-d", "--no-build"]);
+        if self.up_pull_flag {
+            c.args(["--pull", "never"]);
+        }
+        c.args(services);
+        let out = self.run(c, "start services")?;
+        if !out.status.success() {
+            return Err(Error::external(format!(
+                "`{} -p {project} up -d {}` failed:\n{}",
+                self.argv.join(" "),
+                services.join(" "),
+                tail(&out, 30)
+            ))
+            .hint("fix what compose reports, then re-run: it resumes where it stopped"));
+        }
+        Ok(())
+    }
+
+    /// `stop`: stop the stack's containers, keeping them and every volume (never `down -v`).
+    pub fn stop(&self, project: &str, compose_file: &Path, env_file: Option<&Path>) -> Result<()> {
+        let mut c = self.command(project, compose_file, env_file);
+        c.arg("stop");
+        let out = self.run(c, "stop the stack")?;
+        if !out.status.success() {
+            return Err(Error::external(format!(
+                "`{} -p {project} stop` failed:\n{}",
+                self.argv.join(" "),
+                tail(&out, 30)
+            ))
+            .hint("stop the stack yourself (`docker compose stop`), then re-run"));
+        }
+        Ok(())
+    }
+}
+
 /// Compose v1 (docker-compose 1.x, Python) reports versions like `1.29.2`; v2 `2.20.2` or `v2.20.2`.
 fn is_v1(version: &str) -> bool {
     version.trim_start_matches('v').starts_with("1.")

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const DIR: &str = ".bkbundle";
-const FILE: &str = "journal.json";
+pub const FILE: &str = "journal.json";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleId {

@@ -42,6 +42,8 @@ pub struct InstallOptions {
     pub timeout_secs: Option<u64>,
     /// How long to wait for another run's lock on the target (default [`crate::lock::DEFAULT_WAIT`]).
     pub lock_wait: Option<Duration>,
+    /// Upgrading a site: do not back it up first.
+    pub no_backup: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -774,6 +776,8 @@ async fn execute(
     let (Some(engine), Some(compose)) = (p.engine, p.compose) else {
         return Err(Error::internal("preflight passed without an engine and compose"));
     };
+    let mut notes = notes;
+    let upgrade = upgrade_backup(opts, reporter, ctx, id, &journal, &mut steps, &mut notes).await?;
     journal.bundle = Some(id.clone());
     journal.project = Some(ctx.project.clone());
     journal.history.push(journal::Run {
@@ -823,7 +827,17 @@ async fn execute(
                     _ => step.as_str().to_string(),
                 };
                 run_failed(&mut x.journal, &ctx.target, &what);
-                return Err(e);
+                return Err(match &upgrade {
+                    Some((file, prev)) if step != StepName::Images && step != StepName::Layout => e.hint(format!(
+                        "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
+                        prev.name,
+                        prev.version,
+                        prev.manifest_sha256,
+                        file.display(),
+                        ctx.target.display()
+                    )),
+                    _ => e,
+                });
             }
         }
     }
@@ -857,6 +871,77 @@ async fn start(x: &mut Exec<'_>) -> Result<String> {
         restart_nats(x, &running_before).await?;
     }
     Ok(format!("{} -p {} up -d", x.compose.argv.join(" "), ctx.project))
+}
+
+/// Before an upgrade of a site (the journal names another bundle), its backup into
+/// `TARGET/backups` (the oldest beyond `[backup] keep` removed), unless `--no-backup`. Returns the
+/// backup and the bundle it was taken of. A backup that cannot be taken stops the install before
+/// anything changes.
+async fn upgrade_backup(
+    opts: &InstallOptions,
+    reporter: &dyn Reporter,
+    ctx: &Ctx,
+    id: &BundleId,
+    journal: &Journal,
+    steps: &mut Vec<Step>,
+    notes: &mut Vec<String>,
+) -> Result<Option<(PathBuf, BundleId)>> {
+    let Some(prev) = journal.bundle.clone().filter(|b| b != id) else {
+        return Ok(None);
+    };
+    if opts.no_backup {
+        notes.push(format!(
+            "no backup was taken before the upgrade from {} {} (--no-backup)",
+            prev.name, prev.version
+        ));
+        return Ok(None);
+    }
+    let t = Instant::now();
+    reporter.note(&format!(
+        "backing the site up before the upgrade from {} {} to {} {}",
+        prev.name, prev.version, id.name, id.version
+    ));
+    let access = crate::backup::SiteAccess {
+        target: ctx.target.clone(),
+        config: ctx.config.clone(),
+        site: Default::default(),
+        project: Some(ctx.project.clone()),
+        nats_url: None,
+        lock_wait: None,
+    };
+    let bopts = crate::backup::take::BackupOptions {
+        site: crate::backup::reload_site(access, &ctx.target),
+        output: None,
+        sign_key: None,
+        keep: ctx.config.backup.keep,
+    };
+    let r = crate::backup::take::take(&bopts, reporter).await.map_err(|e| {
+        let message = format!(
+            "the site in {} could not be backed up before the upgrade: {}",
+            ctx.target.display(),
+            e.message
+        );
+        let mut out = Error::new(e.kind, message);
+        out.hints = e.hints;
+        out.hint("nothing was changed; fix that and re-run, or pass --no-backup to upgrade without a backup")
+    })?;
+    steps.push(Step {
+        name: "backup".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        detail: format!("{} ({})", r.file.display(), crate::inspect::human(r.bytes)),
+    });
+    notes.push(format!(
+        "the site as it ran {} {} was backed up to {} before the upgrade",
+        prev.name,
+        prev.version,
+        r.file.display()
+    ));
+    notes.extend(
+        r.pruned
+            .iter()
+            .map(|p| format!("removed the old backup {}", p.display())),
+    );
+    Ok(Some((r.file, prev)))
 }
 
 /// Write the planned NATS certificates (before the stack starts); whether the server's changed.
@@ -1193,7 +1278,7 @@ fn report(
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     crate::pack::rfc3339(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1601,7 +1686,7 @@ fn try_bind(ip: &str, port: u16, proto: &str) -> std::io::Result<()> {
     last
 }
 
-fn free_space(path: &Path) -> Option<u64> {
+pub(crate) fn free_space(path: &Path) -> Option<u64> {
     let mut p = path.to_path_buf();
     while !p.exists() {
         p = p.parent()?.to_path_buf();
@@ -1616,11 +1701,32 @@ fn free_space(path: &Path) -> Option<u64> {
 }
 
 async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Reporter) -> Result<String> {
-    let to_load: Vec<Image> = plan
-        .images
+    load_planned(engine, &ctx.reader, &ctx.manifest, &plan.images, reporter).await
+}
+
+/// Every image of `reader`'s bundle in the engine, with its references: loaded from the bundle
+/// when its id is missing, tagged when a reference is (restore brings a site's images back so).
+pub(crate) async fn ensure_images(
+    engine: &Engine,
+    reader: &Arc<VerifiedBundle>,
+    reporter: &dyn Reporter,
+) -> Result<String> {
+    let manifest = Arc::new(reader.manifest().clone());
+    let planned = plan_images(engine, &manifest.images).await?;
+    load_planned(engine, reader, &manifest, &planned, reporter).await
+}
+
+async fn load_planned(
+    engine: &Engine,
+    reader: &Arc<VerifiedBundle>,
+    manifest: &Arc<Manifest>,
+    planned: &[PlannedImage],
+    reporter: &dyn Reporter,
+) -> Result<String> {
+    let to_load: Vec<Image> = planned
         .iter()
         .filter(|p| p.action == ImageAction::Load)
-        .filter_map(|p| ctx.manifest.images.iter().find(|i| i.id == p.id).cloned())
+        .filter_map(|p| manifest.images.iter().find(|i| i.id == p.id).cloned())
         .collect();
     let mut loaded = 0;
     if !to_load.is_empty() {
@@ -1629,14 +1735,13 @@ async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Rep
             .iter()
             .flat_map(|i| i.layers.iter())
             .filter(|l| sizes.insert((*l).clone()))
-            .filter_map(|l| ctx.manifest.layer(l))
+            .filter_map(|l| manifest.layer(l))
             .map(|l| l.size)
             .sum();
         let names: Vec<String> = to_load.iter().map(|i| i.refs.join(", ")).collect();
         reporter.note(&format!("loading {} image(s): {}", to_load.len(), names.join("; ")));
         let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task("loading images", Some(total)));
-        let (body, writer) =
-            load::spawn_load_stream(ctx.reader.clone(), ctx.manifest.clone(), to_load.clone(), task.clone());
+        let (body, writer) = load::spawn_load_stream(reader.clone(), manifest.clone(), to_load.clone(), task.clone());
         let res = engine.load(body).await;
         let wres = writer
             .await
@@ -1648,7 +1753,7 @@ async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Rep
     }
     // Tags the engine lacks (the image is there under another name, or a re-tag was lost).
     let mut tagged = 0;
-    for p in plan.images.iter().filter(|p| p.action != ImageAction::Present) {
+    for p in planned.iter().filter(|p| p.action != ImageAction::Present) {
         for r in &p.refs {
             if engine.image(r).await?.map(|i| i.id) != Some(p.id.clone()) {
                 engine.tag(&p.id, r).await?;
@@ -1663,7 +1768,7 @@ async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Rep
             )));
         }
     }
-    let present = plan.images.iter().filter(|p| p.action == ImageAction::Present).count();
+    let present = planned.iter().filter(|p| p.action == ImageAction::Present).count();
     Ok(format!(
         "{loaded} loaded, {tagged} tag(s) set, {present} already present"
     ))

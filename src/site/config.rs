@@ -68,6 +68,38 @@ pub struct InstallConfig {
     /// `[tls]`: the stack's NATS over TLS, with the CA bkbundle generates or the site's own.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[backup]`: the backup install takes before an upgrade, and where the database runs.
+    #[serde(default)]
+    pub backup: BackupConfig,
+}
+
+/// `[backup]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// How many backups `TARGET/backups` keeps (the oldest are removed after a new one is
+    /// written there); 0 keeps all.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// The compose service that runs the platform's PostgreSQL.
+    #[serde(default = "default_database_service")]
+    pub database_service: String,
+}
+
+fn default_keep() -> usize {
+    3
+}
+fn default_database_service() -> String {
+    "postgres".into()
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            keep: default_keep(),
+            database_service: default_database_service(),
+        }
+    }
 }
 
 /// `[tls]`. By default install generates a site CA once and issues the NATS server certificate

@@ -1,0 +1,555 @@
+//! `bkbundle backup`: the site's database, objects, stack files and secrets into one `.bkbak`.
+//!
+//! The site keeps running. Each part is streamed into the archive as it is read: the database by
+//! the `pg_dump` of the image the stack runs (through the Engine API, compressed here with
+//! zstd), each object chunk by chunk, each file of the target directory. Nothing is staged: the
+//! archive is written under a temporary name (mode 0600 from its first byte: it holds the
+//! site's secrets) and renamed only when complete, so a failed or killed backup leaves no file
+//! that looks like a backup.
+
+use super::manifest::{
+    BackupInfo, BackupManifest, Database, Dump, ObjectEntry, SiteFile, DATABASE_DIR, FORMAT, OBJECTS_DIR, SITE_DIR,
+};
+use super::{objects, pg, SiteAccess};
+use crate::bundle::BundleWriter;
+use crate::error::{Error, Result};
+use crate::install::journal::{self, BundleId, Journal};
+use crate::progress::Reporter;
+use serde::Serialize;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where automatic backups go, inside the target.
+pub const BACKUPS_DIR: &str = "backups";
+/// The extension of a backup file.
+pub const EXTENSION: &str = "bkbak";
+
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    pub site: SiteAccess,
+    /// The backup file; default `TARGET/backups/site-<time>.bkbak`.
+    pub output: Option<PathBuf>,
+    /// Sign the manifest with this minisign secret key.
+    pub sign_key: Option<PathBuf>,
+    /// How many backups of `TARGET/backups` to keep after writing one there (0: keep all).
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartReport {
+    /// "site files", "database bklite", "bucket bklite".
+    pub part: String,
+    pub items: usize,
+    /// Bytes read from the site.
+    pub bytes: u64,
+    /// Bytes in the backup.
+    pub stored: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub bundle: BundleId,
+    pub target: PathBuf,
+    pub project: String,
+    pub parts: Vec<PartReport>,
+    pub signed_by: Option<String>,
+    /// Backups removed by `keep`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<PathBuf>,
+    pub notes: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Take a backup (`bkbundle backup`): the target's lock first (an install or restore must not
+/// change the site while it is read), then [`take`].
+pub fn run(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<BackupReport> {
+    crate::runtime::block_on(async {
+        let target = &opts.site.target;
+        super::require_installed(target)?;
+        let wait = opts.site.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
+        let _lock = tokio::task::block_in_place(|| crate::lock::acquire_target(target, wait, &|m| reporter.note(m)))?;
+        take(opts, reporter).await
+    })?
+}
+
+/// The default file name of a backup taken now: `site-<UTC time>.bkbak`, sorting by time.
+pub fn default_name() -> String {
+    let stamp = crate::install::now().replace([':', '-'], "");
+    format!("site-{}.{EXTENSION}", stamp.trim_end_matches('Z'))
+}
+
+/// Take the backup; the caller holds the target's lock (install, before an upgrade, does).
+pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<BackupReport> {
+    let t0 = Instant::now();
+    let target = &opts.site.target;
+    let journal = Journal::load(target)?;
+    let bundle = journal.bundle.clone().ok_or_else(|| super::not_installed(target))?;
+    let project = opts.site.project(&journal);
+    let output = match &opts.output {
+        Some(o) => o.clone(),
+        None => target.join(BACKUPS_DIR).join(default_name()),
+    };
+    let signer = opts.sign_key.as_deref().map(crate::sign::Signer::load).transpose()?;
+    let mut notes = Vec::new();
+
+    // 1. What there is: the database's container and databases, the buckets, the files. A stack
+    // without the database service, or a site without NATS, is backed up without them (said).
+    let engine = crate::engine::Engine::connect().await?;
+    let (user, password) = opts.site.database_login();
+    let database = match super::database_container(&engine, &project, &opts.site).await? {
+        Some((container, service)) => {
+            let db = pg::Postgres::new(&engine, &container.id, &container.name, &user, password.as_deref());
+            let server_version = db.server_version().await?;
+            let databases = db.databases().await?;
+            let image = engine.container_image(&container.id).await?.unwrap_or_default();
+            Some((db, service, image, server_version, databases))
+        }
+        None => {
+            notes.push(format!(
+                "compose project {project} has no service {} (the platform's PostgreSQL): no database in this backup ([backup] database_service names another)",
+                opts.site.config.backup.database_service
+            ));
+            None
+        }
+    };
+    let nats = super::connect_nats(&opts.site).await?;
+    if nats.is_none() {
+        notes.push("the site has no NATS (no NATS_* in its .env, no [nats] url): no objects in this backup".into());
+    }
+    let mut listed = Vec::new();
+    if let Some(nats) = &nats {
+        for b in super::object_buckets(&nats.client).await? {
+            let store = super::open_bucket(nats, &b).await?;
+            let records = objects::list(&store)
+                .await
+                .map_err(|m| super::objects_error(nats, &b, m))?;
+            listed.push((b, store, records));
+        }
+    }
+    let databases: &[pg::Database] = database.as_ref().map(|d| d.4.as_slice()).unwrap_or(&[]);
+    let skip = output_skip(target, &output);
+    let files = site_files(target, &skip, &mut notes)?;
+
+    // 2. Room for it: the databases' size is an upper bound of their dumps.
+    let need = databases
+        .iter()
+        .map(|d| d.size_bytes)
+        .chain(listed.iter().flat_map(|(_, _, r)| r.iter().map(|o| o.size)))
+        .chain(files.iter().map(|f| f.size))
+        .fold(0u64, u64::saturating_add);
+    let dir = output
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create the backup's directory", &dir, e))?;
+    if let Some(free) = crate::install::free_space(&dir) {
+        if free < need {
+            return Err(Error::new(crate::error::Kind::Preflight, format!(
+                "not enough space for the backup in {}: up to {} needed (the databases' size, {} object(s), {} file(s)), {} free",
+                dir.display(),
+                crate::inspect::human(need),
+                listed.iter().map(|(_, _, r)| r.len()).sum::<usize>(),
+                files.len(),
+                crate::inspect::human(free)
+            ))
+            .hint("free space there, or write the backup elsewhere with -o PATH (another disk)"));
+        }
+    }
+
+    // 3. The archive: files, databases, objects; then the manifest.
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut w = BundleWriter::create_with_mode(&output, None, mtime, 0o600)?;
+    let mut parts = Vec::new();
+    let site = write_site_files(&mut w, &files, reporter, &mut parts)?;
+    let mut dumps = Vec::new();
+    if let Some((db, ..)) = &database {
+        for (i, d) in databases.iter().enumerate() {
+            dumps.push(write_dump(&mut w, db, d, i, reporter, &mut parts).await?);
+        }
+    }
+    let mut objects_out = Vec::new();
+    for (bi, (bucket, store, records)) in listed.iter().enumerate() {
+        let t = Instant::now();
+        let total: u64 = records.iter().map(|r| r.size).sum();
+        let task = reporter.task(&format!("bucket {bucket}"), Some(total));
+        for (i, rec) in records.iter().enumerate() {
+            task.message(&rec.name);
+            let path = format!("{OBJECTS_DIR}{bi}/{i}");
+            let mut e = w.begin(&path, 0o600)?;
+            let mut sink = Progress {
+                inner: &mut e,
+                task: &*task,
+            };
+            objects::download(store, rec, &mut sink)
+                .await
+                .map_err(|m| match &nats {
+                    Some(n) => super::objects_error(n, bucket, m),
+                    None => Error::internal(m),
+                })?;
+            e.finish(None)?;
+            objects_out.push(ObjectEntry {
+                bucket: bucket.clone(),
+                name: rec.name.clone(),
+                description: rec.description.clone(),
+                size: rec.size,
+                digest: rec.digest.clone(),
+                meta: rec.meta.clone(),
+                file: path,
+            });
+        }
+        task.finish();
+        parts.push(PartReport {
+            part: format!("bucket {bucket}"),
+            items: records.len(),
+            bytes: total,
+            stored: total,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
+    let m = BackupManifest {
+        format: FORMAT,
+        backup: BackupInfo {
+            created: crate::install::now(),
+            created_by: format!("bkbundle {}", env!("CARGO_PKG_VERSION")),
+            host: hostname(),
+            target: target.display().to_string(),
+            project: project.clone(),
+            secrets: true,
+            compression: "zstd".into(),
+        },
+        bundle: bundle.clone(),
+        files: w.files().to_vec(),
+        site,
+        database: database.map(|(_, service, image, server_version, _)| Database {
+            service,
+            image,
+            server_version,
+            user,
+            dumps,
+        }),
+        objects: objects_out,
+    };
+    let text = m.to_toml();
+    let signature = match &signer {
+        Some(s) => Some(s.sign(
+            text.as_bytes(),
+            &format!("bkbundle backup of {} ({})", target.display(), bundle.name),
+        )?),
+        None => None,
+    };
+    w.add_document(&m, &text, signature.as_ref().map(|(a, b)| (a.as_str(), b.as_str())))?;
+    let written = w.commit()?;
+    let file = written.into_iter().next().unwrap_or(output.clone());
+    let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let pruned = if opts.keep > 0 && file.parent() == Some(target.join(BACKUPS_DIR).as_path()) {
+        prune(&target.join(BACKUPS_DIR), opts.keep, &file, &mut notes)
+    } else {
+        vec![]
+    };
+    Ok(BackupReport {
+        file,
+        bytes,
+        bundle,
+        target: target.clone(),
+        project,
+        parts,
+        signed_by: signer.as_ref().map(|s| s.key_id()),
+        pruned,
+        notes,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// A writer that reports progress.
+struct Progress<'a, W: Write> {
+    inner: &'a mut W,
+    task: &'a dyn crate::progress::Task,
+}
+
+impl<W: Write> Write for Progress<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.task.advance(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One file of the target directory, to be backed up.
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    pub rel: String,
+    pub path: PathBuf,
+    pub mode: u32,
+    pub size: u64,
+}
+
+/// The paths the walk leaves out: the backups directory, and the output itself when it is
+/// written inside the target.
+fn output_skip(target: &Path, output: &Path) -> Vec<PathBuf> {
+    vec![target.join(BACKUPS_DIR), output.to_path_buf()]
+}
+
+/// Every regular file under `target` (sorted), but the state directory's (only its journal is
+/// kept: locks and staging are a run's own), what `skip` names, temporary files; symbolic links
+/// and special files are left out with a note.
+pub fn site_files(target: &Path, skip: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<LocalFile>> {
+    let mut out = Vec::new();
+    walk(target, target, skip, &mut out, notes)?;
+    let journal = journal::path(target);
+    if let Ok(m) = std::fs::metadata(&journal) {
+        out.push(LocalFile {
+            rel: format!("{}/{}", journal::DIR, journal::FILE),
+            path: journal,
+            mode: 0o600,
+            size: m.len(),
+        });
+    }
+    Ok(out)
+}
+
+fn walk(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<LocalFile>, notes: &mut Vec<String>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("cannot read directory", dir, e))?;
+    let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        if skip.contains(&path) || path == root.join(journal::DIR) {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".bkbundle-tmp") || name.ends_with(".partial") {
+            continue;
+        }
+        let Ok(rel) = path.strip_prefix(root) else { continue };
+        let Some(rel) = rel.to_str().map(str::to_string) else {
+            notes.push(format!("{}: not backed up (its name is not UTF-8)", path.display()));
+            continue;
+        };
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+        if meta.is_dir() {
+            walk(root, &path, skip, out, notes)?;
+        } else if meta.is_file() {
+            if !crate::manifest::is_safe_bundle_path(&format!("{SITE_DIR}{rel}")) {
+                notes.push(format!("{}: not backed up (an unusual name)", path.display()));
+                continue;
+            }
+            out.push(LocalFile {
+                rel,
+                path,
+                mode: meta.permissions().mode() & 0o7777,
+                size: meta.len(),
+            });
+        } else if meta.file_type().is_symlink() {
+            let to = std::fs::read_link(&path)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            notes.push(format!(
+                "{}: a symbolic link (to {to}), not backed up: make it again after a restore",
+                path.display()
+            ));
+        } else {
+            notes.push(format!("{}: not a regular file, not backed up", path.display()));
+        }
+    }
+    Ok(())
+}
+
+fn write_site_files(
+    w: &mut BundleWriter,
+    files: &[LocalFile],
+    reporter: &dyn Reporter,
+    parts: &mut Vec<PartReport>,
+) -> Result<Vec<SiteFile>> {
+    let t = Instant::now();
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let task = reporter.task("site files", Some(total));
+    let mut out = Vec::new();
+    for f in files {
+        let file = format!("{SITE_DIR}{}", f.rel);
+        let mut r = std::fs::File::open(&f.path).map_err(|e| Error::io("cannot read", &f.path, e))?;
+        let e = w.add_reader(&file, 0o600, &mut r as &mut dyn Read)?;
+        task.advance(e.size);
+        out.push(SiteFile {
+            path: f.rel.clone(),
+            file,
+            mode: f.mode,
+        });
+    }
+    task.finish();
+    parts.push(PartReport {
+        part: "site files".into(),
+        items: files.len(),
+        bytes: total,
+        stored: total,
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    Ok(out)
+}
+
+/// One database, dumped by the container's `pg_dump` and compressed with zstd on its way in.
+async fn write_dump(
+    w: &mut BundleWriter,
+    db: &pg::Postgres<'_>,
+    d: &pg::Database,
+    index: usize,
+    reporter: &dyn Reporter,
+    parts: &mut Vec<PartReport>,
+) -> Result<Dump> {
+    let t = Instant::now();
+    let path = format!("{DATABASE_DIR}{index}.dump.zst");
+    let task = reporter.task(&format!("database {}", d.name), None);
+    let e = w.begin(&path, 0o600)?;
+    let io = |err: std::io::Error| Error::io("cannot write the backup", Path::new(&path), err);
+    let mut z = zstd::stream::Encoder::new(e, 3).map_err(io)?;
+    // Compression on a worker thread of its own: the dump keeps flowing while a block is packed.
+    z.multithread(1).map_err(io)?;
+    let mut sink = Progress {
+        inner: &mut z,
+        task: &*task,
+    };
+    let size = db.dump(&d.name, &mut sink).await?;
+    let e = z.finish().map_err(io)?;
+    let entry = e.finish(None)?;
+    task.finish();
+    parts.push(PartReport {
+        part: format!("database {}", d.name),
+        items: 1,
+        bytes: size,
+        stored: entry.size,
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    Ok(Dump {
+        name: d.name.clone(),
+        file: path,
+        size,
+        tables: d.tables,
+    })
+}
+
+/// Remove the oldest backups of `dir` beyond `keep` (by name: they sort by time), never `just`.
+fn prune(dir: &Path, keep: usize, just: &Path, notes: &mut Vec<String>) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return vec![] };
+    let mut all: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == EXTENSION) && p.is_file())
+        .collect();
+    all.sort();
+    let mut removed = Vec::new();
+    let excess = all.len().saturating_sub(keep);
+    for p in all.into_iter().take(excess) {
+        if p == just {
+            continue;
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) => notes.push(format!("could not remove the old backup {}: {e}", p.display())),
+        }
+    }
+    removed
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn render(r: &BackupReport) -> String {
+    let mut s = format!(
+        "backup of {} (compose project {}, bundle {} {}) written to {} ({})\n",
+        r.target.display(),
+        r.project,
+        r.bundle.name,
+        r.bundle.version,
+        r.file.display(),
+        crate::inspect::human(r.bytes)
+    );
+    for p in &r.parts {
+        s.push_str(&format!(
+            "  {:<28} {:>5} item(s)  {:>10} read  {:>10} stored  {:.1} s\n",
+            p.part,
+            p.items,
+            crate::inspect::human(p.bytes),
+            crate::inspect::human(p.stored),
+            p.seconds
+        ));
+    }
+    if let Some(k) = &r.signed_by {
+        s.push_str(&format!("signed by key {k}\n"));
+    }
+    for p in &r.pruned {
+        s.push_str(&format!("removed the old backup {}\n", p.display()));
+    }
+    for n in &r.notes {
+        s.push_str(&format!("note: {n}\n"));
+    }
+    s.push_str(&format!(
+        "it holds the site's secrets (.env, the site CA's key, the database): keep it as you keep them (mode 0600)\ntook {:.1} s; check it with `bkbundle backup verify {}`",
+        r.seconds,
+        r.file.display()
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_walk_keeps_the_journal_and_leaves_out_backups_state_and_links() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        std::fs::write(t.join("docker-compose.yml"), "x").unwrap();
+        std::fs::create_dir_all(t.join("certs")).unwrap();
+        std::fs::write(t.join("certs/ca.key"), "k").unwrap();
+        std::fs::create_dir_all(t.join(BACKUPS_DIR)).unwrap();
+        std::fs::write(t.join(BACKUPS_DIR).join("old.bkbak"), "b").unwrap();
+        let state = journal::state_dir(t).unwrap();
+        std::fs::write(state.join("install.lock"), "l").unwrap();
+        Journal::default().save(t).unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", t.join("hosts")).unwrap();
+        std::fs::write(t.join(".env.bkbundle-tmp"), "t").unwrap();
+        let mut notes = vec![];
+        let out = output_skip(t, &t.join(BACKUPS_DIR).join("new.bkbak"));
+        let files = site_files(t, &out, &mut notes).unwrap();
+        let rels: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
+        assert_eq!(rels, ["certs/ca.key", "docker-compose.yml", ".bkbundle/journal.json"]);
+        assert!(
+            notes.iter().any(|n| n.contains("symbolic link (to /etc/hosts)")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_the_one_just_written() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            "site-20261201T000000.bkbak",
+            "site-20261202T000000.bkbak",
+            "site-20261203T000000.bkbak",
+        ] {
+            std::fs::write(d.path().join(n), "x").unwrap();
+        }
+        std::fs::write(d.path().join("notes.txt"), "x").unwrap();
+        let mut notes = vec![];
+        let just = d.path().join("site-20261203T000000.bkbak");
+        let removed = prune(d.path(), 2, &just, &mut notes);
+        assert_eq!(removed, [d.path().join("site-20261201T000000.bkbak")]);
+        assert!(d.path().join("notes.txt").exists() && just.exists());
+        assert!(default_name().starts_with("site-") && default_name().ends_with(".bkbak"));
+    }
+}
