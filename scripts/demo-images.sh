@@ -5,7 +5,10 @@
 #   bkbundle-demo/app:1   FROM base + /app (a process that logs a line every few seconds)
 #   bkbundle-demo/web:1   FROM base + /www (served by busybox httpd on port 8080)
 #   bkbundle-demo/postgres:15  FROM base + this host's Debian PostgreSQL 15 server (binaries, the
-#                         shared libraries ldd reports, share/, zoneinfo) and pg-entrypoint.sh
+#                         shared libraries ldd reports, share/, zoneinfo) and pg-entrypoint.sh; the
+#                         client tools too (psql, pg_dump, pg_restore, pg_dumpall), in
+#                         /usr/lib/postgresql/15/bin as Debian lays them out: `bkbundle backup` and
+#                         `restore` run them inside the container, as they do in the stack's real image
 #   bkbundle-demo/nats:2  FROM base + this host's Debian nats-server with JetStream on /data; TLS on
 #                         4222 and the leafnode port 7422 when /etc/nats/certs holds a certificate
 #   bkbundle-demo/fusion-collector:1  FROM base + the agent artifacts laid out like upstream's
@@ -334,7 +337,10 @@ if want "$PG"; then
     pgbin="/usr/lib/postgresql/$PG_MAJOR/bin"
     pglib="/usr/lib/postgresql/$PG_MAJOR/lib"
     pgshare="/usr/share/postgresql/$PG_MAJOR"
-    for b in postgres initdb pg_ctl pg_isready psql; do
+    # The server, its setup tools, and the clients bkbundle backup/restore exec in the container
+    # (the dump must come from the server's own pg_dump, whatever the operator's host has).
+    pgtools="postgres initdb pg_ctl pg_isready psql pg_dump pg_restore pg_dumpall"
+    for b in $pgtools; do
         [ -x "$pgbin/$b" ] ||
             die "$pgbin/$b is missing: apt-get install postgresql-$PG_MAJOR (or scripts/setup.sh)"
     done
@@ -344,7 +350,7 @@ if want "$PG"; then
     r="$ctx/root"
     mkdir -p "$r$pgbin" "$r$pglib" "$r/usr/share/postgresql" "$r/usr/share/zoneinfo" "$r/usr/local/bin" \
         "$r/var/lib/postgresql/data" "$r/var/run/postgresql"
-    for b in postgres initdb pg_ctl pg_isready psql; do
+    for b in $pgtools; do
         cp -L "$pgbin/$b" "$r$pgbin/$b"
     done
     # Server modules (plpgsql, encoding conversions, snowball dictionaries, contrib extensions),
@@ -465,6 +471,13 @@ HEALTHCHECK --interval=2s --timeout=3s --retries=30 --start-period=5s CMD ["$pgb
 ENTRYPOINT ["/usr/local/bin/pg-entrypoint.sh"]
 DF
     build "$PG" "$ctx"
+    # Every tool must start in the image: a shared library ldd did not report shows here, not in
+    # the middle of a backup.
+    if ! out="$(docker run --rm --entrypoint /bin/sh "$PG" -c \
+        'for b in $0; do "$1/$b" --version || exit 1; done' "$pgtools" "$pgbin" 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        die "a PostgreSQL tool does not run in $PG (see above)"
+    fi
 fi
 
 if want "$NATS"; then

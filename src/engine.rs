@@ -4,7 +4,7 @@
 //! API version down to what the engine speaks, so an older engine (20.10 is common in the field)
 //! works. Errors name the engine address and say how to get it running.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use bollard::Docker;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use std::io;
@@ -297,6 +297,384 @@ impl Engine {
     }
 }
 
+/// How a command run in a container ([`Engine::exec_read`], [`Engine::exec_write`]) ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// None when the engine reported none (the process still ran after the output ended).
+    pub exit_code: Option<i64>,
+    /// The end of stdout (at most [`EXEC_TAIL_BYTES`]); empty for [`Engine::exec_read`], whose
+    /// stdout went to its writer.
+    pub stdout_tail: String,
+    /// The end of stderr (at most [`EXEC_TAIL_BYTES`]), where tools say what failed.
+    pub stderr_tail: String,
+}
+
+impl ExecOutcome {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// How much of a stream [`ExecOutcome`] keeps: the end, where the error is.
+pub const EXEC_TAIL_BYTES: usize = 64 * 1024;
+
+/// Size of the reads from [`Engine::exec_write`]'s input.
+const EXEC_INPUT_CHUNK: usize = 1024 * 1024;
+
+/// How long the exit code may lag behind the end of the output.
+const EXEC_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The last `cap` bytes of a stream, in bounded memory.
+#[derive(Debug)]
+pub(crate) struct Tail {
+    buf: Vec<u8>,
+    cap: usize,
+    cut: bool,
+}
+
+impl Tail {
+    pub(crate) fn new(cap: usize) -> Tail {
+        Tail {
+            buf: Vec::new(),
+            cap,
+            cut: false,
+        }
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if bytes.len() >= self.cap {
+            self.cut |= !self.buf.is_empty() || bytes.len() > self.cap;
+            self.buf.clear();
+            self.buf.extend_from_slice(&bytes[bytes.len() - self.cap..]);
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > self.cap {
+            let excess = self.buf.len() - self.cap;
+            self.buf.drain(..excess);
+            self.cut = true;
+        }
+    }
+
+    /// The text kept; when the start was cut, from the first whole line on (a cut may split a
+    /// character), after a line saying so.
+    pub(crate) fn into_string(self) -> String {
+        if !self.cut {
+            return String::from_utf8_lossy(&self.buf).into_owned();
+        }
+        let start = self.buf.iter().position(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+        format!("[earlier output cut]\n{}", String::from_utf8_lossy(&self.buf[start..]))
+    }
+}
+
+/// A command as errors show it: arguments that are scripts (several lines, or long) elided, so
+/// the message stays readable and shows what ran (`/bin/sh -c … pg_dump -Fc`). Never holds
+/// environment values: callers pass secrets only through `env`.
+pub fn display_command(cmd: &[String]) -> String {
+    cmd.iter()
+        .map(|a| {
+            if a.contains('\n') || a.chars().count() > 60 {
+                "…".to_string()
+            } else if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c)) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A container as messages name it: a full id shortened as docker ps shows it, a name as is.
+fn display_container(container: &str) -> &str {
+    if container.len() == 64 && container.bytes().all(|b| b.is_ascii_hexdigit()) {
+        &container[..12]
+    } else {
+        container
+    }
+}
+
+/// Runs `f`, which blocks (a caller's reader or writer), without stalling the other tasks of a
+/// multi-threaded runtime; on a current-thread runtime (tests) it simply runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Streamed commands in a container (`docker exec` without a TTY, so stdout and stderr arrive
+/// multiplexed and stay apart). The output is never collected whole: stdout goes to the caller's
+/// writer as it arrives, and only the tails of the rest are kept.
+impl Engine {
+    /// Runs `cmd` in `container` (id or name) with `env` added to the container's environment,
+    /// stdin closed; stdout is written to `out` chunk by chunk as it arrives, stderr kept as a
+    /// tail. Returns how the process ended: a non-zero exit is the caller's to judge.
+    pub async fn exec_read(
+        &self,
+        container: &str,
+        cmd: &[String],
+        env: &[String],
+        out: &mut (dyn io::Write + Send),
+    ) -> Result<ExecOutcome> {
+        let (exec_id, output, _input) = self.exec_start(container, cmd, env, false).await?;
+        let write_error = |e: io::Error| {
+            Error::new(
+                Kind::Io,
+                format!(
+                    "cannot write the output of `{}` from container {}: {e}",
+                    display_command(cmd),
+                    display_container(container)
+                ),
+            )
+        };
+        let mut stderr = Tail::new(EXEC_TAIL_BYTES);
+        self.drain(container, cmd, output, &mut stderr, |chunk| {
+            blocking(|| out.write_all(chunk)).map_err(write_error)
+        })
+        .await?;
+        blocking(|| out.flush()).map_err(write_error)?;
+        Ok(ExecOutcome {
+            exit_code: self.exec_exit_code(container, cmd, &exec_id).await?,
+            stdout_tail: String::new(),
+            stderr_tail: stderr.into_string(),
+        })
+    }
+
+    /// Runs `cmd` in `container` (id or name) with `env` added to the container's environment,
+    /// its stdin fed from `input` to the end, then closed, so that a process reading to the end
+    /// of its input finishes; stdout and stderr kept as tails.
+    ///
+    /// The end of the input is a half-close of the attach connection (the engine then closes the
+    /// process's stdin; see `exec_write_closes_stdin` in the tests). A process that exits before
+    /// reading everything (a failed `pg_restore --exit-on-error`) is judged by its exit code: the
+    /// rest of the input is not read. A read error of `input` is an error, but the process has
+    /// then seen the end of its input all the same (the Engine API cannot kill an exec'd
+    /// process): feed it only formats whose truncation it detects.
+    pub async fn exec_write(
+        &self,
+        container: &str,
+        cmd: &[String],
+        env: &[String],
+        input: &mut (dyn io::Read + Send),
+    ) -> Result<ExecOutcome> {
+        use tokio::io::AsyncWriteExt;
+        let (exec_id, output, stdin) = self.exec_start(container, cmd, env, true).await?;
+        let mut stdin = stdin.ok_or_else(|| {
+            Error::internal(format!(
+                "the Docker engine attached no stdin to `{}` in container {}",
+                display_command(cmd),
+                display_container(container)
+            ))
+        })?;
+        // The input is fed while the output is drained: a process that writes while it reads
+        // (pg_restore's notices) would otherwise block on a full pipe, and we on it.
+        let feed = async {
+            let mut buf = vec![0u8; EXEC_INPUT_CHUNK];
+            let result: std::result::Result<(), FeedError> = loop {
+                let n = match blocking(|| input.read(&mut buf)) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Err(FeedError::Input(e)),
+                };
+                if let Err(e) = stdin.write_all(&buf[..n]).await {
+                    break Err(FeedError::Stdin(e));
+                }
+            };
+            // EOF for the process, also after a failed read: it must end either way (see above).
+            let _ = stdin.shutdown().await;
+            result
+        };
+        let mut stdout = Tail::new(EXEC_TAIL_BYTES);
+        let mut stderr = Tail::new(EXEC_TAIL_BYTES);
+        let fed = {
+            let drain = self.drain(container, cmd, output, &mut stderr, |chunk| {
+                stdout.push(chunk);
+                Ok(())
+            });
+            let mut feed = std::pin::pin!(feed);
+            let mut drain = std::pin::pin!(drain);
+            let mut fed = None;
+            // The output ends when the process has exited; a write still pending then is
+            // abandoned.
+            loop {
+                tokio::select! {
+                    f = &mut feed, if fed.is_none() => fed = Some(f),
+                    d = &mut drain => break d.map(|()| fed),
+                }
+            }
+        }?;
+        let exit_code = self.exec_exit_code(container, cmd, &exec_id).await?;
+        match fed {
+            Some(Err(FeedError::Input(e))) => {
+                return Err(Error::new(
+                    Kind::Io,
+                    format!(
+                        "reading the input of `{}` in container {} failed: {e}; the command saw its \
+                         input end there (exit code {})",
+                        display_command(cmd),
+                        display_container(container),
+                        exit_code.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into())
+                    ),
+                ))
+            }
+            Some(Err(FeedError::Stdin(e))) => {
+                tracing::debug!(
+                    "`{}` in container {} stopped taking its input: {e}",
+                    display_command(cmd),
+                    display_container(container)
+                )
+            }
+            Some(Ok(())) | None => {}
+        }
+        Ok(ExecOutcome {
+            exit_code,
+            stdout_tail: stdout.into_string(),
+            stderr_tail: stderr.into_string(),
+        })
+    }
+
+    /// Creates and starts an exec of `cmd`, attached (stdin only if `stdin`).
+    async fn exec_start(
+        &self,
+        container: &str,
+        cmd: &[String],
+        env: &[String],
+        stdin: bool,
+    ) -> Result<(String, ExecOutput, Option<ExecInput>)> {
+        let fail = |what: &str, e: bollard::errors::Error| {
+            let gone = matches!(
+                e,
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 409,
+                    ..
+                }
+            );
+            let e = Error::external(format!(
+                "cannot {what} `{}` in container {} (Docker engine at {}): {e}",
+                display_command(cmd),
+                display_container(container),
+                self.address
+            ));
+            if gone {
+                e.hint(format!(
+                    "the container must exist and run: check with `docker ps -a | grep {}`",
+                    display_container(container)
+                ))
+            } else {
+                e
+            }
+        };
+        let config = bollard::exec::CreateExecOptions {
+            attach_stdin: Some(stdin),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            env: Some(env.to_vec()),
+            cmd: Some(cmd.to_vec()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_exec(container, config)
+            .await
+            .map_err(|e| fail("create an exec of", e))?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(bollard::exec::StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(|e| fail("start", e))?;
+        match started {
+            bollard::exec::StartExecResults::Attached { output, input } => {
+                Ok((created.id, output, stdin.then_some(input)))
+            }
+            bollard::exec::StartExecResults::Detached => Err(Error::internal(format!(
+                "the Docker engine started `{}` in container {} detached, not attached",
+                display_command(cmd),
+                display_container(container)
+            ))),
+        }
+    }
+
+    /// Reads the multiplexed output to its end: stdout chunks to `on_stdout`, stderr to `stderr`.
+    async fn drain(
+        &self,
+        container: &str,
+        cmd: &[String],
+        mut output: ExecOutput,
+        stderr: &mut Tail,
+        mut on_stdout: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        while let Some(item) = output.next().await {
+            let item = item.map_err(|e| {
+                Error::external(format!(
+                    "the output of `{}` in container {} broke off (Docker engine at {}): {e}",
+                    display_command(cmd),
+                    display_container(container),
+                    self.address
+                ))
+            })?;
+            match item {
+                bollard::container::LogOutput::StdOut { message } => on_stdout(&message)?,
+                bollard::container::LogOutput::StdErr { message } => stderr.push(&message),
+                bollard::container::LogOutput::StdIn { .. } => {}
+                // Without a TTY every frame has a header; bollard hands out a frame cut short by
+                // the end of the connection as Console: the output is incomplete.
+                bollard::container::LogOutput::Console { message } => {
+                    return Err(Error::external(format!(
+                        "the output of `{}` in container {} ended inside a frame ({} bytes of a \
+                         frame): the Docker engine's connection closed early",
+                        display_command(cmd),
+                        display_container(container),
+                        message.len()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The exit code of a finished exec; the engine may record it a moment after the output ends.
+    async fn exec_exit_code(&self, container: &str, cmd: &[String], exec_id: &str) -> Result<Option<i64>> {
+        let deadline = tokio::time::Instant::now() + EXEC_EXIT_WAIT;
+        loop {
+            let inspect = self.docker.inspect_exec(exec_id).await.map_err(|e| {
+                Error::external(format!(
+                    "cannot read the exit code of `{}` in container {} (Docker engine at {}): {e}",
+                    display_command(cmd),
+                    display_container(container),
+                    self.address
+                ))
+            })?;
+            if inspect.running != Some(true) || tokio::time::Instant::now() >= deadline {
+                return Ok(inspect.exit_code.filter(|_| inspect.running != Some(true)));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+type ExecOutput = std::pin::Pin<
+    Box<dyn Stream<Item = std::result::Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>,
+>;
+type ExecInput = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
+/// Why feeding an exec's stdin stopped.
+enum FeedError {
+    /// The caller's input failed.
+    Input(io::Error),
+    /// The process no longer takes input (it exited).
+    Stdin(io::Error),
+}
+
 /// `repo[:tag]` (a registry port's colon is not a tag separator).
 pub fn split_reference(reference: &str) -> (String, String) {
     let reference = reference.split('@').next().unwrap_or(reference);
@@ -313,6 +691,64 @@ pub fn split_reference(reference: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tail_keeps_the_last_bytes_in_bounded_memory() {
+        let mut t = Tail::new(16);
+        t.push(b"short");
+        assert_eq!(Tail::new(16).into_string(), "");
+        let mut whole = Tail::new(16);
+        whole.push(b"exactly sixteen!");
+        assert_eq!(
+            whole.into_string(),
+            "exactly sixteen!",
+            "a full tail that lost nothing is not cut"
+        );
+        for _ in 0..1000 {
+            t.push(b"line of noise\n");
+            assert!(t.buf.len() <= 16);
+        }
+        t.push(b"ERROR: boom\n");
+        // Cut: from the first whole line on, after a line saying so.
+        assert_eq!(t.into_string(), "[earlier output cut]\nERROR: boom\n");
+
+        let mut big = Tail::new(8);
+        big.push(&[b'x'; 100]);
+        big.push(b"\nend");
+        assert_eq!(big.buf.len(), 8);
+        assert_eq!(big.into_string(), "[earlier output cut]\nend");
+
+        // A multi-byte character split by the cut does not survive as garbage: the text starts
+        // at the next line.
+        let mut utf = Tail::new(10);
+        utf.push("ééééé\nok".as_bytes());
+        assert_eq!(utf.into_string(), "[earlier output cut]\nok");
+    }
+
+    #[test]
+    fn commands_show_scripts_elided_and_arguments_quoted() {
+        let cmd: Vec<String> = [
+            "/bin/sh",
+            "-c",
+            "set -e\nexec \"$@\"",
+            "name",
+            "pg_dump",
+            "-Fc",
+            "a b",
+            "it's",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            display_command(&cmd),
+            r#"/bin/sh -c … name pg_dump -Fc 'a b' 'it'\''s' ''"#
+        );
+        assert_eq!(display_command(&["x".repeat(61)]), "…");
+        assert_eq!(display_container(&"a".repeat(64)), "aaaaaaaaaaaa");
+        assert_eq!(display_container("bklite-postgres-1"), "bklite-postgres-1");
+    }
 
     #[test]
     fn references_split_at_the_tag_not_the_registry_port() {

@@ -7,6 +7,7 @@
 mod agent;
 mod agent_doctor;
 mod backup;
+mod backup_pg;
 mod concurrency;
 mod demo_images;
 mod doctor;
