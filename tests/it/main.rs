@@ -6,6 +6,7 @@
 
 mod agent;
 mod agent_doctor;
+mod backup_objects;
 mod concurrency;
 mod demo_images;
 mod doctor;
