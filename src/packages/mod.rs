@@ -48,6 +48,16 @@ use std::time::{Duration, Instant};
 pub const CHUNK: usize = 1 << 20;
 const LATEST: &str = "latest";
 
+/// The chunk size of a put to a server whose largest message is `max_payload` (0: it does not
+/// say): [`CHUNK`], or less when the server takes less.
+pub fn chunk_size(max_payload: usize) -> usize {
+    if max_payload > 0 {
+        CHUNK.min(max_payload)
+    } else {
+        CHUNK
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PackagesOptions {
     /// The bundle holding the packages (`--bundle`), opened with [`Check::Structure`].
@@ -578,8 +588,7 @@ pub async fn run_on(
     report.database = Some(seams.db.target().name.display.clone());
     report.release = Some(run.release.label());
     report.nats = Some(seams.server.clone());
-    let max_payload = seams.store.map(|s| s.max_payload()).unwrap_or(0);
-    report.chunk_size = if max_payload > 0 { CHUNK.min(max_payload) } else { CHUNK };
+    report.chunk_size = chunk_size(seams.store.map(|s| s.max_payload()).unwrap_or(0));
     if seams.store.is_none() {
         report
             .notes
@@ -1067,17 +1076,14 @@ async fn confirm(s: &dyn ObjectStore, pl: &Planned, (sha, size): ([u8; 32], u64)
     Ok(())
 }
 
-enum PutFailure {
+/// Why a put failed: its content (unreadable, or not the bytes expected), or the store.
+pub(crate) enum PutFailure {
     Read(String),
     Nats(String),
 }
 
-/// One object put, wire-compatible with the JetStream object store: the chunks (under a new
-/// upload id, listed in `pending` first so that a kill leaves nothing the next run cannot
-/// remove), then the meta message, which replaces the previous version. The content is read
-/// and hashed on a blocking thread; the meta is published only when the whole content was read
-/// and the file's bytes match the plan, so a failure leaves the previous object in place.
-/// Returns the digest and size sent.
+/// One package put through [`put_object`]: its bytes (the file, or the archive with the site CA
+/// added) read and cut into chunks on a blocking thread, checked against the plan.
 async fn put(
     s: &dyn ObjectStore,
     bundle: Option<&Arc<VerifiedBundle>>,
@@ -1086,20 +1092,141 @@ async fn put(
     pending: Option<&Pending>,
     task: Box<dyn Task>,
 ) -> Result<([u8; 32], u64), PutFailure> {
+    let (b, planned) = (bundle.cloned(), pl.clone());
+    let content = move |tx| async move {
+        let made = tokio::task::spawn_blocking(move || {
+            let mut sink = ChunkSink::new(tx, chunk, &*task);
+            let made = produce(b.as_deref(), &planned, &mut sink).and_then(|_| sink.flush_chunk());
+            task.finish();
+            made.map(|_| sink.into_hasher())
+        })
+        .await
+        .map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
+        made.map_err(|e| PutFailure::Read(e.to_string()))
+    };
+    let check = |sha: &[u8; 32], size: u64| check_sent(pl, sha, size);
+    put_object(s, &package_fields(pl, chunk), pending, content, check).await
+}
+
+/// What an object's meta message says besides the fields each upload sets itself (bucket, nuid,
+/// size, chunks, mtime, digest).
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectFields {
+    pub name: String,
+    pub description: String,
+    /// The rest, written as given: headers, metadata, options, whatever else a client recorded.
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A package object's fields; with the CA added, `metadata` records the bundle file's digest and
+/// the CA's, so a re-run can tell the object is up to date.
+fn package_fields(pl: &Planned, chunk: usize) -> ObjectFields {
+    let metadata = match &pl.inject {
+        Some(ca) => serde_json::json!({
+            inject::SOURCE_KEY: crate::digest::hex(&pl.sha),
+            inject::CA_KEY: ca.sha256,
+        }),
+        None => serde_json::json!({}),
+    };
+    let mut rest = serde_json::Map::new();
+    rest.insert("metadata".into(), metadata);
+    rest.insert("headers".into(), serde_json::Value::Null);
+    rest.insert(
+        "options".into(),
+        serde_json::json!({ "link": null, "max_chunk_size": chunk }),
+    );
+    ObjectFields {
+        name: pl.key.clone(),
+        description: pl.pkg.name.clone(),
+        rest,
+    }
+}
+
+/// One object put, wire-compatible with the JetStream object store, for every upload bkbundle
+/// makes (packages, a backup's objects): the chunks under a new upload id (listed in `pending`
+/// first, so that a kill leaves nothing the next run cannot remove), then the meta message, which
+/// replaces the previous version. `content` produces the bytes into a [`ChunkSink`] over the
+/// channel it is given and returns the sink's hasher; the meta is published only when the whole
+/// content was produced, every byte was taken by the store and `check` accepts the digest and
+/// size sent, so a failure leaves the previous object in place (its chunks are purged).
+/// Returns the digest and size sent.
+pub(crate) async fn put_object<P, F>(
+    s: &dyn ObjectStore,
+    fields: &ObjectFields,
+    pending: Option<&Pending>,
+    content: P,
+    check: impl FnOnce(&[u8; 32], u64) -> Result<(), String>,
+) -> Result<([u8; 32], u64), PutFailure>
+where
+    P: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> F,
+    F: std::future::Future<Output = Result<crate::digest::Hasher, PutFailure>>,
+{
     let nuid = nuid::next().to_string();
     if let Some(p) = pending {
         p.add(&nuid)
             .map_err(|e| PutFailure::Nats(format!("cannot record the upload in {}: {e}", p.0.display())))?;
     }
-    let result = put_chunks(s, bundle, pl, chunk, &nuid, task).await;
+    let result = put_chunks(s, fields, &nuid, content, check).await;
     if let Some(p) = pending {
         let _ = p.remove(&nuid);
     }
     result
 }
 
-/// Cuts what is written into `chunk`-sized messages for the store, hashing and counting them.
-struct ChunkSink<'a> {
+/// The chunk channel's depth: with the store's own window, what one put holds in memory.
+const CHANNEL_CHUNKS: usize = 4;
+
+async fn put_chunks<P, F>(
+    s: &dyn ObjectStore,
+    fields: &ObjectFields,
+    nuid: &str,
+    content: P,
+    check: impl FnOnce(&[u8; 32], u64) -> Result<(), String>,
+) -> Result<([u8; 32], u64), PutFailure>
+where
+    P: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> F,
+    F: std::future::Future<Output = Result<crate::digest::Hasher, PutFailure>>,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let send = async move {
+        let mut rx = rx;
+        let sent = s.send_chunks(nuid, &mut rx).await;
+        // A producer still writing then sees the store stopped, rather than a full channel.
+        drop(rx);
+        sent
+    };
+    let (read, sent) = tokio::join!(content(tx), send);
+    let (chunks, sent) = sent.map_err(PutFailure::Nats)?;
+    let hasher = match read {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = s.purge_chunks(nuid).await;
+            return Err(e);
+        }
+    };
+    let size = hasher.len();
+    let sha = crate::digest::sha256_from_hex(&hasher.finish().0)
+        .ok_or_else(|| PutFailure::Read("internal: malformed digest".into()))?;
+    if let Err(m) = check(&sha, size) {
+        let _ = s.purge_chunks(nuid).await;
+        return Err(PutFailure::Read(m));
+    }
+    if size != sent {
+        let _ = s.purge_chunks(nuid).await;
+        return Err(PutFailure::Nats(format!("the store took {sent} of {size} bytes")));
+    }
+    let meta = object_meta(s.bucket(), fields, nuid, chunks, size, &sha);
+    if let Err(e) = s.publish_meta(&fields.name, &meta).await {
+        let _ = s.purge_chunks(nuid).await;
+        return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
+    }
+    Ok((sha, size))
+}
+
+/// Cuts the bytes of one put into `chunk`-sized messages for the store, hashing and counting
+/// them. Two ways in: written to from a blocking thread ([`std::io::Write`], sends block), or
+/// fed from a reader by a task of the runtime ([`ChunkSink::feed`], sends await).
+pub(crate) struct ChunkSink<'a> {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     buf: Vec<u8>,
     chunk: usize,
@@ -1107,21 +1234,80 @@ struct ChunkSink<'a> {
     task: &'a dyn Task,
 }
 
-impl ChunkSink<'_> {
-    fn flush_chunk(&mut self) -> std::io::Result<()> {
+fn store_stopped() -> std::io::Error {
+    // The store reports its own error.
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the object store stopped")
+}
+
+impl<'a> ChunkSink<'a> {
+    pub(crate) fn new(tx: tokio::sync::mpsc::Sender<Bytes>, chunk: usize, task: &'a dyn Task) -> ChunkSink<'a> {
+        ChunkSink {
+            tx,
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            hasher: crate::digest::Hasher::new(),
+            task,
+        }
+    }
+
+    /// The bytes buffered, hashed, as one message; `None` when there are none.
+    fn take_chunk(&mut self) -> Option<Bytes> {
         if self.buf.is_empty() {
-            return Ok(());
+            return None;
         }
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
         self.hasher.update(&full);
-        if self.tx.blocking_send(Bytes::from(full)).is_err() {
-            // The store stopped: it reports its own error.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "the object store stopped",
-            ));
+        Some(Bytes::from(full))
+    }
+
+    /// Send what is buffered (from a blocking thread).
+    fn flush_chunk(&mut self) -> std::io::Result<()> {
+        match self.take_chunk() {
+            Some(c) => self.tx.blocking_send(c).map_err(|_| store_stopped()),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Read `input` to its end and send it, chunk by chunk, from a task of the multi-threaded
+    /// runtime: each chunk's reads run in place (`block_in_place`, as [`crate::runtime`] has
+    /// blocking parts do), so the reader may be borrowed from the caller.
+    pub(crate) async fn feed(&mut self, input: &mut (dyn std::io::Read + Send)) -> std::io::Result<()> {
+        loop {
+            let ended = tokio::task::block_in_place(|| self.fill(input))?;
+            if let Some(c) = self.take_chunk() {
+                self.tx.send(c).await.map_err(|_| store_stopped())?;
+            }
+            if ended {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Read from `input` until a whole chunk is buffered (false) or the input ends (true).
+    fn fill(&mut self, input: &mut (dyn std::io::Read + Send)) -> std::io::Result<bool> {
+        let mut filled = self.buf.len();
+        self.buf.resize(self.chunk, 0);
+        let ended = loop {
+            if filled == self.chunk {
+                break Ok(false);
+            }
+            match input.read(&mut self.buf[filled..]) {
+                Ok(0) => break Ok(true),
+                Ok(n) => {
+                    filled += n;
+                    self.task.advance(n as u64);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.buf.truncate(filled);
+        ended
+    }
+
+    /// The digest and count of every byte sent.
+    pub(crate) fn into_hasher(self) -> crate::digest::Hasher {
+        self.hasher
     }
 }
 
@@ -1186,96 +1372,36 @@ fn check_sent(pl: &Planned, sha: &[u8; 32], size: u64) -> Result<(), String> {
     ))
 }
 
-async fn put_chunks(
-    s: &dyn ObjectStore,
-    bundle: Option<&Arc<VerifiedBundle>>,
-    pl: &Planned,
-    chunk: usize,
-    nuid: &str,
-    task: Box<dyn Task>,
-) -> Result<([u8; 32], u64), PutFailure> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let (b, planned) = (bundle.cloned(), pl.clone());
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut sink = ChunkSink {
-            tx,
-            buf: Vec::with_capacity(chunk),
-            chunk,
-            hasher: crate::digest::Hasher::new(),
-            task: &*task,
-        };
-        let made = produce(b.as_deref(), &planned, &mut sink).and_then(|_| sink.flush_chunk());
-        task.finish();
-        made.map(|_| sink.hasher)
-    });
-    let sent = s.send_chunks(nuid, &mut rx).await;
-    drop(rx);
-    let read = reader
-        .await
-        .map_err(|e| PutFailure::Read(format!("reading task: {e}")))?;
-    let (chunks, sent) = sent.map_err(PutFailure::Nats)?;
-    let hasher = match read {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = s.purge_chunks(nuid).await;
-            return Err(PutFailure::Read(e.to_string()));
-        }
-    };
-    let size = hasher.len();
-    let sha = crate::digest::sha256_from_hex(&hasher.finish().0)
-        .ok_or_else(|| PutFailure::Read("internal: malformed digest".into()))?;
-    if let Err(m) = check_sent(pl, &sha, size) {
-        let _ = s.purge_chunks(nuid).await;
-        return Err(PutFailure::Read(m));
-    }
-    if size != sent {
-        let _ = s.purge_chunks(nuid).await;
-        return Err(PutFailure::Nats(format!("the store took {sent} of {size} bytes")));
-    }
-    let meta = object_meta(s, pl, nuid, chunk, chunks, size, &sha);
-    if let Err(e) = s.publish_meta(&pl.key, &meta).await {
-        let _ = s.purge_chunks(nuid).await;
-        return Err(PutFailure::Nats(format!("publishing the object's meta: {e}")));
-    }
-    Ok((sha, size))
-}
-
-/// The object's meta message (the object store's JSON); with the CA added, `metadata` records
-/// the bundle file's digest and the CA's, so a re-run can tell the object is up to date.
+/// The object's meta message (the object store's JSON): `fields`, and what this upload made of
+/// it (bucket, upload id, size, chunks, time, digest).
 fn object_meta(
-    s: &dyn ObjectStore,
-    pl: &Planned,
+    bucket: &str,
+    fields: &ObjectFields,
     nuid: &str,
-    chunk: usize,
     chunks: usize,
     size: u64,
     sha: &[u8; 32],
 ) -> serde_json::Value {
-    let metadata = match &pl.inject {
-        Some(ca) => serde_json::json!({
-            inject::SOURCE_KEY: crate::digest::hex(&pl.sha),
-            inject::CA_KEY: ca.sha256,
-        }),
-        None => serde_json::json!({}),
-    };
-    serde_json::json!({
-        "name": pl.key,
-        "description": pl.pkg.name,
-        "metadata": metadata,
-        "headers": null,
-        "options": { "link": null, "max_chunk_size": chunk },
-        "bucket": s.bucket(),
-        "nuid": nuid,
-        "size": size,
-        "chunks": chunks,
-        "mtime": crate::pack::rfc3339(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        ),
-        "digest": nats_digest(sha),
-    })
+    let mtime = crate::pack::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    let mut meta = fields.rest.clone();
+    for (key, value) in [
+        ("name", serde_json::json!(fields.name)),
+        ("description", serde_json::json!(fields.description)),
+        ("bucket", serde_json::json!(bucket)),
+        ("nuid", serde_json::json!(nuid)),
+        ("size", serde_json::json!(size)),
+        ("chunks", serde_json::json!(chunks)),
+        ("mtime", serde_json::json!(mtime)),
+        ("digest", serde_json::json!(nats_digest(sha))),
+    ] {
+        meta.insert(key.to_string(), value);
+    }
+    serde_json::Value::Object(meta)
 }
 
 /// Insert the row, or per the upstream rule overwrite `name` and `updated_at` (`latest`, or forced).

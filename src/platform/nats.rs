@@ -554,6 +554,43 @@ pub struct Inventory {
     pub unreferenced: Vec<(String, usize)>,
 }
 
+/// Every meta message of the bucket (one per object, small; tombstones included), as the
+/// stream's own per-subject index lists them: `(subject, payload)`. A subject purged between the
+/// listing and the read is left out.
+async fn meta_messages(s: &Store) -> Result<Vec<(String, Bytes)>, String> {
+    let mut metas = s
+        .stream
+        .info_with_subjects(format!("$O.{}.M.>", s.bucket))
+        .await
+        .map_err(|e| chain(&e))?;
+    let mut subjects = Vec::new();
+    while let Some(x) = metas.next().await {
+        subjects.push(x.map_err(|e| chain(&e))?.0);
+    }
+    let mut out = Vec::with_capacity(subjects.len());
+    for subject in subjects {
+        match s.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => out.push((subject, m.payload)),
+            Err(_) => continue, // purged meanwhile
+        }
+    }
+    Ok(out)
+}
+
+/// Every object's meta message as JSON, tombstones included, none skipped: unlike
+/// [`list_objects`] (async-nats' listing, which passes over entries it cannot parse), a meta that
+/// is not JSON is an error naming its subject, so a backup never silently leaves an object out.
+pub async fn metas(s: &Store) -> Result<Vec<serde_json::Value>, String> {
+    meta_messages(s)
+        .await?
+        .into_iter()
+        .map(|(subject, payload)| {
+            serde_json::from_slice(&payload)
+                .map_err(|e| format!("the meta message on {subject} is not an object's JSON meta: {e}"))
+        })
+        .collect()
+}
+
 /// Read the bucket's [`Inventory`]: the metas (one per object, small) and the chunk subjects with
 /// their message counts (the stream's own per-subject index), never a chunk's payload.
 pub async fn inventory(s: &Store) -> Result<Inventory, String> {
@@ -563,21 +600,8 @@ pub async fn inventory(s: &Store) -> Result<Inventory, String> {
         ..Default::default()
     };
     let mut live: BTreeSet<String> = BTreeSet::new();
-    let mut metas = s
-        .stream
-        .info_with_subjects(format!("$O.{}.M.>", s.bucket))
-        .await
-        .map_err(|e| chain(&e))?;
-    let mut meta_subjects = Vec::new();
-    while let Some(x) = metas.next().await {
-        meta_subjects.push(x.map_err(|e| chain(&e))?.0);
-    }
-    for subject in meta_subjects {
-        let m = match s.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => m,
-            Err(_) => continue, // purged meanwhile
-        };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+    for (_, payload) in meta_messages(s).await? {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
             continue;
         };
         if v.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false) {
@@ -605,6 +629,87 @@ pub async fn inventory(s: &Store) -> Result<Inventory, String> {
     }
     inv.unreferenced.sort();
     Ok(inv)
+}
+
+/// Chunks a read asks the server for at a time: what sits in this process at most (the pull
+/// consumer asks for more when half are consumed), so a download holds a few chunks (a few MiB),
+/// whatever the object's size.
+const READ_BATCH: i64 = 4;
+
+/// How long a read waits for the next chunk before it gives up (the ordered consumer recreates
+/// itself on gaps and missed heartbeats; this bounds a server that went away).
+const CHUNK_WAIT: Duration = Duration::from_secs(30);
+
+/// Hand the chunks of upload `nuid` to `sink` in order, one message at a time; the bytes read.
+///
+/// An ordered pull consumer of our own over `$O.<bucket>.C.<nuid>` rather than async-nats'
+/// object `get`: its batch is capped ([`READ_BATCH`]) so memory stays bounded, each chunk
+/// reaches the sink as the message's own buffer (`get` copies every byte through a queue),
+/// and the caller checks size and digest against what it recorded, naming the object; `get`
+/// also resolves the object through async-nats' meta parsing, which refuses metas the upstream
+/// Python client writes (see [`info`]).
+pub async fn read_chunks(
+    s: &Store,
+    nuid: &str,
+    sink: &mut (dyn FnMut(Bytes) -> Result<(), String> + Send),
+) -> Result<u64, String> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    let subject = chunk_subject(&s.bucket, nuid);
+    let consumer = s
+        .stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.clone(),
+            max_batch: READ_BATCH,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot read {subject}: {}", chain(&e)))?;
+    let name = consumer.cached_info().name.clone();
+    // The server counts the messages the consumer has to deliver when it creates it.
+    let read = if consumer.cached_info().num_pending == 0 {
+        Ok(0) // an empty object has no chunks
+    } else {
+        read_ordered(consumer, &subject, sink).await
+    };
+    // Ephemeral, it would go by itself after 30 s idle; a backup of many objects should not
+    // leave one per object behind meanwhile.
+    let _ = s.stream.delete_consumer(&name).await;
+    read
+}
+
+async fn read_ordered(
+    consumer: async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::OrderedConfig>,
+    subject: &str,
+    sink: &mut (dyn FnMut(Bytes) -> Result<(), String> + Send),
+) -> Result<u64, String> {
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("cannot read {subject}: {}", chain(&e)))?;
+    let mut bytes = 0u64;
+    loop {
+        let m = match tokio::time::timeout(CHUNK_WAIT, messages.next()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no chunk on {subject} within {} after {bytes} bytes",
+                    seconds(CHUNK_WAIT)
+                ))
+            }
+            Ok(None) => return Err(format!("the read of {subject} ended after {bytes} bytes")),
+            Ok(Some(m)) => m.map_err(|e| format!("reading {subject} after {bytes} bytes: {}", chain(&e)))?,
+        };
+        let last = m
+            .info()
+            .map_err(|e| format!("reading {subject}: a chunk without JetStream info: {e}"))?
+            .pending
+            == 0;
+        let (message, _) = m.split();
+        bytes += message.payload.len() as u64;
+        sink(message.payload)?;
+        if last {
+            return Ok(bytes);
+        }
+    }
 }
 
 /// Remove the chunks of `nuid` from the bucket's stream; returns how many messages went.

@@ -351,6 +351,14 @@ impl PlatformDb for FakeDb {
     }
 }
 
+/// The pieces [`FakeStore`] hands a reader: small, so that a test's object spans several.
+pub const FAKE_READ_CHUNK: usize = 64 << 10;
+
+/// A tombstone: the meta of a deleted object.
+fn deleted(meta: &serde_json::Value) -> bool {
+    meta.get("deleted").and_then(|d| d.as_bool()).unwrap_or(false)
+}
+
 /// One bucket in memory: objects by key (content, meta), chunk sets by upload.
 #[derive(Default)]
 pub struct FakeStore {
@@ -384,7 +392,16 @@ impl FakeStore {
         self
     }
 
-    /// The keys stored.
+    /// A deleted object under `key`: its tombstone, as the object store's delete leaves it.
+    pub fn with_deleted(self, key: &str) -> FakeStore {
+        let meta = serde_json::json!({
+            "name": key, "nuid": format!("seed-{key}"), "size": 0, "chunks": 0, "digest": "", "deleted": true,
+        });
+        self.objects.lock().unwrap().insert(key.into(), (vec![], meta));
+        self
+    }
+
+    /// The keys stored (deleted ones included).
     pub fn keys(&self) -> Vec<String> {
         self.objects.lock().unwrap().keys().cloned().collect()
     }
@@ -402,10 +419,18 @@ impl ObjectStore for FakeStore {
         1 << 20
     }
     async fn list(&self) -> std::result::Result<BTreeSet<String>, NatsError> {
-        Ok(self.objects.lock().unwrap().keys().cloned().collect())
+        Ok(self
+            .objects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (_, m))| !deleted(m))
+            .map(|(k, _)| k.clone())
+            .collect())
     }
     async fn info(&self, key: &str) -> std::result::Result<Option<(String, u64)>, String> {
-        Ok(self.objects.lock().unwrap().get(key).map(|(c, m)| {
+        let objects = self.objects.lock().unwrap();
+        Ok(objects.get(key).filter(|(_, m)| !deleted(m)).map(|(c, m)| {
             (
                 m.get("digest").and_then(|d| d.as_str()).unwrap_or_default().to_string(),
                 c.len() as u64,
@@ -414,6 +439,30 @@ impl ObjectStore for FakeStore {
     }
     async fn meta(&self, key: &str) -> std::result::Result<Option<serde_json::Value>, String> {
         Ok(self.objects.lock().unwrap().get(key).map(|(_, m)| m.clone()))
+    }
+    async fn metas(&self) -> std::result::Result<Vec<serde_json::Value>, String> {
+        Ok(self.objects.lock().unwrap().values().map(|(_, m)| m.clone()).collect())
+    }
+    /// The content of the object whose meta names `nuid` (or of a chunk set without a meta), in
+    /// [`FAKE_READ_CHUNK`] pieces.
+    async fn read_chunks(
+        &self,
+        nuid: &str,
+        sink: &mut (dyn FnMut(Bytes) -> std::result::Result<(), String> + Send),
+    ) -> std::result::Result<u64, String> {
+        let content = {
+            let objects = self.objects.lock().unwrap();
+            let stored = objects
+                .values()
+                .find(|(_, m)| m.get("nuid").and_then(|n| n.as_str()) == Some(nuid))
+                .map(|(c, _)| c.clone());
+            stored.or_else(|| self.chunks.lock().unwrap().get(nuid).cloned())
+        };
+        let content = content.unwrap_or_default();
+        for piece in content.chunks(FAKE_READ_CHUNK) {
+            sink(Bytes::copy_from_slice(piece))?;
+        }
+        Ok(content.len() as u64)
     }
     async fn inventory(&self) -> std::result::Result<Inventory, String> {
         let objects = self.objects.lock().unwrap();

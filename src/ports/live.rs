@@ -286,6 +286,16 @@ impl ObjectStore for NatsBucket {
     async fn meta(&self, key: &str) -> std::result::Result<Option<serde_json::Value>, String> {
         nats::raw_meta(&self.store, key).await
     }
+    async fn metas(&self) -> std::result::Result<Vec<serde_json::Value>, String> {
+        nats::metas(&self.store).await
+    }
+    async fn read_chunks(
+        &self,
+        nuid: &str,
+        sink: &mut (dyn FnMut(Bytes) -> std::result::Result<(), String> + Send),
+    ) -> std::result::Result<u64, String> {
+        nats::read_chunks(&self.store, nuid, sink).await
+    }
     async fn inventory(&self) -> std::result::Result<Inventory, String> {
         nats::inventory(&self.store).await
     }

@@ -145,6 +145,16 @@ pub trait ObjectStore: Send + Sync {
     async fn info(&self, key: &str) -> std::result::Result<Option<(String, u64)>, String>;
     /// The object's meta message as JSON, `None` when there is none.
     async fn meta(&self, key: &str) -> std::result::Result<Option<serde_json::Value>, String>;
+    /// Every object's meta message as JSON, deleted objects' tombstones included and none passed
+    /// over (a backup must not silently leave an object out).
+    async fn metas(&self) -> std::result::Result<Vec<serde_json::Value>, String>;
+    /// Hand the chunks of upload `nuid` to `sink` in order, a few chunks in memory at a time;
+    /// the bytes read. An error from `sink` stops the read and is returned.
+    async fn read_chunks(
+        &self,
+        nuid: &str,
+        sink: &mut (dyn FnMut(Bytes) -> std::result::Result<(), String> + Send),
+    ) -> std::result::Result<u64, String>;
     /// What the stream holds: live objects, and chunk sets no object refers to.
     async fn inventory(&self) -> std::result::Result<Inventory, String>;
     /// Remove the chunks of upload `nuid`; how many messages went.

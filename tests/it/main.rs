@@ -8,6 +8,7 @@ mod agent;
 mod agent_doctor;
 mod backup;
 mod backup_pg;
+mod backup_objects;
 mod concurrency;
 mod demo_images;
 mod doctor;
