@@ -62,6 +62,8 @@ pub struct RestoreReport {
     pub services: Vec<crate::install::health::ServiceHealth>,
     /// Doctor's findings after the restore (severity, subject, message).
     pub doctor: Vec<String>,
+    pub doctor_errors: usize,
+    pub doctor_warnings: usize,
     pub notes: Vec<String>,
     pub seconds: f64,
 }
@@ -331,6 +333,8 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
         steps,
         services,
         doctor,
+        doctor_errors: dr.errors,
+        doctor_warnings: dr.warnings,
         notes,
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -499,6 +503,15 @@ fn write_one(backup: &Verified<BackupManifest>, target: &Path, f: &SiteFile) -> 
     let mut content = Vec::with_capacity(r.size().min(1 << 20) as usize);
     r.read_to_end(&mut content)
         .map_err(|e| Error::bundle(format!("{}: {e}", f.file)).hint("run `bkbundle backup verify` on the backup"))?;
+    // The state directory and what is under it stay private (the site CA's key is there).
+    if f.path.starts_with(&format!("{}/", journal::DIR)) {
+        journal::state_dir(target)?;
+        if let Some(dir) = dest.parent().filter(|d| *d != target.join(journal::DIR)) {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("cannot set permissions of", dir, e))?;
+        }
+    }
     journal::write_atomic(&dest, &content, f.mode & 0o7777)
 }
 
@@ -715,13 +728,12 @@ pub fn render(r: &RestoreReport) -> String {
     for sv in &r.services {
         s.push_str(&format!("  {:<14} {}\n", sv.service, sv.state));
     }
-    if r.doctor.is_empty() {
-        s.push_str("doctor: no errors or warnings\n");
-    } else {
-        s.push_str("doctor found:\n");
-        for d in &r.doctor {
-            s.push_str(&format!("  - {d}\n"));
-        }
+    s.push_str(&format!(
+        "doctor: {} error(s), {} warning(s)\n",
+        r.doctor_errors, r.doctor_warnings
+    ));
+    for d in &r.doctor {
+        s.push_str(&format!("  - {d}\n"));
     }
     for n in &r.notes {
         s.push_str(&format!("note: {n}\n"));

@@ -299,12 +299,20 @@ fn output_skip(target: &Path, output: &Path) -> Vec<PathBuf> {
     vec![target.join(BACKUPS_DIR), output.to_path_buf()]
 }
 
-/// Every regular file under `target` (sorted), but the state directory's (only its journal is
-/// kept: locks and staging are a run's own), what `skip` names, temporary files; symbolic links
+/// The state directory's subdirectory of the site CA and certificates (see [`crate::tls::store`]).
+const TLS_DIR: &str = "tls";
+
+/// Every regular file under `target` (sorted), but the state directory's (only its journal and
+/// its `tls/` (the site CA's key) are kept: locks and staging are a run's own), what `skip` names, temporary files; symbolic links
 /// and special files are left out with a note.
 pub fn site_files(target: &Path, skip: &[PathBuf], notes: &mut Vec<String>) -> Result<Vec<LocalFile>> {
     let mut out = Vec::new();
     walk(target, target, skip, &mut out, notes)?;
+    // The site CA and the NATS certificates install generated live in the state directory.
+    let tls = target.join(journal::DIR).join(TLS_DIR);
+    if tls.is_dir() {
+        walk(target, &tls, skip, &mut out, notes)?;
+    }
     let journal = journal::path(target);
     if let Ok(m) = std::fs::metadata(&journal) {
         out.push(LocalFile {
@@ -323,7 +331,7 @@ fn walk(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<LocalFile>, not
     let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     entries.sort();
     for path in entries {
-        if skip.contains(&path) || path == root.join(journal::DIR) {
+        if skip.contains(&path) || (dir == root && path == root.join(journal::DIR)) {
             continue;
         }
         let name = path
@@ -521,13 +529,23 @@ mod tests {
         let state = journal::state_dir(t).unwrap();
         std::fs::write(state.join("install.lock"), "l").unwrap();
         Journal::default().save(t).unwrap();
+        std::fs::create_dir_all(state.join("tls")).unwrap();
+        std::fs::write(state.join("tls/ca.key"), "k").unwrap();
         std::os::unix::fs::symlink("/etc/hosts", t.join("hosts")).unwrap();
         std::fs::write(t.join(".env.bkbundle-tmp"), "t").unwrap();
         let mut notes = vec![];
         let out = output_skip(t, &t.join(BACKUPS_DIR).join("new.bkbak"));
         let files = site_files(t, &out, &mut notes).unwrap();
         let rels: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
-        assert_eq!(rels, ["certs/ca.key", "docker-compose.yml", ".bkbundle/journal.json"]);
+        assert_eq!(
+            rels,
+            [
+                "certs/ca.key",
+                "docker-compose.yml",
+                ".bkbundle/tls/ca.key",
+                ".bkbundle/journal.json"
+            ]
+        );
         assert!(
             notes.iter().any(|n| n.contains("symbolic link (to /etc/hosts)")),
             "{notes:?}"

@@ -61,7 +61,7 @@ fn state(p: &Project, target: &Path) -> SiteState {
         marker: psql("select id, note from bk_marker order by id"),
         objects: objects(target),
         env: fs::read_to_string(target.join(".env")).unwrap(),
-        ca_key: fs::read_to_string(target.join("certs/ca.key")).unwrap(),
+        ca_key: fs::read_to_string(target.join(".bkbundle/tls/ca.key")).unwrap(),
     }
 }
 
@@ -196,7 +196,7 @@ fn a_site_survives_down_v_and_comes_back_on_a_new_host() {
     assert!(p.containers().is_empty());
     let r = restore(&file, demo_bundle(), &p.target(), &[]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("doctor: no errors"), "{}", r.stdout);
+    assert!(r.stdout.contains("doctor: 0 error(s)"), "{}", r.stdout);
     assert_eq!(state(&p, &p.target()), before);
     // The site is installed again as far as install is concerned.
     let again = restore(&file, demo_bundle(), &p.target(), &[]);

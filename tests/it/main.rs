@@ -7,8 +7,8 @@
 mod agent;
 mod agent_doctor;
 mod backup;
-mod backup_pg;
 mod backup_objects;
+mod backup_pg;
 mod concurrency;
 mod demo_images;
 mod doctor;
