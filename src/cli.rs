@@ -212,6 +212,11 @@ under NAME.partial and renamed when complete.
   bkbundle backup verify /mnt/usb/site-2026-12-07.bkbak
   bkbundle backup inspect /mnt/usb/site-2026-12-07.bkbak
 
+Encrypted (--encrypt with a passphrase, or --recipient age1... for age keys): every member is an
+age stream to a key of the backup's own, itself encrypted with the passphrase or to the
+recipients; `backup verify` checks the stored bytes without the passphrase and, given it, opens
+every member. Without encryption, keep the file as you keep the site's secrets.
+
 The database service is `postgres` unless the install config says [backup] database_service.
 Install backs a running site up by itself before it upgrades it (see install --no-backup).";
 
@@ -251,20 +256,47 @@ pub struct BackupArgs {
     /// Sign the manifest with this minisign secret key (password from BKBUNDLE_SIGN_PASSWORD or a prompt).
     #[arg(long, value_name = "KEY")]
     pub sign: Option<PathBuf>,
+    /// Encrypt every member with a passphrase (age, scrypt): from --passphrase-file, else
+    /// BKBUNDLE_BACKUP_PASSPHRASE, else asked twice on the terminal.
+    #[arg(long, conflicts_with = "recipient")]
+    pub encrypt: bool,
+    /// With --encrypt: read the passphrase from the first line of this file.
+    #[arg(long, value_name = "FILE", requires = "encrypt")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Encrypt every member to this age recipient (age1..., repeatable); restore then needs one
+    /// of their identity files (--identity).
+    #[arg(long, value_name = "AGE1...")]
+    pub recipient: Vec<String>,
     /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
     #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
     pub lock_wait: u64,
 }
 
+/// What opens an encrypted backup (restore, backup verify).
+#[derive(Args, Debug, Default)]
+pub struct UnlockArgs {
+    /// The passphrase of an encrypted backup, from the first line of this file (else
+    /// BKBUNDLE_BACKUP_PASSPHRASE, else asked on the terminal).
+    #[arg(long, value_name = "FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
+    /// An age identity file (AGE-SECRET-KEY-1...) of a recipient the backup was encrypted to
+    /// (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Vec<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
-    /// Check every member of a backup (and its signature) without changing anything.
+    /// Check every member of a backup (and its signature) without changing anything; with its
+    /// passphrase or identity, open every member too.
     Verify {
         /// The backup file.
         file: PathBuf,
         /// The trusted minisign public key (.pub): the backup must carry a signature by it.
         #[arg(long, value_name = "PUBKEY")]
         key: Option<PathBuf>,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Show what a backup holds: the site, the bundle it needs, databases, buckets, sizes.
     Inspect {
@@ -298,6 +330,8 @@ pub struct RestoreArgs {
     /// The trusted minisign public key (.pub): the backup must carry a signature by it.
     #[arg(long, value_name = "PUBKEY")]
     pub key: Option<PathBuf>,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
     /// How long to wait for another bkbundle run's lock on the target before giving up (exit 11).
     #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
     pub lock_wait: u64,

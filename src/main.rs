@@ -189,13 +189,14 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
 
 fn backup(a: cli::BackupArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
     match a.command {
-        Some(cli::BackupCommand::Verify { file, key }) => {
+        Some(cli::BackupCommand::Verify { file, key, unlock }) => {
             let opts = bkbundle::bundle::OpenOptions {
                 require_signature: key.is_some(),
                 key,
                 ..Default::default()
             };
-            return Output::of(&backup::verify(&file, &opts, reporter)?);
+            let unlock = unlock_of(&unlock)?;
+            return Output::of(&backup::verify(&file, &opts, unlock.as_ref(), reporter)?);
         }
         Some(cli::BackupCommand::Inspect { file }) => return Output::of(&backup::inspect(&file, reporter)?),
         None => {}
@@ -219,6 +220,16 @@ fn backup(a: cli::BackupArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         output: a.output,
         sign_key: a.sign,
         keep,
+        seal: if a.encrypt {
+            let p = backup::seal::passphrase(a.passphrase_file.as_deref(), true)?.ok_or_else(|| {
+                Error::input("--encrypt needs a passphrase: --passphrase-file FILE, BKBUNDLE_BACKUP_PASSPHRASE, or a terminal to be asked on")
+            })?;
+            Some(backup::seal::SealWith::Passphrase(p))
+        } else if !a.recipient.is_empty() {
+            Some(backup::seal::SealWith::Recipients(a.recipient))
+        } else {
+            None
+        },
     };
     Output::of(&backup::take::run(&opts, reporter)?)
 }
@@ -242,8 +253,27 @@ fn restore(a: cli::RestoreArgs, reporter: &dyn Reporter) -> Result<Output, Error
         force: a.force,
         no_backup: a.no_backup,
         key: a.key,
+        unlock: unlock_of(&a.unlock)?,
     };
     Output::of(&backup::restore::run(&opts, reporter)?)
+}
+
+/// What opens an encrypted backup: identity files, a passphrase file or the environment's
+/// passphrase; `None` leaves it to be asked when the backup turns out to be encrypted.
+fn unlock_of(a: &cli::UnlockArgs) -> Result<Option<backup::seal::Unlock>, Error> {
+    if !a.identity.is_empty() {
+        let mut texts = Vec::new();
+        for f in &a.identity {
+            let t = std::fs::read_to_string(f).map_err(|e| Error::io("cannot read the age identity file", f, e))?;
+            texts.push(bkbundle::backup::seal::secret(t));
+        }
+        return Ok(Some(backup::seal::Unlock::Identities(texts)));
+    }
+    if a.passphrase_file.is_some() || std::env::var_os(backup::seal::PASSPHRASE_ENV).is_some() {
+        let p = backup::seal::passphrase(a.passphrase_file.as_deref(), false)?;
+        return Ok(p.map(backup::seal::Unlock::Passphrase));
+    }
+    Ok(None)
 }
 
 fn absolute(p: &std::path::Path) -> std::path::PathBuf {

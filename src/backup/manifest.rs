@@ -36,6 +36,9 @@ pub struct BackupManifest {
     pub database: Option<Database>,
     #[serde(default)]
     pub objects: Vec<ObjectEntry>,
+    /// Present when every payload is encrypted (see [`super::seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<super::seal::Encryption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +69,8 @@ pub struct SiteFile {
     pub file: String,
     /// Permission bits.
     pub mode: u32,
+    /// SHA-256 of the file's content (the payload's own digest differs when it is encrypted).
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +162,12 @@ impl BackupManifest {
         for o in &self.objects {
             need(format!("object {} of bucket {}", o.name, o.bucket), &o.file);
         }
+        if let Some(e) = &self.encryption {
+            need("[encryption] key".into(), &e.key);
+            if e.method != "age" {
+                p.push(format!("[encryption] method {:?}: only \"age\" is known", e.method));
+            }
+        }
         for s in &self.site {
             if !is_safe_bundle_path(&s.path) {
                 p.push(format!(
@@ -223,9 +234,11 @@ mod tests {
                 path: ".env".into(),
                 file: "site/.env".into(),
                 mode: 0o600,
+                sha256: "cd".repeat(32),
             }],
             database: None,
             objects: vec![],
+            encryption: None,
         }
     }
 

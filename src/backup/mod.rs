@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod objects;
 pub mod pg;
 pub mod restore;
+pub mod seal;
 pub mod take;
 
 use crate::engine::{ContainerState, Engine};
@@ -189,14 +190,112 @@ fn objects_error(nats: &Nats, bucket: &str, m: String) -> Error {
         .hint("check NATS with `bkbundle doctor --target DIR`, then re-run")
 }
 
-/// Check a backup (`bkbundle backup verify`): framing, manifest, signature, every byte.
+/// A verified backup, with what opens its members when it is encrypted.
+pub struct Sealed<'a> {
+    pub backup: &'a crate::bundle::Verified<BackupManifest>,
+    pub opener: Option<&'a seal::Opener>,
+}
+
+impl Sealed<'_> {
+    pub fn manifest(&self) -> &BackupManifest {
+        self.backup.manifest()
+    }
+    pub fn manifest_sha256(&self) -> &str {
+        self.backup.manifest_sha256()
+    }
+    /// A member's content: checked against its digest as it is read, and decrypted.
+    pub fn open(&self, file: &str) -> Result<Box<dyn std::io::Read + Send + '_>> {
+        let r = self.backup.payload(file)?;
+        match self.opener {
+            None => Ok(Box::new(r)),
+            Some(o) => {
+                let d = o.reader(r).map_err(|e| {
+                    Error::bundle(format!("{file}: cannot be decrypted: {e}"))
+                        .hint("the backup is damaged: copy it again and run `bkbundle backup verify`")
+                })?;
+                Ok(Box::new(d))
+            }
+        }
+    }
+}
+
+/// What opens `backup`'s members: `None` for a backup that is not encrypted; for one that is,
+/// its key opened with `unlock` (or a passphrase asked for on a terminal), before anything
+/// changes.
+pub fn opener(
+    backup: &crate::bundle::Verified<BackupManifest>,
+    unlock: Option<&seal::Unlock>,
+    path: &Path,
+) -> Result<Option<seal::Opener>> {
+    let Some(enc) = &backup.manifest().encryption else {
+        return Ok(None);
+    };
+    let asked;
+    let unlock = match unlock {
+        Some(u) => u,
+        None if enc.unlock == "passphrase" => match seal::passphrase(None, false)? {
+            Some(p) => {
+                asked = seal::Unlock::Passphrase(p);
+                &asked
+            }
+            None => return Err(encrypted(path, enc)),
+        },
+        None => return Err(encrypted(path, enc)),
+    };
+    let mut member = Vec::new();
+    std::io::Read::read_to_end(&mut backup.payload(&enc.key)?, &mut member)
+        .map_err(|e| Error::bundle(format!("{}: {e}", enc.key)))?;
+    seal::open_key(&member, unlock, &path.display().to_string()).map(Some)
+}
+
+fn encrypted(path: &Path, enc: &seal::Encryption) -> Error {
+    let how = if enc.unlock == "passphrase" {
+        format!(
+            "pass its passphrase with --passphrase-file FILE or {}",
+            seal::PASSPHRASE_ENV
+        )
+    } else {
+        format!(
+            "pass the age identity file of one of its recipients ({}) with --identity FILE",
+            enc.recipients.join(", ")
+        )
+    };
+    Error::input(format!("backup {} is encrypted ({})", path.display(), enc.unlock)).hint(how)
+}
+
+/// Check a backup (`bkbundle backup verify`): framing, manifest, signature, every byte. With
+/// `unlock`, an encrypted backup's members are all decrypted too (which proves the passphrase
+/// and every member's authenticity).
 pub fn verify(
     path: &Path,
     opts: &crate::bundle::OpenOptions,
+    unlock: Option<&seal::Unlock>,
     reporter: &dyn crate::progress::Reporter,
 ) -> Result<BackupSummary> {
     let b = crate::bundle::open_document::<BackupManifest>(path, opts, reporter)?;
-    Ok(BackupSummary::of(path, &b))
+    let mut summary = BackupSummary::of(path, &b);
+    if let (Some(enc), Some(unlock)) = (&b.manifest().encryption, unlock) {
+        let opener = opener(&b, Some(unlock), path)?;
+        let sealed = Sealed {
+            backup: &b,
+            opener: opener.as_ref(),
+        };
+        let task = reporter.task("decrypting", Some(b.bytes()));
+        for f in b.manifest().files.iter().filter(|f| f.path != enc.key) {
+            let mut r = sealed.open(&f.path)?;
+            let n = std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| {
+                Error::bundle(format!(
+                    "backup {}: {}: cannot be decrypted: {e}",
+                    path.display(),
+                    f.path
+                ))
+            })?;
+            task.advance(n);
+        }
+        task.finish();
+        summary.decrypted = true;
+    }
+    Ok(summary)
 }
 
 /// What `backup verify` and `backup inspect` say about a backup.
@@ -209,6 +308,8 @@ pub struct BackupSummary {
     pub manifest: BackupManifest,
     /// Whether every byte was checked (verify), or only the structure (inspect).
     pub verified: bool,
+    /// Whether every member of an encrypted backup was decrypted (verify with its passphrase).
+    pub decrypted: bool,
 }
 
 impl BackupSummary {
@@ -220,6 +321,7 @@ impl BackupSummary {
             signature: b.signature().clone(),
             manifest: b.manifest().clone(),
             verified: true,
+            decrypted: false,
         }
     }
 }
@@ -289,6 +391,14 @@ pub fn render_summary(s: &BackupSummary) -> String {
             "signed by key {key_id} (checked only against the key it carries: pass --key to verify who signed it)\n"
         )),
     }
-    out.push_str("it holds the site's secrets: keep it as you keep them");
+    match (&m.encryption, s.decrypted) {
+        (None, _) => out.push_str("not encrypted: it holds the site's secrets, keep it as you keep them"),
+        (Some(e), true) => out.push_str(&format!("encrypted (age, {}); every member decrypted and checked", e.unlock)),
+        (Some(e), false) => out.push_str(&format!(
+            "encrypted (age, {}{}); members checked as stored, not opened (give the passphrase or identity to open them)",
+            e.unlock,
+            if e.recipients.is_empty() { String::new() } else { format!(": {}", e.recipients.join(", ")) }
+        )),
+    }
     out
 }

@@ -12,7 +12,7 @@
 //! Doctor's checks run at the end.
 
 use super::manifest::{BackupManifest, SiteFile};
-use super::{objects, pg, take, SiteAccess};
+use super::{objects, pg, take, Sealed, SiteAccess};
 use crate::bundle::{self, Verified, VerifiedBundle};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -39,6 +39,8 @@ pub struct RestoreOptions {
     pub no_backup: bool,
     /// A trusted minisign key: the backup's signature is then required.
     pub key: Option<PathBuf>,
+    /// What opens an encrypted backup (asked for on a terminal when missing).
+    pub unlock: Option<super::seal::Unlock>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +141,11 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
         bundle::open_verified(&opts.bundle, &bopts, reporter)
     })?);
     same_bundle(&m, &reader, &opts.bundle)?;
+    let opener = super::opener(&backup, opts.unlock.as_ref(), &opts.backup)?;
+    let backup = Sealed {
+        backup: &backup,
+        opener: opener.as_ref(),
+    };
     steps.push(step(
         "verify",
         t,
@@ -196,6 +203,7 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
             output: None,
             sign_key: None,
             keep: 0,
+            seal: None,
         };
         match take::take(&bopts, reporter).await {
             Ok(r) => {
@@ -393,7 +401,7 @@ fn compose_file(target: &Path, reader: &VerifiedBundle) -> Result<PathBuf> {
 /// Everything at the target that the restore would replace: files that differ, a stack with
 /// containers, databases that hold tables.
 async fn what_is_replaced(
-    backup: &Verified<BackupManifest>,
+    backup: &Sealed<'_>,
     target: &Path,
     engine: &Engine,
     project: &str,
@@ -404,13 +412,7 @@ async fn what_is_replaced(
     for f in &m.site {
         let path = target.join(&f.path);
         let Ok(have) = std::fs::read(&path) else { continue };
-        let want = m
-            .files
-            .iter()
-            .find(|e| e.path == f.file)
-            .map(|e| e.sha256.as_str())
-            .unwrap_or("");
-        if crate::digest::sha256_hex(&have) != want {
+        if crate::digest::sha256_hex(&have) != f.sha256 {
             out.push(format!("file {} (different from the backup's)", path.display()));
         }
     }
@@ -483,7 +485,7 @@ fn site_for_existing(site: &SiteAccess, target: &Path) -> SiteAccess {
 }
 
 /// Write the backup's files into the target (each atomically, with its mode), but the journal.
-fn write_site_files(backup: &Verified<BackupManifest>, target: &Path) -> Result<usize> {
+fn write_site_files(backup: &Sealed<'_>, target: &Path) -> Result<usize> {
     let m = backup.manifest();
     let journal_rel = format!("{}/{}", journal::DIR, journal::FILE);
     let mut n = 0;
@@ -494,13 +496,13 @@ fn write_site_files(backup: &Verified<BackupManifest>, target: &Path) -> Result<
     Ok(n)
 }
 
-fn write_one(backup: &Verified<BackupManifest>, target: &Path, f: &SiteFile) -> Result<()> {
+fn write_one(backup: &Sealed<'_>, target: &Path, f: &SiteFile) -> Result<()> {
     let dest = target.join(&f.path);
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create directory", dir, e))?;
     }
-    let mut r = backup.payload(&f.file)?;
-    let mut content = Vec::with_capacity(r.size().min(1 << 20) as usize);
+    let mut r = backup.open(&f.file)?;
+    let mut content = Vec::new();
     r.read_to_end(&mut content)
         .map_err(|e| Error::bundle(format!("{}: {e}", f.file)).hint("run `bkbundle backup verify` on the backup"))?;
     // The state directory and what is under it stay private (the site CA's key is there).
@@ -516,12 +518,12 @@ fn write_one(backup: &Verified<BackupManifest>, target: &Path, f: &SiteFile) -> 
 }
 
 /// The backup's journal, as the target's, naming the project it now runs as and the restore.
-fn write_journal(backup: &Verified<BackupManifest>, target: &Path, project: &str, from: &Path) -> Result<()> {
+fn write_journal(backup: &Sealed<'_>, target: &Path, project: &str, from: &Path) -> Result<()> {
     let m = backup.manifest();
     let journal_rel = format!("{}/{}", journal::DIR, journal::FILE);
     let mut j = match m.site.iter().find(|f| f.path == journal_rel) {
         Some(f) => {
-            let mut r = backup.payload(&f.file)?;
+            let mut r = backup.open(&f.file)?;
             let mut b = Vec::new();
             r.read_to_end(&mut b)
                 .map_err(|e| Error::bundle(format!("{}: {e}", f.file)))?;
@@ -544,7 +546,7 @@ fn write_journal(backup: &Verified<BackupManifest>, target: &Path, project: &str
 /// Start the database service alone and restore every database of the backup into it.
 #[allow(clippy::too_many_arguments)]
 async fn restore_databases(
-    backup: &Verified<BackupManifest>,
+    backup: &Sealed<'_>,
     db: &super::manifest::Database,
     engine: &Engine,
     compose: &Compose,
@@ -588,7 +590,7 @@ async fn restore_databases(
         state.begun.push(d.name.clone());
         state.save(&target)?;
         let task = reporter.task(&format!("restoring database {}", d.name), Some(d.size));
-        let r = backup.payload(&d.file)?;
+        let r = backup.open(&d.file)?;
         let z =
             zstd::stream::Decoder::new(r).map_err(|e| Error::io("cannot read the backup", Path::new(&d.file), e))?;
         let mut input = ProgressRead { inner: z, task: &*task };
@@ -611,13 +613,28 @@ async fn wait_for_database(
 ) -> Result<crate::engine::ContainerState> {
     let deadline = Instant::now() + Duration::from_secs(site.config.health.timeout_secs);
     let mut last = String::from("its container did not start");
+    // An image's entrypoint may run a temporary server on the socket while it initialises a new
+    // data directory, then stop it: PostgreSQL is ready when the container's health check says
+    // so (where it has one) and it answers; without a health check, when it has answered for a
+    // few seconds in a row.
+    let mut answered = 0;
     loop {
         let all = engine.project_containers(project).await?;
         if let Some(c) = all.iter().find(|c| c.service == service && c.status == "running") {
             let pg = pg::Postgres::new(engine, &c.id, &c.name, user, password);
-            match pg.server_version().await {
-                Ok(_) => return Ok(c.clone()),
-                Err(e) => last = e.message,
+            match (c.health.as_deref(), pg.server_version().await) {
+                (Some("healthy"), Ok(_)) => return Ok(c.clone()),
+                (Some(h), Ok(_)) => last = format!("its health check says {h}"),
+                (None, Ok(_)) => {
+                    answered += 1;
+                    if answered >= 3 {
+                        return Ok(c.clone());
+                    }
+                }
+                (_, Err(e)) => {
+                    answered = 0;
+                    last = e.message
+                }
             }
         }
         if Instant::now() >= deadline {
@@ -627,7 +644,7 @@ async fn wait_for_database(
             ))
             .hint(format!("look at its log: docker logs $(docker ps -aq -f label=com.docker.compose.service={service}); then re-run restore: it resumes")));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     }
 }
 
@@ -646,7 +663,7 @@ impl<R: Read> Read for ProgressRead<'_, R> {
 
 /// Every object of the backup into its bucket; one already there with its digest is not sent.
 async fn restore_objects(
-    backup: &Verified<BackupManifest>,
+    backup: &Sealed<'_>,
     site: &SiteAccess,
     reporter: &dyn Reporter,
     notes: &mut Vec<String>,
@@ -683,7 +700,7 @@ async fn restore_objects(
                 digest: o.digest.clone(),
                 meta: o.meta.clone(),
             };
-            let r = backup.payload(&o.file)?;
+            let r = backup.open(&o.file)?;
             let mut input = ProgressRead { inner: r, task: &*task };
             match objects::upload(&store, &rec, &mut input, Some(&pending))
                 .await

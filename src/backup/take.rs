@@ -34,6 +34,8 @@ pub struct BackupOptions {
     pub sign_key: Option<PathBuf>,
     /// How many backups of `TARGET/backups` to keep after writing one there (0: keep all).
     pub keep: usize,
+    /// Encrypt every member (see [`super::seal`]).
+    pub seal: Option<super::seal::SealWith>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,12 +168,21 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut w = BundleWriter::create_with_mode(&output, None, mtime, 0o600)?;
+    let (sealer, encryption) = match &opts.seal {
+        Some(with) => {
+            let (sealer, member, section) = super::seal::new_key(with)?;
+            w.add_bytes(super::seal::KEY_MEMBER, 0o600, &member)?;
+            (Some(sealer), Some(section))
+        }
+        None => (None, None),
+    };
+    let sealer = sealer.as_ref();
     let mut parts = Vec::new();
-    let site = write_site_files(&mut w, &files, reporter, &mut parts)?;
+    let site = write_site_files(&mut w, &files, sealer, reporter, &mut parts)?;
     let mut dumps = Vec::new();
     if let Some((db, ..)) = &database {
         for (i, d) in databases.iter().enumerate() {
-            dumps.push(write_dump(&mut w, db, d, i, reporter, &mut parts).await?);
+            dumps.push(write_dump(&mut w, db, d, i, sealer, reporter, &mut parts).await?);
         }
     }
     let mut objects_out = Vec::new();
@@ -181,18 +192,33 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
         let task = reporter.task(&format!("bucket {bucket}"), Some(total));
         for (i, rec) in records.iter().enumerate() {
             task.message(&rec.name);
-            let path = format!("{OBJECTS_DIR}{bi}/{i}");
-            let mut e = w.begin(&path, 0o600)?;
-            let mut sink = Progress {
-                inner: &mut e,
-                task: &*task,
+            let path = member(&format!("{OBJECTS_DIR}{bi}/{i}"), sealer);
+            let io = |err: std::io::Error| Error::io("cannot write the backup", Path::new(&path), err);
+            let fail = |m: String| match &nats {
+                Some(n) => super::objects_error(n, bucket, m),
+                None => Error::internal(m),
             };
-            objects::download(store, rec, &mut sink)
-                .await
-                .map_err(|m| match &nats {
-                    Some(n) => super::objects_error(n, bucket, m),
-                    None => Error::internal(m),
-                })?;
+            let e = w.begin(&path, 0o600)?;
+            let e = match sealer {
+                Some(s) => {
+                    let mut sw = s.wrap(e).map_err(io)?;
+                    let mut sink = Progress {
+                        inner: &mut sw,
+                        task: &*task,
+                    };
+                    objects::download(store, rec, &mut sink).await.map_err(fail)?;
+                    sw.finish().map_err(io)?
+                }
+                None => {
+                    let mut e = e;
+                    let mut sink = Progress {
+                        inner: &mut e,
+                        task: &*task,
+                    };
+                    objects::download(store, rec, &mut sink).await.map_err(fail)?;
+                    e
+                }
+            };
             e.finish(None)?;
             objects_out.push(ObjectEntry {
                 bucket: bucket.clone(),
@@ -235,6 +261,7 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
             dumps,
         }),
         objects: objects_out,
+        encryption,
     };
     let text = m.to_toml();
     let signature = match &signer {
@@ -281,6 +308,20 @@ impl<W: Write> Write for Progress<'_, W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A reader that hashes what it reads.
+struct Hashing<R: Read> {
+    inner: R,
+    hasher: crate::digest::Hasher,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
@@ -375,9 +416,18 @@ fn walk(root: &Path, dir: &Path, skip: &[PathBuf], out: &mut Vec<LocalFile>, not
     Ok(())
 }
 
+/// A member's path: `base`, with `.age` when the backup is encrypted.
+fn member(base: &str, sealer: Option<&super::seal::Sealer>) -> String {
+    match sealer {
+        Some(_) => format!("{base}{}", super::seal::SUFFIX),
+        None => base.to_string(),
+    }
+}
+
 fn write_site_files(
     w: &mut BundleWriter,
     files: &[LocalFile],
+    sealer: Option<&super::seal::Sealer>,
     reporter: &dyn Reporter,
     parts: &mut Vec<PartReport>,
 ) -> Result<Vec<SiteFile>> {
@@ -386,14 +436,30 @@ fn write_site_files(
     let task = reporter.task("site files", Some(total));
     let mut out = Vec::new();
     for f in files {
-        let file = format!("{SITE_DIR}{}", f.rel);
-        let mut r = std::fs::File::open(&f.path).map_err(|e| Error::io("cannot read", &f.path, e))?;
-        let e = w.add_reader(&file, 0o600, &mut r as &mut dyn Read)?;
-        task.advance(e.size);
+        let file = member(&format!("{SITE_DIR}{}", f.rel), sealer);
+        let file_io = |e: std::io::Error| Error::io("cannot back up", &f.path, e);
+        let mut r = Hashing {
+            inner: std::fs::File::open(&f.path).map_err(file_io)?,
+            hasher: crate::digest::Hasher::new(),
+        };
+        match sealer {
+            None => {
+                w.add_reader(&file, 0o600, &mut r as &mut dyn Read)?;
+            }
+            Some(s) => {
+                let e = w.begin(&file, 0o600)?;
+                let mut sw = s.wrap(e).map_err(file_io)?;
+                std::io::copy(&mut r, &mut sw).map_err(file_io)?;
+                sw.finish().map_err(file_io)?.finish(None)?;
+            }
+        }
+        let sha256 = r.hasher.finish().0;
+        task.advance(f.size);
         out.push(SiteFile {
             path: f.rel.clone(),
             file,
             mode: f.mode,
+            sha256,
         });
     }
     task.finish();
@@ -407,29 +473,30 @@ fn write_site_files(
     Ok(out)
 }
 
-/// One database, dumped by the container's `pg_dump` and compressed with zstd on its way in.
+/// One database, dumped by the container's `pg_dump` and compressed with zstd on its way in
+/// (then encrypted, when the backup is).
 async fn write_dump(
     w: &mut BundleWriter,
     db: &pg::Postgres<'_>,
     d: &pg::Database,
     index: usize,
+    sealer: Option<&super::seal::Sealer>,
     reporter: &dyn Reporter,
     parts: &mut Vec<PartReport>,
 ) -> Result<Dump> {
     let t = Instant::now();
-    let path = format!("{DATABASE_DIR}{index}.dump.zst");
+    let path = member(&format!("{DATABASE_DIR}{index}.dump.zst"), sealer);
     let task = reporter.task(&format!("database {}", d.name), None);
     let e = w.begin(&path, 0o600)?;
     let io = |err: std::io::Error| Error::io("cannot write the backup", Path::new(&path), err);
-    let mut z = zstd::stream::Encoder::new(e, 3).map_err(io)?;
-    // Compression on a worker thread of its own: the dump keeps flowing while a block is packed.
-    z.multithread(1).map_err(io)?;
-    let mut sink = Progress {
-        inner: &mut z,
-        task: &*task,
+    let (e, size) = match sealer {
+        Some(s) => {
+            let sw = s.wrap(e).map_err(io)?;
+            let (sw, size) = compressed_dump(db, &d.name, sw, &*task, &path).await?;
+            (sw.finish().map_err(io)?, size)
+        }
+        None => compressed_dump(db, &d.name, e, &*task, &path).await?,
     };
-    let size = db.dump(&d.name, &mut sink).await?;
-    let e = z.finish().map_err(io)?;
     let entry = e.finish(None)?;
     task.finish();
     parts.push(PartReport {
@@ -445,6 +512,22 @@ async fn write_dump(
         size,
         tables: d.tables,
     })
+}
+
+/// `pg_dump` of `name` into `w` through zstd; `w` back, and the dump's size.
+async fn compressed_dump<W: Write + Send>(
+    db: &pg::Postgres<'_>,
+    name: &str,
+    w: W,
+    task: &dyn crate::progress::Task,
+    path: &str,
+) -> Result<(W, u64)> {
+    let io = |err: std::io::Error| Error::io("cannot write the backup", Path::new(path), err);
+    let mut z = zstd::stream::Encoder::new(w, 3).map_err(io)?;
+    // Compression on a worker thread of its own: the dump keeps flowing while a block is packed.
+    z.multithread(1).map_err(io)?;
+    let size = db.dump(name, &mut Progress { inner: &mut z, task }).await?;
+    Ok((z.finish().map_err(io)?, size))
 }
 
 /// Remove the oldest backups of `dir` beyond `keep` (by name: they sort by time), never `just`.

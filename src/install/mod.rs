@@ -914,6 +914,7 @@ async fn upgrade_backup(
         output: None,
         sign_key: None,
         keep: ctx.config.backup.keep,
+        seal: None,
     };
     let r = crate::backup::take::take(&bopts, reporter).await.map_err(|e| {
         let message = format!(

@@ -334,26 +334,75 @@ fn dump_offset(file: &Path) -> u64 {
     (at as u64 / 512 + 1) * 512
 }
 
+/// bkbundle with the backup passphrase in its environment.
+fn bk_with_passphrase(passphrase: &str, args: &[&str]) -> crate::pack::Run {
+    run(crate::harness::bkbundle()
+        .env("BKBUNDLE_BACKUP_PASSPHRASE", passphrase)
+        .args(args))
+}
+
 #[test]
-fn a_killed_restore_completes_when_run_again() {
+fn an_encrypted_backup_opens_with_its_passphrase_only_and_a_killed_restore_completes() {
     ensure_demo_images();
     let p = Project::new();
     installed(&p);
     let before = state(&p, &p.target());
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("site.bkbak");
-    let b = bk(&[
-        "backup",
-        "--target",
-        p.target().to_str().unwrap(),
-        "-o",
+    let target = p.target();
+    let restore_args = [
+        "restore",
         file.to_str().unwrap(),
-    ]);
+        "--bundle",
+        demo_bundle().to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    let b = bk_with_passphrase(
+        "night shift 42",
+        &[
+            "backup",
+            "--target",
+            target.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+            "--encrypt",
+        ],
+    );
     assert_eq!(b.code, 0, "{}", b.stderr);
-    down_v(&p, &p.target());
+    // No secret shows in the file: the .env and the database are encrypted.
+    let bytes = fs::read(&file).unwrap();
+    for secret in [env_of(&target, "POSTGRES_PASSWORD"), env_of(&target, "NATS_PASSWORD")] {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a secret is in the clear"
+        );
+    }
+    assert!(
+        !bytes.windows(14).any(|w| w == b"POSTGRES_USER="),
+        "the .env is in the clear"
+    );
+    // Verify checks the stored bytes without the passphrase, and opens every member with it.
+    let v = bk(&["backup", "verify", file.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(v.stdout.contains("not opened"), "{}", v.stdout);
+    let v = bk_with_passphrase("night shift 42", &["backup", "verify", file.to_str().unwrap()]);
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(v.stdout.contains("every member decrypted"), "{}", v.stdout);
+    down_v(&p, &target);
+    // A wrong passphrase: refused before anything changes.
+    let wrong = bk_with_passphrase("day shift", &restore_args);
+    assert_eq!(wrong.code, 3, "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("the passphrase does not open backup"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(p.containers().is_empty() && !target.join(".bkbundle/restore.json").exists());
     // Killed once its database step began (the state file names a database it started).
     let state_file = p.target().join(".bkbundle/restore.json");
     let mut child = crate::harness::bkbundle()
+        .env("BKBUNDLE_BACKUP_PASSPHRASE", "night shift 42")
         .args([
             "restore",
             file.to_str().unwrap(),
@@ -363,7 +412,7 @@ fn a_killed_restore_completes_when_run_again() {
             p.target().to_str().unwrap(),
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(fs::File::create(work.path().join("killed.err")).unwrap())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -373,13 +422,16 @@ fn a_killed_restore_completes_when_run_again() {
             "the restore never began its database step"
         );
         if let Some(s) = child.try_wait().unwrap() {
-            panic!("the restore ended ({s}) before it could be killed");
+            panic!(
+                "the restore ended ({s}) before it could be killed: {}",
+                fs::read_to_string(work.path().join("killed.err")).unwrap_or_default()
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let r = restore(&file, demo_bundle(), &p.target(), &[]);
+    let r = bk_with_passphrase("night shift 42", &restore_args);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(state(&p, &p.target()), before);
     assert!(!state_file.exists());
