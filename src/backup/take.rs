@@ -148,6 +148,14 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create the backup's directory", &dir, e))?;
+    if dir == target.join(BACKUPS_DIR) {
+        // What a killed backup left there (the target's lock is held: no backup is writing it).
+        for stale in partials(&dir) {
+            if std::fs::remove_file(&stale).is_ok() {
+                notes.push(format!("removed {}, left by a backup that was killed", stale.display()));
+            }
+        }
+    }
     if let Some(free) = crate::install::free_space(&dir) {
         if free < need {
             return Err(Error::new(crate::error::Kind::Preflight, format!(
@@ -530,6 +538,19 @@ async fn compressed_dump<W: Write + Send>(
     Ok((z.finish().map_err(io)?, size))
 }
 
+/// The unfinished backups (`*.bkbak.partial`) in `dir`.
+fn partials(dir: &Path) -> Vec<PathBuf> {
+    let suffix = format!(".{EXTENSION}.partial");
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(&suffix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Remove the oldest backups of `dir` beyond `keep` (by name: they sort by time), never `just`.
 fn prune(dir: &Path, keep: usize, just: &Path, notes: &mut Vec<String>) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else { return vec![] };
@@ -646,6 +667,8 @@ mod tests {
             std::fs::write(d.path().join(n), "x").unwrap();
         }
         std::fs::write(d.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(d.path().join("site-20261204T000000.bkbak.partial"), "x").unwrap();
+        assert_eq!(partials(d.path()), [d.path().join("site-20261204T000000.bkbak.partial")]);
         let mut notes = vec![];
         let just = d.path().join("site-20261203T000000.bkbak");
         let removed = prune(d.path(), 2, &just, &mut notes);
