@@ -668,7 +668,10 @@ mod tests {
         }
         std::fs::write(d.path().join("notes.txt"), "x").unwrap();
         std::fs::write(d.path().join("site-20261204T000000.bkbak.partial"), "x").unwrap();
-        assert_eq!(partials(d.path()), [d.path().join("site-20261204T000000.bkbak.partial")]);
+        assert_eq!(
+            partials(d.path()),
+            [d.path().join("site-20261204T000000.bkbak.partial")]
+        );
         let mut notes = vec![];
         let just = d.path().join("site-20261203T000000.bkbak");
         let removed = prune(d.path(), 2, &just, &mut notes);

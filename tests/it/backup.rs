@@ -176,6 +176,7 @@ fn a_site_survives_down_v_and_comes_back_on_a_new_host() {
     assert_eq!(v.code, 0, "{}", v.stderr);
     let i = bk(&["backup", "inspect", file.to_str().unwrap(), "--json"]);
     assert_eq!(i.code, 0, "{}", i.stderr);
+    crate::schema::assert_schema("backup-inspect", &i);
     let inspected: serde_json::Value = serde_json::from_str(&i.stdout).unwrap();
     assert_eq!(inspected["manifest"]["bundle"]["name"], "demo");
     assert_eq!(
@@ -211,8 +212,9 @@ fn a_site_survives_down_v_and_comes_back_on_a_new_host() {
     // ports are the backup's).
     down_v(&p, &p.target());
     let q = Project::new();
-    let r = restore(&file, demo_bundle(), &q.target(), &["--project", &q.name]);
+    let r = restore(&file, demo_bundle(), &q.target(), &["--project", &q.name, "--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    crate::schema::assert_schema("restore", &r);
     assert!(!q.containers().is_empty() && p.containers().is_empty());
     assert_eq!(state(&q, &q.target()), before);
     let j: serde_json::Value =
@@ -233,8 +235,10 @@ fn bad_backups_another_bundle_and_another_sites_database_change_nothing() {
         p.target().to_str().unwrap(),
         "-o",
         file.to_str().unwrap(),
+        "--json",
     ]);
     assert_eq!(b.code, 0, "{}", b.stderr);
+    crate::schema::assert_schema("backup", &b);
     let empty = work.path().join("empty");
 
     // Truncated: refused before anything changes.

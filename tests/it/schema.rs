@@ -15,7 +15,7 @@ use std::fs;
 use std::path::Path;
 
 /// Compare the schema of `r`'s stdout with `tests/snapshots/{name}.schema` (or write it, blessed).
-fn assert_schema(name: &str, r: &Run) {
+pub(crate) fn assert_schema(name: &str, r: &Run) {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| {
         panic!(
             "{name}: stdout is not JSON ({e}):\n{}\n--- stderr ---\n{}",
