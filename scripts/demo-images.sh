@@ -333,6 +333,14 @@ write_passwd() {
     chmod 0644 "$root/etc/passwd" "$root/etc/group"
 }
 
+# A demo PostgreSQL image made before it carried the client tools backup and restore run in it
+# (pg_dump, pg_restore) is made again.
+if [ "$force" = 0 ] && image_exists "$PG" &&
+    ! docker run --rm --entrypoint /bin/sh "$PG" -c "/usr/lib/postgresql/$PG_MAJOR/bin/pg_dump --version && /usr/lib/postgresql/$PG_MAJOR/bin/pg_restore --version" >/dev/null 2>&1; then
+    log "$PG lacks pg_dump/pg_restore (made by an older version of this script): rebuilding it"
+    rebuild="$rebuild$PG "
+fi
+
 if want "$PG"; then
     pgbin="/usr/lib/postgresql/$PG_MAJOR/bin"
     pglib="/usr/lib/postgresql/$PG_MAJOR/lib"
