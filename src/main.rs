@@ -210,7 +210,7 @@ fn backup(a: cli::BackupArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
     let keep = config.backup.keep;
     let opts = backup::take::BackupOptions {
         site: backup::SiteAccess {
-            target: absolute(&target),
+            target: backup::absolute(&target),
             config,
             site,
             project: a.project,
@@ -243,7 +243,7 @@ fn restore(a: cli::RestoreArgs, reporter: &dyn Reporter) -> Result<Output, Error
         backup: a.backup,
         bundle: a.bundle,
         site: backup::SiteAccess {
-            target: absolute(&a.target),
+            target: backup::absolute(&a.target),
             config,
             site: Default::default(),
             project: a.project,
@@ -274,16 +274,6 @@ fn unlock_of(a: &cli::UnlockArgs) -> Result<Option<backup::seal::Unlock>, Error>
         return Ok(p.map(backup::seal::Unlock::Passphrase));
     }
     Ok(None)
-}
-
-fn absolute(p: &std::path::Path) -> std::path::PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    }
 }
 
 fn completions(shell: clap_complete::Shell) -> Output {

@@ -56,7 +56,7 @@ impl ManifestError {
     }
 }
 
-pub(crate) fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), ManifestError> {
+fn check_format(text: &str, origin: &str, what: &'static str) -> Result<(), ManifestError> {
     #[derive(Deserialize)]
     struct Probe {
         format: Option<toml::Value>,
@@ -77,7 +77,7 @@ pub(crate) fn check_format(text: &str, origin: &str, what: &'static str) -> Resu
     }
 }
 
-pub(crate) fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
+fn syntax(origin: &str, e: toml::de::Error) -> ManifestError {
     ManifestError::Syntax {
         origin: origin.into(),
         message: e.to_string().trim_end().to_string(),
@@ -852,19 +852,30 @@ pub struct Stack {
     pub nats_tls: bool,
 }
 
+/// Parse a versioned TOML document `what` (its format checked first), then refuse it with every
+/// problem `problems` finds: the one parse of `bundle.toml` and a backup's `backup.toml`.
+pub(crate) fn parse_checked<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    what: &'static str,
+    problems: impl FnOnce(&T) -> Vec<String>,
+) -> Result<T, ManifestError> {
+    check_format(text, origin, what)?;
+    let m: T = toml::from_str(text).map_err(|e| syntax(origin, e))?;
+    let problems = problems(&m);
+    if problems.is_empty() {
+        Ok(m)
+    } else {
+        Err(ManifestError::Invalid {
+            origin: origin.into(),
+            problems,
+        })
+    }
+}
+
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, ManifestError> {
-        check_format(text, origin, "bundle")?;
-        let m: Manifest = toml::from_str(text).map_err(|e| syntax(origin, e))?;
-        let problems = m.problems();
-        if problems.is_empty() {
-            Ok(m)
-        } else {
-            Err(ManifestError::Invalid {
-                origin: origin.into(),
-                problems,
-            })
-        }
+        parse_checked(text, origin, "bundle", Manifest::problems)
     }
 
     /// The one writer of `bundle.toml`.

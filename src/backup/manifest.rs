@@ -6,7 +6,7 @@
 use crate::bundle::Document;
 use crate::error::{Error, Kind, Result};
 use crate::install::journal::BundleId;
-use crate::manifest::{check_format, is_safe_bundle_path, syntax, FileEntry, ManifestError};
+use crate::manifest::{is_safe_bundle_path, FileEntry, ManifestError};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: u32 = crate::manifest::FORMAT;
@@ -117,17 +117,7 @@ pub struct ObjectEntry {
 
 impl BackupManifest {
     pub fn parse(text: &str, origin: &str) -> std::result::Result<BackupManifest, ManifestError> {
-        check_format(text, origin, "backup")?;
-        let m: BackupManifest = toml::from_str(text).map_err(|e| syntax(origin, e))?;
-        let problems = m.problems();
-        if problems.is_empty() {
-            Ok(m)
-        } else {
-            Err(ManifestError::Invalid {
-                origin: origin.into(),
-                problems,
-            })
-        }
+        crate::manifest::parse_checked(text, origin, "backup", BackupManifest::problems)
     }
 
     /// The one writer of `backup.toml`.

@@ -90,6 +90,17 @@ pub(crate) fn reload_site(mut site: SiteAccess, target: &Path) -> SiteAccess {
     site
 }
 
+/// `p` made absolute against the working directory (the target is recorded and compared).
+pub fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
 /// The error for a target that bkbundle did not install.
 pub fn not_installed(target: &Path) -> Error {
     Error::input(format!(
@@ -147,15 +158,23 @@ pub(crate) struct Nats {
     pub target: NatsTarget,
 }
 
-/// The site's NATS, connected; `None` when the site has none (no `NATS_*` in its .env, no
-/// `[nats] url`).
-async fn connect_nats(site: &SiteAccess) -> Result<Option<Nats>> {
+/// The site's NATS, connected; `None` when the site has none: no `NATS_*` in its .env and no
+/// `[nats] url`, or (when `published` gives the host ports the stack's containers publish) a
+/// NATS found from the stack's .env on a port none of them publishes: a stack without a NATS
+/// service of its own.
+async fn connect_nats(site: &SiteAccess, published: Option<&[u16]>) -> Result<Option<Nats>> {
     let env = |n: &str| std::env::var(n).ok();
     let target = match crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env) {
         Ok(t) => t,
         Err(crate::platform::nats::NatsError::NoNats) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    if let (Some(ports), Some(url)) = (published, target.urls.first()) {
+        let from_env = target.source.starts_with("the stack's .env");
+        if from_env && !ports.contains(&crate::platform::nats::host_port(url).1) {
+            return Ok(None);
+        }
+    }
     let client = crate::platform::nats::connect(&target).await?;
     Ok(Some(Nats { client, target }))
 }

@@ -153,7 +153,7 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
     ));
 
     // 2. Where, and the lock before anything changes.
-    let target = absolute(&opts.site.target);
+    let target = super::absolute(&opts.site.target);
     let project = opts.site.project.clone().unwrap_or_else(|| m.backup.project.clone());
     std::fs::create_dir_all(&target).map_err(|e| Error::io("cannot create the target directory", &target, e))?;
     let wait = opts.site.lock_wait.unwrap_or(crate::lock::DEFAULT_WAIT);
@@ -353,16 +353,6 @@ fn step(name: &str, t: Instant, detail: String) -> RestoreStep {
         name: name.into(),
         seconds: t.elapsed().as_secs_f64(),
         detail,
-    }
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -672,7 +662,7 @@ async fn restore_objects(
     if m.objects.is_empty() {
         return Ok("no objects".into());
     }
-    let Some(nats) = super::connect_nats(site).await? else {
+    let Some(nats) = super::connect_nats(site, None).await? else {
         return Err(Error::input(format!(
             "the backup holds {} object(s), but the restored site has no NATS to put them in (no NATS_* in its .env, no [nats] url)",
             m.objects.len()

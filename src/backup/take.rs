@@ -118,9 +118,17 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
             None
         }
     };
-    let nats = super::connect_nats(&opts.site).await?;
+    let published: Vec<u16> = engine
+        .project_containers(&project)
+        .await?
+        .iter()
+        .flat_map(|c| c.ports.iter().map(|p| p.1))
+        .collect();
+    let nats = super::connect_nats(&opts.site, Some(&published)).await?;
     if nats.is_none() {
-        notes.push("the site has no NATS (no NATS_* in its .env, no [nats] url): no objects in this backup".into());
+        notes.push(format!(
+            "the site has no NATS of its own (no NATS_* in its .env and no [nats] url, or no container of compose project {project} publishes its port): no objects in this backup"
+        ));
     }
     let mut listed = Vec::new();
     if let Some(nats) = &nats {

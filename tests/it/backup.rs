@@ -116,6 +116,19 @@ fn down_v(p: &Project, target: &Path) {
     assert_eq!(r.code, 0, "down -v: {}", r.stderr);
 }
 
+/// `bkbundle backup --target TARGET -o FILE EXTRA...`.
+fn take(target: &Path, file: &Path, extra: &[&str]) -> crate::pack::Run {
+    let mut args = vec![
+        "backup",
+        "--target",
+        target.to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    bk(&args)
+}
+
 fn restore(backup: &Path, bundle: &Path, target: &Path, extra: &[&str]) -> crate::pack::Run {
     let mut args = vec![
         "restore",
@@ -148,13 +161,7 @@ fn a_site_survives_down_v_and_comes_back_on_a_new_host() {
     // The backup: one file, 0600, verified, inspectable, and `sha256sum -c` after extraction.
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("site.bkbak");
-    let b = bk(&[
-        "backup",
-        "--target",
-        p.target().to_str().unwrap(),
-        "-o",
-        file.to_str().unwrap(),
-    ]);
+    let b = take(&p.target(), &file, &[]);
     assert_eq!(b.code, 0, "{}\n{}", b.stdout, b.stderr);
     assert!(
         b.stdout.contains("database bklite") && b.stdout.contains("bucket"),
@@ -229,14 +236,7 @@ fn bad_backups_another_bundle_and_another_sites_database_change_nothing() {
     installed(&p);
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("site.bkbak");
-    let b = bk(&[
-        "backup",
-        "--target",
-        p.target().to_str().unwrap(),
-        "-o",
-        file.to_str().unwrap(),
-        "--json",
-    ]);
+    let b = take(&p.target(), &file, &["--json"]);
     assert_eq!(b.code, 0, "{}", b.stderr);
     crate::schema::assert_schema("backup", &b);
     let empty = work.path().join("empty");
@@ -316,13 +316,7 @@ fn bad_backups_another_bundle_and_another_sites_database_change_nothing() {
     let m = run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt.to_str().unwrap()]));
     assert_eq!(m.code, 0, "{}", m.stderr);
     let out = mnt.join("site.bkbak");
-    let r = bk(&[
-        "backup",
-        "--target",
-        p.target().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let r = take(&p.target(), &out, &[]);
     let left: Vec<_> = fs::read_dir(&mnt).unwrap().collect();
     let _ = run(Command::new("umount").arg(&mnt));
     assert_eq!(r.code, 8, "{}", r.stderr);
