@@ -875,14 +875,9 @@ async fn execute(
                 };
                 run_failed(&mut x.journal, &ctx.target, &what);
                 return Err(match &upgrade {
-                    Some((file, prev)) if step != StepName::Images && step != StepName::Layout => e.hint(format!(
-                        "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
-                        prev.name,
-                        prev.version,
-                        prev.manifest_sha256,
-                        file.display(),
-                        ctx.target.display()
-                    )),
+                    Some((file, prev)) if step != StepName::Images && step != StepName::Layout => {
+                        e.hint(go_back_hint(file, prev, &ctx.target, opts.config.as_deref()))
+                    }
                     _ => e,
                 });
             }
@@ -976,6 +971,9 @@ async fn upgrade_backup(
             .iter()
             .map(|p| format!("removed the old backup {}", p.display())),
     );
+    // What the backup left out (a stack without the database service, links): the operator
+    // relies on it to go back.
+    notes.extend(r.notes.iter().map(|n| format!("backup: {n}")));
     Ok(Some((r.file, prev)))
 }
 
@@ -995,6 +993,33 @@ fn upgrade_backup_options(ctx: &Ctx) -> crate::backup::take::BackupOptions {
         output: None,
         sign_key: None,
         keep: ctx.config.backup.keep,
+    }
+}
+
+/// What a failed upgrade tells the operator: the command that brings back the site as it ran
+/// `prev`, from the backup `file`, with the install config when one was given (restore reads its
+/// [env], [nats], [backup] and [health] as install did).
+fn go_back_hint(file: &Path, prev: &BundleId, target: &Path, config: Option<&Path>) -> String {
+    let config = config
+        .map(|c| format!(" --config {}", absolute(c).display()))
+        .unwrap_or_default();
+    format!(
+        "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {}{config} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
+        prev.name,
+        prev.version,
+        prev.manifest_sha256,
+        file.display(),
+        target.display()
+    )
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -2064,6 +2089,35 @@ mod tests {
         docker.down = Some("Cannot connect to the Docker daemon".into());
         let e = plan_images(&docker, &images).await.unwrap_err();
         assert_eq!(e.kind, Kind::External, "{e}");
+    }
+
+    #[test]
+    fn the_way_back_names_the_backup_the_previous_bundle_and_the_config() {
+        let prev = BundleId {
+            name: "demo".into(),
+            version: "1.0.0".into(),
+            manifest_sha256: "ab12".into(),
+        };
+        let file = Path::new("/opt/demo/backups/site-20261207T000000.bkbak");
+        let h = go_back_hint(
+            file,
+            &prev,
+            Path::new("/opt/demo"),
+            Some(Path::new("/etc/bk/install.toml")),
+        );
+        assert!(
+            h.contains("(bundle demo 1.0.0, id ab12): bkbundle restore /opt/demo/backups/site-20261207T000000.bkbak --bundle PREVIOUS.bkb --target /opt/demo --config /etc/bk/install.toml --force   ("),
+            "{h}"
+        );
+        // A relative config is given as install found it (restore may run elsewhere).
+        let h = go_back_hint(file, &prev, Path::new("/opt/demo"), Some(Path::new("install.toml")));
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            h.contains(&format!("--config {} --force", cwd.join("install.toml").display())),
+            "{h}"
+        );
+        let h = go_back_hint(file, &prev, Path::new("/opt/demo"), None);
+        assert!(h.contains("--target /opt/demo --force"), "{h}");
     }
 
     #[test]
