@@ -202,10 +202,21 @@ async fn find<'e>(
             None
         }
     };
-    let nats = super::connect_nats(&opts.site).await?;
-    if nats.is_none() {
-        notes.push("the site has no NATS (no NATS_* in its .env, no [nats] url): no objects in this backup".into());
-    }
+    let nats = match super::stack_without_nats(engine, project, &opts.site).await? {
+        Some(why) => {
+            notes.push(why);
+            None
+        }
+        None => {
+            let nats = super::connect_nats(&opts.site).await?;
+            if nats.is_none() {
+                notes.push(
+                    "the site has no NATS (no NATS_* in its .env, no [nats] url): no objects in this backup".into(),
+                );
+            }
+            nats
+        }
+    };
     let mut listed = Vec::new();
     if let Some(nats) = &nats {
         for b in super::object_buckets(&nats.client).await? {

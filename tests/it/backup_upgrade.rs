@@ -161,6 +161,11 @@ fn an_upgrade_is_backed_up_first_and_the_last_n_backups_are_kept() {
     assert_eq!(m["bundle"]["name"], "demo");
     assert_eq!(m["bundle"]["version"], "1.0.0");
     assert_eq!(m["bundle"]["manifest_sha256"], first_id);
+    assert!(
+        m["objects"].as_array().is_some_and(|o| o.len() >= 5),
+        "the stack's NATS objects are in it: {}",
+        m["objects"]
+    );
     let dumps = m["database"]["dumps"].as_array().unwrap();
     let bklite = dumps
         .iter()

@@ -597,9 +597,12 @@ fn an_upgrade_restarts_only_changed_services() {
     let r = p.install(&v2, &cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("installed up 2"), "{}", r.stdout);
-    // The stack has no postgres service: backed up first without a database, and said so.
+    // The stack has no postgres service and no NATS (its .env names a NATS_PORT nothing
+    // publishes): backed up first without a database and objects, and said so.
     assert!(
-        r.stdout.contains("was backed up to") && r.stdout.contains("no database in this backup"),
+        r.stdout.contains("was backed up to")
+            && r.stdout.contains("no database in this backup")
+            && r.stdout.contains("the stack has no NATS, no objects in this backup"),
         "{}",
         r.stdout
     );
