@@ -600,7 +600,8 @@ async fn restore_databases(
     Ok(format!("{restored} database(s) restored into {}", container.name))
 }
 
-/// The database service's container, once PostgreSQL answers in it.
+/// The database service's container, once PostgreSQL answers in it on the network (the image's
+/// first-start setup server answers on the socket alone, then stops).
 async fn wait_for_database(
     engine: &Engine,
     project: &str,
@@ -615,8 +616,17 @@ async fn wait_for_database(
         let all = engine.project_containers(project).await?;
         if let Some(c) = all.iter().find(|c| c.service == service && c.status == "running") {
             let pg = pg::Postgres::new(engine, &c.id, &c.name, user, password);
-            match pg.server_version().await {
-                Ok(_) => return Ok(c.clone()),
+            // Not the image's first-start setup server (socket only, stopped a moment later):
+            // a restore into it fails when it shuts down.
+            let probe = async {
+                pg.server_version().await?;
+                pg.listens().await
+            };
+            match probe.await {
+                Ok(true) => return Ok(c.clone()),
+                Ok(false) => {
+                    last = "it answers on its socket only (listen_addresses is empty): the image's first-start setup is still running".into()
+                }
                 Err(e) => last = e.message,
             }
         }
