@@ -158,25 +158,38 @@ pub(crate) struct Nats {
     pub target: NatsTarget,
 }
 
-/// The site's NATS, connected; `None` when the site has none: no `NATS_*` in its .env and no
-/// `[nats] url`, or (when `published` gives the host ports the stack's containers publish) a
-/// NATS found from the stack's .env on a port none of them publishes: a stack without a NATS
-/// service of its own.
-async fn connect_nats(site: &SiteAccess, published: Option<&[u16]>) -> Result<Option<Nats>> {
+/// The site's NATS, connected; `None` when the site has none (no `NATS_*` in its .env, no
+/// `[nats] url`).
+async fn connect_nats(site: &SiteAccess) -> Result<Option<Nats>> {
     let env = |n: &str| std::env::var(n).ok();
     let target = match crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env) {
         Ok(t) => t,
         Err(crate::platform::nats::NatsError::NoNats) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    if let (Some(ports), Some(url)) = (published, target.urls.first()) {
-        let from_env = target.source.starts_with("the stack's .env");
-        if from_env && !ports.contains(&crate::platform::nats::host_port(url).1) {
-            return Ok(None);
-        }
-    }
     let client = crate::platform::nats::connect(&target).await?;
     Ok(Some(Nats { client, target }))
+}
+
+/// Why the stack has no NATS of its own, when the site's NATS is known from the stack's .env
+/// alone (no `--nats-url`, `NATS_URL` or `[nats] url`) and no container of the compose project
+/// publishes its port: the .env merely names a port (a stack without NATS). `None` otherwise: a
+/// NATS that should answer (a stopped one included: its container still publishes the port).
+async fn stack_without_nats(engine: &Engine, project: &str, site: &SiteAccess) -> Result<Option<String>> {
+    let env = |n: &str| std::env::var(n).ok();
+    let from_env = crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env)
+        .is_ok_and(|t| t.source == crate::site::targets::STACK_ENV_NATS);
+    if !from_env {
+        return Ok(None);
+    }
+    let port: u16 = site.site.get("NATS_PORT").and_then(|p| p.parse().ok()).unwrap_or(4222);
+    let containers = engine.project_containers(project).await?;
+    if containers.iter().any(|c| c.ports.iter().any(|(_, p, _)| *p == port)) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "no container of compose project {project} publishes port {port} (NATS_PORT of the stack's .env): the stack has no NATS, no objects in this backup (give [nats] url in the install config if the site's NATS runs elsewhere)"
+    )))
 }
 
 /// Every object store bucket of the server (its `OBJ_*` streams), sorted.

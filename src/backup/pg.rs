@@ -99,6 +99,7 @@ const SQL_TABLES: &str = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON
      AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 const SQL_VERSION: &str = "SELECT current_setting('server_version')";
+const SQL_LISTEN: &str = "SELECT current_setting('listen_addresses')";
 
 /// From template0: template1 may hold objects of its own that the dump's would collide with.
 /// The existence check keeps a second create quiet; `VERBOSITY verbose` puts the SQLSTATE in
@@ -163,6 +164,16 @@ impl<'a> Postgres<'a> {
                 self.container_name
             ))
         })
+    }
+
+    /// Whether the server listens on the network (`listen_addresses` is not empty). The postgres
+    /// images' first start sets the cluster up with a temporary server on the socket alone
+    /// (`listen_addresses=''`), then stops it: that one answers too, for an instant.
+    pub async fn listens(&self) -> Result<bool> {
+        let out = self
+            .psql(MAINTENANCE_DB, SQL_LISTEN, None, "reading listen_addresses")
+            .await?;
+        Ok(!out.trim().is_empty())
     }
 
     /// Every non-template database that takes connections, by name, with its size and number of

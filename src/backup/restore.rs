@@ -592,7 +592,8 @@ async fn restore_databases(
     Ok(format!("{restored} database(s) restored into {}", container.name))
 }
 
-/// The database service's container, once PostgreSQL answers in it.
+/// The database service's container, once PostgreSQL answers in it on the network (the image's
+/// first-start setup server answers on the socket alone, then stops).
 async fn wait_for_database(
     engine: &Engine,
     project: &str,
@@ -604,27 +605,30 @@ async fn wait_for_database(
     let deadline = Instant::now() + Duration::from_secs(site.config.health.timeout_secs);
     let mut last = String::from("its container did not start");
     // An image's entrypoint may run a temporary server on the socket while it initialises a new
-    // data directory, then stop it: PostgreSQL is ready when the container's health check says
-    // so (where it has one) and it answers; without a health check, when it has answered for a
-    // few seconds in a row.
-    let mut answered = 0;
+    // data directory, then stop it: PostgreSQL is ready when it answers and listens on the
+    // network, and the container's health check (where it has one) says so.
     loop {
         let all = engine.project_containers(project).await?;
         if let Some(c) = all.iter().find(|c| c.service == service && c.status == "running") {
             let pg = pg::Postgres::new(engine, &c.id, &c.name, user, password);
-            match (c.health.as_deref(), pg.server_version().await) {
-                (Some("healthy"), Ok(_)) => return Ok(c.clone()),
-                (Some(h), Ok(_)) => last = format!("its health check says {h}"),
-                (None, Ok(_)) => {
-                    answered += 1;
-                    if answered >= 3 {
-                        return Ok(c.clone());
-                    }
+            // Not the image's first-start setup server (socket only, stopped a moment later):
+            // a restore into it fails when it shuts down.
+            let probe = async {
+                pg.server_version().await?;
+                pg.listens().await
+            };
+            match probe.await {
+                Ok(true) if matches!(c.health.as_deref(), None | Some("healthy")) => return Ok(c.clone()),
+                Ok(true) => {
+                    last = format!(
+                        "its health check says {}",
+                        c.health.as_deref().unwrap_or_default()
+                    )
                 }
-                (_, Err(e)) => {
-                    answered = 0;
-                    last = e.message
+                Ok(false) => {
+                    last = "it answers on its socket only (listen_addresses is empty): the image's first-start setup is still running".into()
                 }
+                Err(e) => last = e.message,
             }
         }
         if Instant::now() >= deadline {
@@ -662,7 +666,7 @@ async fn restore_objects(
     if m.objects.is_empty() {
         return Ok("no objects".into());
     }
-    let Some(nats) = super::connect_nats(site, None).await? else {
+    let Some(nats) = super::connect_nats(site).await? else {
         return Err(Error::input(format!(
             "the backup holds {} object(s), but the restored site has no NATS to put them in (no NATS_* in its .env, no [nats] url)",
             m.objects.len()

@@ -84,27 +84,113 @@ pub fn default_name() -> String {
     format!("site-{}.{EXTENSION}", stamp.trim_end_matches('Z'))
 }
 
-/// Take the backup; the caller holds the target's lock (install, before an upgrade, does).
-pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<BackupReport> {
-    let t0 = Instant::now();
+/// What a backup of the site would hold and take, found without writing anything: install's
+/// preflight asks it before an upgrade (see [`survey`]), and [`take`] before it writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Survey {
+    /// The directory the backup would be written in.
+    pub dir: PathBuf,
+    /// Bytes it may take at most: the databases' size on disk (an upper bound of their dumps),
+    /// every object's size, every file's.
+    pub need: u64,
+    pub databases: usize,
+    pub objects: usize,
+    pub files: usize,
+    /// Free bytes in `dir` (or the nearest directory above it that exists), when known.
+    pub free: Option<u64>,
+    /// What the backup leaves out (no database service, no NATS, links).
+    pub notes: Vec<String>,
+}
+
+impl Survey {
+    /// The problem when the backup does not fit in its directory.
+    pub fn shortfall(&self) -> Option<String> {
+        let free = self.free.filter(|f| *f < self.need)?;
+        Some(format!(
+            "not enough space for the backup in {}: up to {} needed (the databases' size, {} object(s), {} file(s)), {} free",
+            self.dir.display(),
+            crate::inspect::human(self.need),
+            self.objects,
+            self.files,
+            crate::inspect::human(free)
+        ))
+    }
+}
+
+/// What a backup of the site in `opts` (to `opts.output`, by default into `TARGET/backups`) would
+/// hold and need, without writing anything: the databases listed through the database service's
+/// container, the objects through NATS, the files walked.
+pub async fn survey(opts: &BackupOptions) -> Result<Survey> {
     let target = &opts.site.target;
     let journal = Journal::load(target)?;
-    let bundle = journal.bundle.clone().ok_or_else(|| super::not_installed(target))?;
+    journal.bundle.as_ref().ok_or_else(|| super::not_installed(target))?;
     let project = opts.site.project(&journal);
-    let output = match &opts.output {
-        Some(o) => o.clone(),
-        None => target.join(BACKUPS_DIR).join(default_name()),
-    };
-    let signer = opts.sign_key.as_deref().map(crate::sign::Signer::load).transpose()?;
-    let mut notes = Vec::new();
-
-    // 1. What there is: the database's container and databases, the buckets, the files. A stack
-    // without the database service, or a site without NATS, is backed up without them (said).
+    let output = output_path(opts);
     let engine = crate::engine::Engine::connect().await?;
+    let found = find(&engine, opts, &project, &output).await?;
+    Ok(found.survey(&output))
+}
+
+/// The backup's file: `--output`, else a new name in `TARGET/backups`.
+fn output_path(opts: &BackupOptions) -> PathBuf {
+    match &opts.output {
+        Some(o) => o.clone(),
+        None => opts.site.target.join(BACKUPS_DIR).join(default_name()),
+    }
+}
+
+/// The database service's container as a backup reads it: the handle, the service, its image,
+/// the server's version, the databases.
+type FoundDatabase<'e> = (pg::Postgres<'e>, String, String, String, Vec<pg::Database>);
+
+/// What there is to back up.
+struct Found<'e> {
+    database: Option<FoundDatabase<'e>>,
+    nats: Option<super::Nats>,
+    listed: Vec<(String, crate::ports::live::NatsBucket, Vec<objects::ObjectRecord>)>,
+    files: Vec<LocalFile>,
+    notes: Vec<String>,
+}
+
+impl Found<'_> {
+    fn survey(&self, output: &Path) -> Survey {
+        let databases: &[pg::Database] = self.database.as_ref().map(|d| d.4.as_slice()).unwrap_or(&[]);
+        let need = databases
+            .iter()
+            .map(|d| d.size_bytes)
+            .chain(self.listed.iter().flat_map(|(_, _, r)| r.iter().map(|o| o.size)))
+            .chain(self.files.iter().map(|f| f.size))
+            .fold(0u64, u64::saturating_add);
+        let dir = output
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Survey {
+            free: crate::install::free_space(&dir),
+            dir,
+            need,
+            databases: databases.len(),
+            objects: self.listed.iter().map(|(_, _, r)| r.len()).sum(),
+            files: self.files.len(),
+            notes: self.notes.clone(),
+        }
+    }
+}
+
+/// The database's container and databases, the buckets and their objects, the files. A stack
+/// without the database service, or a site without NATS, is backed up without them (noted).
+async fn find<'e>(
+    engine: &'e crate::engine::Engine,
+    opts: &BackupOptions,
+    project: &str,
+    output: &Path,
+) -> Result<Found<'e>> {
+    let target = &opts.site.target;
+    let mut notes = Vec::new();
     let (user, password) = opts.site.database_login();
-    let database = match super::database_container(&engine, &project, &opts.site).await? {
+    let database = match super::database_container(engine, project, &opts.site).await? {
         Some((container, service)) => {
-            let db = pg::Postgres::new(&engine, &container.id, &container.name, &user, password.as_deref());
+            let db = pg::Postgres::new(engine, &container.id, &container.name, &user, password.as_deref());
             let server_version = db.server_version().await?;
             let databases = db.databases().await?;
             let image = engine.container_image(&container.id).await?.unwrap_or_default();
@@ -118,18 +204,21 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
             None
         }
     };
-    let published: Vec<u16> = engine
-        .project_containers(&project)
-        .await?
-        .iter()
-        .flat_map(|c| c.ports.iter().map(|p| p.1))
-        .collect();
-    let nats = super::connect_nats(&opts.site, Some(&published)).await?;
-    if nats.is_none() {
-        notes.push(format!(
-            "the site has no NATS of its own (no NATS_* in its .env and no [nats] url, or no container of compose project {project} publishes its port): no objects in this backup"
-        ));
-    }
+    let nats = match super::stack_without_nats(engine, project, &opts.site).await? {
+        Some(why) => {
+            notes.push(why);
+            None
+        }
+        None => {
+            let nats = super::connect_nats(&opts.site).await?;
+            if nats.is_none() {
+                notes.push(
+                    "the site has no NATS (no NATS_* in its .env, no [nats] url): no objects in this backup".into(),
+                );
+            }
+            nats
+        }
+    };
     let mut listed = Vec::new();
     if let Some(nats) = &nats {
         for b in super::object_buckets(&nats.client).await? {
@@ -140,42 +229,55 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
             listed.push((b, store, records));
         }
     }
-    let databases: &[pg::Database] = database.as_ref().map(|d| d.4.as_slice()).unwrap_or(&[]);
-    let skip = output_skip(target, &output);
+    let skip = output_skip(target, output);
     let files = site_files(target, &skip, &mut notes)?;
+    Ok(Found {
+        database,
+        nats,
+        listed,
+        files,
+        notes,
+    })
+}
+
+/// Take the backup; the caller holds the target's lock (install, before an upgrade, does).
+pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<BackupReport> {
+    let t0 = Instant::now();
+    let target = &opts.site.target;
+    let journal = Journal::load(target)?;
+    let bundle = journal.bundle.clone().ok_or_else(|| super::not_installed(target))?;
+    let project = opts.site.project(&journal);
+    let output = output_path(opts);
+    let signer = opts.sign_key.as_deref().map(crate::sign::Signer::load).transpose()?;
+
+    // 1. What there is: the database's container and databases, the buckets, the files.
+    let engine = crate::engine::Engine::connect().await?;
+    let found = find(&engine, opts, &project, &output).await?;
+    let survey = found.survey(&output);
+    let Found {
+        database,
+        nats,
+        listed,
+        files,
+        mut notes,
+    } = found;
+    let databases: &[pg::Database] = database.as_ref().map(|d| d.4.as_slice()).unwrap_or(&[]);
+    let (user, _) = opts.site.database_login();
 
     // 2. Room for it: the databases' size is an upper bound of their dumps.
-    let need = databases
-        .iter()
-        .map(|d| d.size_bytes)
-        .chain(listed.iter().flat_map(|(_, _, r)| r.iter().map(|o| o.size)))
-        .chain(files.iter().map(|f| f.size))
-        .fold(0u64, u64::saturating_add);
-    let dir = output
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create the backup's directory", &dir, e))?;
-    if dir == target.join(BACKUPS_DIR) {
+    let dir = &survey.dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the backup's directory", dir, e))?;
+    if *dir == target.join(BACKUPS_DIR) {
         // What a killed backup left there (the target's lock is held: no backup is writing it).
-        for stale in partials(&dir) {
+        for stale in partials(dir) {
             if std::fs::remove_file(&stale).is_ok() {
                 notes.push(format!("removed {}, left by a backup that was killed", stale.display()));
             }
         }
     }
-    if let Some(free) = crate::install::free_space(&dir) {
-        if free < need {
-            return Err(Error::new(crate::error::Kind::Preflight, format!(
-                "not enough space for the backup in {}: up to {} needed (the databases' size, {} object(s), {} file(s)), {} free",
-                dir.display(),
-                crate::inspect::human(need),
-                listed.iter().map(|(_, _, r)| r.len()).sum::<usize>(),
-                files.len(),
-                crate::inspect::human(free)
-            ))
+    if let Some(shortfall) = survey.shortfall() {
+        return Err(Error::new(crate::error::Kind::Preflight, shortfall)
             .hint("free space there, or write the backup elsewhere with -o PATH (another disk)"));
-        }
     }
 
     // 3. The archive: files, databases, objects; then the manifest.
@@ -662,6 +764,27 @@ mod tests {
             notes.iter().any(|n| n.contains("symbolic link (to /etc/hosts)")),
             "{notes:?}"
         );
+    }
+
+    #[test]
+    fn a_backup_that_does_not_fit_is_a_shortfall_naming_need_and_free() {
+        let mut s = Survey {
+            dir: PathBuf::from("/opt/demo/backups"),
+            need: 3 << 20,
+            databases: 1,
+            objects: 9,
+            files: 10,
+            free: Some(1 << 20),
+            notes: vec![],
+        };
+        assert_eq!(
+            s.shortfall().unwrap(),
+            "not enough space for the backup in /opt/demo/backups: up to 3.0 MiB needed (the databases' size, 9 object(s), 10 file(s)), 1.0 MiB free"
+        );
+        s.free = Some(3 << 20);
+        assert_eq!(s.shortfall(), None);
+        s.free = None;
+        assert_eq!(s.shortfall(), None, "unknown free space is not a finding");
     }
 
     #[test]

@@ -102,6 +102,16 @@ pub struct Plan {
     /// Preflight's warnings: what will happen that the operator may not expect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// An upgrade's backup of the site, taken before anything changes (none with `--no-backup`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<PlannedBackup>,
+}
+
+/// The backup an upgrade takes first: of the site as it runs `from`, into `survey.dir`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedBackup {
+    pub from: BundleId,
+    pub survey: crate::backup::take::Survey,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -330,7 +340,7 @@ async fn attempt(
             t0,
         ))));
     }
-    preflight_stack(ctx, &journal, &mut p).await?;
+    preflight_stack(opts, ctx, id, &journal, &mut p).await?;
     steps.push(Step {
         name: "preflight".into(),
         seconds: t.elapsed().as_secs_f64(),
@@ -445,6 +455,7 @@ async fn plan(
         platform: platform_plan,
         tls: tls_plan,
         warnings: vec![],
+        backup: None,
     };
     if stack.nats_tls && !ctx.config.tls.enabled {
         plan.warnings.push(TLS_DISABLED.into());
@@ -688,8 +699,15 @@ async fn already_installed(opts: &InstallOptions, ctx: &Ctx, p: &mut Planned) ->
     Ok(healthy)
 }
 
-/// Compose, and the stack's own preflight (ports, space, names) when the engine answers.
-async fn preflight_stack(ctx: &Ctx, journal: &Journal, p: &mut Planned) -> Result<()> {
+/// Compose, and the stack's own preflight (ports, space, names) when the engine answers; before an
+/// upgrade, whether its backup fits.
+async fn preflight_stack(
+    opts: &InstallOptions,
+    ctx: &Ctx,
+    id: &BundleId,
+    journal: &Journal,
+    p: &mut Planned,
+) -> Result<()> {
     p.compose = match Compose::detect() {
         Ok(c) => Some(c),
         Err(e) => {
@@ -713,8 +731,37 @@ async fn preflight_stack(ctx: &Ctx, journal: &Journal, p: &mut Planned) -> Resul
         )
         .await?;
         p.plan.warnings.extend(warnings);
+        preflight_backup(opts, ctx, id, journal, p).await;
     }
     Ok(())
+}
+
+/// An upgrade (the journal names another bundle) backs the site up first, unless `--no-backup`:
+/// surveyed here without writing, a backup that does not fit in `TARGET/backups` is a finding. A
+/// survey that fails is a warning: the backup itself, before anything changes, says why.
+async fn preflight_backup(opts: &InstallOptions, ctx: &Ctx, id: &BundleId, journal: &Journal, p: &mut Planned) {
+    let Some(from) = journal.bundle.clone().filter(|b| b != id) else {
+        return;
+    };
+    if opts.no_backup {
+        return;
+    }
+    match crate::backup::take::survey(&upgrade_backup_options(ctx)).await {
+        Ok(survey) => {
+            if let Some(shortfall) = survey.shortfall() {
+                p.findings.push(format!("the backup before the upgrade from {} {}: {shortfall}", from.name, from.version));
+                p.hints.push(format!(
+                    "free space in {} (remove old backups, or mount a larger disk there), or pass --no-backup to upgrade without a backup",
+                    survey.dir.display()
+                ));
+            }
+            p.plan.backup = Some(PlannedBackup { from, survey });
+        }
+        Err(e) => p.plan.warnings.push(format!(
+            "the site's backup before the upgrade from {} {} could not be surveyed ({}); install backs it up before changing anything, and stops if it cannot",
+            from.name, from.version, e.message
+        )),
+    }
 }
 
 /// Preflight's findings as one error: the list, the warnings, and what to do.
@@ -828,14 +875,9 @@ async fn execute(
                 };
                 run_failed(&mut x.journal, &ctx.target, &what);
                 return Err(match &upgrade {
-                    Some((file, prev)) if step != StepName::Images && step != StepName::Layout => e.hint(format!(
-                        "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
-                        prev.name,
-                        prev.version,
-                        prev.manifest_sha256,
-                        file.display(),
-                        ctx.target.display()
-                    )),
+                    Some((file, prev)) if step != StepName::Images && step != StepName::Layout => {
+                        e.hint(go_back_hint(file, prev, &ctx.target, opts.config.as_deref()))
+                    }
                     _ => e,
                 });
             }
@@ -901,31 +943,18 @@ async fn upgrade_backup(
         "backing the site up before the upgrade from {} {} to {} {}",
         prev.name, prev.version, id.name, id.version
     ));
-    let access = crate::backup::SiteAccess {
-        target: ctx.target.clone(),
-        config: ctx.config.clone(),
-        site: Default::default(),
-        project: Some(ctx.project.clone()),
-        nats_url: None,
-        lock_wait: None,
-    };
-    let bopts = crate::backup::take::BackupOptions {
-        site: crate::backup::reload_site(access, &ctx.target),
-        output: None,
-        sign_key: None,
-        keep: ctx.config.backup.keep,
-        seal: None,
-    };
-    let r = crate::backup::take::take(&bopts, reporter).await.map_err(|e| {
-        let message = format!(
-            "the site in {} could not be backed up before the upgrade: {}",
-            ctx.target.display(),
-            e.message
-        );
-        let mut out = Error::new(e.kind, message);
-        out.hints = e.hints;
-        out.hint("nothing was changed; fix that and re-run, or pass --no-backup to upgrade without a backup")
-    })?;
+    let r = crate::backup::take::take(&upgrade_backup_options(ctx), reporter)
+        .await
+        .map_err(|e| {
+            let message = format!(
+                "the site in {} could not be backed up before the upgrade: {}",
+                ctx.target.display(),
+                e.message
+            );
+            let mut out = Error::new(e.kind, message);
+            out.hints = e.hints;
+            out.hint("nothing was changed; fix that and re-run, or pass --no-backup to upgrade without a backup")
+        })?;
     steps.push(Step {
         name: "backup".into(),
         seconds: t.elapsed().as_secs_f64(),
@@ -942,7 +971,57 @@ async fn upgrade_backup(
             .iter()
             .map(|p| format!("removed the old backup {}", p.display())),
     );
+    // What the backup left out (a stack without the database service, links): the operator
+    // relies on it to go back.
+    notes.extend(r.notes.iter().map(|n| format!("backup: {n}")));
     Ok(Some((r.file, prev)))
+}
+
+/// The backup an upgrade takes: of the site in the target, as its `.env` reaches it, into
+/// `TARGET/backups`, keeping the config's `[backup] keep`.
+fn upgrade_backup_options(ctx: &Ctx) -> crate::backup::take::BackupOptions {
+    let access = crate::backup::SiteAccess {
+        target: ctx.target.clone(),
+        config: ctx.config.clone(),
+        site: Default::default(),
+        project: Some(ctx.project.clone()),
+        nats_url: None,
+        lock_wait: None,
+    };
+    crate::backup::take::BackupOptions {
+        site: crate::backup::reload_site(access, &ctx.target),
+        output: None,
+        sign_key: None,
+        keep: ctx.config.backup.keep,
+        seal: None,
+    }
+}
+
+/// What a failed upgrade tells the operator: the command that brings back the site as it ran
+/// `prev`, from the backup `file`, with the install config when one was given (restore reads its
+/// [env], [nats], [backup] and [health] as install did).
+fn go_back_hint(file: &Path, prev: &BundleId, target: &Path, config: Option<&Path>) -> String {
+    let config = config
+        .map(|c| format!(" --config {}", absolute(c).display()))
+        .unwrap_or_default();
+    format!(
+        "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {}{config} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
+        prev.name,
+        prev.version,
+        prev.manifest_sha256,
+        file.display(),
+        target.display()
+    )
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
 }
 
 /// Write the planned NATS certificates (before the stack starts); whether the server's changed.
@@ -1872,6 +1951,20 @@ pub fn render(r: &InstallReport) -> String {
         }
     }
     if r.dry_run {
+        if let Some(b) = &r.plan.backup {
+            let _ = writeln!(
+                s,
+                "backup first: the site as it runs {} {}, into {} (up to {}{})",
+                b.from.name,
+                b.from.version,
+                b.survey.dir.display(),
+                crate::inspect::human(b.survey.need),
+                b.survey
+                    .free
+                    .map(|f| format!(", {} free", crate::inspect::human(f)))
+                    .unwrap_or_default()
+            );
+        }
         render_platform(&mut s, &r.plan.platform);
     }
     for st in &r.steps {
@@ -1997,6 +2090,35 @@ mod tests {
         docker.down = Some("Cannot connect to the Docker daemon".into());
         let e = plan_images(&docker, &images).await.unwrap_err();
         assert_eq!(e.kind, Kind::External, "{e}");
+    }
+
+    #[test]
+    fn the_way_back_names_the_backup_the_previous_bundle_and_the_config() {
+        let prev = BundleId {
+            name: "demo".into(),
+            version: "1.0.0".into(),
+            manifest_sha256: "ab12".into(),
+        };
+        let file = Path::new("/opt/demo/backups/site-20261207T000000.bkbak");
+        let h = go_back_hint(
+            file,
+            &prev,
+            Path::new("/opt/demo"),
+            Some(Path::new("/etc/bk/install.toml")),
+        );
+        assert!(
+            h.contains("(bundle demo 1.0.0, id ab12): bkbundle restore /opt/demo/backups/site-20261207T000000.bkbak --bundle PREVIOUS.bkb --target /opt/demo --config /etc/bk/install.toml --force   ("),
+            "{h}"
+        );
+        // A relative config is given as install found it (restore may run elsewhere).
+        let h = go_back_hint(file, &prev, Path::new("/opt/demo"), Some(Path::new("install.toml")));
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            h.contains(&format!("--config {} --force", cwd.join("install.toml").display())),
+            "{h}"
+        );
+        let h = go_back_hint(file, &prev, Path::new("/opt/demo"), None);
+        assert!(h.contains("--target /opt/demo --force"), "{h}");
     }
 
     #[test]

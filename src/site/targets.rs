@@ -204,6 +204,11 @@ pub fn server_cache(
     }
 }
 
+/// The [`NatsTarget::source`] of a NATS found from the stack's .env alone (no URL given).
+///
+/// [`NatsTarget::source`]: crate::platform::nats::NatsTarget::source
+pub const STACK_ENV_NATS: &str = "the stack's .env (NATS_PORT, INTERNAL_BIND_IP)";
+
 /// Choose NATS: `--nats-url`, `NATS_URL`, `[nats] url`, the stack's .env (`NATS_PORT` on its
 /// `INTERNAL_BIND_IP`, 127.0.0.1 by default). Credentials: `[nats]`, else the stack's
 /// `NATS_USER`/`NATS_PASSWORD` (a URL's own `user:pass@` wins inside the client).
@@ -233,10 +238,7 @@ pub fn nats(
         let host = stack_host(site);
         // The stack's NATS on TLS (install wrote its certificates): verified against the site CA.
         let scheme = if tls_site(site) { "tls" } else { "nats" };
-        (
-            format!("{scheme}://{host}:{port}"),
-            "the stack's .env (NATS_PORT, INTERNAL_BIND_IP)".to_string(),
-        )
+        (format!("{scheme}://{host}:{port}"), STACK_ENV_NATS.to_string())
     } else {
         return Err(NatsError::NoNats);
     };

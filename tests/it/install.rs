@@ -597,6 +597,15 @@ fn an_upgrade_restarts_only_changed_services() {
     let r = p.install(&v2, &cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("installed up 2"), "{}", r.stdout);
+    // The stack has no postgres service and no NATS (its .env names a NATS_PORT nothing
+    // publishes): backed up first without a database and objects, and said so.
+    assert!(
+        r.stdout.contains("was backed up to")
+            && r.stdout.contains("no database in this backup")
+            && r.stdout.contains("the stack has no NATS, no objects in this backup"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(started("web"), web1, "the unchanged service was not restarted");
     assert_ne!(started("app"), app1, "the changed service was recreated");
 }

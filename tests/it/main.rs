@@ -9,6 +9,7 @@ mod agent_doctor;
 mod backup;
 mod backup_objects;
 mod backup_pg;
+mod backup_upgrade;
 mod concurrency;
 mod demo_images;
 mod doctor;
