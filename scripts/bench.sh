@@ -11,18 +11,21 @@
 #   scripts/bench.sh agent-doctor  issue 13: doctor --agent on a clean agent host and on one with
 #                               every link broken (containers of the demo's busybox base, against
 #                               the demo installed for them); seconds and peak memory
+#   scripts/bench.sh backup     issue 14: backup of a demo site grown to ~200 MB of database and
+#                               ~1 GB of objects against `pg_dump | zstd` plus a nats-py download
+#                               of every bucket; memory; restore after `down -v` against the backup
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
 # memory-does-not-grow check. Building them takes a few minutes the first time; they are kept.
 # Needs: docker, GNU time (/usr/bin/time), gzip, sha256sum (agent-doctor: openssl, nsenter,
-# iptables); run scripts/setup.sh first.
+# iptables; backup: docker-compose, zstd, nats-py); run scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions agent-doctor}
+SECTIONS=${*:-pack install packages regions agent-doctor backup}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -34,10 +37,11 @@ BK=$ROOT/target/x86_64-unknown-linux-gnu/release/bkbundle
 
 # time_rss OUTVAR CMD...: run CMD, store "seconds peak_rss_kib" in OUTVAR. For bkbundle (run with
 # -v) the peak is its own VmHWM as it reports it: GNU time's %M would include the largest waited-for
-# child (docker-compose, a Python program of ~40 MiB).
+# child (docker-compose, a Python program of ~40 MiB). CMD's stdout is kept in $WORK/stdout.out
+# (a --json report, for the figures of its parts).
 time_rss() {
   local var=$1; shift
-  /usr/bin/time -f '%e %M' -o "$WORK/time.out" "$@" >/dev/null 2>"$WORK/stderr.out" || { cat "$WORK/stderr.out" >&2; return 1; }
+  /usr/bin/time -f '%e %M' -o "$WORK/time.out" "$@" >"$WORK/stdout.out" 2>"$WORK/stderr.out" || { cat "$WORK/stderr.out" >&2; return 1; }
   local t m own
   read -r t m < <(tail -n1 "$WORK/time.out")
   own=$(sed -n 's/^bkbundle: peak memory \([0-9]*\) kB$/\1/p' "$WORK/stderr.out" | tail -n1)
@@ -479,6 +483,150 @@ bench_agent_doctor() {
   rm -f "$dir/demo.bkb"
 }
 
+# issue 14: backup and restore of a site with ~1 GB of objects and a ~200 MB database. The demo is
+# installed under a compose project of its own on free ports, then grown: a table of md5 rows
+# (BACKUP_ROWS, generate_series) in database bklite, and 20 objects of ~1 GB in all in a bucket of
+# its NATS (bench-objects.py fill, nats-py over TLS). The baseline, one step after the other:
+# `pg_dump | zstd` through `docker exec` in the stack's postgres container, and bench-objects.py
+# download (nats-py, object by object, digest-checked) of every bucket of the site. Then `bkbundle
+# backup` of the same site (targets: >= 0.8x the baseline's throughput, <= 64 MiB), `down -v` (the
+# field's mistake) and `bkbundle restore` of the file (target: <= 1.5x the backup's time). The
+# scratch project (containers, volumes, network) and every file are removed at the end, also when
+# a step fails.
+BACKUP_PROJECT=bkbenchbackup
+backup_cleanup() {
+  local dir="$WORK/backup" ids
+  if [ -f "$dir/target/docker-compose.yml" ] && [ -f "$dir/target/.env" ]; then
+    docker-compose -p "$BACKUP_PROJECT" -f "$dir/target/docker-compose.yml" --env-file "$dir/target/.env" \
+      down -v >/dev/null 2>&1 || true
+  fi
+  # What a compose file no longer describes (a step that failed half-way): by the project's label.
+  ids=$(docker ps -aq --filter "label=com.docker.compose.project=$BACKUP_PROJECT")
+  # shellcheck disable=SC2086 # one id an argument
+  [ -z "$ids" ] || docker rm -f $ids >/dev/null 2>&1 || true
+  ids=$(docker volume ls -q --filter "label=com.docker.compose.project=$BACKUP_PROJECT")
+  # shellcheck disable=SC2086
+  [ -z "$ids" ] || docker volume rm $ids >/dev/null 2>&1 || true
+  ids=$(docker network ls -q --filter "label=com.docker.compose.project=$BACKUP_PROJECT")
+  # shellcheck disable=SC2086
+  [ -z "$ids" ] || docker network rm $ids >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+
+# backup_env KEY: a value of the scratch site's .env.
+backup_env() { sed -n "s/^$1=//p" "$WORK/backup/target/.env"; }
+
+# backup_pg SQL: psql in the site's postgres container, on database bklite; its output.
+backup_pg() {
+  docker exec "$(backup_pg_container)" psql -X -q -At -v ON_ERROR_STOP=1 -U postgres -d bklite -c "$1"
+}
+backup_pg_container() {
+  docker ps -q --filter "label=com.docker.compose.project=$BACKUP_PROJECT" \
+    --filter "label=com.docker.compose.service=postgres" --filter status=running | head -n1
+}
+
+# backup_conn: bench-objects.py's arguments for the site's NATS (TLS, its CA, its user), into
+# the array NATS_ARGS.
+backup_conn() {
+  NATS_ARGS=(--server "tls://127.0.0.1:$(backup_env NATS_PORT)" --user "$(backup_env NATS_USER)"
+    --password "$(backup_env NATS_PASSWORD)" --ca "$WORK/backup/target/certs/ca.crt")
+}
+
+# quiet_py CMD...: CMD with nats-py's "returning true from eof_received() has no effect when using
+# ssl" (asyncio's, at every TLS close) left out of its stderr.
+quiet_py() { "$@" 2> >(grep -v 'eof_received() has no effect' >&2); }
+
+# backup_buckets: every object store bucket of the site's NATS, as nats-py lists them.
+backup_buckets() {
+  python3 - "tls://127.0.0.1:$(backup_env NATS_PORT)" "$(backup_env NATS_USER)" "$(backup_env NATS_PASSWORD)" \
+    "$WORK/backup/target/certs/ca.crt" <<'PY'
+import asyncio, ssl, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1], user=sys.argv[2], password=sys.argv[3],
+                            tls=ssl.create_default_context(cafile=sys.argv[4]))
+    infos = await nc.jetstream().streams_info()
+    print("\n".join(sorted(s.config.name[4:] for s in infos if s.config.name.startswith("OBJ_"))))
+    await nc.close()
+asyncio.run(main())
+PY
+}
+
+# json_of FILE EXPR: EXPR (Python, over the report r) of the --json report in FILE.
+json_of() { python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+
+bench_backup() {
+  need docker-compose; need zstd
+  python3 -c 'import nats' 2>/dev/null || { say "missing nats-py: run scripts/setup.sh"; exit 1; }
+  local rows=${BACKUP_ROWS:-1200000} dir="$WORK/backup"
+  local t="$dir/target"
+  bash scripts/demo-images.sh >/dev/null
+  backup_cleanup
+  trap backup_cleanup EXIT
+  mkdir -p "$dir/base"
+  "$BK" --no-progress pack examples/demo/recipe.toml -o "$dir/demo.bkb" >/dev/null
+  # The server URL is the web's port on this host's first address (not a loopback address, which
+  # install refuses for agents): doctor, at the end of a restore, reaches it; an address that does
+  # not answer would add its 3 s connect timeout to the restore.
+  local web gw
+  web=$(free_port); gw=$(hostname -I | awk '{print $1}'); gw=${gw:-192.0.2.10}
+  printf 'format = 1\nproject = "%s"\n[env]\nWEB_PORT = "%s"\nPOSTGRES_PORT = "%s"\nNATS_PORT = "%s"\nHOST_IP = "%s"\nSERVER_URL = "http://%s:%s"\n[health]\ntimeout_secs = 180\n' \
+    "$BACKUP_PROJECT" "$web" "$(free_port)" "$(free_port)" "$gw" "$gw" "$web" > "$dir/install.toml"
+  "$BK" --no-progress install "$dir/demo.bkb" --target "$t" --config "$dir/install.toml" >"$dir/install.log" 2>&1 ||
+    { cat "$dir/install.log" >&2; return 1; }
+
+  say "== backup: the demo site grown to $rows rows of table data and ~1 GB of objects"
+  backup_pg "CREATE TABLE bench_rows (id bigint PRIMARY KEY, a text, b text, c text);
+    INSERT INTO bench_rows SELECT i, md5(i::text), md5('b' || i), md5('c' || i) FROM generate_series(1, $rows) i" >/dev/null
+  backup_pg "VACUUM ANALYZE bench_rows" >/dev/null
+  backup_conn
+  quiet_py python3 scripts/bench-objects.py fill "${NATS_ARGS[@]}" --bucket benchobjects --count 20 --total-mb 1000 >/dev/null
+  local dbsize buckets
+  dbsize=$(backup_pg "SELECT pg_database_size('bklite')")
+  mapfile -t buckets < <(quiet_py backup_buckets)
+  say "site: database bklite $(mb "$dbsize") on disk; buckets ${buckets[*]}"
+
+  # The baseline, warm like the backup after it (the objects were just written, the table too).
+  local t_dump b objbytes=0 n=0 t_dl
+  time_rss t_dump bash -c "set -o pipefail; docker exec $(backup_pg_container) pg_dump -U postgres bklite | zstd -q -f -o '$dir/base/bklite.sql.zst'"
+  local dumpbytes; dumpbytes=$(stat -c %s "$dir/base/bklite.sql.zst")
+  local t_objs=0
+  for b in "${buckets[@]}"; do
+    time_rss t_dl python3 scripts/bench-objects.py download "${NATS_ARGS[@]}" --bucket "$b" --out "$dir/base/objects/$b"
+    objbytes=$(( objbytes + $(json_of "$WORK/stdout.out" 'r["bytes"]') ))
+    n=$(( n + $(json_of "$WORK/stdout.out" 'r["objects"]') ))
+    t_objs=$(python3 -c "print(round($t_objs + ${t_dl% *}, 2))")
+  done
+  rm -rf "$dir/base"
+  local t_base; t_base=$(python3 -c "print(round(${t_dump% *} + $t_objs, 2))")
+
+  local t_bk; time_rss t_bk "$BK" -v --json --no-progress backup --target "$t" -o "$dir/site.bkbak"
+  cp "$WORK/stdout.out" "$dir/backup.json"
+  local bkbytes; bkbytes=$(stat -c %s "$dir/site.bkbak")
+  local parts; parts=$(json_of "$dir/backup.json" '"; ".join("%s %.1f s" % (p["part"], p["seconds"]) for p in r["parts"])')
+  say "pg_dump | zstd (docker exec)               ${t_dump% *} s   ($(mb "$dumpbytes"))"
+  say "nats-py download, $n objects of ${#buckets[@]} buckets   $t_objs s   ($(mb "$objbytes"))"
+  say "baseline, one after the other              $t_base s   ($(mb $(( dumpbytes + objbytes ))))"
+  say "bkbundle backup                            ${t_bk% *} s   ($(mb "$bkbytes"))   peak RSS $(( ${t_bk#* } / 1024 )) MiB (target <= 64)"
+  say "  parts: $parts"
+  say "throughput ratio baseline / bkbundle       $(ratio "$t_base" "${t_bk% *}")   (target >= 0.8)"
+  say "ratio backup size / baseline bytes         $(ratio "$bkbytes" $(( dumpbytes + objbytes )))"
+
+  say "== restore after docker-compose down -v"
+  docker-compose -p "$BACKUP_PROJECT" -f "$t/docker-compose.yml" --env-file "$t/.env" down -v >/dev/null 2>&1
+  cat "$dir/site.bkbak" "$dir/demo.bkb" > /dev/null
+  local t_re; time_rss t_re "$BK" -v --json --no-progress restore "$dir/site.bkbak" --bundle "$dir/demo.bkb" --target "$t"
+  cp "$WORK/stdout.out" "$dir/restore.json"
+  local steps; steps=$(json_of "$dir/restore.json" '"; ".join("%s %.1f s" % (s["name"], s["seconds"]) for s in r["steps"])')
+  local back; back=$(backup_pg "SELECT count(*) FROM bench_rows")
+  local doctor; doctor=$(json_of "$dir/restore.json" '"%d errors, %d warnings" % (r["doctor_errors"], r["doctor_warnings"])')
+  say "bkbundle restore                           ${t_re% *} s   peak RSS $(( ${t_re#* } / 1024 )) MiB   ($back of $rows rows back; doctor: $doctor)"
+  say "  steps: $steps"
+  say "ratio restore / backup time                $(ratio "${t_re% *}" "${t_bk% *}")   (target <= 1.5)"
+  [ "$back" = "$rows" ] || say "NOTE: the table did not come back whole: these figures do not measure a full restore"
+  backup_cleanup
+  trap - EXIT
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
@@ -486,6 +634,7 @@ for s in $SECTIONS; do
     packages) bench_packages ;;
     regions) bench_regions ;;
     agent-doctor) bench_agent_doctor ;;
-    *) say "unknown section $s (known: pack install packages regions agent-doctor)"; exit 2 ;;
+    backup) bench_backup ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor backup)"; exit 2 ;;
   esac
 done
