@@ -192,6 +192,25 @@ async fn stack_without_nats(engine: &Engine, project: &str, site: &SiteAccess) -
     )))
 }
 
+/// [`connect_nats`] to a NATS that may still be starting: tried again until it connects and
+/// JetStream answers, or `deadline` passes (then its last error).
+async fn connect_nats_when_ready(site: &SiteAccess, deadline: std::time::Instant) -> Result<Option<Nats>> {
+    loop {
+        let attempt = async {
+            let Some(n) = connect_nats(site).await? else {
+                return Ok(None);
+            };
+            crate::platform::nats::jetstream_answers(&n.client, &n.target).await?;
+            Ok::<_, Error>(Some(n))
+        };
+        match attempt.await {
+            Ok(n) => return Ok(n),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 /// Every object store bucket of the server (its `OBJ_*` streams), sorted.
 async fn object_buckets(nc: &async_nats::Client) -> Result<Vec<String>> {
     use futures_util::StreamExt;

@@ -259,26 +259,50 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
         state.mark(&target, "stop")?;
         steps.push(step("stop", t, format!("{running} container(s) stopped")));
     }
-    if let Some(db) = &m.database {
-        if !state.done("database") {
-            let t = Instant::now();
-            let d = restore_databases(
-                &backup,
-                db,
-                &engine,
-                &compose,
-                &compose_file,
-                env_arg,
-                &site,
-                &project,
-                &mut state,
-                opts.force,
-                reporter,
-            )
-            .await?;
-            state.mark(&target, "database")?;
-            steps.push(step("database", t, d));
+    // The database service (and, when the stack runs it, NATS) alone: the databases are restored
+    // before the server ever starts, and the objects go in at the same time.
+    let nats_service = if state.done("objects") || m.objects.is_empty() {
+        None
+    } else {
+        nats_service(&compose, &project, &compose_file, env_arg, &site)
+    };
+    let db_todo = m.database.as_ref().filter(|_| !state.done("database"));
+    if let Some(db) = db_todo {
+        let mut first: Vec<&str> = vec![&db.service];
+        first.extend(nats_service.as_deref());
+        reporter.note(&format!("starting {} alone", first.join(" and ")));
+        compose.up_services(&project, &compose_file, env_arg, &first)?;
+    }
+    let objects_early = nats_service.is_some() && db_todo.is_some();
+    let t = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(site.config.health.timeout_secs);
+    let mut object_notes = Vec::new();
+    let databases = async {
+        match db_todo {
+            Some(db) => restore_databases(&backup, db, &engine, &site, &project, &mut state, opts.force, reporter)
+                .await
+                .map(Some),
+            None => Ok(None),
         }
+    };
+    let objects = async {
+        match objects_early {
+            true => restore_objects(&backup, &site, Some(deadline), reporter, &mut object_notes)
+                .await
+                .map(Some),
+            false => Ok(None),
+        }
+    };
+    let (databases, objects) = tokio::join!(databases, objects);
+    let (databases, objects) = (databases?, objects?);
+    notes.append(&mut object_notes);
+    if let Some(d) = databases {
+        state.mark(&target, "database")?;
+        steps.push(step("database", t, d));
+    }
+    if let Some(d) = objects {
+        state.mark(&target, "objects")?;
+        steps.push(step("objects", t, d));
     }
     let t = Instant::now();
     reporter.note(&format!("starting compose project {project} in {}", target.display()));
@@ -295,7 +319,7 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
     steps.push(step("health", t, format!("{} service(s) ready", services.len())));
     if !state.done("objects") {
         let t = Instant::now();
-        let d = restore_objects(&backup, &site, reporter, &mut notes).await?;
+        let d = restore_objects(&backup, &site, None, reporter, &mut notes).await?;
         state.mark(&target, "objects")?;
         steps.push(step("objects", t, d));
     }
@@ -533,15 +557,12 @@ fn write_journal(backup: &Sealed<'_>, target: &Path, project: &str, from: &Path)
     j.save(target)
 }
 
-/// Start the database service alone and restore every database of the backup into it.
+/// Restore every database of the backup into the database service (started by the caller).
 #[allow(clippy::too_many_arguments)]
 async fn restore_databases(
     backup: &Sealed<'_>,
     db: &super::manifest::Database,
     engine: &Engine,
-    compose: &Compose,
-    compose_file: &Path,
-    env_file: Option<&Path>,
     site: &SiteAccess,
     project: &str,
     state: &mut State,
@@ -549,8 +570,6 @@ async fn restore_databases(
     reporter: &dyn Reporter,
 ) -> Result<String> {
     let target = site.target.clone();
-    reporter.note(&format!("starting the database service {} alone", db.service));
-    compose.up_services(project, compose_file, env_file, &[&db.service])?;
     let (user, password) = site.database_login();
     let container = wait_for_database(engine, project, &db.service, &user, password.as_deref(), site).await?;
     let pg = pg::Postgres::new(engine, &container.id, &container.name, &user, password.as_deref());
@@ -655,10 +674,31 @@ impl<R: Read> Read for ProgressRead<'_, R> {
     }
 }
 
+/// The compose service that publishes the site's NATS port (from the stack's `compose config`),
+/// when there is one: restore starts it with the database and uploads the objects meanwhile.
+fn nats_service(
+    compose: &Compose,
+    project: &str,
+    compose_file: &Path,
+    env_file: Option<&Path>,
+    site: &SiteAccess,
+) -> Option<String> {
+    let env = |n: &str| std::env::var(n).ok();
+    let target = crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env).ok()?;
+    let port = crate::platform::nats::host_port(target.urls.first()?).1;
+    let yaml = compose.config(project, compose_file, env_file).ok()?;
+    crate::install::published_ports(&yaml)
+        .into_iter()
+        .find(|(_, _, p, _)| *p == port)
+        .map(|(service, ..)| service)
+}
+
 /// Every object of the backup into its bucket; one already there with its digest is not sent.
+/// With a `deadline`, NATS may still be starting: it is waited for until then.
 async fn restore_objects(
     backup: &Sealed<'_>,
     site: &SiteAccess,
+    deadline: Option<Instant>,
     reporter: &dyn Reporter,
     notes: &mut Vec<String>,
 ) -> Result<String> {
@@ -666,7 +706,11 @@ async fn restore_objects(
     if m.objects.is_empty() {
         return Ok("no objects".into());
     }
-    let Some(nats) = super::connect_nats(site).await? else {
+    let nats = match deadline {
+        Some(d) => super::connect_nats_when_ready(site, d).await?,
+        None => super::connect_nats(site).await?,
+    };
+    let Some(nats) = nats else {
         return Err(Error::input(format!(
             "the backup holds {} object(s), but the restored site has no NATS to put them in (no NATS_* in its .env, no [nats] url)",
             m.objects.len()

@@ -222,6 +222,22 @@ fn a_site_survives_down_v_and_comes_back_on_a_new_host() {
     let r = restore(&file, demo_bundle(), &q.target(), &["--project", &q.name, "--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     crate::schema::assert_schema("restore", &r);
+    // The databases and the objects went in before the stack started (NATS started with the
+    // database service), so the server's first start finds them.
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    let at = |n: &str| {
+        steps
+            .iter()
+            .position(|s| *s == n)
+            .unwrap_or_else(|| panic!("no step {n}: {steps:?}"))
+    };
+    assert!(at("database") < at("start") && at("objects") < at("start"), "{steps:?}");
     assert!(!q.containers().is_empty() && p.containers().is_empty());
     assert_eq!(state(&q, &q.target()), before);
     let j: serde_json::Value =
