@@ -313,7 +313,7 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
         project: project.clone(),
         timeout: Duration::from_secs(site.config.health.timeout_secs),
         steady: Duration::from_secs(site.config.health.steady_secs),
-        poll: Duration::from_secs(1),
+        poll: Duration::from_millis(250),
     };
     let services = crate::install::health::wait(&engine, &wait, &|n| reporter.note(n)).await?;
     steps.push(step("health", t, format!("{} service(s) ready", services.len())));
@@ -657,7 +657,7 @@ async fn wait_for_database(
             ))
             .hint(format!("look at its log: docker logs $(docker ps -aq -f label=com.docker.compose.service={service}); then re-run restore: it resumes")));
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
