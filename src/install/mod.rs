@@ -1002,7 +1002,7 @@ fn upgrade_backup_options(ctx: &Ctx) -> crate::backup::take::BackupOptions {
 /// [env], [nats], [backup] and [health] as install did).
 fn go_back_hint(file: &Path, prev: &BundleId, target: &Path, config: Option<&Path>) -> String {
     let config = config
-        .map(|c| format!(" --config {}", absolute(c).display()))
+        .map(|c| format!(" --config {}", crate::backup::absolute(c).display()))
         .unwrap_or_default();
     format!(
         "to go back to what ran before the upgrade (bundle {} {}, id {}): bkbundle restore {} --bundle PREVIOUS.bkb --target {}{config} --force   (PREVIOUS.bkb: that bundle's file; restore loads its images, writes back the site's files, database and objects, and starts it)",
@@ -1014,15 +1014,6 @@ fn go_back_hint(file: &Path, prev: &BundleId, target: &Path, config: Option<&Pat
     )
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    }
-}
 
 /// Write the planned NATS certificates (before the stack starts); whether the server's changed.
 fn apply_tls(ctx: &Ctx, plan: &Plan, notes: &mut Vec<String>) -> Result<bool> {
