@@ -515,10 +515,6 @@ fn write_one(backup: &Sealed<'_>, target: &Path, f: &SiteFile) -> Result<()> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create directory", dir, e))?;
     }
-    let mut r = backup.open(&f.file)?;
-    let mut content = Vec::new();
-    r.read_to_end(&mut content)
-        .map_err(|e| Error::bundle(format!("{}: {e}", f.file)).hint("run `bkbundle backup verify` on the backup"))?;
     // The state directory and what is under it stay private (the site CA's key is there).
     if f.path.starts_with(&format!("{}/", journal::DIR)) {
         journal::state_dir(target)?;
@@ -528,7 +524,23 @@ fn write_one(backup: &Sealed<'_>, target: &Path, f: &SiteFile) -> Result<()> {
                 .map_err(|e| Error::io("cannot set permissions of", dir, e))?;
         }
     }
-    journal::write_atomic(&dest, &content, f.mode & 0o7777)
+    // Streamed: a site file may be large.
+    let mut r = backup.open(&f.file)?;
+    journal::write_atomic_with(&dest, f.mode & 0o7777, |out, tmp| {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::bundle(format!("{}: {e}", f.file))
+                        .hint("nothing of it was written; run `bkbundle backup verify` on the backup"))
+                }
+            };
+            std::io::Write::write_all(out, &buf[..n]).map_err(|e| Error::io("cannot write", tmp, e))?;
+        }
+    })
 }
 
 /// The backup's journal, as the target's, naming the project it now runs as and the restore.

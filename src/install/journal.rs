@@ -115,6 +115,16 @@ impl Journal {
 /// never sees half a file.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
+    write_atomic_with(path, mode, |f, tmp| f.write_all(data).io_ctx("cannot write", tmp))
+}
+
+/// [`write_atomic`] of what `fill` writes into the temporary file (given with its path, for
+/// errors): streamed, never whole in memory. A failing `fill` leaves the old file as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut std::fs::File, &Path) -> Result<()>,
+) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_file_name(format!(
         ".{}.bkbundle-tmp",
@@ -127,7 +137,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .io_ctx("cannot write", &tmp)?;
-    f.write_all(data).io_ctx("cannot write", &tmp)?;
+    if let Err(e) = fill(&mut f, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     f.sync_all().io_ctx("cannot write", &tmp)?;
     // `mode` on open applies only to new files (and is masked by the umask): set it explicitly.
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))

@@ -1014,7 +1014,6 @@ fn go_back_hint(file: &Path, prev: &BundleId, target: &Path, config: Option<&Pat
     )
 }
 
-
 /// Write the planned NATS certificates (before the stack starts); whether the server's changed.
 fn apply_tls(ctx: &Ctx, plan: &Plan, notes: &mut Vec<String>) -> Result<bool> {
     let Some(t) = &plan.tls else { return Ok(false) };
