@@ -20,6 +20,37 @@ pub trait Task: Send + Sync {
     fn finish(&self);
 }
 
+/// A reader that advances `task` by every byte read from `inner`.
+pub struct ProgressReader<'a, R> {
+    pub inner: R,
+    pub task: &'a dyn Task,
+}
+
+impl<R: std::io::Read> std::io::Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.task.advance(n as u64);
+        Ok(n)
+    }
+}
+
+/// A writer that advances `task` by every byte written to `inner`.
+pub struct ProgressWriter<'a, W> {
+    pub inner: W,
+    pub task: &'a dyn Task,
+}
+
+impl<W: std::io::Write> std::io::Write for ProgressWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.task.advance(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Reports nothing: for tests and `--json`-only callers.
 pub struct Silent;
 

@@ -68,6 +68,13 @@ impl SiteAccess {
         (user, self.site.get("POSTGRES_PASSWORD").cloned())
     }
 
+    /// Where the site's NATS is, as init-packages and doctor find it (`--nats-url`, `NATS_URL`,
+    /// `[nats]`, the stack's .env).
+    pub fn nats_target(&self) -> std::result::Result<NatsTarget, crate::platform::nats::NatsError> {
+        let env = |n: &str| std::env::var(n).ok();
+        crate::site::targets::nats(self.nats_url.as_deref(), &self.config.nats, &self.site, &env)
+    }
+
     fn database_service(&self) -> &str {
         &self.config.backup.database_service
     }
@@ -156,19 +163,24 @@ async fn database_container(
 pub(crate) struct Nats {
     pub client: async_nats::Client,
     pub target: NatsTarget,
+    /// The install's directory, for the hints of errors.
+    pub site_target: PathBuf,
 }
 
 /// The site's NATS, connected; `None` when the site has none (no `NATS_*` in its .env, no
 /// `[nats] url`).
 async fn connect_nats(site: &SiteAccess) -> Result<Option<Nats>> {
-    let env = |n: &str| std::env::var(n).ok();
-    let target = match crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env) {
+    let target = match site.nats_target() {
         Ok(t) => t,
         Err(crate::platform::nats::NatsError::NoNats) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let client = crate::platform::nats::connect(&target).await?;
-    Ok(Some(Nats { client, target }))
+    Ok(Some(Nats {
+        client,
+        target,
+        site_target: site.target.clone(),
+    }))
 }
 
 /// Why the stack has no NATS of its own, when the site's NATS is known from the stack's .env
@@ -176,13 +188,13 @@ async fn connect_nats(site: &SiteAccess) -> Result<Option<Nats>> {
 /// publishes its port: the .env merely names a port (a stack without NATS). `None` otherwise: a
 /// NATS that should answer (a stopped one included: its container still publishes the port).
 async fn stack_without_nats(engine: &Engine, project: &str, site: &SiteAccess) -> Result<Option<String>> {
-    let env = |n: &str| std::env::var(n).ok();
-    let from_env = crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env)
-        .is_ok_and(|t| t.source == crate::site::targets::STACK_ENV_NATS);
-    if !from_env {
+    let target = match site.nats_target() {
+        Ok(t) if t.source == crate::site::targets::STACK_ENV_NATS => t,
+        _ => return Ok(None),
+    };
+    let Some(port) = target.urls.first().map(|u| crate::platform::nats::host_port(u).1) else {
         return Ok(None);
-    }
-    let port: u16 = site.site.get("NATS_PORT").and_then(|p| p.parse().ok()).unwrap_or(4222);
+    };
     let containers = engine.project_containers(project).await?;
     if containers.iter().any(|c| c.ports.iter().any(|(_, p, _)| *p == port)) {
         return Ok(None);
@@ -237,8 +249,10 @@ async fn open_bucket(nats: &Nats, bucket: &str) -> Result<NatsBucket> {
 }
 
 fn objects_error(nats: &Nats, bucket: &str, m: String) -> Error {
-    Error::external(format!("NATS {} bucket {bucket}: {m}", nats.target.display()))
-        .hint("check NATS with `bkbundle doctor --target DIR`, then re-run")
+    Error::external(format!("NATS {} bucket {bucket}: {m}", nats.target.display())).hint(format!(
+        "check the site's NATS with `bkbundle doctor --target {}`, then re-run",
+        nats.site_target.display()
+    ))
 }
 
 /// A verified backup, with what opens its members when it is encrypted.

@@ -18,7 +18,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::install::compose::Compose;
 use crate::install::journal::{self, Journal};
-use crate::progress::Reporter;
+use crate::progress::{ProgressReader, Reporter};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -614,7 +614,7 @@ async fn restore_databases(
         let r = backup.open(&d.file)?;
         let z =
             zstd::stream::Decoder::new(r).map_err(|e| Error::io("cannot read the backup", Path::new(&d.file), e))?;
-        let mut input = ProgressRead { inner: z, task: &*task };
+        let mut input = ProgressReader { inner: z, task: &*task };
         pg.restore(&d.name, &mut input).await?;
         task.finish();
         state.mark(&target, &key)?;
@@ -673,19 +673,6 @@ async fn wait_for_database(
     }
 }
 
-struct ProgressRead<'a, R: Read> {
-    inner: R,
-    task: &'a dyn crate::progress::Task,
-}
-
-impl<R: Read> Read for ProgressRead<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.task.advance(n as u64);
-        Ok(n)
-    }
-}
-
 /// The compose service that publishes the site's NATS port (from the stack's `compose config`),
 /// when there is one: restore starts it with the database and uploads the objects meanwhile.
 fn nats_service(
@@ -695,9 +682,7 @@ fn nats_service(
     env_file: Option<&Path>,
     site: &SiteAccess,
 ) -> Option<String> {
-    let env = |n: &str| std::env::var(n).ok();
-    let target = crate::site::targets::nats(site.nats_url.as_deref(), &site.config.nats, &site.site, &env).ok()?;
-    let port = crate::platform::nats::host_port(target.urls.first()?).1;
+    let port = crate::platform::nats::host_port(site.nats_target().ok()?.urls.first()?).1;
     let yaml = compose.config(project, compose_file, env_file).ok()?;
     crate::install::published_ports(&yaml)
         .into_iter()
@@ -751,7 +736,7 @@ async fn restore_objects(
                 meta: o.meta.clone(),
             };
             let r = backup.open(&o.file)?;
-            let mut input = ProgressRead { inner: r, task: &*task };
+            let mut input = ProgressReader { inner: r, task: &*task };
             match objects::upload(&store, &rec, &mut input, Some(&pending))
                 .await
                 .map_err(|e| super::objects_error(&nats, bucket, e))?

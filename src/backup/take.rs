@@ -14,7 +14,7 @@ use super::{objects, pg, SiteAccess};
 use crate::bundle::BundleWriter;
 use crate::error::{Error, Result};
 use crate::install::journal::{self, BundleId, Journal};
-use crate::progress::Reporter;
+use crate::progress::{ProgressWriter, Reporter};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -320,7 +320,7 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
             let e = match sealer {
                 Some(s) => {
                     let mut sw = s.wrap(e).map_err(io)?;
-                    let mut sink = Progress {
+                    let mut sink = ProgressWriter {
                         inner: &mut sw,
                         task: &*task,
                     };
@@ -329,7 +329,7 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
                 }
                 None => {
                     let mut e = e;
-                    let mut sink = Progress {
+                    let mut sink = ProgressWriter {
                         inner: &mut e,
                         task: &*task,
                     };
@@ -410,37 +410,6 @@ pub async fn take(opts: &BackupOptions, reporter: &dyn Reporter) -> Result<Backu
         notes,
         seconds: t0.elapsed().as_secs_f64(),
     })
-}
-
-/// A writer that reports progress.
-struct Progress<'a, W: Write> {
-    inner: &'a mut W,
-    task: &'a dyn crate::progress::Task,
-}
-
-impl<W: Write> Write for Progress<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.task.advance(n as u64);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// A reader that hashes what it reads.
-struct Hashing<R: Read> {
-    inner: R,
-    hasher: crate::digest::Hasher,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// One file of the target directory, to be backed up.
@@ -556,10 +525,7 @@ fn write_site_files(
     for f in files {
         let file = member(&format!("{SITE_DIR}{}", f.rel), sealer);
         let file_io = |e: std::io::Error| Error::io("cannot back up", &f.path, e);
-        let mut r = Hashing {
-            inner: std::fs::File::open(&f.path).map_err(file_io)?,
-            hasher: crate::digest::Hasher::new(),
-        };
+        let mut r = crate::digest::HashingReader::new(std::fs::File::open(&f.path).map_err(file_io)?);
         match sealer {
             None => {
                 w.add_reader(&file, 0o600, &mut r as &mut dyn Read)?;
@@ -649,7 +615,7 @@ async fn compressed_dump<W: Write + Send>(
     // (savefile.rs), for a negligible loss of ratio.
     z.set_parameter(zstd::zstd_safe::CParameter::JobSize(2 << 20))
         .map_err(io)?;
-    let size = db.dump(name, &mut Progress { inner: &mut z, task }).await?;
+    let size = db.dump(name, &mut ProgressWriter { inner: &mut z, task }).await?;
     Ok((z.finish().map_err(io)?, size))
 }
 

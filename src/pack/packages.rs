@@ -5,9 +5,8 @@ use super::inputs::Checked;
 use crate::bundle::{layout, BundleWriter};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Installer, Package, Provenance, Recipe, RecipePackage, Stack};
-use crate::progress::{Reporter, Task};
+use crate::progress::{ProgressReader, Reporter};
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 
 /// Every recipe package: its file written (with progress), or for a collector inside a
@@ -28,8 +27,14 @@ pub(super) fn write_packages(
                 let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let task = reporter.task(&format!("package {name}"), Some(size));
                 let mut f = fs::File::open(path).io_ctx("cannot open package", path)?;
-                let entry =
-                    writer.add_reader(&layout::package_path(&name), 0o644, &mut ProgressRead(&mut f, &*task))?;
+                let entry = writer.add_reader(
+                    &layout::package_path(&name),
+                    0o644,
+                    &mut ProgressReader {
+                        inner: &mut f,
+                        task: &*task,
+                    },
+                )?;
                 task.finish();
                 (Some(entry.path), Some((entry.sha256, entry.size)))
             }
@@ -79,7 +84,14 @@ pub(super) fn write_installers(
         let task = reporter.task(&format!("installer {}", inst.name), Some(size));
         let mut f = fs::File::open(&inst.path).io_ctx("cannot open installer", &inst.path)?;
         let bundle_path = layout::installer_path(inst.os.as_str(), &inst.arch, &inst.name);
-        let entry = writer.add_reader(&bundle_path, 0o755, &mut ProgressRead(&mut f, &*task))?;
+        let entry = writer.add_reader(
+            &bundle_path,
+            0o755,
+            &mut ProgressReader {
+                inner: &mut f,
+                task: &*task,
+            },
+        )?;
         task.finish();
         let (image, image_id, path) = match &inst.origin {
             Some((image, id, path)) => (Some(image.clone()), Some(id.clone()), Some(path.clone())),
@@ -156,15 +168,5 @@ fn file_mode(p: &Path) -> u32 {
     match fs::metadata(p) {
         Ok(m) if m.permissions().mode() & 0o111 != 0 => 0o755,
         _ => 0o644,
-    }
-}
-
-struct ProgressRead<'a, R>(&'a mut R, &'a dyn Task);
-
-impl<R: Read> Read for ProgressRead<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.0.read(buf)?;
-        self.1.advance(n as u64);
-        Ok(n)
     }
 }
