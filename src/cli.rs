@@ -97,6 +97,10 @@ pub enum Command {
     /// Bring a site back from a backup, on this host or a new one, with the bundle it ran.
     #[command(after_help = RESTORE_HELP)]
     Restore(RestoreArgs),
+    /// Push the bundle's images into an OCI distribution registry (Harbor, registry:2) in the
+    /// intranet, for other hosts to pull (`install --images-from`).
+    #[command(after_help = PUSH_HELP)]
+    Push(PushArgs),
     /// Print shell completions (bash, zsh, fish, ...) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -166,6 +170,74 @@ changed, and upgrades to a newer bundle restarting only changed services. It nev
 `down -v` and never removes volumes. Files you edited are kept; the bundle's version is written
 beside them as NAME.bkbundle-new. Generated secrets live in TARGET/.env (mode 0600) and are never
 printed. The journal of steps is TARGET/.bkbundle/journal.json.";
+
+/// How to reach a registry: shared by push, install --images-from and doctor.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryAccessArgs {
+    /// A PEM file of the CA that signs the registry's certificate (default: the system's CAs).
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// The registry speaks plain HTTP, without TLS (credentials and images cross the network unprotected).
+    #[arg(long)]
+    pub registry_insecure: bool,
+    /// The registry user (default: what `docker login` stored, else anonymous).
+    #[arg(long, value_name = "USER")]
+    pub registry_user: Option<String>,
+    /// A file whose first line is the registry password (else BKBUNDLE_REGISTRY_PASSWORD, else a prompt).
+    #[arg(long, value_name = "FILE", requires = "registry_user")]
+    pub registry_password_file: Option<PathBuf>,
+}
+
+impl RegistryAccessArgs {
+    pub fn access(&self) -> bkbundle::registry::Access {
+        bkbundle::registry::Access {
+            ca_file: self.registry_ca.clone(),
+            insecure: self.registry_insecure,
+            username: self.registry_user.clone(),
+            password_file: self.registry_password_file.clone(),
+            prompt: std::io::IsTerminal::is_terminal(&std::io::stdin()),
+        }
+    }
+}
+
+pub const PUSH_HELP: &str = "\
+Each image goes to REGISTRY/PREFIX/<its path>:<its tag>: bklite/server:3.1.0 pushed with
+--registry harbor.intranet/bklite becomes harbor.intranet/bklite/bklite/server:3.1.0 (a
+reference's own registry host is dropped). Layers are sent gzip-compressed (what every engine
+pulls), recompressed from the bundle on the fly; --compression zstd sends a zstd bundle's layers
+as they are stored (Docker 23+, containerd 1.5+). A blob the registry has is not sent again (HEAD,
+or a mount from another repository); a manifest is pushed only once all its blobs are there. A
+re-run sends nothing; a killed push resumes.
+
+Credentials: --registry-user with --registry-password-file (or BKBUNDLE_REGISTRY_PASSWORD, or a
+prompt), else what `docker login REGISTRY` stored ($DOCKER_CONFIG/config.json or
+~/.docker/config.json), else anonymous. They are never printed.";
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// The bundle file, or the first part (NAME.001) of a split bundle.
+    pub bundle: PathBuf,
+    /// HOST[:PORT][/PREFIX] of the registry, e.g. harbor.intranet/bklite or 10.0.0.5:5000.
+    #[arg(long, value_name = "REGISTRY")]
+    pub registry: String,
+    /// Push only this image (a reference of the bundle's); repeat for several. Default: all.
+    #[arg(long = "image", value_name = "REF")]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub access: RegistryAccessArgs,
+    /// How layers are sent: gzip (recompressed when the bundle stores zstd) or zstd (as stored).
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    pub compression: CompressionArg,
+    /// gzip level of recompressed layers (1-9).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub level: u32,
+    /// Blobs sent at once.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub jobs: u64,
+    /// The trusted minisign public key (.pub): the bundle must carry a signature by it.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Option<PathBuf>,
+}
 
 #[derive(Args, Debug)]
 pub struct InstallArgs {

@@ -30,6 +30,7 @@ pub mod ports;
 pub mod printer;
 pub mod progress;
 pub mod regions;
+pub mod registry;
 pub mod report;
 pub mod runtime;
 pub mod savefile;

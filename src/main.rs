@@ -76,12 +76,18 @@ fn dispatch(command: Command, reporter: &dyn Reporter) -> Result<Output, Error> 
         Command::Doctor(a) => doctor(a, reporter),
         Command::Backup(a) => backup(a, reporter),
         Command::Restore(a) => restore(a, reporter),
+        Command::Push(a) => push(a, reporter),
         Command::Completions { shell } => Ok(completions(shell)),
     }
 }
 
 fn pack(a: cli::PackArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
     Output::of(&pack::run(&a.into(), reporter)?)
+}
+
+fn push(a: cli::PushArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    let _ = (a, reporter);
+    Err(Error::internal("push is not written yet"))
 }
 
 fn verify(a: cli::VerifyArgs, reporter: &dyn Reporter) -> Result<Output, Error> {

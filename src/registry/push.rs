@@ -1,0 +1,1 @@
+//! `bkbundle push` (SKELETON: being written).
