@@ -237,6 +237,9 @@ pub struct PushArgs {
     /// The trusted minisign public key (.pub): the bundle must carry a signature by it.
     #[arg(long, value_name = "PUBKEY")]
     pub key: Option<PathBuf>,
+    /// Wait up to this long for another push to the same registry from this host.
+    #[arg(long, value_name = "SECS", default_value_t = 10, env = "BKBUNDLE_LOCK_WAIT")]
+    pub lock_wait: u64,
 }
 
 #[derive(Args, Debug)]

@@ -86,8 +86,22 @@ fn pack(a: cli::PackArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
 }
 
 fn push(a: cli::PushArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
-    let _ = (a, reporter);
-    Err(Error::internal("push is not written yet"))
+    use bkbundle::registry::push::{self, LayerFormat};
+    let opts = push::PushOptions {
+        target: bkbundle::registry::Target::parse(&a.registry)?,
+        access: a.access.access(),
+        bundle: a.bundle,
+        images: a.images,
+        format: match a.compression {
+            cli::CompressionArg::Gzip => LayerFormat::Gzip,
+            cli::CompressionArg::Zstd => LayerFormat::Zstd,
+        },
+        level: a.level,
+        jobs: a.jobs as usize,
+        key: a.key,
+        lock_wait: std::time::Duration::from_secs(a.lock_wait),
+    };
+    Output::of(&push::run(&opts, reporter)?)
 }
 
 fn verify(a: cli::VerifyArgs, reporter: &dyn Reporter) -> Result<Output, Error> {

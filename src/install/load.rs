@@ -19,24 +19,33 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 1 << 20;
 
 /// A `Write` that cuts its input into chunks sent down a channel (blocking the writer when the
-/// engine reads slower: backpressure bounds memory).
-struct ChannelWriter {
+/// reader, the engine or a registry, reads slower: backpressure bounds memory). For blocking
+/// threads only.
+pub(crate) struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
+    /// Who reads the other end, for the error when it stops ("the Docker engine").
+    reader: &'static str,
 }
 
 impl ChannelWriter {
+    pub(crate) fn new(tx: mpsc::Sender<io::Result<Bytes>>, reader: &'static str) -> Self {
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            reader,
+        }
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the Docker engine stopped reading the image stream",
-            )
-        })
+        let reader = self.reader;
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, format!("{reader} stopped reading the stream")))
     }
 }
 
@@ -189,10 +198,7 @@ pub fn spawn_load_stream(
 ) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     let handle = tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(CHUNK),
-        };
+        let mut w = ChannelWriter::new(tx.clone(), "the Docker engine");
         let refs: Vec<&Image> = images.iter().collect();
         let r = write_load_tar(&reader, &manifest, &refs, &mut w, &*task);
         if let Err(e) = &r {
