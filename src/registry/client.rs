@@ -876,6 +876,9 @@ impl Client {
         let msg = format!("registry {}: {what}: {} {}", self.display(), r.status, codes);
         let hint = match r.status.as_u16() {
             401 => return self.unauthorized(r),
+            400 if self.insecure && codes.contains("HTTPS server") => {
+                "the registry speaks TLS: drop --registry-insecure (and give --registry-ca if its CA is private)".to_string()
+            }
             403 => format!(
                 "the user may not push to {} (ask the registry's admin for push rights, or create the project first on Harbor)",
                 repository.unwrap_or("this repository")
@@ -1075,6 +1078,145 @@ mod tests {
         assert_eq!(error_codes(b), "(NAME_INVALID: invalid repository name)");
         assert_eq!(error_codes(b""), "");
         assert_eq!(error_codes(b"<html>413 Request Entity Too Large</html>\n"), "(<html>413 Request Entity Too Large</html>)");
+    }
+
+    /// How the fake registry misbehaves.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        WrongDigest,
+        TooLarge,
+        Full,
+    }
+
+    /// A registry answering from memory: bearer auth (alice / pw) through its own token
+    /// endpoint, uploads as distribution does them, and one fault.
+    async fn fake(fault: Fault) -> String {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let realm = format!("http://{addr}/token");
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let realm = realm.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let realm = realm.clone();
+                        async move {
+                            let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                            let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or("").to_string();
+                            let method = req.method().clone();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let mut r = http::Response::builder();
+                            let reply = |r: http::response::Builder, status: u16, body: &str| {
+                                Ok::<_, std::convert::Infallible>(r.status(status).body(Full::new(Bytes::from(body.to_string()))).unwrap())
+                            };
+                            if path == "/token" {
+                                // alice:pw
+                                if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
+                                    return reply(r, 200, r#"{"token":"T0K"}"#);
+                                }
+                                return reply(r, 401, r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#);
+                            }
+                            if auth != "Bearer T0K" {
+                                r = r.header("www-authenticate", format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull\""));
+                                return reply(r, 401, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+                            }
+                            match (method.as_str(), path.as_str()) {
+                                ("GET", "/v2/") => reply(r, 200, "{}"),
+                                ("POST", p) if p.ends_with("/blobs/uploads/") => {
+                                    r = r.header("location", format!("{p}u1?_state=s"));
+                                    reply(r, 202, "")
+                                }
+                                ("PATCH", _) => {
+                                    if fault == Fault::TooLarge {
+                                        return reply(r, 413, "<html>413 Request Entity Too Large</html>");
+                                    }
+                                    r = r.header("range", format!("0-{}", body.len().saturating_sub(1)));
+                                    r = r.header("location", format!("{path}?_state=t"));
+                                    reply(r, 202, "")
+                                }
+                                ("PUT", _) if path.contains("/blobs/uploads/") => {
+                                    if fault == Fault::Full {
+                                        return reply(r, 507, "");
+                                    }
+                                    let d = query.split('&').find_map(|kv| kv.strip_prefix("digest=")).unwrap_or("").to_string();
+                                    let d = if fault == Fault::WrongDigest { format!("sha256:{}", "0".repeat(64)) } else { d };
+                                    r = r.header("docker-content-digest", d);
+                                    reply(r, 201, "")
+                                }
+                                ("DELETE", _) => reply(r, 204, ""),
+                                _ => reply(r, 404, r#"{"errors":[{"code":"NOT_FOUND"}]}"#),
+                            }
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn client(addr: &str, password: &str) -> Client {
+        let mut c = Client::new(
+            addr,
+            &Access {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.credentials = Some(Credentials {
+            username: "alice".into(),
+            password: zeroize::Zeroizing::new(password.into()),
+            source: "test".into(),
+        });
+        c
+    }
+
+    /// Upload `data` through the client the way push does: a channel of chunks, then the digest.
+    async fn upload(c: &Client, data: &'static [u8]) -> Result<Pushed> {
+        let (tx, rx) = mpsc::channel(2);
+        let (dtx, drx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tx.send(Ok(Bytes::from_static(data))).await.unwrap();
+            drop(tx);
+            let _ = dtx.send(Ok((format!("sha256:{}", sha256_hex(data)), data.len() as u64)));
+        });
+        c.upload("site/app", rx, drx, "layer L").await
+    }
+
+    #[tokio::test]
+    async fn bearer_tokens_are_fetched_and_uploads_confirmed() {
+        let addr = fake(Fault::None).await;
+        let c = client(&addr, "pw");
+        c.ping().await.unwrap();
+        let p = upload(&c, b"hello layer").await.unwrap();
+        assert_eq!(p.size, 11);
+        assert_eq!(c.bytes_sent(), 11);
+        assert_eq!(c.blob_size("site/app", &p.digest).await.unwrap(), None);
+        let e = client(&addr, "wrong").ping().await.unwrap_err();
+        assert!(e.message.contains("refused user alice"), "{}", e.message);
+        assert!(!format!("{e:?}").contains("wrong"), "the password is never shown");
+    }
+
+    #[tokio::test]
+    async fn registry_faults_are_named() {
+        let addr = fake(Fault::WrongDigest).await;
+        let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
+        assert!(e.message.contains("answered with digest sha256:000") && e.message.contains("site/app"), "{}", e.message);
+        let addr = fake(Fault::TooLarge).await;
+        let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
+        assert!(e.message.contains("413") && e.message.contains("layer L"), "{}", e.message);
+        assert!(e.hints.iter().any(|h| h.contains("client_max_body_size")), "{:?}", e.hints);
+        let addr = fake(Fault::Full).await;
+        let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
+        assert!(e.message.contains("507"), "{}", e.message);
+        assert!(e.hints.iter().any(|h| h.contains("storage is full")), "{:?}", e.hints);
     }
 
     #[test]

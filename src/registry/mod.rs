@@ -322,7 +322,7 @@ impl Access {
             return Ok(Some(Credentials {
                 username: user.clone(),
                 password,
-                source: "--username".into(),
+                source: "--registry-user".into(),
             }));
         }
         if let Some(path) = docker_config_path() {
