@@ -41,6 +41,8 @@ pkg_installed busybox-static || missing+=(busybox-static)
 have minisign || missing+=(minisign)
 have skopeo || missing+=(skopeo)
 have docker-registry || missing+=(docker-registry)
+# htpasswd -B: the bcrypt password file of the test registry with basic auth.
+have htpasswd || missing+=(apache2-utils)
 # A Redis for doctor's stale-cache test (the server caches region env there).
 have redis-server || missing+=(redis-server)
 have zstd || missing+=(zstd)

@@ -3,7 +3,7 @@
 
 use crate::harness::{
     bkbundle, docker_lock, ensure_demo_images, free_port, random_alnum, repo_root, require_docker, AgentHost, NatsOpts,
-    NatsServer, PgCluster, DEMO_IMAGES,
+    NatsServer, PgCluster, Registry, DEMO_IMAGES,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -343,4 +343,87 @@ fn info_stripping_relay(nats_port: u16) -> u16 {
         let _ = to_server.join();
     });
     port
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image registry (docker-registry), read and filled by skopeo and the engine.
+
+fn docker_image_id(reference: &str) -> String {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "-f", "{{.Id}}", reference])
+        .output()
+        .expect("docker image inspect");
+    assert!(out.status.success(), "docker image inspect {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_plain_registry_takes_an_image_from_skopeo_and_the_engine_pulls_it() {
+    let _docker = docker_lock();
+    ensure_demo_images();
+    let reg = Registry::plain();
+    assert!(!reg.is_tls());
+    let repo = format!("smoke{}/base:1", random_alnum(8).to_lowercase());
+    assert_eq!(reg.image_id(&repo), None, "a fresh registry has nothing");
+    reg.skopeo_copy_from_daemon(DEMO_IMAGES[0], &repo);
+    // The registry's manifest names the engine's config: the same image id.
+    assert_eq!(reg.image_id(&repo).as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
+    // The engine pulls from it over plain HTTP (127.0.0.0/8 is an insecure registry by default).
+    let pulled = format!("{}/{repo}", reg.host());
+    let out = Command::new("docker").args(["pull", "-q", &pulled]).output().unwrap();
+    let id = (out.status.success()).then(|| docker_image_id(&pulled));
+    let _ = Command::new("docker").args(["rmi", &pulled]).output();
+    assert!(out.status.success(), "docker pull {pulled}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(id.as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
+    // Stopped, it refuses connections; restarted, it still has the image.
+    let mut reg = reg;
+    reg.stop();
+    assert!(TcpStream::connect(("127.0.0.1", reg.port)).is_err());
+    reg.restart();
+    assert!(reg.image_id(&repo).is_some(), "the storage survives a restart");
+}
+
+#[test]
+fn a_tls_registry_wants_its_ca_and_the_password() {
+    let _docker = docker_lock();
+    ensure_demo_images();
+    let password = random_alnum(20);
+    let reg = Registry::tls_auth("smoke", &password);
+    assert!(reg.is_tls());
+    let repo = "smoke/base:1";
+    reg.skopeo_copy_from_daemon(DEMO_IMAGES[0], repo);
+    assert_eq!(reg.image_id(repo).as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
+    let url = format!("docker://{}/{repo}", reg.host());
+    let ca_dir = reg.ca_pem_path().parent().unwrap().join("certs");
+    let cert_dir = format!("--cert-dir={}", ca_dir.display());
+    // Without credentials: the registry's 401 challenge.
+    let out = crate::harness::skopeo(&["inspect", "--raw", "--no-creds", &cert_dir, &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("authentication required"), "{err}");
+    // A wrong password.
+    let creds = "--creds=smoke:wrong".to_string();
+    let out = crate::harness::skopeo(&["inspect", "--raw", &cert_dir, &creds, &url]);
+    assert!(!out.status.success(), "a wrong password was accepted");
+    // Without the CA: the certificate is not trusted.
+    let authfile = format!("--authfile={}", reg.docker_config_dir().join("config.json").display());
+    let out = crate::harness::skopeo(&["inspect", "--raw", &authfile, &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("certificate"), "{err}");
+    // The engine pulls with the CA in certs.d and the login file's credentials; the CA file goes
+    // with the guard.
+    let certs = crate::harness::engine_certs_dir(&reg.host());
+    let pulled = format!("{}/{repo}", reg.host());
+    let out = {
+        let _trust = reg.trust_in_engine();
+        assert!(certs.join("ca.crt").is_file());
+        Command::new("docker")
+            .arg("--config")
+            .arg(reg.docker_config_dir())
+            .args(["pull", "-q", &pulled])
+            .output()
+            .unwrap()
+    };
+    let _ = Command::new("docker").args(["rmi", &pulled]).output();
+    assert!(out.status.success(), "docker pull {pulled}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!certs.exists(), "{} is left behind", certs.display());
 }

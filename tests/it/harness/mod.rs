@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: the bkbundle binary, the Docker engine and demo
-//! images, throwaway PostgreSQL and NATS servers, and agent hosts (network namespaces).
+//! images, throwaway PostgreSQL, NATS and image registry servers, and agent hosts (network
+//! namespaces).
 //!
 //! Rules every helper follows:
 //! - A missing prerequisite is a panic that says how to install it (`scripts/setup.sh`), never a
@@ -10,7 +11,8 @@
 //!   The one exception is an [`AgentHost`]: a network namespace whose host side address (in
 //!   198.18.0.0/15) is where a test publishes what agents must reach.
 //! - Every wait is bounded and a timeout panics with the server's log.
-//! - Only std, `tempfile` and `libc` (for the shared cluster's exit hook).
+//! - Only std, `tempfile` and `libc` (for the shared cluster's exit hook); the registry's helpers
+//!   also `base64` (a `docker login` file) and `serde_json` (skopeo's output).
 
 #![allow(dead_code)] // not every test module uses every helper
 
@@ -19,6 +21,7 @@ mod docker;
 mod nats;
 mod pg;
 mod redis;
+mod registry;
 mod releases;
 
 pub use agent_host::AgentHost;
@@ -26,6 +29,7 @@ pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
 pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
 pub use redis::RedisServer;
+pub use registry::{engine_certs_dir, skopeo, Registry};
 pub use releases::{
     loadable_dump, reference_database, reference_schemas_dir, release_database, release_fixture, unique_db_name,
     REFERENCES, RELEASES,

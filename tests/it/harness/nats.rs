@@ -251,8 +251,9 @@ pub fn mint_jwt(dir: &Path) -> PathBuf {
 }
 
 /// Makes `ca.pem`/`ca.key` and `server.pem`/`server.key` (EC P-256, SAN `localhost` and
-/// 127.0.0.1, valid for two days) in `dir`; returns the CA file.
-fn make_certs(dir: &Path) -> PathBuf {
+/// 127.0.0.1, valid for two days) in `dir`; returns the CA file. The harness CA: the test
+/// registry's TLS uses it too.
+pub(super) fn make_certs(dir: &Path) -> PathBuf {
     let openssl = |args: &[&str], what: &str| {
         run_ok(Command::new("openssl").args(args).current_dir(dir), what, OPENSSL_HINT);
     };
