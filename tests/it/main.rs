@@ -23,6 +23,7 @@ mod install;
 mod output;
 mod pack;
 mod packages;
+mod push;
 mod regions;
 mod schema;
 mod tls;
