@@ -79,6 +79,7 @@ fn push_to_a_plain_registry_reads_back_pulls_and_reruns_for_nothing() {
     let r = push(cache.path(), &[bundle_s, "--registry", &target, "--registry-insecure", "--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stderr.contains("plain HTTP"), "--registry-insecure is said loudly: {}", r.stderr);
+    crate::schema::assert_schema("push", &r);
     let j = json(&r);
     let refs: usize = m.images.iter().map(|i| i.refs.len()).sum();
     assert_eq!(j["images"].as_array().unwrap().len(), refs);
