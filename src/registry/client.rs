@@ -150,7 +150,8 @@ pub struct RemoteManifest {
     pub digest: String,
     /// The config blob's digest (for an image manifest): the image id.
     pub config_digest: Option<String>,
-    pub layers: Vec<String>,
+    /// The layers' digests and sizes, bottom to top.
+    pub layers: Vec<(String, u64)>,
 }
 
 /// A blob pushed: its digest and size as the registry confirmed them.
@@ -199,12 +200,18 @@ impl Client {
                 }
                 "the system's CAs".to_string()
             };
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            (Some(Tls { config: Arc::new(config) }), trust)
+            let config =
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            (
+                Some(Tls {
+                    config: Arc::new(config),
+                }),
+                trust,
+            )
         };
         Ok(Client {
             host: host.to_string(),
@@ -236,7 +243,16 @@ impl Client {
     /// `GET /v2/`: reachable, speaks the protocol, the credentials are accepted. With bearer auth
     /// a token is fetched, which is where a wrong password shows.
     pub async fn ping(&self) -> Result<()> {
-        let r = self.call(Method::GET, "/v2/", Scope::Registry, HeaderMap::new(), Payload::None, SMALL_BODY_MAX).await?;
+        let r = self
+            .call(
+                Method::GET,
+                "/v2/",
+                Scope::Registry,
+                HeaderMap::new(),
+                Payload::None,
+                SMALL_BODY_MAX,
+            )
+            .await?;
         if r.status.is_success() {
             return Ok(());
         }
@@ -246,7 +262,16 @@ impl Client {
     /// Whether `repository` has blob `digest`; its size when it has.
     pub async fn blob_size(&self, repository: &str, digest: &str) -> Result<Option<u64>> {
         let path = format!("/v2/{repository}/blobs/{digest}");
-        let r = self.call(Method::HEAD, &path, Scope::Pull(repository.into()), HeaderMap::new(), Payload::None, 0).await?;
+        let r = self
+            .call(
+                Method::HEAD,
+                &path,
+                Scope::Pull(repository.into()),
+                HeaderMap::new(),
+                Payload::None,
+                0,
+            )
+            .await?;
         match r.status {
             s if s.is_success() => Ok(Some(
                 r.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -261,19 +286,39 @@ impl Client {
     pub async fn mount(&self, repository: &str, from: &str, digest: &str) -> Result<bool> {
         let path = format!("/v2/{repository}/blobs/uploads/?mount={digest}&from={from}");
         let scope = Scope::Mount(repository.into(), from.into());
-        let r = self.call(Method::POST, &path, scope, content_length_zero(), Payload::None, SMALL_BODY_MAX).await?;
+        let r = self
+            .call(
+                Method::POST,
+                &path,
+                scope,
+                content_length_zero(),
+                Payload::None,
+                SMALL_BODY_MAX,
+            )
+            .await?;
         match r.status {
             StatusCode::CREATED => Ok(true),
             StatusCode::ACCEPTED => {
                 if let Some(loc) = r.header("location") {
                     let p = self.location_path(loc);
                     let _ = self
-                        .call(Method::DELETE, &p, Scope::Push(repository.into()), HeaderMap::new(), Payload::None, SMALL_BODY_MAX)
+                        .call(
+                            Method::DELETE,
+                            &p,
+                            Scope::Push(repository.into()),
+                            HeaderMap::new(),
+                            Payload::None,
+                            SMALL_BODY_MAX,
+                        )
                         .await;
                 }
                 Ok(false)
             }
-            _ => Err(self.refused(&r, &format!("mount of blob {digest} from {from} into {repository}"), Some(repository))),
+            _ => Err(self.refused(
+                &r,
+                &format!("mount of blob {digest} from {from} into {repository}"),
+                Some(repository),
+            )),
         }
     }
 
@@ -291,18 +336,38 @@ impl Client {
         let what = format!("upload of {label} to {repository}");
         let start = format!("/v2/{repository}/blobs/uploads/");
         let scope = Scope::Push(repository.into());
-        let r = self.call(Method::POST, &start, scope.clone(), content_length_zero(), Payload::None, SMALL_BODY_MAX).await?;
+        let r = self
+            .call(
+                Method::POST,
+                &start,
+                scope.clone(),
+                content_length_zero(),
+                Payload::None,
+                SMALL_BODY_MAX,
+            )
+            .await?;
         if r.status != StatusCode::ACCEPTED {
             return Err(self.refused(&r, &format!("start of the {what}"), Some(repository)));
         }
-        let mut location = self.location_path(r.header("location").ok_or_else(|| {
-            self.protocol(&format!("answered the start of the {what} without a Location"))
-        })?);
+        let mut location = self.location_path(
+            r.header("location")
+                .ok_or_else(|| self.protocol(&format!("answered the start of the {what} without a Location")))?,
+        );
         let result = async {
             let mut headers = HeaderMap::new();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             let r = self
-                .call(Method::PATCH, &location, scope.clone(), headers, Payload::Stream(data), SMALL_BODY_MAX)
+                .call(
+                    Method::PATCH,
+                    &location,
+                    scope.clone(),
+                    headers,
+                    Payload::Stream(data),
+                    SMALL_BODY_MAX,
+                )
                 .await;
             // The producer's own error (a damaged bundle entry) explains a broken stream better.
             let produced = done
@@ -330,7 +395,14 @@ impl Client {
             let sep = if location.contains('?') { '&' } else { '?' };
             let close = format!("{location}{sep}digest={digest}");
             let r = self
-                .call(Method::PUT, &close, scope.clone(), content_length_zero(), Payload::None, SMALL_BODY_MAX)
+                .call(
+                    Method::PUT,
+                    &close,
+                    scope.clone(),
+                    content_length_zero(),
+                    Payload::None,
+                    SMALL_BODY_MAX,
+                )
                 .await?;
             if r.status != StatusCode::CREATED {
                 return Err(self.refused(&r, &format!("{what} ({digest}, {size} bytes)"), Some(repository)));
@@ -342,7 +414,14 @@ impl Client {
         .await;
         if result.is_err() {
             let _ = self
-                .call(Method::DELETE, &location, scope, HeaderMap::new(), Payload::None, SMALL_BODY_MAX)
+                .call(
+                    Method::DELETE,
+                    &location,
+                    scope,
+                    HeaderMap::new(),
+                    Payload::None,
+                    SMALL_BODY_MAX,
+                )
                 .await;
         }
         result
@@ -353,7 +432,16 @@ impl Client {
         let what = format!("upload of blob {digest} to {repository}");
         let scope = Scope::Push(repository.into());
         let start = format!("/v2/{repository}/blobs/uploads/");
-        let r = self.call(Method::POST, &start, scope.clone(), content_length_zero(), Payload::None, SMALL_BODY_MAX).await?;
+        let r = self
+            .call(
+                Method::POST,
+                &start,
+                scope.clone(),
+                content_length_zero(),
+                Payload::None,
+                SMALL_BODY_MAX,
+            )
+            .await?;
         if r.status != StatusCode::ACCEPTED {
             return Err(self.refused(&r, &format!("start of the {what}"), Some(repository)));
         }
@@ -364,10 +452,20 @@ impl Client {
         let sep = if location.contains('?') { '&' } else { '?' };
         let size = data.len() as u64;
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         let r = self
-            .call(Method::PUT, &format!("{location}{sep}digest={digest}"), scope, headers, Payload::Bytes(data), SMALL_BODY_MAX)
+            .call(
+                Method::PUT,
+                &format!("{location}{sep}digest={digest}"),
+                scope,
+                headers,
+                Payload::Bytes(data),
+                SMALL_BODY_MAX,
+            )
             .await?;
         if r.status != StatusCode::CREATED {
             return Err(self.refused(&r, &what, Some(repository)));
@@ -386,17 +484,32 @@ impl Client {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_MANIFESTS));
         let r = self
-            .call(Method::GET, &path, Scope::Pull(repository.into()), headers, Payload::None, MANIFEST_MAX)
+            .call(
+                Method::GET,
+                &path,
+                Scope::Pull(repository.into()),
+                headers,
+                Payload::None,
+                MANIFEST_MAX,
+            )
             .await?;
         match r.status {
             s if s.is_success() => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            _ => return Err(self.refused(&r, &format!("GET of manifest {repository}:{reference}"), Some(repository))),
+            _ => {
+                return Err(self.refused(
+                    &r,
+                    &format!("GET of manifest {repository}:{reference}"),
+                    Some(repository),
+                ))
+            }
         }
         let digest = format!("sha256:{}", sha256_hex(&r.body));
         #[derive(serde::Deserialize)]
         struct Descriptor {
             digest: String,
+            #[serde(default)]
+            size: u64,
         }
         #[derive(serde::Deserialize)]
         struct Doc {
@@ -407,7 +520,9 @@ impl Client {
             layers: Vec<Descriptor>,
         }
         let doc: Doc = serde_json::from_slice(&r.body).map_err(|e| {
-            self.protocol(&format!("answered GET of manifest {repository}:{reference} with a body that is not a manifest: {e}"))
+            self.protocol(&format!(
+                "answered GET of manifest {repository}:{reference} with a body that is not a manifest: {e}"
+            ))
         })?;
         let media_type = doc
             .media_type
@@ -417,13 +532,70 @@ impl Client {
             media_type,
             digest,
             config_digest: doc.config.map(|c| c.digest),
-            layers: doc.layers.into_iter().map(|l| l.digest).collect(),
+            layers: doc.layers.into_iter().map(|l| (l.digest, l.size)).collect(),
         }))
+    }
+
+    /// Up to `max` tags of `repository` (none when it does not exist).
+    pub async fn tags(&self, repository: &str, max: usize) -> Result<Vec<String>> {
+        let path = format!("/v2/{repository}/tags/list?n={max}");
+        let r = self
+            .call(
+                Method::GET,
+                &path,
+                Scope::Pull(repository.into()),
+                HeaderMap::new(),
+                Payload::None,
+                SMALL_BODY_MAX,
+            )
+            .await?;
+        match r.status {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Ok(Vec::new()),
+            _ => return Err(self.refused(&r, &format!("the tag list of {repository}"), Some(repository))),
+        }
+        #[derive(serde::Deserialize)]
+        struct Tags {
+            tags: Option<Vec<String>>,
+        }
+        let t: Tags = serde_json::from_slice(&r.body).map_err(|e| {
+            self.protocol(&format!(
+                "answered the tag list of {repository} with a body that is not one: {e}"
+            ))
+        })?;
+        let mut tags = t.tags.unwrap_or_default();
+        tags.truncate(max);
+        Ok(tags)
+    }
+
+    /// A small blob's bytes (at most `max`), or `None` when the registry does not serve it here.
+    pub async fn small_blob(&self, repository: &str, digest: &str, max: usize) -> Result<Option<Bytes>> {
+        let path = format!("/v2/{repository}/blobs/{digest}");
+        let r = self
+            .call(
+                Method::GET,
+                &path,
+                Scope::Pull(repository.into()),
+                HeaderMap::new(),
+                Payload::None,
+                max,
+            )
+            .await?;
+        if !r.status.is_success() || format!("sha256:{}", sha256_hex(&r.body)) != digest {
+            return Ok(None);
+        }
+        Ok(Some(r.body))
     }
 
     /// Put a manifest under `reference` (a tag, or its own digest); returns its digest, which the
     /// registry must confirm.
-    pub async fn put_manifest(&self, repository: &str, reference: &str, media_type: &str, body: Bytes) -> Result<String> {
+    pub async fn put_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<String> {
         let digest = format!("sha256:{}", sha256_hex(&body));
         let path = format!("/v2/{repository}/manifests/{reference}");
         let mut headers = HeaderMap::new();
@@ -433,10 +605,21 @@ impl Client {
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len() as u64));
         let r = self
-            .call(Method::PUT, &path, Scope::Push(repository.into()), headers, Payload::Bytes(body), SMALL_BODY_MAX)
+            .call(
+                Method::PUT,
+                &path,
+                Scope::Push(repository.into()),
+                headers,
+                Payload::Bytes(body),
+                SMALL_BODY_MAX,
+            )
             .await?;
         if r.status != StatusCode::CREATED {
-            return Err(self.refused(&r, &format!("PUT of manifest {repository}:{reference} ({digest})"), Some(repository)));
+            return Err(self.refused(
+                &r,
+                &format!("PUT of manifest {repository}:{reference} ({digest})"),
+                Some(repository),
+            ));
         }
         self.confirm_digest(&r, &digest, &format!("manifest {repository}:{reference}"))?;
         Ok(digest)
@@ -481,7 +664,8 @@ impl Client {
                 req.headers_mut().insert(header::AUTHORIZATION, a.clone());
             }
             if streamed {
-                req.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                req.headers_mut()
+                    .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             }
             let reply = self.send(req, max_body, streamed, &format!("{method} {path}")).await?;
             if reply.status == StatusCode::UNAUTHORIZED {
@@ -512,7 +696,17 @@ impl Client {
             Scheme::Basic => Ok(self.current_credentials().map(|c| basic(&c))),
             Scheme::Bearer { realm, service } => {
                 let key = scope.key();
-                let cached = self.auth.lock().ok().and_then(|a| a.tokens.get(&key).cloned());
+                // A push token of a repository serves its pulls too.
+                let wider = match scope {
+                    Scope::Pull(r) => Some(Scope::Push(r.clone()).key()),
+                    _ => None,
+                };
+                let cached = self.auth.lock().ok().and_then(|a| {
+                    a.tokens
+                        .get(&key)
+                        .or_else(|| wider.as_ref().and_then(|w| a.tokens.get(w)))
+                        .cloned()
+                });
                 let token = match cached {
                     Some(t) => t,
                     None => self.fetch_token(&realm, service.as_deref(), scope).await?,
@@ -532,7 +726,9 @@ impl Client {
     async fn answer_challenge(&self, reply: &Reply, scope: &Scope) -> Result<()> {
         let header = reply.header("www-authenticate").unwrap_or("").to_string();
         let challenges = http_auth::parse_challenges(&header).map_err(|e| {
-            self.protocol(&format!("asked for credentials with a WWW-Authenticate header that does not parse ({e}): {header:?}"))
+            self.protocol(&format!(
+                "asked for credentials with a WWW-Authenticate header that does not parse ({e}): {header:?}"
+            ))
         })?;
         let bearer_c = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer"));
         let basic_c = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("basic"));
@@ -543,7 +739,8 @@ impl Client {
                     .find(|(k, _)| k.eq_ignore_ascii_case(name))
                     .map(|(_, v)| v.to_unescaped())
             };
-            let realm = param("realm").ok_or_else(|| self.protocol("asked for a bearer token without naming its realm"))?;
+            let realm =
+                param("realm").ok_or_else(|| self.protocol("asked for a bearer token without naming its realm"))?;
             let service = param("service");
             if let Ok(mut a) = self.auth.lock() {
                 a.scheme = Scheme::Bearer {
@@ -568,7 +765,10 @@ impl Client {
         }
         Err(Error::new(
             Kind::Unsupported,
-            format!("registry {}: asks for an authentication scheme bkbundle does not speak: {header:?}", self.display()),
+            format!(
+                "registry {}: asks for an authentication scheme bkbundle does not speak: {header:?}",
+                self.display()
+            ),
         )
         .hint("registries are reached with Basic or Bearer (token) auth; check the registry's auth configuration"))
     }
@@ -612,9 +812,8 @@ impl Client {
         for s in scope.strings() {
             query.push(format!("scope={}", encode(&s)));
         }
-        let (tls, authority, mut path) = split_url(realm).ok_or_else(|| {
-            self.protocol(&format!("names a token realm that is not an http(s) URL: {realm:?}"))
-        })?;
+        let (tls, authority, mut path) = split_url(realm)
+            .ok_or_else(|| self.protocol(&format!("names a token realm that is not an http(s) URL: {realm:?}")))?;
         if !query.is_empty() {
             path.push(if path.contains('?') { '&' } else { '?' });
             path.push_str(&query.join("&"));
@@ -638,7 +837,10 @@ impl Client {
             req.headers_mut().insert(header::AUTHORIZATION, basic(c));
         }
         let conn = self.connect(&authority, tls).await?;
-        let reply = self.exchange(conn, req, SMALL_BODY_MAX, false, &format!("token request to {realm}")).await?.0;
+        let reply = self
+            .exchange(conn, req, SMALL_BODY_MAX, false, &format!("token request to {realm}"))
+            .await?
+            .0;
         if reply.status == StatusCode::UNAUTHORIZED || reply.status == StatusCode::FORBIDDEN {
             return Err(self.unauthorized(&reply));
         }
@@ -650,8 +852,11 @@ impl Client {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: TokenReply = serde_json::from_slice(&reply.body)
-            .map_err(|e| self.protocol(&format!("token service {realm} answered with a body that is not a token: {e}")))?;
+        let t: TokenReply = serde_json::from_slice(&reply.body).map_err(|e| {
+            self.protocol(&format!(
+                "token service {realm} answered with a body that is not a token: {e}"
+            ))
+        })?;
         let token = t
             .token
             .or(t.access_token)
@@ -701,8 +906,12 @@ impl Client {
                 return Err(Error::internal("TLS connection without TLS settings"));
             };
             let name = host_and_port(authority).0.trim_start_matches('[').trim_end_matches(']');
-            let server_name = rustls_pki_types::ServerName::try_from(name.to_string())
-                .map_err(|_| Error::input(format!("registry {}: {name:?} is not a host name for TLS", self.display())))?;
+            let server_name = rustls_pki_types::ServerName::try_from(name.to_string()).map_err(|_| {
+                Error::input(format!(
+                    "registry {}: {name:?} is not a host name for TLS",
+                    self.display()
+                ))
+            })?;
             let connector = tokio_rustls::TlsConnector::from(t.config.clone());
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
                 .await
@@ -730,15 +939,21 @@ impl Client {
                     format!("its certificate is not signed by {}", self.trust),
                     "give --registry-ca FILE with the CA that signs the registry's certificate".to_string(),
                 ),
-                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => (
-                    format!("its certificate is not for the name {}", self.host),
-                    "reach the registry by a name its certificate carries (or reissue it with this name)".to_string(),
-                ),
+                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
+                    (
+                        format!("its certificate is not for the name {}", self.host),
+                        "reach the registry by a name its certificate carries (or reissue it with this name)"
+                            .to_string(),
+                    )
+                }
                 rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => (
                     "its certificate has expired".to_string(),
                     "renew the registry's certificate (check this host's clock too)".to_string(),
                 ),
-                other => (format!("its certificate is refused: {other:?}"), "check the registry's certificate".to_string()),
+                other => (
+                    format!("its certificate is refused: {other:?}"),
+                    "check the registry's certificate".to_string(),
+                ),
             },
             Some(other) => (
                 format!("TLS failed: {other}"),
@@ -988,7 +1203,11 @@ fn split_url(url: &str) -> Option<(bool, String, String)> {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
     };
-    let path = if path.starts_with('?') { format!("/{path}") } else { path };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path
+    };
     Some((tls, authority.to_string(), path))
 }
 
@@ -1077,7 +1296,10 @@ mod tests {
         let b = br#"{"errors":[{"code":"NAME_INVALID","message":"invalid repository name","detail":{}}]}"#;
         assert_eq!(error_codes(b), "(NAME_INVALID: invalid repository name)");
         assert_eq!(error_codes(b""), "");
-        assert_eq!(error_codes(b"<html>413 Request Entity Too Large</html>\n"), "(<html>413 Request Entity Too Large</html>)");
+        assert_eq!(
+            error_codes(b"<html>413 Request Entity Too Large</html>\n"),
+            "(<html>413 Request Entity Too Large</html>)"
+        );
     }
 
     /// How the fake registry misbehaves.
@@ -1104,24 +1326,43 @@ mod tests {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let realm = realm.clone();
                         async move {
-                            let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
                             let path = req.uri().path().to_string();
                             let query = req.uri().query().unwrap_or("").to_string();
                             let method = req.method().clone();
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let mut r = http::Response::builder();
                             let reply = |r: http::response::Builder, status: u16, body: &str| {
-                                Ok::<_, std::convert::Infallible>(r.status(status).body(Full::new(Bytes::from(body.to_string()))).unwrap())
+                                Ok::<_, std::convert::Infallible>(
+                                    r.status(status).body(Full::new(Bytes::from(body.to_string()))).unwrap(),
+                                )
                             };
                             if path == "/token" {
                                 // alice:pw
                                 if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
                                     return reply(r, 200, r#"{"token":"T0K"}"#);
                                 }
-                                return reply(r, 401, r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#);
+                                return reply(
+                                    r,
+                                    401,
+                                    r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
+                                );
                             }
                             if auth != "Bearer T0K" {
-                                r = r.header("www-authenticate", format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull\""));
+                                r = r.header(
+                                    "www-authenticate",
+                                    format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull\""),
+                                );
                                 return reply(r, 401, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
                             }
                             match (method.as_str(), path.as_str()) {
@@ -1142,8 +1383,16 @@ mod tests {
                                     if fault == Fault::Full {
                                         return reply(r, 507, "");
                                     }
-                                    let d = query.split('&').find_map(|kv| kv.strip_prefix("digest=")).unwrap_or("").to_string();
-                                    let d = if fault == Fault::WrongDigest { format!("sha256:{}", "0".repeat(64)) } else { d };
+                                    let d = query
+                                        .split('&')
+                                        .find_map(|kv| kv.strip_prefix("digest="))
+                                        .unwrap_or("")
+                                        .to_string();
+                                    let d = if fault == Fault::WrongDigest {
+                                        format!("sha256:{}", "0".repeat(64))
+                                    } else {
+                                        d
+                                    };
                                     r = r.header("docker-content-digest", d);
                                     reply(r, 201, "")
                                 }
@@ -1208,11 +1457,23 @@ mod tests {
     async fn registry_faults_are_named() {
         let addr = fake(Fault::WrongDigest).await;
         let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
-        assert!(e.message.contains("answered with digest sha256:000") && e.message.contains("site/app"), "{}", e.message);
+        assert!(
+            e.message.contains("answered with digest sha256:000") && e.message.contains("site/app"),
+            "{}",
+            e.message
+        );
         let addr = fake(Fault::TooLarge).await;
         let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
-        assert!(e.message.contains("413") && e.message.contains("layer L"), "{}", e.message);
-        assert!(e.hints.iter().any(|h| h.contains("client_max_body_size")), "{:?}", e.hints);
+        assert!(
+            e.message.contains("413") && e.message.contains("layer L"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.hints.iter().any(|h| h.contains("client_max_body_size")),
+            "{:?}",
+            e.hints
+        );
         let addr = fake(Fault::Full).await;
         let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
         assert!(e.message.contains("507"), "{}", e.message);
@@ -1221,7 +1482,10 @@ mod tests {
 
     #[test]
     fn scopes() {
-        assert_eq!(Scope::Mount("a/b".into(), "c".into()).key(), "repository:a/b:pull,push repository:c:pull");
+        assert_eq!(
+            Scope::Mount("a/b".into(), "c".into()).key(),
+            "repository:a/b:pull,push repository:c:pull"
+        );
         assert!(Scope::Registry.strings().is_empty());
     }
 }

@@ -184,7 +184,8 @@ fn tag_ok(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= TAG_MAX
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
 }
 
 /// A reference split: its registry host (if any) dropped, the path, tag and digest.
@@ -205,7 +206,9 @@ pub fn parse_reference(reference: &str) -> Result<ParsedReference> {
     };
     let (rest, digest) = match reference.split_once('@') {
         Some((r, d)) => {
-            let hex = d.strip_prefix("sha256:").ok_or_else(|| bad("its digest is not sha256:<hex>"))?;
+            let hex = d
+                .strip_prefix("sha256:")
+                .ok_or_else(|| bad("its digest is not sha256:<hex>"))?;
             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad("its digest is not sha256:<64 hex digits>"));
             }
@@ -252,7 +255,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials({} from {}, password hidden)", self.username, self.source)
+        write!(
+            f,
+            "Credentials({} from {}, password hidden)",
+            self.username, self.source
+        )
     }
 }
 
@@ -345,11 +352,15 @@ pub fn prompt_password(host: &str, user: &str) -> Result<Zeroizing<String>> {
 }
 
 fn read_password_file(path: &Path) -> Result<Zeroizing<String>> {
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io("reading the registry password file", path, e))?);
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| Error::io("reading the registry password file", path, e))?,
+    );
     let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
     if line.is_empty() {
-        return Err(Error::input(format!("{}: the registry password file is empty", path.display()))
-            .hint("write the password on the file's first line"));
+        return Err(
+            Error::input(format!("{}: the registry password file is empty", path.display()))
+                .hint("write the password on the file's first line"),
+        );
     }
     Ok(Zeroizing::new(line.to_string()))
 }
@@ -401,10 +412,14 @@ pub fn docker_config_credentials(path: &Path, host: &str) -> Result<Option<Crede
         };
         if let Some(a) = &entry.auth {
             use base64::Engine;
-            let raw = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| {
-                Error::input(format!("{}: the auth of {key} is not base64", path.display()))
-                    .hint(format!("run docker login {host} again"))
-            })?);
+            let raw = Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(a.trim())
+                    .map_err(|_| {
+                        Error::input(format!("{}: the auth of {key} is not base64", path.display()))
+                            .hint(format!("run docker login {host} again"))
+                    })?,
+            );
             let pair = Zeroizing::new(String::from_utf8_lossy(&raw).into_owned());
             if let Some((u, p)) = pair.split_once(':') {
                 return Ok(Some(found(u.to_string(), p.to_string())));
@@ -429,7 +444,16 @@ mod tests {
         assert_eq!(t.to_string(), "harbor.intranet:443/bklite");
         let t = Target::parse("10.0.0.5:5000").unwrap();
         assert_eq!((t.host.as_str(), t.prefix.as_str()), ("10.0.0.5:5000", ""));
-        for bad in ["https://r:5000", "", "r:0", "r:99999", "r:x", "r/Upper", "r/a//b", "r_x y"] {
+        for bad in [
+            "https://r:5000",
+            "",
+            "r:0",
+            "r:99999",
+            "r:x",
+            "r/Upper",
+            "r/a//b",
+            "r_x y",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }
@@ -454,7 +478,11 @@ mod tests {
     fn refused_references_name_the_image_and_the_reason() {
         let t = Target::parse("reg.local:5000").unwrap();
         let e = t.place("BKLite/Server:1").unwrap_err();
-        assert!(e.message.contains("BKLite/Server:1") && e.message.contains("\"BKLite\""), "{}", e.message);
+        assert!(
+            e.message.contains("BKLite/Server:1") && e.message.contains("\"BKLite\""),
+            "{}",
+            e.message
+        );
         let long = format!("a/{}:1", "b".repeat(260));
         let e = t.place(&long).unwrap_err();
         assert!(e.message.contains("at most 255"), "{}", e.message);
@@ -480,6 +508,8 @@ mod tests {
         let c = docker_config_credentials(&f, "other").unwrap().unwrap();
         assert_eq!(c.password.as_str(), "p");
         assert!(docker_config_credentials(&f, "none").unwrap().is_none());
-        assert!(docker_config_credentials(&dir.path().join("absent"), "x").unwrap().is_none());
+        assert!(docker_config_credentials(&dir.path().join("absent"), "x")
+            .unwrap()
+            .is_none());
     }
 }

@@ -42,6 +42,8 @@ const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// The largest image config read into memory.
 const CONFIG_MAX: u64 = 16 << 20;
+/// How many tags of a repository push reads to learn the layer blobs it holds.
+const LEARN_TAGS: usize = 16;
 /// The largest layer-digest cache file read.
 const CACHE_MAX: u64 = 8 << 20;
 
@@ -169,6 +171,7 @@ pub fn run(opts: &PushOptions, reporter: &dyn Reporter) -> Result<PushReport> {
         homes: Mutex::new(HashMap::new()),
         cache,
         counts: Mutex::new(BlobCounts::default()),
+        learned: Mutex::new(HashMap::new()),
     });
     let display = bundle.display_name();
     let images = crate::runtime::block_on(push_units(ctx.clone(), units, reporter))??;
@@ -193,7 +196,8 @@ fn plan(images: &[Image], opts: &PushOptions) -> Result<Vec<Unit>> {
     for wanted in &opts.images {
         if !images.iter().any(|i| i.refs.iter().any(|r| r == wanted)) {
             problems.push(
-                Error::input(format!("image {wanted} is not in the bundle")).hint("bkbundle inspect BUNDLE lists its images"),
+                Error::input(format!("image {wanted} is not in the bundle"))
+                    .hint("bkbundle inspect BUNDLE lists its images"),
             );
         }
     }
@@ -203,7 +207,10 @@ fn plan(images: &[Image], opts: &PushOptions) -> Result<Vec<Unit>> {
             continue;
         }
         if img.refs.is_empty() {
-            problems.push(Error::input(format!("image {} has no reference to push it under", img.id)));
+            problems.push(Error::input(format!(
+                "image {} has no reference to push it under",
+                img.id
+            )));
             continue;
         }
         for r in &img.refs {
@@ -250,6 +257,9 @@ struct Ctx {
     homes: Mutex<HashMap<String, Arc<OnceCell<Home>>>>,
     cache: Arc<DigestCache>,
     counts: Mutex<BlobCounts>,
+    /// Layer blobs the registry's repositories already hold, by diff id (learned from their
+    /// manifests and configs): whatever tool pushed them, a blob of the same diff id serves.
+    learned: Mutex<HashMap<String, (String, u64)>>,
 }
 
 #[derive(Clone, Copy)]
@@ -282,7 +292,46 @@ impl Ctx {
             let f = self.bundle.manifest().file(&layer.file)?;
             return Some((format!("sha256:{}", f.sha256), f.size));
         }
-        self.cache.get(&layer.diff_id)
+        self.cache
+            .get(&layer.diff_id)
+            .or_else(|| self.learned.lock().ok()?.get(&layer.diff_id).cloned())
+    }
+
+    /// Learn which layer blobs `repo` already holds, from up to [`LEARN_TAGS`] of its tags: each
+    /// manifest's layers paired with its config's `rootfs.diff_ids`. Best effort: what cannot be
+    /// read is not learned, and costs only an upload.
+    async fn learn(&self, repo: &str) {
+        let Ok(tags) = self.client.tags(repo, LEARN_TAGS).await else {
+            return;
+        };
+        for tag in tags {
+            let Ok(Some(m)) = self.client.manifest(repo, &tag).await else {
+                continue;
+            };
+            let Some(config) = m.config_digest else { continue };
+            let Ok(Some(body)) = self.client.small_blob(repo, &config, CONFIG_MAX as usize).await else {
+                continue;
+            };
+            #[derive(serde::Deserialize)]
+            struct Rootfs {
+                diff_ids: Vec<String>,
+            }
+            #[derive(serde::Deserialize)]
+            struct Config {
+                rootfs: Rootfs,
+            }
+            let Ok(c) = serde_json::from_slice::<Config>(&body) else {
+                continue;
+            };
+            if c.rootfs.diff_ids.len() != m.layers.len() {
+                continue;
+            }
+            if let Ok(mut l) = self.learned.lock() {
+                for (diff, blob) in c.rootfs.diff_ids.into_iter().zip(m.layers) {
+                    l.entry(diff).or_insert(blob);
+                }
+            }
+        }
     }
 
     fn layer_media_type(&self) -> &'static str {
@@ -373,15 +422,25 @@ async fn push_unit(ctx: Arc<Ctx>, unit: Unit, task: Arc<dyn Task>) -> Result<Vec
         ctx.client.upload_bytes(&repo, &img.id, config).await?;
         ctx.count(Outcome::Uploaded, &mut mine);
     }
+    // A layer whose blob digest is not known before sending may be in the repository already,
+    // pushed by an earlier release's bundle (or another tool): learn from its tags first.
+    let unknown = img
+        .layers
+        .iter()
+        .filter_map(|d| ctx.bundle.manifest().layer(d))
+        .any(|l| ctx.known(l).is_none());
+    if unknown {
+        ctx.learn(&repo).await;
+    }
     // The layers, at most `jobs` uploads at once across all images.
     let mut layer_futs = Vec::new();
     for diff in &img.layers {
-        let layer = ctx
-            .bundle
-            .manifest()
-            .layer(diff)
-            .cloned()
-            .ok_or_else(|| Error::bundle(format!("{}: layer {diff} is not in the manifest", ctx.bundle.display_name())))?;
+        let layer = ctx.bundle.manifest().layer(diff).cloned().ok_or_else(|| {
+            Error::bundle(format!(
+                "{}: layer {diff} is not in the manifest",
+                ctx.bundle.display_name()
+            ))
+        })?;
         layer_futs.push(push_layer(ctx.clone(), repo.clone(), layer, task.clone()));
     }
     let mut layers = Vec::new();
@@ -405,10 +464,15 @@ async fn push_unit(ctx: Arc<Ctx>, unit: Unit, task: Arc<dyn Task>) -> Result<Vec
     let mut digest = None;
     for p in &unit.placements {
         let tag = p.tag.as_deref().unwrap_or("latest");
-        digest = Some(ctx.client.put_manifest(&repo, tag, media_type, body.clone()).await.map_err(|mut e| {
-            e.message = format!("image {}: {}", p.source, e.message);
-            e
-        })?);
+        digest = Some(
+            ctx.client
+                .put_manifest(&repo, tag, media_type, body.clone())
+                .await
+                .map_err(|mut e| {
+                    e.message = format!("image {}: {}", p.source, e.message);
+                    e
+                })?,
+        );
     }
     task.finish();
     for p in &unit.placements {
@@ -416,7 +480,11 @@ async fn push_unit(ctx: Arc<Ctx>, unit: Unit, task: Arc<dyn Task>) -> Result<Vec
             reference: p.source.clone(),
             pushed_as: p.reference.clone(),
             image_id: img.id.clone(),
-            state: if missing.iter().any(|m| m.reference == p.reference) { "pushed" } else { "present" },
+            state: if missing.iter().any(|m| m.reference == p.reference) {
+                "pushed"
+            } else {
+                "present"
+            },
             manifest_digest: digest.clone(),
             blobs: mine.clone(),
         });
@@ -465,7 +533,14 @@ async fn push_layer(ctx: Arc<Ctx>, repo: String, layer: Layer, task: Arc<dyn Tas
     let client = &ctx.client;
     if let Some((digest, size)) = ctx.known(&layer) {
         if client.blob_size(&repo, &digest).await?.is_some() {
-            return Ok((Home { digest, size, repository: repo }, Outcome::Present));
+            return Ok((
+                Home {
+                    digest,
+                    size,
+                    repository: repo,
+                },
+                Outcome::Present,
+            ));
         }
     }
     let cell = {
@@ -489,10 +564,22 @@ async fn push_layer(ctx: Arc<Ctx>, repo: String, layer: Layer, task: Arc<dyn Tas
         return Ok((home, Outcome::Uploaded));
     }
     if home.repository == repo || client.blob_size(&repo, &home.digest).await?.is_some() {
-        return Ok((Home { repository: repo, ..home }, Outcome::Present));
+        return Ok((
+            Home {
+                repository: repo,
+                ..home
+            },
+            Outcome::Present,
+        ));
     }
     if client.mount(&repo, &home.repository, &home.digest).await? {
-        return Ok((Home { repository: repo, ..home }, Outcome::Mounted));
+        return Ok((
+            Home {
+                repository: repo,
+                ..home
+            },
+            Outcome::Mounted,
+        ));
     }
     let p = upload_layer(&ctx, &repo, &layer, task).await?;
     Ok((
@@ -545,8 +632,11 @@ fn produce(ctx: &Ctx, layer: &Layer, w: ChannelWriter, task: &dyn Task) -> Resul
     };
     let mut out = HashingWriter::new(w);
     let sent_err = |e: io::Error| {
-        Error::external(format!("sending {} ({}) to the registry: {e}", layer.diff_id, layer.file))
-            .hint("check that the registry runs; run push again (it resumes)")
+        Error::external(format!(
+            "sending {} ({}) to the registry: {e}",
+            layer.diff_id, layer.file
+        ))
+        .hint("check that the registry runs; run push again (it resumes)")
     };
     let read_err = |e: io::Error| Error::bundle(format!("{name}: cannot read {}: {e}", layer.file));
     let recompress = ctx.format == LayerFormat::Gzip && ctx.stored == Compression::Zstd;
@@ -641,7 +731,12 @@ impl DigestCache {
             let _ = std::fs::create_dir_all(dir);
         }
         use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(p) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(p)
+        {
             let _ = f.write_all(format!("{diff_id}\t{}\t{digest}\t{size}\n", self.kind).as_bytes());
         }
     }
@@ -717,7 +812,10 @@ mod tests {
             layers: vec![],
             size: 0,
         };
-        let images = vec![img(&["a/b:1", "a/b:latest", "c:2"], "sha256:1"), img(&["Up/Per:1"], "sha256:2")];
+        let images = vec![
+            img(&["a/b:1", "a/b:latest", "c:2"], "sha256:1"),
+            img(&["Up/Per:1"], "sha256:2"),
+        ];
         let mut opts = PushOptions {
             bundle: PathBuf::new(),
             target: Target::parse("r.local:5000/site").unwrap(),
@@ -733,7 +831,11 @@ mod tests {
         assert!(e.problems.iter().any(|p| p.contains("Up/Per:1")), "{:?}", e.problems);
         opts.images = vec!["a/b:1".into(), "nope:1".into()];
         let e = plan(&images, &opts).err().unwrap();
-        assert!(e.problems.iter().any(|p| p.contains("nope:1 is not in the bundle")), "{:?}", e.problems);
+        assert!(
+            e.problems.iter().any(|p| p.contains("nope:1 is not in the bundle")),
+            "{:?}",
+            e.problems
+        );
         opts.images = vec!["a/b:1".into()];
         let units = plan(&images, &opts).unwrap();
         assert_eq!(units.len(), 2);

@@ -353,7 +353,11 @@ fn docker_image_id(reference: &str) -> String {
         .args(["image", "inspect", "-f", "{{.Id}}", reference])
         .output()
         .expect("docker image inspect");
-    assert!(out.status.success(), "docker image inspect {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker image inspect {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -367,13 +371,20 @@ fn a_plain_registry_takes_an_image_from_skopeo_and_the_engine_pulls_it() {
     assert_eq!(reg.image_id(&repo), None, "a fresh registry has nothing");
     reg.skopeo_copy_from_daemon(DEMO_IMAGES[0], &repo);
     // The registry's manifest names the engine's config: the same image id.
-    assert_eq!(reg.image_id(&repo).as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
+    assert_eq!(
+        reg.image_id(&repo).as_deref(),
+        Some(docker_image_id(DEMO_IMAGES[0]).as_str())
+    );
     // The engine pulls from it over plain HTTP (127.0.0.0/8 is an insecure registry by default).
     let pulled = format!("{}/{repo}", reg.host());
     let out = Command::new("docker").args(["pull", "-q", &pulled]).output().unwrap();
     let id = (out.status.success()).then(|| docker_image_id(&pulled));
     let _ = Command::new("docker").args(["rmi", &pulled]).output();
-    assert!(out.status.success(), "docker pull {pulled}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker pull {pulled}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(id.as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
     // Stopped, it refuses connections; restarted, it still has the image.
     let mut reg = reg;
@@ -392,14 +403,20 @@ fn a_tls_registry_wants_its_ca_and_the_password() {
     assert!(reg.is_tls());
     let repo = "smoke/base:1";
     reg.skopeo_copy_from_daemon(DEMO_IMAGES[0], repo);
-    assert_eq!(reg.image_id(repo).as_deref(), Some(docker_image_id(DEMO_IMAGES[0]).as_str()));
+    assert_eq!(
+        reg.image_id(repo).as_deref(),
+        Some(docker_image_id(DEMO_IMAGES[0]).as_str())
+    );
     let url = format!("docker://{}/{repo}", reg.host());
     let ca_dir = reg.ca_pem_path().parent().unwrap().join("certs");
     let cert_dir = format!("--cert-dir={}", ca_dir.display());
     // Without credentials: the registry's 401 challenge.
     let out = crate::harness::skopeo(&["inspect", "--raw", "--no-creds", &cert_dir, &url]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("authentication required"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("authentication required"),
+        "{err}"
+    );
     // A wrong password.
     let creds = "--creds=smoke:wrong".to_string();
     let out = crate::harness::skopeo(&["inspect", "--raw", &cert_dir, &creds, &url]);
@@ -424,6 +441,10 @@ fn a_tls_registry_wants_its_ca_and_the_password() {
             .unwrap()
     };
     let _ = Command::new("docker").args(["rmi", &pulled]).output();
-    assert!(out.status.success(), "docker pull {pulled}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker pull {pulled}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!certs.exists(), "{} is left behind", certs.display());
 }

@@ -36,34 +36,42 @@ fn json(r: &Run) -> serde_json::Value {
 fn assert_all_there(reg: &Registry, m: &Manifest, prefix: &str) {
     for img in &m.images {
         for r in &img.refs {
-            let dir = tempfile::tempdir().unwrap();
-            let reference = format!("{prefix}{r}");
-            reg.skopeo_copy_to_dir(&reference, dir.path());
-            let doc: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
-            assert_eq!(doc["config"]["digest"].as_str(), Some(img.id.as_str()), "{reference}: config");
-            let layers = doc["layers"].as_array().unwrap();
-            assert_eq!(layers.len(), img.layers.len(), "{reference}: layer count");
-            for (l, diff) in layers.iter().zip(&img.layers) {
-                let digest = l["digest"].as_str().unwrap();
-                let blob = std::fs::File::open(dir.path().join(digest.trim_start_matches("sha256:"))).unwrap();
-                let mut plain: Box<dyn Read> = match l["mediaType"].as_str().unwrap() {
-                    t if t.ends_with("gzip") => Box::new(flate2::read::GzDecoder::new(blob)),
-                    t if t.ends_with("zstd") => Box::new(zstd::stream::read::Decoder::new(blob).unwrap()),
-                    t => panic!("{reference}: layer media type {t}"),
-                };
-                let mut h = bkbundle::digest::Hasher::new();
-                let mut buf = vec![0u8; 1 << 16];
-                loop {
-                    let n = plain.read(&mut buf).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-                assert_eq!(format!("sha256:{}", h.finish().0), *diff, "{reference}: layer {digest}");
-            }
+            assert_all_there_one(reg, img, &format!("{prefix}{r}"));
         }
+    }
+}
+
+/// Image `img` is in `reg` as `reference`, as skopeo reads it (see [`assert_all_there`]).
+fn assert_all_there_one(reg: &Registry, img: &bkbundle::manifest::Image, reference: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    reg.skopeo_copy_to_dir(reference, dir.path());
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        doc["config"]["digest"].as_str(),
+        Some(img.id.as_str()),
+        "{reference}: config"
+    );
+    let layers = doc["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), img.layers.len(), "{reference}: layer count");
+    for (l, diff) in layers.iter().zip(&img.layers) {
+        let digest = l["digest"].as_str().unwrap();
+        let blob = std::fs::File::open(dir.path().join(digest.trim_start_matches("sha256:"))).unwrap();
+        let mut plain: Box<dyn Read> = match l["mediaType"].as_str().unwrap() {
+            t if t.ends_with("gzip") => Box::new(flate2::read::GzDecoder::new(blob)),
+            t if t.ends_with("zstd") => Box::new(zstd::stream::read::Decoder::new(blob).unwrap()),
+            t => panic!("{reference}: layer media type {t}"),
+        };
+        let mut h = bkbundle::digest::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = plain.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        assert_eq!(format!("sha256:{}", h.finish().0), *diff, "{reference}: layer {digest}");
     }
 }
 
@@ -76,25 +84,41 @@ fn push_to_a_plain_registry_reads_back_pulls_and_reruns_for_nothing() {
     let target = format!("{}/site", reg.host());
     let bundle_s = bundle.to_str().unwrap();
 
-    let r = push(cache.path(), &[bundle_s, "--registry", &target, "--registry-insecure", "--json"]);
+    let r = push(
+        cache.path(),
+        &[bundle_s, "--registry", &target, "--registry-insecure", "--json"],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("plain HTTP"), "--registry-insecure is said loudly: {}", r.stderr);
+    assert!(
+        r.stderr.contains("plain HTTP"),
+        "--registry-insecure is said loudly: {}",
+        r.stderr
+    );
     crate::schema::assert_schema("push", &r);
     let j = json(&r);
     let refs: usize = m.images.iter().map(|i| i.refs.len()).sum();
     assert_eq!(j["images"].as_array().unwrap().len(), refs);
-    assert!(j["images"].as_array().unwrap().iter().all(|i| i["state"] == "pushed"), "{j}");
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "pushed"),
+        "{j}"
+    );
     assert!(j["bytes_sent"].as_u64().unwrap() > 1_000_000, "{j}");
     // The demo images share their base layer: sent once, mounted into the other repositories.
     assert!(j["blobs"]["mounted"].as_u64().unwrap() >= 1, "{j}");
     assert_all_there(&reg, &m, "site/");
 
     // A re-run: every tag already names its image, nothing is sent.
-    let r = push(cache.path(), &[bundle_s, "--registry", &target, "--registry-insecure", "--json"]);
+    let r = push(
+        cache.path(),
+        &[bundle_s, "--registry", &target, "--registry-insecure", "--json"],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     let j = json(&r);
     assert_eq!(j["bytes_sent"], 0, "{j}");
-    assert!(j["images"].as_array().unwrap().iter().all(|i| i["state"] == "present"), "{j}");
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "present"),
+        "{j}"
+    );
 
     // The engine pulls it and gets the bundle's image id.
     let img = &m.images[0];
@@ -107,9 +131,44 @@ fn push_to_a_plain_registry_reads_back_pulls_and_reruns_for_nothing() {
     let _ = run(Command::new("docker").args(["rmi", &pulled]));
 
     // zstd layers as stored, to another prefix: the same images, OCI manifests.
-    let r = push(cache.path(), &[bundle_s, "--registry", &format!("{}/z", reg.host()), "--registry-insecure", "--compression", "zstd", "--json"]);
+    let r = push(
+        cache.path(),
+        &[
+            bundle_s,
+            "--registry",
+            &format!("{}/z", reg.host()),
+            "--registry-insecure",
+            "--compression",
+            "zstd",
+            "--json",
+        ],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_all_there(&reg, &m, "z/");
+
+    // An image another tool pushed (skopeo, its own gzip): its blobs are found from the
+    // repository's tags and configs, without any cache, and not sent again.
+    let app = &m.images[0].refs[0];
+    let repo = app.rsplit_once(':').unwrap().0;
+    reg.skopeo_copy_from_daemon(app, &format!("other/{repo}:old"));
+    let fresh = tempfile::tempdir().unwrap();
+    let r = push(
+        fresh.path(),
+        &[
+            bundle_s,
+            "--registry",
+            &format!("{}/other", reg.host()),
+            "--registry-insecure",
+            "--image",
+            app,
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let j = json(&r);
+    assert_eq!(j["bytes_sent"], 0, "{j}");
+    assert_eq!(j["images"][0]["state"], "pushed", "{j}");
+    assert_all_there_one(&reg, &m.images[0], &format!("other/{app}"));
 }
 
 #[test]
@@ -131,23 +190,63 @@ fn push_to_a_tls_registry_with_basic_auth() {
     // A CA that does not sign its certificate (the system's).
     let r = push(cache.path(), &[b, "--registry", &host, "--image", one]);
     assert_eq!(r.code, 6, "{}", r.stderr);
-    assert!(r.stderr.contains(&host) && r.stderr.contains("not signed by the system's CAs"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&host) && r.stderr.contains("not signed by the system's CAs"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("--registry-ca"), "{}", r.stderr);
     // No credentials.
-    let r = push(cache.path(), &[b, "--registry", &host, "--registry-ca", &ca, "--image", one]);
+    let r = push(
+        cache.path(),
+        &[b, "--registry", &host, "--registry-ca", &ca, "--image", one],
+    );
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("asks for credentials"), "{}", r.stderr);
     // A wrong password: refused, named, never printed.
-    let r = push(cache.path(), &[b, "--registry", &host, "--registry-ca", &ca, "--registry-user", "alice", "--registry-password-file", bad.to_str().unwrap(), "--image", one]);
+    let r = push(
+        cache.path(),
+        &[
+            b,
+            "--registry",
+            &host,
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            "alice",
+            "--registry-password-file",
+            bad.to_str().unwrap(),
+            "--image",
+            one,
+        ],
+    );
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("refused user alice"), "{}", r.stderr);
     assert!(!r.stderr.contains("not-the-password") && !r.stdout.contains("not-the-password"));
     assert_eq!(reg.image_id(one), None, "nothing was pushed");
 
     // The right password: pushed; then the docker login file of the harness serves as well.
-    let r = push(cache.path(), &[b, "--registry", &host, "--registry-ca", &ca, "--registry-user", "alice", "--registry-password-file", pw.to_str().unwrap(), "--json", "-vv"]);
+    let r = push(
+        cache.path(),
+        &[
+            b,
+            "--registry",
+            &host,
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            "alice",
+            "--registry-password-file",
+            pw.to_str().unwrap(),
+            "--json",
+            "-vv",
+        ],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(!r.stderr.contains(&password) && !r.stdout.contains(&password), "the password is never printed");
+    assert!(
+        !r.stderr.contains(&password) && !r.stdout.contains(&password),
+        "the password is never printed"
+    );
     assert_all_there(&reg, &m, "");
     let r = run(bkbundle()
         .args(["push", b, "--registry", &host, "--registry-ca", &ca, "--json"])
@@ -173,25 +272,53 @@ fn push_refuses_names_and_a_down_registry_and_resumes_after_a_kill() {
         assert!(r.stderr.contains(&format!("image {}", img.refs[0])), "{}", r.stderr);
     }
     assert!(r.stderr.contains("at most 255"), "{}", r.stderr);
-    let r = push(cache.path(), &[b, "--registry", &format!("{}/Site", reg.host()), "--registry-insecure"]);
+    let r = push(
+        cache.path(),
+        &[b, "--registry", &format!("{}/Site", reg.host()), "--registry-insecure"],
+    );
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("\"Site\""), "{}", r.stderr);
-    let r = push(cache.path(), &[b, "--registry", &reg.host(), "--registry-insecure", "--image", "no/such:1"]);
+    let r = push(
+        cache.path(),
+        &[
+            b,
+            "--registry",
+            &reg.host(),
+            "--registry-insecure",
+            "--image",
+            "no/such:1",
+        ],
+    );
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("no/such:1 is not in the bundle"), "{}", r.stderr);
-    assert!(!reg.storage_dir().join("docker").exists(), "nothing reached the registry");
+    assert!(
+        !reg.storage_dir().join("docker").exists(),
+        "nothing reached the registry"
+    );
 
     // Down: named, with what to check.
     reg.stop();
     let r = push(cache.path(), &[b, "--registry", &reg.host(), "--registry-insecure"]);
     assert_eq!(r.code, 6, "{}", r.stderr);
-    assert!(r.stderr.contains(&format!("cannot connect to {}", reg.host())), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("cannot connect to {}", reg.host())),
+        "{}",
+        r.stderr
+    );
     reg.restart();
 
     // Killed at some instant of its upload: no tag names an image whose blobs are missing, and
     // the next run completes.
     let mut child = bkbundle()
-        .args(["push", b, "--registry", &reg.host(), "--registry-insecure", "--jobs", "1"])
+        .args([
+            "push",
+            b,
+            "--registry",
+            &reg.host(),
+            "--registry-insecure",
+            "--jobs",
+            "1",
+        ])
         .env("BKBUNDLE_CACHE_DIR", cache.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -215,7 +342,10 @@ fn push_refuses_names_and_a_down_registry_and_resumes_after_a_kill() {
             }
         }
     }
-    let r = push(cache.path(), &[b, "--registry", &reg.host(), "--registry-insecure", "--json"]);
+    let r = push(
+        cache.path(),
+        &[b, "--registry", &reg.host(), "--registry-insecure", "--json"],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_all_there(&reg, &m, "");
 }

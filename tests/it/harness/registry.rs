@@ -160,7 +160,9 @@ impl Registry {
 
     /// The harness CA's PEM file (the TLS flavour only; panics for the plain one).
     pub fn ca_pem_path(&self) -> &Path {
-        self.ca.as_deref().expect("a plain registry has no CA: use Registry::tls_auth")
+        self.ca
+            .as_deref()
+            .expect("a plain registry has no CA: use Registry::tls_auth")
     }
 
     /// A directory holding a `docker login` file (`config.json`) with this registry's credentials,
@@ -192,7 +194,10 @@ impl Registry {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the registry is running");
         if let Err(text) = self.spawn() {
-            panic!("docker-registry did not start again on 127.0.0.1:{}\n--- log ---\n{text}", self.port);
+            panic!(
+                "docker-registry did not start again on 127.0.0.1:{}\n--- log ---\n{text}",
+                self.port
+            );
         }
     }
 
@@ -226,7 +231,10 @@ impl Registry {
         if self.is_tls() {
             vec![
                 format!("--dest-cert-dir={}", self.dir.path().join("certs").display()),
-                format!("--dest-authfile={}", self.docker_config_dir().join("config.json").display()),
+                format!(
+                    "--dest-authfile={}",
+                    self.docker_config_dir().join("config.json").display()
+                ),
             ]
         } else {
             vec!["--dest-tls-verify=false".into()]
@@ -241,7 +249,11 @@ impl Registry {
             .args(self.skopeo_dest_args())
             .arg(format!("docker-daemon:{image}"))
             .arg(format!("docker://{}/{dest}", self.host()));
-        run_ok(&mut cmd, &format!("skopeo copy {image} to {}/{dest}", self.host()), SKOPEO_HINT);
+        run_ok(
+            &mut cmd,
+            &format!("skopeo copy {image} to {}/{dest}", self.host()),
+            SKOPEO_HINT,
+        );
     }
 
     /// `skopeo copy docker://HOST/SRC dir:DIR`: every blob of `SRC` (`repo:tag`) into `dir`,
@@ -254,7 +266,11 @@ impl Registry {
         }
         cmd.arg(format!("docker://{}/{src}", self.host()))
             .arg(format!("dir:{}", dir.display()));
-        run_ok(&mut cmd, &format!("skopeo copy {}/{src} to a directory", self.host()), SKOPEO_HINT);
+        run_ok(
+            &mut cmd,
+            &format!("skopeo copy {}/{src} to a directory", self.host()),
+            SKOPEO_HINT,
+        );
     }
 
     /// `skopeo inspect --raw docker://HOST/REF`: the manifest's bytes as the registry serves
@@ -334,8 +350,7 @@ fn answers(port: u16, tls: bool) -> bool {
         return true;
     }
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+    if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
         .is_err()
     {
         return false;
