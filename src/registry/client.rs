@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::either::Either;
@@ -43,8 +43,12 @@ const MANIFEST_MAX: usize = 4 << 20;
 /// The most of an error or token body read.
 const SMALL_BODY_MAX: usize = 256 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a request without a streamed body may take to be answered.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request without a streamed body may take to be answered (closing an upload of a
+/// large blob on a slow storage backend included).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a streamed upload may make no progress (the registry stopped reading, or has not
+/// answered since its last byte) before it is given up.
+const STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What every manifest request accepts: image manifests of both kinds and both index kinds.
 const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -640,6 +644,8 @@ impl Client {
     ) -> Result<Reply> {
         let mut payload = Some(payload);
         let mut challenged = false;
+        // When the body's last chunk went out (a streamed body only).
+        let progress = Arc::new(Mutex::new(Instant::now()));
         loop {
             let auth = self.authorization(&scope).await?;
             let p = payload.take().unwrap_or(Payload::None);
@@ -650,7 +656,7 @@ impl Client {
                     Some(Payload::Bytes(b)),
                     false,
                 ),
-                Payload::Stream(rx) => (stream_body(rx), None, true),
+                Payload::Stream(rx) => (stream_body(rx, progress.clone()), None, true),
             };
             let mut req = Request::builder()
                 .method(method.clone())
@@ -667,7 +673,8 @@ impl Client {
                 req.headers_mut()
                     .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             }
-            let reply = self.send(req, max_body, streamed, &format!("{method} {path}")).await?;
+            let stamp = streamed.then(|| progress.clone());
+            let reply = self.send(req, max_body, stamp, &format!("{method} {path}")).await?;
             if reply.status == StatusCode::UNAUTHORIZED {
                 if !challenged {
                     if let Some(again) = replay {
@@ -838,7 +845,7 @@ impl Client {
         }
         let conn = self.connect(&authority, tls).await?;
         let reply = self
-            .exchange(conn, req, SMALL_BODY_MAX, false, &format!("token request to {realm}"))
+            .exchange(conn, req, SMALL_BODY_MAX, None, &format!("token request to {realm}"))
             .await?
             .0;
         if reply.status == StatusCode::UNAUTHORIZED || reply.status == StatusCode::FORBIDDEN {
@@ -968,9 +975,15 @@ impl Client {
     }
 
     /// One request on a pooled connection, the connection returned to the pool after its reply.
-    async fn send(&self, req: Request<Body>, max_body: usize, streamed: bool, what: &str) -> Result<Reply> {
+    async fn send(
+        &self,
+        req: Request<Body>,
+        max_body: usize,
+        progress: Option<Arc<Mutex<Instant>>>,
+        what: &str,
+    ) -> Result<Reply> {
         let conn = self.conn().await?;
-        let (reply, conn) = self.exchange(conn, req, max_body, streamed, what).await?;
+        let (reply, conn) = self.exchange(conn, req, max_body, progress, what).await?;
         if let Some(c) = conn {
             if let Ok(mut p) = self.pool.lock() {
                 p.push(c);
@@ -986,7 +999,7 @@ impl Client {
         mut conn: Conn,
         req: Request<Body>,
         max_body: usize,
-        streamed: bool,
+        progress: Option<Arc<Mutex<Instant>>>,
         what: &str,
     ) -> Result<(Reply, Option<Conn>)> {
         let head_only = req.method() == Method::HEAD;
@@ -1000,28 +1013,47 @@ impl Client {
             err
         };
         let fut = conn.send_request(req);
-        let resp = if streamed {
-            fut.await
-        } else {
-            tokio::time::timeout(REPLY_TIMEOUT, fut)
+        let resp = match &progress {
+            // A streamed body: given up only when it makes no progress for STALL_TIMEOUT.
+            Some(stamp) => {
+                let mut fut = std::pin::pin!(fut);
+                loop {
+                    tokio::select! {
+                        r = &mut fut => break r,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                            let idle = stamp.lock().map(|t| t.elapsed()).unwrap_or_default();
+                            if idle > STALL_TIMEOUT {
+                                return Err(failed(format!("no progress for {} s", STALL_TIMEOUT.as_secs())));
+                            }
+                        }
+                    }
+                }
+            }
+            None => tokio::time::timeout(REPLY_TIMEOUT, fut)
                 .await
-                .map_err(|_| failed(format!("no answer within {} s", REPLY_TIMEOUT.as_secs())))?
+                .map_err(|_| failed(format!("no answer within {} s", REPLY_TIMEOUT.as_secs())))?,
         }
         .map_err(|e| failed(crate::error::chain(&e)))?;
         let (parts, mut body) = resp.into_parts();
         let mut buf = Vec::new();
         let mut complete = true;
         if !head_only {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| failed(format!("reading the answer: {e}")))?;
-                if let Ok(data) = frame.into_data() {
-                    if buf.len() + data.len() > max_body {
-                        complete = false;
-                        break;
+            let read = async {
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| failed(format!("reading the answer: {e}")))?;
+                    if let Ok(data) = frame.into_data() {
+                        if buf.len() + data.len() > max_body {
+                            complete = false;
+                            break;
+                        }
+                        buf.extend_from_slice(&data);
                     }
-                    buf.extend_from_slice(&data);
                 }
-            }
+                Ok::<_, Error>(())
+            };
+            tokio::time::timeout(REPLY_TIMEOUT, read)
+                .await
+                .map_err(|_| failed(format!("the answer did not end within {} s", REPLY_TIMEOUT.as_secs())))??;
         }
         if !complete && parts.status.is_success() {
             return Err(failed(format!("the answer is larger than {max_body} bytes")));
@@ -1148,9 +1180,15 @@ fn bearer(token: &str) -> Result<HeaderValue> {
 }
 
 /// A streamed request body from a channel of chunks; an `Err` aborts the request.
-fn stream_body(rx: mpsc::Receiver<io::Result<Bytes>>) -> Body {
-    let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
-        .map(|r| r.map(Frame::data));
+fn stream_body(rx: mpsc::Receiver<io::Result<Bytes>>, progress: Arc<Mutex<Instant>>) -> Body {
+    let s = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).map(
+        move |r| {
+            if let Ok(mut t) = progress.lock() {
+                *t = Instant::now();
+            }
+            r.map(Frame::data)
+        },
+    );
     BodyExt::boxed(StreamBody::new(s))
 }
 
