@@ -461,8 +461,9 @@ async fn push_unit(ctx: Arc<Ctx>, unit: Unit, task: Arc<dyn Task>) -> Result<Vec
     }
     let (media_type, body) = manifest_body(&ctx, &img.id, config_size, &layers);
     let body = Bytes::from(body);
+    // Only the tags that do not name the image yet: one already right is left as it is.
     let mut digest = None;
-    for p in &unit.placements {
+    for p in &missing {
         let tag = p.tag.as_deref().unwrap_or("latest");
         digest = Some(
             ctx.client
@@ -476,17 +477,14 @@ async fn push_unit(ctx: Arc<Ctx>, unit: Unit, task: Arc<dyn Task>) -> Result<Vec
     }
     task.finish();
     for p in &unit.placements {
+        let pushed = missing.iter().any(|m| m.reference == p.reference);
         reports.push(ImageReport {
             reference: p.source.clone(),
             pushed_as: p.reference.clone(),
             image_id: img.id.clone(),
-            state: if missing.iter().any(|m| m.reference == p.reference) {
-                "pushed"
-            } else {
-                "present"
-            },
-            manifest_digest: digest.clone(),
-            blobs: mine.clone(),
+            state: if pushed { "pushed" } else { "present" },
+            manifest_digest: if pushed { digest.clone() } else { present_digest.clone() },
+            blobs: if pushed { mine.clone() } else { BlobCounts::default() },
         });
     }
     Ok(reports)
