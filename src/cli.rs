@@ -134,6 +134,11 @@ pub struct PackArgs {
     /// Linux from glibc 2.17 on (static, as `cargo build` in the source tree makes it).
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
+    /// Leave the image layers out: the manifest still names every image (id, config, layer
+    /// digests); install pulls the images from a registry (`install --images-from REGISTRY`, after
+    /// `push` of a full bundle there) and checks each id.
+    #[arg(long)]
+    pub no_images: bool,
 }
 
 #[derive(Args, Debug)]
@@ -547,6 +552,7 @@ impl From<PackArgs> for pack::PackOptions {
             sign_key: a.sign,
             threads: a.threads,
             binary: a.binary,
+            no_images: a.no_images,
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct InspectReport {
     pub compression: String,
     pub signed: bool,
     pub parts: usize,
+    /// Packed with `--no-images`: the images are described, their layers are not in the bundle
+    /// (install pulls them: `--images-from REGISTRY`).
+    pub without_layers: bool,
     pub images: Vec<ImageRow>,
     pub packages: Vec<PackageRow>,
     pub installers: Vec<InstallerRow>,
@@ -134,6 +137,7 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         compression: m.bundle.compression.as_str().into(),
         signed: bundle.is_signed(),
         parts: bundle.parts(),
+        without_layers: m.bundle.without_layers,
         images: image_rows(m),
         packages: package_rows(m),
         installers: installer_rows(m),
@@ -220,6 +224,11 @@ fn sizes(m: &Manifest, total: u64) -> Sizes {
     sizes
 }
 
+/// How inspect and verify say that a bundle's images have no layers in it.
+pub fn images_without_layers(n: usize) -> String {
+    format!("images: {n} (layers not in this bundle: install with --images-from REGISTRY)")
+}
+
 /// Byte counts as operators read them (binary units, one decimal).
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -280,7 +289,11 @@ impl InspectReport {
     }
 
     fn render_images(&self, s: &mut String) {
-        let _ = writeln!(s, "\nimages ({})", self.images.len());
+        if self.without_layers {
+            let _ = writeln!(s, "\n{}", images_without_layers(self.images.len()));
+        } else {
+            let _ = writeln!(s, "\nimages ({})", self.images.len());
+        }
         let _ = writeln!(
             s,
             "  {:<44} {:<19} {:<12} {:>10} {:>10} {:>6} {:>6}",
@@ -358,5 +371,55 @@ impl InspectReport {
                 }
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(without_layers: bool) -> InspectReport {
+        InspectReport {
+            bundle: "demo.bkb".into(),
+            name: "demo".into(),
+            version: "1".into(),
+            description: String::new(),
+            created: "2026-01-01T00:00:00Z".into(),
+            created_by: "bkbundle".into(),
+            compression: "zstd".into(),
+            signed: false,
+            parts: 1,
+            without_layers,
+            images: vec![ImageRow {
+                refs: vec!["bkbundle-demo/web:1".into()],
+                id: format!("sha256:{}", "a".repeat(64)),
+                platform: "linux/amd64".into(),
+                size: 2048,
+                stored: 300,
+                layers: 2,
+                shared_layers: 0,
+            }],
+            packages: vec![],
+            installers: vec![],
+            stack: vec![],
+            project: None,
+            regions: Regions::default(),
+            sizes: Sizes::default(),
+        }
+    }
+
+    #[test]
+    fn a_bundle_without_layers_says_where_its_images_come_from() {
+        let text = report(true).render();
+        assert!(
+            text.contains("\nimages: 1 (layers not in this bundle: install with --images-from REGISTRY)\n"),
+            "{text}"
+        );
+        // The images are still listed, each with its id and layer count.
+        assert!(text.contains("bkbundle-demo/web:1") && text.contains("aaaaaaaaaaaa"), "{text}");
+        let text = report(false).render();
+        assert!(text.contains("\nimages (1)\n") && !text.contains("--images-from"), "{text}");
+        let v = serde_json::to_value(report(true)).unwrap();
+        assert_eq!(v["without_layers"], true);
     }
 }

@@ -722,6 +722,11 @@ pub struct BundleInfo {
     pub created: String,
     pub created_by: String,
     pub compression: Compression,
+    /// Packed with `--no-images`: the images are described (ids, configs, layer diff ids and
+    /// sizes) but their layers are not in the bundle; install pulls them from a registry
+    /// (`--images-from`) and checks each image id against this manifest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_layers: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -758,6 +763,8 @@ pub struct FileEntry {
 #[serde(deny_unknown_fields)]
 pub struct Layer {
     pub diff_id: String,
+    /// Its payload in the bundle; empty (absent) in a bundle [`BundleInfo::without_layers`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub file: String,
     pub size: u64,
 }
@@ -943,19 +950,37 @@ impl Manifest {
     }
 
     /// The problems of `layers`, and the diff ids it lists, which every image's layers must name.
+    /// In a bundle without layers, no layer has a file and no file is a layer's payload.
     fn layer_problems(&self, paths: &BTreeSet<&str>, p: &mut Vec<String>) -> BTreeSet<&str> {
         let mut diff_ids = BTreeSet::new();
+        let without = self.bundle.without_layers;
+        if without {
+            for f in paths.iter().filter(|f| layout::is_layer_path(f)) {
+                p.push(format!(
+                    "files: {f:?} is a layer's payload, but the bundle is without layers"
+                ));
+            }
+        }
         for l in &self.layers {
-            if !paths.contains(l.file.as_str()) {
+            if without && !l.file.is_empty() {
+                p.push(format!(
+                    "layers: {} has file {:?}, but the bundle is without layers",
+                    l.diff_id, l.file
+                ));
+            } else if !without && l.file.is_empty() {
+                p.push(format!("layers: {} has no file", l.diff_id));
+            } else if !without && !paths.contains(l.file.as_str()) {
                 p.push(format!(
                     "layers: {} points at {:?}, which is not in files",
                     l.diff_id, l.file
                 ));
             }
+            if !diff_ids.insert(l.diff_id.as_str()) {
+                p.push(format!("layers: {} is listed twice", l.diff_id));
+            }
             if !l.diff_id.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
                 p.push(format!("layers: malformed diff id {:?}", l.diff_id));
             }
-            diff_ids.insert(l.diff_id.as_str());
         }
         diff_ids
     }
@@ -1289,6 +1314,7 @@ file = "packages/bklite-controller-bootstrap.exe"
                 created: "2026-01-01T00:00:00Z".into(),
                 created_by: "bkbundle".into(),
                 compression: Compression::Zstd,
+                without_layers: false,
             },
             files: vec![FileEntry {
                 path: format!("images/configs/{sha}.json"),
@@ -1361,6 +1387,7 @@ file = "packages/bklite-controller-bootstrap.exe"
                 created: "2026-01-01T00:00:00Z".into(),
                 created_by: "bkbundle".into(),
                 compression: Compression::Zstd,
+                without_layers: false,
             },
             files: vec![
                 file(layout::config_path(&a), &a),
@@ -1427,6 +1454,55 @@ file = "packages/bklite-controller-bootstrap.exe"
         }
     }
 
+    /// `complete()` as `pack --no-images` writes it: no layer payloads, the rest unchanged.
+    fn without_layers() -> Manifest {
+        let mut m = complete();
+        m.bundle.without_layers = true;
+        m.files.retain(|f| !layout::is_layer_path(&f.path));
+        for l in &mut m.layers {
+            l.file.clear();
+        }
+        m
+    }
+
+    #[test]
+    fn a_bundle_without_layers_has_no_layer_files() {
+        let m = without_layers();
+        let text = m.to_toml();
+        assert!(text.contains("without_layers = true"), "{text}");
+        // A layer without a file writes no `file` key; the full bundle writes no `without_layers`.
+        let layers = text.split("[[layers]]").nth(1).unwrap().split("[[").next().unwrap();
+        assert!(!layers.contains("file"), "{layers}");
+        assert!(!complete().to_toml().contains("without_layers"));
+        assert_eq!(Manifest::parse(&text, "bundle.toml").unwrap(), m);
+
+        // A layer that keeps its file in a bundle without layers; its payload listed.
+        let mut mixed = without_layers();
+        mixed.layers[0].file = complete().layers[0].file.clone();
+        mixed.files.push(complete().files[1].clone());
+        let e = Manifest::parse(&mixed.to_toml(), "bundle.toml").unwrap_err().to_string();
+        assert!(e.contains("has file \"images/layers/bbbb"), "{e}");
+        assert!(e.contains("is a layer's payload, but the bundle is without layers"), "{e}");
+
+        // A full bundle whose layer lost its file.
+        let mut lost = complete();
+        lost.layers[0].file.clear();
+        let e = Manifest::parse(&lost.to_toml(), "bundle.toml").unwrap_err().to_string();
+        assert!(e.contains(&format!("layers: sha256:{} has no file", "b".repeat(64))), "{e}");
+
+        // The same diff id twice.
+        let mut twice = without_layers();
+        twice.layers.push(twice.layers[0].clone());
+        let e = Manifest::parse(&twice.to_toml(), "bundle.toml").unwrap_err().to_string();
+        assert!(e.contains("is listed twice"), "{e}");
+
+        // Images keep their configs: a config still has to be a listed file.
+        let mut no_config = without_layers();
+        no_config.files.retain(|f| f.path != no_config.images[0].config);
+        let e = Manifest::parse(&no_config.to_toml(), "bundle.toml").unwrap_err().to_string();
+        assert!(e.contains("config \"images/configs/aaaa"), "{e}");
+    }
+
     /// The manifest's format as a committed schema (tests/snapshots/manifest.schema): a change
     /// of a field shows in review. `BKBUNDLE_BLESS=1` rewrites the file.
     #[test]
@@ -1434,7 +1510,10 @@ file = "packages/bklite-controller-bootstrap.exe"
         let m = complete();
         // The complete example is a valid manifest, and one that survives its own writer.
         assert_eq!(Manifest::parse(&m.to_toml(), "bundle.toml").unwrap(), m);
-        let value = serde_json::to_value(&m).unwrap();
+        let mut value = serde_json::to_value(&m).unwrap();
+        // `without_layers` is written only when true, which a bundle with layers never is (see
+        // `a_bundle_without_layers_has_no_layer_files`): listed here so the schema shows it.
+        value["bundle"]["without_layers"] = serde_json::Value::Bool(true);
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/manifest.schema");
         if let Err(e) = crate::schema::compare_snapshot(&path, &crate::schema::schema_lines(&value)) {
             panic!("{e}");

@@ -45,6 +45,10 @@ pub struct Settings<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
     /// Names the source in messages (`Docker engine` or the archive's path).
     pub source: &'a str,
+    /// Store each layer in the bundle. When false (`pack --no-images`) a layer is only hashed and
+    /// counted as it streams by (its diff id checked against the config as always) and recorded
+    /// with no file.
+    pub store_layers: bool,
 }
 
 /// Small JSON files kept in memory per archive; far above any real manifest/config set.
@@ -66,10 +70,16 @@ pub fn ingest<R: Read>(
     // layer starts new worker threads and buffers each time, and peak memory crept up with the
     // number of layers.
     let mut zctx = match s.compression {
-        Compression::Zstd => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
-        Compression::Gzip => None,
+        Compression::Zstd if s.store_layers => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
+        Compression::Zstd | Compression::Gzip => None,
     };
-    let mut on_layer = |_: &str, layer: &mut dyn Read| store_layer(layer, out, stored, zctx.as_mut(), s);
+    let mut on_layer = |_: &str, layer: &mut dyn Read| {
+        if s.store_layers {
+            store_layer(layer, out, stored, zctx.as_mut(), s)
+        } else {
+            describe_layer(layer, stored, s)
+        }
+    };
     read_archive(src, s.source, s.progress, &mut on_layer)
 }
 
@@ -260,6 +270,31 @@ fn zstd_context(s: &Settings) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
         set(CParameter::JobSize(2 << 20))?;
     }
     Ok(c)
+}
+
+/// Hash and count one layer without storing it (`pack --no-images`); returns its diff id.
+fn describe_layer<R: Read>(src: R, stored: &mut HashMap<String, StoredLayer>, s: &Settings) -> Result<String> {
+    let mut plain = plain_layer(src, s.source)?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match plain.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::external(format!("reading images from {}: {e}", s.source))),
+        };
+        hasher.update(&buf[..n]);
+        (s.progress)(n as u64);
+    }
+    let (hex, size) = hasher.finish();
+    let diff_id = format!("sha256:{hex}");
+    stored.entry(diff_id.clone()).or_insert_with(|| StoredLayer {
+        diff_id: diff_id.clone(),
+        file: String::new(),
+        size,
+    });
+    Ok(diff_id)
 }
 
 /// Stream one layer into the bundle; returns its diff id.

@@ -6,7 +6,7 @@
 
 use crate::bundle::{open_verified, Check, OpenOptions};
 use crate::error::Result;
-use crate::inspect::{human, installer_rows, render_installers, InstallerRow};
+use crate::inspect::{human, images_without_layers, installer_rows, render_installers, InstallerRow};
 use crate::progress::Reporter;
 use crate::report::Report;
 use serde::Serialize;
@@ -33,6 +33,9 @@ pub struct VerifyReport {
     pub files: usize,
     pub bytes: u64,
     pub signature: SignatureStatus,
+    /// Packed with `--no-images`: every file checked, but the images' layers are not among them.
+    pub without_layers: bool,
+    pub images: usize,
     /// The controller installer programs, each checked with the rest.
     pub installers: Vec<InstallerRow>,
     pub seconds: f64,
@@ -55,6 +58,8 @@ pub fn run(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<VerifyReport
         files: bundle.files(),
         bytes: bundle.bytes(),
         signature: bundle.signature().clone(),
+        without_layers: m.bundle.without_layers,
+        images: m.images.len(),
         installers: installer_rows(m),
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -74,8 +79,13 @@ impl Report for VerifyReport {
         if !self.installers.is_empty() {
             render_installers(&mut installers, &self.installers);
         }
+        let layers = if self.without_layers {
+            format!("\n{}", images_without_layers(self.images))
+        } else {
+            String::new()
+        };
         format!(
-            "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}{}",
+            "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}{layers}{}",
             self.name,
             self.version,
             self.bundle,

@@ -31,6 +31,11 @@ pub fn layer_path(diff_hex: &str, ext: &str) -> String {
     format!("{IMAGES}layers/{diff_hex}.tar.{ext}")
 }
 
+/// Whether `path` is where [`layer_path`] puts a layer's payload.
+pub fn is_layer_path(path: &str) -> bool {
+    path.strip_prefix(IMAGES).is_some_and(|p| p.starts_with("layers/"))
+}
+
 /// Bundle path of an image config, named by the image id's hex.
 pub fn config_path(id_hex: &str) -> String {
     format!("{IMAGES}configs/{id_hex}.json")

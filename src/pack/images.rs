@@ -48,7 +48,7 @@ pub(super) async fn write(
             size: s.size,
         })
         .collect();
-    layers.sort_by(|a, b| a.file.cmp(&b.file));
+    layers.sort_by(|a, b| (&a.file, &a.diff_id).cmp(&(&b.file, &b.diff_id)));
     Ok(Written { images, layers })
 }
 
@@ -69,6 +69,7 @@ fn ingest(
         threads: plan.threads,
         progress: &progress,
         source,
+        store_layers: !plan.no_images,
     };
     tokio::task::block_in_place(|| savefile::ingest(src, writer, stored, &s))
 }

@@ -105,6 +105,8 @@ pub(super) struct Plan {
     pub level: i32,
     pub threads: u32,
     pub signer: Option<Signer>,
+    /// `--no-images`: layers are read for their digests and sizes, not stored.
+    pub no_images: bool,
 }
 
 /// What the checks found, for the writing steps.
@@ -158,6 +160,7 @@ pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
         level,
         threads,
         signer,
+        no_images: opts.no_images,
     })
 }
 
@@ -459,6 +462,7 @@ mod tests {
             sign_key: None,
             threads: None,
             binary: None,
+            no_images: false,
         };
         let e = read(&opts(Compression::Gzip, 10)).err().unwrap();
         assert_eq!(e.message, "--level 10: gzip levels are 1 to 9");

@@ -49,6 +49,9 @@ pub struct PackOptions {
     /// The bkbundle binary to carry as `bin/bkbundle` (default: the running one); it must start
     /// on the offline hosts ([`crate::portable::check`]).
     pub binary: Option<PathBuf>,
+    /// `--no-images`: describe the images but leave their layers out
+    /// ([`crate::manifest::BundleInfo::without_layers`]).
+    pub no_images: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +62,8 @@ pub struct PackReport {
     pub bytes: u64,
     pub images: usize,
     pub layers: usize,
+    /// `--no-images`: the layers are described, not stored.
+    pub without_layers: bool,
     pub image_bytes_uncompressed: u64,
     pub image_bytes_stored: u64,
     pub packages: usize,
@@ -163,15 +168,19 @@ impl Report for PackReport {
                 )
             })
             .collect();
+        let stored = if self.without_layers {
+            "layers not stored: install with --images-from REGISTRY".to_string()
+        } else {
+            format!("{} stored", human(self.image_bytes_stored))
+        };
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {} stored), {} packages, {} installers, {} stack files{}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             self.images,
             self.layers,
             human(self.image_bytes_uncompressed),
-            human(self.image_bytes_stored),
             self.packages,
             self.installers,
             self.stack_files,

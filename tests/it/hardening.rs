@@ -96,6 +96,7 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
             created: "2023-11-14T22:13:20Z".into(),
             created_by: "bkbundle test".into(),
             compression: Compression::Zstd,
+            without_layers: false,
         },
         files: w.files().to_vec(),
         layers: Vec::new(),
