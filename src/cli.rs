@@ -169,6 +169,17 @@ The install config (--config install.toml) holds what only the site knows:
   steady_secs = 5                 # a service without a health check is ready after this long
   [database]                      # optional: see `bkbundle regions --help`
   [[regions]]                     # optional: the site's cloud regions, see `bkbundle regions --help`
+  [registry]                      # optional: where the images come from (--images-from's default)
+  url = \"harbor.intranet/bklite\"  # HOST[:PORT][/PREFIX]
+  ca_file = \"/etc/pki/ca.crt\"     # its CA (install writes /etc/docker/certs.d/HOST/ca.crt)
+  insecure = false                # plain HTTP (the engine must allow it: insecure-registries)
+  username = \"robot\"              # with password_file; else what `docker login` stored
+  password_file = \"/etc/bkbundle/registry.pass\"
+
+Images from a registry (--images-from REGISTRY, for a bundle packed with --no-images after `push`
+of the full one): the engine pulls each image the host lacks, its id is checked against the
+bundle's manifest, and it is tagged with the references the stack uses. Preflight checks first that
+the registry has every one with the bundle's id, and changes nothing when it does not.
 
 Re-running install is safe: it resumes a killed install, reports \"already installed\" when nothing
 changed, and upgrades to a newer bundle restarting only changed services. It never runs
@@ -276,6 +287,13 @@ pub struct InstallArgs {
     /// into TARGET/backups, keeping the last [backup] keep of the config, 3 by default).
     #[arg(long)]
     pub no_backup: bool,
+    /// Pull the images from this registry (HOST[:PORT][/PREFIX], where `push` put them) instead
+    /// of loading them from the bundle; needed for a bundle packed with --no-images. Default: the
+    /// config's [registry] url.
+    #[arg(long, value_name = "REGISTRY")]
+    pub images_from: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryAccessArgs,
 }
 
 pub const BACKUP_HELP: &str = "\
@@ -589,6 +607,8 @@ impl From<InstallArgs> for install::InstallOptions {
             timeout_secs: a.timeout,
             lock_wait: Some(std::time::Duration::from_secs(a.lock_wait)),
             no_backup: a.no_backup,
+            images_from: a.images_from,
+            registry: a.registry.access(),
         }
     }
 }

@@ -88,6 +88,91 @@ impl Engine {
     }
 }
 
+/// How the engine treats registries (`docker info`): what `install --images-from` needs to know
+/// before it asks the engine to pull over plain HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// `insecure-registries` given as CIDRs (127.0.0.0/8 by default).
+    pub insecure_cidrs: Vec<String>,
+    /// Registries by name (`host:port`) and whether the engine insists on verified TLS there.
+    pub secure: std::collections::BTreeMap<String, bool>,
+}
+
+impl Engine {
+    /// Pull `reference` from a registry with `credentials` (sent to the engine, never logged).
+    /// `progress` is called with every increase of the bytes downloaded. `Err` is the engine's
+    /// own message, for the caller to put in context.
+    pub async fn pull_with(
+        &self,
+        reference: &str,
+        credentials: Option<&crate::registry::Credentials>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> std::result::Result<(), String> {
+        let opts = bollard::query_parameters::CreateImageOptions {
+            from_image: Some(reference.to_string()),
+            ..Default::default()
+        };
+        let auth = credentials.map(|c| bollard::auth::DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.as_str().to_string()),
+            serveraddress: Some(reference.split('/').next().unwrap_or_default().to_string()),
+            ..Default::default()
+        });
+        let mut stream = self.docker.create_image(Some(opts), None, auth);
+        // Bytes downloaded so far, per layer (the engine reports running totals).
+        let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| e.to_string())?;
+            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                return Err(detail);
+            }
+            let downloading = info.status.as_deref() == Some("Downloading");
+            if let (true, Some(id), Some(current)) = (
+                downloading,
+                info.id,
+                info.progress_detail.and_then(|d| d.current),
+            ) {
+                let current = current.max(0) as u64;
+                let before = seen.insert(id, current).unwrap_or(0);
+                if current > before {
+                    progress(current - before);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the name `reference` (not the image while other names or containers use it; no
+    /// parent images pruned). A name that is not there is not an error.
+    pub async fn untag(&self, reference: &str) -> Result<()> {
+        let opts = bollard::query_parameters::RemoveImageOptions {
+            force: false,
+            noprune: true,
+            ..Default::default()
+        };
+        match self.docker.remove_image(reference, Some(opts), None).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(Error::external(format!("cannot remove the image name {reference}: {e}"))),
+        }
+    }
+
+    /// The engine's registry configuration (`docker info`).
+    pub async fn registry_config(&self) -> Result<RegistryConfig> {
+        let i = self.docker.info().await.map_err(|e| unreachable(&self.address, e))?;
+        let rc = i.registry_config.unwrap_or_default();
+        Ok(RegistryConfig {
+            insecure_cidrs: rc.insecure_registry_cidrs.unwrap_or_default(),
+            secure: rc
+                .index_configs
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.secure.unwrap_or(true)))
+                .collect(),
+        })
+    }
+}
+
 fn pull_error(reference: &str, e: impl std::fmt::Display) -> Error {
     Error::external(format!("image {reference} is not in the local Docker engine and pulling it failed: {e}"))
         .hint("on the connected machine: check the registry is reachable and the reference is right (`docker pull REF`), or give the image as an `archive = \"file.tar\"` (docker save) in the recipe")

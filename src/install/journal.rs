@@ -36,6 +36,10 @@ pub struct Journal {
     /// others in the same project; absent in journals written before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// The registry the images were pulled from (`install --images-from`); absent when they were
+    /// loaded from the bundle (and in journals written before). `doctor` checks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_from: Option<String>,
     /// Steps completed for `bundle`.
     pub completed: Vec<String>,
     /// Path relative to the target → sha256 of the content bkbundle last wrote there.

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod load;
 pub mod offline;
 pub mod platform;
+pub mod registry;
 pub mod staging;
 pub mod tls;
 
@@ -44,12 +45,19 @@ pub struct InstallOptions {
     pub lock_wait: Option<Duration>,
     /// Upgrading a site: do not back it up first.
     pub no_backup: bool,
+    /// `--images-from HOST[:PORT][/PREFIX]`: the engine pulls the images from this registry
+    /// (default: the install config's `[registry] url`).
+    pub images_from: Option<String>,
+    /// How to reach that registry (the command line's; the config's `[registry]` fills the rest).
+    pub registry: crate::registry::Access,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageAction {
     Load,
+    /// Pulled by the engine from the registry of `--images-from`.
+    Pull,
     Tag,
     Present,
 }
@@ -60,6 +68,8 @@ pub struct PlannedImage {
     pub id: String,
     pub size: u64,
     pub action: ImageAction,
+    /// For [`ImageAction::Pull`]: the reference the engine pulls (`HOST/PREFIX/path:tag`).
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -87,6 +97,9 @@ pub struct Plan {
     pub bundle: BundleId,
     pub target: PathBuf,
     pub project: String,
+    /// The registry the images are pulled from (`--images-from`, or the config's `[registry]
+    /// url`); `None`: loaded from the bundle.
+    pub images_from: Option<String>,
     pub images: Vec<PlannedImage>,
     pub files: Vec<PlannedFile>,
     /// `.env` keys generated, added or updated in this run (values never shown).
@@ -127,6 +140,8 @@ pub struct InstallReport {
     pub version: String,
     pub target: PathBuf,
     pub project: String,
+    /// The registry the images came from (as the plan's); `None`: the bundle.
+    pub images_from: Option<String>,
     pub already_installed: bool,
     pub dry_run: bool,
     pub plan: Plan,
@@ -144,6 +159,8 @@ struct Ctx {
     project: String,
     compose_file: PathBuf,
     env_file: PathBuf,
+    /// Where the images come from when not from the bundle (`--images-from`).
+    registry: Option<registry::Source>,
 }
 
 /// Verify, plan, preflight and (unless a dry run) install (`bkbundle install`). See the module
@@ -198,7 +215,9 @@ async fn install(opts: &InstallOptions, reporter: &dyn Reporter) -> Result<Insta
     };
     let project = config.project.clone().unwrap_or(stack.project.clone());
     let strip = |p: &str| layout::stack_relative(p).to_string();
+    let registry = registry::Source::resolve(opts.images_from.as_deref(), &opts.registry, &config.registry)?;
     let ctx = Ctx {
+        registry,
         compose_file: target.join(strip(&stack.compose)),
         env_file: target.join(".env"),
         reader: Arc::new(reader),
@@ -287,6 +306,9 @@ struct Planned {
     hints: Vec<String>,
     /// Set when the engine does not answer: an external failure, not a preflight finding.
     engine_error: Option<Kind>,
+    /// What the registry's preflight found (`--images-from`): the engine's CA file to write, and
+    /// an external failure (the registry down) like `engine_error`.
+    registry: registry::Checked,
     /// The site values (`None` when the env template did not render: already a finding).
     site: Option<std::collections::BTreeMap<String, String>>,
     /// Whether `.env` was rendered (or the bundle has no template).
@@ -402,10 +424,13 @@ async fn plan(
 ) -> Result<Planned> {
     let (mut findings, mut hints) = (Vec::new(), Vec::new());
     let (engine, engine_error) = connect_engine(&mut findings, &mut hints).await;
-    let images = match &engine {
+    let mut images = match &engine {
         Some(engine) => plan_images(engine, &ctx.manifest.images).await?,
         None => vec![],
     };
+    if let Some(source) = &ctx.registry {
+        registry::mark_pulls(&mut images, source, &mut findings);
+    }
     let (mut files, env) = plan_files(ctx, stack, journal, &mut findings, &mut hints)?;
     let mut site = site_values(ctx, stack, env.as_ref());
     let tls_plan = match site.as_mut() {
@@ -446,6 +471,7 @@ async fn plan(
         bundle: id.clone(),
         target: ctx.target.clone(),
         project: ctx.project.clone(),
+        images_from: ctx.registry.as_ref().map(|s| s.target.to_string()),
         images,
         files,
         env_generated: env.as_ref().map(|e| e.generated.clone()).unwrap_or_default(),
@@ -469,6 +495,7 @@ async fn plan(
         findings,
         hints,
         engine_error,
+        registry: registry::Checked::default(),
         rendered: env.is_some() || stack.env_template.is_none(),
         site,
         has_regions,
@@ -716,6 +743,17 @@ async fn preflight_stack(
             None
         }
     };
+    if let Some(engine) = &p.engine {
+        p.registry = registry::preflight(
+            engine,
+            &ctx.manifest,
+            ctx.registry.as_ref(),
+            &p.plan.images,
+            &mut p.findings,
+            &mut p.hints,
+        )
+        .await;
+    }
     if let (Some(engine), Some(compose)) = (&p.engine, &p.compose) {
         let mut warnings = Vec::new();
         p.services = preflight(
@@ -767,8 +805,8 @@ async fn preflight_backup(opts: &InstallOptions, ctx: &Ctx, id: &BundleId, journ
 /// Preflight's findings as one error: the list, the warnings, and what to do.
 fn preflight_error(ctx: &Ctx, p: Planned, unlocked: bool) -> Error {
     let mut e = Error::findings(
-        // An unreachable engine is an external system's failure (exit 6), as documented.
-        p.engine_error.unwrap_or(Kind::Preflight),
+        // An unreachable engine or registry is an external system's failure (exit 6), as documented.
+        p.engine_error.or(p.registry.error).unwrap_or(Kind::Preflight),
         format!("preflight found {} problem(s); nothing was changed", p.findings.len()),
         p.findings,
         p.plan.warnings,
@@ -827,6 +865,13 @@ async fn execute(
     let upgrade = upgrade_backup(opts, reporter, ctx, id, &journal, &mut steps, &mut notes).await?;
     journal.bundle = Some(id.clone());
     journal.project = Some(ctx.project.clone());
+    // Where the images came from, for doctor: the registry given, or the bundle when it has its
+    // layers (a bundle without layers whose images were all present keeps what was recorded).
+    if let Some(source) = &ctx.registry {
+        journal.images_from = Some(source.target.to_string());
+    } else if !ctx.manifest.bundle.without_layers {
+        journal.images_from = None;
+    }
     journal.history.push(journal::Run {
         bundle: id.clone(),
         started: now(),
@@ -855,7 +900,9 @@ async fn execute(
         }
         let t = Instant::now();
         let done = match step {
-            StepName::Images => load_images(&x.engine, ctx, &p.plan, reporter).await,
+            StepName::Images => {
+                load_images(&x.engine, ctx, &p.plan, p.registry.write_ca.as_ref(), reporter, &mut x.notes).await
+            }
             StepName::Layout => lay_out(ctx, &p.plan, &mut x.journal, &mut x.notes).and_then(|d| {
                 x.tls_changed = apply_tls(ctx, &p.plan, &mut x.notes)?;
                 Ok(d)
@@ -1338,6 +1385,7 @@ fn report(
         version: ctx.manifest.bundle.version.clone(),
         target: ctx.target.clone(),
         project: ctx.project.clone(),
+        images_from: plan.images_from.clone(),
         already_installed,
         dry_run,
         plan,
@@ -1382,6 +1430,7 @@ async fn plan_images(engine: &dyn crate::ports::Docker, images: &[Image]) -> Res
             id: img.id.clone(),
             size: img.size,
             action,
+            from: None,
         });
     }
     Ok(out)
@@ -1532,7 +1581,7 @@ async fn check_space(
     let to_load: u64 = plan
         .images
         .iter()
-        .filter(|i| i.action == ImageAction::Load)
+        .filter(|i| i.action == ImageAction::Load || i.action == ImageAction::Pull)
         .map(|i| i.size)
         .sum();
     if to_load > 0 {
@@ -1770,8 +1819,23 @@ pub(crate) fn free_space(path: &Path) -> Option<u64> {
     Some(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
-async fn load_images(engine: &Engine, ctx: &Ctx, plan: &Plan, reporter: &dyn Reporter) -> Result<String> {
-    load_planned(engine, &ctx.reader, &ctx.manifest, &plan.images, reporter).await
+async fn load_images(
+    engine: &Engine,
+    ctx: &Ctx,
+    plan: &Plan,
+    write_ca: Option<&(PathBuf, Vec<u8>)>,
+    reporter: &dyn Reporter,
+    notes: &mut Vec<String>,
+) -> Result<String> {
+    match &ctx.registry {
+        Some(source) => {
+            let pulled = registry::pull(engine, source, &plan.images, write_ca, reporter, notes).await?;
+            // What the pull did not cover: images there under another name.
+            let rest = load_planned(engine, &ctx.reader, &ctx.manifest, &plan.images, reporter).await?;
+            Ok(format!("{pulled} pulled from {}, {rest}", source.target))
+        }
+        None => load_planned(engine, &ctx.reader, &ctx.manifest, &plan.images, reporter).await,
+    }
 }
 
 /// Every image of `reader`'s bundle in the engine, with its references: loaded from the bundle
@@ -1798,6 +1862,17 @@ async fn load_planned(
         .filter(|p| p.action == ImageAction::Load)
         .filter_map(|p| manifest.images.iter().find(|i| i.id == p.id).cloned())
         .collect();
+    if manifest.bundle.without_layers && !to_load.is_empty() {
+        let names: Vec<String> = to_load.iter().map(|i| format!("{} ({})", i.refs.join(", "), i.id)).collect();
+        return Err(Error::new(
+            Kind::Preflight,
+            format!(
+                "the bundle carries no image layers and the Docker engine lacks {}",
+                names.join("; ")
+            ),
+        )
+        .hint("give --images-from REGISTRY (the registry the full bundle was pushed to), or use the full bundle"));
+    }
     let mut loaded = 0;
     if !to_load.is_empty() {
         let mut sizes = std::collections::BTreeSet::new();
@@ -1823,7 +1898,10 @@ async fn load_planned(
     }
     // Tags the engine lacks (the image is there under another name, or a re-tag was lost).
     let mut tagged = 0;
-    for p in planned.iter().filter(|p| p.action != ImageAction::Present) {
+    for p in planned
+        .iter()
+        .filter(|p| p.action != ImageAction::Present && p.action != ImageAction::Pull)
+    {
         for r in &p.refs {
             if engine.image(r).await?.map(|i| i.id) != Some(p.id.clone()) {
                 engine.tag(&p.id, r).await?;
@@ -1839,6 +1917,9 @@ async fn load_planned(
         }
     }
     let present = planned.iter().filter(|p| p.action == ImageAction::Present).count();
+    if planned.iter().any(|p| p.action == ImageAction::Pull) {
+        return Ok(format!("{tagged} tag(s) set, {present} already present"));
+    }
     Ok(format!(
         "{loaded} loaded, {tagged} tag(s) set, {present} already present"
     ))
@@ -1908,18 +1989,27 @@ pub fn render(r: &InstallReport) -> String {
         r.project
     );
     if r.dry_run || !r.already_installed {
-        let _ = writeln!(s, "images:");
+        match &r.images_from {
+            Some(reg) => {
+                let _ = writeln!(s, "images (from registry {reg}):");
+            }
+            None => {
+                let _ = writeln!(s, "images:");
+            }
+        }
         for i in &r.plan.images {
             let a = match i.action {
                 ImageAction::Load => "load",
+                ImageAction::Pull => "pull",
                 ImageAction::Tag => "tag",
                 ImageAction::Present => "present",
             };
             let _ = writeln!(
                 s,
-                "  {a:<8} {:<48} {}",
+                "  {a:<8} {:<48} {}{}",
                 i.refs.join(", "),
-                crate::inspect::human(i.size)
+                crate::inspect::human(i.size),
+                i.from.as_ref().map(|f| format!("  from {f}")).unwrap_or_default()
             );
         }
         let _ = writeln!(s, "files:");

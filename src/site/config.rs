@@ -38,6 +38,13 @@
 //! # ca_file = "/etc/pki/site/ca.crt"
 //! # cert_file = "/etc/pki/site/nats.crt"
 //! # key_file = "/etc/pki/site/nats.key"
+//!
+//! [registry]                    # the intranet registry the images come from (install --images-from)
+//! url = "harbor.intranet/bklite" # HOST[:PORT][/PREFIX]; --images-from wins
+//! ca_file = "/etc/pki/site/ca.crt" # the CA of its certificate (written to /etc/docker/certs.d/HOST/)
+//! insecure = false              # plain HTTP (the engine must list it in insecure-registries)
+//! username = "robot$bklite"     # with password_file (first line), else `docker login`'s file
+//! password_file = "/etc/bkbundle/registry.pass"
 //! ```
 
 use crate::error::{Error, Kind, Result};
@@ -71,6 +78,10 @@ pub struct InstallConfig {
     /// `[backup]`: the backup install takes before an upgrade, and where the database runs.
     #[serde(default)]
     pub backup: BackupConfig,
+    /// `[registry]`: the intranet registry the images are pulled from (`install --images-from`'s
+    /// default) and that `doctor` checks them against.
+    #[serde(default)]
+    pub registry: crate::registry::Settings,
 }
 
 /// `[backup]`.
@@ -356,6 +367,14 @@ impl InstallConfig {
             if v.contains('\n') {
                 problems.push(format!("[env] {k}: values cannot span lines"));
             }
+        }
+        if let Some(url) = &c.registry.url {
+            if let Err(e) = crate::registry::Target::parse(url) {
+                problems.push(format!("[registry] url: {}", e.message));
+            }
+        }
+        if c.registry.password_file.is_some() && c.registry.username.is_none() {
+            problems.push("[registry]: password_file needs username".into());
         }
         if c.database.secret_key.is_some() && c.database.secret_key_env.is_some() {
             problems.push("[database]: give either secret_key or secret_key_env, not both".into());

@@ -123,6 +123,18 @@ impl Drop for Project {
 
 /// Pack a bundle of `images` and a compose file `compose` (a string) into `dir`.
 pub(crate) fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str], compose: &str) -> PathBuf {
+    pack_stack_with(dir, name, version, images, compose, &[])
+}
+
+/// [`pack_stack`] with more arguments for `pack` (e.g. `--no-images`).
+pub(crate) fn pack_stack_with(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    images: &[&str],
+    compose: &str,
+    pack_args: &[&str],
+) -> PathBuf {
     let stack = dir.join(format!("stack-{version}"));
     fs::create_dir_all(&stack).unwrap();
     fs::write(stack.join("docker-compose.yml"), compose).unwrap();
@@ -142,7 +154,9 @@ pub(crate) fn pack_stack(dir: &Path, name: &str, version: &str, images: &[&str],
     let rp = dir.join(format!("recipe-{version}.toml"));
     fs::write(&rp, recipe).unwrap();
     let out = dir.join(format!("{name}-{version}.bkb"));
-    let r = bk(&["pack", rp.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let mut args = vec!["pack", rp.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend_from_slice(pack_args);
+    let r = bk(&args);
     assert_eq!(r.code, 0, "pack: {}", r.stderr);
     out
 }
@@ -164,7 +178,7 @@ services:
 }
 
 /// A unique image only this test uses (so removing it disturbs no other test).
-fn unique_image(dir: &Path) -> String {
+pub(crate) fn unique_image(dir: &Path) -> String {
     let name = format!("bkbundle-test/u{}:1", random_alnum(8).to_lowercase());
     let ctx = dir.join("imgctx");
     fs::create_dir_all(&ctx).unwrap();
@@ -199,7 +213,7 @@ fn stack_with_unique_image(p: &Project, name: &str, others: &[&str]) -> (PathBuf
     (b, img, id)
 }
 
-fn image_id(reference: &str) -> Option<String> {
+pub(crate) fn image_id(reference: &str) -> Option<String> {
     let r = run(Command::new("docker").args(["image", "inspect", "-f", "{{.Id}}", reference]));
     (r.code == 0).then(|| r.stdout.trim().to_string())
 }

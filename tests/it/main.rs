@@ -19,6 +19,7 @@ mod hardening;
 mod hardening_install;
 mod harness;
 mod harness_smoke;
+mod images_from;
 mod install;
 mod output;
 mod pack;

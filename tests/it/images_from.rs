@@ -1,0 +1,302 @@
+//! Issue 16: a bundle without image layers (`pack --no-images`), installed with the images pulled
+//! by the real engine from a real registry (Debian's docker-registry, started by the harness),
+//! filled independently of bkbundle by skopeo from the engine.
+//!
+//! Each test uses an image of its own (a unique layer on the demo base), removed from the engine
+//! before the install so that the engine really pulls it, and removed again at the end; the demo
+//! images the other tests share are only read.
+
+use crate::harness::{ensure_demo_images, free_port, Registry};
+use crate::install::{compose_with, image_id, pack_stack_with, unique_image, Project};
+use crate::pack::{bk, run, Run};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const WEB: &str = "bkbundle-demo/web:1";
+
+/// Removes the test's own image names from the engine when the test ends (whatever it left).
+struct OwnImages(Vec<String>);
+
+impl Drop for OwnImages {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            let _ = run(Command::new("docker").args(["rmi", r]));
+        }
+    }
+}
+
+/// A bundle without layers of the demo web image and an image of the test's own (service `u`).
+struct Setup {
+    bundle: PathBuf,
+    img: String,
+    img_id: String,
+    web_id: String,
+}
+
+fn setup(p: &Project, name: &str, own: &mut OwnImages) -> Setup {
+    ensure_demo_images();
+    let img = unique_image(p.dir.path());
+    own.0.push(img.clone());
+    let img_id = image_id(&img).expect("the test's image was built");
+    let web_id = image_id(WEB).expect("the demo web image");
+    let bundle = pack_stack_with(
+        p.dir.path(),
+        name,
+        "1",
+        &[WEB, &img],
+        &compose_with(&format!("  u:\n    image: {img}\n")),
+        &["--no-images"],
+    );
+    Setup {
+        bundle,
+        img,
+        img_id,
+        web_id,
+    }
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(r: &Run) -> serde_json::Value {
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", r.stdout, r.stderr))
+}
+
+/// `docker rmi` of the test's image: its id leaves the engine (nothing else names it).
+fn remove_from_engine(s: &Setup) {
+    let r = run(Command::new("docker").args(["rmi", &s.img]));
+    assert_eq!(r.code, 0, "docker rmi {}: {}", s.img, r.stderr);
+    assert!(image_id(&s.img_id).is_none(), "image {} is still in the engine", s.img_id);
+}
+
+#[test]
+fn a_bundle_without_layers_verifies_inspects_and_holds_no_layer() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "nolayers", &mut own);
+
+    let entries = run(Command::new("tar").args(["-tf", arg(&s.bundle)]));
+    assert_eq!(entries.code, 0, "{}", entries.stderr);
+    assert!(!entries.stdout.contains("images/layers/"), "{}", entries.stdout);
+    assert_eq!(entries.stdout.matches("images/configs/").count(), 2, "{}", entries.stdout);
+
+    let r = bk(&["verify", arg(&s.bundle)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("images: 2 (layers not in this bundle: install with --images-from REGISTRY)"),
+        "{}",
+        r.stdout
+    );
+    let r = bk(&["inspect", arg(&s.bundle)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("\nimages: 2 (layers not in this bundle"), "{}", r.stdout);
+    let v = json(&bk(&["inspect", arg(&s.bundle), "--json"]));
+    assert_eq!(v["without_layers"], true);
+    let ids: Vec<&str> = v["images"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [s.web_id.as_str(), s.img_id.as_str()]);
+    // The manifest keeps every layer's digest and size, without a file.
+    let m = run(Command::new("tar").args(["-xOf", arg(&s.bundle), "bundle.toml"]));
+    let m: toml::Value = toml::from_str(&m.stdout).unwrap();
+    assert_eq!(m["bundle"]["without_layers"].as_bool(), Some(true));
+    let layers = m["layers"].as_array().unwrap();
+    assert!(layers.len() >= 2, "{layers:?}");
+    for l in layers {
+        assert!(l.get("file").is_none() && l["size"].as_integer().unwrap() > 0, "{l:?}");
+    }
+
+    // Without a registry, an image the engine lacks stops the install before anything changes.
+    remove_from_engine(&s);
+    let r = p.install(&s.bundle, &p.config(60, ""), &[]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("the bundle carries no image layers: give --images-from REGISTRY")
+            && r.stderr.contains(&s.img)
+            && r.stderr.contains(&s.img_id),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains(&format!("{WEB} (")), "web is in the engine: {}", r.stderr);
+    assert!(!p.target().exists());
+}
+
+#[test]
+fn without_a_registry_the_engines_own_images_are_enough() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "present", &mut own);
+    // Every image is in the engine with the manifest's id: nothing to pull, the stack starts.
+    let r = p.install(&s.bundle, &p.config(60, ""), &["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = json(&r);
+    assert_eq!(v["images_from"], serde_json::Value::Null);
+    assert!(
+        v["plan"]["images"].as_array().unwrap().iter().all(|i| i["action"] == "present"),
+        "{v}"
+    );
+}
+
+/// The registry holds both images at `PREFIX/<reference>`, put there by skopeo from the engine.
+fn fill(reg: &Registry, prefix: &str, images: &[&str]) {
+    for i in images {
+        reg.skopeo_copy_from_daemon(i, &format!("{prefix}/{i}"));
+        assert_eq!(
+            reg.image_id(&format!("{prefix}/{i}")),
+            image_id(i),
+            "skopeo put {i} into the registry with the engine's id"
+        );
+    }
+}
+
+#[test]
+fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "plain", &mut own);
+    let reg = Registry::plain();
+    fill(&reg, "site", &[WEB, &s.img]);
+    remove_from_engine(&s);
+    let from = format!("{}/site", reg.host());
+    own.0.push(format!("{from}/{}", s.img));
+
+    let cfg = p.config(120, "");
+    let r = p.install(&s.bundle, &cfg, &["--images-from", &from, "--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.stdout);
+    let v = json(&r);
+    assert_eq!(v["images_from"], from.as_str());
+    let planned = v["plan"]["images"].as_array().unwrap();
+    let u = planned.iter().find(|i| i["refs"][0] == s.img.as_str()).unwrap();
+    assert_eq!(u["action"], "pull");
+    assert_eq!(u["from"], format!("{from}/{}", s.img).as_str());
+    let web = planned.iter().find(|i| i["refs"][0] == WEB).unwrap();
+    assert_eq!(web["action"], "present", "an image the engine has is not pulled");
+    assert!(r.stderr.contains(&format!("pulled {} ({})", s.img, s.img_id)), "{}", r.stderr);
+
+    // The engine has the bundle's image under the stack's reference, not the registry's name.
+    assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
+    assert!(image_id(&format!("{from}/{}", s.img)).is_none(), "the registry's name is left behind");
+    let containers = p.containers();
+    assert_eq!(containers.len(), 2, "{containers:?}");
+    assert!(containers.iter().all(|c| c.contains(" Up ")), "{containers:?}");
+    let journal: serde_json::Value =
+        serde_json::from_slice(&fs::read(p.target().join(".bkbundle/journal.json")).unwrap()).unwrap();
+    assert_eq!(journal["images_from"], from.as_str());
+
+    // A re-run finds everything in place: already installed, the registry not even asked.
+    let mut reg = reg;
+    reg.stop();
+    let r = p.install(&s.bundle, &cfg, &["--images-from", &from]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("already installed"), "{}", r.stdout);
+}
+
+#[test]
+fn a_registry_without_an_image_stops_the_install_before_anything_changes() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "missing", &mut own);
+    let reg = Registry::plain();
+    fill(&reg, "site", &[WEB]);
+    remove_from_engine(&s);
+    let from = format!("{}/site", reg.host());
+    let r = p.install(&s.bundle, &p.config(60, ""), &["--images-from", &from]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "image {}: registry {from} has no {from}/{} (expected image {})",
+            s.img, s.img, s.img_id
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("nothing was changed"), "{}", r.stderr);
+    assert!(!p.target().exists());
+    assert!(p.containers().is_empty());
+    assert!(image_id(&s.img_id).is_none(), "nothing was pulled");
+}
+
+#[test]
+fn a_registry_that_is_down_is_named_and_nothing_changes() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "down", &mut own);
+    remove_from_engine(&s);
+    let from = format!("127.0.0.1:{}", free_port()); // nobody listens there
+    let r = p.install(&s.bundle, &p.config(60, ""), &["--images-from", &from]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("registry {from}")), "{}", r.stderr);
+    assert!(!p.target().exists());
+    assert!(image_id(&s.img_id).is_none());
+}
+
+#[test]
+fn install_pulls_from_a_tls_registry_with_its_ca_and_a_password() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "tls", &mut own);
+    let password = crate::harness::random_alnum(20);
+    let reg = Registry::tls_auth("bkbundle", &password);
+    fill(&reg, "site", &[WEB, &s.img]);
+    remove_from_engine(&s);
+    let from = format!("{}/site", reg.host());
+    own.0.push(format!("{from}/{}", s.img));
+    let certs = crate::harness::engine_certs_dir(&reg.host());
+    // Whatever the test leaves, the engine's CA file for the test registry goes.
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _certs = Remove(certs.clone());
+    let pass_file = p.path("registry.pass");
+    fs::write(&pass_file, format!("{password}\n")).unwrap();
+
+    // A wrong password: the registry refuses, before anything changes.
+    let wrong = p.path("wrong.pass");
+    fs::write(&wrong, "not-the-password\n").unwrap();
+    let base = [
+        "--images-from",
+        &from,
+        "--registry-ca",
+        arg(reg.ca_pem_path()),
+        "--registry-user",
+        "bkbundle",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--registry-password-file", arg(&wrong)]);
+    let cfg = p.config(120, "");
+    let r = p.install(&s.bundle, &cfg, &args);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("registry {from}")), "{}", r.stderr);
+    assert!(!r.stderr.contains(&password), "the password is never printed");
+    assert!(!p.target().exists());
+
+    let mut args = base.to_vec();
+    args.extend(["--registry-password-file", arg(&pass_file)]);
+    let r = p.install(&s.bundle, &cfg, &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains(&password) && !r.stdout.contains(&password));
+    // install wrote the engine's CA file for the registry, and said so.
+    let ca_file = certs.join("ca.crt");
+    assert_eq!(fs::read(&ca_file).unwrap(), fs::read(reg.ca_pem_path()).unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&ca_file).unwrap().permissions().mode() & 0o777, 0o644);
+    assert!(r.stdout.contains(&format!("wrote {}", ca_file.display())), "{}", r.stdout);
+    assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
+
+    // Another CA in that file is a preflight problem naming it (a dry run: preflight without the
+    // "already installed" short cut).
+    fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\nMIIBother\n-----END CERTIFICATE-----\n").unwrap();
+    args.push("--dry-run");
+    let r = p.install(&s.bundle, &cfg, &args);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{} holds another CA than --registry-ca", ca_file.display())),
+        "{}",
+        r.stderr
+    );
+}
