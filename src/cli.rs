@@ -808,6 +808,10 @@ pub struct DoctorArgs {
     /// Apply the safe repairs (see below) and report each.
     #[arg(long)]
     pub fix: bool,
+    /// How to reach the registry the images came from (the install journal's, or the config's
+    /// [registry] url), which doctor checks holds every image of the bundle.
+    #[command(flatten)]
+    pub registry: RegistryAccessArgs,
 }
 
 /// Where the live platform is: the install config, the stack's .env, the database and NATS

@@ -189,11 +189,13 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         })
     })?;
     let target = a.target.clone().or(config.target.clone());
-    let project = match (&a.project, &target) {
+    let journal = target.as_ref().and_then(|t| install::journal::Journal::load(t).ok());
+    let project = match (&a.project, &journal) {
         (Some(p), _) => Some(p.clone()),
-        (None, Some(t)) => install::journal::Journal::load(t).ok().and_then(|j| j.project),
+        (None, Some(j)) => j.project.clone(),
         (None, None) => None,
     };
+    let images_from = journal.and_then(|j| j.images_from);
     let opts = doctor::DoctorOptions {
         bundle: a.bundle,
         site,
@@ -203,6 +205,8 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         nats_url: a.site.nats_url,
         bucket: a.site.bucket,
         fix: a.fix,
+        images_from,
+        registry: a.registry.access(),
     };
     Output::of(&doctor::run(&opts, reporter)?)
 }

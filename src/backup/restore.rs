@@ -340,6 +340,8 @@ async fn restore(opts: &RestoreOptions, reporter: &dyn Reporter) -> Result<Resto
         nats_url: site.nats_url.clone(),
         bucket: None,
         fix: false,
+        images_from: None,
+        registry: Default::default(),
     };
     let env = |n: &str| std::env::var(n).ok();
     let dr = crate::doctor::run_with_env(&dopts, &env).await;

@@ -17,7 +17,9 @@
 //! - **agents**: install tasks that succeeded for hosts whose agent never registered a node;
 //! - **tls** (regions told `NATS_PROTOCOL = tls`): the NATS certificate's expiry and names against
 //!   the regions' `NATS_SERVERS`, the CA of the env rows and packages against it, and a NATS that
-//!   answers in plain text.
+//!   answers in plain text;
+//! - **registry** (the images came from a registry, `install --images-from`, or the config names
+//!   one): every image of the bundle is there with the bundle's id.
 //!
 //! `--fix` applies only safe repairs and reports each: re-upload missing objects from the bundle
 //! (init-packages' own repair), add a region's missing keys from the default region's rows (the
@@ -39,6 +41,7 @@ mod installers;
 mod nats;
 mod packages;
 mod regions;
+mod registry;
 mod tls;
 
 pub use regions::AGENT_KEYS;
@@ -71,6 +74,11 @@ pub struct DoctorOptions {
     pub nats_url: Option<String>,
     pub bucket: Option<String>,
     pub fix: bool,
+    /// The registry the install pulled the images from (its journal's `images_from`); else the
+    /// config's `[registry] url`.
+    pub images_from: Option<String>,
+    /// How to reach that registry (the command line's; the config's `[registry]` fills the rest).
+    pub registry: crate::registry::Access,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -317,6 +325,7 @@ pub async fn run_on(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<String>, 
 /// the bucket). A link that is down is reported where its first check would run.
 async fn checks(mut ctx: Ctx<'_>, seams: &Seams<'_>, t0: Instant) -> DoctorReport {
     containers::check(&mut ctx, &seams.docker).await;
+    registry::check(&mut ctx).await;
     if let (Some(p), Ok(docker)) = (ctx.project(), &seams.docker) {
         ctx.server = cache::server_container(*docker, &p).await;
     }

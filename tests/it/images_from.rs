@@ -185,9 +185,28 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
         serde_json::from_slice(&fs::read(p.target().join(".bkbundle/journal.json")).unwrap()).unwrap();
     assert_eq!(journal["images_from"], from.as_str());
 
+    // doctor checks the registry the journal names: every image there with the bundle's id.
+    let registry_findings = |r: &Run| -> Vec<serde_json::Value> {
+        json(r)["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["check"] == "registry")
+            .cloned()
+            .collect()
+    };
+    let doctor = || bk(&["doctor", "--target", arg(&p.target()), "--bundle", arg(&s.bundle), "--json"]);
+    let r = doctor();
+    assert!(registry_findings(&r).is_empty(), "{}", r.stdout);
+
     // A re-run finds everything in place: already installed, the registry not even asked.
     let mut reg = reg;
     reg.stop();
+    let r = doctor();
+    let found = registry_findings(&r);
+    assert_eq!(found.len(), 1, "{}", r.stdout);
+    assert_eq!(found[0]["subject"], format!("registry {from}").as_str());
+    assert_eq!(found[0]["severity"], "error");
     let r = p.install(&s.bundle, &cfg, &["--images-from", &from]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("already installed"), "{}", r.stdout);
