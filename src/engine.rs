@@ -127,11 +127,9 @@ impl Engine {
                 return Err(detail);
             }
             let downloading = info.status.as_deref() == Some("Downloading");
-            if let (true, Some(id), Some(current)) = (
-                downloading,
-                info.id,
-                info.progress_detail.and_then(|d| d.current),
-            ) {
+            if let (true, Some(id), Some(current)) =
+                (downloading, info.id, info.progress_detail.and_then(|d| d.current))
+            {
                 let current = current.max(0) as u64;
                 let before = seen.insert(id, current).unwrap_or(0);
                 if current > before {
@@ -153,7 +151,9 @@ impl Engine {
         match self.docker.remove_image(reference, Some(opts), None).await {
             Ok(_) => Ok(()),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            Err(e) => Err(Error::external(format!("cannot remove the image name {reference}: {e}"))),
+            Err(e) => Err(Error::external(format!(
+                "cannot remove the image name {reference}: {e}"
+            ))),
         }
     }
 

@@ -416,9 +416,15 @@ mod tests {
             "{text}"
         );
         // The images are still listed, each with its id and layer count.
-        assert!(text.contains("bkbundle-demo/web:1") && text.contains("aaaaaaaaaaaa"), "{text}");
+        assert!(
+            text.contains("bkbundle-demo/web:1") && text.contains("aaaaaaaaaaaa"),
+            "{text}"
+        );
         let text = report(false).render();
-        assert!(text.contains("\nimages (1)\n") && !text.contains("--images-from"), "{text}");
+        assert!(
+            text.contains("\nimages (1)\n") && !text.contains("--images-from"),
+            "{text}"
+        );
         let v = serde_json::to_value(report(true)).unwrap();
         assert_eq!(v["without_layers"], true);
     }

@@ -1480,26 +1480,38 @@ file = "packages/bklite-controller-bootstrap.exe"
         let mut mixed = without_layers();
         mixed.layers[0].file = complete().layers[0].file.clone();
         mixed.files.push(complete().files[1].clone());
-        let e = Manifest::parse(&mixed.to_toml(), "bundle.toml").unwrap_err().to_string();
+        let e = Manifest::parse(&mixed.to_toml(), "bundle.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("has file \"images/layers/bbbb"), "{e}");
-        assert!(e.contains("is a layer's payload, but the bundle is without layers"), "{e}");
+        assert!(
+            e.contains("is a layer's payload, but the bundle is without layers"),
+            "{e}"
+        );
 
         // A full bundle whose layer lost its file.
         let mut lost = complete();
         lost.layers[0].file.clear();
         let e = Manifest::parse(&lost.to_toml(), "bundle.toml").unwrap_err().to_string();
-        assert!(e.contains(&format!("layers: sha256:{} has no file", "b".repeat(64))), "{e}");
+        assert!(
+            e.contains(&format!("layers: sha256:{} has no file", "b".repeat(64))),
+            "{e}"
+        );
 
         // The same diff id twice.
         let mut twice = without_layers();
         twice.layers.push(twice.layers[0].clone());
-        let e = Manifest::parse(&twice.to_toml(), "bundle.toml").unwrap_err().to_string();
+        let e = Manifest::parse(&twice.to_toml(), "bundle.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is listed twice"), "{e}");
 
         // Images keep their configs: a config still has to be a listed file.
         let mut no_config = without_layers();
         no_config.files.retain(|f| f.path != no_config.images[0].config);
-        let e = Manifest::parse(&no_config.to_toml(), "bundle.toml").unwrap_err().to_string();
+        let e = Manifest::parse(&no_config.to_toml(), "bundle.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("config \"images/configs/aaaa"), "{e}");
     }
 

@@ -70,7 +70,9 @@ pub fn ingest<R: Read>(
     // layer starts new worker threads and buffers each time, and peak memory crept up with the
     // number of layers.
     let mut zctx = match s.compression {
-        Compression::Zstd if s.store_layers => Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?),
+        Compression::Zstd if s.store_layers => {
+            Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?)
+        }
         Compression::Zstd | Compression::Gzip => None,
     };
     let mut on_layer = |_: &str, layer: &mut dyn Read| {

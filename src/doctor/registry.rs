@@ -64,7 +64,10 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) {
                     (PROBE * 4).as_secs()
                 ),
             )
-            .fix(format!("curl -v https://{}/v2/   (is the registry up and reachable from this host?)", source.target.host));
+            .fix(format!(
+                "curl -v https://{}/v2/   (is the registry up and reachable from this host?)",
+                source.target.host
+            ));
             return;
         }
     };
@@ -78,9 +81,7 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) {
                     "registry",
                     Severity::Error,
                     subject,
-                    format!(
-                        "not in registry {registry}: the next install from it (--images-from) stops here"
-                    ),
+                    format!("not in registry {registry}: the next install from it (--images-from) stops here"),
                 )
                 .evidence(format!("{}: no such tag", w.placement.reference))
                 .evidence(format!("expected image {}", w.image_id))
@@ -95,7 +96,9 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) {
                 )
                 .evidence(format!("{} is image {config_digest}", w.placement.reference))
                 .evidence(format!("expected image {} (the bundle's)", w.image_id))
-                .fix(format!("bkbundle push {bundle} --registry {registry}   (puts the bundle's image back under that name)"));
+                .fix(format!(
+                    "bkbundle push {bundle} --registry {registry}   (puts the bundle's image back under that name)"
+                ));
             }
         }
     }
@@ -135,7 +138,9 @@ mod tests {
 
     #[tokio::test]
     async fn no_registry_no_check() {
-        assert!(run(&DoctorOptions::default(), Some(manifest(&["a:1"]))).await.is_empty());
+        assert!(run(&DoctorOptions::default(), Some(manifest(&["a:1"])))
+            .await
+            .is_empty());
     }
 
     #[tokio::test]
@@ -162,7 +167,11 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:#?}");
         assert_eq!((f[0].check, f[0].severity), ("registry", Severity::Error));
         assert_eq!(f[0].subject, format!("registry 127.0.0.1:{port}"));
-        assert!(f[0].message.starts_with("cannot check the stack's images there"), "{}", f[0].message);
+        assert!(
+            f[0].message.starts_with("cannot check the stack's images there"),
+            "{}",
+            f[0].message
+        );
     }
 
     #[tokio::test]

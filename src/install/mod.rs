@@ -901,7 +901,15 @@ async fn execute(
         let t = Instant::now();
         let done = match step {
             StepName::Images => {
-                load_images(&x.engine, ctx, &p.plan, p.registry.write_ca.as_ref(), reporter, &mut x.notes).await
+                load_images(
+                    &x.engine,
+                    ctx,
+                    &p.plan,
+                    p.registry.write_ca.as_ref(),
+                    reporter,
+                    &mut x.notes,
+                )
+                .await
             }
             StepName::Layout => lay_out(ctx, &p.plan, &mut x.journal, &mut x.notes).and_then(|d| {
                 x.tls_changed = apply_tls(ctx, &p.plan, &mut x.notes)?;
@@ -1863,7 +1871,10 @@ async fn load_planned(
         .filter_map(|p| manifest.images.iter().find(|i| i.id == p.id).cloned())
         .collect();
     if manifest.bundle.without_layers && !to_load.is_empty() {
-        let names: Vec<String> = to_load.iter().map(|i| format!("{} ({})", i.refs.join(", "), i.id)).collect();
+        let names: Vec<String> = to_load
+            .iter()
+            .map(|i| format!("{} ({})", i.refs.join(", "), i.id))
+            .collect();
         return Err(Error::new(
             Kind::Preflight,
             format!(

@@ -395,9 +395,12 @@ mod tests {
         assert!(!is_loopback("10.0.0.5:5000") && !is_loopback("harbor.intranet"));
         let rc = crate::engine::RegistryConfig {
             insecure_cidrs: vec!["127.0.0.0/8".into(), "10.1.0.0/16".into()],
-            secure: [("reg.intranet:5000".to_string(), false), ("docker.io".to_string(), true)]
-                .into_iter()
-                .collect(),
+            secure: [
+                ("reg.intranet:5000".to_string(), false),
+                ("docker.io".to_string(), true),
+            ]
+            .into_iter()
+            .collect(),
         };
         assert!(engine_allows_http(&rc, "10.1.200.3:5000"));
         assert!(!engine_allows_http(&rc, "10.2.0.1:5000"));
@@ -420,10 +423,21 @@ mod tests {
         write_ca(&plan.0, &plan.1).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&certs).unwrap().permissions().mode() & 0o777, 0o644);
-        assert_eq!(ca_file_plan(&ca, &certs).unwrap(), None, "the same CA: nothing to write");
-        std::fs::write(&certs, "-----BEGIN CERTIFICATE-----\nOTHER\n-----END CERTIFICATE-----\n").unwrap();
+        assert_eq!(
+            ca_file_plan(&ca, &certs).unwrap(),
+            None,
+            "the same CA: nothing to write"
+        );
+        std::fs::write(
+            &certs,
+            "-----BEGIN CERTIFICATE-----\nOTHER\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let (finding, hint) = ca_file_plan(&ca, &certs).unwrap_err();
-        assert!(finding.contains(&certs.display().to_string()) && finding.contains("another CA"), "{finding}");
+        assert!(
+            finding.contains(&certs.display().to_string()) && finding.contains("another CA"),
+            "{finding}"
+        );
         assert!(hint.contains("cp "), "{hint}");
         std::fs::write(&ca, "not a pem").unwrap();
         assert!(ca_file_plan(&ca, &certs).unwrap_err().0.contains("not a PEM"));
@@ -439,11 +453,17 @@ mod tests {
         let s = Source::resolve(None, &Access::default(), &settings).unwrap().unwrap();
         assert_eq!(s.target.to_string(), "reg.intranet:5000/site");
         assert!(s.access.insecure);
-        let s = Source::resolve(Some("other:443"), &Access::default(), &settings).unwrap().unwrap();
+        let s = Source::resolve(Some("other:443"), &Access::default(), &settings)
+            .unwrap()
+            .unwrap();
         assert_eq!(s.target.host, "other:443");
-        assert!(Source::resolve(None, &Access::default(), &Settings::default()).unwrap().is_none());
+        assert!(Source::resolve(None, &Access::default(), &Settings::default())
+            .unwrap()
+            .is_none());
         assert_eq!(
-            Source::resolve(Some("https://x"), &Access::default(), &Settings::default()).unwrap_err().kind,
+            Source::resolve(Some("https://x"), &Access::default(), &Settings::default())
+                .unwrap_err()
+                .kind,
             Kind::Input
         );
         assert_eq!(
@@ -458,13 +478,31 @@ mod tests {
             target: Target::parse("reg:5000").unwrap(),
             access: Access::default(),
         };
-        let e = pull_error("a:1", "reg:5000/a:1", "reg:5000", &s, "x509: certificate signed by unknown authority");
+        let e = pull_error(
+            "a:1",
+            "reg:5000/a:1",
+            "reg:5000",
+            &s,
+            "x509: certificate signed by unknown authority",
+        );
         assert_eq!(e.kind, Kind::External);
         assert!(e.message.contains("image a:1") && e.message.contains("reg:5000/a:1") && e.message.contains("x509"));
         assert!(e.hints[0].contains("certs.d/reg:5000/ca.crt"), "{:?}", e.hints);
-        let e = pull_error("a:1", "reg:5000/a:1", "reg:5000", &s, "http: server gave HTTP response to HTTPS client");
+        let e = pull_error(
+            "a:1",
+            "reg:5000/a:1",
+            "reg:5000",
+            &s,
+            "http: server gave HTTP response to HTTPS client",
+        );
         assert!(e.hints[0].contains("insecure-registries"), "{:?}", e.hints);
-        let e = pull_error("a:1", "reg:5000/a:1", "reg:5000", &s, "unauthorized: authentication required");
+        let e = pull_error(
+            "a:1",
+            "reg:5000/a:1",
+            "reg:5000",
+            &s,
+            "unauthorized: authentication required",
+        );
         assert!(e.hints[0].contains("--registry-user"), "{:?}", e.hints);
     }
 }

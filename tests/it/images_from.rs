@@ -68,7 +68,11 @@ fn json(r: &Run) -> serde_json::Value {
 fn remove_from_engine(s: &Setup) {
     let r = run(Command::new("docker").args(["rmi", &s.img]));
     assert_eq!(r.code, 0, "docker rmi {}: {}", s.img, r.stderr);
-    assert!(image_id(&s.img_id).is_none(), "image {} is still in the engine", s.img_id);
+    assert!(
+        image_id(&s.img_id).is_none(),
+        "image {} is still in the engine",
+        s.img_id
+    );
 }
 
 #[test]
@@ -80,7 +84,12 @@ fn a_bundle_without_layers_verifies_inspects_and_holds_no_layer() {
     let entries = run(Command::new("tar").args(["-tf", arg(&s.bundle)]));
     assert_eq!(entries.code, 0, "{}", entries.stderr);
     assert!(!entries.stdout.contains("images/layers/"), "{}", entries.stdout);
-    assert_eq!(entries.stdout.matches("images/configs/").count(), 2, "{}", entries.stdout);
+    assert_eq!(
+        entries.stdout.matches("images/configs/").count(),
+        2,
+        "{}",
+        entries.stdout
+    );
 
     let r = bk(&["verify", arg(&s.bundle)]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -92,10 +101,19 @@ fn a_bundle_without_layers_verifies_inspects_and_holds_no_layer() {
     );
     let r = bk(&["inspect", arg(&s.bundle)]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("\nimages: 2 (layers not in this bundle"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("\nimages: 2 (layers not in this bundle"),
+        "{}",
+        r.stdout
+    );
     let v = json(&bk(&["inspect", arg(&s.bundle), "--json"]));
     assert_eq!(v["without_layers"], true);
-    let ids: Vec<&str> = v["images"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [s.web_id.as_str(), s.img_id.as_str()]);
     // The manifest keeps every layer's digest and size, without a file.
     let m = run(Command::new("tar").args(["-xOf", arg(&s.bundle), "bundle.toml"]));
@@ -119,7 +137,11 @@ fn a_bundle_without_layers_verifies_inspects_and_holds_no_layer() {
         "{}",
         r.stderr
     );
-    assert!(!r.stderr.contains(&format!("{WEB} (")), "web is in the engine: {}", r.stderr);
+    assert!(
+        !r.stderr.contains(&format!("{WEB} (")),
+        "web is in the engine: {}",
+        r.stderr
+    );
     assert!(!p.target().exists());
 }
 
@@ -134,7 +156,11 @@ fn without_a_registry_the_engines_own_images_are_enough() {
     let v = json(&r);
     assert_eq!(v["images_from"], serde_json::Value::Null);
     assert!(
-        v["plan"]["images"].as_array().unwrap().iter().all(|i| i["action"] == "present"),
+        v["plan"]["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["action"] == "present"),
         "{v}"
     );
 }
@@ -173,11 +199,18 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
     assert_eq!(u["from"], format!("{from}/{}", s.img).as_str());
     let web = planned.iter().find(|i| i["refs"][0] == WEB).unwrap();
     assert_eq!(web["action"], "present", "an image the engine has is not pulled");
-    assert!(r.stderr.contains(&format!("pulled {} ({})", s.img, s.img_id)), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("pulled {} ({})", s.img, s.img_id)),
+        "{}",
+        r.stderr
+    );
 
     // The engine has the bundle's image under the stack's reference, not the registry's name.
     assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
-    assert!(image_id(&format!("{from}/{}", s.img)).is_none(), "the registry's name is left behind");
+    assert!(
+        image_id(&format!("{from}/{}", s.img)).is_none(),
+        "the registry's name is left behind"
+    );
     let containers = p.containers();
     assert_eq!(containers.len(), 2, "{containers:?}");
     assert!(containers.iter().all(|c| c.contains(" Up ")), "{containers:?}");
@@ -195,7 +228,16 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
             .cloned()
             .collect()
     };
-    let doctor = || bk(&["doctor", "--target", arg(&p.target()), "--bundle", arg(&s.bundle), "--json"]);
+    let doctor = || {
+        bk(&[
+            "doctor",
+            "--target",
+            arg(&p.target()),
+            "--bundle",
+            arg(&s.bundle),
+            "--json",
+        ])
+    };
     let r = doctor();
     assert!(registry_findings(&r).is_empty(), "{}", r.stdout);
 
@@ -304,17 +346,26 @@ fn install_pulls_from_a_tls_registry_with_its_ca_and_a_password() {
     assert_eq!(fs::read(&ca_file).unwrap(), fs::read(reg.ca_pem_path()).unwrap());
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(fs::metadata(&ca_file).unwrap().permissions().mode() & 0o777, 0o644);
-    assert!(r.stdout.contains(&format!("wrote {}", ca_file.display())), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("wrote {}", ca_file.display())),
+        "{}",
+        r.stdout
+    );
     assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
 
     // Another CA in that file is a preflight problem naming it (a dry run: preflight without the
     // "already installed" short cut).
-    fs::write(&ca_file, "-----BEGIN CERTIFICATE-----\nMIIBother\n-----END CERTIFICATE-----\n").unwrap();
+    fs::write(
+        &ca_file,
+        "-----BEGIN CERTIFICATE-----\nMIIBother\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     args.push("--dry-run");
     let r = p.install(&s.bundle, &cfg, &args);
     assert_eq!(r.code, 8, "{}", r.stderr);
     assert!(
-        r.stderr.contains(&format!("{} holds another CA than --registry-ca", ca_file.display())),
+        r.stderr
+            .contains(&format!("{} holds another CA than --registry-ca", ca_file.display())),
         "{}",
         r.stderr
     );
