@@ -195,6 +195,11 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         (None, Some(j)) => j.project.clone(),
         (None, None) => None,
     };
+    // The registry the images came from, reached as install reached it unless told otherwise.
+    let recorded = journal
+        .as_ref()
+        .and_then(|j| j.registry_access.clone())
+        .unwrap_or_default();
     let images_from = journal.and_then(|j| j.images_from);
     let opts = doctor::DoctorOptions {
         bundle: a.bundle,
@@ -206,7 +211,7 @@ fn doctor(a: cli::DoctorArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
         bucket: a.site.bucket,
         fix: a.fix,
         images_from,
-        registry: a.registry.access(),
+        registry: a.registry.access().merged_with(&recorded.settings()),
     };
     Output::of(&doctor::run(&opts, reporter)?)
 }

@@ -40,11 +40,52 @@ pub struct Journal {
     /// loaded from the bundle (and in journals written before). `doctor` checks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_from: Option<String>,
+    /// How install reached that registry, so that `doctor` reaches it the same way without being
+    /// told again. Holds no secret: a password is only ever a file's path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_access: Option<RegistryAccess>,
     /// Steps completed for `bundle`.
     pub completed: Vec<String>,
     /// Path relative to the target → sha256 of the content bkbundle last wrote there.
     pub files: BTreeMap<String, String>,
     pub history: Vec<Run>,
+}
+
+/// The journal's record of how a registry was reached (`install --images-from`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryAccess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl RegistryAccess {
+    /// What `access` says, its files made absolute (a later run may start elsewhere).
+    pub fn of(access: &crate::registry::Access) -> RegistryAccess {
+        let abs = |p: &Option<PathBuf>| p.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+        RegistryAccess {
+            ca_file: abs(&access.ca_file),
+            insecure: access.insecure,
+            username: access.username.clone(),
+            password_file: abs(&access.password_file),
+        }
+    }
+
+    /// As the install config's `[registry]` section (without its url), to merge access under.
+    pub fn settings(&self) -> crate::registry::Settings {
+        crate::registry::Settings {
+            url: None,
+            ca_file: self.ca_file.clone(),
+            insecure: self.insecure,
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+        }
+    }
 }
 
 pub fn path(target: &Path) -> PathBuf {

@@ -869,8 +869,10 @@ async fn execute(
     // layers (a bundle without layers whose images were all present keeps what was recorded).
     if let Some(source) = &ctx.registry {
         journal.images_from = Some(source.target.to_string());
+        journal.registry_access = Some(journal::RegistryAccess::of(&source.access));
     } else if !ctx.manifest.bundle.without_layers {
         journal.images_from = None;
+        journal.registry_access = None;
     }
     journal.history.push(journal::Run {
         bundle: id.clone(),

@@ -189,7 +189,11 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
     own.0.push(format!("{from}/{}", s.img));
 
     let cfg = p.config(120, "");
-    let r = p.install(&s.bundle, &cfg, &["--images-from", &from, "--json"]);
+    let r = p.install(
+        &s.bundle,
+        &cfg,
+        &["--images-from", &from, "--registry-insecure", "--json"],
+    );
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.stdout);
     let v = json(&r);
     assert_eq!(v["images_from"], from.as_str());
@@ -217,6 +221,7 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
     let journal: serde_json::Value =
         serde_json::from_slice(&fs::read(p.target().join(".bkbundle/journal.json")).unwrap()).unwrap();
     assert_eq!(journal["images_from"], from.as_str());
+    assert_eq!(journal["registry_access"]["insecure"], true, "{journal}");
 
     // doctor checks the registry the journal names: every image there with the bundle's id.
     let registry_findings = |r: &Run| -> Vec<serde_json::Value> {
@@ -249,7 +254,7 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
     assert_eq!(found.len(), 1, "{}", r.stdout);
     assert_eq!(found[0]["subject"], format!("registry {from}").as_str());
     assert_eq!(found[0]["severity"], "error");
-    let r = p.install(&s.bundle, &cfg, &["--images-from", &from]);
+    let r = p.install(&s.bundle, &cfg, &["--images-from", &from, "--registry-insecure"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("already installed"), "{}", r.stdout);
 }
@@ -263,7 +268,18 @@ fn a_registry_without_an_image_stops_the_install_before_anything_changes() {
     fill(&reg, "site", &[WEB]);
     remove_from_engine(&s);
     let from = format!("{}/site", reg.host());
+    // A plain-HTTP registry without --registry-insecure: bkbundle's client speaks TLS, and says
+    // what to do.
     let r = p.install(&s.bundle, &p.config(60, ""), &["--images-from", &from]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("--registry-insecure"), "{}", r.stderr);
+    assert!(!p.target().exists());
+
+    let r = p.install(
+        &s.bundle,
+        &p.config(60, ""),
+        &["--images-from", &from, "--registry-insecure"],
+    );
     assert_eq!(r.code, 8, "{}", r.stderr);
     assert!(
         r.stderr.contains(&format!(
@@ -277,6 +293,63 @@ fn a_registry_without_an_image_stops_the_install_before_anything_changes() {
     assert!(!p.target().exists());
     assert!(p.containers().is_empty());
     assert!(image_id(&s.img_id).is_none(), "nothing was pulled");
+
+    // Another image under its name (here web's): named with both ids, nothing changed.
+    reg.skopeo_copy_from_daemon(WEB, &format!("site/{}", s.img));
+    let r = p.install(
+        &s.bundle,
+        &p.config(60, ""),
+        &["--images-from", &from, "--registry-insecure"],
+    );
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "image {}: registry {from} has {from}/{} as image {}, the bundle's is {}",
+            s.img, s.img, s.web_id, s.img_id
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.target().exists());
+    assert!(image_id(&s.img_id).is_none(), "nothing was pulled");
+}
+
+#[test]
+fn a_full_bundle_pushed_by_bkbundle_installs_a_bundle_without_layers_elsewhere() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "pushed", &mut own);
+    // The same recipe packed in full (the connected side's bundle), pushed by bkbundle itself.
+    let full = pack_stack_with(
+        p.dir.path(),
+        "pushedfull",
+        "1",
+        &[WEB, &s.img],
+        &compose_with(&format!("  u:\n    image: {}\n", s.img)),
+        &[],
+    );
+    let reg = Registry::plain();
+    let from = format!("{}/bklite", reg.host());
+    let r = bk(&["push", arg(&full), "--registry", &from, "--registry-insecure"]);
+    assert_eq!(r.code, 0, "push: {}", r.stderr);
+    assert_eq!(
+        reg.image_id(&format!("bklite/{}", s.img)).as_deref(),
+        Some(s.img_id.as_str())
+    );
+    remove_from_engine(&s);
+    own.0.push(format!("{from}/{}", s.img));
+    let r = p.install(
+        &s.bundle,
+        &p.config(120, ""),
+        &["--images-from", &from, "--registry-insecure"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
+    assert!(
+        p.containers().iter().all(|c| c.contains(" Up ")),
+        "{:?}",
+        p.containers()
+    );
 }
 
 #[test]
