@@ -233,9 +233,14 @@ prompt), else what `docker login REGISTRY` stored ($DOCKER_CONFIG/config.json or
 pub struct PushArgs {
     /// The bundle file, or the first part (NAME.001) of a split bundle.
     pub bundle: PathBuf,
-    /// HOST[:PORT][/PREFIX] of the registry, e.g. harbor.intranet/bklite or 10.0.0.5:5000.
-    #[arg(long, value_name = "REGISTRY")]
-    pub registry: String,
+    /// HOST[:PORT][/PREFIX] of the registry, e.g. harbor.intranet/bklite or 10.0.0.5:5000
+    /// (default: the config's [registry] url).
+    #[arg(long, value_name = "REGISTRY", required_unless_present = "config")]
+    pub registry: Option<String>,
+    /// An install config whose [registry] section gives the registry, its CA, user and password
+    /// file (the command line wins).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Push only this image (a reference of the bundle's); repeat for several. Default: all.
     #[arg(long = "image", value_name = "REF")]
     pub images: Vec<String>,

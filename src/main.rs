@@ -87,9 +87,16 @@ fn pack(a: cli::PackArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
 
 fn push(a: cli::PushArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
     use bkbundle::registry::push::{self, LayerFormat};
+    let settings = match &a.config {
+        Some(p) => InstallConfig::load(p)?.registry,
+        None => Default::default(),
+    };
+    let registry = a.registry.or_else(|| settings.url.clone()).ok_or_else(|| {
+        Error::input("push needs a registry: --registry HOST[:PORT][/PREFIX], or [registry] url in the --config file")
+    })?;
     let opts = push::PushOptions {
-        target: bkbundle::registry::Target::parse(&a.registry)?,
-        access: a.access.access(),
+        target: bkbundle::registry::Target::parse(&registry)?,
+        access: a.access.access().merged_with(&settings),
         bundle: a.bundle,
         images: a.images,
         format: match a.compression {

@@ -131,6 +131,13 @@ pub fn run(opts: &PushOptions, reporter: &dyn Reporter) -> Result<PushReport> {
     };
     let bundle = Arc::new(open_verified(&opts.bundle, &open, reporter)?);
     let m = bundle.manifest().clone();
+    if m.bundle.without_layers {
+        return Err(Error::input(format!(
+            "{}: this bundle carries no image layers (packed with --no-images): there is nothing to push from it",
+            bundle.display_name()
+        ))
+        .hint("push the full bundle of the same release (packed without --no-images); hosts then install this small one with --images-from"));
+    }
     let units = plan(&m.images, opts)?;
     let stored = m.bundle.compression;
     let format = opts.format;

@@ -330,6 +330,14 @@ fn a_full_bundle_pushed_by_bkbundle_installs_a_bundle_without_layers_elsewhere()
     );
     let reg = Registry::plain();
     let from = format!("{}/bklite", reg.host());
+    // The small bundle has nothing to push: refused up front, naming what to push instead.
+    let r = bk(&["push", arg(&s.bundle), "--registry", &from, "--registry-insecure"]);
+    assert_eq!(r.code, 3, "push of a bundle without layers: {}", r.stderr);
+    assert!(
+        r.stderr.contains("carries no image layers") && r.stderr.contains("full bundle"),
+        "{}",
+        r.stderr
+    );
     let r = bk(&["push", arg(&full), "--registry", &from, "--registry-insecure"]);
     assert_eq!(r.code, 0, "push: {}", r.stderr);
     assert_eq!(

@@ -254,6 +254,16 @@ fn push_to_a_tls_registry_with_basic_auth() {
         .env("DOCKER_CONFIG", reg.docker_config_dir()));
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(json(&r)["bytes_sent"], 0);
+    // Everything from an install config's [registry] section.
+    let cfg = cache.path().join("install.toml");
+    std::fs::write(
+        &cfg,
+        format!("format = 1\n[registry]\nurl = \"{host}\"\nca_file = \"{ca}\"\nusername = \"alice\"\npassword_file = \"{}\"\n", pw.display()),
+    )
+    .unwrap();
+    let r = push(cache.path(), &[b, "--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(json(&r)["bytes_sent"], 0);
 }
 
 #[test]
