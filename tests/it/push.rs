@@ -1,9 +1,9 @@
-//! Issue 16: `bkbundle push` into a real registry (Debian's docker-registry, plain HTTP, and TLS
-//! with htpasswd basic auth), read back by an independent client (skopeo: every layer decompressed
-//! and compared with the bundle's diff ids, every config with its image id) and pulled by the real
-//! engine. A re-run sends nothing; a killed push resumes and nothing is ever half-tagged; a
-//! registry that is down, a wrong password, an untrusted CA and refused names end in a clear error
-//! with nothing sent.
+//! Issue 16: `bkbundle push` into a real registry (Debian's docker-registry, plain HTTP, TLS
+//! with htpasswd basic auth, and TLS with token auth from a token server on another port), read
+//! back by an independent client (skopeo: every layer decompressed and compared with the bundle's
+//! diff ids, every config with its image id) and pulled by the real engine. A re-run sends
+//! nothing; a killed push resumes and nothing is ever half-tagged; a registry that is down, a
+//! wrong password, an untrusted CA and refused names end in a clear error with nothing sent.
 
 use crate::harness::{bkbundle, docker_lock, Registry};
 use crate::pack::{demo_bundle, run, Run};
@@ -264,6 +264,93 @@ fn push_to_a_tls_registry_with_basic_auth() {
     let r = push(cache.path(), &[b, "--config", cfg.to_str().unwrap(), "--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(json(&r)["bytes_sent"], 0);
+}
+
+/// distribution's token auth (the bearer flow of Harbor and Docker Hub) against the real registry:
+/// a token server on another port (HTTPS, the harness CA) signs tokens the registry checks
+/// against its `rootcertbundle`; bkbundle fetches one per scope (a mount's two scopes included).
+#[test]
+fn push_to_a_registry_with_token_auth() {
+    let bundle = demo_bundle();
+    let m = manifest(bundle);
+    let reg = Registry::token_auth("bob", "t0ken-pw-9");
+    let (user, password) = reg.credentials.clone().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let pw = cache.path().join("pw");
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    let bad = cache.path().join("bad");
+    std::fs::write(&bad, "wrong-token-pw\n").unwrap();
+    let host = reg.host();
+    let ca = reg.ca_pem_path().to_str().unwrap().to_string();
+    let b = bundle.to_str().unwrap();
+    let one = m.images[0].refs[0].as_str();
+    let target = format!("{host}/site");
+    let with_password = |file: &Path, extra: &[&str]| {
+        let mut args = vec![
+            b,
+            "--registry",
+            &target,
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            &user,
+            "--registry-password-file",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        push(cache.path(), &args)
+    };
+
+    // A wrong password: the token service's 401, named, the password never printed.
+    let r = with_password(&bad, &["--image", one]);
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("refused user bob"), "{}", r.stderr);
+    assert!(r.stderr.contains(&host), "{}", r.stderr);
+    assert!(!r.stderr.contains("wrong-token-pw") && !r.stdout.contains("wrong-token-pw"));
+    // No credentials: the token service hands out an anonymous token that grants nothing, the
+    // registry refuses it.
+    let r = push(
+        cache.path(),
+        &[b, "--registry", &target, "--registry-ca", &ca, "--image", one],
+    );
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&host) && r.stderr.contains("asks for credentials and none were given"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--registry-user"), "{}", r.stderr);
+    assert_eq!(reg.image_id(&format!("site/{one}")), None, "nothing was pushed");
+
+    // The right password: every image, read back by skopeo (its own bearer flow).
+    let r = with_password(&pw, &["--json", "-vv"]);
+    assert_eq!(r.code, 0, "{}\n{}\n--- registry ---\n{}", r.stdout, r.stderr, reg.log());
+    assert!(
+        !r.stderr.contains(&password) && !r.stdout.contains(&password),
+        "the password is never printed"
+    );
+    let j = json(&r);
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "pushed"),
+        "{j}"
+    );
+    assert!(j["bytes_sent"].as_u64().unwrap() > 1_000_000, "{j}");
+    // The shared base layer was mounted across repositories: a token for two scopes.
+    assert!(j["blobs"]["mounted"].as_u64().unwrap() >= 1, "{j}");
+    assert_all_there(&reg, &m, "site/");
+    let log = reg.token_log();
+    assert!(log.contains("token for bob"), "{log}");
+    assert!(!log.contains(&password), "the token server never logs the password");
+
+    // A re-run sends nothing.
+    let r = with_password(&pw, &["--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let j = json(&r);
+    assert_eq!(j["bytes_sent"], 0, "{j}");
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "present"),
+        "{j}"
+    );
 }
 
 #[test]
