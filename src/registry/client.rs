@@ -123,6 +123,39 @@ impl Scope {
     fn key(&self) -> String {
         self.strings().join(" ")
     }
+    /// What the scope allows, for messages: "push to site/app".
+    fn describe(&self) -> String {
+        match self {
+            Scope::Registry => "use the registry".to_string(),
+            Scope::Pull(r) => format!("pull from {r}"),
+            Scope::Push(r) => format!("push to {r}"),
+            Scope::Mount(r, from) => format!("push to {r} (mounting a blob from {from})"),
+        }
+    }
+    /// The repository written to (or read from).
+    fn repository(&self) -> Option<&str> {
+        match self {
+            Scope::Registry => None,
+            Scope::Pull(r) | Scope::Push(r) | Scope::Mount(r, _) => Some(r),
+        }
+    }
+}
+
+/// Whether a `401` is a bearer challenge with `error="insufficient_scope"`: the token was good
+/// but does not grant what the request needs (distribution, Harbor).
+fn insufficient_scope(r: &Reply) -> bool {
+    let Some(h) = r.header("www-authenticate") else {
+        return false;
+    };
+    let Ok(challenges) = http_auth::parse_challenges(h) else {
+        return false;
+    };
+    challenges.iter().any(|c| {
+        c.scheme.eq_ignore_ascii_case("bearer")
+            && c.params
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("error") && v.to_unescaped() == "insufficient_scope")
+    })
 }
 
 /// A request body: replayable (sent again after an auth challenge) or streamed (once).
@@ -684,7 +717,7 @@ impl Client {
                         continue;
                     }
                 }
-                return Err(self.unauthorized(&reply));
+                return Err(self.unauthorized(&reply, Some(&scope)));
             }
             if let Ok(mut a) = self.auth.lock() {
                 if a.scheme == Scheme::Unknown {
@@ -849,7 +882,7 @@ impl Client {
             .await?
             .0;
         if reply.status == StatusCode::UNAUTHORIZED || reply.status == StatusCode::FORBIDDEN {
-            return Err(self.unauthorized(&reply));
+            return Err(self.token_refused(&reply, realm));
         }
         if !reply.status.is_success() {
             return Err(self.refused(&reply, &format!("token request to {realm}"), None));
@@ -1095,8 +1128,37 @@ impl Client {
             .hint("check that the address is an OCI distribution registry (Harbor, registry:2)")
     }
 
-    fn unauthorized(&self, r: &Reply) -> Error {
+    /// The registry answered `401` to a request for `scope` even with the auth it asked for. A
+    /// bearer token that was accepted but grants too little (`error="insufficient_scope"`, what
+    /// distribution answers to an anonymous token, or to a user without the right) is told apart
+    /// from credentials that are wrong.
+    fn unauthorized(&self, r: &Reply, scope: Option<&Scope>) -> Error {
         let codes = error_codes(&r.body);
+        if let (true, Some(scope)) = (insufficient_scope(r), scope) {
+            let what = scope.describe();
+            return match self.current_credentials() {
+                Some(c) => Error::external(format!(
+                    "registry {}: user {} (credentials from {}) may not {what}: the token it was given does not grant it: {} {}",
+                    self.display(),
+                    c.username,
+                    c.source,
+                    r.status,
+                    codes
+                ))
+                .hint(format!(
+                    "the password was accepted, the right is missing: grant {} pull and push on {} in the registry's token service (on Harbor: a project member with the Developer role or more), or push under a --registry prefix the user may write to",
+                    c.username,
+                    scope.repository().unwrap_or("the repository")
+                )),
+                None => Error::external(format!(
+                    "registry {} asks for credentials to {what} and none were given: its token service gave an anonymous token, which does not allow it: {} {}",
+                    self.display(),
+                    r.status,
+                    codes
+                ))
+                .hint("give --registry-user USER with --registry-password-file FILE, or run docker login to the registry"),
+            };
+        }
         match self.current_credentials() {
             Some(c) => Error::external(format!(
                 "registry {}: refused user {} (credentials from {}): {} {}",
@@ -1117,12 +1179,36 @@ impl Client {
         }
     }
 
+    /// The token service (`realm`) refused to issue a token: wrong credentials, or none where it
+    /// wants some.
+    fn token_refused(&self, r: &Reply, realm: &str) -> Error {
+        let codes = error_codes(&r.body);
+        match self.current_credentials() {
+            Some(c) => Error::external(format!(
+                "registry {}: its token service {realm} refused user {} (credentials from {}): {} {}",
+                self.display(),
+                c.username,
+                c.source,
+                r.status,
+                codes
+            ))
+            .hint("check the user name and password (docker login to the registry tests them)"),
+            None => Error::external(format!(
+                "registry {} asks for credentials and none were given: its token service {realm} answered {} {}",
+                self.display(),
+                r.status,
+                codes
+            ))
+            .hint("give --registry-user USER with --registry-password-file FILE, or run docker login to the registry"),
+        }
+    }
+
     /// Any other refusal: the status, the registry's error codes, a hint per status.
     fn refused(&self, r: &Reply, what: &str, repository: Option<&str>) -> Error {
         let codes = error_codes(&r.body);
         let msg = format!("registry {}: {what}: {} {}", self.display(), r.status, codes);
         let hint = match r.status.as_u16() {
-            401 => return self.unauthorized(r),
+            401 => return self.unauthorized(r, None),
             400 if self.insecure && codes.contains("HTTPS server") => {
                 "the registry speaks TLS: drop --registry-insecure (and give --registry-ca if its CA is private)".to_string()
             }
@@ -1350,7 +1436,10 @@ mod tests {
     }
 
     /// A registry answering from memory: bearer auth (alice / pw) through its own token
-    /// endpoint, uploads as distribution does them, and one fault.
+    /// endpoint, uploads as distribution does them, and one fault. As distribution with a token
+    /// server: a request without credentials gets an anonymous token that only opens `/v2/`, and
+    /// alice may only pull from `readonly/...`; a token short of the right is refused with
+    /// `error="insufficient_scope"`.
     async fn fake(fault: Fault) -> String {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1390,13 +1479,30 @@ mod tests {
                                 if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
                                     return reply(r, 200, r#"{"token":"T0K"}"#);
                                 }
+                                if auth.is_empty() && query.contains("service=fake") {
+                                    return reply(r, 200, r#"{"token":"ANON"}"#);
+                                }
                                 return reply(
                                     r,
                                     401,
                                     r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
                                 );
                             }
-                            if auth != "Bearer T0K" {
+                            let writes = matches!(method.as_str(), "POST" | "PATCH" | "PUT" | "DELETE");
+                            let short = (auth == "Bearer ANON" && path != "/v2/")
+                                || (auth == "Bearer T0K" && path.starts_with("/v2/readonly/") && writes);
+                            if short {
+                                r = r.header(
+                                    "www-authenticate",
+                                    format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull,push\",error=\"insufficient_scope\""),
+                                );
+                                return reply(
+                                    r,
+                                    401,
+                                    r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                                );
+                            }
+                            if auth != "Bearer T0K" && auth != "Bearer ANON" {
                                 r = r.header(
                                     "www-authenticate",
                                     format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull\""),
@@ -1467,6 +1573,10 @@ mod tests {
 
     /// Upload `data` through the client the way push does: a channel of chunks, then the digest.
     async fn upload(c: &Client, data: &'static [u8]) -> Result<Pushed> {
+        upload_to(c, "site/app", data).await
+    }
+
+    async fn upload_to(c: &Client, repository: &str, data: &'static [u8]) -> Result<Pushed> {
         let (tx, rx) = mpsc::channel(2);
         let (dtx, drx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -1474,7 +1584,7 @@ mod tests {
             drop(tx);
             let _ = dtx.send(Ok((format!("sha256:{}", sha256_hex(data)), data.len() as u64)));
         });
-        c.upload("site/app", rx, drx, "layer L").await
+        c.upload(repository, rx, drx, "layer L").await
     }
 
     #[tokio::test]
@@ -1488,7 +1598,55 @@ mod tests {
         assert_eq!(c.blob_size("site/app", &p.digest).await.unwrap(), None);
         let e = client(&addr, "wrong").ping().await.unwrap_err();
         assert!(e.message.contains("refused user alice"), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("token service http://{addr}/token")),
+            "the token service is named: {}",
+            e.message
+        );
         assert!(!format!("{e:?}").contains("wrong"), "the password is never shown");
+    }
+
+    /// A token that was issued but grants too little is not a wrong password: anonymous, the
+    /// registry asks for credentials; a user without the right is told which one is missing.
+    #[tokio::test]
+    async fn tokens_short_of_the_right_are_told_apart_from_wrong_passwords() {
+        let addr = fake(Fault::None).await;
+        let anonymous = Client::new(
+            &addr,
+            &Access {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        anonymous.ping().await.expect("an anonymous token opens /v2/");
+        let e = upload(&anonymous, b"data").await.unwrap_err();
+        assert!(
+            e.message
+                .contains("asks for credentials to push to site/app and none were given")
+                && e.message.contains("anonymous token"),
+            "{}",
+            e.message
+        );
+        assert!(e.hints.iter().any(|h| h.contains("--registry-user")), "{:?}", e.hints);
+
+        let e = upload_to(&client(&addr, "pw"), "readonly/app", b"data")
+            .await
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("user alice (credentials from test) may not push to readonly/app"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("refused"), "{}", e.message);
+        assert!(
+            e.hints
+                .iter()
+                .any(|h| h.contains("password was accepted") && h.contains("readonly/app")),
+            "{:?}",
+            e.hints
+        );
     }
 
     #[tokio::test]

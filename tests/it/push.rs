@@ -304,7 +304,12 @@ fn push_to_a_registry_with_token_auth() {
     // A wrong password: the token service's 401, named, the password never printed.
     let r = with_password(&bad, &["--image", one]);
     assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("refused user bob"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("token service {} refused user bob", reg.token_realm())),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains(&host), "{}", r.stderr);
     assert!(!r.stderr.contains("wrong-token-pw") && !r.stdout.contains("wrong-token-pw"));
     // No credentials: the token service hands out an anonymous token that grants nothing, the
@@ -315,12 +320,44 @@ fn push_to_a_registry_with_token_auth() {
     );
     assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
     assert!(
-        r.stderr.contains(&host) && r.stderr.contains("asks for credentials and none were given"),
+        r.stderr.contains(&host)
+            && r.stderr.contains(&format!(
+                "asks for credentials to pull from site/{} and none were given",
+                one.rsplit_once(':').unwrap().0
+            ))
+            && r.stderr.contains("anonymous token"),
         "{}",
         r.stderr
     );
     assert!(r.stderr.contains("--registry-user"), "{}", r.stderr);
     assert_eq!(reg.image_id(&format!("site/{one}")), None, "nothing was pushed");
+    // The right password, a repository the user may only pull from (the token service grants
+    // no push under readonly/): the missing right is named, not the password.
+    let r = push(
+        cache.path(),
+        &[
+            b,
+            "--registry",
+            &format!("{host}/readonly"),
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            &user,
+            "--registry-password-file",
+            pw.to_str().unwrap(),
+            "--image",
+            one,
+        ],
+    );
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("user bob (credentials from --registry-user) may not push to readonly/"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("password was accepted"), "{}", r.stderr);
+    assert_eq!(reg.image_id(&format!("readonly/{one}")), None, "nothing was pushed");
 
     // The right password: every image, read back by skopeo (its own bearer flow).
     let r = with_password(&pw, &["--json", "-vv"]);

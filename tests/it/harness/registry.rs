@@ -71,8 +71,8 @@ impl Registry {
     /// by the token server's key (its self-signed certificate is the `rootcertbundle`), issued
     /// for service [`TOKEN_SERVICE`] by [`TOKEN_ISSUER`]. The token server
     /// (`https://127.0.0.1:TOKEN_PORT/token`, the harness CA's certificate) grants `user` with
-    /// `password` every action asked for, refuses a wrong password with 401, and gives an
-    /// anonymous request a token that grants nothing.
+    /// `password` every action asked for (but only `pull` under `readonly/`), refuses a wrong
+    /// password with 401, and gives an anonymous request a token that grants nothing.
     pub fn token_auth(user: &str, password: &str) -> Registry {
         Registry::start(Some((user.to_string(), password.to_string())), Auth::Token)
     }

@@ -13,7 +13,8 @@ port to `token.port` (atomically: the harness waits for this file) and serves un
     GET /token?service=S&scope=repository:NAME:ACTIONS[&scope=...]   (HTTP Basic, or none)
 
 - Basic credentials that are not the user's: 401 with a distribution error body.
-- The user's: a JWT granting every action each scope asks for.
+- The user's: a JWT granting every action each scope asks for, except on repositories under
+  `readonly/`, where only `pull` is granted (a user short of the push right).
 - No Authorization header: an anonymous token granting nothing (as distribution's token servers
   do), so the registry itself refuses with 401.
 - `service` other than the configured one: 400.
@@ -149,7 +150,10 @@ def main():
                     for part in s.split(" "):
                         p = parse_scope(part)
                         if p:
-                            access.append({"type": p[0], "name": p[1], "actions": p[2]})
+                            actions = p[2]
+                            if p[1].startswith("readonly/"):
+                                actions = [a for a in actions if a == "pull"]
+                            access.append({"type": p[0], "name": p[1], "actions": actions})
             now = int(time.time())
             claims = {
                 "iss": conf["issuer"],
