@@ -6,7 +6,9 @@
 //!   the `http-auth` crate). `Basic`: the credentials on every request from then on. `Bearer`
 //!   (distribution's token auth, Harbor): a token from the challenge's realm for the scope the
 //!   request needs (`repository:NAME:pull,push`), fetched with the credentials (or anonymously),
-//!   cached per scope. A body that streams is never sent before its scope's auth is settled, so no
+//!   cached per scope. An anonymous token the registry refuses (`insufficient_scope`) makes it
+//!   ask for credentials on a terminal, once, as basic auth does; otherwise the error tells a
+//!   missing right from a wrong password. A body that streams is never sent before its scope's auth is settled, so no
 //!   upload has to be replayed.
 //! - Blobs: `HEAD` (present?), a cross-repository mount (`POST ...?mount=&from=`, `201`), and an
 //!   upload as one streamed `PATCH` (chunked transfer, no copy) closed by `PUT ?digest=` with the
@@ -67,6 +69,11 @@ pub struct Client {
     credentials: Option<Credentials>,
     prompt: bool,
     auth: Mutex<AuthState>,
+    /// Held while credentials are asked for on the terminal, so parallel uploads ask once.
+    asking: tokio::sync::Mutex<()>,
+    /// Stands in for the terminal in tests.
+    #[cfg(test)]
+    asker: Option<fn() -> Credentials>,
     pool: Mutex<Vec<Conn>>,
     /// Blob bytes sent in upload bodies.
     sent: AtomicU64,
@@ -258,6 +265,9 @@ impl Client {
             credentials,
             prompt: access.prompt,
             auth: Mutex::new(AuthState::default()),
+            asking: tokio::sync::Mutex::new(()),
+            #[cfg(test)]
+            asker: None,
             pool: Mutex::new(Vec::new()),
             sent: AtomicU64::new(0),
         })
@@ -677,6 +687,7 @@ impl Client {
     ) -> Result<Reply> {
         let mut payload = Some(payload);
         let mut challenged = false;
+        let mut asked = false;
         // When the body's last chunk went out (a streamed body only).
         let progress = Arc::new(Mutex::new(Instant::now()));
         loop {
@@ -709,10 +720,20 @@ impl Client {
             let stamp = streamed.then(|| progress.clone());
             let reply = self.send(req, max_body, stamp, &format!("{method} {path}")).await?;
             if reply.status == StatusCode::UNAUTHORIZED {
-                if !challenged {
-                    if let Some(again) = replay {
+                if let Some(again) = replay {
+                    if !challenged {
                         challenged = true;
                         self.answer_challenge(&reply, &scope).await?;
+                        payload = Some(again);
+                        continue;
+                    }
+                    // A token service hands out anonymous tokens (Harbor, distribution's): the
+                    // challenge is answered without asking, and only the registry's refusal of
+                    // the anonymous token shows that credentials are needed. Ask then, as for
+                    // basic auth, and try again with a token for the user.
+                    if !asked && self.credentials.is_none() && self.prompt && insufficient_scope(&reply) {
+                        asked = true;
+                        self.ask_for_bearer().await?;
                         payload = Some(again);
                         continue;
                     }
@@ -813,8 +834,28 @@ impl Client {
         .hint("registries are reached with Basic or Bearer (token) auth; check the registry's auth configuration"))
     }
 
+    /// Credentials for the bearer flow, asked for once (parallel requests wait for the answer),
+    /// after which the anonymous tokens are dropped.
+    async fn ask_for_bearer(&self) -> Result<()> {
+        let _one = self.asking.lock().await;
+        let have = self.auth.lock().map(|a| a.asked.is_some()).unwrap_or(false);
+        if have {
+            return Ok(());
+        }
+        let asked = self.ask_credentials()?;
+        if let Ok(mut a) = self.auth.lock() {
+            a.asked = Some(asked);
+            a.tokens.clear();
+        }
+        Ok(())
+    }
+
     /// Credentials from the terminal, when allowed; else the error that says how to give them.
     fn ask_credentials(&self) -> Result<Credentials> {
+        #[cfg(test)]
+        if let Some(ask) = self.asker {
+            return Ok(ask());
+        }
         let needs = || {
             Error::external(format!("registry {} asks for credentials and none were given", self.display())).hint(format!(
                 "give --registry-user USER with --registry-password-file FILE (or BKBUNDLE_REGISTRY_PASSWORD), or run docker login {}",
@@ -1647,6 +1688,38 @@ mod tests {
             "{:?}",
             e.hints
         );
+    }
+
+    /// On a terminal, a registry that refuses the anonymous token makes bkbundle ask for
+    /// credentials (as basic auth does), once for all parallel requests, and go on with them.
+    #[tokio::test]
+    async fn an_anonymous_token_refused_asks_for_credentials_once_on_a_terminal() {
+        static ASKED: AtomicU64 = AtomicU64::new(0);
+        let addr = fake(Fault::None).await;
+        let mut c = Client::new(
+            &addr,
+            &Access {
+                insecure: true,
+                prompt: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.asker = Some(|| {
+            ASKED.fetch_add(1, Ordering::SeqCst);
+            Credentials {
+                username: "alice".into(),
+                password: zeroize::Zeroizing::new("pw".into()),
+                source: "prompt".into(),
+            }
+        });
+        c.ping().await.unwrap();
+        assert_eq!(ASKED.load(Ordering::SeqCst), 0, "/v2/ takes the anonymous token");
+        let (a, b) = tokio::join!(upload(&c, b"one"), upload(&c, b"two"));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(ASKED.load(Ordering::SeqCst), 1, "asked once");
+        assert_eq!(c.bytes_sent(), 6);
     }
 
     #[tokio::test]
