@@ -42,6 +42,8 @@ pub struct Registry {
     /// `Some((user, password))` for the TLS flavours.
     pub credentials: Option<(String, String)>,
     auth: Auth,
+    /// Whether the registry itself serves TLS.
+    tls: bool,
     /// The token server of the token flavour, and its port.
     token_server: Option<Child>,
     pub token_port: Option<u16>,
@@ -58,13 +60,13 @@ pub struct Registry {
 impl Registry {
     /// Plain HTTP on 127.0.0.1, no authentication.
     pub fn plain() -> Registry {
-        Registry::start(None, Auth::None)
+        Registry::start(None, Auth::None, false)
     }
 
     /// TLS (the harness CA: [`Registry::ca_pem_path`]) and htpasswd basic auth for `user` with
     /// `password` (bcrypt, made with `htpasswd -B`).
     pub fn tls_auth(user: &str, password: &str) -> Registry {
-        Registry::start(Some((user.to_string(), password.to_string())), Auth::Htpasswd)
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Htpasswd, true)
     }
 
     /// TLS as [`Registry::tls_auth`], and token auth: the registry accepts bearer tokens signed
@@ -74,10 +76,16 @@ impl Registry {
     /// `password` every action asked for (but only `pull` under `readonly/`), refuses a wrong
     /// password with 401, and gives an anonymous request a token that grants nothing.
     pub fn token_auth(user: &str, password: &str) -> Registry {
-        Registry::start(Some((user.to_string(), password.to_string())), Auth::Token)
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Token, true)
     }
 
-    fn start(credentials: Option<(String, String)>, auth: Auth) -> Registry {
+    /// [`Registry::token_auth`] with the registry itself on plain HTTP (its token server stays
+    /// HTTPS, with the harness CA): an intranet registry whose auth lives elsewhere.
+    pub fn token_auth_over_http(user: &str, password: &str) -> Registry {
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Token, false)
+    }
+
+    fn start(credentials: Option<(String, String)>, auth: Auth, tls: bool) -> Registry {
         if !Path::new(BINARY).is_file() {
             panic!("{BINARY} not found: {INSTALL_HINT}");
         }
@@ -98,6 +106,7 @@ impl Registry {
             port: 0,
             credentials,
             auth,
+            tls,
             token_server: None,
             token_port: None,
             ca,
@@ -206,7 +215,7 @@ impl Registry {
             Err(e) => panic!("cannot run {BINARY}: {e}; {INSTALL_HINT}"),
         };
         let port = self.port;
-        let tls = self.credentials.is_some();
+        let tls = self.tls;
         let log = self.log.clone();
         let ready = wait_for(Duration::from_secs(15), || {
             if let Ok(Some(_)) = child.try_wait() {
@@ -234,7 +243,7 @@ impl Registry {
             super::random_alnum(24)
         );
         let d = self.dir.path();
-        if self.credentials.is_some() {
+        if self.tls {
             c.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 yaml_quoted(&d.join("server.pem")),
@@ -272,7 +281,7 @@ impl Registry {
 
     /// Whether it serves TLS (with basic or token auth).
     pub fn is_tls(&self) -> bool {
-        self.credentials.is_some()
+        self.tls
     }
 
     /// The harness CA's PEM file (the TLS flavour only; panics for the plain one).
@@ -285,7 +294,7 @@ impl Registry {
     /// A directory holding a `docker login` file (`config.json`) with this registry's credentials,
     /// for `DOCKER_CONFIG` (the TLS flavour only).
     pub fn docker_config_dir(&self) -> PathBuf {
-        assert!(self.is_tls(), "a plain registry takes no credentials");
+        assert!(self.credentials.is_some(), "a plain registry takes no credentials");
         self.dir.path().join("docker")
     }
 
@@ -335,28 +344,25 @@ impl Registry {
     /// The arguments that let skopeo reach this registry as a source (`inspect`, `copy`'s
     /// source): `--tls-verify=false`, or the CA directory and the auth file.
     fn skopeo_src_args(&self) -> Vec<String> {
-        if self.is_tls() {
-            vec![
-                format!("--cert-dir={}", self.dir.path().join("certs").display()),
-                format!("--authfile={}", self.docker_config_dir().join("config.json").display()),
-            ]
+        let mut args = if self.is_tls() {
+            vec![format!("--cert-dir={}", self.dir.path().join("certs").display())]
         } else {
             vec!["--tls-verify=false".into()]
+        };
+        if self.credentials.is_some() {
+            args.push(format!(
+                "--authfile={}",
+                self.docker_config_dir().join("config.json").display()
+            ));
         }
+        args
     }
 
     fn skopeo_dest_args(&self) -> Vec<String> {
-        if self.is_tls() {
-            vec![
-                format!("--dest-cert-dir={}", self.dir.path().join("certs").display()),
-                format!(
-                    "--dest-authfile={}",
-                    self.docker_config_dir().join("config.json").display()
-                ),
-            ]
-        } else {
-            vec!["--dest-tls-verify=false".into()]
-        }
+        self.skopeo_src_args()
+            .into_iter()
+            .map(|a| a.replacen("--", "--dest-", 1))
+            .collect()
     }
 
     /// `skopeo copy docker-daemon:IMAGE docker://HOST/DEST`: puts an image of the engine into
@@ -461,7 +467,7 @@ pub fn skopeo(args: &[&str]) -> Output {
     run(Command::new("skopeo").args(args), "skopeo", SKOPEO_HINT)
 }
 
-/// Whether the registry answers on `port`: `GET /v2/` gives 200 over HTTP; with TLS, the port
+/// Whether the registry answers on `port`: `GET /v2/` gives 200 (or 401) over HTTP; with TLS, the port
 /// accepts a connection (the smoke test checks the TLS and auth side with skopeo).
 fn answers(port: u16, tls: bool) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -478,7 +484,8 @@ fn answers(port: u16, tls: bool) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    // 401: it asks for a token (the token flavour over plain HTTP).
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && matches!(&head[9..12], b"200" | b"401")
 }
 
 /// `htpasswd -B` (bcrypt, what distribution accepts) for `user`, the password given on stdin.
