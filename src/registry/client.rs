@@ -66,6 +66,10 @@ pub struct Client {
     /// Where the registry's certificate must chain to, for messages.
     trust: String,
     insecure: bool,
+    /// `--registry-ca`, for a token service over HTTPS when the registry is plain HTTP.
+    ca_file: Option<std::path::PathBuf>,
+    /// The TLS settings of such a token service, made when first needed.
+    realm_tls: Mutex<Option<(Tls, String)>>,
     credentials: Option<Credentials>,
     prompt: bool,
     auth: Mutex<AuthState>,
@@ -213,55 +217,16 @@ impl Client {
         let (tls, trust) = if access.insecure {
             (None, "plain HTTP".to_string())
         } else {
-            let mut roots = rustls::RootCertStore::empty();
-            let trust = if let Some(ca) = &access.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| Error::io("reading the registry CA file", ca, e))?;
-                use rustls::pki_types::pem::PemObject;
-                let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                    .filter_map(|c| c.ok())
-                    .collect();
-                if certs.is_empty() {
-                    return Err(Error::input(format!("{}: holds no PEM certificate", ca.display()))
-                        .hint("give --registry-ca a PEM file (-----BEGIN CERTIFICATE-----) of the CA that signs the registry's certificate"));
-                }
-                for c in certs {
-                    roots.add(c).map_err(|e| {
-                        Error::input(format!("{}: not a usable CA certificate: {e}", ca.display()))
-                            .hint("give --registry-ca a PEM file of the CA that signs the registry's certificate")
-                    })?;
-                }
-                format!("the CA in {}", ca.display())
-            } else {
-                let found = rustls_native_certs::load_native_certs();
-                for c in found.certs {
-                    let _ = roots.add(c);
-                }
-                if roots.is_empty() {
-                    return Err(Error::input(format!(
-                        "registry {host}: this host has no CA certificates to check its TLS certificate with"
-                    ))
-                    .hint("give --registry-ca FILE (the CA that signs the registry's certificate), or install ca-certificates"));
-                }
-                "the system's CAs".to_string()
-            };
-            let config =
-                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-            (
-                Some(Tls {
-                    config: Arc::new(config),
-                }),
-                trust,
-            )
+            let (t, trust) = tls_settings(host, access.ca_file.as_deref())?;
+            (Some(t), trust)
         };
         Ok(Client {
             host: host.to_string(),
             tls,
             trust,
             insecure: access.insecure,
+            ca_file: access.ca_file.clone(),
+            realm_tls: Mutex::new(None),
             credentials,
             prompt: access.prompt,
             auth: Mutex::new(AuthState::default()),
@@ -917,7 +882,12 @@ impl Client {
         if let Some(c) = &creds {
             req.headers_mut().insert(header::AUTHORIZATION, basic(c));
         }
-        let conn = self.connect(&authority, tls).await?;
+        let conn = if tls {
+            let (t, trust) = self.realm_tls(realm)?;
+            self.connect(&authority, Some(&t), &trust).await?
+        } else {
+            self.connect(&authority, None, "").await?
+        };
         let reply = self
             .exchange(conn, req, SMALL_BODY_MAX, None, &format!("token request to {realm}"))
             .await?
@@ -949,6 +919,22 @@ impl Client {
         Ok(token)
     }
 
+    /// The TLS settings for a token service over HTTPS: the registry's, or when the registry is
+    /// plain HTTP (`--registry-insecure`), the CA file's or the system's CAs.
+    fn realm_tls(&self, realm: &str) -> Result<(Tls, String)> {
+        if let Some(t) = &self.tls {
+            return Ok((t.clone(), self.trust.clone()));
+        }
+        if let Some(t) = self.realm_tls.lock().ok().and_then(|t| t.clone()) {
+            return Ok(t);
+        }
+        let t = tls_settings(realm, self.ca_file.as_deref())?;
+        if let Ok(mut slot) = self.realm_tls.lock() {
+            *slot = Some(t.clone());
+        }
+        Ok(t)
+    }
+
     /// A pooled connection to the registry, or a new one.
     async fn conn(&self) -> Result<Conn> {
         loop {
@@ -962,16 +948,17 @@ impl Client {
                         return Ok(c);
                     }
                 }
-                None => return self.connect(&self.host, self.tls.is_some()).await,
+                None => return self.connect(&self.host, self.tls.as_ref(), &self.trust).await,
             }
         }
     }
 
-    /// A new HTTP/1.1 connection to `authority` (TLS when `tls`).
-    async fn connect(&self, authority: &str, tls: bool) -> Result<Conn> {
+    /// A new HTTP/1.1 connection to `authority`: TLS with `tls` (trusting what `trust` names)
+    /// when given, else plain.
+    async fn connect(&self, authority: &str, tls: Option<&Tls>, trust: &str) -> Result<Conn> {
         let addr = match host_and_port(authority) {
             (_, Some(_)) => authority.to_string(),
-            (h, None) => format!("{h}:{}", if tls { 443 } else { 80 }),
+            (h, None) => format!("{h}:{}", if tls.is_some() { 443 } else { 80 }),
         };
         let unreachable = |why: String| {
             Error::external(format!("registry {}: cannot connect to {addr}: {why}", self.display()))
@@ -982,10 +969,7 @@ impl Client {
             .map_err(|_| unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let io = if tls {
-            let Some(t) = &self.tls else {
-                return Err(Error::internal("TLS connection without TLS settings"));
-            };
+        let io = if let Some(t) = tls {
             let name = host_and_port(authority).0.trim_start_matches('[').trim_end_matches(']');
             let server_name = rustls_pki_types::ServerName::try_from(name.to_string()).map_err(|_| {
                 Error::input(format!(
@@ -997,7 +981,7 @@ impl Client {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
                 .await
                 .map_err(|_| unreachable("no TLS handshake within the timeout".into()))?
-                .map_err(|e| self.tls_error(&addr, e))?;
+                .map_err(|e| self.tls_error(&addr, e, trust))?;
             Either::Right(stream)
         } else {
             Either::Left(tcp)
@@ -1012,12 +996,12 @@ impl Client {
     }
 
     /// The TLS handshake failed: say why in the operator's words.
-    fn tls_error(&self, addr: &str, e: io::Error) -> Error {
+    fn tls_error(&self, addr: &str, e: io::Error, trust: &str) -> Error {
         let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
         let (why, hint) = match inner {
             Some(rustls::Error::InvalidCertificate(c)) => match c {
                 rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => (
-                    format!("its certificate is not signed by {}", self.trust),
+                    format!("its certificate is not signed by {trust}"),
                     "give --registry-ca FILE with the CA that signs the registry's certificate".to_string(),
                 ),
                 rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
@@ -1271,6 +1255,55 @@ impl Client {
         };
         Error::external(msg).hint(hint)
     }
+}
+
+/// The TLS settings for `host`: trusting the CA file when given, else the system's CAs; with
+/// the words that name that trust in messages.
+fn tls_settings(host: &str, ca_file: Option<&std::path::Path>) -> Result<(Tls, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let trust = if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|e| Error::io("reading the registry CA file", ca, e))?;
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .filter_map(|c| c.ok())
+            .collect();
+        if certs.is_empty() {
+            return Err(Error::input(format!("{}: holds no PEM certificate", ca.display()))
+                    .hint("give --registry-ca a PEM file (-----BEGIN CERTIFICATE-----) of the CA that signs the registry's certificate"));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                Error::input(format!("{}: not a usable CA certificate: {e}", ca.display()))
+                    .hint("give --registry-ca a PEM file of the CA that signs the registry's certificate")
+            })?;
+        }
+        format!("the CA in {}", ca.display())
+    } else {
+        let found = rustls_native_certs::load_native_certs();
+        for c in found.certs {
+            let _ = roots.add(c);
+        }
+        if roots.is_empty() {
+            return Err(Error::input(format!(
+                "registry {host}: this host has no CA certificates to check its TLS certificate with"
+            ))
+            .hint(
+                "give --registry-ca FILE (the CA that signs the registry's certificate), or install ca-certificates",
+            ));
+        }
+        "the system's CAs".to_string()
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((
+        Tls {
+            config: Arc::new(config),
+        },
+        trust,
+    ))
 }
 
 /// `host:port` → (host, port); `[v6]:port` → ("[v6]", port); no port → (authority, None).
@@ -1720,6 +1753,42 @@ mod tests {
         b.unwrap();
         assert_eq!(ASKED.load(Ordering::SeqCst), 1, "asked once");
         assert_eq!(c.bytes_sent(), 6);
+    }
+
+    /// A plain-HTTP registry (--registry-insecure) may send its clients to a token service over
+    /// HTTPS on another host or port: its certificate is checked against --registry-ca, else the
+    /// system's CAs (it was an internal error: no TLS settings).
+    #[test]
+    fn an_https_token_service_of_a_plain_registry_has_tls_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["auth.local".to_string()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let with_ca = Client::new(
+            "r.local:5000",
+            &Access {
+                insecure: true,
+                ca_file: Some(ca.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(with_ca.tls.is_none(), "the registry itself stays plain HTTP");
+        let (_, trust) = with_ca.realm_tls("https://auth.local:5001/token").unwrap();
+        assert_eq!(trust, format!("the CA in {}", ca.display()));
+        let tls = Client::new(
+            "r.local:5000",
+            &Access {
+                ca_file: Some(ca.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (_, trust) = tls.realm_tls("https://auth.local:5001/token").unwrap();
+        assert_eq!(
+            trust, tls.trust,
+            "a TLS registry's own settings serve its token service"
+        );
     }
 
     #[tokio::test]

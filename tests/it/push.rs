@@ -390,6 +390,55 @@ fn push_to_a_registry_with_token_auth() {
     );
 }
 
+/// A plain-HTTP registry (`--registry-insecure`) whose token service is HTTPS on another port:
+/// the token service's certificate is checked against --registry-ca (or the system's CAs).
+#[test]
+fn push_to_a_plain_http_registry_with_an_https_token_service() {
+    let bundle = demo_bundle();
+    let m = manifest(bundle);
+    let reg = Registry::token_auth_over_http("carol", "http-reg-pw");
+    assert!(!reg.is_tls());
+    let cache = tempfile::tempdir().unwrap();
+    let pw = cache.path().join("pw");
+    std::fs::write(&pw, "http-reg-pw\n").unwrap();
+    let host = reg.host();
+    let ca = reg.ca_pem_path().to_str().unwrap().to_string();
+    let b = bundle.to_str().unwrap();
+    let one = m.images[0].refs[0].as_str();
+    let base = [
+        b,
+        "--registry",
+        &host,
+        "--registry-insecure",
+        "--registry-user",
+        "carol",
+        "--registry-password-file",
+        pw.to_str().unwrap(),
+        "--image",
+        one,
+        "--json",
+    ];
+
+    // Without the CA, the token service's certificate is not trusted: named, with the way out.
+    let r = push(cache.path(), &base);
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    let token_addr = format!("127.0.0.1:{}", reg.token_port.unwrap());
+    assert!(
+        r.stderr.contains(&token_addr) && r.stderr.contains("not signed by the system's CAs"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--registry-ca"), "{}", r.stderr);
+
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--registry-ca", &ca]);
+    let r = push(cache.path(), &args);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(json(&r)["bytes_sent"].as_u64().unwrap() > 0, "{}", r.stdout);
+    assert_all_there_one(&reg, &m.images[0], one);
+    assert!(reg.token_log().contains("token for carol"));
+}
+
 #[test]
 fn push_refuses_names_and_a_down_registry_and_resumes_after_a_kill() {
     let bundle = demo_bundle();
