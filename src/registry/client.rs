@@ -6,9 +6,11 @@
 //!   the `http-auth` crate). `Basic`: the credentials on every request from then on. `Bearer`
 //!   (distribution's token auth, Harbor): a token from the challenge's realm for the scope the
 //!   request needs (`repository:NAME:pull,push`), fetched with the credentials (or anonymously),
-//!   cached per scope. An anonymous token the registry refuses (`insufficient_scope`) makes it
-//!   ask for credentials on a terminal, once, as basic auth does; otherwise the error tells a
-//!   missing right from a wrong password. A body that streams is never sent before its scope's auth is settled, so no
+//!   cached per scope; the realm may be on another host or port, over HTTPS even when the
+//!   registry is plain HTTP (checked against --registry-ca, else the system's CAs). An anonymous
+//!   token the registry refuses (`insufficient_scope`) makes it ask for credentials on a
+//!   terminal, once, as basic auth does; otherwise the error tells a missing right from a wrong
+//!   password. A body that streams is never sent before its scope's auth is settled, so no
 //!   upload has to be replayed.
 //! - Blobs: `HEAD` (present?), a cross-repository mount (`POST ...?mount=&from=`, `201`), and an
 //!   upload as one streamed `PATCH` (chunked transfer, no copy) closed by `PUT ?digest=` with the
