@@ -388,6 +388,13 @@ fn push_to_a_registry_with_token_auth() {
         j["images"].as_array().unwrap().iter().all(|i| i["state"] == "present"),
         "{j}"
     );
+    // The `docker login` file's credentials for the registry go to its token service as well.
+    let r = run(bkbundle()
+        .args(["push", b, "--registry", &target, "--registry-ca", &ca, "--json"])
+        .env("BKBUNDLE_CACHE_DIR", cache.path())
+        .env("DOCKER_CONFIG", reg.docker_config_dir()));
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(json(&r)["bytes_sent"], 0);
 }
 
 /// A plain-HTTP registry (`--registry-insecure`) whose token service is HTTPS on another port:
