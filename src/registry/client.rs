@@ -6,7 +6,11 @@
 //!   the `http-auth` crate). `Basic`: the credentials on every request from then on. `Bearer`
 //!   (distribution's token auth, Harbor): a token from the challenge's realm for the scope the
 //!   request needs (`repository:NAME:pull,push`), fetched with the credentials (or anonymously),
-//!   cached per scope. A body that streams is never sent before its scope's auth is settled, so no
+//!   cached per scope; the realm may be on another host or port, over HTTPS even when the
+//!   registry is plain HTTP (checked against --registry-ca, else the system's CAs). An anonymous
+//!   token the registry refuses (`insufficient_scope`) makes it ask for credentials on a
+//!   terminal, once, as basic auth does; otherwise the error tells a missing right from a wrong
+//!   password. A body that streams is never sent before its scope's auth is settled, so no
 //!   upload has to be replayed.
 //! - Blobs: `HEAD` (present?), a cross-repository mount (`POST ...?mount=&from=`, `201`), and an
 //!   upload as one streamed `PATCH` (chunked transfer, no copy) closed by `PUT ?digest=` with the
@@ -64,9 +68,18 @@ pub struct Client {
     /// Where the registry's certificate must chain to, for messages.
     trust: String,
     insecure: bool,
+    /// `--registry-ca`, for a token service over HTTPS when the registry is plain HTTP.
+    ca_file: Option<std::path::PathBuf>,
+    /// The TLS settings of such a token service, made when first needed.
+    realm_tls: Mutex<Option<(Tls, String)>>,
     credentials: Option<Credentials>,
     prompt: bool,
     auth: Mutex<AuthState>,
+    /// Held while credentials are asked for on the terminal, so parallel uploads ask once.
+    asking: tokio::sync::Mutex<()>,
+    /// Stands in for the terminal in tests.
+    #[cfg(test)]
+    asker: Option<fn() -> Credentials>,
     pool: Mutex<Vec<Conn>>,
     /// Blob bytes sent in upload bodies.
     sent: AtomicU64,
@@ -123,6 +136,39 @@ impl Scope {
     fn key(&self) -> String {
         self.strings().join(" ")
     }
+    /// What the scope allows, for messages: "push to site/app".
+    fn describe(&self) -> String {
+        match self {
+            Scope::Registry => "use the registry".to_string(),
+            Scope::Pull(r) => format!("pull from {r}"),
+            Scope::Push(r) => format!("push to {r}"),
+            Scope::Mount(r, from) => format!("push to {r} (mounting a blob from {from})"),
+        }
+    }
+    /// The repository written to (or read from).
+    fn repository(&self) -> Option<&str> {
+        match self {
+            Scope::Registry => None,
+            Scope::Pull(r) | Scope::Push(r) | Scope::Mount(r, _) => Some(r),
+        }
+    }
+}
+
+/// Whether a `401` is a bearer challenge with `error="insufficient_scope"`: the token was good
+/// but does not grant what the request needs (distribution, Harbor).
+fn insufficient_scope(r: &Reply) -> bool {
+    let Some(h) = r.header("www-authenticate") else {
+        return false;
+    };
+    let Ok(challenges) = http_auth::parse_challenges(h) else {
+        return false;
+    };
+    challenges.iter().any(|c| {
+        c.scheme.eq_ignore_ascii_case("bearer")
+            && c.params
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("error") && v.to_unescaped() == "insufficient_scope")
+    })
 }
 
 /// A request body: replayable (sent again after an auth challenge) or streamed (once).
@@ -173,58 +219,22 @@ impl Client {
         let (tls, trust) = if access.insecure {
             (None, "plain HTTP".to_string())
         } else {
-            let mut roots = rustls::RootCertStore::empty();
-            let trust = if let Some(ca) = &access.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| Error::io("reading the registry CA file", ca, e))?;
-                use rustls::pki_types::pem::PemObject;
-                let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                    .filter_map(|c| c.ok())
-                    .collect();
-                if certs.is_empty() {
-                    return Err(Error::input(format!("{}: holds no PEM certificate", ca.display()))
-                        .hint("give --registry-ca a PEM file (-----BEGIN CERTIFICATE-----) of the CA that signs the registry's certificate"));
-                }
-                for c in certs {
-                    roots.add(c).map_err(|e| {
-                        Error::input(format!("{}: not a usable CA certificate: {e}", ca.display()))
-                            .hint("give --registry-ca a PEM file of the CA that signs the registry's certificate")
-                    })?;
-                }
-                format!("the CA in {}", ca.display())
-            } else {
-                let found = rustls_native_certs::load_native_certs();
-                for c in found.certs {
-                    let _ = roots.add(c);
-                }
-                if roots.is_empty() {
-                    return Err(Error::input(format!(
-                        "registry {host}: this host has no CA certificates to check its TLS certificate with"
-                    ))
-                    .hint("give --registry-ca FILE (the CA that signs the registry's certificate), or install ca-certificates"));
-                }
-                "the system's CAs".to_string()
-            };
-            let config =
-                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-            (
-                Some(Tls {
-                    config: Arc::new(config),
-                }),
-                trust,
-            )
+            let (t, trust) = tls_settings(host, access.ca_file.as_deref())?;
+            (Some(t), trust)
         };
         Ok(Client {
             host: host.to_string(),
             tls,
             trust,
             insecure: access.insecure,
+            ca_file: access.ca_file.clone(),
+            realm_tls: Mutex::new(None),
             credentials,
             prompt: access.prompt,
             auth: Mutex::new(AuthState::default()),
+            asking: tokio::sync::Mutex::new(()),
+            #[cfg(test)]
+            asker: None,
             pool: Mutex::new(Vec::new()),
             sent: AtomicU64::new(0),
         })
@@ -644,6 +654,7 @@ impl Client {
     ) -> Result<Reply> {
         let mut payload = Some(payload);
         let mut challenged = false;
+        let mut asked = false;
         // When the body's last chunk went out (a streamed body only).
         let progress = Arc::new(Mutex::new(Instant::now()));
         loop {
@@ -676,15 +687,25 @@ impl Client {
             let stamp = streamed.then(|| progress.clone());
             let reply = self.send(req, max_body, stamp, &format!("{method} {path}")).await?;
             if reply.status == StatusCode::UNAUTHORIZED {
-                if !challenged {
-                    if let Some(again) = replay {
+                if let Some(again) = replay {
+                    if !challenged {
                         challenged = true;
                         self.answer_challenge(&reply, &scope).await?;
                         payload = Some(again);
                         continue;
                     }
+                    // A token service hands out anonymous tokens (Harbor, distribution's): the
+                    // challenge is answered without asking, and only the registry's refusal of
+                    // the anonymous token shows that credentials are needed. Ask then, as for
+                    // basic auth, and try again with a token for the user.
+                    if !asked && self.credentials.is_none() && self.prompt && insufficient_scope(&reply) {
+                        asked = true;
+                        self.ask_for_bearer().await?;
+                        payload = Some(again);
+                        continue;
+                    }
                 }
-                return Err(self.unauthorized(&reply));
+                return Err(self.unauthorized(&reply, Some(&scope)));
             }
             if let Ok(mut a) = self.auth.lock() {
                 if a.scheme == Scheme::Unknown {
@@ -780,8 +801,28 @@ impl Client {
         .hint("registries are reached with Basic or Bearer (token) auth; check the registry's auth configuration"))
     }
 
+    /// Credentials for the bearer flow, asked for once (parallel requests wait for the answer),
+    /// after which the anonymous tokens are dropped.
+    async fn ask_for_bearer(&self) -> Result<()> {
+        let _one = self.asking.lock().await;
+        let have = self.auth.lock().map(|a| a.asked.is_some()).unwrap_or(false);
+        if have {
+            return Ok(());
+        }
+        let asked = self.ask_credentials()?;
+        if let Ok(mut a) = self.auth.lock() {
+            a.asked = Some(asked);
+            a.tokens.clear();
+        }
+        Ok(())
+    }
+
     /// Credentials from the terminal, when allowed; else the error that says how to give them.
     fn ask_credentials(&self) -> Result<Credentials> {
+        #[cfg(test)]
+        if let Some(ask) = self.asker {
+            return Ok(ask());
+        }
         let needs = || {
             Error::external(format!("registry {} asks for credentials and none were given", self.display())).hint(format!(
                 "give --registry-user USER with --registry-password-file FILE (or BKBUNDLE_REGISTRY_PASSWORD), or run docker login {}",
@@ -843,13 +884,18 @@ impl Client {
         if let Some(c) = &creds {
             req.headers_mut().insert(header::AUTHORIZATION, basic(c));
         }
-        let conn = self.connect(&authority, tls).await?;
+        let conn = if tls {
+            let (t, trust) = self.realm_tls(realm)?;
+            self.connect(&authority, Some(&t), &trust).await?
+        } else {
+            self.connect(&authority, None, "").await?
+        };
         let reply = self
             .exchange(conn, req, SMALL_BODY_MAX, None, &format!("token request to {realm}"))
             .await?
             .0;
         if reply.status == StatusCode::UNAUTHORIZED || reply.status == StatusCode::FORBIDDEN {
-            return Err(self.unauthorized(&reply));
+            return Err(self.token_refused(&reply, realm));
         }
         if !reply.status.is_success() {
             return Err(self.refused(&reply, &format!("token request to {realm}"), None));
@@ -875,6 +921,22 @@ impl Client {
         Ok(token)
     }
 
+    /// The TLS settings for a token service over HTTPS: the registry's, or when the registry is
+    /// plain HTTP (`--registry-insecure`), the CA file's or the system's CAs.
+    fn realm_tls(&self, realm: &str) -> Result<(Tls, String)> {
+        if let Some(t) = &self.tls {
+            return Ok((t.clone(), self.trust.clone()));
+        }
+        if let Some(t) = self.realm_tls.lock().ok().and_then(|t| t.clone()) {
+            return Ok(t);
+        }
+        let t = tls_settings(realm, self.ca_file.as_deref())?;
+        if let Ok(mut slot) = self.realm_tls.lock() {
+            *slot = Some(t.clone());
+        }
+        Ok(t)
+    }
+
     /// A pooled connection to the registry, or a new one.
     async fn conn(&self) -> Result<Conn> {
         loop {
@@ -888,16 +950,17 @@ impl Client {
                         return Ok(c);
                     }
                 }
-                None => return self.connect(&self.host, self.tls.is_some()).await,
+                None => return self.connect(&self.host, self.tls.as_ref(), &self.trust).await,
             }
         }
     }
 
-    /// A new HTTP/1.1 connection to `authority` (TLS when `tls`).
-    async fn connect(&self, authority: &str, tls: bool) -> Result<Conn> {
+    /// A new HTTP/1.1 connection to `authority`: TLS with `tls` (trusting what `trust` names)
+    /// when given, else plain.
+    async fn connect(&self, authority: &str, tls: Option<&Tls>, trust: &str) -> Result<Conn> {
         let addr = match host_and_port(authority) {
             (_, Some(_)) => authority.to_string(),
-            (h, None) => format!("{h}:{}", if tls { 443 } else { 80 }),
+            (h, None) => format!("{h}:{}", if tls.is_some() { 443 } else { 80 }),
         };
         let unreachable = |why: String| {
             Error::external(format!("registry {}: cannot connect to {addr}: {why}", self.display()))
@@ -908,10 +971,7 @@ impl Client {
             .map_err(|_| unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let io = if tls {
-            let Some(t) = &self.tls else {
-                return Err(Error::internal("TLS connection without TLS settings"));
-            };
+        let io = if let Some(t) = tls {
             let name = host_and_port(authority).0.trim_start_matches('[').trim_end_matches(']');
             let server_name = rustls_pki_types::ServerName::try_from(name.to_string()).map_err(|_| {
                 Error::input(format!(
@@ -923,7 +983,7 @@ impl Client {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp))
                 .await
                 .map_err(|_| unreachable("no TLS handshake within the timeout".into()))?
-                .map_err(|e| self.tls_error(&addr, e))?;
+                .map_err(|e| self.tls_error(&addr, e, trust))?;
             Either::Right(stream)
         } else {
             Either::Left(tcp)
@@ -938,12 +998,12 @@ impl Client {
     }
 
     /// The TLS handshake failed: say why in the operator's words.
-    fn tls_error(&self, addr: &str, e: io::Error) -> Error {
+    fn tls_error(&self, addr: &str, e: io::Error, trust: &str) -> Error {
         let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
         let (why, hint) = match inner {
             Some(rustls::Error::InvalidCertificate(c)) => match c {
                 rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => (
-                    format!("its certificate is not signed by {}", self.trust),
+                    format!("its certificate is not signed by {trust}"),
                     "give --registry-ca FILE with the CA that signs the registry's certificate".to_string(),
                 ),
                 rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
@@ -1095,8 +1155,37 @@ impl Client {
             .hint("check that the address is an OCI distribution registry (Harbor, registry:2)")
     }
 
-    fn unauthorized(&self, r: &Reply) -> Error {
+    /// The registry answered `401` to a request for `scope` even with the auth it asked for. A
+    /// bearer token that was accepted but grants too little (`error="insufficient_scope"`, what
+    /// distribution answers to an anonymous token, or to a user without the right) is told apart
+    /// from credentials that are wrong.
+    fn unauthorized(&self, r: &Reply, scope: Option<&Scope>) -> Error {
         let codes = error_codes(&r.body);
+        if let (true, Some(scope)) = (insufficient_scope(r), scope) {
+            let what = scope.describe();
+            return match self.current_credentials() {
+                Some(c) => Error::external(format!(
+                    "registry {}: user {} (credentials from {}) may not {what}: the token it was given does not grant it: {} {}",
+                    self.display(),
+                    c.username,
+                    c.source,
+                    r.status,
+                    codes
+                ))
+                .hint(format!(
+                    "the password was accepted, the right is missing: grant {} pull and push on {} in the registry's token service (on Harbor: a project member with the Developer role or more), or push under a --registry prefix the user may write to",
+                    c.username,
+                    scope.repository().unwrap_or("the repository")
+                )),
+                None => Error::external(format!(
+                    "registry {} asks for credentials to {what} and none were given: its token service gave an anonymous token, which does not allow it: {} {}",
+                    self.display(),
+                    r.status,
+                    codes
+                ))
+                .hint("give --registry-user USER with --registry-password-file FILE, or run docker login to the registry"),
+            };
+        }
         match self.current_credentials() {
             Some(c) => Error::external(format!(
                 "registry {}: refused user {} (credentials from {}): {} {}",
@@ -1117,12 +1206,36 @@ impl Client {
         }
     }
 
+    /// The token service (`realm`) refused to issue a token: wrong credentials, or none where it
+    /// wants some.
+    fn token_refused(&self, r: &Reply, realm: &str) -> Error {
+        let codes = error_codes(&r.body);
+        match self.current_credentials() {
+            Some(c) => Error::external(format!(
+                "registry {}: its token service {realm} refused user {} (credentials from {}): {} {}",
+                self.display(),
+                c.username,
+                c.source,
+                r.status,
+                codes
+            ))
+            .hint("check the user name and password (docker login to the registry tests them)"),
+            None => Error::external(format!(
+                "registry {} asks for credentials and none were given: its token service {realm} answered {} {}",
+                self.display(),
+                r.status,
+                codes
+            ))
+            .hint("give --registry-user USER with --registry-password-file FILE, or run docker login to the registry"),
+        }
+    }
+
     /// Any other refusal: the status, the registry's error codes, a hint per status.
     fn refused(&self, r: &Reply, what: &str, repository: Option<&str>) -> Error {
         let codes = error_codes(&r.body);
         let msg = format!("registry {}: {what}: {} {}", self.display(), r.status, codes);
         let hint = match r.status.as_u16() {
-            401 => return self.unauthorized(r),
+            401 => return self.unauthorized(r, None),
             400 if self.insecure && codes.contains("HTTPS server") => {
                 "the registry speaks TLS: drop --registry-insecure (and give --registry-ca if its CA is private)".to_string()
             }
@@ -1144,6 +1257,55 @@ impl Client {
         };
         Error::external(msg).hint(hint)
     }
+}
+
+/// The TLS settings for `host`: trusting the CA file when given, else the system's CAs; with
+/// the words that name that trust in messages.
+fn tls_settings(host: &str, ca_file: Option<&std::path::Path>) -> Result<(Tls, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let trust = if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|e| Error::io("reading the registry CA file", ca, e))?;
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .filter_map(|c| c.ok())
+            .collect();
+        if certs.is_empty() {
+            return Err(Error::input(format!("{}: holds no PEM certificate", ca.display()))
+                    .hint("give --registry-ca a PEM file (-----BEGIN CERTIFICATE-----) of the CA that signs the registry's certificate"));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                Error::input(format!("{}: not a usable CA certificate: {e}", ca.display()))
+                    .hint("give --registry-ca a PEM file of the CA that signs the registry's certificate")
+            })?;
+        }
+        format!("the CA in {}", ca.display())
+    } else {
+        let found = rustls_native_certs::load_native_certs();
+        for c in found.certs {
+            let _ = roots.add(c);
+        }
+        if roots.is_empty() {
+            return Err(Error::input(format!(
+                "registry {host}: this host has no CA certificates to check its TLS certificate with"
+            ))
+            .hint(
+                "give --registry-ca FILE (the CA that signs the registry's certificate), or install ca-certificates",
+            ));
+        }
+        "the system's CAs".to_string()
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((
+        Tls {
+            config: Arc::new(config),
+        },
+        trust,
+    ))
 }
 
 /// `host:port` → (host, port); `[v6]:port` → ("[v6]", port); no port → (authority, None).
@@ -1350,7 +1512,10 @@ mod tests {
     }
 
     /// A registry answering from memory: bearer auth (alice / pw) through its own token
-    /// endpoint, uploads as distribution does them, and one fault.
+    /// endpoint, uploads as distribution does them, and one fault. As distribution with a token
+    /// server: a request without credentials gets an anonymous token that only opens `/v2/`, and
+    /// alice may only pull from `readonly/...`; a token short of the right is refused with
+    /// `error="insufficient_scope"`.
     async fn fake(fault: Fault) -> String {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1390,13 +1555,30 @@ mod tests {
                                 if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
                                     return reply(r, 200, r#"{"token":"T0K"}"#);
                                 }
+                                if auth.is_empty() && query.contains("service=fake") {
+                                    return reply(r, 200, r#"{"token":"ANON"}"#);
+                                }
                                 return reply(
                                     r,
                                     401,
                                     r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
                                 );
                             }
-                            if auth != "Bearer T0K" {
+                            let writes = matches!(method.as_str(), "POST" | "PATCH" | "PUT" | "DELETE");
+                            let short = (auth == "Bearer ANON" && path != "/v2/")
+                                || (auth == "Bearer T0K" && path.starts_with("/v2/readonly/") && writes);
+                            if short {
+                                r = r.header(
+                                    "www-authenticate",
+                                    format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull,push\",error=\"insufficient_scope\""),
+                                );
+                                return reply(
+                                    r,
+                                    401,
+                                    r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                                );
+                            }
+                            if auth != "Bearer T0K" && auth != "Bearer ANON" {
                                 r = r.header(
                                     "www-authenticate",
                                     format!("Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:x:pull\""),
@@ -1467,6 +1649,10 @@ mod tests {
 
     /// Upload `data` through the client the way push does: a channel of chunks, then the digest.
     async fn upload(c: &Client, data: &'static [u8]) -> Result<Pushed> {
+        upload_to(c, "site/app", data).await
+    }
+
+    async fn upload_to(c: &Client, repository: &str, data: &'static [u8]) -> Result<Pushed> {
         let (tx, rx) = mpsc::channel(2);
         let (dtx, drx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -1474,7 +1660,7 @@ mod tests {
             drop(tx);
             let _ = dtx.send(Ok((format!("sha256:{}", sha256_hex(data)), data.len() as u64)));
         });
-        c.upload("site/app", rx, drx, "layer L").await
+        c.upload(repository, rx, drx, "layer L").await
     }
 
     #[tokio::test]
@@ -1488,7 +1674,123 @@ mod tests {
         assert_eq!(c.blob_size("site/app", &p.digest).await.unwrap(), None);
         let e = client(&addr, "wrong").ping().await.unwrap_err();
         assert!(e.message.contains("refused user alice"), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("token service http://{addr}/token")),
+            "the token service is named: {}",
+            e.message
+        );
         assert!(!format!("{e:?}").contains("wrong"), "the password is never shown");
+    }
+
+    /// A token that was issued but grants too little is not a wrong password: anonymous, the
+    /// registry asks for credentials; a user without the right is told which one is missing.
+    #[tokio::test]
+    async fn tokens_short_of_the_right_are_told_apart_from_wrong_passwords() {
+        let addr = fake(Fault::None).await;
+        let anonymous = Client::new(
+            &addr,
+            &Access {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        anonymous.ping().await.expect("an anonymous token opens /v2/");
+        let e = upload(&anonymous, b"data").await.unwrap_err();
+        assert!(
+            e.message
+                .contains("asks for credentials to push to site/app and none were given")
+                && e.message.contains("anonymous token"),
+            "{}",
+            e.message
+        );
+        assert!(e.hints.iter().any(|h| h.contains("--registry-user")), "{:?}", e.hints);
+
+        let e = upload_to(&client(&addr, "pw"), "readonly/app", b"data")
+            .await
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("user alice (credentials from test) may not push to readonly/app"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("refused"), "{}", e.message);
+        assert!(
+            e.hints
+                .iter()
+                .any(|h| h.contains("password was accepted") && h.contains("readonly/app")),
+            "{:?}",
+            e.hints
+        );
+    }
+
+    /// On a terminal, a registry that refuses the anonymous token makes bkbundle ask for
+    /// credentials (as basic auth does), once for all parallel requests, and go on with them.
+    #[tokio::test]
+    async fn an_anonymous_token_refused_asks_for_credentials_once_on_a_terminal() {
+        static ASKED: AtomicU64 = AtomicU64::new(0);
+        let addr = fake(Fault::None).await;
+        let mut c = Client::new(
+            &addr,
+            &Access {
+                insecure: true,
+                prompt: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.asker = Some(|| {
+            ASKED.fetch_add(1, Ordering::SeqCst);
+            Credentials {
+                username: "alice".into(),
+                password: zeroize::Zeroizing::new("pw".into()),
+                source: "prompt".into(),
+            }
+        });
+        c.ping().await.unwrap();
+        assert_eq!(ASKED.load(Ordering::SeqCst), 0, "/v2/ takes the anonymous token");
+        let (a, b) = tokio::join!(upload(&c, b"one"), upload(&c, b"two"));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(ASKED.load(Ordering::SeqCst), 1, "asked once");
+        assert_eq!(c.bytes_sent(), 6);
+    }
+
+    /// A plain-HTTP registry (--registry-insecure) may send its clients to a token service over
+    /// HTTPS on another host or port: its certificate is checked against --registry-ca, else the
+    /// system's CAs (it was an internal error: no TLS settings).
+    #[test]
+    fn an_https_token_service_of_a_plain_registry_has_tls_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["auth.local".to_string()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let with_ca = Client::new(
+            "r.local:5000",
+            &Access {
+                insecure: true,
+                ca_file: Some(ca.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(with_ca.tls.is_none(), "the registry itself stays plain HTTP");
+        let (_, trust) = with_ca.realm_tls("https://auth.local:5001/token").unwrap();
+        assert_eq!(trust, format!("the CA in {}", ca.display()));
+        let tls = Client::new(
+            "r.local:5000",
+            &Access {
+                ca_file: Some(ca.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (_, trust) = tls.realm_tls("https://auth.local:5001/token").unwrap();
+        assert_eq!(
+            trust, tls.trust,
+            "a TLS registry's own settings serve its token service"
+        );
     }
 
     #[tokio::test]

@@ -448,3 +448,32 @@ fn a_tls_registry_wants_its_ca_and_the_password() {
     );
     assert!(!certs.exists(), "{} is left behind", certs.display());
 }
+
+#[test]
+fn a_token_auth_registry_takes_skopeo_with_the_password_only() {
+    let _docker = docker_lock();
+    ensure_demo_images();
+    let password = random_alnum(20);
+    let reg = Registry::token_auth("smoke", &password);
+    assert!(reg.is_tls());
+    let repo = "smoke/base:1";
+    // skopeo follows the Bearer challenge to the token server (HTTPS, the harness CA).
+    reg.skopeo_copy_from_daemon(DEMO_IMAGES[0], repo);
+    assert_eq!(
+        reg.image_id(repo).as_deref(),
+        Some(docker_image_id(DEMO_IMAGES[0]).as_str())
+    );
+    let url = format!("docker://{}/{repo}", reg.host());
+    let ca_dir = reg.ca_pem_path().parent().unwrap().join("certs");
+    let cert_dir = format!("--cert-dir={}", ca_dir.display());
+    // Anonymous: a token that grants nothing, and the registry's refusal.
+    let out = crate::harness::skopeo(&["inspect", "--raw", "--no-creds", &cert_dir, &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an anonymous token was let in: {err}");
+    // A wrong password: the token server refuses it.
+    let out = crate::harness::skopeo(&["inspect", "--raw", &cert_dir, "--creds=smoke:wrong", &url]);
+    assert!(!out.status.success(), "a wrong password was accepted");
+    let log = reg.token_log();
+    assert!(log.contains("refused credentials for user 'smoke'"), "{log}");
+    assert!(!log.contains(&password), "the token server never logs the password");
+}

@@ -451,3 +451,60 @@ fn install_pulls_from_a_tls_registry_with_its_ca_and_a_password() {
         r.stderr
     );
 }
+
+/// A registry with distribution's token auth: install's preflight (bkbundle's client, pull
+/// tokens from the token service on another port) and the engine's pull (its own bearer flow,
+/// the CA in certs.d) both get in with the password; a wrong one is refused before anything
+/// changes.
+#[test]
+fn install_pulls_from_a_registry_with_token_auth() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let s = setup(&p, "token", &mut own);
+    let password = crate::harness::random_alnum(20);
+    let reg = Registry::token_auth("bkbundle", &password);
+    fill(&reg, "site", &[WEB, &s.img]);
+    remove_from_engine(&s);
+    let from = format!("{}/site", reg.host());
+    own.0.push(format!("{from}/{}", s.img));
+    let certs = crate::harness::engine_certs_dir(&reg.host());
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _certs = Remove(certs.clone());
+    let pass_file = p.path("registry.pass");
+    fs::write(&pass_file, format!("{password}\n")).unwrap();
+    let wrong = p.path("wrong.pass");
+    fs::write(&wrong, "not-the-password\n").unwrap();
+    let base = [
+        "--images-from",
+        &from,
+        "--registry-ca",
+        arg(reg.ca_pem_path()),
+        "--registry-user",
+        "bkbundle",
+    ];
+    let cfg = p.config(120, "");
+
+    let mut args = base.to_vec();
+    args.extend(["--registry-password-file", arg(&wrong)]);
+    let r = p.install(&s.bundle, &cfg, &args);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("token service") && r.stderr.contains("refused user bkbundle"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("not-the-password"), "the password is never printed");
+    assert!(!p.target().exists());
+
+    let mut args = base.to_vec();
+    args.extend(["--registry-password-file", arg(&pass_file)]);
+    let r = p.install(&s.bundle, &cfg, &args);
+    assert_eq!(r.code, 0, "{}\n--- token server ---\n{}", r.stderr, reg.token_log());
+    assert!(!r.stderr.contains(&password) && !r.stdout.contains(&password));
+    assert_eq!(image_id(&s.img).as_deref(), Some(s.img_id.as_str()));
+}

@@ -1,9 +1,9 @@
-//! Issue 16: `bkbundle push` into a real registry (Debian's docker-registry, plain HTTP, and TLS
-//! with htpasswd basic auth), read back by an independent client (skopeo: every layer decompressed
-//! and compared with the bundle's diff ids, every config with its image id) and pulled by the real
-//! engine. A re-run sends nothing; a killed push resumes and nothing is ever half-tagged; a
-//! registry that is down, a wrong password, an untrusted CA and refused names end in a clear error
-//! with nothing sent.
+//! Issue 16: `bkbundle push` into a real registry (Debian's docker-registry, plain HTTP, TLS
+//! with htpasswd basic auth, and TLS with token auth from a token server on another port), read
+//! back by an independent client (skopeo: every layer decompressed and compared with the bundle's
+//! diff ids, every config with its image id) and pulled by the real engine. A re-run sends
+//! nothing; a killed push resumes and nothing is ever half-tagged; a registry that is down, a
+//! wrong password, an untrusted CA and refused names end in a clear error with nothing sent.
 
 use crate::harness::{bkbundle, docker_lock, Registry};
 use crate::pack::{demo_bundle, run, Run};
@@ -264,6 +264,186 @@ fn push_to_a_tls_registry_with_basic_auth() {
     let r = push(cache.path(), &[b, "--config", cfg.to_str().unwrap(), "--json"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(json(&r)["bytes_sent"], 0);
+}
+
+/// distribution's token auth (the bearer flow of Harbor and Docker Hub) against the real registry:
+/// a token server on another port (HTTPS, the harness CA) signs tokens the registry checks
+/// against its `rootcertbundle`; bkbundle fetches one per scope (a mount's two scopes included).
+#[test]
+fn push_to_a_registry_with_token_auth() {
+    let bundle = demo_bundle();
+    let m = manifest(bundle);
+    let reg = Registry::token_auth("bob", "t0ken-pw-9");
+    let (user, password) = reg.credentials.clone().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let pw = cache.path().join("pw");
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    let bad = cache.path().join("bad");
+    std::fs::write(&bad, "wrong-token-pw\n").unwrap();
+    let host = reg.host();
+    let ca = reg.ca_pem_path().to_str().unwrap().to_string();
+    let b = bundle.to_str().unwrap();
+    let one = m.images[0].refs[0].as_str();
+    let target = format!("{host}/site");
+    let with_password = |file: &Path, extra: &[&str]| {
+        let mut args = vec![
+            b,
+            "--registry",
+            &target,
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            &user,
+            "--registry-password-file",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        push(cache.path(), &args)
+    };
+
+    // A wrong password: the token service's 401, named, the password never printed.
+    let r = with_password(&bad, &["--image", one]);
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("token service {} refused user bob", reg.token_realm())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&host), "{}", r.stderr);
+    assert!(!r.stderr.contains("wrong-token-pw") && !r.stdout.contains("wrong-token-pw"));
+    // No credentials: the token service hands out an anonymous token that grants nothing, the
+    // registry refuses it.
+    let r = push(
+        cache.path(),
+        &[b, "--registry", &target, "--registry-ca", &ca, "--image", one],
+    );
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&host)
+            && r.stderr.contains(&format!(
+                "asks for credentials to pull from site/{} and none were given",
+                one.rsplit_once(':').unwrap().0
+            ))
+            && r.stderr.contains("anonymous token"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--registry-user"), "{}", r.stderr);
+    assert_eq!(reg.image_id(&format!("site/{one}")), None, "nothing was pushed");
+    // The right password, a repository the user may only pull from (the token service grants
+    // no push under readonly/): the missing right is named, not the password.
+    let r = push(
+        cache.path(),
+        &[
+            b,
+            "--registry",
+            &format!("{host}/readonly"),
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            &user,
+            "--registry-password-file",
+            pw.to_str().unwrap(),
+            "--image",
+            one,
+        ],
+    );
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("user bob (credentials from --registry-user) may not push to readonly/"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("password was accepted"), "{}", r.stderr);
+    assert_eq!(reg.image_id(&format!("readonly/{one}")), None, "nothing was pushed");
+
+    // The right password: every image, read back by skopeo (its own bearer flow).
+    let r = with_password(&pw, &["--json", "-vv"]);
+    assert_eq!(r.code, 0, "{}\n{}\n--- registry ---\n{}", r.stdout, r.stderr, reg.log());
+    assert!(
+        !r.stderr.contains(&password) && !r.stdout.contains(&password),
+        "the password is never printed"
+    );
+    let j = json(&r);
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "pushed"),
+        "{j}"
+    );
+    assert!(j["bytes_sent"].as_u64().unwrap() > 1_000_000, "{j}");
+    // The shared base layer was mounted across repositories: a token for two scopes.
+    assert!(j["blobs"]["mounted"].as_u64().unwrap() >= 1, "{j}");
+    assert_all_there(&reg, &m, "site/");
+    let log = reg.token_log();
+    assert!(log.contains("token for bob"), "{log}");
+    assert!(!log.contains(&password), "the token server never logs the password");
+
+    // A re-run sends nothing.
+    let r = with_password(&pw, &["--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let j = json(&r);
+    assert_eq!(j["bytes_sent"], 0, "{j}");
+    assert!(
+        j["images"].as_array().unwrap().iter().all(|i| i["state"] == "present"),
+        "{j}"
+    );
+    // The `docker login` file's credentials for the registry go to its token service as well.
+    let r = run(bkbundle()
+        .args(["push", b, "--registry", &target, "--registry-ca", &ca, "--json"])
+        .env("BKBUNDLE_CACHE_DIR", cache.path())
+        .env("DOCKER_CONFIG", reg.docker_config_dir()));
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(json(&r)["bytes_sent"], 0);
+}
+
+/// A plain-HTTP registry (`--registry-insecure`) whose token service is HTTPS on another port:
+/// the token service's certificate is checked against --registry-ca (or the system's CAs).
+#[test]
+fn push_to_a_plain_http_registry_with_an_https_token_service() {
+    let bundle = demo_bundle();
+    let m = manifest(bundle);
+    let reg = Registry::token_auth_over_http("carol", "http-reg-pw");
+    assert!(!reg.is_tls());
+    let cache = tempfile::tempdir().unwrap();
+    let pw = cache.path().join("pw");
+    std::fs::write(&pw, "http-reg-pw\n").unwrap();
+    let host = reg.host();
+    let ca = reg.ca_pem_path().to_str().unwrap().to_string();
+    let b = bundle.to_str().unwrap();
+    let one = m.images[0].refs[0].as_str();
+    let base = [
+        b,
+        "--registry",
+        &host,
+        "--registry-insecure",
+        "--registry-user",
+        "carol",
+        "--registry-password-file",
+        pw.to_str().unwrap(),
+        "--image",
+        one,
+        "--json",
+    ];
+
+    // Without the CA, the token service's certificate is not trusted: named, with the way out.
+    let r = push(cache.path(), &base);
+    assert_eq!(r.code, 6, "{}\n{}", r.stdout, r.stderr);
+    let token_addr = format!("127.0.0.1:{}", reg.token_port.unwrap());
+    assert!(
+        r.stderr.contains(&token_addr) && r.stderr.contains("not signed by the system's CAs"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--registry-ca"), "{}", r.stderr);
+
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--registry-ca", &ca]);
+    let r = push(cache.path(), &args);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(json(&r)["bytes_sent"].as_u64().unwrap() > 0, "{}", r.stdout);
+    assert_all_there_one(&reg, &m.images[0], one);
+    assert!(reg.token_log().contains("token for carol"));
 }
 
 #[test]

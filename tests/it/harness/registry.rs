@@ -1,11 +1,13 @@
 //! A throwaway image registry: Debian's `docker-registry` (distribution 2.8), on a free loopback
 //! port, storage in its own temporary directory, killed and deleted on drop.
 //!
-//! Two flavours: [`Registry::plain`] (HTTP, anonymous; the Docker engine pulls from it without
-//! configuration because it allows plain HTTP on 127.0.0.0/8), and [`Registry::tls_auth`] (TLS
+//! Three flavours: [`Registry::plain`] (HTTP, anonymous; the Docker engine pulls from it without
+//! configuration because it allows plain HTTP on 127.0.0.0/8), [`Registry::tls_auth`] (TLS
 //! with a certificate from the harness CA, as NATS's, and htpasswd basic auth, so clients meet
-//! the `401` challenge flow registries use). Each test can start its own: one starts in well under
-//! a second. [`skopeo`] and the `skopeo_*` methods read and fill a registry independently of
+//! the `401` challenge flow registries use), and [`Registry::token_auth`] (TLS as that one, and
+//! distribution's token auth: a bearer token from `registry_token.py` beside this file, a token
+//! server over HTTPS with the same certificate on its own port, the flow Harbor uses). Each test
+//! can start its own: one starts in well under a second. [`skopeo`] and the `skopeo_*` methods read and fill a registry independently of
 //! bkbundle; [`Registry::trust_in_engine`] makes the engine trust the TLS one's CA.
 
 use super::{free_port, is_root, run, run_ok, server_tempdir, tail, wait_for};
@@ -17,14 +19,34 @@ use std::time::Duration;
 
 const INSTALL_HINT: &str = "install it with `apt-get install docker-registry` (or run scripts/setup.sh)";
 const HTPASSWD_HINT: &str = "install it with `apt-get install apache2-utils` (or run scripts/setup.sh)";
+const PYTHON_HINT: &str =
+    "install python3 and Python's cryptography with `pip install cryptography` (or run scripts/setup.sh)";
 const SKOPEO_HINT: &str = "install it with `apt-get install skopeo` (or run scripts/setup.sh)";
 const BINARY: &str = "/usr/bin/docker-registry";
+
+/// The token auth settings of [`Registry::token_auth`] (the registry config's `auth: token:`).
+pub const TOKEN_SERVICE: &str = "bkbundle-test";
+pub const TOKEN_ISSUER: &str = "bkbundle-test-issuer";
+
+/// How a registry authenticates its clients.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Auth {
+    None,
+    Htpasswd,
+    Token,
+}
 
 /// A running registry; killed and its storage deleted on drop.
 pub struct Registry {
     pub port: u16,
-    /// `Some((user, password))` for the TLS flavour.
+    /// `Some((user, password))` for the TLS flavours.
     pub credentials: Option<(String, String)>,
+    auth: Auth,
+    /// Whether the registry itself serves TLS.
+    tls: bool,
+    /// The token server of the token flavour, and its port.
+    token_server: Option<Child>,
+    pub token_port: Option<u16>,
     /// The CA that signed the TLS flavour's certificate (for `localhost` and 127.0.0.1).
     ca: Option<PathBuf>,
     child: Option<Child>,
@@ -38,16 +60,32 @@ pub struct Registry {
 impl Registry {
     /// Plain HTTP on 127.0.0.1, no authentication.
     pub fn plain() -> Registry {
-        Registry::start(None)
+        Registry::start(None, Auth::None, false)
     }
 
     /// TLS (the harness CA: [`Registry::ca_pem_path`]) and htpasswd basic auth for `user` with
     /// `password` (bcrypt, made with `htpasswd -B`).
     pub fn tls_auth(user: &str, password: &str) -> Registry {
-        Registry::start(Some((user.to_string(), password.to_string())))
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Htpasswd, true)
     }
 
-    fn start(credentials: Option<(String, String)>) -> Registry {
+    /// TLS as [`Registry::tls_auth`], and token auth: the registry accepts bearer tokens signed
+    /// by the token server's key (its self-signed certificate is the `rootcertbundle`), issued
+    /// for service [`TOKEN_SERVICE`] by [`TOKEN_ISSUER`]. The token server
+    /// (`https://127.0.0.1:TOKEN_PORT/token`, the harness CA's certificate) grants `user` with
+    /// `password` every action asked for (but only `pull` under `readonly/`), refuses a wrong
+    /// password with 401, and gives an anonymous request a token that grants nothing.
+    pub fn token_auth(user: &str, password: &str) -> Registry {
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Token, true)
+    }
+
+    /// [`Registry::token_auth`] with the registry itself on plain HTTP (its token server stays
+    /// HTTPS, with the harness CA): an intranet registry whose auth lives elsewhere.
+    pub fn token_auth_over_http(user: &str, password: &str) -> Registry {
+        Registry::start(Some((user.to_string(), password.to_string())), Auth::Token, false)
+    }
+
+    fn start(credentials: Option<(String, String)>, auth: Auth, tls: bool) -> Registry {
         if !Path::new(BINARY).is_file() {
             panic!("{BINARY} not found: {INSTALL_HINT}");
         }
@@ -67,6 +105,10 @@ impl Registry {
         let mut reg = Registry {
             port: 0,
             credentials,
+            auth,
+            tls,
+            token_server: None,
+            token_port: None,
             ca,
             child: None,
             log,
@@ -74,6 +116,9 @@ impl Registry {
             storage,
             dir,
         };
+        if auth == Auth::Token {
+            reg.start_token_server();
+        }
         for attempt in 1..=3 {
             reg.port = free_port();
             if let Some((user, password)) = &reg.credentials {
@@ -93,6 +138,68 @@ impl Registry {
         unreachable!("the loop above returns or panics")
     }
 
+    /// Start `registry_token.py` in the registry's directory (its settings in `token.json`, mode
+    /// 0600: the password is never on a command line) and wait for the port it bound.
+    fn start_token_server(&mut self) {
+        let d = self.dir.path();
+        let (user, password) = self.credentials.clone().expect("token auth has credentials");
+        let conf = serde_json::json!({
+            "user": user,
+            "password": password,
+            "service": TOKEN_SERVICE,
+            "issuer": TOKEN_ISSUER,
+            "tls": true,
+        });
+        let conf_path = d.join("token.json");
+        std::fs::write(&conf_path, conf.to_string()).expect("write token.json");
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o600));
+        let log_path = d.join("token.log");
+        let logf = std::fs::File::create(&log_path).expect("create token.log");
+        let script = super::repo_root().join("tests/it/harness/registry_token.py");
+        let mut child = match Command::new("python3")
+            .arg(&script)
+            .arg(d)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("clone log file handle"))
+            .stderr(logf)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!("cannot run python3 {}: {e}; {PYTHON_HINT}", script.display()),
+        };
+        let port_file = d.join("token.port");
+        let port = wait_for(Duration::from_secs(15), || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(None);
+            }
+            std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u16>().ok())
+                .map(Some)
+        })
+        .flatten();
+        match port {
+            Some(p) => {
+                self.token_port = Some(p);
+                self.token_server = Some(child);
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "registry_token.py did not start within 15 s ({PYTHON_HINT})\n--- log ---\n{}",
+                    tail(&log_path, 4000)
+                );
+            }
+        }
+    }
+
+    /// The token server's log so far (the token flavour; empty otherwise).
+    pub fn token_log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.path().join("token.log")).unwrap_or_default()).into_owned()
+    }
+
     /// Start the process on `self.port` and wait until it answers; `Err(log)` when it does not.
     fn spawn(&mut self) -> Result<(), String> {
         let logf = std::fs::File::create(&self.log).expect("create registry.log");
@@ -108,7 +215,7 @@ impl Registry {
             Err(e) => panic!("cannot run {BINARY}: {e}; {INSTALL_HINT}"),
         };
         let port = self.port;
-        let tls = self.credentials.is_some();
+        let tls = self.tls;
         let log = self.log.clone();
         let ready = wait_for(Duration::from_secs(15), || {
             if let Ok(Some(_)) = child.try_wait() {
@@ -135,17 +242,36 @@ impl Registry {
             self.port,
             super::random_alnum(24)
         );
-        if self.credentials.is_some() {
-            let d = self.dir.path();
+        let d = self.dir.path();
+        if self.tls {
             c.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: bkbundle-test\n    path: {}\n",
+                "  tls:\n    certificate: {}\n    key: {}\n",
                 yaml_quoted(&d.join("server.pem")),
                 yaml_quoted(&d.join("server.key")),
-                yaml_quoted(&d.join("htpasswd"))
             ));
+        }
+        match self.auth {
+            Auth::None => {}
+            Auth::Htpasswd => c.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: bkbundle-test\n    path: {}\n",
+                yaml_quoted(&d.join("htpasswd"))
+            )),
+            Auth::Token => c.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                yaml_quoted(Path::new(&self.token_realm())),
+                yaml_quoted(&d.join("signing.pem"))
+            )),
         }
         c.push_str("health:\n  storagedriver:\n    enabled: false\n");
         c
+    }
+
+    /// The token flavour's realm, `https://127.0.0.1:TOKEN_PORT/token`.
+    pub fn token_realm(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}/token",
+            self.token_port.expect("only Registry::token_auth has a token server")
+        )
     }
 
     /// `127.0.0.1:PORT`.
@@ -153,9 +279,9 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Whether it serves TLS with basic auth.
+    /// Whether it serves TLS (with basic or token auth).
     pub fn is_tls(&self) -> bool {
-        self.credentials.is_some()
+        self.tls
     }
 
     /// The harness CA's PEM file (the TLS flavour only; panics for the plain one).
@@ -168,7 +294,7 @@ impl Registry {
     /// A directory holding a `docker login` file (`config.json`) with this registry's credentials,
     /// for `DOCKER_CONFIG` (the TLS flavour only).
     pub fn docker_config_dir(&self) -> PathBuf {
-        assert!(self.is_tls(), "a plain registry takes no credentials");
+        assert!(self.credentials.is_some(), "a plain registry takes no credentials");
         self.dir.path().join("docker")
     }
 
@@ -182,7 +308,8 @@ impl Registry {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
-    /// Stop the server (its storage stays until drop): what a registry that went down looks like.
+    /// Stop the server (its storage stays until drop; a token server keeps running): what a
+    /// registry that went down looks like.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -217,28 +344,25 @@ impl Registry {
     /// The arguments that let skopeo reach this registry as a source (`inspect`, `copy`'s
     /// source): `--tls-verify=false`, or the CA directory and the auth file.
     fn skopeo_src_args(&self) -> Vec<String> {
-        if self.is_tls() {
-            vec![
-                format!("--cert-dir={}", self.dir.path().join("certs").display()),
-                format!("--authfile={}", self.docker_config_dir().join("config.json").display()),
-            ]
+        let mut args = if self.is_tls() {
+            vec![format!("--cert-dir={}", self.dir.path().join("certs").display())]
         } else {
             vec!["--tls-verify=false".into()]
+        };
+        if self.credentials.is_some() {
+            args.push(format!(
+                "--authfile={}",
+                self.docker_config_dir().join("config.json").display()
+            ));
         }
+        args
     }
 
     fn skopeo_dest_args(&self) -> Vec<String> {
-        if self.is_tls() {
-            vec![
-                format!("--dest-cert-dir={}", self.dir.path().join("certs").display()),
-                format!(
-                    "--dest-authfile={}",
-                    self.docker_config_dir().join("config.json").display()
-                ),
-            ]
-        } else {
-            vec!["--dest-tls-verify=false".into()]
-        }
+        self.skopeo_src_args()
+            .into_iter()
+            .map(|a| a.replacen("--", "--dest-", 1))
+            .collect()
     }
 
     /// `skopeo copy docker-daemon:IMAGE docker://HOST/DEST`: puts an image of the engine into
@@ -310,6 +434,10 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+        if let Some(mut c) = self.token_server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -339,7 +467,7 @@ pub fn skopeo(args: &[&str]) -> Output {
     run(Command::new("skopeo").args(args), "skopeo", SKOPEO_HINT)
 }
 
-/// Whether the registry answers on `port`: `GET /v2/` gives 200 over HTTP; with TLS, the port
+/// Whether the registry answers on `port`: `GET /v2/` gives 200 (or 401) over HTTP; with TLS, the port
 /// accepts a connection (the smoke test checks the TLS and auth side with skopeo).
 fn answers(port: u16, tls: bool) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -356,7 +484,8 @@ fn answers(port: u16, tls: bool) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    // 401: it asks for a token (the token flavour over plain HTTP).
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && matches!(&head[9..12], b"200" | b"401")
 }
 
 /// `htpasswd -B` (bcrypt, what distribution accepts) for `user`, the password given on stdin.
