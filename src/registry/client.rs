@@ -874,6 +874,15 @@ impl Client {
             .hint("drop --registry-insecure and give --registry-ca if its certificate is from a private CA"));
         }
         let creds = self.current_credentials();
+        if creds.is_some() && !tls && !self.insecure {
+            // A TLS registry whose token service is plain HTTP: the password would cross the
+            // network in the clear. Only an operator who chose plain HTTP gets that.
+            return Err(Error::input(format!(
+                "registry {}: its token service {realm} is plain HTTP: the password would cross the network unencrypted",
+                self.display()
+            ))
+            .hint("serve the token service over HTTPS (the registry's auth.token.realm), or accept plain HTTP with --registry-insecure"));
+        }
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(&path)
@@ -1818,6 +1827,22 @@ mod tests {
         let e = upload(&client(&addr, "pw"), b"data").await.unwrap_err();
         assert!(e.message.contains("507"), "{}", e.message);
         assert!(e.hints.iter().any(|h| h.contains("storage is full")), "{:?}", e.hints);
+    }
+
+    #[tokio::test]
+    async fn a_password_never_goes_to_a_plain_http_token_service_of_a_tls_registry() {
+        let mut c = client("127.0.0.1:1", "pw");
+        c.insecure = false;
+        let e = c
+            .fetch_token("http://127.0.0.1:1/token", Some("s"), &Scope::Registry)
+            .await
+            .unwrap_err();
+        assert!(
+            e.message.contains("plain HTTP") && e.message.contains("unencrypted"),
+            "{}",
+            e.message
+        );
+        assert!(!format!("{e:?}").contains("pw\""));
     }
 
     #[test]
