@@ -14,18 +14,23 @@
 #   scripts/bench.sh backup     issue 14: backup of a demo site grown to ~200 MB of database and
 #                               ~1 GB of objects against `pg_dump | zstd` plus a nats-py download
 #                               of every bucket; memory; restore after `down -v` against the backup
+#   scripts/bench.sh push       issue 16: push of the ~1 GB images to a docker-registry against
+#                               skopeo copy of their docker save tar; a re-run; memory; --compression
+#                               zstd; install --images-from against docker pull of the same images
+#                               (PULL_RUNS rounds, default 3)
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
 # memory-does-not-grow check. Building them takes a few minutes the first time; they are kept.
 # Needs: docker, GNU time (/usr/bin/time), gzip, sha256sum (agent-doctor: openssl, nsenter,
-# iptables; backup: docker-compose, zstd, nats-py); run scripts/setup.sh first.
+# iptables; backup: docker-compose, zstd, nats-py; push: docker-registry, skopeo, curl,
+# docker-compose); run scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions agent-doctor backup}
+SECTIONS=${*:-pack install packages regions agent-doctor backup push}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -65,10 +70,12 @@ build_image() { # name base-or-empty layer-mb seed roots...
   rm -rf "$ctx"
 }
 
+# make_images [small]: small builds only the ~1 GB set (base, app1-app3), not the ~3 GB one.
 make_images() {
   say "== building benchmark images (skipped when present)"
   build_image bkbundle-bench/base:1 "" 480 0 /usr/bin /usr/libexec /usr/share
   for i in 1 2 3; do build_image "bkbundle-bench/app$i:1" bkbundle-bench/base:1 175 "$i" /usr/lib /usr/local /usr/share; done
+  [ "${1:-}" != small ] || return 0
   for i in 4 5 6 7 8 9 10 11 12; do build_image "bkbundle-bench/app$i:1" bkbundle-bench/base:1 280 "$i" /usr/lib /root/.rustup /root/.pyenv; done
 }
 
@@ -627,6 +634,231 @@ bench_backup() {
   trap - EXIT
 }
 
+# issue 16: the ~1 GB benchmark images (3 images sharing a base layer) into an OCI distribution
+# registry, and a host installed from it. Each side gets a fresh Debian docker-registry
+# (distribution, plain HTTP on a free loopback port, storage under $WORK/registry), so neither finds
+# the other's blobs. The baseline is `skopeo copy docker-archive:<docker save tar>:REF
+# docker://REGISTRY/REF` of each image, one after the other (what an operator without bkbundle
+# runs); bkbundle pushes the bundle the images were packed into (zstd, recompressed to gzip on the
+# way). Targets: >= 1.0x skopeo's throughput, peak RSS <= 64 MiB, a re-run <= 1 s sending 0 bytes.
+# `--compression zstd` (the stored layers as they are) to a third registry is an extra line. Then
+# the three images are removed from the engine (those tags only; the shared base layer stays,
+# held by bkbundle-bench/base:1) and `docker pull` of each from the baseline's registry is timed
+# against `install --images-from` from bkbundle's (target <= 1.2x, the install's images step),
+# in PULL_RUNS rounds (default 3), medians printed.
+# A pull skips the base layer by the blob's digest once the engine has pulled that blob before (on
+# a machine's first run both sides fetch it, after that neither does): the same for both sides.
+# When pack has --no-images, the install is of the bundle without layers, as on the other hosts.
+# The registries, their storage, the stack and the pulled tags are removed at the end, also when a
+# step fails; the three images are back under their tags (reloaded from the save tar if need be).
+PUSH_REFS=(bkbundle-bench/app1:1 bkbundle-bench/app2:1 bkbundle-bench/app3:1)
+REG_PIDS=()
+
+# registry_start VAR NAME: a fresh docker-registry serving plain HTTP on a free loopback port, with
+# its storage (and config, log) in $WORK/registry/NAME; its host:port into VAR once /v2/ answers.
+registry_start() {
+  local var=$1 dir="$WORK/registry/$2" port pid i
+  rm -rf "$dir"; mkdir -p "$dir/storage"
+  port=$(free_port)
+  printf 'version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+    "$dir/storage" "$port" > "$dir/config.yml"
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  pid=$!
+  REG_PIDS+=("$pid")
+  for i in $(seq 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { cat "$dir/log" >&2; say "docker-registry $2 exited"; return 1; }
+    [ "$i" -lt 100 ] || { say "docker-registry $2 does not answer on 127.0.0.1:$port"; return 1; }
+    sleep 0.1
+  done
+  printf -v "$var" '127.0.0.1:%s' "$port"
+}
+
+# push_restore: the three bench images under their own tags again (an install that failed between
+# removing and tagging them leaves them gone: loaded back from the save tar).
+push_restore() {
+  local r missing=0
+  for r in "${PUSH_REFS[@]}"; do docker image inspect "$r" >/dev/null 2>&1 || missing=1; done
+  [ "$missing" = 0 ] || [ ! -f "$WORK/push.tar" ] || docker load -q -i "$WORK/push.tar" >/dev/null 2>&1 || true
+}
+
+push_cleanup() {
+  local pid r
+  [ ! -f "$WORK/push-target/docker-compose.yml" ] ||
+    docker-compose -p bkbenchpush -f "$WORK/push-target/docker-compose.yml" down >/dev/null 2>&1 || true
+  for pid in "${REG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${REG_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  REG_PIDS=()
+  # The pulled images' registry tags (127.0.0.1:PORT/...): exactly those, by name.
+  for r in $(docker images --format '{{.Repository}}:{{.Tag}}' | grep -E '^127\.0\.0\.1:[0-9]+/bkbundle-bench/app[123]:1$' || true); do
+    docker rmi "$r" >/dev/null 2>&1 || true
+  done
+  push_restore
+  rm -rf "$WORK/registry" "$WORK/push-cache" "$WORK/push-target" "$WORK/push-stack" "$WORK/push.toml" "$WORK/push.tar" "$WORK/push.bkb" "$WORK/push-bare.bkb"
+}
+
+# push_drop: remove the three bench images from the engine, by their tags (never a prune).
+push_drop() { docker rmi "${PUSH_REFS[@]}" >/dev/null; }
+
+# bk_error: the error of the bkbundle run time_rss last ran (--json: its report's message; else
+# the last line of its stderr).
+bk_error() {
+  python3 - "$WORK/stdout.out" "$WORK/stderr.out" <<'PY'
+import json, sys
+try:
+    print("error: " + json.load(open(sys.argv[1]))["error"]["message"])
+except Exception:
+    lines = [l for l in open(sys.argv[2], errors="replace").read().splitlines() if l.strip()]
+    print(lines[-1] if lines else "failed, no message")
+PY
+}
+
+# sent_bytes: the total bytes a push sent, from its --json report in $WORK/stdout.out ("?" when
+# the report does not say).
+sent_bytes() {
+  python3 - "$WORK/stdout.out" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+    v = r.get("bytes_sent") if isinstance(r, dict) else None
+    print("?" if v is None else v)
+except Exception:
+    print("?")
+PY
+}
+
+# median X...: the median of the numbers, to 2 decimals.
+median() { python3 -c 'import statistics, sys; print(f"{statistics.median(map(float, sys.argv[1:])):.2f}")' "$@"; }
+
+# mbps BYTES SECONDS: throughput in MB/s.
+mbps() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1e6 / float(sys.argv[2]):.0f} MB/s')" "$1" "$2"; }
+
+bench_push() {
+  need docker-registry; need skopeo; need curl; need docker-compose
+  # First what a killed run left (its registries' storage, its stack; the images back from its tar).
+  push_cleanup
+  trap push_cleanup EXIT
+  make_images small
+  local r
+  mkdir -p "$WORK/registry"
+  # The bundle: the three images, and a stack for install to start. Pack refuses a service whose
+  # image the bundle does not carry, so the service runs app1: its files are this host's, under
+  # /l0 for the base layer, the static busybox of busybox-static among them (no health check: ready
+  # after install's steady time; SIGKILL, as sleep ignores a TERM as PID 1).
+  recipe "$WORK/push.toml" "${PUSH_REFS[@]}"
+  mkdir -p "$WORK/push-stack"
+  printf 'version: "2.4"\nservices:\n  app:\n    image: %s\n    command: ["/l0/usr/bin/busybox", "sleep", "3600"]\n    stop_signal: SIGKILL\n' \
+    "${PUSH_REFS[0]}" > "$WORK/push-stack/docker-compose.yml"
+  printf 'X=1\n' > "$WORK/push-stack/env.template"
+  printf '[stack]\ndir = "push-stack"\ncompose = "docker-compose.yml"\nenv_template = "env.template"\nproject = "bkbenchpush"\n' >> "$WORK/push.toml"
+  "$BK" --no-progress pack "$WORK/push.toml" -o "$WORK/push.bkb" >/dev/null
+  docker save -o "$WORK/push.tar" "${PUSH_REFS[@]}"
+  local raw; raw=$(stat -c %s "$WORK/push.tar")
+  # push remembers the digests recompressed layers got (a killed push resumes with them): its own
+  # fresh cache here, so the first push is a cold one and only the re-runs find what it wrote.
+  export BKBUNDLE_CACHE_DIR="$WORK/push-cache"
+  local base_reg bk_reg zstd_reg
+  registry_start base_reg baseline
+  registry_start bk_reg bkbundle
+  registry_start zstd_reg zstd
+
+  say "== push: ~1 GB of images (3 sharing a base layer; $(mb "$raw") docker save tar) to docker-registry $(docker-registry --version | awk '{print $NF}'), plain HTTP"
+  local t_sk t_bk t_re t_zs sent ok=1
+  cat "$WORK/push.tar" > /dev/null
+  # shellcheck disable=SC2016 # expanded by the inner bash, from its arguments
+  time_rss t_sk bash -c 'tar=$1 reg=$2; shift 2; for r; do skopeo copy -q --dest-tls-verify=false "docker-archive:$tar:$r" "docker://$reg/$r"; done' \
+    _ "$WORK/push.tar" "$base_reg" "${PUSH_REFS[@]}"
+  say "skopeo copy docker-archive: (each image)   ${t_sk% *} s   $(mbps "$raw" "${t_sk% *}")   peak RSS $(( ${t_sk#* } / 1024 )) MiB"
+  cat "$WORK/push.bkb" > /dev/null
+  if time_rss t_bk "$BK" -v --json --no-progress push "$WORK/push.bkb" --registry "$bk_reg" --registry-insecure 2>/dev/null; then
+    say "bkbundle push (gzip, from zstd)            ${t_bk% *} s   $(mbps "$raw" "${t_bk% *}")   peak RSS $(( ${t_bk#* } / 1024 )) MiB (target <= 64)"
+    say "throughput ratio bkbundle / skopeo         $(ratio "${t_sk% *}" "${t_bk% *}")   (target >= 1.0)"
+    if time_rss t_re "$BK" -v --json --no-progress push "$WORK/push.bkb" --registry "$bk_reg" --registry-insecure 2>/dev/null; then
+      sent=$(sent_bytes)
+      say "re-run, nothing changed                    ${t_re% *} s   (target <= 1 s; bytes sent: $sent, target 0)   peak RSS $(( ${t_re#* } / 1024 )) MiB"
+    else
+      say "re-run, nothing changed                    $(bk_error)"
+    fi
+  else
+    ok=0
+    say "bkbundle push (gzip, from zstd)            $(bk_error)"
+  fi
+  cat "$WORK/push.bkb" > /dev/null
+  if time_rss t_zs "$BK" -v --json --no-progress push "$WORK/push.bkb" --registry "$zstd_reg" --registry-insecure --compression zstd 2>/dev/null; then
+    say "bkbundle push --compression zstd (stored)  ${t_zs% *} s   $(mbps "$raw" "${t_zs% *}")   peak RSS $(( ${t_zs#* } / 1024 )) MiB   (a third fresh registry)"
+  else
+    say "bkbundle push --compression zstd (stored)  $(bk_error)"
+  fi
+
+  local runs=${PULL_RUNS:-3}
+  say "== install from the registry: the three images removed from the engine (the shared ~480 MB base layer stays, held by bkbundle-bench/base:1), $runs rounds"
+  # Whether install --images-from can be measured, and from which bundle: the one without layers
+  # when pack can leave them out (--no-images), as on the other hosts.
+  local inst=1 bundle="$WORK/push.bkb" what="the whole bundle"
+  if ! "$BK" install --help 2>/dev/null | grep -q -- --images-from; then
+    inst=0; say "install --images-from: not available in this build"
+  elif [ "$ok" = 0 ]; then
+    inst=0; say "install --images-from: skipped, the push above failed (nothing to pull)"
+  elif "$BK" pack --help 2>/dev/null | grep -q -- --no-images &&
+      "$BK" --no-progress pack "$WORK/push.toml" --no-images -o "$WORK/push-bare.bkb" >/dev/null 2>&1; then
+    bundle="$WORK/push-bare.bkb"; what="a bundle without layers"
+  fi
+  # Rounds of: docker pull from the baseline's registry; the same from bkbundle's (its gzip -1
+  # layers: what they cost the engine, apart from what install adds); install --images-from. Each
+  # pull's images are tagged back under the bundle's references, as install leaves them. The
+  # figures are the medians (a shared host's engine varies a lot from one pull to the next).
+  local round t_pull pulls=() pulls2=() insts=() steps=() peak=0 images_s
+  for round in $(seq "$runs"); do
+    push_drop
+    # shellcheck disable=SC2016 # expanded by the inner bash, from its arguments
+    time_rss t_pull bash -c 'reg=$1; shift; for r; do docker pull -q "$reg/$r"; done' _ "$base_reg" "${PUSH_REFS[@]}"
+    for r in "${PUSH_REFS[@]}"; do docker tag "$base_reg/$r" "$r"; docker rmi "$base_reg/$r" >/dev/null; done
+    pulls+=("${t_pull% *}")
+    if [ "$ok" = 1 ]; then
+      push_drop
+      # shellcheck disable=SC2016
+      time_rss t_pull bash -c 'reg=$1; shift; for r; do docker pull -q "$reg/$r"; done' _ "$bk_reg" "${PUSH_REFS[@]}"
+      for r in "${PUSH_REFS[@]}"; do docker tag "$bk_reg/$r" "$r"; docker rmi "$bk_reg/$r" >/dev/null; done
+      pulls2+=("${t_pull% *}")
+    fi
+    [ "$inst" = 1 ] || continue
+    push_drop
+    rm -rf "$WORK/push-target"
+    cat "$bundle" > /dev/null
+    if time_rss t_pull "$BK" -v --json --no-progress install "$bundle" --target "$WORK/push-target" --timeout 120 \
+        --images-from "$bk_reg" --registry-insecure 2>/dev/null; then
+      insts+=("${t_pull% *}")
+      [ "${t_pull#* }" -le "$peak" ] || peak=${t_pull#* }
+      images_s=$(json_of "$WORK/stdout.out" '(["%.2f" % s["seconds"] for s in r.get("steps", []) if s.get("name") == "images"] or ["?"])[0]')
+      [ "$images_s" = "?" ] || steps+=("$images_s")
+    else
+      inst=0
+      say "bkbundle install --images-from             $(bk_error)"
+      push_restore
+    fi
+    docker-compose -p bkbenchpush -f "$WORK/push-target/docker-compose.yml" down >/dev/null 2>&1 || true
+    rm -rf "$WORK/push-target"
+  done
+  local m_pull; m_pull=$(median "${pulls[@]}")
+  say "docker pull (each image, baseline's reg.)  $m_pull s   (${pulls[*]})"
+  [ "${#pulls2[@]}" = 0 ] ||
+    say "docker pull (each image, bkbundle's reg.)  $(median "${pulls2[@]}") s   (${pulls2[*]}; for comparison: the layers bkbundle pushed)"
+  if [ "${#insts[@]}" -gt 0 ]; then
+    local m_inst; m_inst=$(median "${insts[@]}")
+    say "bkbundle install --images-from             $m_inst s   (${insts[*]}; $what: verify + pull + start + health)   peak RSS $(( peak / 1024 )) MiB"
+    if [ "${#steps[@]}" = "${#insts[@]}" ]; then
+      local m_step; m_step=$(median "${steps[@]}")
+      say "bkbundle images step alone                 $m_step s   (${steps[*]})"
+      say "ratio images step / docker pull            $(ratio "$m_step" "$m_pull")   (target <= 1.2; medians)"
+    else
+      say "ratio install / docker pull                $(ratio "$m_inst" "$m_pull")   (target <= 1.2; medians; no images step in the report: the whole install)"
+    fi
+  fi
+  push_cleanup
+  trap - EXIT
+  unset BKBUNDLE_CACHE_DIR
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
@@ -635,6 +867,7 @@ for s in $SECTIONS; do
     regions) bench_regions ;;
     agent-doctor) bench_agent_doctor ;;
     backup) bench_backup ;;
-    *) say "unknown section $s (known: pack install packages regions agent-doctor backup)"; exit 2 ;;
+    push) bench_push ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push)"; exit 2 ;;
   esac
 done
