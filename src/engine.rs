@@ -62,20 +62,12 @@ impl Engine {
         }
     }
 
-    /// Pull `reference` through the engine (which uses its own registry configuration).
+    /// Pull `reference` through the engine (which uses its own registry configuration and
+    /// credentials): pack's pull of a recipe's image that is not here.
     pub async fn pull(&self, reference: &str) -> Result<()> {
-        let opts = bollard::query_parameters::CreateImageOptions {
-            from_image: Some(reference.to_string()),
-            ..Default::default()
-        };
-        let mut stream = self.docker.create_image(Some(opts), None, None);
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| pull_error(reference, e))?;
-            if let Some(detail) = info.error_detail.and_then(|d| d.message) {
-                return Err(pull_error(reference, detail));
-            }
-        }
-        Ok(())
+        self.pull_with(reference, None, &|_| {})
+            .await
+            .map_err(|e| pull_error(reference, e))
     }
 
     /// `docker save` of several images in one stream (the engine stores shared layers once).

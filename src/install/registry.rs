@@ -20,6 +20,9 @@ use crate::registry::{Access, Settings, Target};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+/// Images the engine is asked to pull at once.
+const PULLS_AT_ONCE: usize = 4;
+
 /// Where the Docker engine looks for a registry's CA: `CERTS_D/HOST[:PORT]/ca.crt`.
 pub const CERTS_D: &str = "/etc/docker/certs.d";
 
@@ -312,45 +315,83 @@ pub(super) async fn pull(
     // Found once, handed to the engine with each pull; never logged.
     let credentials = source.access.credentials(&source.target.host)?;
     reporter.note(&format!("pulling {} image(s) from registry {registry}", to_pull.len()));
-    for p in &to_pull {
-        let name = p.refs.join(", ");
-        let reference = p
-            .from
-            .clone()
-            .ok_or_else(|| Error::internal(format!("image {name} is to be pulled but has no registry reference")))?;
-        let task = reporter.task(&format!("pulling {reference}"), None);
-        let pulled = engine
-            .pull_with(&reference, credentials.as_ref(), &|n| task.advance(n))
-            .await;
-        task.finish();
-        if let Err(msg) = pulled {
-            return Err(pull_error(&name, &reference, &registry, source, &msg));
+    // All at once (at most PULLS_AT_ONCE): the engine downloads a layer several images share
+    // once, and one image's extraction overlaps another's download.
+    let slots = tokio::sync::Semaphore::new(PULLS_AT_ONCE);
+    let pulls = to_pull.iter().map(|p| {
+        let (slots, credentials, registry) = (&slots, credentials.as_ref(), &registry);
+        async move {
+            let name = p.refs.join(", ");
+            let reference = p.from.clone().ok_or_else(|| {
+                Error::internal(format!("image {name} is to be pulled but has no registry reference"))
+            })?;
+            let _slot = slots
+                .acquire()
+                .await
+                .map_err(|_| Error::internal("pull slots closed"))?;
+            let task = reporter.task(&format!("pulling {reference}"), None);
+            let pulled = engine.pull_with(&reference, credentials, &|n| task.advance(n)).await;
+            task.finish();
+            pulled.map_err(|msg| pull_error(&name, &reference, registry, source, &msg))?;
+            Ok::<_, Error>(reference)
         }
-        let found = engine.image(&reference).await?.map(|i| i.id);
-        if found.as_deref() != Some(p.id.as_str()) {
-            if !p.refs.contains(&reference) {
-                engine.untag(&reference).await?;
+    });
+    let results = futures_util::future::join_all(pulls).await;
+    // Every pulled image settled (checked, tagged, its registry name removed), even when another
+    // failed; then every problem together.
+    let mut problems = Vec::new();
+    for (p, pulled) in to_pull.iter().zip(results) {
+        match pulled {
+            Ok(reference) => {
+                if let Err(e) = settle(engine, p, &reference, &registry).await {
+                    problems.push(e);
+                } else {
+                    reporter.note(&format!("pulled {} ({}) from {reference}", p.refs.join(", "), p.id));
+                }
             }
-            return Err(Error::external(format!(
-                "image {name}: {reference} pulled from registry {registry} is image {}, the bundle's is {} (the pulled name was removed again)",
-                found.as_deref().unwrap_or("(none)"),
-                p.id
+            Err(e) => problems.push(e),
+        }
+    }
+    match problems.len() {
+        0 => {}
+        1 => return Err(problems.remove(0)),
+        n => {
+            return Err(Error::all(
+                format!("{n} images could not be pulled from registry {registry}"),
+                problems,
             ))
-            .hint(format!(
-                "the registry holds another image under that name: push the bundle's images again (`bkbundle push FULL.bkb --registry {registry}`), or give the registry the bundle was pushed to"
-            )));
         }
-        for r in &p.refs {
-            if engine.image(r).await?.map(|i| i.id).as_deref() != Some(p.id.as_str()) {
-                engine.tag(&p.id, r).await?;
-            }
-        }
-        if !p.refs.contains(&reference) {
-            engine.untag(&reference).await?;
-        }
-        reporter.note(&format!("pulled {name} ({}) from {reference}", p.id));
     }
     Ok(to_pull.len())
+}
+
+/// A pulled image: its id checked against the manifest's, tagged with the bundle's references,
+/// its registry name removed (also when the id is wrong).
+async fn settle(engine: &Engine, p: &PlannedImage, reference: &str, registry: &str) -> Result<()> {
+    let name = p.refs.join(", ");
+    let found = engine.image(reference).await?.map(|i| i.id);
+    if found.as_deref() != Some(p.id.as_str()) {
+        if !p.refs.iter().any(|r| r == reference) {
+            engine.untag(reference).await?;
+        }
+        return Err(Error::external(format!(
+            "image {name}: {reference} pulled from registry {registry} is image {}, the bundle's is {} (the pulled name was removed again)",
+            found.as_deref().unwrap_or("(none)"),
+            p.id
+        ))
+        .hint(format!(
+            "the registry holds another image under that name: push the bundle's images again (`bkbundle push FULL.bkb --registry {registry}`), or give the registry the bundle was pushed to"
+        )));
+    }
+    for r in &p.refs {
+        if engine.image(r).await?.map(|i| i.id).as_deref() != Some(p.id.as_str()) {
+            engine.tag(&p.id, r).await?;
+        }
+    }
+    if !p.refs.iter().any(|r| r == reference) {
+        engine.untag(reference).await?;
+    }
+    Ok(())
 }
 
 /// A pull the engine refused: image, reference, the engine's message, and the likely fix.
