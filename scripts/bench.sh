@@ -140,11 +140,10 @@ bench_install() {
   make_images
   local small=(bkbundle-bench/app1:1 bkbundle-bench/app2:1 bkbundle-bench/app3:1)
   recipe "$WORK/small.toml" "${small[@]}"
-  # A stack so install has something to start (the benchmark images hold files, no programs: the
-  # service runs the demo image, built by scripts/demo-images.sh).
-  bash scripts/demo-images.sh >/dev/null
+  # A stack so install has something to start: pack refuses a stack whose images the bundle does
+  # not carry, so the service is app1 itself, running the static busybox its base layer holds.
   mkdir -p "$WORK/stack"
-  printf 'version: "2.4"\nservices:\n  app:\n    image: bkbundle-demo/app:1\n' > "$WORK/stack/docker-compose.yml"
+  printf 'version: "2.4"\nservices:\n  app:\n    image: bkbundle-bench/app1:1\n    command: ["/l0/usr/bin/busybox", "sleep", "3600"]\n    stop_signal: SIGKILL\n' > "$WORK/stack/docker-compose.yml"
   printf 'X=1\n' > "$WORK/stack/env.template"
   printf '[stack]\ndir = "stack"\ncompose = "docker-compose.yml"\nenv_template = "env.template"\nproject = "bkbench"\n' >> "$WORK/small.toml"
   "$BK" -v --no-progress pack "$WORK/small.toml" -o "$WORK/small.bkb" >/dev/null

@@ -348,25 +348,8 @@ impl Client {
         label: &str,
     ) -> Result<Pushed> {
         let what = format!("upload of {label} to {repository}");
-        let start = format!("/v2/{repository}/blobs/uploads/");
         let scope = Scope::Push(repository.into());
-        let r = self
-            .call(
-                Method::POST,
-                &start,
-                scope.clone(),
-                content_length_zero(),
-                Payload::None,
-                SMALL_BODY_MAX,
-            )
-            .await?;
-        if r.status != StatusCode::ACCEPTED {
-            return Err(self.refused(&r, &format!("start of the {what}"), Some(repository)));
-        }
-        let mut location = self.location_path(
-            r.header("location")
-                .ok_or_else(|| self.protocol(&format!("answered the start of the {what} without a Location")))?,
-        );
+        let mut location = self.begin_upload(repository, &what).await?;
         let result = async {
             let mut headers = HeaderMap::new();
             headers.insert(
@@ -441,16 +424,14 @@ impl Client {
         result
     }
 
-    /// Upload a small blob held in memory (a config) whose digest is known.
-    pub async fn upload_bytes(&self, repository: &str, digest: &str, data: Bytes) -> Result<Pushed> {
-        let what = format!("upload of blob {digest} to {repository}");
-        let scope = Scope::Push(repository.into());
+    /// Open an upload session in `repository` (`POST .../blobs/uploads/`); its location's path.
+    async fn begin_upload(&self, repository: &str, what: &str) -> Result<String> {
         let start = format!("/v2/{repository}/blobs/uploads/");
         let r = self
             .call(
                 Method::POST,
                 &start,
-                scope.clone(),
+                Scope::Push(repository.into()),
                 content_length_zero(),
                 Payload::None,
                 SMALL_BODY_MAX,
@@ -459,10 +440,17 @@ impl Client {
         if r.status != StatusCode::ACCEPTED {
             return Err(self.refused(&r, &format!("start of the {what}"), Some(repository)));
         }
-        let location = self.location_path(
-            r.header("location")
-                .ok_or_else(|| self.protocol(&format!("answered the start of the {what} without a Location")))?,
-        );
+        let loc = r
+            .header("location")
+            .ok_or_else(|| self.protocol(&format!("answered the start of the {what} without a Location")))?;
+        Ok(self.location_path(loc))
+    }
+
+    /// Upload a small blob held in memory (a config) whose digest is known.
+    pub async fn upload_bytes(&self, repository: &str, digest: &str, data: Bytes) -> Result<Pushed> {
+        let what = format!("upload of blob {digest} to {repository}");
+        let scope = Scope::Push(repository.into());
+        let location = self.begin_upload(repository, &what).await?;
         let sep = if location.contains('?') { '&' } else { '?' };
         let size = data.len() as u64;
         let mut headers = HeaderMap::new();

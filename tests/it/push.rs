@@ -171,17 +171,23 @@ fn push_to_a_plain_registry_reads_back_pulls_and_reruns_for_nothing() {
     assert_all_there_one(&reg, &m.images[0], &format!("other/{app}"));
 }
 
+/// A cache directory for the run, holding the right password's file and a wrong one's.
+fn password_files(right: &str, wrong: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let cache = tempfile::tempdir().unwrap();
+    let pw = cache.path().join("pw");
+    std::fs::write(&pw, format!("{right}\n")).unwrap();
+    let bad = cache.path().join("bad");
+    std::fs::write(&bad, format!("{wrong}\n")).unwrap();
+    (cache, pw, bad)
+}
+
 #[test]
 fn push_to_a_tls_registry_with_basic_auth() {
     let bundle = demo_bundle();
     let m = manifest(bundle);
     let reg = Registry::tls_auth("alice", "s3cret-pw");
     let (_, password) = reg.credentials.clone().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let pw = cache.path().join("pw");
-    std::fs::write(&pw, format!("{password}\n")).unwrap();
-    let bad = cache.path().join("bad");
-    std::fs::write(&bad, "not-the-password\n").unwrap();
+    let (cache, pw, bad) = password_files(&password, "not-the-password");
     let host = reg.host();
     let ca = reg.ca_pem_path().to_str().unwrap().to_string();
     let b = bundle.to_str().unwrap();
@@ -275,11 +281,7 @@ fn push_to_a_registry_with_token_auth() {
     let m = manifest(bundle);
     let reg = Registry::token_auth("bob", "t0ken-pw-9");
     let (user, password) = reg.credentials.clone().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let pw = cache.path().join("pw");
-    std::fs::write(&pw, format!("{password}\n")).unwrap();
-    let bad = cache.path().join("bad");
-    std::fs::write(&bad, "wrong-token-pw\n").unwrap();
+    let (cache, pw, bad) = password_files(&password, "wrong-token-pw");
     let host = reg.host();
     let ca = reg.ca_pem_path().to_str().unwrap().to_string();
     let b = bundle.to_str().unwrap();
