@@ -485,16 +485,7 @@ impl Client {
         let path = format!("/v2/{repository}/manifests/{reference}");
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_MANIFESTS));
-        let r = self
-            .call(
-                Method::GET,
-                &path,
-                Scope::Pull(repository.into()),
-                headers,
-                Payload::None,
-                MANIFEST_MAX,
-            )
-            .await?;
+        let r = self.get(&path, repository, headers, MANIFEST_MAX).await?;
         match r.status {
             s if s.is_success() => {}
             StatusCode::NOT_FOUND => return Ok(None),
@@ -538,19 +529,23 @@ impl Client {
         }))
     }
 
+    /// `GET path` with the right to pull from `repository`; at most `max` bytes of body.
+    async fn get(&self, path: &str, repository: &str, headers: HeaderMap, max: usize) -> Result<Reply> {
+        self.call(
+            Method::GET,
+            path,
+            Scope::Pull(repository.into()),
+            headers,
+            Payload::None,
+            max,
+        )
+        .await
+    }
+
     /// Up to `max` tags of `repository` (none when it does not exist).
     pub async fn tags(&self, repository: &str, max: usize) -> Result<Vec<String>> {
         let path = format!("/v2/{repository}/tags/list?n={max}");
-        let r = self
-            .call(
-                Method::GET,
-                &path,
-                Scope::Pull(repository.into()),
-                HeaderMap::new(),
-                Payload::None,
-                SMALL_BODY_MAX,
-            )
-            .await?;
+        let r = self.get(&path, repository, HeaderMap::new(), SMALL_BODY_MAX).await?;
         match r.status {
             s if s.is_success() => {}
             StatusCode::NOT_FOUND => return Ok(Vec::new()),
@@ -573,16 +568,7 @@ impl Client {
     /// A small blob's bytes (at most `max`), or `None` when the registry does not serve it here.
     pub async fn small_blob(&self, repository: &str, digest: &str, max: usize) -> Result<Option<Bytes>> {
         let path = format!("/v2/{repository}/blobs/{digest}");
-        let r = self
-            .call(
-                Method::GET,
-                &path,
-                Scope::Pull(repository.into()),
-                HeaderMap::new(),
-                Payload::None,
-                max,
-            )
-            .await?;
+        let r = self.get(&path, repository, HeaderMap::new(), max).await?;
         if !r.status.is_success() || format!("sha256:{}", sha256_hex(&r.body)) != digest {
             return Ok(None);
         }

@@ -374,6 +374,42 @@ fn a_registry_that_is_down_is_named_and_nothing_changes() {
     assert!(image_id(&s.img_id).is_none());
 }
 
+/// Removes the engine's CA directory for a test registry, whatever the test leaves.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the tests of a registry with a password share: where the images are (`HOST/site`), the
+/// engine's CA directory for it (removed at the end), the right and a wrong password's files.
+struct Authed {
+    from: String,
+    certs: PathBuf,
+    _certs: Remove,
+    pass_file: PathBuf,
+    wrong: PathBuf,
+}
+
+fn authed(p: &Project, s: &Setup, reg: &Registry, password: &str, own: &mut OwnImages) -> Authed {
+    let from = format!("{}/site", reg.host());
+    own.0.push(format!("{from}/{}", s.img));
+    let certs = crate::harness::engine_certs_dir(&reg.host());
+    let pass_file = p.path("registry.pass");
+    fs::write(&pass_file, format!("{password}\n")).unwrap();
+    let wrong = p.path("wrong.pass");
+    fs::write(&wrong, "not-the-password\n").unwrap();
+    Authed {
+        from,
+        _certs: Remove(certs.clone()),
+        certs,
+        pass_file,
+        wrong,
+    }
+}
+
 #[test]
 fn install_pulls_from_a_tls_registry_with_its_ca_and_a_password() {
     let mut own = OwnImages(vec![]);
@@ -383,23 +419,14 @@ fn install_pulls_from_a_tls_registry_with_its_ca_and_a_password() {
     let reg = Registry::tls_auth("bkbundle", &password);
     fill(&reg, "site", &[WEB, &s.img]);
     remove_from_engine(&s);
-    let from = format!("{}/site", reg.host());
-    own.0.push(format!("{from}/{}", s.img));
-    let certs = crate::harness::engine_certs_dir(&reg.host());
-    // Whatever the test leaves, the engine's CA file for the test registry goes.
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    let _certs = Remove(certs.clone());
-    let pass_file = p.path("registry.pass");
-    fs::write(&pass_file, format!("{password}\n")).unwrap();
-
-    // A wrong password: the registry refuses, before anything changes.
-    let wrong = p.path("wrong.pass");
-    fs::write(&wrong, "not-the-password\n").unwrap();
+    let Authed {
+        from,
+        certs,
+        _certs,
+        pass_file,
+        wrong,
+    } = authed(&p, &s, &reg, &password, &mut own);
+    // A wrong password (in `wrong`): the registry refuses, before anything changes.
     let base = [
         "--images-from",
         &from,
@@ -465,20 +492,13 @@ fn install_pulls_from_a_registry_with_token_auth() {
     let reg = Registry::token_auth("bkbundle", &password);
     fill(&reg, "site", &[WEB, &s.img]);
     remove_from_engine(&s);
-    let from = format!("{}/site", reg.host());
-    own.0.push(format!("{from}/{}", s.img));
-    let certs = crate::harness::engine_certs_dir(&reg.host());
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    let _certs = Remove(certs.clone());
-    let pass_file = p.path("registry.pass");
-    fs::write(&pass_file, format!("{password}\n")).unwrap();
-    let wrong = p.path("wrong.pass");
-    fs::write(&wrong, "not-the-password\n").unwrap();
+    let Authed {
+        from,
+        _certs,
+        pass_file,
+        wrong,
+        ..
+    } = authed(&p, &s, &reg, &password, &mut own);
     let base = [
         "--images-from",
         &from,
