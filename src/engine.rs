@@ -187,6 +187,10 @@ pub struct ContainerState {
     pub oom_killed: bool,
     /// Published host ports (host ip, port, protocol).
     pub ports: Vec<(String, u16, String)>,
+    /// The reference the container was created from (the compose file's `image:`).
+    pub image: String,
+    /// The id of the image it runs.
+    pub image_id: String,
 }
 
 impl Engine {
@@ -291,6 +295,8 @@ impl Engine {
             }
         }
         Ok(Some(ContainerState {
+            image: c.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_default(),
+            image_id: c.image.clone().unwrap_or_default(),
             id: c.id.unwrap_or_default(),
             name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
             service: labels.get("com.docker.compose.service").cloned().unwrap_or_default(),

@@ -325,7 +325,7 @@ pub async fn run_on(opts: &DoctorOptions, env: &dyn Fn(&str) -> Option<String>, 
 /// the bucket). A link that is down is reported where its first check would run.
 async fn checks(mut ctx: Ctx<'_>, seams: &Seams<'_>, t0: Instant) -> DoctorReport {
     containers::check(&mut ctx, &seams.docker).await;
-    registry::check(&mut ctx).await;
+    registry::check(&mut ctx, &seams.docker).await;
     if let (Some(p), Ok(docker)) = (ctx.project(), &seams.docker) {
         ctx.server = cache::server_container(*docker, &p).await;
     }

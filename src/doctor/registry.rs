@@ -3,11 +3,12 @@
 //! image of the stack must be there with the bundle's id: it is where the next install, on this
 //! host or another, pulls them from. An unreachable registry is a finding like any other link.
 
-use super::{Ctx, Finding, Severity, PROBE};
+use super::{Ctx, Finding, Link, Severity, PROBE};
 use crate::install::registry::Source;
+use crate::ports::Docker;
 use crate::registry::client::{self, Presence, Wanted};
 
-pub(super) async fn check(ctx: &mut Ctx<'_>) {
+pub(super) async fn check(ctx: &mut Ctx<'_>, docker: &Link<&dyn Docker>) {
     let opts = ctx.opts;
     let Some(text) = opts.images_from.as_deref().or(opts.config.registry.url.as_deref()) else {
         return;
@@ -18,25 +19,34 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) {
         Err(e) => return ctx.add_error("registry", format!("registry {text}"), e),
     };
     let registry = source.target.to_string();
-    let Some(manifest) = ctx.manifest.clone() else {
+    // The ids to find there: the bundle's (--bundle), else those of the images the stack's
+    // containers run (install checked them against the bundle it installed).
+    let expected: Vec<(String, String)> = match &ctx.manifest {
+        Some(m) => m
+            .images
+            .iter()
+            .filter_map(|i| i.refs.first().map(|r| (r.clone(), i.id.clone())))
+            .collect(),
+        None => running_images(ctx, docker).await,
+    };
+    if expected.is_empty() {
         ctx.add(
             "registry",
             Severity::Info,
             format!("registry {registry}"),
-            "not checked: the images' ids come from the bundle",
+            "not checked: no bundle given and no container of the stack to take the images' ids from",
         )
         .fix("give --bundle BUNDLE (the bundle that was installed)");
         return;
-    };
+    }
     let mut wanted = Vec::new();
-    for img in &manifest.images {
-        let Some(first) = img.refs.first() else { continue };
-        match source.target.place(first) {
+    for (reference, id) in expected {
+        match source.target.place(&reference) {
             Ok(placement) => wanted.push(Wanted {
                 placement,
-                image_id: img.id.clone(),
+                image_id: id,
             }),
-            Err(e) => ctx.add_error("registry", format!("image {first}"), e),
+            Err(e) => ctx.add_error("registry", format!("image {reference}"), e),
         }
     }
     if wanted.is_empty() {
@@ -104,11 +114,29 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) {
     }
 }
 
+/// The images the stack's containers run, by the reference they were created from, each once.
+async fn running_images(ctx: &Ctx<'_>, docker: &Link<&dyn Docker>) -> Vec<(String, String)> {
+    let (Some(project), Ok(docker)) = (ctx.project(), docker) else {
+        return Vec::new();
+    };
+    let Ok(containers) = docker.project_containers(&project).await else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    for c in containers {
+        if !c.image.is_empty() && !c.image_id.is_empty() && !c.image.starts_with("sha256:") {
+            seen.entry(c.image).or_insert(c.image_id);
+        }
+    }
+    seen.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::no_env;
-    use super::super::{Ctx, DoctorOptions, Severity};
+    use super::super::{Ctx, DoctorOptions, Link, Severity};
     use crate::manifest::Manifest;
+    use crate::ports::Docker;
 
     fn manifest(refs: &[&str]) -> Manifest {
         let mut text = String::from(
@@ -132,7 +160,8 @@ mod tests {
     async fn run(opts: &DoctorOptions, m: Option<Manifest>) -> Vec<super::Finding> {
         let mut ctx = Ctx::new(opts, &no_env);
         ctx.manifest = m;
-        super::check(&mut ctx).await;
+        let no_docker: Link<&dyn Docker> = Err(vec![]);
+        super::check(&mut ctx, &no_docker).await;
         ctx.findings
     }
 
@@ -154,6 +183,38 @@ mod tests {
         assert_eq!((f[0].check, f[0].severity), ("registry", Severity::Info));
         assert_eq!(f[0].subject, "registry reg.intranet:5000/site");
         assert!(f[0].fix.as_deref().unwrap().contains("--bundle"));
+    }
+
+    #[tokio::test]
+    async fn without_the_bundle_the_stacks_running_images_are_checked() {
+        let port = super::super::testing::closed_port();
+        let opts = DoctorOptions {
+            images_from: Some(format!("127.0.0.1:{port}")),
+            project: Some("bk".into()),
+            registry: crate::registry::Access {
+                insecure: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let docker = crate::ports::fakes::FakeDocker {
+            containers: vec![crate::ports::fakes::container("bk", "web", "running", None)],
+            ..Default::default()
+        };
+        let mut ctx = Ctx::new(&opts, &no_env);
+        let link: Link<&dyn Docker> = Ok(&docker);
+        super::check(&mut ctx, &link).await;
+        let f = ctx.findings;
+        // The registry was asked (it is down): not the "give --bundle" note.
+        assert_eq!(f.len(), 1, "{f:#?}");
+        assert_eq!((f[0].check, f[0].severity), ("registry", Severity::Error), "{f:#?}");
+        assert!(
+            f[0].message.starts_with("cannot check the stack's images there"),
+            "{}",
+            f[0].message
+        );
+        let images = super::running_images(&Ctx::new(&opts, &no_env), &link).await;
+        assert_eq!(images, vec![("bk/web:1".to_string(), format!("sha256:{:0>64}", 3))]);
     }
 
     #[tokio::test]

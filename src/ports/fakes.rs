@@ -52,6 +52,8 @@ pub fn container(project: &str, service: &str, status: &str, health: Option<&str
         started_at: "2026-11-29T00:00:00Z".into(),
         oom_killed: false,
         ports: vec![],
+        image: format!("{project}/{service}:1"),
+        image_id: format!("sha256:{:0>64}", service.len()),
     }
 }
 

@@ -245,10 +245,18 @@ fn install_pulls_the_images_from_a_plain_registry_and_checks_their_ids() {
     };
     let r = doctor();
     assert!(registry_findings(&r).is_empty(), "{}", r.stdout);
+    // Without --bundle: the ids of the images the stack's containers run are checked there.
+    let doctor_alone = || bk(&["doctor", "--target", arg(&p.target()), "--json"]);
+    let r = doctor_alone();
+    assert!(registry_findings(&r).is_empty(), "{}", r.stdout);
 
     // A re-run finds everything in place: already installed, the registry not even asked.
     let mut reg = reg;
     reg.stop();
+    let r = doctor_alone();
+    let found = registry_findings(&r);
+    assert_eq!(found.len(), 1, "{}", r.stdout);
+    assert_eq!(found[0]["severity"], "error", "{}", r.stdout);
     let r = doctor();
     let found = registry_findings(&r);
     assert_eq!(found.len(), 1, "{}", r.stdout);
