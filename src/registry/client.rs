@@ -512,11 +512,11 @@ impl Client {
             #[serde(default)]
             layers: Vec<Descriptor>,
         }
-        let doc: Doc = serde_json::from_slice(&r.body).map_err(|e| {
-            self.protocol(&format!(
-                "answered GET of manifest {repository}:{reference} with a body that is not a manifest: {e}"
-            ))
-        })?;
+        let doc: Doc = self.json(
+            &r.body,
+            &format!("GET of manifest {repository}:{reference}"),
+            "a manifest",
+        )?;
         let media_type = doc
             .media_type
             .or_else(|| r.header("content-type").map(str::to_string))
@@ -555,11 +555,7 @@ impl Client {
         struct Tags {
             tags: Option<Vec<String>>,
         }
-        let t: Tags = serde_json::from_slice(&r.body).map_err(|e| {
-            self.protocol(&format!(
-                "answered the tag list of {repository} with a body that is not one: {e}"
-            ))
-        })?;
+        let t: Tags = self.json(&r.body, &format!("the tag list of {repository}"), "a tag list")?;
         let mut tags = t.tags.unwrap_or_default();
         tags.truncate(max);
         Ok(tags)
@@ -888,11 +884,7 @@ impl Client {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: TokenReply = serde_json::from_slice(&reply.body).map_err(|e| {
-            self.protocol(&format!(
-                "token service {realm} answered with a body that is not a token: {e}"
-            ))
-        })?;
+        let t: TokenReply = self.json(&reply.body, &format!("the token request to {realm}"), "a token")?;
         let token = t
             .token
             .or(t.access_token)
@@ -1131,6 +1123,12 @@ impl Client {
             .hint("the registry (or a proxy in front of it) changed the data; check it, then run push again")),
             _ => Ok(()),
         }
+    }
+
+    /// A JSON answer to `request`, which should be `kind`; else an error naming both.
+    fn json<T: serde::de::DeserializeOwned>(&self, body: &[u8], request: &str, kind: &str) -> Result<T> {
+        serde_json::from_slice(body)
+            .map_err(|e| self.protocol(&format!("answered {request} with a body that is not {kind}: {e}")))
     }
 
     fn protocol(&self, what: &str) -> Error {
