@@ -76,6 +76,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show what a bundle holds: images, packages, stack files, regions, sizes.
     Inspect(InspectArgs),
+    /// Make a full bundle from a delta (`pack --base`) and the base it was packed against, for a
+    /// site that was never installed from the base.
+    Merge(MergeArgs),
     /// Install a bundle on this (offline) host: verify, preflight, load images, lay out and start the stack, wait on health.
     #[command(after_help = INSTALL_HELP)]
     Install(InstallArgs),
@@ -139,6 +142,16 @@ pub struct PackArgs {
     /// `push` of a full bundle there) and checks each id.
     #[arg(long)]
     pub no_images: bool,
+    /// Pack a delta of this bundle (the one the site was installed from): only the layers,
+    /// packages and installers it does not have are stored, and its id is recorded. Install the
+    /// delta on a site installed from the base; `bkbundle merge BASE NEW -o FULL` makes a full
+    /// bundle again.
+    #[arg(long, value_name = "OLD.bkb", conflicts_with_all = ["base_manifest", "no_images"])]
+    pub base: Option<PathBuf>,
+    /// As --base, from the base's bundle.toml alone (`tar -xf OLD.bkb bundle.toml`: small enough
+    /// to carry back from the offline site).
+    #[arg(long, value_name = "BUNDLE.TOML", conflicts_with = "no_images")]
+    pub base_manifest: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -519,6 +532,28 @@ pub struct RegionsApplyArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The base bundle: the one the delta was packed against (`bkbundle inspect DELTA` names it).
+    pub base: PathBuf,
+    /// The delta bundle.
+    pub delta: PathBuf,
+    /// Where to write the full bundle.
+    #[arg(short, long, value_name = "BUNDLE")]
+    pub output: PathBuf,
+    /// Require both bundles to be signed by this minisign public key.
+    #[arg(long, value_name = "PUBKEY")]
+    pub key: Option<PathBuf>,
+    /// Sign the full bundle's manifest with this minisign secret key (password from
+    /// BKBUNDLE_SIGN_PASSWORD or a prompt); its manifest differs from the delta's, so the
+    /// delta's signature cannot carry over.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
+    /// Cut the bundle into numbered parts of at most this size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub split_size: Option<u64>,
+}
+
+#[derive(Args, Debug)]
 pub struct InspectArgs {
     /// The bundle file, or the first part (NAME.001) of a split bundle.
     pub bundle: PathBuf,
@@ -577,6 +612,11 @@ impl From<PackArgs> for pack::PackOptions {
             threads: a.threads,
             binary: a.binary,
             no_images: a.no_images,
+            base: match (a.base, a.base_manifest) {
+                (Some(b), _) => Some(bkbundle::delta::BaseSource::Bundle(b)),
+                (None, Some(m)) => Some(bkbundle::delta::BaseSource::Manifest(m)),
+                (None, None) => None,
+            },
         }
     }
 }

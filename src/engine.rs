@@ -149,6 +149,40 @@ impl Engine {
         }
     }
 
+    /// What the engine's layer store holds, for a load that leaves out what it has: the chain id
+    /// of every layer of every image (`GET /images/json?all=1`, then each image's `RootFS`), and
+    /// whether images are kept in containerd's store, whose load wants every layer.
+    pub async fn layers(&self) -> Result<crate::delta::EngineLayers> {
+        let i = self.docker.info().await.map_err(|e| unreachable(&self.address, e))?;
+        let containerd_store = i
+            .driver_status
+            .unwrap_or_default()
+            .iter()
+            .any(|kv| kv.len() == 2 && kv[0] == "driver-type" && kv[1].contains("containerd"));
+        let opts = bollard::query_parameters::ListImagesOptions {
+            all: true,
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_images(Some(opts))
+            .await
+            .map_err(|e| Error::external(format!("cannot list the Docker engine's images: {e}")))?;
+        let mut chains = std::collections::BTreeSet::new();
+        for img in list {
+            // An image removed between the list and its inspection has no layers to offer.
+            let Ok(found) = self.docker.inspect_image(&img.id).await else {
+                continue;
+            };
+            let diffs = found.root_fs.and_then(|r| r.layers).unwrap_or_default();
+            chains.extend(crate::delta::chain_ids(&diffs));
+        }
+        Ok(crate::delta::EngineLayers {
+            chains,
+            containerd_store,
+        })
+    }
+
     /// The engine's registry configuration (`docker info`).
     pub async fn registry_config(&self) -> Result<RegistryConfig> {
         let i = self.docker.info().await.map_err(|e| unreachable(&self.address, e))?;

@@ -28,6 +28,9 @@ pub struct InspectReport {
     /// Packed with `--no-images`: the images are described, their layers are not in the bundle
     /// (install pulls them: `--images-from REGISTRY`).
     pub without_layers: bool,
+    /// A delta bundle (`pack --base`): what it needs from its base, and what that saves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
     pub images: Vec<ImageRow>,
     pub packages: Vec<PackageRow>,
     pub installers: Vec<InstallerRow>,
@@ -35,6 +38,30 @@ pub struct InspectReport {
     pub project: Option<String>,
     pub regions: Regions,
     pub sizes: Sizes,
+}
+
+/// What a delta bundle needs from its base: the payloads it leaves there, by kind.
+#[derive(Debug, Serialize)]
+pub struct Delta {
+    /// `NAME VERSION`, and the base's id (SHA-256 of its bundle.toml).
+    pub base: String,
+    pub base_id: String,
+    pub base_created: String,
+    /// Layers left to the base (a site installed from it has them in its engine), and their
+    /// stored bytes in the base.
+    pub layers: usize,
+    pub layer_bytes: u64,
+    /// Images whose config too is left to the base: unchanged since it.
+    pub unchanged_images: Vec<String>,
+    /// Packages and installers left to the base (a site has them in its object store).
+    pub packages: Vec<String>,
+    pub installers: Vec<String>,
+    /// `bin/bkbundle` left to the base (the same program).
+    pub binary: bool,
+    /// Bytes left to the base, bytes stored here, and the share of a full bundle saved.
+    pub bytes_from_base: u64,
+    pub bytes_stored: u64,
+    pub saved_percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,6 +73,13 @@ pub struct ImageRow {
     pub stored: u64,
     pub layers: usize,
     pub shared_layers: usize,
+    /// Layers a delta leaves to its base.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub base_layers: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize)]
@@ -138,6 +172,7 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         signed: bundle.is_signed(),
         parts: bundle.parts(),
         without_layers: m.bundle.without_layers,
+        delta: delta(m),
         images: image_rows(m),
         packages: package_rows(m),
         installers: installer_rows(m),
@@ -179,8 +214,61 @@ fn image_rows(m: &Manifest) -> Vec<ImageRow> {
                 .iter()
                 .filter(|l| uses.get(l.as_str()).copied().unwrap_or(0) > 1)
                 .count(),
+            base_layers: i
+                .layers
+                .iter()
+                .filter_map(|l| m.layer(l))
+                .filter(|l| m.from_base(&l.file))
+                .count(),
         })
         .collect()
+}
+
+/// A delta's needs from its base, by kind.
+fn delta(m: &Manifest) -> Option<Delta> {
+    let b = m.base.as_ref()?;
+    let from = |p: &str| b.file(p).is_some();
+    let layers: Vec<&crate::manifest::Layer> = m.layers.iter().filter(|l| from(&l.file)).collect();
+    let stored: u64 = m.files.iter().map(|f| f.size).fold(0, u64::saturating_add);
+    let base_bytes = b.bytes();
+    let full = base_bytes.saturating_add(stored);
+    Some(Delta {
+        base: format!("{} {}", b.name, b.version),
+        base_id: b.id.clone(),
+        base_created: b.created.clone(),
+        layers: layers.len(),
+        layer_bytes: layers
+            .iter()
+            .filter_map(|l| b.file(&l.file))
+            .map(|f| f.size)
+            .fold(0, u64::saturating_add),
+        unchanged_images: m
+            .images
+            .iter()
+            .filter(|i| from(&i.config))
+            .map(|i| i.refs.join(", "))
+            .collect(),
+        packages: m
+            .packages
+            .iter()
+            .filter(|p| p.file.as_deref().is_some_and(from))
+            .map(|p| format!("{} {} ({})", p.object, p.version, p.name))
+            .collect(),
+        installers: m
+            .installers
+            .iter()
+            .filter(|i| from(&i.file))
+            .map(|i| format!("{}/{} {}", i.os.as_str(), i.arch, i.name))
+            .collect(),
+        binary: from(layout::BINARY),
+        bytes_from_base: base_bytes,
+        bytes_stored: stored,
+        saved_percent: if full == 0 {
+            0.0
+        } else {
+            base_bytes as f64 * 100.0 / full as f64
+        },
+    })
 }
 
 fn package_rows(m: &Manifest) -> Vec<PackageRow> {
@@ -249,6 +337,7 @@ impl Report for InspectReport {
     fn render(&self) -> String {
         let mut s = String::new();
         self.render_header(&mut s);
+        self.render_delta(&mut s);
         self.render_images(&mut s);
         self.render_packages(&mut s);
         render_installers(&mut s, &self.installers);
@@ -288,6 +377,36 @@ impl InspectReport {
         );
     }
 
+    fn render_delta(&self, s: &mut String) {
+        let Some(d) = &self.delta else { return };
+        let _ = writeln!(
+            s,
+            "delta    of bundle {} (id {}, created {}): install it on a site installed from that bundle, or make a full one with `bkbundle merge`",
+            d.base, d.base_id, d.base_created
+        );
+        let _ = writeln!(
+            s,
+            "         needs from it: {} layer(s) ({} stored there), {} unchanged image(s), {} package(s), {} installer(s){}",
+            d.layers,
+            human(d.layer_bytes),
+            d.unchanged_images.len(),
+            d.packages.len(),
+            d.installers.len(),
+            if d.binary { ", bin/bkbundle" } else { "" }
+        );
+        for p in d.unchanged_images.iter().chain(d.packages.iter()).chain(d.installers.iter()) {
+            let _ = writeln!(s, "           {p}");
+        }
+        let _ = writeln!(
+            s,
+            "         saves {} of {} ({:.1} %): stores {}",
+            human(d.bytes_from_base),
+            human(d.bytes_from_base.saturating_add(d.bytes_stored)),
+            d.saved_percent,
+            human(d.bytes_stored)
+        );
+    }
+
     fn render_images(&self, s: &mut String) {
         if self.without_layers {
             let _ = writeln!(s, "\n{}", images_without_layers(self.images.len()));
@@ -312,6 +431,9 @@ impl InspectReport {
                 i.layers,
                 i.shared_layers
             );
+            if i.base_layers > 0 {
+                let _ = writeln!(s, "  {:<44} {} of its layers left to the base", "", i.base_layers);
+            }
         }
     }
 
@@ -390,6 +512,7 @@ mod tests {
             signed: false,
             parts: 1,
             without_layers,
+            delta: None,
             images: vec![ImageRow {
                 refs: vec!["bkbundle-demo/web:1".into()],
                 id: format!("sha256:{}", "a".repeat(64)),
@@ -398,6 +521,7 @@ mod tests {
                 stored: 300,
                 layers: 2,
                 shared_layers: 0,
+                base_layers: 0,
             }],
             packages: vec![],
             installers: vec![],

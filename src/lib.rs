@@ -12,6 +12,7 @@
 
 pub mod backup;
 pub mod bundle;
+pub mod delta;
 pub mod digest;
 pub mod doctor;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod install;
 pub mod lock;
 pub mod logging;
 pub mod manifest;
+pub mod merge;
 pub mod pack;
 pub mod package_check;
 pub mod packages;

@@ -70,6 +70,7 @@ fn dispatch(command: Command, reporter: &dyn Reporter) -> Result<Output, Error> 
         Command::Pack(a) => pack(a, reporter),
         Command::Verify(a) => verify(a, reporter),
         Command::Inspect(a) => inspect(a, reporter),
+        Command::Merge(a) => merge(a, reporter),
         Command::Install(a) => install(a, reporter),
         Command::Regions(a) => regions(a, reporter),
         Command::InitPackages(a) => init_packages(a, reporter),
@@ -117,6 +118,18 @@ fn verify(a: cli::VerifyArgs, reporter: &dyn Reporter) -> Result<Output, Error> 
 
 fn inspect(a: cli::InspectArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
     Output::of(&inspect::run(&a.bundle, reporter)?)
+}
+
+fn merge(a: cli::MergeArgs, reporter: &dyn Reporter) -> Result<Output, Error> {
+    let opts = bkbundle::merge::MergeOptions {
+        base: a.base,
+        delta: a.delta,
+        output: a.output,
+        key: a.key,
+        sign_key: a.sign,
+        split_size: a.split_size,
+    };
+    Output::of(&bkbundle::merge::run(&opts, reporter)?)
 }
 
 fn install(a: cli::InstallArgs, reporter: &dyn Reporter) -> Result<Output, Error> {

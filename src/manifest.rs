@@ -693,6 +693,10 @@ fn file_name(p: &std::path::Path) -> Option<String> {
 pub struct Manifest {
     pub format: u32,
     pub bundle: BundleInfo,
+    /// A delta bundle's base: the bundle whose payloads this one leaves out (absent in a full
+    /// bundle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Base>,
     #[serde(default)]
     pub files: Vec<FileEntry>,
     #[serde(default)]
@@ -729,6 +733,46 @@ pub struct BundleInfo {
     pub without_layers: bool,
 }
 
+/// What a delta bundle (`pack --base`) leaves to its base. Its manifest is complete (every image,
+/// layer, package and installer is described as in a full bundle); only the payloads listed here
+/// are not stored: each is the base's own `[[files]]` entry (path, size, SHA-256), so a site, or
+/// `merge`, can check by digest that what it takes from elsewhere is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Base {
+    /// The base's id: SHA-256 (hex) of its `bundle.toml`.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub created: String,
+    /// The payloads taken from the base, as the base lists them.
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+}
+
+impl Base {
+    /// `NAME VERSION (id 0123456789ab…)`, for messages.
+    pub fn describe(&self) -> String {
+        format!("{} {} (id {})", self.name, self.version, short_id(&self.id))
+    }
+
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// Bytes the delta does not carry.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).fold(0, u64::saturating_add)
+    }
+}
+
+/// The first 12 hex digits of an id, as `docker images` shows them.
+pub fn short_id(id: &str) -> &str {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    hex.get(..12).unwrap_or(hex)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
@@ -747,6 +791,18 @@ impl Compression {
         match self {
             Compression::Zstd => "zstd",
             Compression::Gzip => "gzip",
+        }
+    }
+
+    /// The compression of a layer payload, by its name (`.tar.zst`, `.tar.gz`): a bundle's layers
+    /// need not all be compressed alike (a layer taken from a base or a registry keeps its own).
+    pub fn of_layer(path: &str) -> Option<Compression> {
+        if path.ends_with(".tar.zst") {
+            Some(Compression::Zstd)
+        } else if path.ends_with(".tar.gz") {
+            Some(Compression::Gzip)
+        } else {
+            None
         }
     }
 }
@@ -896,6 +952,11 @@ impl Manifest {
         self.files.iter().find(|f| f.path == path)
     }
 
+    /// Whether payload `path` is one a delta bundle takes from its base (not stored in it).
+    pub fn from_base(&self, path: &str) -> bool {
+        self.base.as_ref().is_some_and(|b| b.file(path).is_some())
+    }
+
     pub fn layer(&self, diff_id: &str) -> Option<&Layer> {
         self.layers.iter().find(|l| l.diff_id == diff_id)
     }
@@ -920,7 +981,7 @@ impl Manifest {
         }
         if let Some(s) = &self.stack {
             for f in s.files.iter().chain([&s.compose]).chain(s.env_template.iter()) {
-                if !paths.contains(f.as_str()) {
+                if self.file(f).is_none() {
                     p.push(format!("stack: {f:?} is not in files"));
                 }
             }
@@ -928,25 +989,44 @@ impl Manifest {
         p
     }
 
-    /// The problems of `files`, and the paths it lists, which every other reference must name.
+    /// The problems of `files` (and of a delta's `[base]`), and the paths they list, stored or
+    /// taken from the base, which every other reference must name.
     fn file_problems(&self, p: &mut Vec<String>) -> BTreeSet<&str> {
         let mut paths = BTreeSet::new();
-        for f in &self.files {
+        let base_files = self.base.iter().flat_map(|b| b.files.iter());
+        for (f, list) in self.files.iter().map(|f| (f, "files")).chain(base_files.map(|f| (f, "base.files"))) {
             if !is_safe_bundle_path(&f.path) {
-                p.push(format!("files: path {:?} is not a plain relative path", f.path));
+                p.push(format!("{list}: path {:?} is not a plain relative path", f.path));
             }
             // Files that describe the bundle rather than being payload are never listed in `files`.
             if layout::DESCRIPTIVE.contains(&f.path.as_str()) {
-                p.push(format!("files: {:?} is reserved and cannot be a payload", f.path));
+                p.push(format!("{list}: {:?} is reserved and cannot be a payload", f.path));
             }
             if !is_sha256_hex(&f.sha256) {
-                p.push(format!("files: {:?} has a malformed sha256 {:?}", f.path, f.sha256));
+                p.push(format!("{list}: {:?} has a malformed sha256 {:?}", f.path, f.sha256));
             }
             if !paths.insert(f.path.as_str()) {
-                p.push(format!("files: {:?} is listed twice", f.path));
+                p.push(format!("{list}: {:?} is listed twice (in files or base.files)", f.path));
+            }
+        }
+        if let Some(b) = &self.base {
+            if !is_sha256_hex(&b.id) {
+                p.push(format!("base: malformed id {:?} (the SHA-256 of the base's bundle.toml)", b.id));
+            }
+            if self.bundle.without_layers {
+                p.push("base: a bundle without layers cannot also be a delta of another bundle".into());
+            }
+            for f in b.files.iter().filter(|f| layout::section(&f.path) == Some(layout::Section::Stack)) {
+                p.push(format!("base.files: {:?} is a stack file, which a delta always carries itself", f.path));
             }
         }
         paths
+    }
+
+    /// A payload's entry, stored in this bundle or (in a delta) taken from its base.
+    pub fn any_file(&self, path: &str) -> Option<&FileEntry> {
+        self.file(path)
+            .or_else(|| self.base.as_ref().and_then(|b| b.file(path)))
     }
 
     /// The problems of `layers`, and the diff ids it lists, which every image's layers must name.
@@ -975,6 +1055,12 @@ impl Manifest {
                     l.diff_id, l.file
                 ));
             }
+            if !l.file.is_empty() && Compression::of_layer(&l.file).is_none() {
+                p.push(format!(
+                    "layers: {} file {:?} is neither .tar.zst nor .tar.gz",
+                    l.diff_id, l.file
+                ));
+            }
             if !diff_ids.insert(l.diff_id.as_str()) {
                 p.push(format!("layers: {} is listed twice", l.diff_id));
             }
@@ -994,7 +1080,7 @@ impl Manifest {
             }
             match i.id.strip_prefix("sha256:") {
                 Some(hex) if is_sha256_hex(hex) => {
-                    if let Some(f) = self.file(&i.config) {
+                    if let Some(f) = self.any_file(&i.config) {
                         if f.sha256 != hex {
                             p.push(format!(
                                 "images: {name} id {} does not match its config's sha256 {}",
@@ -1054,7 +1140,7 @@ impl Manifest {
             if !keys.insert((i.os, &i.arch, &i.name)) {
                 p.push(format!("{what}: listed twice"));
             }
-            match self.file(&i.file) {
+            match self.any_file(&i.file) {
                 None => p.push(format!("{what}: file {:?} is not in files", i.file)),
                 Some(f) if f.sha256 != i.sha256 || f.size != i.size => p.push(format!(
                     "{what}: size {} and sha256 {} differ from its file's ({} bytes, {})",
@@ -1316,6 +1402,7 @@ file = "packages/bklite-controller-bootstrap.exe"
                 compression: Compression::Zstd,
                 without_layers: false,
             },
+            base: None,
             files: vec![FileEntry {
                 path: format!("images/configs/{sha}.json"),
                 size: 3,
@@ -1389,6 +1476,7 @@ file = "packages/bklite-controller-bootstrap.exe"
                 compression: Compression::Zstd,
                 without_layers: false,
             },
+            base: None,
             files: vec![
                 file(layout::config_path(&a), &a),
                 file(layout::layer_path(&b, "zst"), &b),

@@ -75,7 +75,23 @@ pub fn ingest<R: Read>(
         }
         Compression::Zstd | Compression::Gzip => None,
     };
-    let mut on_layer = |_: &str, layer: &mut dyn Read| {
+    let mut on_layer = |path: &str, layer: &mut dyn Read| {
+        // An OCI blob named by a diff id already stored (a delta's base layer, an uncompressed
+        // export of Docker 25+) is only hashed, to check it, not compressed again and dropped.
+        let known = path
+            .strip_prefix("blobs/sha256/")
+            .map(|hex| format!("sha256:{hex}"))
+            .filter(|d| stored.contains_key(d));
+        if let Some(want) = known {
+            let got = describe_layer(layer, &mut HashMap::new(), s)?;
+            if got != want {
+                return Err(bad(
+                    s.source,
+                    format!("blob {path} is named by digest {want}, but its content hashes to {got}"),
+                ));
+            }
+            return Ok(got);
+        }
         if s.store_layers {
             store_layer(layer, out, stored, zctx.as_mut(), s)
         } else {

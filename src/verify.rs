@@ -36,6 +36,12 @@ pub struct VerifyReport {
     /// Packed with `--no-images`: every file checked, but the images' layers are not among them.
     pub without_layers: bool,
     pub images: usize,
+    /// A delta (`pack --base`): its base (`NAME VERSION (id …)`) and the payloads left to it,
+    /// which are not in this file and so not checked here (install checks them by digest on the
+    /// site; `merge` as it copies them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_of: Option<String>,
+    pub files_left_to_base: usize,
     /// The controller installer programs, each checked with the rest.
     pub installers: Vec<InstallerRow>,
     pub seconds: f64,
@@ -60,6 +66,8 @@ pub fn run(opts: &VerifyOptions, reporter: &dyn Reporter) -> Result<VerifyReport
         signature: bundle.signature().clone(),
         without_layers: m.bundle.without_layers,
         images: m.images.len(),
+        delta_of: m.base.as_ref().map(|b| b.describe()),
+        files_left_to_base: m.base.as_ref().map(|b| b.files.len()).unwrap_or(0),
         installers: installer_rows(m),
         seconds: t0.elapsed().as_secs_f64(),
     })
@@ -79,11 +87,17 @@ impl Report for VerifyReport {
         if !self.installers.is_empty() {
             render_installers(&mut installers, &self.installers);
         }
-        let layers = if self.without_layers {
+        let mut layers = if self.without_layers {
             format!("\n{}", images_without_layers(self.images))
         } else {
             String::new()
         };
+        if let Some(base) = &self.delta_of {
+            layers.push_str(&format!(
+                "\na delta of bundle {base}: the {} payload(s) it leaves to that bundle are not in this file (install takes them from the site, checked by digest)",
+                self.files_left_to_base
+            ));
+        }
         format!(
             "OK {} {} ({}): {} files, {} checked in {:.2}s ({}/s); {sig}{layers}{}",
             self.name,

@@ -662,6 +662,11 @@ impl<D: Document> EntryReader<'_, D> {
         &self.file.path
     }
 
+    /// The entry's permission bits as packed.
+    pub fn mode(&self) -> u32 {
+        self.mode
+    }
+
     fn mismatch(&mut self, got: &str) -> io::Error {
         let m = format!(
             "{} in {}: sha256 expected {}, found {got}: the {} is damaged",
@@ -741,6 +746,7 @@ mod tests {
                 compression: Compression::Zstd,
                 without_layers: false,
             },
+            base: None,
             files: w.files().to_vec(),
             layers: vec![],
             images: vec![],
@@ -825,6 +831,7 @@ mod tests {
                 compression: Compression::Zstd,
                 without_layers: false,
             },
+            base: None,
             files: vec![],
             layers: vec![],
             images: vec![],

@@ -9,7 +9,7 @@ use super::verified::Document;
 use crate::digest::{sha256_hex, Hasher};
 use crate::error::{Error, Result};
 use crate::manifest::{is_safe_bundle_path, FileEntry, Manifest};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,11 @@ pub struct BundleWriter {
     files: Vec<FileEntry>,
     names: BTreeSet<String>,
     mtime: u64,
+    /// A delta's base: its payloads by path. A payload written with the same path, size and
+    /// digest as one of these is dropped again and recorded in `taken` instead (stack files
+    /// excepted: a delta always carries its stack).
+    base: BTreeMap<String, FileEntry>,
+    taken: Vec<FileEntry>,
 }
 
 /// One payload being streamed into the bundle. Dropping it without [`EntryWriter::finish`] or
@@ -47,6 +52,8 @@ impl BundleWriter {
             files: Vec::new(),
             names: BTreeSet::new(),
             mtime,
+            base: BTreeMap::new(),
+            taken: Vec::new(),
         })
     }
 
@@ -66,6 +73,16 @@ impl BundleWriter {
 
     pub fn contains(&self, path: &str) -> bool {
         self.names.contains(path)
+    }
+
+    /// Make this a delta of a base with these payloads (see the field).
+    pub fn set_base(&mut self, payloads: BTreeMap<String, FileEntry>) {
+        self.base = payloads;
+    }
+
+    /// The payloads written but dropped because the base has them, in order.
+    pub fn taken_from_base(&self) -> &[FileEntry] {
+        &self.taken
     }
 
     /// Start a payload at `path`. The final path may be changed at [`EntryWriter::finish`] (layers
@@ -186,6 +203,16 @@ impl EntryWriter<'_> {
             return Err(Error::internal(format!("bundle entry {path} written twice")));
         }
         let (sha256, size) = std::mem::take(&mut self.hasher).finish();
+        let same = self.w.base.get(&path).filter(|b| {
+            b.sha256 == sha256 && b.size == size && layout::section(&path) != Some(layout::Section::Stack)
+        });
+        if let Some(b) = same.cloned() {
+            self.w.taken.push(b.clone());
+            let (w, at) = (self.w, self.header_at);
+            w.out.flush().map_err(|e| w.io_err(e))?;
+            w.out.get_mut().truncate(at).map_err(|e| w.io_err(e))?;
+            return Ok(b);
+        }
         let w = &mut *self.w;
         let pad = tarfmt::padding(size) as usize;
         let res: io::Result<()> = (|| {

@@ -5,9 +5,13 @@
 //! `manifest.json`, each config, each layer decompressed to `layers/<diff hex>.tar`, with sizes
 //! known from the manifest so headers are written before the data) into a bounded channel whose
 //! other end is the request body. All images that need loading go in one stream, so a layer
-//! shared by several images is sent once. Memory: a few 1 MiB chunks in flight.
+//! shared by several images is sent once, and a layer the engine already has (the same chain id:
+//! the same layer on the same parents) is not sent at all: the engine's load looks a layer up by
+//! its chain id before it opens the layer's file, so the tar names it in `manifest.json` and leaves
+//! the file out. Memory: a few 1 MiB chunks in flight.
 
 use crate::bundle::{tarfmt, VerifiedBundle};
+use crate::delta::EngineLayers;
 use crate::error::{Error, Result};
 use crate::manifest::{Compression, Image, Manifest};
 use crate::progress::Task;
@@ -70,11 +74,12 @@ fn hex(digest: &str) -> &str {
     digest.trim_start_matches("sha256:")
 }
 
-/// Write the `docker load` tar of `images` to `w`.
+/// Write the `docker load` tar of `images` to `w`, leaving out the layers `engine` has.
 pub fn write_load_tar(
     reader: &VerifiedBundle,
     m: &Manifest,
     images: &[&Image],
+    engine: &EngineLayers,
     w: &mut dyn Write,
     task: &dyn Task,
 ) -> Result<()> {
@@ -96,7 +101,7 @@ pub fn write_load_tar(
                 &format!("config of {}", img.refs.join(", ")),
             )?;
         }
-        let layer_paths = out.put_layers(reader, m, img)?;
+        let layer_paths = out.put_layers(reader, m, img, &engine.present(img))?;
         items.push(serde_json::json!({ "Config": cfg_path, "RepoTags": img.refs, "Layers": layer_paths }));
     }
     let manifest = serde_json::to_vec(&items).map_err(|e| Error::internal(format!("manifest.json: {e}")))?;
@@ -164,18 +169,31 @@ impl LoadTar<'_> {
         Ok(())
     }
 
-    /// The layers of `img` not yet written, decompressed as the engine takes them; returns the
-    /// tar paths of all its layers, for its `manifest.json` item.
-    fn put_layers(&mut self, reader: &VerifiedBundle, m: &Manifest, img: &Image) -> Result<Vec<String>> {
+    /// The layers of `img` not yet written and not `present` in the engine, decompressed as the
+    /// engine takes them; returns the tar paths of all its layers, for its `manifest.json` item.
+    fn put_layers(&mut self, reader: &VerifiedBundle, m: &Manifest, img: &Image, present: &[bool]) -> Result<Vec<String>> {
         let mut layer_paths = Vec::new();
-        for diff in &img.layers {
+        for (i, diff) in img.layers.iter().enumerate() {
             let layer = m
                 .layer(diff)
                 .ok_or_else(|| Error::bundle(format!("{}: layer {diff} is not in the manifest", self.name)))?;
             let path = format!("layers/{}.tar", hex(diff));
+            if present.get(i).copied().unwrap_or(false) {
+                layer_paths.push(path);
+                continue;
+            }
             if self.sent.insert(path.clone()) {
+                if m.from_base(&layer.file) {
+                    // Install checked this before it changed anything (`delta::image_gaps`).
+                    return Err(Error::bundle(format!(
+                        "{}: layer {diff} of image {} is left to the base bundle and the Docker engine does not have it",
+                        self.name,
+                        img.refs.join(", ")
+                    )));
+                }
                 let raw = reader.layer(layer)?;
-                let mut plain: Box<dyn Read> = match m.bundle.compression {
+                let compression = Compression::of_layer(&layer.file).unwrap_or(m.bundle.compression);
+                let mut plain: Box<dyn Read> = match compression {
                     Compression::Zstd => Box::new(
                         zstd::stream::read::Decoder::new(raw).map_err(|e| Error::internal(format!("zstd: {e}")))?,
                     ),
@@ -194,6 +212,7 @@ pub fn spawn_load_stream(
     reader: std::sync::Arc<VerifiedBundle>,
     manifest: std::sync::Arc<Manifest>,
     images: Vec<Image>,
+    engine: std::sync::Arc<EngineLayers>,
     task: std::sync::Arc<dyn Task>,
 ) -> (
     impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
@@ -203,7 +222,7 @@ pub fn spawn_load_stream(
     let handle = tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter::new(tx.clone(), "the Docker engine");
         let refs: Vec<&Image> = images.iter().collect();
-        let r = write_load_tar(&reader, &manifest, &refs, &mut w, &*task);
+        let r = write_load_tar(&reader, &manifest, &refs, &engine, &mut w, &*task);
         if let Err(e) = &r {
             // Abort the upload so the engine discards the partial stream.
             let _ = tx.blocking_send(Err(io::Error::other(e.message.clone())));

@@ -70,6 +70,10 @@ pub struct PlannedImage {
     pub action: ImageAction,
     /// For [`ImageAction::Pull`]: the reference the engine pulls (`HOST/PREFIX/path:tag`).
     pub from: Option<String>,
+    /// For [`ImageAction::Load`]: the uncompressed bytes of its layers the load streams (those
+    /// the engine lacks and no image before it in the plan sends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -460,6 +464,9 @@ async fn plan(
         if let Some(site) = &site {
             tls_in_platform_plan(ctx, t, site, &mut platform_plan, &mut files, has_regions);
         }
+    }
+    if let Some(engine) = &engine {
+        plan_streams(engine, ctx, &mut images, &platform_plan, journal, &mut findings, &mut hints).await?;
     }
     if !has_regions {
         journal.mark(StepName::Regions.as_str());
@@ -1415,6 +1422,67 @@ pub(crate) fn now() -> String {
     )
 }
 
+/// What each image to load streams (its layers the engine lacks), and for a delta bundle what the
+/// site lacks of what it leaves to its base: layers and configs not in the engine, packages and
+/// installers not in the object store. Those are findings: the install stops before it changes
+/// anything, naming each part and the base bundle to bring.
+async fn plan_streams(
+    engine: &Engine,
+    ctx: &Ctx,
+    images: &mut [PlannedImage],
+    platform: &platform::PlatformPlan,
+    journal: &Journal,
+    findings: &mut Vec<String>,
+    hints: &mut Vec<String>,
+) -> Result<()> {
+    let m = &ctx.manifest;
+    let to_load: Vec<&Image> = images
+        .iter()
+        .filter(|p| p.action == ImageAction::Load)
+        .filter_map(|p| m.images.iter().find(|i| i.id == p.id))
+        .collect();
+    let mut gaps = Vec::new();
+    if !to_load.is_empty() && !m.bundle.without_layers {
+        let layers = engine.layers().await?;
+        let mut sent = std::collections::BTreeSet::new();
+        for p in images.iter_mut().filter(|p| p.action == ImageAction::Load) {
+            let Some(img) = m.images.iter().find(|i| i.id == p.id) else { continue };
+            let bytes = img
+                .layers
+                .iter()
+                .zip(layers.present(img))
+                .filter(|(d, present)| !present && sent.insert((*d).clone()))
+                .filter_map(|(d, _)| m.layer(d))
+                .map(|l| l.size)
+                .fold(0u64, u64::saturating_add);
+            p.stream = Some(bytes);
+        }
+        gaps = crate::delta::image_gaps(m, &to_load, &layers);
+    }
+    if m.base.is_some() {
+        for o in platform.packages.iter().chain(platform.installers.iter()) {
+            if let Some(path) = o.from_base.as_deref() {
+                gaps.push(format!(
+                    "object {} ({}): not in the object store with digest {}, and this delta bundle leaves its file {path} to its base",
+                    o.key,
+                    crate::inspect::human(o.size),
+                    o.digest
+                ));
+            }
+        }
+    }
+    if !gaps.is_empty() {
+        let installed = journal
+            .bundle
+            .as_ref()
+            .map(|b| format!("{} {} (id {})", b.name, b.version, crate::manifest::short_id(&b.manifest_sha256)));
+        let e = crate::delta::gaps_error(m, &gaps, installed.as_deref());
+        findings.push(e.message);
+        hints.extend(e.hints);
+    }
+    Ok(())
+}
+
 /// Each image: loaded (its id is not in the engine), tagged (it is, under another reference),
 /// or present.
 async fn plan_images(engine: &dyn crate::ports::Docker, images: &[Image]) -> Result<Vec<PlannedImage>> {
@@ -1441,6 +1509,7 @@ async fn plan_images(engine: &dyn crate::ports::Docker, images: &[Image]) -> Res
             size: img.size,
             action,
             from: None,
+            stream: None,
         });
     }
     Ok(out)
@@ -1592,7 +1661,7 @@ async fn check_space(
         .images
         .iter()
         .filter(|i| i.action == ImageAction::Load || i.action == ImageAction::Pull)
-        .map(|i| i.size)
+        .map(|i| i.stream.unwrap_or(i.size))
         .sum();
     if to_load > 0 {
         let root = engine.data_root().await?;
@@ -1887,19 +1956,45 @@ async fn load_planned(
         .hint("give --images-from REGISTRY (the registry the full bundle was pushed to), or use the full bundle"));
     }
     let mut loaded = 0;
+    let mut streamed = String::new();
     if !to_load.is_empty() {
-        let mut sizes = std::collections::BTreeSet::new();
-        let total: u64 = to_load
-            .iter()
-            .flat_map(|i| i.layers.iter())
-            .filter(|l| sizes.insert((*l).clone()))
-            .filter_map(|l| manifest.layer(l))
-            .map(|l| l.size)
-            .sum();
+        // What the engine has now (an operator may have pruned since the plan).
+        let layers = engine.layers().await?;
+        let refs: Vec<&Image> = to_load.iter().collect();
+        let gaps = crate::delta::image_gaps(manifest, &refs, &layers);
+        if !gaps.is_empty() {
+            return Err(crate::delta::gaps_error(manifest, &gaps, None));
+        }
+        let (mut sizes, mut total, mut skipped) = (std::collections::BTreeSet::new(), 0u64, 0u64);
+        for img in &to_load {
+            for (d, present) in img.layers.iter().zip(layers.present(img)) {
+                let size = manifest.layer(d).map(|l| l.size).unwrap_or(0);
+                if present {
+                    skipped = skipped.saturating_add(size);
+                } else if sizes.insert(d.clone()) {
+                    total = total.saturating_add(size);
+                }
+            }
+        }
+        streamed = format!(
+            " ({} of layers streamed{})",
+            crate::inspect::human(total),
+            if skipped > 0 {
+                format!(", {} already in the engine", crate::inspect::human(skipped))
+            } else {
+                String::new()
+            }
+        );
         let names: Vec<String> = to_load.iter().map(|i| i.refs.join(", ")).collect();
         reporter.note(&format!("loading {} image(s): {}", to_load.len(), names.join("; ")));
         let task: Arc<dyn crate::progress::Task> = Arc::from(reporter.task("loading images", Some(total)));
-        let (body, writer) = load::spawn_load_stream(reader.clone(), manifest.clone(), to_load.clone(), task.clone());
+        let (body, writer) = load::spawn_load_stream(
+            reader.clone(),
+            manifest.clone(),
+            to_load.clone(),
+            Arc::new(layers),
+            task.clone(),
+        );
         let res = engine.load(body).await;
         let wres = writer
             .await
@@ -1934,7 +2029,7 @@ async fn load_planned(
         return Ok(format!("{tagged} tag(s) set, {present} already present"));
     }
     Ok(format!(
-        "{loaded} loaded, {tagged} tag(s) set, {present} already present"
+        "{loaded} loaded{streamed}, {tagged} tag(s) set, {present} already present"
     ))
 }
 

@@ -53,6 +53,10 @@ pub struct PlannedObject {
     /// The package's row; `None` for an installer program (no row).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row: Option<PlannedPackageRow>,
+    /// A delta bundle leaves this object's file (the path) to its base, yet the step would send
+    /// its bytes: the object store lacks it. Install refuses before changing anything.
+    #[serde(skip)]
+    pub from_base: Option<String>,
 }
 
 /// The `node_mgmt_packageversion` row of a planned object.
@@ -321,6 +325,12 @@ async fn objects(
             size: p.size,
             action: p.action,
             ca_added: p.inject.is_some(),
+            from_base: match &p.source {
+                packages::source::Source::Entry(path) | packages::source::Source::Inner { container: path, .. } => {
+                    bundle.filter(|b| p.upload && b.manifest().from_base(path)).map(|_| path.clone())
+                }
+                packages::source::Source::File(_) => None,
+            },
             row: (!p.installer).then(|| PlannedPackageRow {
                 kind: p.pkg.kind.as_str().to_string(),
                 os: p.pkg.os.as_str().to_string(),

@@ -29,19 +29,51 @@ pub(super) async fn write(
     writer: &mut BundleWriter,
     reporter: &dyn Reporter,
 ) -> Result<Written> {
-    let mut stored = Stored::new();
+    // A delta's base layers count as stored: never written again (docs/FORMAT.md, "Delta bundles").
+    let mut stored: Stored = match &plan.delta_base {
+        Some(b) => b
+            .manifest
+            .layers
+            .iter()
+            .map(|l| {
+                let s = StoredLayer {
+                    diff_id: l.diff_id.clone(),
+                    file: l.file.clone(),
+                    size: l.size,
+                };
+                (l.diff_id.clone(), s)
+            })
+            .collect(),
+        None => Stored::new(),
+    };
     // (recipe ref, image), in recipe order per source.
     let mut saved: Vec<(String, SavedImage)> = Vec::new();
+    let mut unchanged: Vec<(String, Image)> = Vec::new();
     if let Some(engine) = engine {
-        saved.extend(from_engine(plan, engine, writer, &mut stored, reporter).await?);
+        let (exported, same) = from_engine(plan, engine, writer, &mut stored, reporter).await?;
+        saved.extend(exported);
+        unchanged = same;
     }
     for img in plan.recipe.images.iter().filter(|i| i.archive.is_some()) {
         let found = from_archive(plan, img, writer, &mut stored, reporter)?;
         saved.push((img.reference.clone(), found));
     }
-    let images = configs(&saved, &stored, writer)?;
+    let mut images = configs(&saved, &stored, writer)?;
+    for (reference, img) in unchanged {
+        match images.iter_mut().find(|i| i.id == img.id) {
+            Some(i) if !i.refs.contains(&reference) => i.refs.push(reference),
+            Some(_) => {}
+            None => images.push(Image {
+                refs: vec![reference],
+                ..img
+            }),
+        }
+    }
+    // Only the layers the images use (a delta's base may have others).
+    let used: std::collections::HashSet<&String> = images.iter().flat_map(|i| i.layers.iter()).collect();
     let mut layers: Vec<Layer> = stored
         .into_values()
+        .filter(|s| used.contains(&s.diff_id))
         .map(|s| Layer {
             diff_id: s.diff_id,
             file: s.file,
@@ -75,22 +107,44 @@ fn ingest(
 }
 
 /// All engine images in one export stream; each recipe reference matched to its image by id.
+/// For a delta, an image whose id its base has is not exported at all: it comes back as the
+/// base's description of it (second list), every payload of it in the base.
 async fn from_engine(
     plan: &Plan,
     e: &EngineImages,
     writer: &mut BundleWriter,
     stored: &mut Stored,
     reporter: &dyn Reporter,
-) -> Result<Vec<(String, SavedImage)>> {
-    let refs: Vec<String> = e.refs.iter().map(|i| i.reference.clone()).collect();
-    let total: u64 = e.found.values().map(|(_, s)| *s).sum();
+) -> Result<(Vec<(String, SavedImage)>, Vec<(String, Image)>)> {
+    let id_of = |r: &RecipeImage| e.found.get(&r.reference).map(|(id, _)| id.clone()).unwrap_or_default();
+    let in_base = |r: &RecipeImage| {
+        plan.delta_base
+            .as_ref()
+            .and_then(|b| b.manifest.images.iter().find(|i| i.id == id_of(r)))
+            .cloned()
+    };
+    let unchanged: Vec<(String, Image)> = e
+        .refs
+        .iter()
+        .filter_map(|r| in_base(r).map(|i| (r.reference.clone(), i)))
+        .collect();
+    let wanted: Vec<&RecipeImage> = e.refs.iter().filter(|r| in_base(r).is_none()).collect();
+    if wanted.is_empty() {
+        return Ok((Vec::new(), unchanged));
+    }
+    let refs: Vec<String> = wanted.iter().map(|i| i.reference.clone()).collect();
+    let total: u64 = wanted
+        .iter()
+        .filter_map(|r| e.found.get(&r.reference))
+        .map(|(_, s)| *s)
+        .sum();
     let task = reporter.task("exporting images", Some(total));
     let reader = SyncIoBridge::new(StreamReader::new(Box::pin(e.engine.export(&refs))));
     let images = ingest(plan, reader, "the Docker engine", writer, stored, &*task);
     task.finish();
     let images = images?;
     let mut out = Vec::new();
-    for img in &e.refs {
+    for img in wanted {
         let id = e
             .found
             .get(&img.reference)
@@ -105,7 +159,7 @@ async fn from_engine(
         })?;
         out.push((img.reference.clone(), found.clone()));
     }
-    Ok(out)
+    Ok((out, unchanged))
 }
 
 /// One image archive (`docker save` or OCI) from disk; the image its recipe entry names.

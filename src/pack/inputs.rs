@@ -107,6 +107,8 @@ pub(super) struct Plan {
     pub signer: Option<Signer>,
     /// `--no-images`: layers are read for their digests and sizes, not stored.
     pub no_images: bool,
+    /// `--base`: the bundle this one is a delta of.
+    pub delta_base: Option<crate::delta::BaseBundle>,
 }
 
 /// What the checks found, for the writing steps.
@@ -129,8 +131,8 @@ pub(super) struct EngineImages {
     pub found: HashMap<String, (String, u64)>,
 }
 
-/// Read the recipe, and check the options that need no input (level, signing key).
-pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
+/// Read the recipe, and check the options that need no input (level, signing key, the base).
+pub(super) fn read(opts: &PackOptions, reporter: &dyn Reporter) -> Result<Plan> {
     let text = fs::read_to_string(&opts.recipe).io_ctx("cannot read recipe", &opts.recipe)?;
     let recipe = Recipe::parse(&text, &opts.recipe.display().to_string()).map_err(|e| e.into_error(Kind::Input))?;
     let base = opts
@@ -153,6 +155,15 @@ pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     });
+    if opts.no_images && opts.base.is_some() {
+        return Err(Error::input("--no-images and --base together: a bundle without layers is already small")
+            .hint("leave out --base (or --no-images)"));
+    }
+    let delta_base = opts
+        .base
+        .as_ref()
+        .map(|b| crate::delta::BaseBundle::read(b, reporter))
+        .transpose()?;
     Ok(Plan {
         recipe,
         base,
@@ -161,6 +172,7 @@ pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
         threads,
         signer,
         no_images: opts.no_images,
+        delta_base,
     })
 }
 
@@ -463,11 +475,13 @@ mod tests {
             threads: None,
             binary: None,
             no_images: false,
+            base: None,
         };
-        let e = read(&opts(Compression::Gzip, 10)).err().unwrap();
+        let r = crate::progress::Silent;
+        let e = read(&opts(Compression::Gzip, 10), &r).err().unwrap();
         assert_eq!(e.message, "--level 10: gzip levels are 1 to 9");
-        let e = read(&opts(Compression::Zstd, 0)).err().unwrap();
+        let e = read(&opts(Compression::Zstd, 0), &r).err().unwrap();
         assert_eq!(e.message, "--level 0: zstd levels are 1 to 19");
-        assert_eq!(read(&opts(Compression::Zstd, 19)).unwrap().level, 19);
+        assert_eq!(read(&opts(Compression::Zstd, 19), &r).unwrap().level, 19);
     }
 }

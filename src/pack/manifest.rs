@@ -6,7 +6,7 @@ use super::inputs::Plan;
 use super::{rfc3339, PackReport};
 use crate::bundle::{layout, BundleWriter};
 use crate::error::{Error, Result};
-use crate::manifest::{BundleInfo, Installer, Manifest, Package, Provenance, Stack, FORMAT};
+use crate::manifest::{Base, BundleInfo, FileEntry, Installer, Manifest, Package, Provenance, Stack, FORMAT};
 use crate::sign::{self, Signer};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,6 +42,7 @@ pub(super) fn build(plan: &Plan, now: u64, writer: &BundleWriter, payload: Paylo
             compression: plan.compression,
             without_layers: plan.no_images,
         },
+        base: plan.delta_base.as_ref().map(|b| delta_base(b, writer, &written)).transpose()?,
         files: writer.files().to_vec(),
         layers: written.layers,
         images: written.images,
@@ -59,6 +60,39 @@ pub(super) fn build(plan: &Plan, now: u64, writer: &BundleWriter, payload: Paylo
         )));
     }
     Ok(m)
+}
+
+/// A delta's `[base]`: every payload its manifest names that was not written, as the base lists
+/// it (layers and configs of unchanged images were never written; packages, installers and the
+/// binary identical to the base's were written and dropped by the writer), in the order the
+/// manifest names them.
+fn delta_base(b: &crate::delta::BaseBundle, writer: &BundleWriter, written: &Written) -> Result<Base> {
+    let payloads = b.payloads();
+    let mut files: Vec<FileEntry> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let named = written
+        .layers
+        .iter()
+        .map(|l| &l.file)
+        .chain(written.images.iter().map(|i| &i.config))
+        .chain(writer.taken_from_base().iter().map(|f| &f.path));
+    for path in named {
+        if writer.files().iter().any(|f| &f.path == path) || !seen.insert(path.clone()) {
+            continue;
+        }
+        let entry = payloads.get(path).ok_or_else(|| {
+            Error::internal(format!("delta: {path} was neither written nor found in the base {}", b.origin))
+        })?;
+        files.push(entry.clone());
+    }
+    let m = &b.manifest;
+    Ok(Base {
+        id: b.id.clone(),
+        name: m.bundle.name.clone(),
+        version: m.bundle.version.clone(),
+        created: m.bundle.created.clone(),
+        files,
+    })
 }
 
 /// Write the manifest, its signature when there is a signer, and `SHA256SUMS`. Returns the
@@ -108,6 +142,9 @@ pub(super) fn report(
         images: m.images.len(),
         layers: m.layers.len(),
         without_layers: m.bundle.without_layers,
+        delta_of: m.base.as_ref().map(|b| b.describe()),
+        files_from_base: m.base.as_ref().map(|b| b.files.len()).unwrap_or(0),
+        bytes_from_base: m.base.as_ref().map(|b| b.bytes()).unwrap_or(0),
         image_bytes_uncompressed: m.layers.iter().map(|l| l.size).sum(),
         image_bytes_stored,
         packages: m.packages.len(),

@@ -52,6 +52,8 @@ pub struct PackOptions {
     /// `--no-images`: describe the images but leave their layers out
     /// ([`crate::manifest::BundleInfo::without_layers`]).
     pub no_images: bool,
+    /// `--base` / `--base-manifest`: pack a delta of that bundle ([`crate::manifest::Base`]).
+    pub base: Option<crate::delta::BaseSource>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +66,12 @@ pub struct PackReport {
     pub layers: usize,
     /// `--no-images`: the layers are described, not stored.
     pub without_layers: bool,
+    /// A delta (`--base`): the base bundle (`NAME VERSION (id …)`), and the payloads and bytes
+    /// taken from it rather than stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_of: Option<String>,
+    pub files_from_base: usize,
+    pub bytes_from_base: u64,
     pub image_bytes_uncompressed: u64,
     pub image_bytes_stored: u64,
     pub packages: usize,
@@ -86,7 +94,7 @@ pub fn run(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport> {
 async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport> {
     let t0 = Instant::now();
     let mut steps = Vec::new();
-    let plan = inputs::read(opts)?;
+    let plan = inputs::read(opts, reporter)?;
 
     // 1. Check every input before writing anything, artifacts taken from images included.
     let t = Instant::now();
@@ -114,6 +122,9 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut writer = create_output(opts, now)?;
+    if let Some(b) = &plan.delta_base {
+        writer.set_base(b.payloads());
+    }
     let t = Instant::now();
     let written = images::write(&plan, checked.engine.as_ref(), &mut writer, reporter).await?;
     steps.push(("images".to_string(), t.elapsed().as_secs_f64()));
@@ -173,8 +184,16 @@ impl Report for PackReport {
         } else {
             format!("{} stored", human(self.image_bytes_stored))
         };
+        let delta = match &self.delta_of {
+            Some(base) => format!(
+                "\n  a delta of bundle {base}: {} payload(s), {}, left to the base (install it on a site installed from the base, or `bkbundle merge`)",
+                self.files_from_base,
+                human(self.bytes_from_base)
+            ),
+            None => String::new(),
+        };
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{reads}{delta}\n  bin/bkbundle: {}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),

@@ -138,14 +138,28 @@ pub fn run(opts: &PushOptions, reporter: &dyn Reporter) -> Result<PushReport> {
         ))
         .hint("push the full bundle of the same release (packed without --no-images); hosts then install this small one with --images-from"));
     }
+    if let Some(base) = &m.base {
+        return Err(Error::input(format!(
+            "{}: this is a delta bundle: it leaves {} payload(s) to its base bundle {}, so it cannot push every layer of its images",
+            bundle.display_name(),
+            base.files.len(),
+            base.describe()
+        ))
+        .hint("make a full bundle first (`bkbundle merge BASE.bkb THIS.bkb -o FULL.bkb`) and push that"));
+    }
     let units = plan(&m.images, opts)?;
     let stored = m.bundle.compression;
     let format = opts.format;
-    if format == LayerFormat::Zstd && stored != Compression::Zstd {
+    let not_zstd = m
+        .layers
+        .iter()
+        .find(|l| Compression::of_layer(&l.file).unwrap_or(stored) != Compression::Zstd);
+    if let (LayerFormat::Zstd, Some(l)) = (format, not_zstd) {
         return Err(Error::input(format!(
-            "{}: --compression zstd sends layers as stored, but this bundle stores them as {}",
+            "{}: --compression zstd sends layers as stored, but this bundle stores layer {} as {}",
             bundle.display_name(),
-            stored.as_str()
+            l.diff_id,
+            Compression::of_layer(&l.file).unwrap_or(stored).as_str()
         ))
         .hint("push it with --compression gzip (the default)"));
     }
@@ -289,11 +303,16 @@ impl Ctx {
         }
     }
 
+    /// How `layer` is stored: by its file's name (a bundle may mix them), else the bundle's.
+    fn stored_as(&self, layer: &Layer) -> Compression {
+        Compression::of_layer(&layer.file).unwrap_or(self.stored)
+    }
+
     /// A layer's digest and size when known before sending: stored as sent, or remembered.
     fn known(&self, layer: &Layer) -> Option<(String, u64)> {
         let sent_as_stored = match self.format {
             LayerFormat::Zstd => true,
-            LayerFormat::Gzip => self.stored == Compression::Gzip,
+            LayerFormat::Gzip => self.stored_as(layer) == Compression::Gzip,
         };
         if sent_as_stored {
             let f = self.bundle.manifest().file(&layer.file)?;
@@ -622,7 +641,7 @@ async fn upload_layer(ctx: &Arc<Ctx>, repo: &str, layer: &Layer, task: Arc<dyn T
     let pushed = ctx.client.upload(repo, rx, done_rx, &label).await;
     let _ = producer.await;
     let pushed = pushed?;
-    if ctx.format == LayerFormat::Gzip && ctx.stored != Compression::Gzip {
+    if ctx.format == LayerFormat::Gzip && ctx.stored_as(layer) != Compression::Gzip {
         ctx.cache.put(&layer.diff_id, &pushed.digest, pushed.size);
     }
     Ok(pushed)
@@ -644,7 +663,7 @@ fn produce(ctx: &Ctx, layer: &Layer, w: ChannelWriter, task: &dyn Task) -> Resul
         .hint("check that the registry runs; run push again (it resumes)")
     };
     let read_err = |e: io::Error| Error::bundle(format!("{name}: cannot read {}: {e}", layer.file));
-    let recompress = ctx.format == LayerFormat::Gzip && ctx.stored == Compression::Zstd;
+    let recompress = ctx.format == LayerFormat::Gzip && ctx.stored_as(layer) == Compression::Zstd;
     if recompress {
         let mut plain = zstd::stream::read::Decoder::new(raw).map_err(|e| Error::internal(format!("zstd: {e}")))?;
         let mut gz = flate2::write::GzEncoder::new(&mut out, flate2::Compression::new(ctx.level));

@@ -98,6 +98,7 @@ fn small_bundle_with(path: &Path, sign: Option<&Path>, edit: impl FnOnce(&mut Ma
             compression: Compression::Zstd,
             without_layers: false,
         },
+        base: None,
         files: w.files().to_vec(),
         layers: Vec::new(),
         images: Vec::new(),

@@ -11,6 +11,7 @@ mod backup_objects;
 mod backup_pg;
 mod backup_upgrade;
 mod concurrency;
+mod delta;
 mod demo_images;
 mod doctor;
 mod doctor_releases;

@@ -1,0 +1,202 @@
+//! Delta bundles: a bundle packed against a base (`pack --base OLD.bkb`, or `--base-manifest` with
+//! just the old `bundle.toml`) stores only the payloads the base does not have; its manifest is
+//! complete and names, in `[base]`, the base's id and every payload it takes from there
+//! (docs/FORMAT.md, "Delta bundles").
+//!
+//! Here: reading the base at pack time, and what install needs to know before it changes
+//! anything: which layers a site's engine already has (by chain id, as the engine's layer store
+//! keys them), and which parts of a delta the site lacks.
+
+use crate::bundle::{open_verified, Check, OpenOptions};
+use crate::digest::sha256_hex;
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::manifest::{FileEntry, Image, Manifest};
+use crate::progress::Reporter;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::PathBuf;
+
+/// Where `pack` reads the base from.
+#[derive(Debug, Clone)]
+pub enum BaseSource {
+    /// `--base OLD.bkb`: the base bundle itself (its structure is checked, its payloads not read).
+    Bundle(PathBuf),
+    /// `--base-manifest bundle.toml`: only the base's manifest, carried back from the site.
+    Manifest(PathBuf),
+}
+
+/// The base of a delta being packed.
+#[derive(Debug, Clone)]
+pub struct BaseBundle {
+    pub manifest: Manifest,
+    /// SHA-256 (hex) of its `bundle.toml`: the id install's journal records.
+    pub id: String,
+    /// Where it was read, for messages.
+    pub origin: String,
+}
+
+/// A manifest is a few MB at most (tens of thousands of files); anything larger is not one.
+const MANIFEST_MAX: u64 = 64 << 20;
+
+impl BaseBundle {
+    pub fn read(src: &BaseSource, reporter: &dyn Reporter) -> Result<BaseBundle> {
+        match src {
+            BaseSource::Bundle(path) => {
+                let opts = OpenOptions {
+                    require_signature: false,
+                    key: None,
+                    threads: None,
+                    check: Check::Structure,
+                };
+                let b = open_verified(path, &opts, reporter).map_err(|e| {
+                    e.hint(format!(
+                        "--base {} must be the bundle the site was installed from (or its bundle.toml with --base-manifest)",
+                        path.display()
+                    ))
+                })?;
+                Ok(BaseBundle {
+                    manifest: b.manifest().clone(),
+                    id: b.manifest_sha256().to_string(),
+                    origin: b.display_name(),
+                })
+            }
+            BaseSource::Manifest(path) => {
+                let f = std::fs::File::open(path).io_ctx("cannot open base manifest", path)?;
+                let mut bytes = Vec::new();
+                f.take(MANIFEST_MAX + 1)
+                    .read_to_end(&mut bytes)
+                    .io_ctx("cannot read base manifest", path)?;
+                let origin = path.display().to_string();
+                if bytes.len() as u64 > MANIFEST_MAX {
+                    return Err(Error::input(format!(
+                        "--base-manifest {origin}: larger than {} MiB, so not a bundle.toml",
+                        MANIFEST_MAX >> 20
+                    ))
+                    .hint("give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base"));
+                }
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    Error::input(format!("--base-manifest {origin}: not UTF-8 text, so not a bundle.toml"))
+                        .hint("give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base")
+                })?;
+                let manifest = Manifest::parse(text, &origin).map_err(|e| e.into_error(Kind::Input))?;
+                Ok(BaseBundle {
+                    manifest,
+                    id: sha256_hex(&bytes),
+                    origin,
+                })
+            }
+        }
+    }
+
+    /// Every payload the base has, stored or (a delta itself) taken from its own base.
+    pub fn payloads(&self) -> BTreeMap<String, FileEntry> {
+        let m = &self.manifest;
+        m.files
+            .iter()
+            .chain(m.base.iter().flat_map(|b| b.files.iter()))
+            .map(|f| (f.path.clone(), f.clone()))
+            .collect()
+    }
+
+    /// `NAME VERSION (id …)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} (id {})",
+            self.manifest.bundle.name,
+            self.manifest.bundle.version,
+            crate::manifest::short_id(&self.id)
+        )
+    }
+}
+
+/// The chain id of each prefix of `diff_ids` (bottom to top), as the engine's layer store names a
+/// layer: the first is the first diff id, each next `sha256("<parent chain> <diff id>")`.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let id = match out.last() {
+            None => d.clone(),
+            Some(parent) => format!("sha256:{}", sha256_hex(format!("{parent} {d}").as_bytes())),
+        };
+        out.push(id);
+    }
+    out
+}
+
+/// What the engine already holds, as far as loading is concerned.
+#[derive(Debug, Clone, Default)]
+pub struct EngineLayers {
+    /// The chain ids of every layer of every image in the engine.
+    pub chains: BTreeSet<String>,
+    /// The engine keeps images in containerd's store (`driver-type io.containerd.snapshotter.v1`):
+    /// its `docker load` wants every layer in the stream, so none can be left out.
+    pub containerd_store: bool,
+}
+
+impl EngineLayers {
+    /// For each layer of `img`, whether the engine has it (at the same place in the chain), so
+    /// that a load can leave it out of the stream.
+    pub fn present(&self, img: &Image) -> Vec<bool> {
+        if self.containerd_store {
+            return vec![false; img.layers.len()];
+        }
+        chain_ids(&img.layers)
+            .iter()
+            .map(|c| self.chains.contains(c))
+            .collect()
+    }
+}
+
+/// The parts of `images` (those to load) that the bundle leaves to its base and the engine does
+/// not have: a config (the image itself is absent) or a layer. Empty for a full bundle.
+pub fn image_gaps(m: &Manifest, images: &[&Image], engine: &EngineLayers) -> Vec<String> {
+    let Some(base) = &m.base else { return vec![] };
+    let mut gaps = Vec::new();
+    let mut named = BTreeSet::new();
+    for img in images {
+        let name = img.refs.first().cloned().unwrap_or_else(|| img.id.clone());
+        if base.file(&img.config).is_some() {
+            gaps.push(format!(
+                "image {name} ({}): not in the Docker engine, and this delta bundle leaves it to its base",
+                crate::manifest::short_id(&img.id)
+            ));
+            continue;
+        }
+        for (diff, present) in img.layers.iter().zip(engine.present(img)) {
+            let Some(layer) = m.layer(diff) else { continue };
+            if present || base.file(&layer.file).is_none() || !named.insert(diff.clone()) {
+                continue;
+            }
+            gaps.push(format!(
+                "layer {diff} ({}) of image {name}: not in the Docker engine{}, and this delta bundle leaves it to its base",
+                crate::inspect::human(layer.size),
+                if engine.containerd_store {
+                    " (its containerd image store takes no layer from what it has)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    gaps
+}
+
+/// The one error for a delta the site cannot take: every gap, and the bundle to bring.
+pub fn gaps_error(m: &Manifest, gaps: &[String], installed: Option<&str>) -> Error {
+    let base = m.base.as_ref().map(|b| b.describe()).unwrap_or_default();
+    let site = match installed {
+        Some(i) => format!(" (this site was installed from bundle {i})"),
+        None => String::new(),
+    };
+    Error::new(
+        Kind::Preflight,
+        format!(
+            "this delta bundle needs what its base bundle {base} installed, and the site lacks {} part(s){site}:\n  - {}",
+            gaps.len(),
+            gaps.join("\n  - ")
+        ),
+    )
+    .hint(format!(
+        "nothing was changed; bring the base bundle {base} and make a full bundle with `bkbundle merge BASE.bkb THIS.bkb -o FULL.bkb`, then install FULL.bkb (or install the base first, then this delta)"
+    ))
+}
