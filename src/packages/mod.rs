@@ -602,6 +602,12 @@ pub async fn run_on(
 
     // 3. The plan.
     let planned = plan(run, &rows, seams.store, &seams.bucket, &mut report.notes).await?;
+    if let Some(b) = run.bundle {
+        let gaps = base_gaps(b.manifest(), &planned);
+        if !gaps.is_empty() {
+            return Err(PackagesError::Bundle(crate::delta::gaps_error(b.manifest(), &gaps, None)));
+        }
+    }
 
     // 4. Write: the object, confirmed, then its row.
     for pl in &planned {
@@ -629,6 +635,30 @@ pub async fn run_on(
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The objects a delta bundle would have to send but leaves to its base: the store lacks them (or
+/// holds other bytes), so the site was not installed from that base or lost them.
+pub fn base_gaps(m: &crate::manifest::Manifest, planned: &[Planned]) -> Vec<String> {
+    planned
+        .iter()
+        .filter(|p| p.upload)
+        .filter_map(|p| {
+            let path = match &p.source {
+                Source::Entry(path) | Source::Inner { container: path, .. } => path,
+                Source::File(_) => return None,
+            };
+            m.from_base(path).then(|| {
+                format!(
+                    "object {} ({} {}): not in the object store with digest {}, and this delta bundle leaves its file {path} to its base",
+                    p.key,
+                    p.pkg.object,
+                    p.pkg.version,
+                    keys::nats_digest(&p.sha)
+                )
+            })
+        })
+        .collect()
 }
 
 /// Decide each package's object and row (stage 3): nothing is written. `store` `None`: the bucket

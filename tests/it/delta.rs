@@ -322,3 +322,68 @@ fn merge_refuses_a_base_that_is_not_the_one_recorded_and_a_full_bundle() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("this is a delta bundle"), "{}", r.stderr);
 }
+
+/// The packages of a delta: left to the base when unchanged, taken from the object store by digest
+/// (nothing read, nothing sent), refused naming each object when the store lacks them.
+#[test]
+fn a_deltas_packages_come_from_the_object_store_or_the_run_is_refused_naming_them() {
+    use crate::harness::{NatsOpts, NatsServer, RELEASES};
+    use bkbundle::packages::{self, PackagesError, PackagesOptions};
+    use bkbundle::site::config::InstallConfig;
+    let base = crate::packages::bundle();
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = fs::read_to_string(base.parent().unwrap().join("recipe.toml"))
+        .unwrap()
+        .replace("name = \"p\"\nversion = \"1\"", "name = \"p\"\nversion = \"2\"");
+    assert!(recipe.contains("version = \"2\""), "{recipe}");
+    let rp = dir.path().join("recipe.toml");
+    fs::write(&rp, recipe).unwrap();
+    let delta = dir.path().join("p2.bkb");
+    let r = bk(&["pack", arg(&rp), "-o", arg(&delta), "--base", arg(base)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let m = manifest(&delta);
+    let left: Vec<&str> = m["base"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(left.contains(&"packages/fusion-collectors-linux-amd64.zip"), "{left:?}");
+    assert!(!entries(&delta).iter().any(|e| e.starts_with("packages/")));
+
+    let release = RELEASES[RELEASES.len() - 1];
+    let nats = NatsServer::start(NatsOpts::default());
+    let (_, db) = crate::regions::release_db(release, "delta", false);
+    let config = InstallConfig::parse("", "install.toml").unwrap();
+    let opts = |bundle: &Path| {
+        let mut o = PackagesOptions::new(bundle.to_path_buf(), &config, std::collections::BTreeMap::new());
+        o.database_url = Some(db.clone());
+        o.nats_url = Some(nats.url());
+        o
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let no_env = |_: &str| None;
+    // An empty store: refused, every object named with the base to bring; nothing written.
+    let e = match rt.block_on(packages::run_with_env(&opts(&delta), &no_env)) {
+        Err(PackagesError::Bundle(e)) => e,
+        other => panic!("expected the delta to be refused: {:?}", other.map(|r| packages::render(&r))),
+    };
+    assert_eq!(e.kind, bkbundle::error::Kind::Preflight, "{}", e.message);
+    assert!(e.message.contains("this delta bundle needs what its base bundle p 1"), "{}", e.message);
+    assert!(
+        e.message.contains("fusion-collectors-linux-amd64.zip (Controller 1.0.0)")
+            && e.message.contains("leaves its file packages/fusion-collectors-linux-amd64.zip to its base"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("(Telegraf 1.0.0)"), "{}", e.message);
+    // The base uploads; then the delta finds every object in place and reads no package.
+    let r = rt.block_on(packages::run_with_env(&opts(base), &no_env)).unwrap();
+    assert_eq!(r.uploaded, 4, "{}", packages::render(&r));
+    let r = rt.block_on(packages::run_with_env(&opts(&delta), &no_env)).unwrap();
+    assert_eq!((r.uploaded, r.skipped), (0, 4), "{}", packages::render(&r));
+}
