@@ -200,3 +200,143 @@ pub fn gaps_error(m: &Manifest, gaps: &[String], installed: Option<&str>) -> Err
         "nothing was changed; bring the base bundle {base} and make a full bundle with `bkbundle merge BASE.bkb THIS.bkb -o FULL.bkb`, then install FULL.bkb (or install the base first, then this delta)"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Base, BundleInfo, Compression, Layer};
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn chain_ids_are_the_engines() {
+        // Values from `printf 'sha256:<parent> sha256:<diff>' | sha256sum`, the layer store's rule.
+        let ids = chain_ids(&[d('a'), d('b'), d('c')]);
+        assert_eq!(ids[0], d('a'));
+        assert_eq!(
+            ids[1],
+            "sha256:ccd722928bd92476ba1745586fed6e45a102504185ad88cd89e01ff116fd146c"
+        );
+        assert_eq!(
+            ids[2],
+            "sha256:c1377126441fb2f5ec2c21ae2a60255331d639e830f0ee1b40a36e52d4c40588"
+        );
+        assert!(chain_ids(&[]).is_empty());
+    }
+
+    fn image(layers: &[String]) -> Image {
+        Image {
+            refs: vec!["app:2".into()],
+            id: d('9'),
+            config: format!("images/configs/{}.json", "9".repeat(64)),
+            os: "linux".into(),
+            arch: "amd64".into(),
+            layers: layers.to_vec(),
+            size: 3,
+        }
+    }
+
+    fn delta_manifest() -> Manifest {
+        let f = |p: &str, c: char| FileEntry {
+            path: p.into(),
+            size: 1,
+            sha256: c.to_string().repeat(64),
+        };
+        let layer = |c: char| Layer {
+            diff_id: d(c),
+            file: format!("images/layers/{}.tar.zst", c.to_string().repeat(64)),
+            size: 1,
+        };
+        Manifest {
+            format: 1,
+            bundle: BundleInfo {
+                name: "x".into(),
+                version: "2".into(),
+                description: String::new(),
+                created: String::new(),
+                created_by: String::new(),
+                compression: Compression::Zstd,
+                without_layers: false,
+            },
+            base: Some(Base {
+                id: "e".repeat(64),
+                name: "x".into(),
+                version: "1".into(),
+                created: String::new(),
+                files: vec![
+                    f(&layer('a').file, '1'),
+                    f(&layer('b').file, '2'),
+                ],
+            }),
+            files: vec![
+                f(&layer('c').file, '3'),
+                f(&format!("images/configs/{}.json", "9".repeat(64)), '9'),
+            ],
+            layers: vec![layer('a'), layer('b'), layer('c')],
+            images: vec![image(&[d('a'), d('b'), d('c')])],
+            packages: vec![],
+            installers: vec![],
+            provenance: vec![],
+            stack: None,
+            regions: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_layer_left_to_the_base_is_a_gap_only_where_the_engine_lacks_its_chain() {
+        let m = delta_manifest();
+        assert!(m.problems().is_empty(), "{:?}", m.problems());
+        let img = &m.images[0];
+        let ids = chain_ids(&img.layers);
+        // The engine has a and a+b: nothing missing; c is stored in the delta.
+        let full = EngineLayers {
+            chains: ids[..2].iter().cloned().collect(),
+            containerd_store: false,
+        };
+        assert!(image_gaps(&m, &[img], &full).is_empty());
+        assert_eq!(full.present(img), [true, true, false]);
+        // The engine has b, but on another parent: a chain id it lacks, so b is a gap.
+        let other = EngineLayers {
+            chains: [ids[0].clone(), chain_ids(&[d('f'), d('b')])[1].clone()].into_iter().collect(),
+            containerd_store: false,
+        };
+        let gaps = image_gaps(&m, &[img], &other);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(gaps[0].starts_with(&format!("layer {} (1 B) of image app:2", d('b'))), "{gaps:?}");
+        // containerd's store loads nothing from what it has.
+        let ctd = EngineLayers {
+            chains: ids.iter().cloned().collect(),
+            containerd_store: true,
+        };
+        assert_eq!(image_gaps(&m, &[img], &ctd).len(), 2);
+        let e = gaps_error(&m, &gaps, Some("x 0 (id 0123)"));
+        assert_eq!(e.kind, Kind::Preflight);
+        assert!(e.message.contains("base bundle x 1 (id eeeeeeeeeeee)"), "{}", e.message);
+        assert!(e.message.contains("this site was installed from bundle x 0 (id 0123)"), "{}", e.message);
+        // A full bundle has no gaps whatever the engine holds.
+        let mut fullb = m.clone();
+        fullb.base = None;
+        assert!(image_gaps(&fullb, &[img], &EngineLayers::default()).is_empty());
+    }
+
+    #[test]
+    fn the_manifest_refuses_an_inconsistent_base() {
+        let mut m = delta_manifest();
+        let b = m.base.as_mut().unwrap();
+        b.id = "nothex".into();
+        b.files.push(m.files[0].clone());
+        b.files.push(FileEntry {
+            path: "stack/docker-compose.yml".into(),
+            size: 1,
+            sha256: "1".repeat(64),
+        });
+        m.layers[0].file = "images/layers/a.tar.xz".into();
+        let p = m.problems().join("\n");
+        assert!(p.contains("base: malformed id \"nothex\""), "{p}");
+        assert!(p.contains("is listed twice (in files or base.files)"), "{p}");
+        assert!(p.contains("is a stack file, which a delta always carries itself"), "{p}");
+        assert!(p.contains("is neither .tar.zst nor .tar.gz"), "{p}");
+    }
+}
