@@ -18,6 +18,10 @@
 #                               skopeo copy of their docker save tar; a re-run; memory; --compression
 #                               zstd; install --images-from against docker pull of the same images
 #                               (PULL_RUNS rounds, default 3)
+#   scripts/bench.sh delta      issue 17: app1 rebuilt with a new ~175 MB layer: the delta bundle
+#                               (pack --base) against that layer's compressed size; its install on
+#                               the site of the base against a full install on a fresh engine
+#                               (bytes streamed, seconds); merge; a full bundle on the base's site
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -30,7 +34,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions agent-doctor backup push}
+SECTIONS=${*:-pack install packages regions agent-doctor backup push delta}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -176,6 +180,96 @@ bench_install() {
   say "bkbundle install (already installed)     ${t_rerun% *} s   (target <= 10 s)  peak RSS $(( ${t_rerun#* } / 1024 )) MiB"
   docker-compose -p bkbench -f "$WORK/target/docker-compose.yml" down >/dev/null 2>&1 || true
   rm -rf "$WORK/target" "$WORK/x.tar" "$WORK"/*.bkb
+}
+
+# bench_delta: version 1 = dapp1:1 dapp2:1 dapp3:1; version 2 = dapp1:2 (the base layer and a new
+# ~175 MB layer) dapp2:1 dapp3:1. Each version's stack runs its dapp1.
+delta_stack() { # dir image
+  mkdir -p "$1"
+  printf 'version: "2.4"\nservices:\n  app:\n    image: %s\n    command: ["/l0/usr/bin/busybox", "sleep", "3600"]\n    stop_signal: SIGKILL\n' "$2" > "$1/docker-compose.yml"
+  printf 'X=1\n' > "$1/env.template"
+}
+# streamed FILE: the bytes of layers an install --json report's plan says it streams.
+streamed() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sum(i.get("stream") or 0 for i in r["plan"]["images"]))' "$1"; }
+images_step() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print([s["seconds"] for s in r["steps"] if s["name"]=="images"][0])' "$1"; }
+
+bench_delta() {
+  need docker-compose
+  # Images of its own, built like the others (a ~480 MB base, three ~175 MB application layers),
+  # so that removing them for a fresh engine leaves the other sections' images alone.
+  say "== building the delta section's images (skipped when present)"
+  # (roots in another order than the base of the other sections: other files, other layers)
+  build_image bkbundle-bench/dbase:1 "" 480 0 /usr/bin /usr/share /usr/libexec
+  for i in 1 2 3; do build_image "bkbundle-bench/dapp$i:1" bkbundle-bench/dbase:1 175 "5$i" /usr/lib /usr/local /usr/share; done
+  build_image bkbundle-bench/dapp1:2 bkbundle-bench/dbase:1 175 59 /usr/lib /usr/local /usr/share
+  local v1=(bkbundle-bench/dapp1:1 bkbundle-bench/dapp2:1 bkbundle-bench/dapp3:1)
+  local v2=(bkbundle-bench/dapp1:2 bkbundle-bench/dapp2:1 bkbundle-bench/dapp3:1)
+  delta_stack "$WORK/dstack1" bkbundle-bench/dapp1:1
+  delta_stack "$WORK/dstack2" bkbundle-bench/dapp1:2
+  recipe "$WORK/d1.toml" "${v1[@]}"
+  printf '[stack]\ndir = "dstack1"\ncompose = "docker-compose.yml"\nenv_template = "env.template"\nproject = "bkdelta"\n' >> "$WORK/d1.toml"
+  recipe "$WORK/d2.toml" "${v2[@]}"
+  sed -i 's/^version = "1"/version = "2"/' "$WORK/d2.toml"
+  printf '[stack]\ndir = "dstack2"\ncompose = "docker-compose.yml"\nenv_template = "env.template"\nproject = "bkdelta"\n' >> "$WORK/d2.toml"
+  rm -f "$WORK"/d*.bkb; rm -rf "$WORK/dtarget1" "$WORK/dtarget2"
+  "$BK" --no-progress pack "$WORK/d1.toml" -o "$WORK/d1.bkb" >/dev/null
+  "$BK" --no-progress pack "$WORK/d2.toml" -o "$WORK/d2-full.bkb" >/dev/null
+  local t_dpack
+  time_rss t_dpack "$BK" -v --no-progress pack "$WORK/d2.toml" -o "$WORK/d2-delta.bkb" --base "$WORK/d1.bkb"
+
+  say "== delta: app1 rebuilt with a new ~175 MB layer, against a base of app1:1 app2:1 app3:1"
+  # The changed layer: app1:2's top layer, as the full version 2 bundle stores it.
+  local changed; changed=$(python3 - "$WORK/d2-full.bkb" <<'PY'
+import subprocess, sys, tomllib
+m = tomllib.loads(subprocess.run(["tar", "-xOf", sys.argv[1], "bundle.toml"], capture_output=True, check=True, text=True).stdout)
+img = [i for i in m["images"] if "bkbundle-bench/dapp1:2" in i["refs"]][0]
+top = [l for l in m["layers"] if l["diff_id"] == img["layers"][-1]][0]
+print([f["size"] for f in m["files"] if f["path"] == top["file"]][0])
+PY
+)
+  local full delta
+  full=$(stat -c %s "$WORK/d2-full.bkb"); delta=$(stat -c %s "$WORK/d2-delta.bkb")
+  say "full bundle of version 2      $(mb "$full")"
+  say "delta bundle (pack --base)    $(mb "$delta") in ${t_dpack% *} s, peak RSS $(( ${t_dpack#* } / 1024 )) MiB"
+  say "changed layer, compressed     $(mb "$changed")"
+  say "ratio delta / changed layer   $(ratio "$delta" "$changed")   (target <= 1.10)"
+
+  # A full install of version 2 on a fresh engine (no bench image at all).
+  docker-compose -p bkdelta -f "$WORK/dstack1/docker-compose.yml" down >/dev/null 2>&1 || true
+  local ids; ids=$(docker images -q 'bkbundle-bench/d*' | sort -u)
+  [ -z "$ids" ] || docker rmi -f $ids >/dev/null 2>&1 || true
+  cat "$WORK/d2-full.bkb" > /dev/null
+  local t_full t_delta
+  time_rss t_full "$BK" -v --json --no-progress install "$WORK/d2-full.bkb" --target "$WORK/dtarget1" --timeout 120
+  cp "$WORK/stdout.out" "$WORK/full.json"
+  docker-compose -p bkdelta -f "$WORK/dtarget1/docker-compose.yml" down >/dev/null 2>&1 || true
+  # The site of version 1 (installed from the base), then the delta on it.
+  "$BK" --no-progress install "$WORK/d1.bkb" --target "$WORK/dtarget2" --timeout 120 >/dev/null
+  docker rmi bkbundle-bench/dapp1:2 >/dev/null
+  cat "$WORK/d2-delta.bkb" > /dev/null
+  time_rss t_delta "$BK" -v --json --no-progress install "$WORK/d2-delta.bkb" --target "$WORK/dtarget2" --timeout 120 --no-backup
+  cp "$WORK/stdout.out" "$WORK/delta.json"
+  local b_full b_delta
+  b_full=$(streamed "$WORK/full.json"); b_delta=$(streamed "$WORK/delta.json")
+  say "full install (fresh engine)   ${t_full% *} s, images step $(images_step "$WORK/full.json") s, $(mb "$b_full") of layers streamed"
+  say "delta install (base's site)   ${t_delta% *} s, images step $(images_step "$WORK/delta.json") s, $(mb "$b_delta") of layers streamed, peak RSS $(( ${t_delta#* } / 1024 )) MiB"
+  say "ratio bytes streamed delta / full   $(ratio "$b_delta" "$b_full")   (target <= 0.35)"
+  say "ratio time delta / full install     $(ratio "${t_delta% *}" "${t_full% *}")   (target <= 0.50)"
+
+  # The full version 2 bundle on the base's site streams only what the engine lacks as well.
+  docker-compose -p bkdelta -f "$WORK/dtarget2/docker-compose.yml" down >/dev/null 2>&1 || true
+  rm -rf "$WORK/dtarget2"
+  "$BK" --no-progress install "$WORK/d1.bkb" --target "$WORK/dtarget2" --timeout 120 >/dev/null
+  docker rmi bkbundle-bench/dapp1:2 >/dev/null
+  local t_fb
+  time_rss t_fb "$BK" -v --json --no-progress install "$WORK/d2-full.bkb" --target "$WORK/dtarget2" --timeout 120 --no-backup
+  say "full bundle on the base's site  ${t_fb% *} s, $(mb "$(streamed "$WORK/stdout.out")") of layers streamed (before issue 17: every layer of dapp1:2, $(mb "$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sum(i["size"] for i in r["plan"]["images"] if i["action"]=="load"))' "$WORK/stdout.out")"))"
+
+  local t_merge
+  time_rss t_merge "$BK" -v --no-progress merge "$WORK/d1.bkb" "$WORK/d2-delta.bkb" -o "$WORK/d2-merged.bkb"
+  say "merge base + delta            ${t_merge% *} s ($(mb "$(stat -c %s "$WORK/d2-merged.bkb")")), peak RSS $(( ${t_merge#* } / 1024 )) MiB"
+  docker-compose -p bkdelta -f "$WORK/dtarget2/docker-compose.yml" down >/dev/null 2>&1 || true
+  rm -rf "$WORK/dtarget1" "$WORK/dtarget2" "$WORK"/d*.bkb
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -867,6 +961,7 @@ for s in $SECTIONS; do
     agent-doctor) bench_agent_doctor ;;
     backup) bench_backup ;;
     push) bench_push ;;
-    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push)"; exit 2 ;;
+    delta) bench_delta ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push delta)"; exit 2 ;;
   esac
 done

@@ -40,6 +40,19 @@ const MANIFEST_MAX: u64 = 64 << 20;
 
 impl BaseBundle {
     pub fn read(src: &BaseSource, reporter: &dyn Reporter) -> Result<BaseBundle> {
+        let base = Self::read_any(src, reporter)?;
+        if base.manifest.bundle.without_layers {
+            return Err(Error::input(format!(
+                "--base {}: bundle {} carries no image layers (packed with --no-images), so a delta could leave none to it",
+                base.origin,
+                base.describe()
+            ))
+            .hint("give the full bundle of that release (the one pushed to the registry) as the base"));
+        }
+        Ok(base)
+    }
+
+    fn read_any(src: &BaseSource, reporter: &dyn Reporter) -> Result<BaseBundle> {
         match src {
             BaseSource::Bundle(path) => {
                 let opts = OpenOptions {

@@ -255,3 +255,42 @@ impl Write for EntryWriter<'_> {
         self.w.out.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::sha256_hex;
+
+    #[test]
+    fn a_payload_the_base_has_is_dropped_and_recorded_a_changed_one_and_the_stack_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d.bkb");
+        let mut w = BundleWriter::create(&out, None, 0).unwrap();
+        let entry = |path: &str, data: &[u8]| FileEntry {
+            path: path.into(),
+            size: data.len() as u64,
+            sha256: sha256_hex(data),
+        };
+        let base: BTreeMap<String, FileEntry> = [
+            entry("packages/a.zip", b"same"),
+            entry("packages/b.zip", b"old"),
+            entry("stack/docker-compose.yml", b"services: {}"),
+        ]
+        .into_iter()
+        .map(|e| (e.path.clone(), e))
+        .collect();
+        w.set_base(base);
+        let before = w.position().unwrap();
+        let a = w.add_bytes("packages/a.zip", 0o644, b"same").unwrap();
+        assert_eq!(w.position().unwrap(), before, "the base's payload was cut again");
+        assert_eq!(a, entry("packages/a.zip", b"same"));
+        w.add_bytes("packages/b.zip", 0o644, b"new").unwrap();
+        w.add_bytes("stack/docker-compose.yml", 0o644, b"services: {}").unwrap();
+        assert_eq!(w.taken_from_base(), [entry("packages/a.zip", b"same")]);
+        let stored: Vec<&str> = w.files().iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(stored, ["packages/b.zip", "stack/docker-compose.yml"]);
+        assert!(w.contains("packages/a.zip"));
+        // The same path twice is still refused.
+        assert!(w.add_bytes("packages/a.zip", 0o644, b"same").is_err());
+    }
+}

@@ -387,3 +387,71 @@ fn a_deltas_packages_come_from_the_object_store_or_the_run_is_refused_naming_the
     let r = rt.block_on(packages::run_with_env(&opts(&delta), &no_env)).unwrap();
     assert_eq!((r.uploaded, r.skipped), (0, 4), "{}", packages::render(&r));
 }
+
+/// A delta of a delta: what the middle bundle left to its own base stays left to it through a
+/// merge with the middle one, and a second merge with the first makes the whole bundle.
+#[test]
+fn a_chain_of_deltas_merges_step_by_step_into_a_full_bundle() {
+    let mut own = OwnImages(vec![]);
+    let p = Project::new();
+    let v = versions(&p, &mut own, "dchain");
+    // Version 3: the same images as version 2, another stack.
+    let v3 = pack_stack_with(
+        p.dir.path(),
+        "dchain",
+        "3",
+        &[WEB, &v.a2],
+        &compose_with(&format!("  u:\n    image: {}\n    restart: always\n", v.a2)),
+        &["--base", arg(&v.new)],
+    );
+    let m3 = manifest(&v3);
+    assert_eq!(m3["base"]["version"].as_str(), Some("2"));
+    // Nothing but the stack is stored: every image payload is v2's, stored there or left by v2 to v1.
+    assert!(
+        entries(&v3)
+            .iter()
+            .all(|e| e.starts_with("stack/") || !e.contains('/')),
+        "{:?}",
+        entries(&v3)
+    );
+    let mid = p.path("mid.bkb");
+    let r = bk(&["merge", arg(&v.new), arg(&v3), "-o", arg(&mid)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("still a delta"), "{}", r.stdout);
+    let mm = manifest(&mid);
+    assert_eq!(mm["base"]["version"].as_str(), Some("1"));
+    assert_eq!(mm["base"]["id"], manifest(&v.new)["base"]["id"]);
+    assert_eq!(bk(&["verify", arg(&mid)]).code, 0);
+    let full = p.path("full3.bkb");
+    let r = bk(&["merge", arg(&v.old), arg(&mid), "-o", arg(&full)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = bk(&["verify", arg(&full)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mf = manifest(&full);
+    assert!(mf.get("base").is_none());
+    assert_eq!(mf["images"], m3["images"]);
+    assert_eq!(mf["stack"], m3["stack"]);
+    // A damaged base is caught as its bytes are copied (the digest recorded by the delta).
+    let bad = p.path("bad-base.bkb");
+    fs::copy(&v.old, &bad).unwrap();
+    let layer = manifest(&v.old)["layers"][0]["file"].as_str().unwrap().to_string();
+    let offset = member_offset(&bad, &layer) + 100;
+    crate::pack::xor_byte(&bad, offset, 0xff);
+    let r = bk(&["merge", arg(&bad), arg(&mid), "-o", arg(&p.path("x.bkb"))]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains(&layer), "{}", r.stderr);
+    assert!(!p.path("x.bkb").exists());
+}
+
+/// The byte offset of `member`'s data in an uncompressed tar.
+fn member_offset(tar: &Path, member: &str) -> u64 {
+    let f = fs::File::open(tar).unwrap();
+    let mut a = ::tar::Archive::new(f);
+    for e in a.entries().unwrap() {
+        let e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(member) {
+            return e.raw_file_position();
+        }
+    }
+    panic!("{member} is not in {}", tar.display());
+}
