@@ -4,7 +4,8 @@
 usage: bench-images.py OUT.tar TARGET_MB SEED ROOT [ROOT...]
 Files are taken in a deterministic order from the roots until TARGET_MB is reached; SEED shifts
 the starting point so that layers built with different seeds hold different files, and a small
-/bench-seed file makes every layer's content (and so its diff id) unique.
+/bench-seed file makes every layer's content (and so its diff id) unique (BENCH_SALT, when set,
+goes into it too).
 """
 import io, os, sys, tarfile
 
@@ -26,7 +27,9 @@ start = (seed * 7919) % len(files)
 files = files[start:] + files[:start]
 budget = target_mb * 1_000_000
 with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as t:
-    data = f"seed {seed}\n".encode()
+    # BENCH_SALT (optional) makes the layer differ from one of the same seed and roots.
+    salt = os.environ.get("BENCH_SALT", "")
+    data = (f"seed {seed}\n" + (f"salt {salt}\n" if salt else "")).encode()
     ti = tarfile.TarInfo("bench-seed"); ti.size = len(data); ti.mtime = 0
     t.addfile(ti, io.BytesIO(data))
     total = 0

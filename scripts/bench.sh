@@ -135,9 +135,17 @@ bench_pack() {
 
 # Remove every benchmark image, so that a load really loads all layers, the shared base included
 # (a fresh offline host). The next run of this script builds them again (a few minutes).
+# A parent removed in the same `docker rmi` as its children can be refused ("has dependent child
+# images"), whatever -f says: repeat until none is left. drop_images PATTERN (default: all of them).
 drop_images() {
-  local ids; ids=$(docker images -q 'bkbundle-bench/*' | sort -u)
-  [ -z "$ids" ] || docker rmi -f $ids >/dev/null 2>&1 || true
+  local pattern=${1:-bkbundle-bench/*} ids
+  for _ in 1 2 3 4; do
+    ids=$(docker images -q "$pattern" | sort -u)
+    [ -n "$ids" ] || return 0
+    docker rmi -f $ids >/dev/null 2>&1 || true
+  done
+  say "could not remove every image of $pattern: $(docker images "$pattern" --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"
+  return 1
 }
 
 bench_install() {
@@ -184,9 +192,11 @@ bench_install() {
 
 # bench_delta: version 1 = dapp1:1 dapp2:1 dapp3:1; version 2 = dapp1:2 (the base layer and a new
 # ~175 MB layer) dapp2:1 dapp3:1. Each version's stack runs its dapp1.
+# The service has a health check, as BK-Lite's have: without one install waits its steady time
+# (5 s) after the start, the same fixed wait on both sides.
 delta_stack() { # dir image
   mkdir -p "$1"
-  printf 'version: "2.4"\nservices:\n  app:\n    image: %s\n    command: ["/l0/usr/bin/busybox", "sleep", "3600"]\n    stop_signal: SIGKILL\n' "$2" > "$1/docker-compose.yml"
+  printf 'version: "2.4"\nservices:\n  app:\n    image: %s\n    command: ["/l0/usr/bin/busybox", "sleep", "3600"]\n    stop_signal: SIGKILL\n    healthcheck:\n      test: ["CMD", "/l0/usr/bin/busybox", "true"]\n      interval: 1s\n      retries: 30\n' "$2" > "$1/docker-compose.yml"
   printf 'X=1\n' > "$1/env.template"
 }
 # streamed FILE: the bytes of layers an install --json report's plan says it streams.
@@ -198,8 +208,8 @@ bench_delta() {
   # Images of its own, built like the others (a ~480 MB base, three ~175 MB application layers),
   # so that removing them for a fresh engine leaves the other sections' images alone.
   say "== building the delta section's images (skipped when present)"
-  # (roots in another order than the base of the other sections: other files, other layers)
-  build_image bkbundle-bench/dbase:1 "" 480 0 /usr/bin /usr/share /usr/libexec
+  # (the base salted: the same files as the other sections' base, in a layer of its own)
+  BENCH_SALT=delta build_image bkbundle-bench/dbase:1 "" 480 0 /usr/bin /usr/libexec /usr/share
   for i in 1 2 3; do build_image "bkbundle-bench/dapp$i:1" bkbundle-bench/dbase:1 175 "5$i" /usr/lib /usr/local /usr/share; done
   build_image bkbundle-bench/dapp1:2 bkbundle-bench/dbase:1 175 59 /usr/lib /usr/local /usr/share
   local v1=(bkbundle-bench/dapp1:1 bkbundle-bench/dapp2:1 bkbundle-bench/dapp3:1)
@@ -236,8 +246,7 @@ PY
 
   # A full install of version 2 on a fresh engine (no bench image at all).
   docker-compose -p bkdelta -f "$WORK/dstack1/docker-compose.yml" down >/dev/null 2>&1 || true
-  local ids; ids=$(docker images -q 'bkbundle-bench/d*' | sort -u)
-  [ -z "$ids" ] || docker rmi -f $ids >/dev/null 2>&1 || true
+  drop_images 'bkbundle-bench/d*'
   cat "$WORK/d2-full.bkb" > /dev/null
   local t_full t_delta
   time_rss t_full "$BK" -v --json --no-progress install "$WORK/d2-full.bkb" --target "$WORK/dtarget1" --timeout 120

@@ -194,6 +194,12 @@ of the full one): the engine pulls each image the host lacks, its id is checked 
 bundle's manifest, and it is tagged with the references the stack uses. Preflight checks first that
 the registry has every one with the bundle's id, and changes nothing when it does not.
 
+A delta bundle (pack --base OLD) installs on a site installed from OLD: what it leaves to OLD is
+taken from the engine (layers by chain id, images by id) and the object store (packages and
+installers by digest); preflight stops, changing nothing, naming every part the site lacks and the
+bundle to bring (or `bkbundle merge OLD NEW -o FULL`, and install FULL). Any bundle's load streams
+only the layers the engine does not have.
+
 Re-running install is safe: it resumes a killed install, reports \"already installed\" when nothing
 changed, and upgrades to a newer bundle restarting only changed services. It never runs
 `down -v` and never removes volumes. Files you edited are kept; the bundle's version is written
