@@ -49,6 +49,19 @@ fn pack_verify_and_inspect() {
     let r = bk(&["inspect", arg(demo_bundle()), "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_schema("inspect", &r);
+
+    // A delta of the demo (nothing changed: every image and package left to the base), what
+    // inspect says of it, and the merge back.
+    let delta = dir.path().join("delta.bkb");
+    let r = bk(&["pack", arg(&recipe), "-o", arg(&delta), "--base", arg(demo_bundle()), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = bk(&["inspect", arg(&delta), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_schema("inspect-delta", &r);
+    let full = dir.path().join("full.bkb");
+    let r = bk(&["merge", arg(demo_bundle()), arg(&delta), "-o", arg(&full), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_schema("merge", &r);
 }
 
 #[test]
