@@ -85,11 +85,17 @@ impl BaseBundle {
                         "--base-manifest {origin}: larger than {} MiB, so not a bundle.toml",
                         MANIFEST_MAX >> 20
                     ))
-                    .hint("give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base"));
+                    .hint(
+                        "give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base",
+                    ));
                 }
                 let text = std::str::from_utf8(&bytes).map_err(|_| {
-                    Error::input(format!("--base-manifest {origin}: not UTF-8 text, so not a bundle.toml"))
-                        .hint("give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base")
+                    Error::input(format!(
+                        "--base-manifest {origin}: not UTF-8 text, so not a bundle.toml"
+                    ))
+                    .hint(
+                        "give the base's bundle.toml (`tar -xf OLD.bkb bundle.toml`), or the bundle itself with --base",
+                    )
                 })?;
                 let manifest = Manifest::parse(text, &origin).map_err(|e| e.into_error(Kind::Input))?;
                 Ok(BaseBundle {
@@ -153,10 +159,7 @@ impl EngineLayers {
         if self.containerd_store {
             return vec![false; img.layers.len()];
         }
-        chain_ids(&img.layers)
-            .iter()
-            .map(|c| self.chains.contains(c))
-            .collect()
+        chain_ids(&img.layers).iter().map(|c| self.chains.contains(c)).collect()
     }
 }
 
@@ -278,10 +281,7 @@ mod tests {
                 name: "x".into(),
                 version: "1".into(),
                 created: String::new(),
-                files: vec![
-                    f(&layer('a').file, '1'),
-                    f(&layer('b').file, '2'),
-                ],
+                files: vec![f(&layer('a').file, '1'), f(&layer('b').file, '2')],
             }),
             files: vec![
                 f(&layer('c').file, '3'),
@@ -312,12 +312,17 @@ mod tests {
         assert_eq!(full.present(img), [true, true, false]);
         // The engine has b, but on another parent: a chain id it lacks, so b is a gap.
         let other = EngineLayers {
-            chains: [ids[0].clone(), chain_ids(&[d('f'), d('b')])[1].clone()].into_iter().collect(),
+            chains: [ids[0].clone(), chain_ids(&[d('f'), d('b')])[1].clone()]
+                .into_iter()
+                .collect(),
             containerd_store: false,
         };
         let gaps = image_gaps(&m, &[img], &other);
         assert_eq!(gaps.len(), 1, "{gaps:?}");
-        assert!(gaps[0].starts_with(&format!("layer {} (1 B) of image app:2", d('b'))), "{gaps:?}");
+        assert!(
+            gaps[0].starts_with(&format!("layer {} (1 B) of image app:2", d('b'))),
+            "{gaps:?}"
+        );
         // containerd's store loads nothing from what it has.
         let ctd = EngineLayers {
             chains: ids.iter().cloned().collect(),
@@ -327,7 +332,11 @@ mod tests {
         let e = gaps_error(&m, &gaps, Some("x 0 (id 0123)"));
         assert_eq!(e.kind, Kind::Preflight);
         assert!(e.message.contains("base bundle x 1 (id eeeeeeeeeeee)"), "{}", e.message);
-        assert!(e.message.contains("this site was installed from bundle x 0 (id 0123)"), "{}", e.message);
+        assert!(
+            e.message.contains("this site was installed from bundle x 0 (id 0123)"),
+            "{}",
+            e.message
+        );
         // A full bundle has no gaps whatever the engine holds.
         let mut fullb = m.clone();
         fullb.base = None;
@@ -349,7 +358,10 @@ mod tests {
         let p = m.problems().join("\n");
         assert!(p.contains("base: malformed id \"nothex\""), "{p}");
         assert!(p.contains("is listed twice (in files or base.files)"), "{p}");
-        assert!(p.contains("is a stack file, which a delta always carries itself"), "{p}");
+        assert!(
+            p.contains("is a stack file, which a delta always carries itself"),
+            "{p}"
+        );
         assert!(p.contains("is neither .tar.zst nor .tar.gz"), "{p}");
     }
 }

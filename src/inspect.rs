@@ -394,7 +394,12 @@ impl InspectReport {
             d.installers.len(),
             if d.binary { ", bin/bkbundle" } else { "" }
         );
-        for p in d.unchanged_images.iter().chain(d.packages.iter()).chain(d.installers.iter()) {
+        for p in d
+            .unchanged_images
+            .iter()
+            .chain(d.packages.iter())
+            .chain(d.installers.iter())
+        {
             let _ = writeln!(s, "           {p}");
         }
         let _ = writeln!(

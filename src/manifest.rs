@@ -994,7 +994,12 @@ impl Manifest {
     fn file_problems(&self, p: &mut Vec<String>) -> BTreeSet<&str> {
         let mut paths = BTreeSet::new();
         let base_files = self.base.iter().flat_map(|b| b.files.iter());
-        for (f, list) in self.files.iter().map(|f| (f, "files")).chain(base_files.map(|f| (f, "base.files"))) {
+        for (f, list) in self
+            .files
+            .iter()
+            .map(|f| (f, "files"))
+            .chain(base_files.map(|f| (f, "base.files")))
+        {
             if !is_safe_bundle_path(&f.path) {
                 p.push(format!("{list}: path {:?} is not a plain relative path", f.path));
             }
@@ -1011,13 +1016,23 @@ impl Manifest {
         }
         if let Some(b) = &self.base {
             if !is_sha256_hex(&b.id) {
-                p.push(format!("base: malformed id {:?} (the SHA-256 of the base's bundle.toml)", b.id));
+                p.push(format!(
+                    "base: malformed id {:?} (the SHA-256 of the base's bundle.toml)",
+                    b.id
+                ));
             }
             if self.bundle.without_layers {
                 p.push("base: a bundle without layers cannot also be a delta of another bundle".into());
             }
-            for f in b.files.iter().filter(|f| layout::section(&f.path) == Some(layout::Section::Stack)) {
-                p.push(format!("base.files: {:?} is a stack file, which a delta always carries itself", f.path));
+            for f in b
+                .files
+                .iter()
+                .filter(|f| layout::section(&f.path) == Some(layout::Section::Stack))
+            {
+                p.push(format!(
+                    "base.files: {:?} is a stack file, which a delta always carries itself",
+                    f.path
+                ));
             }
         }
         paths

@@ -93,8 +93,10 @@ pub fn run(opts: &MergeOptions, reporter: &dyn Reporter) -> Result<MergeReport> 
         .unwrap_or(0);
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            return Err(Error::input(format!("output directory {} does not exist", dir.display()))
-                .hint("create the directory first, or give -o a path in an existing one"));
+            return Err(
+                Error::input(format!("output directory {} does not exist", dir.display()))
+                    .hint("create the directory first, or give -o a path in an existing one"),
+            );
         }
     }
     let mut w = BundleWriter::create(&opts.output, opts.split_size, now)?;
@@ -133,7 +135,9 @@ pub fn run(opts: &MergeOptions, reporter: &dyn Reporter) -> Result<MergeReport> 
     }
     task.finish();
     if w.files() != manifest.files.as_slice() {
-        return Err(Error::internal("merge: the files written differ from the manifest's list"));
+        return Err(Error::internal(
+            "merge: the files written differ from the manifest's list",
+        ));
     }
     let text = manifest.to_toml();
     let signature = match &signer {
@@ -148,7 +152,11 @@ pub fn run(opts: &MergeOptions, reporter: &dyn Reporter) -> Result<MergeReport> 
         )?),
         None => None,
     };
-    w.add_descriptive(&manifest, &text, signature.as_ref().map(|(s, p)| (s.as_str(), p.as_str())))?;
+    w.add_descriptive(
+        &manifest,
+        &text,
+        signature.as_ref().map(|(s, p)| (s.as_str(), p.as_str())),
+    )?;
     let bytes = w.position()? + 1024;
     let output = w.commit()?;
     Ok(MergeReport {
@@ -194,7 +202,9 @@ fn merged(dm: &Manifest, want: &Base, base: &VerifiedBundle) -> Result<(Manifest
             problems.len(),
             problems.join("\n  - ")
         ))
-        .hint("the base's manifest matches the id the delta records, so the delta itself is inconsistent: pack it again"));
+        .hint(
+            "the base's manifest matches the id the delta records, so the delta itself is inconsistent: pack it again",
+        ));
     }
     let mut m = dm.clone();
     m.files = plan.iter().map(|(f, _)| f.clone()).collect();

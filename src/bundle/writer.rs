@@ -203,9 +203,10 @@ impl EntryWriter<'_> {
             return Err(Error::internal(format!("bundle entry {path} written twice")));
         }
         let (sha256, size) = std::mem::take(&mut self.hasher).finish();
-        let same = self.w.base.get(&path).filter(|b| {
-            b.sha256 == sha256 && b.size == size && layout::section(&path) != Some(layout::Section::Stack)
-        });
+        let same =
+            self.w.base.get(&path).filter(|b| {
+                b.sha256 == sha256 && b.size == size && layout::section(&path) != Some(layout::Section::Stack)
+            });
         if let Some(b) = same.cloned() {
             self.w.taken.push(b.clone());
             let (w, at) = (self.w, self.header_at);

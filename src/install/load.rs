@@ -171,7 +171,13 @@ impl LoadTar<'_> {
 
     /// The layers of `img` not yet written and not `present` in the engine, decompressed as the
     /// engine takes them; returns the tar paths of all its layers, for its `manifest.json` item.
-    fn put_layers(&mut self, reader: &VerifiedBundle, m: &Manifest, img: &Image, present: &[bool]) -> Result<Vec<String>> {
+    fn put_layers(
+        &mut self,
+        reader: &VerifiedBundle,
+        m: &Manifest,
+        img: &Image,
+        present: &[bool],
+    ) -> Result<Vec<String>> {
         let mut layer_paths = Vec::new();
         for (i, diff) in img.layers.iter().enumerate() {
             let layer = m

@@ -466,7 +466,16 @@ async fn plan(
         }
     }
     if let Some(engine) = &engine {
-        plan_streams(engine, ctx, &mut images, &platform_plan, journal, &mut findings, &mut hints).await?;
+        plan_streams(
+            engine,
+            ctx,
+            &mut images,
+            &platform_plan,
+            journal,
+            &mut findings,
+            &mut hints,
+        )
+        .await?;
     }
     if !has_regions {
         journal.mark(StepName::Regions.as_str());
@@ -1446,7 +1455,9 @@ async fn plan_streams(
         let layers = engine.layers().await?;
         let mut sent = std::collections::BTreeSet::new();
         for p in images.iter_mut().filter(|p| p.action == ImageAction::Load) {
-            let Some(img) = m.images.iter().find(|i| i.id == p.id) else { continue };
+            let Some(img) = m.images.iter().find(|i| i.id == p.id) else {
+                continue;
+            };
             let bytes = img
                 .layers
                 .iter()
@@ -1472,10 +1483,14 @@ async fn plan_streams(
         }
     }
     if !gaps.is_empty() {
-        let installed = journal
-            .bundle
-            .as_ref()
-            .map(|b| format!("{} {} (id {})", b.name, b.version, crate::manifest::short_id(&b.manifest_sha256)));
+        let installed = journal.bundle.as_ref().map(|b| {
+            format!(
+                "{} {} (id {})",
+                b.name,
+                b.version,
+                crate::manifest::short_id(&b.manifest_sha256)
+            )
+        });
         let e = crate::delta::gaps_error(m, &gaps, installed.as_deref());
         findings.push(e.message);
         hints.extend(e.hints);

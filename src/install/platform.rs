@@ -327,7 +327,9 @@ async fn objects(
             ca_added: p.inject.is_some(),
             from_base: match &p.source {
                 packages::source::Source::Entry(path) | packages::source::Source::Inner { container: path, .. } => {
-                    bundle.filter(|b| p.upload && b.manifest().from_base(path)).map(|_| path.clone())
+                    bundle
+                        .filter(|b| p.upload && b.manifest().from_base(path))
+                        .map(|_| path.clone())
                 }
                 packages::source::Source::File(_) => None,
             },

@@ -156,8 +156,10 @@ pub(super) fn read(opts: &PackOptions, reporter: &dyn Reporter) -> Result<Plan> 
             .unwrap_or(1)
     });
     if opts.no_images && opts.base.is_some() {
-        return Err(Error::input("--no-images and --base together: a bundle without layers is already small")
-            .hint("leave out --base (or --no-images)"));
+        return Err(
+            Error::input("--no-images and --base together: a bundle without layers is already small")
+                .hint("leave out --base (or --no-images)"),
+        );
     }
     let delta_base = opts
         .base

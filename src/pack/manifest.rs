@@ -42,7 +42,11 @@ pub(super) fn build(plan: &Plan, now: u64, writer: &BundleWriter, payload: Paylo
             compression: plan.compression,
             without_layers: plan.no_images,
         },
-        base: plan.delta_base.as_ref().map(|b| delta_base(b, writer, &written)).transpose()?,
+        base: plan
+            .delta_base
+            .as_ref()
+            .map(|b| delta_base(b, writer, &written))
+            .transpose()?,
         files: writer.files().to_vec(),
         layers: written.layers,
         images: written.images,
@@ -81,7 +85,10 @@ fn delta_base(b: &crate::delta::BaseBundle, writer: &BundleWriter, written: &Wri
             continue;
         }
         let entry = payloads.get(path).ok_or_else(|| {
-            Error::internal(format!("delta: {path} was neither written nor found in the base {}", b.origin))
+            Error::internal(format!(
+                "delta: {path} was neither written nor found in the base {}",
+                b.origin
+            ))
         })?;
         files.push(entry.clone());
     }

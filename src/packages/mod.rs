@@ -605,7 +605,11 @@ pub async fn run_on(
     if let Some(b) = run.bundle {
         let gaps = base_gaps(b.manifest(), &planned);
         if !gaps.is_empty() {
-            return Err(PackagesError::Bundle(crate::delta::gaps_error(b.manifest(), &gaps, None)));
+            return Err(PackagesError::Bundle(crate::delta::gaps_error(
+                b.manifest(),
+                &gaps,
+                None,
+            )));
         }
     }
 

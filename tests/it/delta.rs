@@ -39,7 +39,10 @@ fn image_on(dir: &Path, base: &str, name: &str, size: usize) {
     fs::create_dir_all(&ctx).unwrap();
     let mut data = vec![0u8; size];
     for (i, b) in data.iter_mut().enumerate() {
-        *b = (i as u32).wrapping_mul(2654435761).wrapping_add(rand_seed()).to_le_bytes()[1];
+        *b = (i as u32)
+            .wrapping_mul(2654435761)
+            .wrapping_add(rand_seed())
+            .to_le_bytes()[1];
     }
     fs::write(ctx.join("payload"), data).unwrap();
     fs::write(ctx.join("Dockerfile"), format!("FROM {base}\nCOPY payload /payload2\n")).unwrap();
@@ -136,7 +139,10 @@ fn a_delta_stores_only_what_changed_verifies_alone_and_says_what_it_needs() {
 
     let m = manifest(&v.new);
     let base = &m["base"];
-    assert_eq!(base["id"].as_str().unwrap(), sha256_file_of_member(&v.old, "bundle.toml"));
+    assert_eq!(
+        base["id"].as_str().unwrap(),
+        sha256_file_of_member(&v.old, "bundle.toml")
+    );
     assert_eq!(base["version"].as_str(), Some("1"));
     let left: Vec<&str> = base["files"]
         .as_array()
@@ -170,18 +176,22 @@ fn a_delta_stores_only_what_changed_verifies_alone_and_says_what_it_needs() {
     let delta = &d["delta"];
     assert_eq!(delta["unchanged_images"], serde_json::json!([WEB]));
     assert_eq!(delta["binary"], true);
-    assert_eq!(delta["layers"].as_u64().unwrap() as usize, a2_layers - 1 + web_only_layers(&m));
+    assert_eq!(
+        delta["layers"].as_u64().unwrap() as usize,
+        a2_layers - 1 + web_only_layers(&m)
+    );
     let saved = delta["bytes_from_base"].as_u64().unwrap();
     let stored = delta["bytes_stored"].as_u64().unwrap();
     assert!(saved > stored, "saved {saved}, stored {stored}");
-    assert_eq!(
-        fs::metadata(&v.old).unwrap().len() > fs::metadata(&v.new).unwrap().len() * 2,
-        true
-    );
+    assert!(fs::metadata(&v.old).unwrap().len() > fs::metadata(&v.new).unwrap().len() * 2);
 
     // --base-manifest (the old bundle.toml alone) makes the same delta.
     let bm = p.path("old-bundle.toml");
-    fs::write(&bm, run(Command::new("tar").args(["-xOf", arg(&v.old), "bundle.toml"])).stdout).unwrap();
+    fs::write(
+        &bm,
+        run(Command::new("tar").args(["-xOf", arg(&v.old), "bundle.toml"])).stdout,
+    )
+    .unwrap();
     let again = p.path("again.bkb");
     let recipe = p.path("recipe-2.toml");
     let r = bk(&["pack", arg(&recipe), "-o", arg(&again), "--base-manifest", arg(&bm)]);
@@ -250,7 +260,7 @@ fn a_delta_installs_on_the_base_site_streaming_only_the_new_layer_and_merges_int
         .clone();
     let streamed = planned["stream"].as_u64().unwrap();
     assert!(
-        streamed >= 3 << 20 && streamed < (3 << 20) + (1 << 20),
+        (3 << 20..(3 << 20) + (1 << 20)).contains(&streamed),
         "streamed {streamed} bytes, the new layer is 3 MiB: {planned}"
     );
 
@@ -289,7 +299,12 @@ fn a_delta_installs_on_the_base_site_streaming_only_the_new_layer_and_merges_int
     let before = fs::read(p.target().join("docker-compose.yml")).unwrap();
     let r = p.install(&v.new, &cfg, &["--no-backup"]);
     assert_eq!(r.code, 8, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("this delta bundle needs what its base bundle dinst 1"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("this delta bundle needs what its base bundle dinst 1"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains(&format!("of image {}", v.a2)), "{}", r.stderr);
     assert!(r.stderr.contains("bkbundle merge BASE.bkb THIS.bkb"), "{}", r.stderr);
     assert_eq!(fs::read(p.target().join("docker-compose.yml")).unwrap(), before);
@@ -370,13 +385,22 @@ fn a_deltas_packages_come_from_the_object_store_or_the_run_is_refused_naming_the
     // An empty store: refused, every object named with the base to bring; nothing written.
     let e = match rt.block_on(packages::run_with_env(&opts(&delta), &no_env)) {
         Err(PackagesError::Bundle(e)) => e,
-        other => panic!("expected the delta to be refused: {:?}", other.map(|r| packages::render(&r))),
+        other => panic!(
+            "expected the delta to be refused: {:?}",
+            other.map(|r| packages::render(&r))
+        ),
     };
     assert_eq!(e.kind, bkbundle::error::Kind::Preflight, "{}", e.message);
-    assert!(e.message.contains("this delta bundle needs what its base bundle p 1"), "{}", e.message);
     assert!(
-        e.message.contains("fusion-collectors-linux-amd64.zip (Controller 1.0.0)")
-            && e.message.contains("leaves its file packages/fusion-collectors-linux-amd64.zip to its base"),
+        e.message.contains("this delta bundle needs what its base bundle p 1"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message
+            .contains("fusion-collectors-linux-amd64.zip (Controller 1.0.0)")
+            && e.message
+                .contains("leaves its file packages/fusion-collectors-linux-amd64.zip to its base"),
         "{}",
         e.message
     );
@@ -408,9 +432,7 @@ fn a_chain_of_deltas_merges_step_by_step_into_a_full_bundle() {
     assert_eq!(m3["base"]["version"].as_str(), Some("2"));
     // Nothing but the stack is stored: every image payload is v2's, stored there or left by v2 to v1.
     assert!(
-        entries(&v3)
-            .iter()
-            .all(|e| e.starts_with("stack/") || !e.contains('/')),
+        entries(&v3).iter().all(|e| e.starts_with("stack/") || !e.contains('/')),
         "{:?}",
         entries(&v3)
     );

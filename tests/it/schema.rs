@@ -53,7 +53,15 @@ fn pack_verify_and_inspect() {
     // A delta of the demo (nothing changed: every image and package left to the base), what
     // inspect says of it, and the merge back.
     let delta = dir.path().join("delta.bkb");
-    let r = bk(&["pack", arg(&recipe), "-o", arg(&delta), "--base", arg(demo_bundle()), "--json"]);
+    let r = bk(&[
+        "pack",
+        arg(&recipe),
+        "-o",
+        arg(&delta),
+        "--base",
+        arg(demo_bundle()),
+        "--json",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = bk(&["inspect", arg(&delta), "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
