@@ -21,6 +21,7 @@ mod images;
 mod inputs;
 mod manifest;
 mod packages;
+mod remote;
 
 use crate::bundle::BundleWriter;
 use crate::error::Result;
@@ -34,6 +35,7 @@ use std::time::{Instant, SystemTime};
 
 pub use artifacts::{ArtifactError, ImageRead};
 pub use inputs::PackInputError;
+pub use remote::{Mirror, RemoteError};
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -52,6 +54,14 @@ pub struct PackOptions {
     /// `--no-images`: describe the images but leave their layers out
     /// ([`crate::manifest::BundleInfo::without_layers`]).
     pub no_images: bool,
+    /// `--mirror HOST[:PORT][/PREFIX]`: fetch the recipe's plain references from this registry,
+    /// in place of (or without) the recipe's `[registry] mirror`.
+    pub mirror: Option<String>,
+    /// How to reach the mirror (CA, plain HTTP, credentials).
+    pub access: crate::registry::Access,
+    /// `--recompress`: give every layer fetched from a registry or an OCI layout the bundle's
+    /// compression, rather than storing gzip and zstd blobs as they are.
+    pub recompress: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,6 +76,11 @@ pub struct PackReport {
     pub without_layers: bool,
     pub image_bytes_uncompressed: u64,
     pub image_bytes_stored: u64,
+    /// Layer blobs fetched from a registry or read from an OCI layout, their bytes, and the
+    /// layers of such images not fetched because the bundle already had them.
+    pub layers_fetched: usize,
+    pub bytes_fetched: u64,
+    pub layers_skipped: usize,
     pub packages: usize,
     pub installers: usize,
     /// Images packages or installers were read from: layer bytes read against the image's size.
@@ -91,7 +106,15 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     // 1. Check every input before writing anything, artifacts taken from images included.
     let t = Instant::now();
     let (mut checked, mut problems) = inputs::check(&plan, reporter).await?;
-    let mut extracted = artifacts::run(&plan, checked.engine.as_ref(), &opts.output, reporter, &mut problems).await?;
+    let mut extracted = artifacts::run(
+        &plan,
+        checked.engine.as_ref(),
+        &mut checked.remote,
+        &opts.output,
+        reporter,
+        &mut problems,
+    )
+    .await?;
     // The carried binary must start on the offline hosts (old glibc): a problem like the others.
     let carried = packages::carried_binary(opts).and_then(|b| crate::portable::check(&b).map(|n| (b, n)));
     let carried = carried.map_err(|e| problems.push(e)).ok();
@@ -115,7 +138,8 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
         .unwrap_or(0);
     let mut writer = create_output(opts, now)?;
     let t = Instant::now();
-    let written = images::write(&plan, checked.engine.as_ref(), &mut writer, reporter).await?;
+    let written = images::write(&plan, checked.engine.as_ref(), &checked.remote, &mut writer, reporter).await?;
+    let fetched = written.fetched;
     steps.push(("images".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let (packages, provenance) = packages::write_packages(&checked, &extracted, &mut writer, reporter)?;
@@ -139,6 +163,9 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let mut report = manifest::report(&m, output, bytes, signed_by, t0, steps);
     report.image_reads = extracted.reads.clone();
     report.binary = needs.describe();
+    report.layers_fetched = fetched.blobs;
+    report.bytes_fetched = fetched.bytes;
+    report.layers_skipped = fetched.skipped;
     Ok(report)
 }
 
@@ -168,13 +195,23 @@ impl Report for PackReport {
                 )
             })
             .collect();
+        let fetched = if self.layers_fetched + self.layers_skipped > 0 {
+            format!(
+                "\n  {} layer(s) fetched from registries and OCI layouts ({}), {} not fetched: already in the bundle",
+                self.layers_fetched,
+                human(self.bytes_fetched),
+                self.layers_skipped
+            )
+        } else {
+            String::new()
+        };
         let stored = if self.without_layers {
             "layers not stored: install with --images-from REGISTRY".to_string()
         } else {
             format!("{} stored", human(self.image_bytes_stored))
         };
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{fetched}{reads}\n  bin/bkbundle: {}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
