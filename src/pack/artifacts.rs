@@ -570,6 +570,10 @@ async fn read_remote(
                 let mut blob = Digested::new(raw, d, &noop);
                 let r = extract::scan_layer(&mut blob, &img.place, &wanted, &layer_dir, &*task)
                     .and_then(|x| blob.drain().map(|_| x).map_err(|e| Error::external(e.to_string())));
+                if r.is_err() && blob.failure.is_none() {
+                    // The blob's digest, if it is wrong, is the cause to name.
+                    let _ = blob.drain();
+                }
                 match (r, blob.failure.clone()) {
                     (_, Some(f)) => Err(img.blob_error(d, Some(&f), None)),
                     (r, None) => r,

@@ -284,6 +284,16 @@ impl From<RemoteError> for Error {
     }
 }
 
+/// `e` with the image named first, unless it names it already.
+fn naming(image: &str, e: Error) -> Error {
+    if e.message.starts_with("image ") {
+        return e;
+    }
+    let mut out = Error::new(e.kind, format!("image {image}: {}", e.message));
+    out.hints = e.hints;
+    out
+}
+
 /// Whether an error says that the registry could not be reached at all.
 fn unreachable(e: &Error) -> bool {
     e.kind == Kind::External && e.message.contains("cannot connect")
@@ -344,7 +354,10 @@ impl Remote {
                 let (Some(m), Some(c)) = (&self.mirror, &self.client) else {
                     return Err(Error::internal(format!("image {reference}: no mirror to fetch it from")));
                 };
-                let r = resolve_registry(reference, m, c.clone(), pinned, platform).await;
+                // The client's errors name the registry and the request; say which image too.
+                let r = resolve_registry(reference, m, c.clone(), pinned, platform)
+                    .await
+                    .map_err(|e| naming(reference, e));
                 if r.as_ref().err().is_some_and(unreachable) {
                     self.unreachable = Some(reference.to_string());
                 }
@@ -806,7 +819,11 @@ impl Resolved {
                 })?;
                 Ok(Box::new(io::BufReader::with_capacity(1 << 20, f)))
             }
-            Origin::Registry { client, repository } => match client.blob_stream(repository, &d.digest).await? {
+            Origin::Registry { client, repository } => match client
+                .blob_stream(repository, &d.digest)
+                .await
+                .map_err(|e| naming(&self.reference, e))?
+            {
                 Some(s) => Ok(Box::new(SyncIoBridge::new(StreamReader::new(s.body)))),
                 None => Err(RemoteError::Bad {
                     image: self.reference.clone(),
@@ -901,6 +918,11 @@ pub(super) async fn store(
             let layer = tokio::task::block_in_place(|| {
                 let mut src = Digested::new(raw, d, &progress);
                 let r = store_one(plan, img, d, diff, &mut src, writer, zctx.as_mut());
+                if r.is_err() && src.failure.is_none() {
+                    // A damaged blob often fails to decompress before its end: read the rest so
+                    // that its digest, the real cause, is what the error names.
+                    let _ = src.drain();
+                }
                 match (r, src.failure.clone()) {
                     (_, Some(f)) => Err(img.blob_error(d, Some(&f), None)),
                     (r, None) => r,
