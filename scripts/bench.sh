@@ -18,6 +18,9 @@
 #                               skopeo copy of their docker save tar; a re-run; memory; --compression
 #                               zstd; install --images-from against docker pull of the same images
 #                               (PULL_RUNS rounds, default 3)
+#   scripts/bench.sh pack-remote  issue 17: pack of the ~1 GB images from a loopback docker-registry
+#                               and from an OCI layout (both filled by skopeo) against pack through
+#                               the engine's docker save; memory
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -30,7 +33,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions agent-doctor backup push}
+SECTIONS=${*:-pack install packages regions agent-doctor backup push pack-remote}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -858,6 +861,67 @@ bench_push() {
   unset BKBUNDLE_CACHE_DIR
 }
 
+# issue 17: pack without the engine's export. The ~1 GB images (3 sharing a base layer) copied by
+# skopeo from the engine into a loopback docker-registry and into an OCI layout directory (both
+# hold gzip layers, as registries do), then side by side, page cache warm for each: pack through
+# the engine (docker save through its API, recompressed to zstd), pack from the registry and pack
+# from the OCI layout (gzip layers stored as they are, the shared base fetched once). Targets:
+# >= 1.5x the speed of the engine's pack, peak RSS <= 64 MiB.
+remote_cleanup() {
+  local pid
+  for pid in "${REG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${REG_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  REG_PIDS=()
+  rm -rf "$WORK/registry" "$WORK/remote-layout" "$WORK"/remote-*.toml "$WORK"/remote-*.bkb
+}
+
+bench_pack_remote() {
+  need docker-registry; need skopeo; need curl
+  remote_cleanup
+  trap remote_cleanup EXIT
+  make_images small
+  mkdir -p "$WORK/registry"
+  local reg layout="$WORK/remote-layout" r
+  registry_start reg remote
+  say "== pack-remote: filling a docker-registry and an OCI layout with the ~1 GB images (skopeo, not timed)"
+  for r in "${PUSH_REFS[@]}"; do
+    skopeo copy -q --dest-tls-verify=false "docker-daemon:$r" "docker://$reg/$r"
+    skopeo copy -q "docker-daemon:$r" "oci:$layout:$r"
+  done
+  recipe "$WORK/remote-engine.toml" "${PUSH_REFS[@]}"
+  { printf 'format = 1\n[bundle]\nname = "bench"\nversion = "1"\n[registry]\nmirror = "%s"\n' "$reg"
+    for r in "${PUSH_REFS[@]}"; do printf '[[images]]\nref = "%s"\n' "$r"; done; } > "$WORK/remote-registry.toml"
+  { printf 'format = 1\n[bundle]\nname = "bench"\nversion = "1"\n'
+    for r in "${PUSH_REFS[@]}"; do printf '[[images]]\nref = "%s"\noci_layout = "%s"\n' "$r" "$layout"; done; } > "$WORK/remote-layout.toml"
+
+  say "== pack-remote: ~1 GB of images, through the engine vs from the registry vs from the OCI layout"
+  local t_save t_eng t_reg t_lay s_eng s_reg s_lay fetched
+  time_rss t_save docker save -o "$WORK/remote-save.tar" "${PUSH_REFS[@]}"
+  rm -f "$WORK/remote-save.tar"
+  time_rss t_eng "$BK" -v --no-progress pack "$WORK/remote-engine.toml" -o "$WORK/remote-engine.bkb"
+  s_eng=$(stat -c %s "$WORK/remote-engine.bkb")
+  find "$WORK/registry/remote/storage" -type f -exec cat {} + >/dev/null
+  time_rss t_reg "$BK" -v --json --no-progress pack "$WORK/remote-registry.toml" -o "$WORK/remote-registry.bkb" --registry-insecure
+  fetched=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["layers_fetched"], "layers fetched,", r["layers_skipped"], "skipped,", r["bytes_fetched"], "bytes")' "$WORK/stdout.out")
+  s_reg=$(stat -c %s "$WORK/remote-registry.bkb")
+  find "$layout" -type f -exec cat {} + >/dev/null
+  time_rss t_lay "$BK" -v --no-progress pack "$WORK/remote-layout.toml" -o "$WORK/remote-layout.bkb"
+  s_lay=$(stat -c %s "$WORK/remote-layout.bkb")
+  local ids_ok=yes
+  for b in registry layout; do
+    "$BK" --no-progress verify "$WORK/remote-$b.bkb" >/dev/null || ids_ok="no: verify of the $b bundle failed"
+  done
+  say "docker save -o (for reference)          ${t_save% *} s"
+  say "pack through the engine (docker save)   ${t_eng% *} s   ($(mb "$s_eng") bundle, zstd)   peak RSS $(( ${t_eng#* } / 1024 )) MiB"
+  say "pack from the registry                  ${t_reg% *} s   ($(mb "$s_reg") bundle, gzip as fetched; $fetched)   peak RSS $(( ${t_reg#* } / 1024 )) MiB (target <= 64)"
+  say "pack from the OCI layout                ${t_lay% *} s   ($(mb "$s_lay") bundle)   peak RSS $(( ${t_lay#* } / 1024 )) MiB (target <= 64)"
+  say "speed ratio registry / engine           $(ratio "${t_eng% *}" "${t_reg% *}")   (target >= 1.5)"
+  say "speed ratio OCI layout / engine         $(ratio "${t_eng% *}" "${t_lay% *}")   (target >= 1.5)"
+  say "both verify                             $ids_ok"
+  remote_cleanup
+  trap - EXIT
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
@@ -867,6 +931,7 @@ for s in $SECTIONS; do
     agent-doctor) bench_agent_doctor ;;
     backup) bench_backup ;;
     push) bench_push ;;
-    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push)"; exit 2 ;;
+    pack-remote) bench_pack_remote ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push pack-remote)"; exit 2 ;;
   esac
 done

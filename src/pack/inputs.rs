@@ -203,7 +203,8 @@ pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<(Check
         .map(|s| check_stack(&plan.recipe, &plan.base, s, &mut problems));
     let mirror = plan.mirror.is_some();
     for img in &plan.recipe.images {
-        if let (Some(d), ImageSource::Engine) = (img.pinned(), img.source(mirror)) {
+        // An explicit `digest` only: a reference `NAME@sha256:...` the engine may hold as such.
+        if let (Some(d), ImageSource::Engine) = (img.digest.as_deref(), img.source(mirror)) {
             problems.push(
                 PackInputError::DigestFromEngine {
                     reference: img.reference.clone(),
