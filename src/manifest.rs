@@ -555,7 +555,9 @@ fn check_image_source(i: usize, img: &RecipeImage, problems: &mut Vec<String>) {
     }
     if let Some(p) = &img.platform {
         if parse_platform(p).is_none() {
-            problems.push(format!("{what}: platform {p:?} is not os/arch[/variant], e.g. \"linux/arm64\""));
+            problems.push(format!(
+                "{what}: platform {p:?} is not os/arch[/variant], e.g. \"linux/arm64\""
+            ));
         }
         if manifest_free {
             problems.push(format!(
@@ -571,7 +573,9 @@ fn check_recipe_registry(reg: &RecipeRegistry, problems: &mut Vec<String>) {
         problems.push(format!("registry.mirror: {}", e.message));
     }
     if let Some(p) = reg.platform.as_deref().filter(|p| parse_platform(p).is_none()) {
-        problems.push(format!("registry.platform {p:?} is not os/arch[/variant], e.g. \"linux/amd64\""));
+        problems.push(format!(
+            "registry.platform {p:?} is not os/arch[/variant], e.g. \"linux/amd64\""
+        ));
     }
 }
 
@@ -1456,7 +1460,10 @@ oci_layout = "layouts/app"
     fn registry_and_layout_sources_parse() {
         let r = Recipe::parse(REMOTE_RECIPE, "r.toml").unwrap();
         let reg = r.registry.as_ref().unwrap();
-        assert_eq!((reg.mirror.as_str(), reg.library), ("bk-lite.tencentcloudcr.com/bklite", true));
+        assert_eq!(
+            (reg.mirror.as_str(), reg.library),
+            ("bk-lite.tencentcloudcr.com/bklite", true)
+        );
         assert_eq!(r.images[0].source(true), ImageSource::Mirror);
         assert_eq!(r.images[0].source(false), ImageSource::Engine);
         assert_eq!(r.images[0].pinned(), r.images[0].digest.as_deref());
@@ -1476,8 +1483,14 @@ oci_layout = "layouts/app"
     #[test]
     fn contradictory_image_sources_are_refused_all_at_once() {
         let bad = REMOTE_RECIPE
-            .replace("engine = true", "engine = true\narchive = \"pg.tar\"\ndigest = \"sha256:00\"")
-            .replace("oci_layout = \"layouts/app\"", "oci_layout = \"x\"\narchive = \"y.tar\"\nplatform = \"amd64\"")
+            .replace(
+                "engine = true",
+                "engine = true\narchive = \"pg.tar\"\ndigest = \"sha256:00\"",
+            )
+            .replace(
+                "oci_layout = \"layouts/app\"",
+                "oci_layout = \"x\"\narchive = \"y.tar\"\nplatform = \"amd64\"",
+            )
             .replace("library = true", "library = true\nplatform = \"linux/\"")
             .replace("bk-lite.tencentcloudcr.com/bklite", "https://mirror");
         let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();

@@ -13,9 +13,9 @@
 use super::extract::{self, is_under, Node, Staged, View, Wanted};
 use super::inputs::{EngineImages, PackInputError, Plan};
 use super::remote::{Digested, Remote};
-use crate::manifest::ImageSource;
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::manifest::ImageSource;
 use crate::manifest::{Os, PackageType, RecipePackage};
 use crate::package_check::{self, Listing};
 use crate::progress::Reporter;

@@ -168,9 +168,7 @@ pub(super) fn read(opts: &PackOptions) -> Result<Plan> {
         (None, None) => None,
     };
     let mirror = mirror
-        .map(|m| {
-            crate::registry::Target::parse(m).map(|target| super::Mirror { target, library })
-        })
+        .map(|m| crate::registry::Target::parse(m).map(|target| super::Mirror { target, library }))
         .transpose()?;
     let threads = opts.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()

@@ -208,10 +208,15 @@ fn classify(bytes: &[u8], media_type: &str) -> std::result::Result<Kind2, String
 /// variant equal when asked for (else one without a variant first). Attestation entries
 /// (platform `unknown/unknown`) never match.
 fn pick_platform<'a>(entries: &'a [IndexEntry], platform: &str) -> std::result::Result<&'a IndexEntry, String> {
-    let (os, arch, variant) = format::parse_platform(platform).ok_or_else(|| format!("platform {platform:?} is not os/arch[/variant]"))?;
+    let (os, arch, variant) =
+        format::parse_platform(platform).ok_or_else(|| format!("platform {platform:?} is not os/arch[/variant]"))?;
     let candidates: Vec<&IndexEntry> = entries
         .iter()
-        .filter(|e| e.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == arch))
+        .filter(|e| {
+            e.platform
+                .as_ref()
+                .is_some_and(|p| p.os == os && p.architecture == arch)
+        })
         .filter(|e| match &variant {
             Some(v) => e.platform.as_ref().and_then(|p| p.variant.as_ref()) == Some(v),
             None => true,
@@ -233,7 +238,11 @@ fn pick_platform<'a>(entries: &'a [IndexEntry], platform: &str) -> std::result::
             .collect();
         format!(
             "it is a multi-platform image without {platform} (it has {})",
-            if offered.is_empty() { "no platform entries".to_string() } else { offered.join(", ") }
+            if offered.is_empty() {
+                "no platform entries".to_string()
+            } else {
+                offered.join(", ")
+            }
         )
     })
 }
@@ -251,7 +260,12 @@ pub enum RemoteError {
         found: String,
     },
     #[error("image {image}: {place}: {why}")]
-    Bad { image: String, place: String, why: String, layout: bool },
+    Bad {
+        image: String,
+        place: String,
+        why: String,
+        layout: bool,
+    },
     #[error("image {image}: {place}: {what} {digest} is {found}, expected {expected}")]
     Mismatch {
         image: String,
@@ -352,7 +366,9 @@ impl Remote {
                     .into());
                 }
                 let (Some(m), Some(c)) = (&self.mirror, &self.client) else {
-                    return Err(Error::internal(format!("image {reference}: no mirror to fetch it from")));
+                    return Err(Error::internal(format!(
+                        "image {reference}: no mirror to fetch it from"
+                    )));
                 };
                 // The client's errors name the registry and the request; say which image too.
                 let r = resolve_registry(reference, m, c.clone(), pinned, platform)
@@ -390,7 +406,10 @@ impl Remote {
                 continue;
             }
             let platform = platform_of(plan, img);
-            if let Err(e) = self.resolve(plan, &img.reference, source, img.pinned(), &platform).await {
+            if let Err(e) = self
+                .resolve(plan, &img.reference, source, img.pinned(), &platform)
+                .await
+            {
                 problems.push(e);
             }
         }
@@ -471,7 +490,8 @@ impl Reader<'_> {
         if found != cd.digest {
             return Err(self.mismatch("config", &cd.digest, cd.digest.clone(), found));
         }
-        let cfg: Config = serde_json::from_slice(&config).map_err(|e| self.bad(format!("config {}: not an image config: {e}", cd.digest)))?;
+        let cfg: Config = serde_json::from_slice(&config)
+            .map_err(|e| self.bad(format!("config {}: not an image config: {e}", cd.digest)))?;
         let diff_ids = cfg.rootfs.map(|r| r.diff_ids).unwrap_or_default();
         if diff_ids.len() != layers.len() {
             return Err(self.bad(format!(
@@ -488,7 +508,10 @@ impl Reader<'_> {
                 )));
             }
             if !is_digest(&l.digest) || !is_digest(d) {
-                return Err(self.bad(format!("layer {} (diff id {d}) is not named by a sha256 digest", l.digest)));
+                return Err(self.bad(format!(
+                    "layer {} (diff id {d}) is not named by a sha256 digest",
+                    l.digest
+                )));
             }
         }
         Ok(Resolved {
@@ -514,7 +537,10 @@ impl Reader<'_> {
                 )));
             }
             if cd.size > CONFIG_MAX {
-                return Err(self.bad(format!("its config is {} bytes (at most {CONFIG_MAX} are read)", cd.size)));
+                return Err(self.bad(format!(
+                    "its config is {} bytes (at most {CONFIG_MAX} are read)",
+                    cd.size
+                )));
             }
             if !is_digest(&cd.digest) {
                 return Err(self.bad(format!("its config digest {:?} is not sha256:<hex>", cd.digest)));
@@ -557,12 +583,29 @@ async fn resolve_registry(
         Kind2::Index(entries) => {
             let e = pick_platform(&entries, platform).map_err(|w| rd.bad(w))?;
             let Some((sub, sub_type)) = client.manifest_bytes(&repository, &e.digest).await? else {
-                return Err(rd.bad(format!("its index names manifest {} for {platform}, which the registry does not have", e.digest)));
+                return Err(rd.bad(format!(
+                    "its index names manifest {} for {platform}, which the registry does not have",
+                    e.digest
+                )));
             };
             rd.check_digest(&sub, Some(&e.digest), false)?;
-            match classify(&sub, if e.media_type.is_empty() { &sub_type } else { &e.media_type }).map_err(|w| rd.bad(w))? {
+            match classify(
+                &sub,
+                if e.media_type.is_empty() {
+                    &sub_type
+                } else {
+                    &e.media_type
+                },
+            )
+            .map_err(|w| rd.bad(w))?
+            {
                 Kind2::Image(c, l) => (c, l),
-                Kind2::Index(_) => return Err(rd.bad(format!("its index's entry {} for {platform} is an index again", e.digest))),
+                Kind2::Index(_) => {
+                    return Err(rd.bad(format!(
+                        "its index's entry {} for {platform} is an index again",
+                        e.digest
+                    )))
+                }
             }
         }
     };
@@ -571,10 +614,7 @@ async fn resolve_registry(
         Some(cd) => fetch_small(&client, &repository, cd, &rd).await?,
         None => Vec::new(),
     };
-    let origin = Origin::Registry {
-        client,
-        repository,
-    };
+    let origin = Origin::Registry { client, repository };
     rd.image(origin, manifest_digest, config_desc, layers, config)
 }
 
@@ -608,33 +648,48 @@ fn resolve_layout(reference: &str, dir: &Path, pinned: Option<&str>, platform: &
         .into()
     };
     if !dir.join("oci-layout").is_file() || !dir.join("index.json").is_file() {
-        return Err(layout_err("not an OCI image layout (no oci-layout or index.json)".into()));
+        return Err(layout_err(
+            "not an OCI image layout (no oci-layout or index.json)".into(),
+        ));
     }
     let rd = Reader {
         image: reference,
         place: format!("OCI layout {}", dir.display()),
         layout: true,
     };
-    let index = read_limited(&dir.join("index.json"), MANIFEST_MAX).map_err(|e| layout_err(format!("index.json: {e}")))?;
-    let entries = match classify(&index, "application/vnd.oci.image.index.v1+json").map_err(|w| rd.bad(format!("index.json: {w}")))? {
+    let index =
+        read_limited(&dir.join("index.json"), MANIFEST_MAX).map_err(|e| layout_err(format!("index.json: {e}")))?;
+    let entries = match classify(&index, "application/vnd.oci.image.index.v1+json")
+        .map_err(|w| rd.bad(format!("index.json: {w}")))?
+    {
         Kind2::Index(e) => e,
         Kind2::Image(..) => return Err(layout_err("index.json is not an index".into())),
     };
     let names: Vec<&str> = entries
         .iter()
-        .filter_map(|e| e.annotations.get("org.opencontainers.image.ref.name").map(String::as_str))
+        .filter_map(|e| {
+            e.annotations
+                .get("org.opencontainers.image.ref.name")
+                .map(String::as_str)
+        })
         .collect();
     let parsed = parse_reference(reference).ok();
-    let tag = parsed.as_ref().and_then(|p| p.tag.clone()).unwrap_or_else(|| "latest".into());
+    let tag = parsed
+        .as_ref()
+        .and_then(|p| p.tag.clone())
+        .unwrap_or_else(|| "latest".into());
     let entry = match pinned {
         Some(d) => entries.iter().find(|e| e.digest == d),
         None => {
             let named: Vec<&IndexEntry> = entries
                 .iter()
                 .filter(|e| {
-                    e.annotations
-                        .get("org.opencontainers.image.ref.name")
-                        .is_some_and(|n| n == reference || n == &tag || crate::install::offline::normalize_ref(n) == crate::install::offline::normalize_ref(reference))
+                    e.annotations.get("org.opencontainers.image.ref.name").is_some_and(|n| {
+                        n == reference
+                            || n == &tag
+                            || crate::install::offline::normalize_ref(n)
+                                == crate::install::offline::normalize_ref(reference)
+                    })
                 })
                 .collect();
             match (named.len(), entries.len()) {
@@ -841,12 +896,24 @@ impl Resolved {
     pub fn blob_error(&self, d: &Descriptor, found: Option<&Found>, diff: Option<(&str, &str)>) -> Error {
         let layout = matches!(self.origin, Origin::Layout { .. });
         let (what, expected, got) = match (found, diff) {
-            (Some(Found::TooLong { expected }), _) => ("layer".to_string(), format!("{expected} bytes"), "longer".to_string()),
-            (Some(Found::TooShort { expected, found }), _) => {
-                ("layer".to_string(), format!("{expected} bytes"), format!("{found} bytes"))
+            (Some(Found::TooLong { expected }), _) => {
+                ("layer".to_string(), format!("{expected} bytes"), "longer".to_string())
             }
-            (Some(Found::Digest { found }), _) => ("layer".to_string(), format!("content {}", d.digest), format!("content {found}")),
-            (None, Some((want, got))) => ("layer".to_string(), format!("diff id {want}"), format!("uncompressed content {got}")),
+            (Some(Found::TooShort { expected, found }), _) => (
+                "layer".to_string(),
+                format!("{expected} bytes"),
+                format!("{found} bytes"),
+            ),
+            (Some(Found::Digest { found }), _) => (
+                "layer".to_string(),
+                format!("content {}", d.digest),
+                format!("content {found}"),
+            ),
+            (None, Some((want, got))) => (
+                "layer".to_string(),
+                format!("diff id {want}"),
+                format!("uncompressed content {got}"),
+            ),
             (None, None) => ("layer".to_string(), String::new(), String::new()),
         };
         RemoteError::Mismatch {
@@ -893,9 +960,9 @@ pub(super) async fn store(
 ) -> Result<(Vec<(String, SavedImage)>, Fetched)> {
     let mut fetched = Fetched::default();
     let mut zctx = match plan.compression {
-        Compression::Zstd if !plan.no_images => Some(
-            savefile::zstd_context(plan.level, plan.threads).map_err(|e| Error::internal(format!("zstd: {e}")))?,
-        ),
+        Compression::Zstd if !plan.no_images => {
+            Some(savefile::zstd_context(plan.level, plan.threads).map_err(|e| Error::internal(format!("zstd: {e}")))?)
+        }
         _ => None,
     };
     let mut out = Vec::new();
@@ -1021,7 +1088,9 @@ fn store_as_is<R: Read>(
         {
             let mut plain: Box<dyn Read + '_> = match c {
                 Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut tee)),
-                Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut tee).map_err(|e| Error::internal(format!("zstd: {e}")))?),
+                Compression::Zstd => Box::new(
+                    zstd::stream::read::Decoder::new(&mut tee).map_err(|e| Error::internal(format!("zstd: {e}")))?,
+                ),
             };
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -1104,19 +1173,32 @@ mod tests {
         let img = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:aa","size":3},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"sha256:bb","size":5}]}"#;
         assert!(matches!(classify(img, ""), Ok(Kind2::Image(Some(_), l)) if l.len() == 1));
         let idx = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:cc","size":1,"platform":{"os":"linux","architecture":"amd64"}}]}"#;
-        assert!(matches!(classify(idx, "application/vnd.oci.image.index.v1+json"), Ok(Kind2::Index(e)) if e.len() == 1));
+        assert!(
+            matches!(classify(idx, "application/vnd.oci.image.index.v1+json"), Ok(Kind2::Index(e)) if e.len() == 1)
+        );
         let s1 = br#"{"schemaVersion":1,"name":"x","tag":"1","fsLayers":[{"blobSum":"sha256:dd"}]}"#;
-        assert!(classify(s1, "application/vnd.docker.distribution.manifest.v1+prettyjws")
-            .unwrap_err()
-            .contains("schema 1"));
+        assert!(
+            classify(s1, "application/vnd.docker.distribution.manifest.v1+prettyjws")
+                .unwrap_err()
+                .contains("schema 1")
+        );
         assert!(classify(b"<html>", "text/html").unwrap_err().contains("not JSON"));
     }
 
     #[test]
     fn layer_media_types() {
-        assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar+gzip"), Ok(Some(Compression::Gzip)));
-        assert_eq!(layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"), Ok(Some(Compression::Gzip)));
-        assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"), Ok(Some(Compression::Zstd)));
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+gzip"),
+            Ok(Some(Compression::Gzip))
+        );
+        assert_eq!(
+            layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Ok(Some(Compression::Gzip))
+        );
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Ok(Some(Compression::Zstd))
+        );
         assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar"), Ok(None));
         assert!(layer_compression("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_err());
         assert!(layer_compression("application/vnd.cncf.helm.chart.content.v1.tar+gzip").is_err());
@@ -1156,7 +1238,13 @@ mod tests {
         let short = Descriptor { size: 100, ..d.clone() };
         let mut s = Digested::new(&data[..], &short, &noop);
         assert!(s.drain().is_err());
-        assert_eq!(s.failure, Some(Found::TooShort { expected: 100, found: 11 }));
+        assert_eq!(
+            s.failure,
+            Some(Found::TooShort {
+                expected: 100,
+                found: 11
+            })
+        );
         let long = Descriptor { size: 4, ..d.clone() };
         let mut l = Digested::new(&data[..], &long, &noop);
         assert!(l.drain().is_err());

@@ -131,16 +131,32 @@ fn images_from_a_registry_and_an_oci_layout_install_with_the_sources_ids() {
     let head = format!("[registry]\nmirror = \"{}\"\n", reg.host());
     let r = stack_recipe(d.path(), "1", &head, &u, &format!("digest = \"{manifest_digest}\""));
     let out = d.path().join("reg.bkb");
-    let v = bk(&["--json", "pack", arg(&r), "-o", arg(&out), "--registry-insecure", "--compression", "gzip"]);
+    let v = bk(&[
+        "--json",
+        "pack",
+        arg(&r),
+        "-o",
+        arg(&out),
+        "--registry-insecure",
+        "--compression",
+        "gzip",
+    ]);
     assert_eq!(v.code, 0, "{}", v.stderr);
     let j = json(&v);
-    assert_eq!(j["layers_fetched"], 1, "only u's own layer: the base is the engine's web's: {j}");
+    assert_eq!(
+        j["layers_fetched"], 1,
+        "only u's own layer: the base is the engine's web's: {j}"
+    );
     assert_eq!(j["layers_skipped"], 1, "{j}");
     assert_eq!(bk(&["verify", arg(&out)]).code, 0);
     let p = Project::new();
     let i = p.install(&out, &p.config(60, ""), &[]);
     assert_eq!(i.code, 0, "{}\n{}", i.stdout, i.stderr);
-    assert_eq!(image_id(&u).as_deref(), Some(reg_id.as_str()), "the registry's image id");
+    assert_eq!(
+        image_id(&u).as_deref(),
+        Some(reg_id.as_str()),
+        "the registry's image id"
+    );
     drop(p);
     rmi(&u);
 
@@ -153,7 +169,11 @@ fn images_from_a_registry_and_an_oci_layout_install_with_the_sources_ids() {
     let p = Project::new();
     let i = p.install(&out, &p.config(60, ""), &[]);
     assert_eq!(i.code, 0, "{}\n{}", i.stdout, i.stderr);
-    assert_eq!(image_id(&u).as_deref(), Some(layout_id.as_str()), "the layout's image id");
+    assert_eq!(
+        image_id(&u).as_deref(),
+        Some(layout_id.as_str()),
+        "the layout's image id"
+    );
 }
 
 /// Occurrences of a bkbundle GET of blob `digest` (in any repository) in the registry's log.
@@ -185,8 +205,17 @@ fn a_layer_shared_by_two_images_is_fetched_once_and_stored_once() {
     let v = bk(&["--json", "pack", arg(&r), "-o", arg(&out), "--registry-insecure"]);
     assert_eq!(v.code, 0, "{}", v.stderr);
     let j = json(&v);
-    assert_eq!((j["layers_fetched"].as_u64(), j["layers_skipped"].as_u64()), (Some(3), Some(1)), "{j}");
-    assert_eq!(blob_gets(&reg, &base), 1, "the shared blob is requested once:\n{}", reg.log());
+    assert_eq!(
+        (j["layers_fetched"].as_u64(), j["layers_skipped"].as_u64()),
+        (Some(3), Some(1)),
+        "{j}"
+    );
+    assert_eq!(
+        blob_gets(&reg, &base),
+        1,
+        "the shared blob is requested once:\n{}",
+        reg.log()
+    );
     let own = web["layers"][1]["digest"].as_str().unwrap();
     assert_eq!(blob_gets(&reg, own), 1);
 
@@ -213,7 +242,10 @@ fn a_layer_shared_by_two_images_is_fetched_once_and_stored_once() {
     let v = bk(&["pack", arg(&r), "-o", arg(&out2), "--registry-insecure", "--recompress"]);
     assert_eq!(v.code, 0, "{}", v.stderr);
     let listing = run(Command::new("tar").args(["-tf", arg(&out2)])).stdout;
-    let zst = listing.lines().filter(|l| l.starts_with("images/layers/") && l.ends_with(".tar.zst")).count();
+    let zst = listing
+        .lines()
+        .filter(|l| l.starts_with("images/layers/") && l.ends_with(".tar.zst"))
+        .count();
     assert_eq!(zst, 3, "{listing}");
     assert_eq!(bk(&["verify", arg(&out2)]).code, 0);
 }
@@ -262,7 +294,11 @@ fn damaged_blobs_and_a_pinned_digest_that_does_not_match_are_named() {
         &r,
         &["--registry-insecure"],
         6,
-        &[&format!("image {u}: "), &format!("layer {top} is content"), &format!("expected content {top}")],
+        &[
+            &format!("image {u}: "),
+            &format!("layer {top} is content"),
+            &format!("expected content {top}"),
+        ],
     );
     xor_byte(&f, len / 2, 0x55);
 
@@ -281,7 +317,11 @@ fn damaged_blobs_and_a_pinned_digest_that_does_not_match_are_named() {
         &r,
         &[],
         3,
-        &[&format!("image {u}: OCI layout {}", layout.display()), &format!("layer {ltop} is content sha256:"), &format!("expected content {ltop}")],
+        &[
+            &format!("image {u}: OCI layout {}", layout.display()),
+            &format!("layer {ltop} is content sha256:"),
+            &format!("expected content {ltop}"),
+        ],
     );
     xor_byte(&lf, 100, 0x55);
 
@@ -290,7 +330,13 @@ fn damaged_blobs_and_a_pinned_digest_that_does_not_match_are_named() {
     let cf = blob(&layout, &cfg);
     let text = fs::read_to_string(&cf).unwrap();
     fs::write(&cf, text.replacen("\"architecture\"", " \"architecture\"", 1)).unwrap();
-    refused(d.path(), &r, &[], 3, &[&format!("config {cfg} is sha256:"), &format!("expected {cfg}")]);
+    refused(
+        d.path(),
+        &r,
+        &[],
+        3,
+        &[&format!("config {cfg} is sha256:"), &format!("expected {cfg}")],
+    );
     fs::write(&cf, text).unwrap();
 
     // A pinned digest the registry does not have, and one the layout does not have: both named.
@@ -309,7 +355,11 @@ fn damaged_blobs_and_a_pinned_digest_that_does_not_match_are_named() {
         &["--registry-insecure"],
         3,
         &[
-            &format!("{}/{}@{zero} has no such manifest", reg.host(), u.split(':').next().unwrap()),
+            &format!(
+                "{}/{}@{zero} has no such manifest",
+                reg.host(),
+                u.split(':').next().unwrap()
+            ),
             &format!("image {APP}: OCI layout {}", layout.display()),
         ],
     );
@@ -373,6 +423,10 @@ fn packages_and_installers_come_from_the_mirror_like_the_images() {
         "packages/fusion-collectors-windows-amd64.zip",
         "installers/linux/x86_64/bklite-controller-installer",
     ] {
-        assert_eq!(sha256sum(&x.join(f)), sha256sum(&y.join(f)), "{f}: the same bytes from either source");
+        assert_eq!(
+            sha256sum(&x.join(f)),
+            sha256sum(&y.join(f)),
+            "{f}: the same bytes from either source"
+        );
     }
 }
