@@ -430,3 +430,141 @@ fn packages_and_installers_come_from_the_mirror_like_the_images() {
         );
     }
 }
+
+#[test]
+fn a_mirror_with_tls_and_a_password_and_upstreams_library_layout() {
+    ensure_demo_images();
+    // Upstream's mirror layout: a one-word name under PREFIX/library/, others under PREFIX/.
+    let reg = Registry::token_auth("alice", "s3cret-pw");
+    let (_, password) = reg.credentials.clone().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let pw = d.path().join("pw");
+    fs::write(&pw, format!("{password}\n")).unwrap();
+    let lib = "bkbtestlib:1";
+    reg.skopeo_copy_from_daemon(APP, &format!("site/library/{lib}"));
+    reg.skopeo_copy_from_daemon(WEB, &format!("site/{WEB}"));
+    let images = format!(
+        "[registry]\nmirror = \"{}/site\"\nlibrary = true\n[[images]]\nref = \"{lib}\"\n[[images]]\nref = \"{WEB}\"\n",
+        reg.host()
+    );
+    let r = recipe(d.path(), &images, "");
+    let ca = reg.ca_pem_path().to_str().unwrap().to_string();
+    let out = d.path().join("a.bkb");
+    let no_login = d.path().join("no-docker-config");
+    // Without credentials: the registry's refusal, named with the image.
+    let v = run(crate::harness::bkbundle()
+        .args(["pack", arg(&r), "-o", arg(&out), "--registry-ca", &ca])
+        .env("DOCKER_CONFIG", &no_login));
+    assert_eq!(v.code, 6, "{}", v.stderr);
+    assert!(
+        v.stderr
+            .contains(&format!("image {lib}: registry https://{}", reg.host())),
+        "{}",
+        v.stderr
+    );
+    let v = run(crate::harness::bkbundle()
+        .args([
+            "--json",
+            "pack",
+            arg(&r),
+            "-o",
+            arg(&out),
+            "--registry-ca",
+            &ca,
+            "--registry-user",
+            "alice",
+            "--registry-password-file",
+            arg(&pw),
+        ])
+        .env("DOCKER_CONFIG", &no_login));
+    assert_eq!(v.code, 0, "{}", v.stderr);
+    assert!(!v.stdout.contains(&password) && !v.stderr.contains(&password));
+    assert_eq!(json(&v)["layers_fetched"], 3, "{}", v.stdout);
+    let i = json(&bk(&["--json", "inspect", arg(&out)]));
+    assert_eq!(i["images"][0]["refs"][0], lib, "the plain reference is kept: {i}");
+    assert_eq!(
+        i["images"][0]["id"].as_str(),
+        reg.image_id(&format!("site/library/{lib}")).as_deref()
+    );
+    assert_eq!(bk(&["verify", arg(&out)]).code, 0);
+}
+
+#[test]
+fn a_multi_platform_index_in_an_oci_layout_is_narrowed_to_the_platform() {
+    ensure_demo_images();
+    let d = tempfile::tempdir().unwrap();
+    let layout = d.path().join("layout");
+    oci_layout(APP, &layout, "app");
+    oci_layout(WEB, &layout, "web");
+    // An index of the two: app as linux/amd64, web as linux/arm64/v8 (what `skopeo copy --all`
+    // of a multi-platform image writes, with other content).
+    let entry = |tag: &str, arch: &str, variant: Option<&str>| {
+        let idx: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let mut e = idx["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .unwrap()
+            .clone();
+        e.as_object_mut().unwrap().remove("annotations");
+        e["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        if let Some(v) = variant {
+            e["platform"]["variant"] = v.into();
+        }
+        e
+    };
+    let multi = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("app", "amd64", None), entry("web", "arm64", Some("v8"))],
+    })
+    .to_string();
+    let multi_file = d.path().join("multi.json");
+    fs::write(&multi_file, &multi).unwrap();
+    let digest = format!("sha256:{}", sha256sum(&multi_file));
+    fs::write(blob(&layout, &digest), &multi).unwrap();
+    let mut idx: serde_json::Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    idx["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": digest,
+        "size": multi.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"},
+    }));
+    fs::write(layout.join("index.json"), idx.to_string()).unwrap();
+    let config_of = |tag: &str| {
+        layout_manifest(&layout, tag)["config"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    for (platform, want) in [
+        ("", config_of("app")),
+        ("platform = \"linux/arm64\"\n", config_of("web")),
+    ] {
+        let images = format!(
+            "[[images]]\nref = \"bkbundle-test/multi:multi\"\noci_layout = \"{}\"\ndigest = \"{digest}\"\n{platform}",
+            layout.display()
+        );
+        let r = recipe(d.path(), &images, "");
+        let out = d.path().join("m.bkb");
+        let _ = fs::remove_file(&out);
+        let v = bk(&["pack", arg(&r), "-o", arg(&out)]);
+        assert_eq!(v.code, 0, "{platform}: {}", v.stderr);
+        let i = json(&bk(&["--json", "inspect", arg(&out)]));
+        assert_eq!(i["images"][0]["id"].as_str(), Some(want.as_str()), "{platform}: {i}");
+    }
+    let images = format!(
+        "[[images]]\nref = \"bkbundle-test/multi:multi\"\noci_layout = \"{}\"\nplatform = \"windows/amd64\"\n",
+        layout.display()
+    );
+    let r = recipe(d.path(), &images, "");
+    refused(
+        d.path(),
+        &r,
+        &[],
+        3,
+        &["it is a multi-platform image without windows/amd64 (it has linux/amd64, linux/arm64/v8)"],
+    );
+}
