@@ -182,15 +182,15 @@ struct RootFs {
     diff_ids: Vec<String>,
 }
 
-/// What a manifest is.
+/// What a manifest turned out to be: an image manifest (config, layers) or an index.
 #[derive(Debug)]
-enum Kind2 {
+enum Parsed {
     Image(Option<Descriptor>, Vec<Descriptor>),
     Index(Vec<IndexEntry>),
 }
 
 /// Parse a manifest's bytes: an image manifest or an index; schema 1 refused.
-fn classify(bytes: &[u8], media_type: &str) -> std::result::Result<Kind2, String> {
+fn classify(bytes: &[u8], media_type: &str) -> std::result::Result<Parsed, String> {
     let doc: Doc = serde_json::from_slice(bytes).map_err(|e| format!("its manifest is not JSON of a manifest: {e}"))?;
     let mt = doc.media_type.clone().unwrap_or_else(|| media_type.to_string());
     if SCHEMA1.contains(&mt.as_str()) || doc.schema_version == Some(1) || doc.fs_layers.is_some() {
@@ -199,9 +199,9 @@ fn classify(bytes: &[u8], media_type: &str) -> std::result::Result<Kind2, String
         );
     }
     if INDEXES.contains(&mt.as_str()) || (!doc.manifests.is_empty() && doc.config.is_none()) {
-        return Ok(Kind2::Index(doc.manifests));
+        return Ok(Parsed::Index(doc.manifests));
     }
-    Ok(Kind2::Image(doc.config, doc.layers))
+    Ok(Parsed::Image(doc.config, doc.layers))
 }
 
 /// The entry of an index for `platform` (`os/arch[/variant]`): os and architecture equal, the
@@ -579,8 +579,8 @@ async fn resolve_registry(
     let asked = wanted.starts_with("sha256:").then_some(wanted.as_str());
     let manifest_digest = rd.check_digest(&bytes, asked, pinned.is_some())?;
     let (config_desc, layers) = match classify(&bytes, &media_type).map_err(|w| rd.bad(w))? {
-        Kind2::Image(c, l) => (c, l),
-        Kind2::Index(entries) => {
+        Parsed::Image(c, l) => (c, l),
+        Parsed::Index(entries) => {
             let e = pick_platform(&entries, platform).map_err(|w| rd.bad(w))?;
             let Some((sub, sub_type)) = client.manifest_bytes(&repository, &e.digest).await? else {
                 return Err(rd.bad(format!(
@@ -599,8 +599,8 @@ async fn resolve_registry(
             )
             .map_err(|w| rd.bad(w))?
             {
-                Kind2::Image(c, l) => (c, l),
-                Kind2::Index(_) => {
+                Parsed::Image(c, l) => (c, l),
+                Parsed::Index(_) => {
                     return Err(rd.bad(format!(
                         "its index's entry {} for {platform} is an index again",
                         e.digest
@@ -662,8 +662,8 @@ fn resolve_layout(reference: &str, dir: &Path, pinned: Option<&str>, platform: &
     let entries = match classify(&index, "application/vnd.oci.image.index.v1+json")
         .map_err(|w| rd.bad(format!("index.json: {w}")))?
     {
-        Kind2::Index(e) => e,
-        Kind2::Image(..) => return Err(layout_err("index.json is not an index".into())),
+        Parsed::Index(e) => e,
+        Parsed::Image(..) => return Err(layout_err("index.json is not an index".into())),
     };
     let names: Vec<&str> = entries
         .iter()
@@ -727,13 +727,13 @@ fn resolve_layout(reference: &str, dir: &Path, pinned: Option<&str>, platform: &
     let bytes = read_manifest(&entry.digest)?;
     let manifest_digest = entry.digest.clone();
     let (config_desc, layers) = match classify(&bytes, &entry.media_type).map_err(|w| rd.bad(w))? {
-        Kind2::Image(c, l) => (c, l),
-        Kind2::Index(sub) => {
+        Parsed::Image(c, l) => (c, l),
+        Parsed::Index(sub) => {
             let e = pick_platform(&sub, platform).map_err(|w| rd.bad(w))?;
             let b = read_manifest(&e.digest)?;
             match classify(&b, &e.media_type).map_err(|w| rd.bad(w))? {
-                Kind2::Image(c, l) => (c, l),
-                Kind2::Index(_) => return Err(rd.bad(format!("its index's entry {} is an index again", e.digest))),
+                Parsed::Image(c, l) => (c, l),
+                Parsed::Index(_) => return Err(rd.bad(format!("its index's entry {} is an index again", e.digest))),
             }
         }
     };
@@ -1171,10 +1171,10 @@ mod tests {
     #[test]
     fn manifests_are_told_apart_and_schema1_refused() {
         let img = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:aa","size":3},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"sha256:bb","size":5}]}"#;
-        assert!(matches!(classify(img, ""), Ok(Kind2::Image(Some(_), l)) if l.len() == 1));
+        assert!(matches!(classify(img, ""), Ok(Parsed::Image(Some(_), l)) if l.len() == 1));
         let idx = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:cc","size":1,"platform":{"os":"linux","architecture":"amd64"}}]}"#;
         assert!(
-            matches!(classify(idx, "application/vnd.oci.image.index.v1+json"), Ok(Kind2::Index(e)) if e.len() == 1)
+            matches!(classify(idx, "application/vnd.oci.image.index.v1+json"), Ok(Parsed::Index(e)) if e.len() == 1)
         );
         let s1 = br#"{"schemaVersion":1,"name":"x","tag":"1","fsLayers":[{"blobSum":"sha256:dd"}]}"#;
         assert!(

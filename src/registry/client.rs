@@ -1664,13 +1664,20 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let realm = format!("http://{addr}/token");
+        // A storage backend blobs are redirected to: the same server under another authority.
+        let storage = format!(
+            "http://localhost:{}/storage/blob",
+            listener.local_addr().unwrap().port()
+        );
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
                 let realm = realm.clone();
+                let storage = storage.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let realm = realm.clone();
+                        let storage = storage.clone();
                         async move {
                             let auth = req
                                 .headers()
@@ -1693,6 +1700,14 @@ mod tests {
                                     r.status(status).body(Full::new(Bytes::from(body.to_string()))).unwrap(),
                                 )
                             };
+                            if path == "/storage/blob" {
+                                // Credentials never follow a redirect to another host.
+                                return if auth.is_empty() {
+                                    reply(r, 200, "from storage")
+                                } else {
+                                    reply(r, 400, "credentials sent to the storage backend")
+                                };
+                            }
                             if path == "/token" {
                                 // alice:pw
                                 if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
@@ -1730,6 +1745,11 @@ mod tests {
                             }
                             match (method.as_str(), path.as_str()) {
                                 ("GET", "/v2/") => reply(r, 200, "{}"),
+                                ("GET", p) if p.ends_with("/blobs/sha256:direct") => reply(r, 200, "direct"),
+                                ("GET", p) if p.ends_with("/blobs/sha256:moved") => {
+                                    r = r.header("location", storage);
+                                    reply(r, 307, "")
+                                }
                                 ("POST", p) if p.ends_with("/blobs/uploads/") => {
                                     r = r.header("location", format!("{p}u1?_state=s"));
                                     reply(r, 202, "")
@@ -1823,6 +1843,25 @@ mod tests {
             e.message
         );
         assert!(!format!("{e:?}").contains("wrong"), "the password is never shown");
+    }
+
+    /// Blobs stream after the auth challenge of a first request, through a redirect to another
+    /// host (without the credentials), and an absent one is `None`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn blobs_stream_through_a_challenge_and_a_redirect() {
+        let addr = fake(Fault::None).await;
+        let c = client(&addr, "pw");
+        async fn read(s: BlobStream) -> String {
+            let chunks: Vec<io::Result<Bytes>> = s.body.collect().await;
+            let bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+            String::from_utf8(bytes).unwrap()
+        }
+        let s = c.blob_stream("site/app", "sha256:direct").await.unwrap().unwrap();
+        assert_eq!(s.length, Some(6));
+        assert_eq!(read(s).await, "direct");
+        let s = c.blob_stream("site/app", "sha256:moved").await.unwrap().unwrap();
+        assert_eq!(read(s).await, "from storage");
+        assert!(c.blob_stream("site/app", "sha256:absent").await.unwrap().is_none());
     }
 
     /// A token that was issued but grants too little is not a wrong password: anonymous, the
