@@ -108,8 +108,9 @@ pub(super) struct Resolved {
     pub layers: Vec<(Descriptor, String)>,
 }
 
-/// How a layer blob is compressed, from its media type; `None`: a plain tar.
-pub(super) fn layer_compression(media_type: &str) -> std::result::Result<Option<Compression>, ()> {
+/// How a layer blob is compressed, from its media type (`None`: a plain tar); an error for a
+/// media type pack does not read (foreign or non-distributable layers, artifacts of other kinds).
+pub(super) fn blob_compression(media_type: &str) -> std::result::Result<Option<Compression>, ()> {
     match media_type {
         "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
             Ok(Some(Compression::Gzip))
@@ -501,7 +502,7 @@ impl Reader<'_> {
             )));
         }
         for (l, d) in layers.iter().zip(&diff_ids) {
-            if layer_compression(&l.media_type).is_err() {
+            if blob_compression(&l.media_type).is_err() {
                 return Err(self.bad(format!(
                     "layer {} has media type {:?}, which bkbundle does not read (it reads tar layers, gzip, zstd or uncompressed)",
                     l.digest, l.media_type
@@ -1023,7 +1024,7 @@ fn store_one<R: Read>(
     writer: &mut BundleWriter,
     zctx: Option<&mut zstd::zstd_safe::CCtx<'static>>,
 ) -> Result<StoredLayer> {
-    let compression = layer_compression(&d.media_type).map_err(|_| Error::internal("media type checked at resolve"))?;
+    let compression = blob_compression(&d.media_type).map_err(|_| Error::internal("media type checked at resolve"))?;
     let source = img.place.clone();
     let read_err = |e: io::Error| Error::external(format!("{source}: layer {}: {e}", d.digest));
     let (got, layer) = match compression {
@@ -1188,20 +1189,20 @@ mod tests {
     #[test]
     fn layer_media_types() {
         assert_eq!(
-            layer_compression("application/vnd.oci.image.layer.v1.tar+gzip"),
+            blob_compression("application/vnd.oci.image.layer.v1.tar+gzip"),
             Ok(Some(Compression::Gzip))
         );
         assert_eq!(
-            layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            blob_compression("application/vnd.docker.image.rootfs.diff.tar.gzip"),
             Ok(Some(Compression::Gzip))
         );
         assert_eq!(
-            layer_compression("application/vnd.oci.image.layer.v1.tar+zstd"),
+            blob_compression("application/vnd.oci.image.layer.v1.tar+zstd"),
             Ok(Some(Compression::Zstd))
         );
-        assert_eq!(layer_compression("application/vnd.oci.image.layer.v1.tar"), Ok(None));
-        assert!(layer_compression("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_err());
-        assert!(layer_compression("application/vnd.cncf.helm.chart.content.v1.tar+gzip").is_err());
+        assert_eq!(blob_compression("application/vnd.oci.image.layer.v1.tar"), Ok(None));
+        assert!(blob_compression("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_err());
+        assert!(blob_compression("application/vnd.cncf.helm.chart.content.v1.tar+gzip").is_err());
     }
 
     #[test]
