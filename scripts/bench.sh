@@ -22,6 +22,9 @@
 #                               (pack --base) against that layer's compressed size; its install on
 #                               the site of the base against a full install on a fresh engine
 #                               (bytes streamed, seconds); merge; a full bundle on the base's site
+#   scripts/bench.sh pack-remote  issue 17: pack of the ~1 GB images from a loopback docker-registry
+#                               and from an OCI layout (both filled by skopeo) against pack through
+#                               the engine's docker save; memory
 #
 # Images: three images of ~1 GB in total sharing a ~480 MB base layer, built from this machine's
 # own files (binaries, libraries, text: realistic compression), and a ~3 GB set for the
@@ -34,7 +37,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${BENCH_DIR:-/var/tmp/bkbundle-bench}
 mkdir -p "$WORK"
-SECTIONS=${*:-pack install packages regions agent-doctor backup push delta}
+SECTIONS=${*:-pack install packages regions agent-doctor backup push delta pack-remote}
 
 say() { printf '%s\n' "$*"; }
 need() { command -v "$1" >/dev/null || { say "missing $1: run scripts/setup.sh"; exit 1; }; }
@@ -961,6 +964,72 @@ bench_push() {
   unset BKBUNDLE_CACHE_DIR
 }
 
+# issue 17: pack without the engine's export. The ~1 GB images (3 sharing a base layer) copied by
+# skopeo from the engine into a loopback docker-registry and into an OCI layout directory (both
+# hold gzip layers, as registries do), then side by side, page cache warm for each: pack through
+# the engine (docker save through its API, recompressed to zstd), pack from the registry and pack
+# from the OCI layout (gzip layers stored as they are, the shared base fetched once). Targets:
+# >= 1.5x the speed of the engine's pack, peak RSS <= 64 MiB.
+remote_cleanup() {
+  local pid
+  for pid in "${REG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${REG_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  REG_PIDS=()
+  rm -rf "$WORK/registry" "$WORK/remote-layout" "$WORK"/remote-*.toml "$WORK"/remote-*.bkb
+}
+
+bench_pack_remote() {
+  need docker-registry; need skopeo; need curl
+  remote_cleanup
+  trap remote_cleanup EXIT
+  make_images small
+  mkdir -p "$WORK/registry"
+  local reg layout="$WORK/remote-layout" r
+  registry_start reg remote
+  say "== pack-remote: filling a docker-registry and an OCI layout with the ~1 GB images (skopeo, not timed)"
+  for r in "${PUSH_REFS[@]}"; do
+    skopeo copy -q --dest-tls-verify=false "docker-daemon:$r" "docker://$reg/$r"
+    skopeo copy -q "docker-daemon:$r" "oci:$layout:$r"
+  done
+  recipe "$WORK/remote-engine.toml" "${PUSH_REFS[@]}"
+  { printf 'format = 1\n[bundle]\nname = "bench"\nversion = "1"\n[registry]\nmirror = "%s"\n' "$reg"
+    for r in "${PUSH_REFS[@]}"; do printf '[[images]]\nref = "%s"\n' "$r"; done; } > "$WORK/remote-registry.toml"
+  { printf 'format = 1\n[bundle]\nname = "bench"\nversion = "1"\n'
+    for r in "${PUSH_REFS[@]}"; do printf '[[images]]\nref = "%s"\noci_layout = "%s"\n' "$r" "$layout"; done; } > "$WORK/remote-layout.toml"
+
+  say "== pack-remote: ~1 GB of images, through the engine vs from the registry vs from the OCI layout"
+  local t_save t_eng t_reg t_lay s_eng s_reg s_lay fetched
+  time_rss t_save docker save -o "$WORK/remote-save.tar" "${PUSH_REFS[@]}"
+  rm -f "$WORK/remote-save.tar"
+  time_rss t_eng "$BK" -v --no-progress pack "$WORK/remote-engine.toml" -o "$WORK/remote-engine.bkb"
+  s_eng=$(stat -c %s "$WORK/remote-engine.bkb")
+  find "$WORK/registry/remote/storage" -type f -exec cat {} + >/dev/null
+  time_rss t_reg "$BK" -v --json --no-progress pack "$WORK/remote-registry.toml" -o "$WORK/remote-registry.bkb" --registry-insecure
+  fetched=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["layers_fetched"], "layers fetched,", r["layers_skipped"], "skipped,", r["bytes_fetched"], "bytes")' "$WORK/stdout.out")
+  s_reg=$(stat -c %s "$WORK/remote-registry.bkb")
+  local t_rec s_rec
+  time_rss t_rec "$BK" -v --no-progress pack "$WORK/remote-registry.toml" -o "$WORK/remote-recompress.bkb" --registry-insecure --recompress
+  s_rec=$(stat -c %s "$WORK/remote-recompress.bkb")
+  find "$layout" -type f -exec cat {} + >/dev/null
+  time_rss t_lay "$BK" -v --no-progress pack "$WORK/remote-layout.toml" -o "$WORK/remote-layout.bkb"
+  s_lay=$(stat -c %s "$WORK/remote-layout.bkb")
+  local ids_ok=yes
+  for b in registry recompress layout; do
+    "$BK" --no-progress verify "$WORK/remote-$b.bkb" >/dev/null || ids_ok="no: verify of the $b bundle failed"
+  done
+  say "docker save -o (for reference)          ${t_save% *} s"
+  say "pack through the engine (docker save)   ${t_eng% *} s   ($(mb "$s_eng") bundle, zstd)   peak RSS $(( ${t_eng#* } / 1024 )) MiB"
+  say "pack from the registry                  ${t_reg% *} s   ($(mb "$s_reg") bundle, gzip as fetched; $fetched)   peak RSS $(( ${t_reg#* } / 1024 )) MiB (target <= 64)"
+  say "pack from the registry --recompress     ${t_rec% *} s   ($(mb "$s_rec") bundle, zstd)   peak RSS $(( ${t_rec#* } / 1024 )) MiB"
+  say "pack from the OCI layout                ${t_lay% *} s   ($(mb "$s_lay") bundle)   peak RSS $(( ${t_lay#* } / 1024 )) MiB (target <= 64)"
+  say "speed ratio registry / engine           $(ratio "${t_eng% *}" "${t_reg% *}")   (target >= 1.5)"
+  say "speed ratio OCI layout / engine         $(ratio "${t_eng% *}" "${t_lay% *}")   (target >= 1.5)"
+  say "speed ratio registry --recompress / engine  $(ratio "${t_eng% *}" "${t_rec% *}")"
+  say "both verify                             $ids_ok"
+  remote_cleanup
+  trap - EXIT
+}
+
 for s in $SECTIONS; do
   case $s in
     pack) bench_pack ;;
@@ -971,6 +1040,7 @@ for s in $SECTIONS; do
     backup) bench_backup ;;
     push) bench_push ;;
     delta) bench_delta ;;
-    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push delta)"; exit 2 ;;
+    pack-remote) bench_pack_remote ;;
+    *) say "unknown section $s (known: pack install packages regions agent-doctor backup push delta pack-remote)"; exit 2 ;;
   esac
 done

@@ -69,7 +69,11 @@ pub enum Command {
     /// Gather images, agent packages and stack files into one bundle (on a connected machine).
     #[command(
         after_help = "Split sizes: K, M, G, T (and KB, MB, GB) are powers of 1000, KiB, MiB, GiB are powers of 1024; \
-`--split-size 4G` makes parts of 4,000,000,000 bytes, which FAT32 media accept."
+`--split-size 4G` makes parts of 4,000,000,000 bytes, which FAT32 media accept.\n\n\
+Images come from the local Docker engine (docker save through its API), from `archive` files, from
+`oci_layout` directories, or, when the recipe's [registry] (or --mirror) names a registry, from it
+by digest: each layer fetched once, skipped when the bundle already has it, gzip and zstd layers
+stored as the registry holds them. --registry-* say how to reach that registry."
     )]
     Pack(PackArgs),
     /// Check every file of a bundle (and its signature) without changing anything.
@@ -152,6 +156,17 @@ pub struct PackArgs {
     /// to carry back from the offline site).
     #[arg(long, value_name = "BUNDLE.TOML", conflicts_with = "no_images")]
     pub base_manifest: Option<PathBuf>,
+    /// HOST[:PORT][/PREFIX] of the registry to fetch the recipe's plain references from, in place
+    /// of the recipe's [registry] mirror (its `library` setting kept), e.g. harbor.intranet/bklite.
+    /// Images with `archive`, `oci_layout` or `engine = true` keep their own source.
+    #[arg(long, value_name = "REGISTRY")]
+    pub mirror: Option<String>,
+    /// Give layers fetched from a registry or an OCI layout the bundle's --compression too
+    /// (default: a gzip or zstd blob is stored as it is, which is much faster).
+    #[arg(long)]
+    pub recompress: bool,
+    #[command(flatten)]
+    pub access: RegistryAccessArgs,
 }
 
 #[derive(Args, Debug)]
@@ -623,6 +638,9 @@ impl From<PackArgs> for pack::PackOptions {
                 (None, Some(m)) => Some(bkbundle::delta::BaseSource::Manifest(m)),
                 (None, None) => None,
             },
+            mirror: a.mirror,
+            access: a.access.access(),
+            recompress: a.recompress,
         }
     }
 }

@@ -362,6 +362,6 @@ mod tests {
             p.contains("is a stack file, which a delta always carries itself"),
             "{p}"
         );
-        assert!(p.contains("is neither .tar.zst nor .tar.gz"), "{p}");
+        assert!(p.contains("ends neither in .tar.zst nor in .tar.gz"), "{p}");
     }
 }

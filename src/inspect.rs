@@ -168,7 +168,7 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         description: m.bundle.description.clone(),
         created: m.bundle.created.clone(),
         created_by: m.bundle.created_by.clone(),
-        compression: m.bundle.compression.as_str().into(),
+        compression: layer_compressions(m),
         signed: bundle.is_signed(),
         parts: bundle.parts(),
         without_layers: m.bundle.without_layers,
@@ -180,6 +180,25 @@ fn report(bundle: &VerifiedBundle) -> InspectReport {
         project: m.stack.as_ref().map(|s| s.project.clone()),
         regions: m.regions.clone(),
         sizes: sizes(m, bundle.bytes()),
+    }
+}
+
+/// How the layers are compressed: the bundle's compression, or each one found when layers differ
+/// (`zstd+gzip`: layers fetched from a registry keep the registry's compression).
+fn layer_compressions(m: &Manifest) -> String {
+    let mut found: Vec<&str> = Vec::new();
+    for l in &m.layers {
+        if let Some(c) = layout::layer_compression(&l.file) {
+            if !found.contains(&c.as_str()) {
+                found.push(c.as_str());
+            }
+        }
+    }
+    if found.len() > 1 {
+        found.sort_by_key(|c| *c != m.bundle.compression.as_str());
+        found.join("+")
+    } else {
+        found.first().copied().unwrap_or(m.bundle.compression.as_str()).to_string()
     }
 }
 

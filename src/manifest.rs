@@ -247,7 +247,31 @@ pub struct Recipe {
     pub stack: Option<RecipeStack>,
     #[serde(default)]
     pub regions: Regions,
+    /// `[registry]`: the registry plain references are fetched from (upstream's mirror, or an
+    /// intranet one), instead of the local engine's export.
+    pub registry: Option<RecipeRegistry>,
 }
+
+/// The recipe's `[registry]`: one registry named once, from which every image without a source
+/// of its own (`archive`, `oci_layout`, `engine = true`) is fetched by its plain reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeRegistry {
+    /// `HOST[:PORT][/PREFIX]` (as [`crate::registry::Target`] parses it): `bklite/server:latest`
+    /// is fetched from `HOST/PREFIX/bklite/server:latest` and keeps its plain name in the bundle.
+    pub mirror: String,
+    /// Docker Hub's official images (a one-component name, `postgres:15`) are kept under
+    /// `PREFIX/library/` (`HOST/PREFIX/library/postgres:15`), as upstream's mirror and Docker
+    /// Hub pull-through caches keep them. Default false: `HOST/PREFIX/postgres:15`, where
+    /// `bkbundle push` puts them.
+    #[serde(default)]
+    pub library: bool,
+    /// The platform taken from a multi-platform image (`os/arch[/variant]`); default linux/amd64.
+    pub platform: Option<String>,
+}
+
+/// The platform taken from a multi-platform image when the recipe names none.
+pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +290,66 @@ pub struct RecipeImage {
     pub archive: Option<PathBuf>,
     #[serde(default = "yes")]
     pub pull: bool,
+    /// Read the image from this OCI image layout directory (`oci-layout`, `index.json`,
+    /// `blobs/sha256/`, as `skopeo copy ... oci:DIR:TAG` writes it), relative to the recipe.
+    pub oci_layout: Option<PathBuf>,
+    /// The manifest digest (`sha256:<hex>`) the image must have: what is fetched from the
+    /// registry or the OCI layout must hash to it (for a multi-platform image: the index's).
+    pub digest: Option<String>,
+    /// Take this image from the local engine even though `[registry]` names a mirror.
+    #[serde(default)]
+    pub engine: bool,
+    /// The platform taken from a multi-platform image (`os/arch[/variant]`), overriding
+    /// `[registry] platform`.
+    pub platform: Option<String>,
+}
+
+/// Where an image of the recipe comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSource<'a> {
+    /// The local Docker engine's export (pulled through it when absent and allowed).
+    Engine,
+    /// A `docker save` / OCI archive file.
+    Archive(&'a std::path::Path),
+    /// An OCI image layout directory.
+    OciLayout(&'a std::path::Path),
+    /// The registry of `[registry]` (or `pack --mirror`).
+    Mirror,
+}
+
+impl RecipeImage {
+    /// Where the image is read from, `mirror` telling whether a mirror is named (the recipe's
+    /// `[registry]` or `pack --mirror`).
+    pub fn source(&self, mirror: bool) -> ImageSource<'_> {
+        if let Some(a) = &self.archive {
+            ImageSource::Archive(a)
+        } else if let Some(d) = &self.oci_layout {
+            ImageSource::OciLayout(d)
+        } else if mirror && !self.engine {
+            ImageSource::Mirror
+        } else {
+            ImageSource::Engine
+        }
+    }
+
+    /// The manifest digest the image is pinned to: `digest`, or the reference's own `@sha256:`.
+    pub fn pinned(&self) -> Option<&str> {
+        self.digest
+            .as_deref()
+            .or_else(|| self.reference.split_once('@').map(|(_, d)| d))
+    }
+}
+
+/// A platform as `os/arch[/variant]` (`linux/amd64`, `linux/arm64/v8`).
+pub fn parse_platform(p: &str) -> Option<(String, String, Option<String>)> {
+    let mut parts = p.split('/');
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let (os, arch) = (parts.next()?, parts.next()?);
+    let variant = parts.next();
+    if parts.next().is_some() || !ok(os) || !ok(arch) || variant.is_some_and(|v| !ok(v)) {
+        return None;
+    }
+    Some((os.to_string(), arch.to_string(), variant.map(str::to_string)))
 }
 
 fn yes() -> bool {
@@ -379,6 +463,9 @@ impl Recipe {
         let mut problems = Vec::new();
         check_recipe_bundle(&r.bundle, &mut problems);
         check_recipe_images(&r.images, &mut problems);
+        if let Some(reg) = &r.registry {
+            check_recipe_registry(reg, &mut problems);
+        }
         check_recipe_packages(&mut r.packages, &mut problems);
         check_recipe_installers(&mut r.installers, &mut problems);
         check_image_archives(&r, &mut problems);
@@ -422,6 +509,73 @@ fn check_recipe_images(images: &[RecipeImage], problems: &mut Vec<String>) {
         } else if !refs.insert(img.reference.clone()) {
             problems.push(format!("images[{i}]: image {:?} is listed twice", img.reference));
         }
+        check_image_source(i, img, problems);
+    }
+}
+
+/// One source per image: `archive`, `oci_layout` or `engine = true` (or, without any, the
+/// mirror when there is one, else the engine); `digest` and `platform` only where a manifest is
+/// read (a registry or an OCI layout).
+fn check_image_source(i: usize, img: &RecipeImage, problems: &mut Vec<String>) {
+    let what = format!("images[{i}] ({})", img.reference);
+    let mut given: Vec<&str> = Vec::new();
+    if img.archive.is_some() {
+        given.push("archive");
+    }
+    if img.oci_layout.is_some() {
+        given.push("oci_layout");
+    }
+    if img.engine {
+        given.push("engine = true");
+    }
+    if given.len() > 1 {
+        problems.push(format!(
+            "{what}: {} name different sources; give one (archive: a docker save/OCI file, oci_layout: an OCI layout directory, engine = true: the local Docker engine)",
+            given.join(" and ")
+        ));
+    }
+    let manifest_free = img.archive.is_some() || img.engine;
+    if let Some(d) = &img.digest {
+        if !d.strip_prefix("sha256:").is_some_and(is_sha256_hex) {
+            problems.push(format!("{what}: digest {d:?} is not sha256:<64 lower-case hex digits>"));
+        }
+        if manifest_free {
+            problems.push(format!(
+                "{what}: digest pins a manifest read from a registry or an OCI layout, but {} has none to check; remove digest, or take the image from [registry] or oci_layout",
+                if img.engine { "the engine's export" } else { "an archive" }
+            ));
+        }
+        if let Some((_, own)) = img.reference.split_once('@') {
+            if own != d {
+                problems.push(format!(
+                    "{what}: digest {d} differs from the reference's own @{own}; give it once"
+                ));
+            }
+        }
+    }
+    if let Some(p) = &img.platform {
+        if parse_platform(p).is_none() {
+            problems.push(format!(
+                "{what}: platform {p:?} is not os/arch[/variant], e.g. \"linux/arm64\""
+            ));
+        }
+        if manifest_free {
+            problems.push(format!(
+                "{what}: platform selects an image of a multi-platform index in a registry or an OCI layout; the engine and archives hold one platform already"
+            ));
+        }
+    }
+}
+
+/// `[registry]`: a mirror that is `HOST[:PORT][/PREFIX]`, a platform that is `os/arch[/variant]`.
+fn check_recipe_registry(reg: &RecipeRegistry, problems: &mut Vec<String>) {
+    if let Err(e) = crate::registry::Target::parse(&reg.mirror) {
+        problems.push(format!("registry.mirror: {}", e.message));
+    }
+    if let Some(p) = reg.platform.as_deref().filter(|p| parse_platform(p).is_none()) {
+        problems.push(format!(
+            "registry.platform {p:?} is not os/arch[/variant], e.g. \"linux/amd64\""
+        ));
     }
 }
 
@@ -642,11 +796,15 @@ fn check_image_archives(r: &Recipe, problems: &mut Vec<String>) {
         let (Some(image), Some(archive)) = (image, archive) else {
             continue;
         };
-        let listed = r
-            .images
-            .iter()
-            .find(|i| &i.reference == image)
-            .and_then(|i| i.archive.as_ref());
+        let entry = r.images.iter().find(|i| &i.reference == image);
+        if let Some(dir) = entry.and_then(|i| i.oci_layout.as_ref()) {
+            problems.push(format!(
+                "image {image}: image_archive {} differs from the OCI layout {} its [[images]] entry reads; give it once",
+                archive.display(),
+                dir.display()
+            ));
+        }
+        let listed = entry.and_then(|i| i.archive.as_ref());
         if listed.is_some_and(|l| l != archive) {
             problems.push(format!(
                 "image {image}: image_archive {} differs from the archive {} its [[images]] entry reads; give it once",
@@ -791,18 +949,6 @@ impl Compression {
         match self {
             Compression::Zstd => "zstd",
             Compression::Gzip => "gzip",
-        }
-    }
-
-    /// The compression of a layer payload, by its name (`.tar.zst`, `.tar.gz`): a bundle's layers
-    /// need not all be compressed alike (a layer taken from a base or a registry keeps its own).
-    pub fn of_layer(path: &str) -> Option<Compression> {
-        if path.ends_with(".tar.zst") {
-            Some(Compression::Zstd)
-        } else if path.ends_with(".tar.gz") {
-            Some(Compression::Gzip)
-        } else {
-            None
         }
     }
 }
@@ -1070,9 +1216,11 @@ impl Manifest {
                     l.diff_id, l.file
                 ));
             }
-            if !l.file.is_empty() && Compression::of_layer(&l.file).is_none() {
+            if !l.file.is_empty() && layout::layer_compression(&l.file).is_none() {
+                // Readers decompress a layer by its extension (either, whatever the bundle's
+                // `compression`: layers fetched from a registry are stored as they were there).
                 p.push(format!(
-                    "layers: {} file {:?} is neither .tar.zst nor .tar.gz",
+                    "layers: {} file {:?} ends neither in .tar.zst nor in .tar.gz",
                     l.diff_id, l.file
                 ));
             }
@@ -1365,6 +1513,92 @@ file = "packages/bklite-controller-bootstrap.exe"
             .unwrap_err()
             .to_string()
             .contains("other.zip"));
+    }
+
+    const REMOTE_RECIPE: &str = r#"
+format = 1
+[bundle]
+name = "demo"
+version = "1"
+
+[registry]
+mirror = "bk-lite.tencentcloudcr.com/bklite"
+library = true
+
+[[images]]
+ref = "bklite/server:latest"
+digest = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+platform = "linux/arm64/v8"
+
+[[images]]
+ref = "postgres:15"
+engine = true
+
+[[images]]
+ref = "app:1"
+oci_layout = "layouts/app"
+"#;
+
+    #[test]
+    fn registry_and_layout_sources_parse() {
+        let r = Recipe::parse(REMOTE_RECIPE, "r.toml").unwrap();
+        let reg = r.registry.as_ref().unwrap();
+        assert_eq!(
+            (reg.mirror.as_str(), reg.library),
+            ("bk-lite.tencentcloudcr.com/bklite", true)
+        );
+        assert_eq!(r.images[0].source(true), ImageSource::Mirror);
+        assert_eq!(r.images[0].source(false), ImageSource::Engine);
+        assert_eq!(r.images[0].pinned(), r.images[0].digest.as_deref());
+        assert_eq!(r.images[1].source(true), ImageSource::Engine);
+        assert_eq!(
+            r.images[2].source(true),
+            ImageSource::OciLayout(std::path::Path::new("layouts/app"))
+        );
+        assert_eq!(
+            parse_platform("linux/arm64/v8"),
+            Some(("linux".into(), "arm64".into(), Some("v8".into())))
+        );
+        assert_eq!(parse_platform("linux"), None);
+        assert_eq!(parse_platform("linux/amd64/v1/x"), None);
+    }
+
+    #[test]
+    fn contradictory_image_sources_are_refused_all_at_once() {
+        let bad = REMOTE_RECIPE
+            .replace(
+                "engine = true",
+                "engine = true\narchive = \"pg.tar\"\ndigest = \"sha256:00\"",
+            )
+            .replace(
+                "oci_layout = \"layouts/app\"",
+                "oci_layout = \"x\"\narchive = \"y.tar\"\nplatform = \"amd64\"",
+            )
+            .replace("library = true", "library = true\nplatform = \"linux/\"")
+            .replace("bk-lite.tencentcloudcr.com/bklite", "https://mirror");
+        let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+        for needle in [
+            "registry.mirror: registry \"https://mirror\": has a scheme",
+            "registry.platform \"linux/\" is not os/arch",
+            "images[1] (postgres:15): archive and engine = true name different sources",
+            "images[1] (postgres:15): digest \"sha256:00\" is not sha256:<64",
+            "images[1] (postgres:15): digest pins a manifest read from a registry or an OCI layout, but the engine's export has none",
+            "images[2] (app:1): archive and oci_layout name different sources",
+            "images[2] (app:1): platform \"amd64\" is not os/arch",
+        ] {
+            assert!(e.contains(needle), "{needle}:\n{e}");
+        }
+        // Unknown fields of [registry] are rejected like any other.
+        let bad = REMOTE_RECIPE.replace("library = true", "library = true\nmirrors = \"x\"");
+        let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+        assert!(e.contains("mirrors"), "{e}");
+        // A reference pinned twice must agree.
+        let bad = REMOTE_RECIPE.replace(
+            "ref = \"bklite/server:latest\"",
+            &format!("ref = \"bklite/server@sha256:{}\"", "b".repeat(64)),
+        );
+        let e = Recipe::parse(&bad, "r.toml").unwrap_err().to_string();
+        assert!(e.contains("differs from the reference's own @sha256:bbbb"), "{e}");
     }
 
     /// The BK-Lite recipe stays valid as it changes: packages and installers from the image.

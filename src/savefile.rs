@@ -71,7 +71,7 @@ pub fn ingest<R: Read>(
     // number of layers.
     let mut zctx = match s.compression {
         Compression::Zstd if s.store_layers => {
-            Some(zstd_context(s).map_err(|e| Error::internal(format!("zstd: {e}")))?)
+            Some(zstd_context(s.level, s.threads).map_err(|e| Error::internal(format!("zstd: {e}")))?)
         }
         Compression::Zstd | Compression::Gzip => None,
     };
@@ -92,13 +92,27 @@ pub fn ingest<R: Read>(
             }
             return Ok(got);
         }
-        if s.store_layers {
-            store_layer(layer, out, stored, zctx.as_mut(), s)
-        } else {
-            describe_layer(layer, stored, s)
-        }
+        store_or_describe(layer, out, stored, zctx.as_mut(), s)
     };
     read_archive(src, s.source, s.progress, &mut on_layer)
+}
+
+/// One layer blob (compressed or not) stored under its diff id with the bundle's compression, or
+/// with `store_layers` false only hashed and counted; returns its diff id. A layer already in
+/// `stored` is hashed and dropped again. Archive images and registry blobs that are plain tars
+/// (or `pack --recompress`) all go through here.
+pub fn store_or_describe<R: Read>(
+    layer: R,
+    out: &mut BundleWriter,
+    stored: &mut HashMap<String, StoredLayer>,
+    zctx: Option<&mut zstd::zstd_safe::CCtx<'static>>,
+    s: &Settings,
+) -> Result<String> {
+    if s.store_layers {
+        store_layer(layer, out, stored, zctx, s)
+    } else {
+        describe_layer(layer, stored, s)
+    }
 }
 
 /// One pass over a `docker save` or OCI archive: every layer blob is handed to `on_layer` (with
@@ -270,7 +284,8 @@ impl Streamed {
     }
 }
 
-fn zstd_context(s: &Settings) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
+/// The one zstd compression context a pack's layers share (level, worker threads).
+pub fn zstd_context(level: i32, threads: u32) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
     use zstd::zstd_safe::CParameter;
     let mut c = zstd::zstd_safe::CCtx::create();
     let mut set = |p: CParameter| {
@@ -278,10 +293,10 @@ fn zstd_context(s: &Settings) -> io::Result<zstd::zstd_safe::CCtx<'static>> {
             .map(|_| ())
             .map_err(|code| io::Error::other(zstd::zstd_safe::get_error_name(code)))
     };
-    set(CParameter::CompressionLevel(s.level))?;
+    set(CParameter::CompressionLevel(level))?;
     set(CParameter::ChecksumFlag(true))?;
-    if s.threads > 1 {
-        set(CParameter::NbWorkers(s.threads))?;
+    if threads > 1 {
+        set(CParameter::NbWorkers(threads))?;
         // Multi-threaded zstd keeps a few jobs in flight, each buffering its input and output;
         // the default job (4x the window, 8 MiB at level 3) put peak memory at ~64 MiB. 2 MiB jobs
         // keep it near 25 MiB whatever the bundle size, for a negligible loss of ratio.

@@ -5,7 +5,7 @@
 //! part of it: the manifest, its signature and public key, and the `SHA256SUMS` that
 //! `sha256sum -c` accepts.
 
-use crate::manifest::FileEntry;
+use crate::manifest::{Compression, FileEntry};
 
 /// The manifest.
 pub const MANIFEST: &str = "bundle.toml";
@@ -29,6 +29,19 @@ const IMAGES: &str = "images/";
 /// Bundle path of a layer's payload, named by its diff id's hex.
 pub fn layer_path(diff_hex: &str, ext: &str) -> String {
     format!("{IMAGES}layers/{diff_hex}.tar.{ext}")
+}
+
+/// How a layer payload is compressed, from its file name: `.tar.zst` zstd, `.tar.gz` gzip (a
+/// layer fetched from a registry is stored as it was compressed there, whatever the bundle's
+/// `compression`); `None` for any other name.
+pub fn layer_compression(path: &str) -> Option<Compression> {
+    if path.ends_with(".tar.zst") {
+        Some(Compression::Zstd)
+    } else if path.ends_with(".tar.gz") {
+        Some(Compression::Gzip)
+    } else {
+        None
+    }
 }
 
 /// Whether `path` is where [`layer_path`] puts a layer's payload.
@@ -116,6 +129,9 @@ mod tests {
     #[test]
     fn paths_and_sections_agree() {
         assert_eq!(section(&layer_path("ab", "zst")), Some(Section::Images));
+        assert_eq!(layer_compression(&layer_path("ab", "zst")), Some(Compression::Zstd));
+        assert_eq!(layer_compression(&layer_path("ab", "gz")), Some(Compression::Gzip));
+        assert_eq!(layer_compression("images/layers/ab.tar"), None);
         assert_eq!(section(&config_path("ab")), Some(Section::Images));
         assert_eq!(section(&package_path("a.zip")), Some(Section::Packages));
         assert_eq!(section(&stack_path("docker-compose.yml")), Some(Section::Stack));

@@ -198,7 +198,7 @@ impl LoadTar<'_> {
                     )));
                 }
                 let raw = reader.layer(layer)?;
-                let compression = Compression::of_layer(&layer.file).unwrap_or(m.bundle.compression);
+                let compression = crate::bundle::layout::layer_compression(&layer.file).unwrap_or(m.bundle.compression);
                 let mut plain: Box<dyn Read> = match compression {
                     Compression::Zstd => Box::new(
                         zstd::stream::read::Decoder::new(raw).map_err(|e| Error::internal(format!("zstd: {e}")))?,

@@ -12,8 +12,10 @@
 
 use super::extract::{self, is_under, Node, Staged, View, Wanted};
 use super::inputs::{EngineImages, PackInputError, Plan};
+use super::remote::{Digested, Remote};
 use crate::engine::Engine;
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::manifest::ImageSource;
 use crate::manifest::{Os, PackageType, RecipePackage};
 use crate::package_check::{self, Listing};
 use crate::progress::Reporter;
@@ -142,9 +144,20 @@ enum Target {
 /// One image and the artifacts taken from it.
 struct Source {
     image: String,
-    /// The archive it is read from; None: the local engine.
+    /// The archive it is read from; None: the local engine (or `remote`).
     archive: Option<PathBuf>,
+    /// Fetched from the mirror or read from an OCI layout instead.
+    remote: Option<RemoteWant>,
     targets: Vec<Target>,
+}
+
+/// Where an image artifacts come from is fetched: the OCI layout directory (relative to the
+/// recipe; None: the mirror), the pinned manifest digest and the platform.
+#[derive(Clone, PartialEq, Eq)]
+struct RemoteWant {
+    layout: Option<PathBuf>,
+    pinned: Option<String>,
+    platform: String,
 }
 
 /// A problem with an artifact taken from an image or given as an installer file.
@@ -291,17 +304,43 @@ fn sources(plan: &Plan) -> Vec<Source> {
     let mut out: Vec<Source> = Vec::new();
     for (target, image, archive) in wants {
         let Some(image) = image else { continue };
-        let listed = r
-            .images
-            .iter()
-            .find(|i| &i.reference == image)
-            .and_then(|i| i.archive.clone());
+        let entry = r.images.iter().find(|i| &i.reference == image);
+        let listed = entry.and_then(|i| i.archive.clone());
         let archive = archive.clone().or(listed).map(|a| plan.base.join(a));
-        match out.iter_mut().find(|s| &s.image == image && s.archive == archive) {
+        // Not from an archive: from where its [[images]] entry says, or (an image the bundle does
+        // not carry) from the mirror when there is one, like the recipe's plain references.
+        let mirror = plan.mirror.is_some();
+        let remote = match (&archive, entry) {
+            (Some(_), _) => None,
+            (None, Some(e)) => match e.source(mirror) {
+                ImageSource::Mirror | ImageSource::OciLayout(_) => Some(RemoteWant {
+                    layout: e.oci_layout.clone(),
+                    pinned: e.pinned().map(str::to_string),
+                    platform: super::remote::platform_of(plan, e),
+                }),
+                _ => None,
+            },
+            (None, None) if mirror => Some(RemoteWant {
+                layout: None,
+                pinned: None,
+                platform: plan
+                    .recipe
+                    .registry
+                    .as_ref()
+                    .and_then(|r| r.platform.clone())
+                    .unwrap_or_else(|| crate::manifest::DEFAULT_PLATFORM.to_string()),
+            }),
+            (None, None) => None,
+        };
+        match out
+            .iter_mut()
+            .find(|s| &s.image == image && s.archive == archive && s.remote == remote)
+        {
             Some(s) => s.targets.push(target),
             None => out.push(Source {
                 image: image.clone(),
                 archive,
+                remote,
                 targets: vec![target],
             }),
         }
@@ -315,6 +354,7 @@ fn sources(plan: &Plan) -> Vec<Source> {
 pub(super) async fn run(
     plan: &Plan,
     engine: Option<&EngineImages>,
+    remote: &mut Remote,
     output: &Path,
     reporter: &dyn Reporter,
     problems: &mut Vec<Error>,
@@ -329,7 +369,11 @@ pub(super) async fn run(
     let mut own_engine: Option<Engine> = None;
     for (k, src) in sources.iter().enumerate() {
         let dir = staging.0.join(format!("image{k}"));
-        match read_source(plan, src, engine, &mut own_engine, &dir, reporter).await {
+        let read = match &src.remote {
+            Some(want) => read_remote(plan, src, want, remote, &dir, reporter).await,
+            None => read_source(plan, src, engine, &mut own_engine, &dir, reporter).await,
+        };
+        match read {
             Ok((view, read)) => {
                 for t in &src.targets {
                     take(plan, *t, &view, &read, &dir, &mut ex, problems);
@@ -491,6 +535,71 @@ async fn read_source(
         artifacts: src.targets.len(),
     };
     Ok((View::build(layers), read))
+}
+
+/// Fetch (or read from its OCI layout) one image's manifest, config and layers, each layer blob
+/// once and checked as pack's image fetch checks it, and return its merged view at the requested
+/// paths.
+async fn read_remote(
+    plan: &Plan,
+    src: &Source,
+    want: &RemoteWant,
+    remote: &mut Remote,
+    dir: &Path,
+    reporter: &dyn Reporter,
+) -> Result<(View, ImageRead)> {
+    let source = match &want.layout {
+        Some(d) => ImageSource::OciLayout(d),
+        None => ImageSource::Mirror,
+    };
+    let img = remote
+        .resolve(plan, &src.image, source, want.pinned.as_deref(), &want.platform)
+        .await?;
+    let wanted = Wanted::new(src.targets.iter().flat_map(|t| t.paths(plan)));
+    let total = img.layers.iter().map(|(d, _)| d.size).fold(0u64, u64::saturating_add);
+    let task = reporter.task(&format!("reading files from {}", src.image), Some(total));
+    let mut layers = Vec::new();
+    let mut bytes_read = 0u64;
+    let result: Result<()> = async {
+        for (k, (d, diff)) in img.layers.iter().enumerate() {
+            let raw = img.open_blob(d).await?;
+            let layer_dir = dir.join(format!("layer{k}"));
+            let scanned = tokio::task::block_in_place(|| {
+                // Progress is counted in uncompressed bytes by the scan: none here.
+                let noop = |_: u64| {};
+                let mut blob = Digested::new(raw, d, &noop);
+                let r = extract::scan_layer(&mut blob, &img.place, &wanted, &layer_dir, &*task)
+                    .and_then(|x| blob.drain().map(|_| x).map_err(|e| Error::external(e.to_string())));
+                if r.is_err() && blob.failure.is_none() {
+                    // The blob's digest, if it is wrong, is the cause to name.
+                    let _ = blob.drain();
+                }
+                match (r, blob.failure.clone()) {
+                    (_, Some(f)) => Err(img.blob_error(d, Some(&f), None)),
+                    (r, None) => r,
+                }
+            })?;
+            let (got, size, changes) = scanned;
+            if &got != diff {
+                return Err(img.blob_error(d, None, Some((diff, &got))));
+            }
+            bytes_read = bytes_read.saturating_add(size);
+            layers.push(changes);
+        }
+        Ok(())
+    }
+    .await;
+    task.finish();
+    result?;
+    let read = ImageRead {
+        image: src.image.clone(),
+        id: img.id.clone(),
+        layers_read: layers.len(),
+        bytes_read,
+        image_bytes: bytes_read,
+        artifacts: src.targets.len(),
+    };
+    Ok((View::build(layers.iter().map(|c| c.as_slice())), read))
 }
 
 /// Build or take one artifact from the view of its image.

@@ -3,9 +3,10 @@
 //! [`savefile::ingest`] into compressed layers stored once; then one config per image id.
 
 use super::inputs::{EngineImages, PackInputError, Plan};
+use super::remote::{self, Fetched, Remote};
 use crate::bundle::{layout, BundleWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Image, Layer, RecipeImage};
+use crate::manifest::{Image, ImageSource, Layer, RecipeImage};
 use crate::progress::Reporter;
 use crate::savefile::{self, SavedImage, Settings, StoredLayer};
 use std::collections::HashMap;
@@ -17,15 +18,19 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 pub(super) struct Written {
     pub images: Vec<Image>,
     pub layers: Vec<Layer>,
+    /// What was fetched from registries and OCI layouts.
+    pub fetched: Fetched,
 }
 
 /// Layers by diff id, as stored so far (a layer already stored is skipped).
 type Stored = HashMap<String, StoredLayer>;
 
-/// Write every image of the recipe: the engine's first, then each archive's.
+/// Write every image of the recipe: the engine's first, then each archive's, then those of the
+/// mirror and of OCI layouts (whose layers already stored are not fetched at all).
 pub(super) async fn write(
     plan: &Plan,
     engine: Option<&EngineImages>,
+    remote: &Remote,
     writer: &mut BundleWriter,
     reporter: &dyn Reporter,
 ) -> Result<Written> {
@@ -58,6 +63,21 @@ pub(super) async fn write(
         let found = from_archive(plan, img, writer, &mut stored, reporter)?;
         saved.push((img.reference.clone(), found));
     }
+    let mirror = plan.mirror.is_some();
+    let fetch: Vec<remote::Resolved> = plan
+        .recipe
+        .images
+        .iter()
+        .filter(|i| matches!(i.source(mirror), ImageSource::Mirror | ImageSource::OciLayout(_)))
+        .map(|i| {
+            remote
+                .get(&i.reference)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("image {} was not resolved before writing", i.reference)))
+        })
+        .collect::<Result<_>>()?;
+    let (from_remote, fetched) = remote::store(plan, &fetch, writer, &mut stored, reporter).await?;
+    saved.extend(from_remote);
     let mut images = configs(&saved, &stored, writer)?;
     for (reference, img) in unchanged {
         match images.iter_mut().find(|i| i.id == img.id) {
@@ -81,7 +101,11 @@ pub(super) async fn write(
         })
         .collect();
     layers.sort_by(|a, b| (&a.file, &a.diff_id).cmp(&(&b.file, &b.diff_id)));
-    Ok(Written { images, layers })
+    Ok(Written {
+        images,
+        layers,
+        fetched,
+    })
 }
 
 /// Ingest an image stream on this thread (the runtime moves its other work elsewhere meanwhile),

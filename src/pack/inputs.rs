@@ -5,7 +5,9 @@
 use super::PackOptions;
 use crate::engine::{Engine, LocalImage};
 use crate::error::{Error, IoContext, Kind, Result};
-use crate::manifest::{self as format, Compression, PackageType, Recipe, RecipeImage, RecipePackage, RecipeStack};
+use crate::manifest::{
+    self as format, Compression, ImageSource, PackageType, Recipe, RecipeImage, RecipePackage, RecipeStack,
+};
 use crate::package_check::{self, Listing};
 use crate::progress::Reporter;
 use crate::sign::Signer;
@@ -36,6 +38,8 @@ pub enum PackInputError {
     },
     #[error("image {reference} is not in the local Docker engine (not pulled: pulling {first} already failed)")]
     NotPulled { reference: String, first: String },
+    #[error("image {reference}: digest {digest} pins a manifest, but the image comes from the local Docker engine (no [registry] mirror, no oci_layout)")]
+    DigestFromEngine { reference: String, digest: String },
     #[error("package {package}: entry {entry:?} is not in {from}")]
     EntryMissing {
         package: String,
@@ -80,6 +84,7 @@ impl From<PackInputError> for Error {
             P::NotInEngine { pull: true, .. } => Some("the pull reported success but the image is still absent: check the reference".into()),
             P::NotInEngine { pull: false, .. } => Some("load or build it first (`docker load -i FILE`), allow `pull = true`, or give `archive = \"file.tar\"` in the recipe".into()),
             P::NotPulled { .. } => Some("make the registry reachable (or load the images into the engine first) and run pack again".into()),
+            P::DigestFromEngine { .. } => Some("name the registry that serves it ([registry] mirror in the recipe, or --mirror), give oci_layout, or remove digest".into()),
             P::EntryMissing { .. } => Some("fix `entry` to a path inside the controller package (`unzip -l FILE` or `tar -tzf FILE` lists them)".into()),
             P::StackFileMissing { .. } => Some("paths in [stack] are relative to stack.dir: fix the name or add the file".into()),
             P::StackName(_) => Some("rename the file to a plain name (no `\\`, no control characters)".into()),
@@ -109,6 +114,12 @@ pub(super) struct Plan {
     pub no_images: bool,
     /// `--base`: the bundle this one is a delta of.
     pub delta_base: Option<crate::delta::BaseBundle>,
+    /// The registry plain references come from: `--mirror`, else the recipe's `[registry]`.
+    pub mirror: Option<super::Mirror>,
+    /// How to reach it.
+    pub access: crate::registry::Access,
+    /// `--recompress`: fetched gzip/zstd layers get the bundle's compression too.
+    pub recompress: bool,
 }
 
 /// What the checks found, for the writing steps.
@@ -121,6 +132,8 @@ pub(super) struct Checked {
     pub stack: Option<(PathBuf, Vec<String>)>,
     /// The engine images, when the recipe has any.
     pub engine: Option<EngineImages>,
+    /// The images of the mirror and of OCI layouts, resolved (manifests and configs checked).
+    pub remote: super::remote::Remote,
 }
 
 /// The recipe's images that come from the engine, found (or pulled) there.
@@ -150,6 +163,15 @@ pub(super) fn read(opts: &PackOptions, reporter: &dyn Reporter) -> Result<Plan> 
         return Err(PackInputError::Level { level, codec, max }.into());
     }
     let signer = opts.sign_key.as_deref().map(Signer::load).transpose()?;
+    let library = recipe.registry.as_ref().is_some_and(|r| r.library);
+    let mirror = match (&opts.mirror, &recipe.registry) {
+        (Some(m), _) => Some(m.as_str()),
+        (None, Some(r)) => Some(r.mirror.as_str()),
+        (None, None) => None,
+    };
+    let mirror = mirror
+        .map(|m| crate::registry::Target::parse(m).map(|target| super::Mirror { target, library }))
+        .transpose()?;
     let threads = opts.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -175,6 +197,9 @@ pub(super) fn read(opts: &PackOptions, reporter: &dyn Reporter) -> Result<Plan> 
         signer,
         no_images: opts.no_images,
         delta_base,
+        mirror,
+        access: opts.access.clone(),
+        recompress: opts.recompress,
     })
 }
 
@@ -188,7 +213,22 @@ pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<(Check
         .stack
         .as_ref()
         .map(|s| check_stack(&plan.recipe, &plan.base, s, &mut problems));
-    let engine = engine_images(&plan.recipe, reporter, &mut problems).await?;
+    let mirror = plan.mirror.is_some();
+    for img in &plan.recipe.images {
+        // An explicit `digest` only: a reference `NAME@sha256:...` the engine may hold as such.
+        if let (Some(d), ImageSource::Engine) = (img.digest.as_deref(), img.source(mirror)) {
+            problems.push(
+                PackInputError::DigestFromEngine {
+                    reference: img.reference.clone(),
+                    digest: d.to_string(),
+                }
+                .into(),
+            );
+        }
+    }
+    let engine = engine_images(&plan.recipe, mirror, reporter, &mut problems).await?;
+    let mut remote = super::remote::Remote::new(plan)?;
+    remote.resolve_recipe(plan, &mut problems).await;
     for img in &plan.recipe.images {
         if let Some(archive) = &img.archive {
             let path = plan.base.join(archive);
@@ -208,6 +248,7 @@ pub(super) async fn check(plan: &Plan, reporter: &dyn Reporter) -> Result<(Check
         listings,
         stack,
         engine,
+        remote,
     };
     Ok((checked, problems))
 }
@@ -381,10 +422,16 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
 /// the recipe has none (no engine is needed then). Images not found are problems.
 async fn engine_images(
     recipe: &Recipe,
+    mirror: bool,
     reporter: &dyn Reporter,
     problems: &mut Vec<Error>,
 ) -> Result<Option<EngineImages>> {
-    let refs: Vec<RecipeImage> = recipe.images.iter().filter(|i| i.archive.is_none()).cloned().collect();
+    let refs: Vec<RecipeImage> = recipe
+        .images
+        .iter()
+        .filter(|i| i.source(mirror) == ImageSource::Engine)
+        .cloned()
+        .collect();
     if refs.is_empty() {
         return Ok(None);
     }
@@ -478,6 +525,9 @@ mod tests {
             binary: None,
             no_images: false,
             base: None,
+            mirror: None,
+            access: Default::default(),
+            recompress: false,
         };
         let r = crate::progress::Silent;
         let e = read(&opts(Compression::Gzip, 10), &r).err().unwrap();

@@ -21,6 +21,7 @@ mod images;
 mod inputs;
 mod manifest;
 mod packages;
+mod remote;
 
 use crate::bundle::BundleWriter;
 use crate::error::Result;
@@ -34,6 +35,7 @@ use std::time::{Instant, SystemTime};
 
 pub use artifacts::{ArtifactError, ImageRead};
 pub use inputs::PackInputError;
+pub use remote::{Mirror, RemoteError};
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -54,6 +56,14 @@ pub struct PackOptions {
     pub no_images: bool,
     /// `--base` / `--base-manifest`: pack a delta of that bundle ([`crate::manifest::Base`]).
     pub base: Option<crate::delta::BaseSource>,
+    /// `--mirror HOST[:PORT][/PREFIX]`: fetch the recipe's plain references from this registry,
+    /// in place of (or without) the recipe's `[registry] mirror`.
+    pub mirror: Option<String>,
+    /// How to reach the mirror (CA, plain HTTP, credentials).
+    pub access: crate::registry::Access,
+    /// `--recompress`: give every layer fetched from a registry or an OCI layout the bundle's
+    /// compression, rather than storing gzip and zstd blobs as they are.
+    pub recompress: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +84,11 @@ pub struct PackReport {
     pub bytes_from_base: u64,
     pub image_bytes_uncompressed: u64,
     pub image_bytes_stored: u64,
+    /// Layer blobs fetched from a registry or read from an OCI layout, their bytes, and the
+    /// layers of such images not fetched because the bundle already had them.
+    pub layers_fetched: usize,
+    pub bytes_fetched: u64,
+    pub layers_skipped: usize,
     pub packages: usize,
     pub installers: usize,
     /// Images packages or installers were read from: layer bytes read against the image's size.
@@ -99,7 +114,15 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     // 1. Check every input before writing anything, artifacts taken from images included.
     let t = Instant::now();
     let (mut checked, mut problems) = inputs::check(&plan, reporter).await?;
-    let mut extracted = artifacts::run(&plan, checked.engine.as_ref(), &opts.output, reporter, &mut problems).await?;
+    let mut extracted = artifacts::run(
+        &plan,
+        checked.engine.as_ref(),
+        &mut checked.remote,
+        &opts.output,
+        reporter,
+        &mut problems,
+    )
+    .await?;
     // The carried binary must start on the offline hosts (old glibc): a problem like the others.
     let carried = packages::carried_binary(opts).and_then(|b| crate::portable::check(&b).map(|n| (b, n)));
     let carried = carried.map_err(|e| problems.push(e)).ok();
@@ -126,7 +149,8 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
         writer.set_base(b.payloads());
     }
     let t = Instant::now();
-    let written = images::write(&plan, checked.engine.as_ref(), &mut writer, reporter).await?;
+    let written = images::write(&plan, checked.engine.as_ref(), &checked.remote, &mut writer, reporter).await?;
+    let fetched = written.fetched;
     steps.push(("images".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let (packages, provenance) = packages::write_packages(&checked, &extracted, &mut writer, reporter)?;
@@ -150,6 +174,9 @@ async fn pack(opts: &PackOptions, reporter: &dyn Reporter) -> Result<PackReport>
     let mut report = manifest::report(&m, output, bytes, signed_by, t0, steps);
     report.image_reads = extracted.reads.clone();
     report.binary = needs.describe();
+    report.layers_fetched = fetched.blobs;
+    report.bytes_fetched = fetched.bytes;
+    report.layers_skipped = fetched.skipped;
     Ok(report)
 }
 
@@ -179,6 +206,16 @@ impl Report for PackReport {
                 )
             })
             .collect();
+        let fetched = if self.layers_fetched + self.layers_skipped > 0 {
+            format!(
+                "\n  {} layer(s) fetched from registries and OCI layouts ({}), {} not fetched: already in the bundle",
+                self.layers_fetched,
+                human(self.bytes_fetched),
+                self.layers_skipped
+            )
+        } else {
+            String::new()
+        };
         let stored = if self.without_layers {
             "layers not stored: install with --images-from REGISTRY".to_string()
         } else {
@@ -193,7 +230,7 @@ impl Report for PackReport {
             None => String::new(),
         };
         format!(
-            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{reads}{delta}\n  bin/bkbundle: {}\n  {} in {:.1}s",
+            "packed {} {} into {}\n  {} images ({} distinct layers, {} uncompressed, {stored}), {} packages, {} installers, {} stack files{}{fetched}{reads}{delta}\n  bin/bkbundle: {}\n  {} in {:.1}s",
             self.bundle,
             self.version,
             self.output.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),

@@ -204,6 +204,14 @@ pub struct RemoteManifest {
     pub layers: Vec<(String, u64)>,
 }
 
+/// A blob's bytes as they arrive ([`Client::blob_stream`]).
+pub struct BlobStream {
+    /// The `Content-Length` the registry announced, if any (a hint only: never trusted to size
+    /// anything).
+    pub length: Option<u64>,
+    pub body: std::pin::Pin<Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send>>,
+}
+
 /// A blob pushed: its digest and size as the registry confirmed them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
@@ -527,6 +535,160 @@ impl Client {
             config_digest: doc.config.map(|c| c.digest),
             layers: doc.layers.into_iter().map(|l| (l.digest, l.size)).collect(),
         }))
+    }
+
+    /// The manifest `reference` (tag or digest) of `repository` as the registry serves it: its
+    /// bytes (at most 4 MiB) and its media type (the body's `mediaType`, else `Content-Type`), or
+    /// `None` when there is none. Nothing is checked here: pack hashes the bytes itself.
+    pub async fn manifest_bytes(&self, repository: &str, reference: &str) -> Result<Option<(Bytes, String)>> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_MANIFESTS));
+        let r = self.get(&path, repository, headers, MANIFEST_MAX).await?;
+        match r.status {
+            s if s.is_success() => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            _ => {
+                return Err(self.refused(
+                    &r,
+                    &format!("GET of manifest {repository}:{reference}"),
+                    Some(repository),
+                ))
+            }
+        }
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+        }
+        let declared = serde_json::from_slice::<Doc>(&r.body).ok().and_then(|d| d.media_type);
+        let media_type = declared
+            .or_else(|| {
+                r.header("content-type")
+                    .map(|c| c.split(';').next().unwrap_or(c).trim().to_string())
+            })
+            .unwrap_or_default();
+        Ok(Some((r.body, media_type)))
+    }
+
+    /// A blob of `repository` as it streams (image layers: never held whole), or `None` when the
+    /// registry does not have it. Redirects (a storage backend serving the bytes) are followed,
+    /// without credentials when they leave the registry. The stream fails when no data comes for
+    /// [`STALL_TIMEOUT`]; what it yields is not checked here (the caller hashes it).
+    pub async fn blob_stream(&self, repository: &str, digest: &str) -> Result<Option<BlobStream>> {
+        let scope = Scope::Pull(repository.into());
+        let what = format!("GET of blob {digest} in {repository}");
+        let mut path = format!("/v2/{repository}/blobs/{digest}");
+        let mut challenged = false;
+        // A redirect's URL on another host or port: (tls, authority).
+        let mut elsewhere: Option<(bool, String)> = None;
+        for _ in 0..8 {
+            let (mut conn, authority, auth) = match &elsewhere {
+                None => (self.conn().await?, self.host.clone(), self.authorization(&scope).await?),
+                Some((tls, authority)) => {
+                    let conn = if *tls {
+                        let (t, trust) = self.realm_tls(&format!("https://{authority}/"))?;
+                        self.connect(authority, Some(&t), &trust).await?
+                    } else {
+                        self.connect(authority, None, "").await?
+                    };
+                    (conn, authority.clone(), None)
+                }
+            };
+            let mut req = Request::builder()
+                .method(Method::GET)
+                .uri(&path)
+                .header(header::HOST, &authority)
+                .header(header::USER_AGENT, concat!("bkbundle/", env!("CARGO_PKG_VERSION")))
+                .body(Empty::new().map_err(|e| match e {}).boxed())
+                .map_err(|e| Error::internal(format!("request GET {path}: {e}")))?;
+            if let Some(a) = auth {
+                req.headers_mut().insert(header::AUTHORIZATION, a);
+            }
+            let failed = |e: String| {
+                Error::external(format!("registry {}: {what}: {e}", self.display()))
+                    .hint("check that the registry runs and that this host reaches it; run pack again")
+            };
+            let resp = tokio::time::timeout(REPLY_TIMEOUT, conn.send_request(req))
+                .await
+                .map_err(|_| failed(format!("no answer within {} s", REPLY_TIMEOUT.as_secs())))?
+                .map_err(|e| failed(crate::error::chain(&e)))?;
+            let (parts, mut body) = resp.into_parts();
+            if parts.status.is_success() {
+                let length = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                let stream = futures_util::stream::unfold(Some((body, conn)), |state| async move {
+                    let (mut body, conn) = state?;
+                    loop {
+                        match tokio::time::timeout(STALL_TIMEOUT, body.frame()).await {
+                            Err(_) => {
+                                let e = io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    format!("no data for {} s", STALL_TIMEOUT.as_secs()),
+                                );
+                                return Some((Err(e), None));
+                            }
+                            Ok(None) => return None,
+                            Ok(Some(Err(e))) => return Some((Err(io::Error::other(e)), None)),
+                            Ok(Some(Ok(frame))) => {
+                                if let Ok(data) = frame.into_data() {
+                                    if !data.is_empty() {
+                                        return Some((Ok(data), Some((body, conn))));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                return Ok(Some(BlobStream {
+                    length,
+                    body: Box::pin(stream),
+                }));
+            }
+            // Not the blob: read the (small) answer for the message, the challenge or the redirect.
+            let mut buf = Vec::new();
+            let read = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(data) = frame.into_data() {
+                        if buf.len() + data.len() > SMALL_BODY_MAX {
+                            break;
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(REPLY_TIMEOUT, read).await;
+            let reply = Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: Bytes::from(buf),
+            };
+            match reply.status {
+                StatusCode::NOT_FOUND => return Ok(None),
+                StatusCode::UNAUTHORIZED if !challenged && elsewhere.is_none() => {
+                    challenged = true;
+                    self.answer_challenge(&reply, &scope).await?;
+                }
+                StatusCode::UNAUTHORIZED => return Err(self.unauthorized(&reply, Some(&scope))),
+                s if s.is_redirection() => {
+                    let loc = reply
+                        .header("location")
+                        .ok_or_else(|| self.protocol(&format!("redirected the {what} without a Location")))?;
+                    match split_url(loc) {
+                        Some((tls, auth, p)) if auth != self.host || tls != self.tls.is_some() => {
+                            elsewhere = Some((tls, auth));
+                            path = p;
+                        }
+                        _ => path = self.location_path(loc),
+                    }
+                }
+                _ => return Err(self.refused(&reply, &what, Some(repository))),
+            }
+        }
+        Err(self.protocol(&format!("redirected the {what} more than 8 times")))
     }
 
     /// `GET path` with the right to pull from `repository`; at most `max` bytes of body.
@@ -1502,13 +1664,20 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let realm = format!("http://{addr}/token");
+        // A storage backend blobs are redirected to: the same server under another authority.
+        let storage = format!(
+            "http://localhost:{}/storage/blob",
+            listener.local_addr().unwrap().port()
+        );
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
                 let realm = realm.clone();
+                let storage = storage.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let realm = realm.clone();
+                        let storage = storage.clone();
                         async move {
                             let auth = req
                                 .headers()
@@ -1531,6 +1700,14 @@ mod tests {
                                     r.status(status).body(Full::new(Bytes::from(body.to_string()))).unwrap(),
                                 )
                             };
+                            if path == "/storage/blob" {
+                                // Credentials never follow a redirect to another host.
+                                return if auth.is_empty() {
+                                    reply(r, 200, "from storage")
+                                } else {
+                                    reply(r, 400, "credentials sent to the storage backend")
+                                };
+                            }
                             if path == "/token" {
                                 // alice:pw
                                 if auth == "Basic YWxpY2U6cHc=" && query.contains("service=fake") {
@@ -1568,6 +1745,11 @@ mod tests {
                             }
                             match (method.as_str(), path.as_str()) {
                                 ("GET", "/v2/") => reply(r, 200, "{}"),
+                                ("GET", p) if p.ends_with("/blobs/sha256:direct") => reply(r, 200, "direct"),
+                                ("GET", p) if p.ends_with("/blobs/sha256:moved") => {
+                                    r = r.header("location", storage);
+                                    reply(r, 307, "")
+                                }
                                 ("POST", p) if p.ends_with("/blobs/uploads/") => {
                                     r = r.header("location", format!("{p}u1?_state=s"));
                                     reply(r, 202, "")
@@ -1661,6 +1843,25 @@ mod tests {
             e.message
         );
         assert!(!format!("{e:?}").contains("wrong"), "the password is never shown");
+    }
+
+    /// Blobs stream after the auth challenge of a first request, through a redirect to another
+    /// host (without the credentials), and an absent one is `None`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn blobs_stream_through_a_challenge_and_a_redirect() {
+        let addr = fake(Fault::None).await;
+        let c = client(&addr, "pw");
+        async fn read(s: BlobStream) -> String {
+            let chunks: Vec<io::Result<Bytes>> = s.body.collect().await;
+            let bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+            String::from_utf8(bytes).unwrap()
+        }
+        let s = c.blob_stream("site/app", "sha256:direct").await.unwrap().unwrap();
+        assert_eq!(s.length, Some(6));
+        assert_eq!(read(s).await, "direct");
+        let s = c.blob_stream("site/app", "sha256:moved").await.unwrap().unwrap();
+        assert_eq!(read(s).await, "from storage");
+        assert!(c.blob_stream("site/app", "sha256:absent").await.unwrap().is_none());
     }
 
     /// A token that was issued but grants too little is not a wrong password: anonymous, the

@@ -153,13 +153,13 @@ pub fn run(opts: &PushOptions, reporter: &dyn Reporter) -> Result<PushReport> {
     let not_zstd = m
         .layers
         .iter()
-        .find(|l| Compression::of_layer(&l.file).unwrap_or(stored) != Compression::Zstd);
+        .find(|l| crate::bundle::layout::layer_compression(&l.file).unwrap_or(stored) != Compression::Zstd);
     if let (LayerFormat::Zstd, Some(l)) = (format, not_zstd) {
         return Err(Error::input(format!(
             "{}: --compression zstd sends layers as stored, but this bundle stores layer {} as {}",
             bundle.display_name(),
             l.diff_id,
-            Compression::of_layer(&l.file).unwrap_or(stored).as_str()
+            crate::bundle::layout::layer_compression(&l.file).unwrap_or(stored).as_str()
         ))
         .hint("push it with --compression gzip (the default)"));
     }
@@ -305,7 +305,7 @@ impl Ctx {
 
     /// How `layer` is stored: by its file's name (a bundle may mix them), else the bundle's.
     fn stored_as(&self, layer: &Layer) -> Compression {
-        Compression::of_layer(&layer.file).unwrap_or(self.stored)
+        crate::bundle::layout::layer_compression(&layer.file).unwrap_or(self.stored)
     }
 
     /// A layer's digest and size when known before sending: stored as sent, or remembered.

@@ -24,6 +24,7 @@ mod images_from;
 mod install;
 mod output;
 mod pack;
+mod pack_remote;
 mod packages;
 mod push;
 mod regions;

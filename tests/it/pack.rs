@@ -38,7 +38,7 @@ pub fn bk(args: &[&str]) -> Run {
     run(bkbundle().args(args))
 }
 
-fn sh(script: &str) -> Run {
+pub(crate) fn sh(script: &str) -> Run {
     let r = run(Command::new("bash").args(["-c", script]));
     assert_eq!(r.code, 0, "`{script}` failed:\n{}{}", r.stdout, r.stderr);
     r
@@ -69,7 +69,7 @@ pub fn demo_bundle() -> &'static Path {
 
 /// A recipe in `dir` with the given image and package sections and a stack of one service per
 /// image (pack refuses a stack whose images the recipe does not pack).
-fn recipe(dir: &Path, images: &str, packages: &str) -> PathBuf {
+pub(crate) fn recipe(dir: &Path, images: &str, packages: &str) -> PathBuf {
     let stack = dir.join("stack");
     fs::create_dir_all(&stack).unwrap();
     let mut compose = String::from("services:\n");
@@ -96,7 +96,7 @@ fn controller(file: &Path) -> String {
     )
 }
 
-fn json(r: &Run) -> serde_json::Value {
+pub(crate) fn json(r: &Run) -> serde_json::Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stdout))
 }
 
@@ -745,7 +745,7 @@ const FC_DOCKERFILE: &str = "FROM bkbundle-demo/base:1\nCOPY opt /opt\n\
 /// classic builder (offline). The first layer (COPY) lays out upstream's paths; the second (RUN)
 /// overrides a file, deletes a file and a directory, and replaces a directory with a new one, so
 /// that whiteouts and layer order decide what pack reads. Returns (reference, build context).
-fn fc_image() -> &'static (String, PathBuf) {
+pub(crate) fn fc_image() -> &'static (String, PathBuf) {
     static IMG: OnceLock<(String, PathBuf, tempfile::TempDir)> = OnceLock::new();
     let (r, c, _) = IMG.get_or_init(|| {
         ensure_demo_images();
@@ -771,7 +771,7 @@ fn fc_image() -> &'static (String, PathBuf) {
 }
 
 /// The BK-Lite shape of a recipe's image-sourced artifacts, for image `img`.
-fn image_artifacts(img: &str) -> String {
+pub(crate) fn image_artifacts(img: &str) -> String {
     format!(
         r#"
 [[packages]]
@@ -856,13 +856,13 @@ print(json.dumps(out))
 }
 
 /// sha256sum's digest of a file.
-fn sha256sum(p: &Path) -> String {
+pub(crate) fn sha256sum(p: &Path) -> String {
     let r = sh(&format!("sha256sum {}", p.display()));
     r.stdout.split_whitespace().next().unwrap().to_string()
 }
 
 /// What a pack left in `dir` besides the recipe and its stack.
-fn leftovers(dir: &Path) -> Vec<String> {
+pub(crate) fn leftovers(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
