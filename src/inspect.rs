@@ -198,7 +198,11 @@ fn layer_compressions(m: &Manifest) -> String {
         found.sort_by_key(|c| *c != m.bundle.compression.as_str());
         found.join("+")
     } else {
-        found.first().copied().unwrap_or(m.bundle.compression.as_str()).to_string()
+        found
+            .first()
+            .copied()
+            .unwrap_or(m.bundle.compression.as_str())
+            .to_string()
     }
 }
 

@@ -159,7 +159,9 @@ pub fn run(opts: &PushOptions, reporter: &dyn Reporter) -> Result<PushReport> {
             "{}: --compression zstd sends layers as stored, but this bundle stores layer {} as {}",
             bundle.display_name(),
             l.diff_id,
-            crate::bundle::layout::layer_compression(&l.file).unwrap_or(stored).as_str()
+            crate::bundle::layout::layer_compression(&l.file)
+                .unwrap_or(stored)
+                .as_str()
         ))
         .hint("push it with --compression gzip (the default)"));
     }

@@ -130,14 +130,7 @@ fn images_from_a_registry_and_an_oci_layout_install_with_the_sources_ids() {
     let head = format!("[registry]\nmirror = \"{}\"\n", reg.host());
     let r = stack_recipe(d.path(), "1", &head, &u, &format!("digest = \"{manifest_digest}\""));
     let out = d.path().join("reg.bkb");
-    let v = bk(&[
-        "--json",
-        "pack",
-        arg(&r),
-        "-o",
-        arg(&out),
-        "--registry-insecure",
-    ]);
+    let v = bk(&["--json", "pack", arg(&r), "-o", arg(&out), "--registry-insecure"]);
     assert_eq!(v.code, 0, "{}", v.stderr);
     let j = json(&v);
     assert_eq!(
