@@ -466,17 +466,18 @@ struct DockerItem {
     layers: Vec<String>,
 }
 
+/// The fields of an image config pack reads (an archive's, or one fetched by `pack::remote`).
 #[derive(Deserialize)]
-struct ImageConfig {
-    os: Option<String>,
-    architecture: Option<String>,
-    rootfs: Option<RootFs>,
+pub(crate) struct ImageConfig {
+    pub os: Option<String>,
+    pub architecture: Option<String>,
+    pub rootfs: Option<RootFs>,
 }
 
 #[derive(Deserialize)]
-struct RootFs {
+pub(crate) struct RootFs {
     #[serde(default)]
-    diff_ids: Vec<String>,
+    pub diff_ids: Vec<String>,
 }
 
 #[derive(Deserialize)]

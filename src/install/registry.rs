@@ -191,10 +191,13 @@ pub(super) async fn preflight(
     checked
 }
 
+/// A CA file for the engine to write: where, and its bytes.
+type CaWrite = (PathBuf, Vec<u8>);
+
 /// The engine's CA file for the registry against `--registry-ca`: `Ok(Some)` to write it (it is
 /// missing), `Ok(None)` when it holds that CA already, `Err((finding, hint))` when it holds
 /// another or the CA file cannot be read.
-fn ca_file_plan(ca: &Path, certs_file: &Path) -> std::result::Result<Option<(PathBuf, Vec<u8>)>, (String, String)> {
+fn ca_file_plan(ca: &Path, certs_file: &Path) -> std::result::Result<Option<CaWrite>, (String, String)> {
     let pem = std::fs::read(ca).map_err(|e| {
         (
             format!("--registry-ca {}: cannot read it: {e}", ca.display()),

@@ -170,19 +170,6 @@ struct Platform {
     variant: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Config {
-    os: Option<String>,
-    architecture: Option<String>,
-    rootfs: Option<RootFs>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 /// What a manifest turned out to be: an image manifest (config, layers) or an index.
 #[derive(Debug)]
 enum Parsed {
@@ -491,7 +478,7 @@ impl Reader<'_> {
         if found != cd.digest {
             return Err(self.mismatch("config", &cd.digest, cd.digest.clone(), found));
         }
-        let cfg: Config = serde_json::from_slice(&config)
+        let cfg: crate::savefile::ImageConfig = serde_json::from_slice(&config)
             .map_err(|e| self.bad(format!("config {}: not an image config: {e}", cd.digest)))?;
         let diff_ids = cfg.rootfs.map(|r| r.diff_ids).unwrap_or_default();
         if diff_ids.len() != layers.len() {

@@ -490,22 +490,10 @@ impl Client {
 
     /// The manifest `reference` (tag or digest) of `repository`, or `None` when there is none.
     pub async fn manifest(&self, repository: &str, reference: &str) -> Result<Option<RemoteManifest>> {
-        let path = format!("/v2/{repository}/manifests/{reference}");
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT_MANIFESTS));
-        let r = self.get(&path, repository, headers, MANIFEST_MAX).await?;
-        match r.status {
-            s if s.is_success() => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            _ => {
-                return Err(self.refused(
-                    &r,
-                    &format!("GET of manifest {repository}:{reference}"),
-                    Some(repository),
-                ))
-            }
-        }
-        let digest = format!("sha256:{}", sha256_hex(&r.body));
+        let Some((body, media_type)) = self.manifest_bytes(repository, reference).await? else {
+            return Ok(None);
+        };
+        let digest = format!("sha256:{}", sha256_hex(&body));
         #[derive(serde::Deserialize)]
         struct Descriptor {
             digest: String,
@@ -514,21 +502,15 @@ impl Client {
         }
         #[derive(serde::Deserialize)]
         struct Doc {
-            #[serde(rename = "mediaType")]
-            media_type: Option<String>,
             config: Option<Descriptor>,
             #[serde(default)]
             layers: Vec<Descriptor>,
         }
         let doc: Doc = self.json(
-            &r.body,
+            &body,
             &format!("GET of manifest {repository}:{reference}"),
             "a manifest",
         )?;
-        let media_type = doc
-            .media_type
-            .or_else(|| r.header("content-type").map(str::to_string))
-            .unwrap_or_default();
         Ok(Some(RemoteManifest {
             media_type,
             digest,
