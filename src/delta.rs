@@ -163,6 +163,29 @@ impl EngineLayers {
     }
 }
 
+/// What loading `images` (in this order) streams: each image's uncompressed layer bytes the engine
+/// lacks (a layer shared with an image before it counted there), and the bytes of their layers
+/// the engine already has (left out of the stream).
+pub fn stream_bytes(m: &Manifest, images: &[&Image], engine: &EngineLayers) -> (Vec<u64>, u64) {
+    let (mut sent, mut skipped) = (BTreeSet::new(), 0u64);
+    let per_image = images
+        .iter()
+        .map(|img| {
+            let mut bytes = 0u64;
+            for (d, present) in img.layers.iter().zip(engine.present(img)) {
+                let size = m.layer(d).map(|l| l.size).unwrap_or(0);
+                if present {
+                    skipped = skipped.saturating_add(size);
+                } else if sent.insert(d.clone()) {
+                    bytes = bytes.saturating_add(size);
+                }
+            }
+            bytes
+        })
+        .collect();
+    (per_image, skipped)
+}
+
 /// The parts of `images` (those to load) that the bundle leaves to its base and the engine does
 /// not have: a config (the image itself is absent) or a layer. Empty for a full bundle.
 pub fn image_gaps(m: &Manifest, images: &[&Image], engine: &EngineLayers) -> Vec<String> {

@@ -1453,20 +1453,10 @@ async fn plan_streams(
     let mut gaps = Vec::new();
     if !to_load.is_empty() && !m.bundle.without_layers {
         let layers = engine.layers().await?;
-        let mut sent = std::collections::BTreeSet::new();
-        for p in images.iter_mut().filter(|p| p.action == ImageAction::Load) {
-            let Some(img) = m.images.iter().find(|i| i.id == p.id) else {
-                continue;
-            };
-            let bytes = img
-                .layers
-                .iter()
-                .zip(layers.present(img))
-                .filter(|(d, present)| !present && sent.insert((*d).clone()))
-                .filter_map(|(d, _)| m.layer(d))
-                .map(|l| l.size)
-                .fold(0u64, u64::saturating_add);
-            p.stream = Some(bytes);
+        let (bytes, _) = crate::delta::stream_bytes(m, &to_load, &layers);
+        let loads = images.iter_mut().filter(|p| p.action == ImageAction::Load);
+        for (p, b) in loads.zip(bytes) {
+            p.stream = Some(b);
         }
         gaps = crate::delta::image_gaps(m, &to_load, &layers);
     }
@@ -1980,17 +1970,8 @@ async fn load_planned(
         if !gaps.is_empty() {
             return Err(crate::delta::gaps_error(manifest, &gaps, None));
         }
-        let (mut sizes, mut total, mut skipped) = (std::collections::BTreeSet::new(), 0u64, 0u64);
-        for img in &to_load {
-            for (d, present) in img.layers.iter().zip(layers.present(img)) {
-                let size = manifest.layer(d).map(|l| l.size).unwrap_or(0);
-                if present {
-                    skipped = skipped.saturating_add(size);
-                } else if sizes.insert(d.clone()) {
-                    total = total.saturating_add(size);
-                }
-            }
-        }
+        let (per_image, skipped) = crate::delta::stream_bytes(manifest, &refs, &layers);
+        let total = per_image.iter().fold(0u64, |a, b| a.saturating_add(*b));
         streamed = format!(
             " ({} of layers streamed{})",
             crate::inspect::human(total),

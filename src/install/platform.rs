@@ -325,14 +325,9 @@ async fn objects(
             size: p.size,
             action: p.action,
             ca_added: p.inject.is_some(),
-            from_base: match &p.source {
-                packages::source::Source::Entry(path) | packages::source::Source::Inner { container: path, .. } => {
-                    bundle
-                        .filter(|b| p.upload && b.manifest().from_base(path))
-                        .map(|_| path.clone())
-                }
-                packages::source::Source::File(_) => None,
-            },
+            from_base: bundle
+                .and_then(|b| p.missing_from_base(b.manifest()))
+                .map(str::to_string),
             row: (!p.installer).then(|| PlannedPackageRow {
                 kind: p.pkg.kind.as_str().to_string(),
                 os: p.pkg.os.as_str().to_string(),

@@ -641,18 +641,26 @@ pub async fn run_on(
     Ok(report)
 }
 
+impl Planned {
+    /// The bundle file a delta leaves to its base that this object's bytes would have to come
+    /// from: the object is to be sent (the store lacks it, or holds other bytes) but the bundle
+    /// does not carry it.
+    pub fn missing_from_base<'a>(&'a self, m: &crate::manifest::Manifest) -> Option<&'a str> {
+        let path = match &self.source {
+            Source::Entry(path) | Source::Inner { container: path, .. } => path,
+            Source::File(_) => return None,
+        };
+        (self.upload && m.from_base(path)).then_some(path.as_str())
+    }
+}
+
 /// The objects a delta bundle would have to send but leaves to its base: the store lacks them (or
 /// holds other bytes), so the site was not installed from that base or lost them.
 pub fn base_gaps(m: &crate::manifest::Manifest, planned: &[Planned]) -> Vec<String> {
     planned
         .iter()
-        .filter(|p| p.upload)
         .filter_map(|p| {
-            let path = match &p.source {
-                Source::Entry(path) | Source::Inner { container: path, .. } => path,
-                Source::File(_) => return None,
-            };
-            m.from_base(path).then(|| {
+            p.missing_from_base(m).map(|path| {
                 format!(
                     "object {} ({} {}): not in the object store with digest {}, and this delta bundle leaves its file {path} to its base",
                     p.key,

@@ -40,6 +40,22 @@ use tokio::sync::mpsc;
 use tokio_util::either::Either;
 
 type Body = BoxBody<Bytes, io::Error>;
+
+/// A GET of `path` on `authority` without a body, with bkbundle's User-Agent and `auth` (an
+/// Authorization value) when given: a blob's or a token's request.
+fn get_request(path: &str, authority: &str, auth: Option<HeaderValue>) -> Result<Request<Body>> {
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(header::HOST, authority)
+        .header(header::USER_AGENT, concat!("bkbundle/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .map_err(|e| Error::internal(format!("request GET {path}: {e}")))?;
+    if let Some(a) = auth {
+        req.headers_mut().insert(header::AUTHORIZATION, a);
+    }
+    Ok(req)
+}
 type Conn = SendRequest<Body>;
 
 /// The largest manifest read (distribution's own limit is 4 MiB).
@@ -577,16 +593,7 @@ impl Client {
                     (conn, authority.clone(), None)
                 }
             };
-            let mut req = Request::builder()
-                .method(Method::GET)
-                .uri(&path)
-                .header(header::HOST, &authority)
-                .header(header::USER_AGENT, concat!("bkbundle/", env!("CARGO_PKG_VERSION")))
-                .body(Empty::new().map_err(|e| match e {}).boxed())
-                .map_err(|e| Error::internal(format!("request GET {path}: {e}")))?;
-            if let Some(a) = auth {
-                req.headers_mut().insert(header::AUTHORIZATION, a);
-            }
+            let req = get_request(&path, &authority, auth)?;
             let failed = |e: String| {
                 Error::external(format!("registry {}: {what}: {e}", self.display()))
                     .hint("check that the registry runs and that this host reaches it; run pack again")
@@ -997,16 +1004,7 @@ impl Client {
             ))
             .hint("serve the token service over HTTPS (the registry's auth.token.realm), or accept plain HTTP with --registry-insecure"));
         }
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(&path)
-            .header(header::HOST, &authority)
-            .header(header::USER_AGENT, concat!("bkbundle/", env!("CARGO_PKG_VERSION")))
-            .body(Empty::new().map_err(|e| match e {}).boxed())
-            .map_err(|e| Error::internal(format!("token request: {e}")))?;
-        if let Some(c) = &creds {
-            req.headers_mut().insert(header::AUTHORIZATION, basic(c));
-        }
+        let req = get_request(&path, &authority, creds.as_ref().map(basic))?;
         let conn = if tls {
             let (t, trust) = self.realm_tls(realm)?;
             self.connect(&authority, Some(&t), &trust).await?
