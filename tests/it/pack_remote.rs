@@ -30,6 +30,27 @@ impl Drop for OwnImages {
     }
 }
 
+/// An image of the test's own (`u`, a unique layer on the demo base), copied by skopeo into a
+/// fresh loopback registry and into an OCI layout (`layout`, tag `1`) in the test's directory.
+struct Sources {
+    own: OwnImages,
+    reg: Registry,
+    d: tempfile::TempDir,
+    u: String,
+    layout: std::path::PathBuf,
+}
+
+fn sources() -> Sources {
+    let reg = Registry::plain();
+    let d = tempfile::tempdir().unwrap();
+    let u = unique_image(d.path());
+    let own = OwnImages(vec![u.clone()]);
+    reg.skopeo_copy_from_daemon(&u, &u);
+    let layout = d.path().join("layout");
+    oci_layout(&u, &layout, "1");
+    Sources { own, reg, d, u, layout }
+}
+
 /// `skopeo copy docker-daemon:IMAGE oci:DIR:TAG`: an OCI layout made offline from the engine.
 fn oci_layout(image: &str, dir: &Path, tag: &str) {
     sh(&format!(
@@ -105,14 +126,13 @@ fn rmi(image: &str) {
 #[test]
 fn images_from_a_registry_and_an_oci_layout_install_with_the_sources_ids() {
     ensure_demo_images();
-    let mut own = OwnImages(vec![]);
-    let reg = Registry::plain();
-    let d = tempfile::tempdir().unwrap();
-    let u = unique_image(d.path());
-    own.0.push(u.clone());
-    reg.skopeo_copy_from_daemon(&u, &u);
-    let layout = d.path().join("layout");
-    oci_layout(&u, &layout, "1");
+    let Sources {
+        own: _own,
+        reg,
+        d,
+        u,
+        layout,
+    } = sources();
     let reg_id = reg.image_id(&u).expect("the registry has the image");
     let layout_id = layout_manifest(&layout, "1")["config"]["digest"]
         .as_str()
@@ -262,14 +282,13 @@ fn refused(d: &Path, r: &Path, extra: &[&str], code: i32, needles: &[&str]) -> R
 #[test]
 fn damaged_blobs_and_a_pinned_digest_that_does_not_match_are_named() {
     ensure_demo_images();
-    let mut own = OwnImages(vec![]);
-    let reg = Registry::plain();
-    let d = tempfile::tempdir().unwrap();
-    let u = unique_image(d.path());
-    own.0.push(u.clone());
-    reg.skopeo_copy_from_daemon(&u, &u);
-    let layout = d.path().join("layout");
-    oci_layout(&u, &layout, "1");
+    let Sources {
+        own: _own,
+        reg,
+        d,
+        u,
+        layout,
+    } = sources();
     let mirror = format!("[registry]\nmirror = \"{}\"\n", reg.host());
 
     // A layer blob altered in the registry's storage (its own top layer: small, gzip).
