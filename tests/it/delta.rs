@@ -5,7 +5,7 @@
 //! Each test builds images of its own (a unique layer on the demo base, and a version 2 with one
 //! more layer on top), so removing them disturbs no other test; they are removed at the end.
 
-use crate::harness::ensure_demo_images;
+use crate::harness::{ensure_demo_images, OwnImages};
 use crate::install::{compose_with, image_id, pack_stack_with, unique_image, Project};
 use crate::pack::{bk, run, Run};
 use std::fs;
@@ -13,17 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const WEB: &str = "bkbundle-demo/web:1";
-
-/// Removes the test's own image names from the engine when the test ends (whatever it left).
-struct OwnImages(Vec<String>);
-
-impl Drop for OwnImages {
-    fn drop(&mut self) {
-        for r in self.0.iter().rev() {
-            let _ = run(Command::new("docker").args(["rmi", r]));
-        }
-    }
-}
 
 fn arg(p: &Path) -> &str {
     p.to_str().unwrap()

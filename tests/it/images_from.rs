@@ -6,7 +6,7 @@
 //! before the install so that the engine really pulls it, and removed again at the end; the demo
 //! images the other tests share are only read.
 
-use crate::harness::{ensure_demo_images, free_port, Registry};
+use crate::harness::{ensure_demo_images, free_port, OwnImages, Registry};
 use crate::install::{compose_with, image_id, pack_stack_with, unique_image, Project};
 use crate::pack::{bk, run, Run};
 use std::fs;
@@ -14,17 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const WEB: &str = "bkbundle-demo/web:1";
-
-/// Removes the test's own image names from the engine when the test ends (whatever it left).
-struct OwnImages(Vec<String>);
-
-impl Drop for OwnImages {
-    fn drop(&mut self) {
-        for r in &self.0 {
-            let _ = run(Command::new("docker").args(["rmi", r]));
-        }
-    }
-}
 
 /// A bundle without layers of the demo web image and an image of the test's own (service `u`).
 struct Setup {

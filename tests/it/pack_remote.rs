@@ -5,7 +5,7 @@
 //! registry's own access log; damaged blobs (in the registry's storage and in a layout), a pinned
 //! digest that does not match and an unreachable registry refused, naming the image.
 
-use crate::harness::{ensure_demo_images, free_port, Registry};
+use crate::harness::{ensure_demo_images, free_port, OwnImages, Registry};
 use crate::install::{compose_with, image_id, unique_image, Project};
 use crate::pack::{bk, fc_image, image_artifacts, json, leftovers, recipe, run, sh, sha256sum, xor_byte, Run};
 use std::fs;
@@ -17,17 +17,6 @@ const APP: &str = "bkbundle-demo/app:1";
 
 fn arg(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Removes the test's own images from the engine when the test ends.
-struct OwnImages(Vec<String>);
-
-impl Drop for OwnImages {
-    fn drop(&mut self) {
-        for r in &self.0 {
-            let _ = run(Command::new("docker").args(["rmi", r]));
-        }
-    }
 }
 
 /// An image of the test's own (`u`, a unique layer on the demo base), copied by skopeo into a

@@ -77,3 +77,15 @@ fn all_demo_images_present() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// The image names a test made for itself, removed from the engine when the test ends (whatever
+/// it left), last made first (a child before its parent).
+pub struct OwnImages(pub Vec<String>);
+
+impl Drop for OwnImages {
+    fn drop(&mut self) {
+        for r in self.0.iter().rev() {
+            let _ = Command::new("docker").args(["rmi", r]).output();
+        }
+    }
+}

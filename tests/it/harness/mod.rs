@@ -25,7 +25,7 @@ mod registry;
 mod releases;
 
 pub use agent_host::AgentHost;
-pub use docker::{docker_lock, ensure_demo_images, require_docker, DEMO_IMAGES};
+pub use docker::{docker_lock, ensure_demo_images, require_docker, OwnImages, DEMO_IMAGES};
 pub use nats::{mint_jwt, NatsOpts, NatsServer};
 pub use pg::PgCluster;
 pub use redis::RedisServer;
